@@ -1,0 +1,69 @@
+"""osrm_core: feature statistics, OSRM initialization, fine-tuning, merging and exact
+interference diagnostics for LoRA adapters (Zhang & Zhou, ACL 2025, arXiv:2505.22934)."""
+
+from __future__ import annotations
+
+from osrm_core.adapters import Adapter, AdapterError, LoraWeights, lora_from_model, read_adapter_dir
+from osrm_core.data import DataError, Split, TaskData, from_dataframes, load_task, parse_task_spec
+from osrm_core.demo import DEMO_TASKS, demo_task, demo_tasks
+from osrm_core.diagnostics import (
+    angle_table,
+    interference_matrix,
+    interference_table,
+    own_energy_table,
+    posthoc_osrm,
+    principal_angles,
+    summed_interference,
+)
+from osrm_core.init import (
+    INIT_METHODS,
+    init_lora,
+    osrm_gen_subspace,
+    osrm_mean_subspace,
+    osrm_subspace,
+    task_subspaces,
+)
+from osrm_core.models import find_target_layers, load_base_model, resolve_device
+from osrm_core.spectra import Spectrum, feature_spectra, symmetric_eigh
+from osrm_core.stats import FeatureStats, LayerStats, collect_feature_stats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEMO_TASKS",
+    "INIT_METHODS",
+    "Adapter",
+    "AdapterError",
+    "DataError",
+    "FeatureStats",
+    "LayerStats",
+    "LoraWeights",
+    "Spectrum",
+    "Split",
+    "TaskData",
+    "angle_table",
+    "collect_feature_stats",
+    "demo_task",
+    "demo_tasks",
+    "feature_spectra",
+    "find_target_layers",
+    "from_dataframes",
+    "init_lora",
+    "interference_matrix",
+    "interference_table",
+    "load_base_model",
+    "load_task",
+    "lora_from_model",
+    "osrm_gen_subspace",
+    "osrm_mean_subspace",
+    "osrm_subspace",
+    "own_energy_table",
+    "parse_task_spec",
+    "posthoc_osrm",
+    "principal_angles",
+    "read_adapter_dir",
+    "resolve_device",
+    "summed_interference",
+    "symmetric_eigh",
+    "task_subspaces",
+]

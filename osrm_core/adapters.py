@@ -1,0 +1,245 @@
+"""LoRA adapters as plain tensors: read from a PeftModel or a PEFT adapter folder, write back.
+
+Everything here uses the ``nn.Linear`` convention: ``A`` is (r, d_in), ``B`` is (d_out, r) and
+``Delta_W = scale * B @ A`` is (d_out, d_in), also for GPT-2's transposed ``Conv1D``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from osrm_core.atomic import atomic_path, write_json
+
+PEFT_PREFIX = "base_model.model."
+
+
+class AdapterError(ValueError):
+    """An adapter cannot be used; the message says what is wrong."""
+
+
+@dataclass
+class LoraWeights:
+    """One adapted layer of one adapter.
+
+    Attributes
+    ----------
+    A : tensor of shape (r, d_in)
+    B : tensor of shape (d_out, r)
+    scale : float
+        ``lora_alpha / r`` (or ``/ sqrt(r)`` for rsLoRA).
+    """
+
+    A: torch.Tensor
+    B: torch.Tensor
+    scale: float
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    @property
+    def delta(self) -> torch.Tensor:
+        """``Delta_W = scale * B @ A``, shape (d_out, d_in)."""
+        return self.scale * (self.B @ self.A)
+
+
+@dataclass
+class Adapter:
+    """A LoRA adapter: its layers, its head weights and its peft config (as a dict).
+
+    ``layers`` is keyed by the base model's module names (no ``base_model.model.`` prefix);
+    ``head`` maps head parameter names (``classifier.weight``) to tensors.
+    """
+
+    layers: dict[str, LoraWeights]
+    head: dict[str, torch.Tensor]
+    config: dict
+
+    def deltas(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        """``Delta_W`` per layer, shape (d_out, d_in)."""
+        return {n: lw.delta.to(dtype) for n, lw in self.layers.items()}
+
+
+def lora_from_model(peft_model, adapter_name: str = "default") -> Adapter:
+    """The LoRA weights (detached copies) and head of an in-memory peft model."""
+    base = peft_model.get_base_model()
+    layers: dict[str, LoraWeights] = {}
+    for name, module in base.named_modules():
+        if hasattr(module, "lora_A") and adapter_name in getattr(module, "lora_A", {}):
+            layers[name] = LoraWeights(
+                module.lora_A[adapter_name].weight.detach().clone(),
+                module.lora_B[adapter_name].weight.detach().clone(),
+                float(module.scaling[adapter_name]),
+            )
+    from peft import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(peft_model, adapter_name=adapter_name)
+    head = {
+        k[len(PEFT_PREFIX) :]: v.detach().clone()
+        for k, v in state.items()
+        if "lora_" not in k and k.startswith(PEFT_PREFIX)
+    }
+    return Adapter(layers, head, peft_model.peft_config[adapter_name].to_dict())
+
+
+def _scale(config: dict, layer: str, rank: int) -> float:
+    alpha = config.get("lora_alpha", 8)
+    for pattern, value in (config.get("alpha_pattern") or {}).items():
+        if layer == pattern or layer.endswith("." + pattern):
+            alpha = value
+    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+
+
+def read_adapter_dir(path: str | Path, *, allow_pickle: bool = False) -> Adapter:
+    """Read ``adapter_config.json`` and ``adapter_model.safetensors`` from a PEFT adapter folder.
+
+    A pickled ``adapter_model.bin`` is refused unless ``allow_pickle`` (then loaded with
+    ``torch.load(weights_only=True)``). Non-finite weights are refused.
+    """
+    path = Path(path)
+    config_file = path / "adapter_config.json"
+    if not config_file.is_file():
+        raise AdapterError(f"{path.name}: no adapter_config.json; is this a PEFT adapter folder?")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise AdapterError(f"{path.name}: adapter_config.json is not valid JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise AdapterError(f"{path.name}: adapter_config.json must hold a JSON object")
+    if config.get("peft_type", "LORA") != "LORA":
+        raise AdapterError(f"{path.name}: peft_type is {config.get('peft_type')!r}; only LORA is supported")
+    weights = path / "adapter_model.safetensors"
+    if weights.is_file():
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(str(weights))
+        except (SafetensorError, OSError) as err:
+            raise AdapterError(f"{path.name}: adapter_model.safetensors is damaged ({err})") from None
+    elif (path / "adapter_model.bin").is_file():
+        if not allow_pickle:
+            raise AdapterError(
+                f"{path.name}: adapter_model.bin is a pickle, which can run code when loaded; "
+                "convert it with safetensors (save_pretrained(..., safe_serialization=True)) "
+                "or opt in to loading it with allow_pickle"
+            )
+        try:
+            state = torch.load(path / "adapter_model.bin", map_location="cpu", weights_only=True)
+        except Exception as err:  # torch raises many types for a bad pickle
+            raise AdapterError(f"{path.name}: adapter_model.bin cannot be loaded safely ({err})") from None
+    else:
+        raise AdapterError(f"{path.name}: no adapter_model.safetensors")
+    return adapter_from_state(state, config, where=path.name)
+
+
+def adapter_from_state(state: dict[str, torch.Tensor], config: dict, where: str = "adapter") -> Adapter:
+    """Assemble an :class:`Adapter` from a PEFT state dict and its config dict."""
+    a_parts: dict[str, torch.Tensor] = {}
+    b_parts: dict[str, torch.Tensor] = {}
+    head: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        if not torch.is_floating_point(tensor) or not torch.isfinite(tensor).all():
+            raise AdapterError(f"{where}: tensor {key!r} has NaN/Inf or is not floating point")
+        name = key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
+        for marker, parts in ((".lora_A.", a_parts), (".lora_B.", b_parts)):
+            if marker in name:
+                parts[name.split(marker)[0]] = tensor
+                break
+        else:
+            head[name.replace(".modules_to_save.default", "")] = tensor
+    if not a_parts:
+        raise AdapterError(f"{where}: no LoRA weights (lora_A/lora_B) found")
+    layers: dict[str, LoraWeights] = {}
+    for name, a in a_parts.items():
+        if name not in b_parts:
+            raise AdapterError(f"{where}: layer {name!r} has lora_A but no lora_B")
+        b = b_parts[name]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+            raise AdapterError(
+                f"{where}: size mismatch for layer {name!r}: lora_A {tuple(a.shape)}, lora_B {tuple(b.shape)}"
+            )
+        layers[name] = LoraWeights(a, b, _scale(config, name, a.shape[0]))
+    return Adapter(layers, head, config)
+
+
+def check_against_model(adapter: Adapter, model: nn.Module, where: str = "adapter") -> None:
+    """Every adapted layer and head tensor must exist in ``model`` with matching shapes."""
+    from osrm_core.models import weight_as_linear
+
+    for name, lw in adapter.layers.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise AdapterError(f"{where}: layer {name!r} does not exist in the base model") from None
+        module = getattr(module, "base_layer", module)
+        d_out, d_in = weight_as_linear(module).shape
+        if lw.A.shape[1] != d_in or lw.B.shape[0] != d_out:
+            raise AdapterError(
+                f"{where}: size mismatch for layer {name!r}: adapter is {lw.B.shape[0]}x{lw.A.shape[1]},"
+                f" the base model's layer is {d_out}x{d_in} (an adapter for another base model?)"
+            )
+    params = dict(model.named_parameters())
+    for key, tensor in adapter.head.items():
+        if key in params and params[key].shape[1:] != tensor.shape[1:]:
+            raise AdapterError(
+                f"{where}: size mismatch for head {key!r}: {tuple(tensor.shape)} vs "
+                f"{tuple(params[key].shape)} in the base model"
+            )
+
+
+def num_labels_of(adapter: Adapter) -> int | None:
+    """Number of classes of the adapter's head (from the last head weight), if it has one."""
+    for key in ("classifier.weight", "score.weight", "classifier.out_proj.weight"):
+        if key in adapter.head:
+            return int(adapter.head[key].shape[0])
+    return None
+
+
+def write_adapter(
+    path: str | Path,
+    layers: dict[str, LoraWeights],
+    config: dict,
+    head: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write a PEFT LoRA adapter folder that plain ``PeftModel.from_pretrained`` loads.
+
+    All layers must share one rank; ``config`` is a peft LoraConfig dict (``r`` and
+    ``lora_alpha`` are set from the layers: alpha so that ``alpha / r`` is the layers' scale).
+    """
+    from safetensors.torch import save_file
+
+    ranks = {lw.rank for lw in layers.values()}
+    scales = {round(lw.scale, 12) for lw in layers.values()}
+    if len(ranks) != 1 or len(scales) != 1:
+        raise ValueError("write_adapter needs one rank and one scale for all layers")
+    rank, scale = ranks.pop(), scales.pop()
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = {}
+    for name, lw in layers.items():
+        state[f"{PEFT_PREFIX}{name}.lora_A.weight"] = lw.A.detach().float().cpu().contiguous()
+        state[f"{PEFT_PREFIX}{name}.lora_B.weight"] = lw.B.detach().float().cpu().contiguous()
+    for key, tensor in (head or {}).items():
+        state[f"{PEFT_PREFIX}{key}"] = tensor.detach().float().cpu().contiguous()
+    config = dict(config)
+    config.update(
+        r=rank,
+        lora_alpha=scale * rank,
+        use_rslora=False,
+        rank_pattern={},
+        alpha_pattern={},
+        target_modules=sorted(layers),
+        init_lora_weights=True,
+    )
+    config.pop("eva_config", None)
+    with atomic_path(path / "adapter_model.safetensors") as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
+    write_json(path / "adapter_config.json", config)
+    return path

@@ -1,0 +1,248 @@
+"""Exact interference from feature statistics, principal angles, own-task energy, post-hoc OSRM.
+
+For task ``i``'s inputs ``h_i`` at a layer with second moment ``S_i = E[h_i h_i^T]``:
+
+* input interference of adapter ``j``: ``E||A_j h_i||^2 = tr(A_j S_i A_j^T)``;
+* output shift: ``E||s_j B_j A_j h_i||^2 = s_j^2 tr(B_j A_j S_i A_j^T B_j^T)``, reported
+  relative to the layer's own output energy ``tr(W0 S_i W0^T)``.
+
+No data is run again: these are exact expectations over the tokens the statistics saw.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import scipy.linalg
+import torch
+
+from osrm_core.adapters import Adapter, LoraWeights
+from osrm_core.stats import FeatureStats
+
+
+def quadratic_trace(M: torch.Tensor, S: torch.Tensor) -> float:
+    """``tr(M S M^T)`` for M (k, d) and symmetric S (d, d), in float64."""
+    # detach: base weights are Parameters, and no graph is wanted for a diagnostic number
+    M = M.detach().to(torch.float64)
+    return float(((M @ S.detach().to(M)) * M).sum())
+
+
+def input_interference(A: torch.Tensor, stats_layer_moment: torch.Tensor) -> float:
+    """``E||A h||^2 = tr(A S A^T)`` for A (r, d_in) and S (d_in, d_in)."""
+    return quadratic_trace(A, stats_layer_moment)
+
+
+def output_shift(lora: LoraWeights, S: torch.Tensor) -> float:
+    """``E||s B A h||^2 = tr(Delta_W S Delta_W^T) = s^2 tr((B^T B)(A S A^T))``, in float64.
+
+    The low-rank form costs ``r d^2`` instead of ``d^3``.
+    """
+    A = lora.A.to(torch.float64)
+    B = lora.B.to(torch.float64)
+    inner = (A @ S.to(A)) @ A.T
+    return float(lora.scale**2 * ((B.T @ B) * inner).sum())
+
+
+def interference_table(
+    adapters: dict[str, Adapter],
+    stats: dict[str, FeatureStats],
+    base_weights: dict[str, torch.Tensor] | None = None,
+) -> pd.DataFrame:
+    """Interference of every adapter on every task's data, per layer.
+
+    Parameters
+    ----------
+    adapters : dict of task name to Adapter
+    stats : dict of task name to FeatureStats
+        Statistics of each task (at least those of the adapters' layers).
+    base_weights : dict of layer name to tensor (d_out, d_in), optional
+        ``W0`` per layer, for the relative output shift.
+
+    Returns
+    -------
+    DataFrame with columns ``layer, adapter, data, input_energy, output_shift,
+    relative_shift, own`` (``own`` is True where adapter == data); ``input_energy`` is
+    ``E||A_j h_i||^2`` and ``relative_shift`` is ``output_shift / tr(W0 S_i W0^T)`` (NaN without
+    ``base_weights``).
+    """
+    if not adapters or not stats:
+        raise ValueError("interference_table needs at least one adapter and one task's statistics")
+    rows = []
+    base_energy: dict[tuple[str, str], float] = {}
+    for j, adapter in adapters.items():
+        for layer, lw in adapter.layers.items():
+            for i, st in stats.items():
+                if layer not in st.layers:
+                    raise ValueError(f"statistics of task {i!r} have no layer {layer!r}")
+                S = st.layers[layer].second_moment
+                if S.shape[0] != lw.A.shape[1]:
+                    raise ValueError(
+                        f"size mismatch for layer {layer!r}: statistics {S.shape[0]}, adapter {lw.A.shape[1]}"
+                    )
+                shift = output_shift(lw, S)
+                rel = math.nan
+                if base_weights is not None:
+                    key = (i, layer)
+                    if key not in base_energy:
+                        base_energy[key] = quadratic_trace(base_weights[layer], S)
+                    rel = shift / base_energy[key] if base_energy[key] > 0 else math.nan
+                rows.append(
+                    {
+                        "layer": layer,
+                        "adapter": j,
+                        "data": i,
+                        "input_energy": input_interference(lw.A, S),
+                        "output_shift": shift,
+                        "relative_shift": rel,
+                        "own": i == j,
+                    }
+                )
+    return pd.DataFrame(rows)
+
+
+def interference_matrix(table: pd.DataFrame, value: str = "input_energy") -> pd.DataFrame:
+    """Task-by-task matrix (rows: adapter, columns: data) of ``value`` summed over layers."""
+    if value not in table.columns:
+        raise ValueError(f"value {value!r} is not a column; columns are {list(table.columns)}")
+    return table.pivot_table(index="adapter", columns="data", values=value, aggfunc="sum")
+
+
+def summed_interference(A: dict[str, torch.Tensor], other_stats: list[FeatureStats]) -> dict[str, float]:
+    """Per layer, ``sum_j tr(A S_j A^T)`` over the other tasks (the quantity OSRM minimizes)."""
+    return {
+        layer: sum(quadratic_trace(a, st.layers[layer].second_moment) for st in other_stats)
+        for layer, a in A.items()
+    }
+
+
+# --------------------------------------------------------------------------- subspaces
+
+
+def row_space(M: torch.Tensor, k: int | None = None, rtol: float = 1e-10) -> torch.Tensor:
+    """Orthonormal basis of the row space of M (k, d) as columns, shape (d, rank).
+
+    With ``k``, the top-``k`` right singular vectors; otherwise all above ``rtol * s_max``.
+    """
+    _, s, vh = torch.linalg.svd(M.to(torch.float64), full_matrices=False)
+    if k is None:
+        k = int((s > rtol * s.max().clamp_min(1e-300)).sum()) if s.numel() else 0
+    return vh[: max(k, 0)].T
+
+
+def principal_angles(U: torch.Tensor, V: torch.Tensor) -> np.ndarray:
+    """Principal angles in degrees, descending (scipy), between the column spaces of U and V."""
+    if U.shape[0] != V.shape[0]:
+        raise ValueError(f"subspaces live in different spaces: {U.shape[0]} vs {V.shape[0]} rows")
+    return np.degrees(scipy.linalg.subspace_angles(U.cpu().numpy(), V.cpu().numpy()))
+
+
+def task_subspace(stats: FeatureStats, layer: str, k: int) -> torch.Tensor:
+    """Top-``k`` eigenvectors of a task's second moment at ``layer`` as columns, (d, k)."""
+    from osrm_core.spectra import symmetric_eigh
+
+    return symmetric_eigh(stats.layers[layer].second_moment).largest(k).T
+
+
+def angle_table(
+    stats: dict[str, FeatureStats],
+    k: int = 8,
+    adapters: dict[str, Adapter] | None = None,
+) -> pd.DataFrame:
+    """Principal angles per layer between task data subspaces (top-``k`` eigenvectors) and,
+    with ``adapters``, between each adapter's row space (SVD of Delta_W) and each task's data.
+
+    Returns
+    -------
+    DataFrame with columns ``layer, kind, a, b, min_angle, mean_angle`` (degrees); ``kind`` is
+    ``"data-data"`` or ``"adapter-data"``.
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    names = list(stats)
+    layers = list(next(iter(stats.values())).layers)
+    bases = {}
+    for t in names:
+        for g in stats[t].groups():
+            basis = task_subspace(stats[t], g[0], k)
+            for layer in g:
+                bases[(t, layer)] = basis
+    rows = []
+    for layer in layers:
+        for x in range(len(names)):
+            for y in range(x + 1, len(names)):
+                ang = principal_angles(bases[(names[x], layer)], bases[(names[y], layer)])
+                rows.append(_angle_row(layer, "data-data", names[x], names[y], ang))
+        for a_name, adapter in (adapters or {}).items():
+            if layer not in adapter.layers:
+                continue
+            space = row_space(adapter.layers[layer].delta)
+            if space.shape[1] == 0:
+                space = row_space(adapter.layers[layer].A)
+            for t in names:
+                ang = principal_angles(space, bases[(t, layer)])
+                rows.append(_angle_row(layer, "adapter-data", a_name, t, ang))
+    return pd.DataFrame(rows)
+
+
+def _angle_row(layer: str, kind: str, a: str, b: str, angles: np.ndarray) -> dict:
+    return {
+        "layer": layer,
+        "kind": kind,
+        "a": a,
+        "b": b,
+        "min_angle": float(angles.min()),
+        "mean_angle": float(angles.mean()),
+    }
+
+
+def own_energy(A: torch.Tensor, S: torch.Tensor) -> tuple[float, float]:
+    """Share of a task's own feature energy that A's row space sees, and a random subspace's.
+
+    Returns ``(tr(P S P^T) / tr(S), r / d)`` with ``P`` an orthonormal basis of A's row space:
+    the expected share of a random orthonormal subspace of the same rank is ``r / d``.
+    """
+    basis = row_space(A).T
+    share = quadratic_trace(basis, S) / float(torch.trace(S.to(torch.float64)))
+    return share, basis.shape[0] / S.shape[0]
+
+
+def own_energy_table(adapters: dict[str, Adapter], stats: dict[str, FeatureStats]) -> pd.DataFrame:
+    """Per task and layer, the own-task energy share of the adapter's A against random.
+
+    Columns ``task, layer, share, random_share, ratio``.
+    """
+    rows = []
+    for t, adapter in adapters.items():
+        if t not in stats:
+            raise ValueError(f"no statistics for task {t!r}")
+        for layer, lw in adapter.layers.items():
+            share, rnd = own_energy(lw.A, stats[t].layers[layer].second_moment)
+            rows.append(
+                {"task": t, "layer": layer, "share": share, "random_share": rnd, "ratio": share / rnd}
+            )
+    return pd.DataFrame(rows)
+
+
+def posthoc_osrm(adapter: Adapter, subspaces: dict[str, torch.Tensor]) -> tuple[Adapter, pd.DataFrame]:
+    """Project an existing adapter onto OSRM row spaces: ``A = subspace``, ``B = Delta_W A^+ / s``.
+
+    Returns the projected adapter (same scale, rank of the subspace) and a table with the
+    energy kept per layer, ``||Delta_W A^+ A||_F / ||Delta_W||_F``.
+    """
+    layers: dict[str, LoraWeights] = {}
+    rows = []
+    for name, lw in adapter.layers.items():
+        if name not in subspaces:
+            raise ValueError(f"no OSRM subspace for layer {name!r}")
+        A = subspaces[name].to(torch.float64)
+        if A.shape[1] != lw.A.shape[1]:
+            raise ValueError(f"size mismatch for layer {name!r}: subspace {A.shape[1]}, adapter {lw.A.shape[1]}")
+        delta = lw.delta.to(torch.float64)
+        pinv = torch.linalg.pinv(A)
+        B = delta @ pinv / lw.scale
+        kept = torch.linalg.norm(delta @ pinv @ A) / torch.linalg.norm(delta).clamp_min(1e-300)
+        layers[name] = LoraWeights(A.to(lw.A.dtype), B.to(lw.B.dtype), lw.scale)
+        rows.append({"layer": name, "energy_kept": float(kept)})
+    return Adapter(layers, dict(adapter.head), dict(adapter.config)), pd.DataFrame(rows)

@@ -1,0 +1,240 @@
+"""The ``MergeMethod`` base class: declared parameters, input checks, dtypes and the scale ``lam``.
+
+A merge method combines the per-layer weight deltas ``Delta_W_i = s_i * B_i @ A_i`` of T tasks,
+each a tensor of shape (d_out, d_in), into one delta of the same shape. Subclasses implement
+``combine`` (the unscaled combination); ``MergeMethod.merge`` checks the inputs, computes in
+float32 (float64 inputs stay float64), scales by ``lam`` and returns the inputs' dtype.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+#: Seed of the generator used when ``merge`` is called without one, so results stay reproducible.
+DEFAULT_SEED = 0
+
+
+def check_real(
+    name: str,
+    value: object,
+    *,
+    low: float,
+    high: float,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> float:
+    """Return ``value`` as a float, or raise ValueError naming ``name``, the value and the range.
+
+    NaN and non-numbers (including bool and str) are refused.
+    """
+    # A value of the wrong type (a string from a form, a bool) is reported like one out of range:
+    # both are invalid parameter values for the user.
+    v = float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else None
+    inside = (
+        v is not None
+        and (low < v if low_open else low <= v)
+        and (v < high if high_open else v <= high)
+    )
+    if not inside:
+        allowed = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ValueError(f"{name} must be a number in {allowed}, got {value!r}")
+    return v
+
+
+def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
+    """Return ``value`` if it is one of ``choices``, else raise ValueError listing them."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value
+
+
+@dataclass
+class MergeParams:
+    """Parameters of a merge method (none here).
+
+    Subclasses add dataclass fields with a default and ``metadata={"help": ...}`` and check
+    them in ``__post_init__`` (calling ``super().__post_init__()``).
+    """
+
+    def __post_init__(self) -> None:
+        pass
+
+
+def _at(layer: str | None) -> str:
+    return "" if layer is None else f" for layer {layer!r}"
+
+
+class MergeMethod:
+    """A way of merging the weight deltas of several tasks at one layer.
+
+    Parameters
+    ----------
+    **params
+        Values for the fields of ``params_type``; unknown names or invalid values raise
+        ValueError naming the parameter, the value and what is allowed.
+
+    Attributes
+    ----------
+    name : str
+        Registry name, e.g. ``"ties"``.
+    reference : str
+        URL of the paper that defines the method.
+    params_type : type of MergeParams
+        Dataclass of the method's parameters, with defaults and help text.
+    params : MergeParams
+        The parameters of this instance.
+    needs_gram : bool
+        Whether ``combine`` needs the Gram matrices of the layer inputs (RegMean).
+    uses_density : bool
+        Whether the method has a ``density`` parameter worth sweeping.
+    """
+
+    name: ClassVar[str]
+    reference: ClassVar[str]
+    params_type: ClassVar[type[MergeParams]] = MergeParams
+    needs_gram: ClassVar[bool] = False
+    uses_density: ClassVar[bool] = False
+
+    def __init__(self, **params: Any) -> None:
+        allowed = [f.name for f in fields(self.params_type)]
+        for key, value in params.items():
+            if key not in allowed:
+                raise ValueError(
+                    f"unknown parameter {key}={value!r} for merge method {self.name!r}; "
+                    f"allowed: {', '.join(allowed) if allowed else 'none'}"
+                )
+        self.params = self.params_type(**params)
+
+    @classmethod
+    def param_help(cls) -> dict[str, tuple[Any, str]]:
+        """Map each parameter name to ``(default, help text)``, e.g. to build widgets."""
+        return {f.name: (f.default, f.metadata.get("help", "")) for f in fields(cls.params_type)}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{f.name}={getattr(self.params, f.name)!r}" for f in fields(self.params))
+        return f"{type(self).__name__}({args})"
+
+    def combine(
+        self, deltas: list[Tensor], gram: list[Tensor] | None, generator: torch.Generator
+    ) -> Tensor:
+        """Unscaled combination of the deltas.
+
+        Parameters
+        ----------
+        deltas : list of T tensors of shape (d_out, d_in)
+            Already checked, all float32 or all float64.
+        gram : list of T tensors of shape (d_in, d_in), or None
+            Gram matrices of the layer inputs per task; None unless ``needs_gram``.
+        generator : torch.Generator
+            Source of all randomness (CPU generator).
+
+        Returns
+        -------
+        tensor of shape (d_out, d_in)
+        """
+        raise NotImplementedError
+
+    def check_inputs(
+        self,
+        deltas: Sequence[Tensor],
+        gram: Sequence[Tensor] | None = None,
+        *,
+        layer: str | None = None,
+    ) -> None:
+        """Raise ValueError if ``deltas`` (and ``gram`` when needed) cannot be merged."""
+        at = _at(layer)
+        if not isinstance(deltas, Sequence) or isinstance(deltas, (str, Tensor)):
+            raise TypeError(f"deltas{at} must be a list of tensors, got {type(deltas).__name__}")
+        if len(deltas) == 0:
+            raise ValueError(f"deltas{at} is empty: give one delta per task (at least one)")
+        for i, d in enumerate(deltas):
+            if not isinstance(d, Tensor):
+                raise TypeError(f"delta of task {i}{at} is not a tensor: {type(d).__name__}")
+            if d.ndim != 2:
+                raise ValueError(
+                    f"delta of task {i}{at} must have shape (d_out, d_in), got {tuple(d.shape)}"
+                )
+            if not d.is_floating_point():
+                raise ValueError(f"delta of task {i}{at} must be floating-point, got {d.dtype}")
+            ref = deltas[0]
+            if d.shape != ref.shape:
+                raise ValueError(
+                    f"size mismatch{at}: delta of task {i} has shape {tuple(d.shape)}, "
+                    f"task 0 has {tuple(ref.shape)}"
+                )
+            if d.dtype != ref.dtype or d.device != ref.device:
+                raise ValueError(
+                    f"delta of task {i}{at} is {d.dtype} on {d.device}, "
+                    f"task 0 is {ref.dtype} on {ref.device}: all must match"
+                )
+            if not bool(torch.isfinite(d).all()):
+                raise ValueError(f"delta of task {i}{at} contains NaN or Inf")
+        if self.needs_gram:
+            self._check_gram(len(deltas), deltas[0].shape[1], gram, at)
+
+    def _check_gram(self, n_tasks: int, d_in: int, gram: Sequence[Tensor] | None, at: str) -> None:
+        if gram is None:
+            raise ValueError(
+                f"merge method {self.name!r} needs the Gram matrices of the layer inputs{at} "
+                f"(one tensor of shape (d_in, d_in) per task)"
+            )
+        if not isinstance(gram, Sequence) or len(gram) != n_tasks:
+            size = len(gram) if isinstance(gram, Sequence) else type(gram).__name__
+            raise ValueError(f"need {n_tasks} Gram matrices{at} (one per task), got {size}")
+        for i, g in enumerate(gram):
+            if not isinstance(g, Tensor):
+                raise TypeError(f"Gram matrix of task {i}{at} is not a tensor: {type(g).__name__}")
+            if not g.is_floating_point():
+                raise ValueError(
+                    f"Gram matrix of task {i}{at} must be floating-point, got {g.dtype}"
+                )
+            if tuple(g.shape) != (d_in, d_in):
+                raise ValueError(
+                    f"size mismatch{at}: Gram matrix of task {i} has shape {tuple(g.shape)}, "
+                    f"expected ({d_in}, {d_in})"
+                )
+            if not bool(torch.isfinite(g).all()):
+                raise ValueError(f"Gram matrix of task {i}{at} contains NaN or Inf")
+
+    @torch.no_grad()
+    def merge(
+        self,
+        deltas: Sequence[Tensor],
+        *,
+        lam: float = 1.0,
+        gram: Sequence[Tensor] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Merged delta ``lam * combine(deltas, gram, generator)``.
+
+        Parameters
+        ----------
+        deltas : list of T tensors of shape (d_out, d_in)
+        lam : float, >= 0
+            Scale of the combination.
+        gram : list of T tensors of shape (d_in, d_in), optional
+            Required when ``needs_gram``, ignored otherwise.
+        generator : torch.Generator, optional
+            Randomness for DARE; when None, a fresh CPU generator seeded with ``DEFAULT_SEED``.
+
+        Returns
+        -------
+        tensor of shape (d_out, d_in), dtype and device of the inputs
+        """
+        lam = check_real("lam", lam, low=0.0, high=math.inf, high_open=True)
+        self.check_inputs(deltas, gram)
+        dtype = deltas[0].dtype
+        work = torch.promote_types(dtype, torch.float32)  # half precision is too coarse for SVD
+        if generator is None:
+            generator = torch.Generator().manual_seed(DEFAULT_SEED)
+        merged = self.combine(
+            [d.to(work) for d in deltas], list(gram) if self.needs_gram else None, generator
+        )
+        return (lam * merged).to(dtype)

@@ -1,0 +1,85 @@
+"""KnOTS: align the task deltas in one shared SVD basis, then merge their coordinates.
+
+The column-concatenation ``[Delta_W_1 | ... | Delta_W_T]`` of shape (d_out, T d_in) has the SVD
+``U S V^T``, truncated to its numerical rank k. Splitting ``V^T`` into T blocks ``V_i^T`` of
+shape (k, d_in) gives ``Delta_W_i = U S V_i^T`` exactly, so the tasks differ only in their
+blocks. ``knots_ta`` sums the blocks (equal to task arithmetic), ``knots_ties`` merges them with
+TIES; the merged delta is ``U S V_merged^T``.
+
+References
+----------
+Stoica et al., "Model merging with SVD to tie the KnOTS", ICLR 2025.
+https://arxiv.org/abs/2410.19735
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .base import MergeMethod
+from .factor import fix_svd_signs, numerical_rank
+from .ties import TiesParams, ties_merge
+
+
+def knots_basis(deltas: list[Tensor]) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """Shared basis of the deltas and each task's coordinates in it.
+
+    Parameters
+    ----------
+    deltas : list of T tensors of shape (d_out, d_in)
+
+    Returns
+    -------
+    U : tensor of shape (d_out, k)
+    S : tensor of shape (k,)
+        Singular values above the numerical-rank tolerance, decreasing.
+    blocks : list of T tensors of shape (k, d_in)
+        ``V_i^T``, with ``Delta_W_i = U diag(S) V_i^T``. Signs are deterministic: the
+        largest-magnitude entry of each column of U is positive.
+    """
+    d_in = deltas[0].shape[1]
+    joint = torch.cat(deltas, dim=1)
+    u, s, vh = torch.linalg.svd(joint, full_matrices=False)
+    k = numerical_rank(s, tuple(joint.shape))
+    u, vh = fix_svd_signs(u[:, :k], vh[:k])
+    return u, s[:k], list(vh.split(d_in, dim=1))
+
+
+class _Knots(MergeMethod):
+    """Merge of the KnOTS blocks; subclasses define ``merge_blocks``."""
+
+    reference = "https://arxiv.org/abs/2410.19735"
+
+    def merge_blocks(self, blocks: list[Tensor]) -> Tensor:
+        """Merge T blocks of shape (k, d_in) into one of the same shape."""
+        raise NotImplementedError
+
+    def combine(
+        self, deltas: list[Tensor], gram: list[Tensor] | None, generator: torch.Generator
+    ) -> Tensor:
+        u, s, blocks = knots_basis(deltas)
+        if s.numel() == 0:  # all deltas are zero
+            return torch.zeros_like(deltas[0])
+        return (u * s) @ self.merge_blocks(blocks)
+
+
+class KnotsTA(_Knots):
+    """KnOTS with task arithmetic: the sum of the blocks (the same result as task arithmetic)."""
+
+    name = "knots_ta"
+
+    def merge_blocks(self, blocks: list[Tensor]) -> Tensor:
+        return torch.stack(blocks).sum(dim=0)
+
+
+class KnotsTies(_Knots):
+    """KnOTS with TIES on the blocks: trim per task block, elect sign, disjoint mean."""
+
+    name = "knots_ties"
+    params_type = TiesParams
+    uses_density = True
+
+    def merge_blocks(self, blocks: list[Tensor]) -> Tensor:
+        p = self.params
+        return ties_merge(blocks, p.density, p.majority_sign_method)

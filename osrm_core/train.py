@@ -1,0 +1,264 @@
+"""LoRA fine-tuning of one task with its own classification head, and saving the adapter.
+
+A plain loop (AdamW, linear warm-up and decay, gradient clipping, dynamic padding) that is
+repeatable from its seed. Beyond the paper's init-only OSRM it can keep ``A`` in a subspace
+during training: ``freeze_A``, ``project`` (A projected back after every step) or ``penalty``
+(``beta * sum_l tr(A_l S_l A_l^T) / mean_eig(S_l)`` with ``S_l`` the other tasks' second moment).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from osrm_core.adapters import Adapter, LoraWeights, lora_from_model, write_adapter
+from osrm_core.batching import iter_batches, move_batch
+from osrm_core.data import TaskData
+from osrm_core.evaluate import evaluate_model
+
+Constraint = Literal["none", "freeze_A", "project", "penalty"]
+CONSTRAINTS: tuple[str, ...] = ("none", "freeze_A", "project", "penalty")
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass
+class TrainConfig:
+    """Fine-tuning settings.
+
+    Attributes
+    ----------
+    steps : int
+        Optimizer steps.
+    batch_size : int
+    lr : float
+        Learning rate of the LoRA matrices.
+    head_lr : float or None
+        Learning rate of the classification head (default: ``lr``).
+    a_lr_scale : float
+        Multiplies ``lr`` for the A matrices (makes up for a low-energy subspace).
+    weight_decay, warmup_ratio, max_grad_norm : float
+    max_length : int
+        Tokens per example (longer ones are truncated).
+    seed : int
+        Seeds data order and dropout; the same seed repeats a run exactly on the same device.
+    constraint : {"none", "freeze_A", "project", "penalty"}
+    penalty_beta : float
+        Weight of the ``penalty`` constraint.
+    """
+
+    steps: int = 200
+    batch_size: int = 16
+    lr: float = 5e-4
+    head_lr: float | None = None
+    a_lr_scale: float = 1.0
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.06
+    max_grad_norm: float = 1.0
+    max_length: int = 128
+    seed: int = 0
+    constraint: Constraint = "none"
+    penalty_beta: float = 1e-3
+    eval_batch_size: int = 64
+    max_test: int | None = None
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("steps", self.steps >= 1, ">= 1"),
+            ("batch_size", self.batch_size >= 1, ">= 1"),
+            ("lr", self.lr > 0, "> 0"),
+            ("head_lr", self.head_lr is None or self.head_lr > 0, "> 0 or None"),
+            ("a_lr_scale", self.a_lr_scale >= 0, ">= 0"),
+            ("weight_decay", self.weight_decay >= 0, ">= 0"),
+            ("warmup_ratio", 0 <= self.warmup_ratio < 1, "in [0, 1)"),
+            ("max_grad_norm", self.max_grad_norm > 0, "> 0"),
+            ("max_length", self.max_length >= 2, ">= 2"),
+            ("penalty_beta", self.penalty_beta >= 0, ">= 0"),
+        ]
+        for name, ok, allowed in checks:
+            if not ok:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not allowed: must be {allowed}")
+        if self.constraint not in CONSTRAINTS:
+            raise ValueError(
+                f"constraint={self.constraint!r} is unknown: allowed are {', '.join(CONSTRAINTS)}"
+            )
+
+
+@dataclass
+class TrainResult:
+    """What a fine-tuning run gives: test score, loss curve, time."""
+
+    task: str
+    metric: str
+    test_score: float
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    tokens: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _lora_layers(peft_model) -> dict[str, torch.nn.Module]:
+    base = peft_model.get_base_model()
+    return {n: m for n, m in base.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
+
+
+def _lr_lambda(steps: int, warmup: int) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (steps - step) / max(1, steps - warmup))
+
+    return f
+
+
+def finetune(
+    peft_model,
+    tokenizer,
+    task: TaskData,
+    config: TrainConfig | None = None,
+    *,
+    subspaces: dict[str, torch.Tensor] | None = None,
+    penalty_moments: dict[str, torch.Tensor] | None = None,
+    progress: Progress | None = None,
+) -> TrainResult:
+    """Fine-tune ``peft_model`` (from :func:`osrm_core.init.init_lora`) on ``task`` in place.
+
+    Parameters
+    ----------
+    subspaces : dict of layer to tensor (k, d_in), optional
+        Needed by ``constraint="project"``: A's rows are kept in this row space.
+    penalty_moments : dict of layer to tensor (d_in, d_in), optional
+        Needed by ``constraint="penalty"``: the other tasks' second moment per layer.
+
+    Returns
+    -------
+    TrainResult
+        With the score on the task's test split (``config.max_test`` examples at most).
+    """
+    config = config or TrainConfig()
+    layers = _lora_layers(peft_model)
+    if not layers:
+        raise ValueError("peft_model has no LoRA layers; build it with osrm_core.init_lora")
+    projectors = {}
+    if config.constraint == "project":
+        if subspaces is None:
+            raise ValueError("constraint='project' needs subspaces (the OSRM A per layer)")
+        for name in layers:
+            if name not in subspaces:
+                raise ValueError(f"constraint='project': no subspace for layer {name!r}")
+            u = subspaces[name].to(torch.float64)
+            q = torch.linalg.qr(u.T).Q
+            projectors[name] = q @ q.T
+    penalties = {}
+    if config.constraint == "penalty":
+        if penalty_moments is None:
+            raise ValueError("constraint='penalty' needs penalty_moments (the others' second moment)")
+        for name in layers:
+            S = penalty_moments[name].to(torch.float32)
+            penalties[name] = S / (torch.trace(S) / S.shape[0]).clamp_min(1e-12)
+    device = next(peft_model.parameters()).device
+
+    a_params, b_params, head_params = [], [], []
+    for name, p in peft_model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if ".lora_A." in name:
+            a_params.append(p)
+        elif ".lora_B." in name:
+            b_params.append(p)
+        else:
+            head_params.append(p)
+    if config.constraint == "freeze_A":
+        for p in a_params:
+            p.requires_grad_(False)
+        a_params = []
+    groups = [
+        {"params": a_params, "lr": config.lr * config.a_lr_scale},
+        {"params": b_params, "lr": config.lr},
+        {"params": head_params, "lr": config.head_lr or config.lr},
+    ]
+    groups = [g for g in groups if g["params"]]
+    optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+    warmup = int(config.warmup_ratio * config.steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config.steps, warmup))
+
+    rng = np.random.default_rng(config.seed)
+    n = len(task.train)
+    order = np.empty(0, dtype=np.int64)
+    result = TrainResult(task.name, task.metric, float("nan"))
+    start = time.perf_counter()
+    peft_model.train()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(config.seed)
+        for step in range(config.steps):
+            if len(order) < config.batch_size:
+                order = np.concatenate([order, rng.permutation(n)])
+            idx, order = order[: config.batch_size], order[config.batch_size :]
+            batch = next(
+                iter_batches(
+                    tokenizer, task.train, batch_size=len(idx), max_length=config.max_length, indices=idx
+                )
+            )
+            batch = move_batch(batch, device)
+            loss = peft_model(**batch).loss
+            if penalties:
+                reg = sum(
+                    ((layers[n_].lora_A["default"].weight @ S) * layers[n_].lora_A["default"].weight).sum()
+                    for n_, S in penalties.items()
+                )
+                loss = loss + config.penalty_beta * reg
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower the learning rate")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], config.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            if projectors:
+                with torch.no_grad():
+                    for name, P in projectors.items():
+                        a = layers[name].lora_A["default"].weight
+                        a.copy_((a.double() @ P).to(a.dtype))
+            result.losses.append(float(loss.detach()))
+            result.tokens += int(batch["attention_mask"].sum())
+            if progress:
+                progress(step + 1, config.steps, f"fine-tuning {task.name}")
+    peft_model.eval()
+    result.seconds = time.perf_counter() - start
+    result.test_score = evaluate_model(
+        peft_model,
+        tokenizer,
+        task,
+        batch_size=config.eval_batch_size,
+        max_length=config.max_length,
+        max_test=config.max_test,
+    )
+    return result
+
+
+def adapter_of(peft_model, initial: Adapter | None = None) -> Adapter:
+    """The trained adapter as plain tensors, relative to the original base weights.
+
+    ``initial`` (the adapter right after a PiSSA-style init that changed the base weights)
+    turns it into a standard LoRA of twice the rank: ``A' = [A; A0]``, ``B' = [B, -B0]``.
+    """
+    adapter = lora_from_model(peft_model)
+    if initial is None:
+        return adapter
+    layers = {}
+    for name, lw in adapter.layers.items():
+        lw0 = initial.layers[name]
+        layers[name] = LoraWeights(torch.cat([lw.A, lw0.A], 0), torch.cat([lw.B, -lw0.B], 1), lw.scale)
+    return Adapter(layers, adapter.head, adapter.config)
+
+
+def save_adapter(adapter: Adapter, path: str | Path) -> Path:
+    """Write ``adapter`` as a PEFT adapter folder (loads with ``PeftModel.from_pretrained``)."""
+    return write_adapter(path, adapter.layers, adapter.config, adapter.head)
