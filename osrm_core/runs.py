@@ -195,7 +195,7 @@ def demo_config(quick: bool = False) -> RunConfig:
             samples=64,
             max_length=48,
             max_test=200,
-            train=TrainSettings(steps=60, batch_size=16, lr=1e-3),
+            train=TrainSettings(steps=80, batch_size=16, lr=2e-3, head_lr=1e-2),
             merge=MergeSettings(methods=["task_arithmetic", "ties"], lambdas=[0.3, 0.5, 0.7, 1.0]),
         )
     return RunConfig(
@@ -204,7 +204,7 @@ def demo_config(quick: bool = False) -> RunConfig:
         samples=100,
         max_length=64,
         max_test=300,
-        train=TrainSettings(steps=200, batch_size=16, lr=1e-3),
+        train=TrainSettings(steps=200, batch_size=16, lr=2e-3, head_lr=1e-2),
         merge=MergeSettings(methods=["task_arithmetic", "ties", "dare_linear", "regmean", "knots_ta"]),
     )
 
@@ -441,13 +441,13 @@ class Pipeline:
                 key, time.perf_counter() - start, [out / "adapter_model.safetensors", out / "train.json"]
             )
 
-    def _train_one(self, init: str, index: int, task: TaskData, all_stats: list[FeatureStats]) -> dict:
+    def _init_one(self, init: str, index: int, task: TaskData, all_stats: list[FeatureStats]):
+        """A fresh base model wrapped in LoRA initialized by ``init``, and the OSRM subspaces."""
         cfg = self.config
         model, tok = self.base_model(task.num_labels)
         subspaces = None
         if init in OSRM_METHODS:
-            options = {"weighting": cfg.osrm_weighting}
-            subspaces = task_subspaces(init, all_stats, index, cfg.rank, **options)
+            subspaces = task_subspaces(init, all_stats, index, cfg.rank, weighting=cfg.osrm_weighting)
         eva_batches = None
         if init == "eva":
             from osrm_core.batching import iter_batches
@@ -468,6 +468,11 @@ class Pipeline:
             a_scale=cfg.a_scale,
             seed=cfg.seed,
         )
+        return peft_model, tok, subspaces
+
+    def _train_one(self, init: str, index: int, task: TaskData, all_stats: list[FeatureStats]) -> dict:
+        cfg = self.config
+        peft_model, tok, subspaces = self._init_one(init, index, task, all_stats)
         initial = adapter_of(peft_model) if init == "pissa" else None
         train_cfg = cfg.train_config()
         if init not in OSRM_METHODS and train_cfg.constraint in ("project", "penalty", "freeze_A"):
@@ -551,6 +556,20 @@ class Pipeline:
         write_json(self.run.manifest_path, manifest)
         self.on_stage("done")
         return summary
+
+
+def init_adapters(pipeline: Pipeline, init: str) -> list[str]:
+    """Write each task's initialized, untrained adapter to ``<run>/init/<init>/<task>``."""
+    all_stats_by_name = pipeline.stage_stats()
+    tasks = pipeline.tasks()
+    all_stats = [all_stats_by_name[t.name] for t in tasks]
+    written = []
+    for i, task in enumerate(tasks):
+        peft_model, _, _ = pipeline._init_one(init, i, task, all_stats)
+        out = pipeline.run.path / "init" / init / task.name
+        save_adapter(adapter_of(peft_model), out)
+        written.append(str(out))
+    return written
 
 
 def build_summary(run: RunDir, task_names: list[str], inits: list[str]) -> dict:

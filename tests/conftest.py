@@ -25,7 +25,9 @@ from osrm_core.stats import FeatureStats, collect_feature_stats
 TINY_HIDDEN, TINY_LAYERS, TINY_HEADS, TINY_INTERMEDIATE = 32, 2, 4, 64
 #: The tiny model's adapted layers (BERT's default targets).
 TINY_TARGETS = [
-    f"bert.encoder.layer.{layer}.attention.self.{kind}" for layer in range(TINY_LAYERS) for kind in ("query", "value")
+    f"bert.encoder.layer.{layer}.attention.self.{kind}"
+    for layer in range(TINY_LAYERS)
+    for kind in ("query", "value")
 ]
 
 

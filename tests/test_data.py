@@ -140,7 +140,9 @@ def test_jsonl_with_text_pair(tmp_path) -> None:
 
 def test_missing_csv_column() -> None:
     data = b"sentence,label\nhello,0\nworld,1\n"
-    with pytest.raises(ValueError, match=r"column 'text' for text not found; columns are \['sentence', 'label'\]"):
+    with pytest.raises(
+        ValueError, match=r"column 'text' for text not found; columns are \['sentence', 'label'\]"
+    ):
         load_task("t", data, fmt="csv")
     with pytest.raises(ValueError, match="column 'target' for label not found"):
         load_task("t", CSV, fmt="csv", label="target")
@@ -158,7 +160,7 @@ def test_empty_file(tmp_path) -> None:
         load_task("t", b"  \n\n", fmt="jsonl")
     empty = tmp_path / "empty.csv"
     empty.write_bytes(b"")
-    with pytest.raises(ValueError, match="'empty.csv': the file is empty|empty.csv: the file is empty"):
+    with pytest.raises(ValueError, match="empty.csv: the file is empty"):
         load_task("t", empty)
 
 

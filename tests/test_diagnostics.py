@@ -87,7 +87,9 @@ def test_trace_formulas_match_hooks_on_real_forward_passes(make_tiny_model, toke
         layer = base.get_submodule(name)
         handles += [
             layer.lora_A["default"].register_forward_hook(record(name, "A")),
-            layer.lora_B["default"].register_forward_hook(record(name, "BA", float(layer.scaling["default"]))),
+            layer.lora_B["default"].register_forward_hook(
+                record(name, "BA", float(layer.scaling["default"]))
+            ),
             layer.base_layer.register_forward_hook(record(name, "W0", bias=layer.base_layer.bias)),
         ]
     try:
@@ -100,7 +102,9 @@ def test_trace_formulas_match_hooks_on_real_forward_passes(make_tiny_model, toke
             h.remove()
 
     table = interference_table(
-        {"topic": adapter}, {"topic": stats}, {n: base.get_submodule(n).base_layer.weight for n in TINY_TARGETS}
+        {"topic": adapter},
+        {"topic": stats},
+        {n: base.get_submodule(n).base_layer.weight for n in TINY_TARGETS},
     )
     for name in TINY_TARGETS:
         S, lw = stats.layers[name].second_moment, adapter.layers[name]
@@ -120,9 +124,22 @@ def test_trace_formulas_match_hooks_on_real_forward_passes(make_tiny_model, toke
 def test_interference_table_equals_a_naive_loop(tiny_model, tiny_tasks, tiny_stats) -> None:
     adapters = {t.name: _random_adapter(k, scale=0.5 * (k + 1)) for k, t in enumerate(tiny_tasks[:3])}
     stats = {t.name: s for t, s in zip(tiny_tasks, tiny_stats, strict=True)}
-    W0 = {n: tiny_model.get_submodule(n).weight for n in TINY_TARGETS}
+    W0 = {n: tiny_model.get_submodule(n).weight.detach() for n in TINY_TARGETS}
     table = interference_table(adapters, stats, W0)
-    assert list(table.columns) == ["layer", "adapter", "data", "input_energy", "output_shift", "relative_shift", "own"]
+    # Parameters (requires_grad) work the same, without autograd warnings.
+    with_params = interference_table(
+        adapters, stats, {n: tiny_model.get_submodule(n).weight for n in TINY_TARGETS}
+    )
+    assert with_params.equals(table)
+    assert list(table.columns) == [
+        "layer",
+        "adapter",
+        "data",
+        "input_energy",
+        "output_shift",
+        "relative_shift",
+        "own",
+    ]
     assert len(table) == 3 * 4 * 4
     expected = []
     for j, adapter in adapters.items():
@@ -132,7 +149,9 @@ def test_interference_table_equals_a_naive_loop(tiny_model, tiny_tasks, tiny_sta
                 dW = lw.scale * lw.B @ lw.A
                 shift = float(torch.trace(dW @ S @ dW.T))
                 base = float(torch.trace(W0[layer].double() @ S @ W0[layer].double().T))
-                expected.append((layer, j, i, float(torch.trace(lw.A @ S @ lw.A.T)), shift, shift / base, i == j))
+                expected.append(
+                    (layer, j, i, float(torch.trace(lw.A @ S @ lw.A.T)), shift, shift / base, i == j)
+                )
     for row, ref in zip(table.itertuples(index=False), expected, strict=True):
         assert (row.layer, row.adapter, row.data, row.own) == (ref[0], ref[1], ref[2], ref[6])
         for got, want in zip((row.input_energy, row.output_shift, row.relative_shift), ref[3:6], strict=True):
@@ -168,7 +187,9 @@ def test_interference_rejects(tiny_stats) -> None:
     with pytest.raises(ValueError, match=f"statistics of task 'part' have no layer '{TINY_TARGETS[2]}'"):
         interference_table({"a": adapter}, {"part": part})
     wide = Adapter({TINY_TARGETS[0]: LoraWeights(torch.ones(2, 64), torch.ones(32, 2), 1.0)}, {}, {})
-    with pytest.raises(ValueError, match=f"size mismatch for layer '{TINY_TARGETS[0]}': statistics 32, adapter 64"):
+    with pytest.raises(
+        ValueError, match=f"size mismatch for layer '{TINY_TARGETS[0]}': statistics 32, adapter 64"
+    ):
         interference_table({"a": wide}, {"t": tiny_stats[0]})
     table = interference_table({"a": adapter}, {"t": tiny_stats[0]})
     with pytest.raises(ValueError, match="value 'energy' is not a column"):
@@ -183,7 +204,9 @@ def test_principal_angles() -> None:
     Q, _ = torch.linalg.qr(torch.randn(10, 10, generator=g, dtype=torch.float64))
     U, V = Q[:, :3], Q[:, 3:6]
     np.testing.assert_allclose(principal_angles(U, U), 0.0, atol=1e-5)
-    np.testing.assert_allclose(principal_angles(U, U @ torch.randn(3, 3, generator=g, dtype=torch.float64)), 0.0, atol=1e-5)
+    np.testing.assert_allclose(
+        principal_angles(U, U @ torch.randn(3, 3, generator=g, dtype=torch.float64)), 0.0, atol=1e-5
+    )
     np.testing.assert_allclose(principal_angles(U, V), 90.0, atol=1e-8)
     theta = math.radians(30.0)
     tilted = math.cos(theta) * Q[:, :1] + math.sin(theta) * Q[:, 5:6]
@@ -203,7 +226,9 @@ def test_own_energy_of_top_eigenvectors_is_the_top_energy_share(tiny_stats) -> N
     g = torch.Generator().manual_seed(1)
     mixed = torch.randn(4, 4, generator=g, dtype=torch.float64) @ spec.largest(4)
     assert math.isclose(own_energy(mixed, S)[0], float(spec.cumulative_energy[3]), rel_tol=1e-9)
-    adapter = Adapter({TINY_TARGETS[2]: LoraWeights(spec.largest(4), torch.zeros(32, 4, dtype=torch.float64), 1.0)}, {}, {})
+    adapter = Adapter(
+        {TINY_TARGETS[2]: LoraWeights(spec.largest(4), torch.zeros(32, 4, dtype=torch.float64), 1.0)}, {}, {}
+    )
     table = own_energy_table({"sentiment": adapter}, {"sentiment": tiny_stats[0]})
     assert list(table.columns) == ["task", "layer", "share", "random_share", "ratio"]
     assert math.isclose(table.ratio[0], float(spec.cumulative_energy[3]) / (4 / 32), rel_tol=1e-9)
@@ -222,8 +247,12 @@ def test_angle_table(tiny_tasks, tiny_stats) -> None:
     U = symmetric_eigh(tiny_stats[0].layers[name].second_moment).largest(4).T
     V = symmetric_eigh(tiny_stats[1].layers[name].second_moment).largest(4).T
     ref = principal_angles(U, V)
-    assert math.isclose(row.min_angle, ref.min(), rel_tol=1e-9) and math.isclose(row.mean_angle, ref.mean(), rel_tol=1e-9)
-    assert ((table.min_angle >= 0) & (table.min_angle <= table.mean_angle + 1e-9) & (table.mean_angle <= 90)).all()
+    assert math.isclose(row.min_angle, ref.min(), rel_tol=1e-9) and math.isclose(
+        row.mean_angle, ref.mean(), rel_tol=1e-9
+    )
+    assert (
+        (table.min_angle >= 0) & (table.min_angle <= table.mean_angle + 1e-9) & (table.mean_angle <= 90)
+    ).all()
     with pytest.raises(ValueError, match="k must be >= 1, got 0"):
         angle_table(stats, k=0)
 
@@ -253,11 +282,15 @@ def test_posthoc_osrm_keeps_what_lies_in_the_subspace() -> None:
         torch.testing.assert_close(lw.delta, torch.zeros(32, 32, dtype=torch.float64), rtol=0, atol=1e-10)
     # In general the energy kept is ||Delta_W P|| / ||Delta_W|| for the projector P on the subspace.
     g = torch.Generator().manual_seed(2)
-    some = {n: torch.linalg.qr(torch.randn(32, 6, generator=g, dtype=torch.float64))[0].T for n in TINY_TARGETS}
+    some = {
+        n: torch.linalg.qr(torch.randn(32, 6, generator=g, dtype=torch.float64))[0].T for n in TINY_TARGETS
+    }
     _, table = posthoc_osrm(adapter, some)
     for n, kept in zip(table.layer, table.energy_kept, strict=True):
         P = some[n].T @ some[n]
-        assert math.isclose(kept, float(torch.linalg.norm(delta[n] @ P) / torch.linalg.norm(delta[n])), rel_tol=1e-10)
+        assert math.isclose(
+            kept, float(torch.linalg.norm(delta[n] @ P) / torch.linalg.norm(delta[n])), rel_tol=1e-10
+        )
 
 
 def test_posthoc_osrm_rejects() -> None:
@@ -265,5 +298,7 @@ def test_posthoc_osrm_rejects() -> None:
     with pytest.raises(ValueError, match=f"no OSRM subspace for layer '{TINY_TARGETS[0]}'"):
         posthoc_osrm(adapter, {})
     bad = {n: torch.eye(4, 16, dtype=torch.float64) for n in TINY_TARGETS}
-    with pytest.raises(ValueError, match=f"size mismatch for layer '{TINY_TARGETS[0]}': subspace 16, adapter 32"):
+    with pytest.raises(
+        ValueError, match=f"size mismatch for layer '{TINY_TARGETS[0]}': subspace 16, adapter 32"
+    ):
         posthoc_osrm(adapter, bad)

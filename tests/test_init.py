@@ -61,7 +61,9 @@ def test_osrm_is_the_ky_fan_minimum(tiny_stats, random_orthonormal, i) -> None:
         assert math.isclose(summed[name], bound, rel_tol=1e-9)
         # Against the mean of the others' moments the bound is divided by their number.
         mean = _naive_trace(a, S_sum / len(others))
-        assert math.isclose(mean, float(torch.linalg.eigvalsh(S_sum / len(others))[:RANK].sum()), rel_tol=1e-9)
+        assert math.isclose(
+            mean, float(torch.linalg.eigvalsh(S_sum / len(others))[:RANK].sum()), rel_tol=1e-9
+        )
         for _ in range(50):
             R = random_orthonormal(RANK, 32, g)
             assert sum(_naive_trace(R, s.layers[name].second_moment) for s in others) > bound
@@ -77,7 +79,9 @@ def test_osrm_weighting_and_moment(tiny_stats) -> None:
     weighted = sum(s.layers[name].sum_outer for s in others) / sum(counts)
     torch.testing.assert_close(rest_moment(others, "tokens")[name], weighted, rtol=1e-12, atol=1e-14)
     a = osrm_subspace(others, RANK, weighting="tokens")[name]
-    assert math.isclose(_naive_trace(a, weighted), float(torch.linalg.eigvalsh(weighted)[:RANK].sum()), rel_tol=1e-9)
+    assert math.isclose(
+        _naive_trace(a, weighted), float(torch.linalg.eigvalsh(weighted)[:RANK].sum()), rel_tol=1e-9
+    )
     cov = sum(s.layers[name].covariance for s in others) / len(others)
     c = osrm_subspace(others, RANK, moment="covariance")[name]
     assert math.isclose(_naive_trace(c, cov), float(torch.linalg.eigvalsh(cov)[:RANK].sum()), rel_tol=1e-9)
@@ -96,8 +100,8 @@ def test_osrm_gen_sees_more_own_energy_per_other_energy(tiny_stats, random_ortho
             torch.testing.assert_close(a @ a.T, EYE, rtol=0, atol=1e-10)
             S_own = own.layers[name].second_moment
 
-            def ratio(M, S_own=S_own, name=name):
-                return _naive_trace(M, S_own) / _naive_trace(M, rest[name])
+            def ratio(M, S_own=S_own, S_rest=rest[name]):
+                return _naive_trace(M, S_own) / _naive_trace(M, S_rest)
 
             assert ratio(a) > ratio(plain[name]), (i, name)
             assert ratio(a) > max(ratio(random_orthonormal(RANK, 32, g)) for _ in range(10)), (i, name)
@@ -133,7 +137,9 @@ def test_osrm_mean_is_the_null_space_of_stacked_sample_means(
             torch.testing.assert_close(A[name] @ A[name].T, EYE, rtol=0, atol=1e-12)
             torch.testing.assert_close(_projector(A[name]), _projector(ref), rtol=0, atol=1e-7)
     tokens = osrm_mean_subspace(others, RANK, weighting="tokens")
-    torch.testing.assert_close(_projector(tokens[TINY_TARGETS[0]]), _projector(A[TINY_TARGETS[0]]), rtol=0, atol=1e-9)
+    torch.testing.assert_close(
+        _projector(tokens[TINY_TARGETS[0]]), _projector(A[TINY_TARGETS[0]]), rtol=0, atol=1e-9
+    )
 
 
 def test_task_subspaces_dispatch(tiny_stats) -> None:
@@ -147,7 +153,9 @@ def test_task_subspaces_dispatch(tiny_stats) -> None:
             torch.testing.assert_close(got[name], direct[name], rtol=0, atol=0)
     with pytest.raises(ValueError, match=r"task_index must be in 0\.\.3, got 4"):
         task_subspaces("osrm", tiny_stats, 4, RANK)
-    with pytest.raises(ValueError, match="method 'pissa' has no subspace; allowed: osrm, osrm_mean, osrm_gen"):
+    with pytest.raises(
+        ValueError, match="method 'pissa' has no subspace; allowed: osrm, osrm_mean, osrm_gen"
+    ):
         task_subspaces("pissa", tiny_stats, 0, RANK)
 
 
@@ -172,7 +180,9 @@ def test_init_lora_methods(method, make_tiny_model, tokenizer, tiny_tasks, tiny_
     if method == "osrm_gen":
         kwargs["own_stats"] = tiny_stats[0]
     if method == "eva":
-        kwargs["eva_batches"] = list(iter_batches(tokenizer, tiny_tasks[0].train, batch_size=8, with_labels=False))
+        kwargs["eva_batches"] = list(
+            iter_batches(tokenizer, tiny_tasks[0].train, batch_size=8, with_labels=False)
+        )
     peft_model = init_lora(model, method, rank=RANK, alpha=8, **kwargs)
     assert isinstance(peft_model, PeftModel)
     assert peft_model.osrm_init_ == {"method": method, "rank": RANK, "alpha": 8, "a_scale": 1.0}
@@ -199,7 +209,9 @@ def test_init_lora_methods(method, make_tiny_model, tokenizer, tiny_tasks, tiny_
 
 def test_osrm_a_is_the_scaled_subspace(make_tiny_model, tiny_stats) -> None:
     sub = osrm_subspace(tiny_stats[1:], RANK)
-    peft_model = init_lora(make_tiny_model(seed=2), "osrm", rank=RANK, subspaces=sub, a_scale=2.5, freeze_a=True)
+    peft_model = init_lora(
+        make_tiny_model(seed=2), "osrm", rank=RANK, subspaces=sub, a_scale=2.5, freeze_a=True
+    )
     base = peft_model.get_base_model()
     for name in TINY_TARGETS:
         layer = base.get_submodule(name)
@@ -237,7 +249,9 @@ def test_standard_init_is_seeded_and_leaves_the_global_rng(make_tiny_model) -> N
 
 
 def test_rank_larger_than_the_layer(tiny_stats, make_tiny_model) -> None:
-    with pytest.raises(ValueError, match=rf"rank 33 is larger than the width 32 of layer '{TINY_TARGETS[0]}'"):
+    with pytest.raises(
+        ValueError, match=rf"rank 33 is larger than the width 32 of layer '{TINY_TARGETS[0]}'"
+    ):
         osrm_subspace(tiny_stats[1:], 33)
     with pytest.raises(ValueError, match="rank 40 is larger than the width 32"):
         osrm_mean_subspace(tiny_stats[1:], 40)
@@ -250,7 +264,9 @@ def test_rank_larger_than_the_layer(tiny_stats, make_tiny_model) -> None:
 
 
 def test_one_task_only(tiny_stats) -> None:
-    with pytest.raises(ValueError, match="other_stats is empty: OSRM needs the statistics of at least one other task"):
+    with pytest.raises(
+        ValueError, match="other_stats is empty: OSRM needs the statistics of at least one other task"
+    ):
         osrm_subspace([], RANK)
     with pytest.raises(ValueError, match="other_stats is empty"):
         osrm_gen_subspace(tiny_stats[0], [], RANK)
@@ -269,7 +285,9 @@ def test_mismatched_layers_between_tasks(tiny_stats) -> None:
 
 
 def test_init_lora_rejects(make_tiny_model, tiny_stats) -> None:
-    with pytest.raises(ValueError, match="method 'lora-ga' is unknown: allowed are standard, osrm, osrm_mean"):
+    with pytest.raises(
+        ValueError, match="method 'lora-ga' is unknown: allowed are standard, osrm, osrm_mean"
+    ):
         init_lora(make_tiny_model(), "lora-ga")
     with pytest.raises(ValueError, match="method 'osrm' needs subspaces, or other_stats"):
         init_lora(make_tiny_model(), "osrm")
@@ -282,7 +300,10 @@ def test_init_lora_rejects(make_tiny_model, tiny_stats) -> None:
     sub = osrm_subspace(tiny_stats[1:], RANK)
     with pytest.raises(ValueError, match=f"subspaces have no entry for layer '{TINY_TARGETS[3]}'"):
         init_lora(make_tiny_model(), "osrm", rank=RANK, subspaces={n: sub[n] for n in TINY_TARGETS[:3]})
-    with pytest.raises(ValueError, match=rf"size mismatch for layer '{TINY_TARGETS[0]}': subspace \(4, 32\), expected \(2, 32\)"):
+    with pytest.raises(
+        ValueError,
+        match=rf"size mismatch for layer '{TINY_TARGETS[0]}': subspace \(4, 32\), expected \(2, 32\)",
+    ):
         init_lora(make_tiny_model(), "osrm", rank=2, subspaces=sub)
     with pytest.raises(ValueError, match="eps must be > 0, got 0"):
         osrm_gen_subspace(tiny_stats[0], tiny_stats[1:], RANK, eps=0)

@@ -13,7 +13,9 @@ from osrm_core.spectra import Spectrum, feature_spectra, fix_signs, symmetric_ei
 
 def _psd(d: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    X = torch.randn(3 * d, d, generator=g, dtype=torch.float64) * torch.linspace(0.1, 3.0, d, dtype=torch.float64)
+    X = torch.randn(3 * d, d, generator=g, dtype=torch.float64) * torch.linspace(
+        0.1, 3.0, d, dtype=torch.float64
+    )
     return X.T @ X / (3 * d)
 
 
@@ -85,12 +87,18 @@ def test_feature_spectra_share_groups(tiny_stats) -> None:
         assert all(spectra[name] is spectra[group[0]] for name in group)
         st = stats.layers[group[0]]
         np.testing.assert_allclose(
-            spectra[group[0]].eigenvalues.numpy(), np.linalg.eigvalsh(st.second_moment.numpy()), rtol=1e-10, atol=1e-12
+            spectra[group[0]].eigenvalues.numpy(),
+            np.linalg.eigvalsh(st.second_moment.numpy()),
+            rtol=1e-10,
+            atol=1e-12,
         )
     cov = feature_spectra(stats, moment="covariance")
     first = stats.groups()[0][0]
     np.testing.assert_allclose(
-        cov[first].eigenvalues.numpy(), np.linalg.eigvalsh(stats.layers[first].covariance.numpy()), rtol=1e-10, atol=1e-12
+        cov[first].eigenvalues.numpy(),
+        np.linalg.eigvalsh(stats.layers[first].covariance.numpy()),
+        rtol=1e-10,
+        atol=1e-12,
     )
     with pytest.raises(ValueError, match="moment must be 'second_moment' or 'covariance', got 'gram'"):
         feature_spectra(stats, moment="gram")

@@ -37,7 +37,9 @@ def _subset(task: TaskData, idx) -> TaskData:
     idx = list(idx)
     tr = task.train
     pair = None if tr.text_pair is None else [tr.text_pair[i] for i in idx]
-    return TaskData(task.name, Split([tr.text[i] for i in idx], tr.label[idx], pair), task.test, task.label_names)
+    return TaskData(
+        task.name, Split([tr.text[i] for i in idx], tr.label[idx], pair), task.test, task.label_names
+    )
 
 
 # --------------------------------------------------------------------------- against naive references
@@ -75,8 +77,20 @@ def test_padding_is_excluded_whatever_the_batching(tiny_model, tokenizer, tiny_t
     for batch_size in (1, 3, 40):
         other = collect_feature_stats(tiny_model, tokenizer, task, max_samples=None, batch_size=batch_size)
         _assert_stats_equal(other, tiny_stats[0], rtol=1e-10)
-    # Extra padding (pad every batch to 128 tokens) changes nothing either.
-    padded = collect_feature_stats(tiny_model, tokenizer, task, max_samples=None, batch_size=8, max_length=128)
+
+    # Far more padding (every row padded to 128 tokens) changes nothing either.
+    def pad_to_max(*args, **kwargs):
+        return tokenizer(*args, **{**kwargs, "padding": "max_length"})
+
+    seen = []
+    handle = tiny_model.bert.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["attention_mask"].shape[1]), with_kwargs=True
+    )
+    try:
+        padded = collect_feature_stats(tiny_model, pad_to_max, task, max_samples=None, batch_size=8)
+    finally:
+        handle.remove()
+    assert set(seen) == {128}
     _assert_stats_equal(padded, tiny_stats[0])
 
 
@@ -112,7 +126,9 @@ def test_hook_reference_dropping_padded_positions(tiny_model, tokenizer, tiny_ta
 
 def test_two_halves_add_up_to_all(tiny_model, tokenizer, tiny_tasks, tiny_stats) -> None:
     task = tiny_tasks[1]
-    first = collect_feature_stats(tiny_model, tokenizer, _subset(task, range(20)), max_samples=None, batch_size=8)
+    first = collect_feature_stats(
+        tiny_model, tokenizer, _subset(task, range(20)), max_samples=None, batch_size=8
+    )
     second = collect_feature_stats(
         tiny_model, tokenizer, _subset(task, range(20, 40)), max_samples=None, batch_size=6
     )
@@ -150,7 +166,9 @@ def test_save_load_round_trip(tmp_path, tiny_stats) -> None:
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
     assert meta["format"] == "osrm-feature-stats/1"
-    assert [g["count"] for g in json.loads(meta["groups"])] == [s.count for s in (stats.layers[n] for n in TINY_TARGETS[::2])]
+    assert [g["count"] for g in json.loads(meta["groups"])] == [
+        s.count for s in (stats.layers[n] for n in TINY_TARGETS[::2])
+    ]
     assert [p.name for p in path.parent.iterdir()] == ["question.safetensors"]  # no temporary left
 
 
@@ -200,7 +218,11 @@ def test_progress_and_training_mode(tiny_model, tokenizer, tiny_tasks) -> None:
     tiny_model.train()
     try:
         collect_feature_stats(
-            tiny_model, tokenizer, tiny_tasks[0], max_samples=12, batch_size=5,
+            tiny_model,
+            tokenizer,
+            tiny_tasks[0],
+            max_samples=12,
+            batch_size=5,
             progress=lambda step, total, msg: calls.append((step, total)),
         )
         assert tiny_model.training  # restored
@@ -295,12 +317,19 @@ def test_collect_rejects_bad_arguments(tiny_model, tokenizer, tiny_tasks) -> Non
 
 def test_test_split_and_target_choice(tiny_model, tokenizer, tiny_tasks) -> None:
     stats = collect_feature_stats(
-        tiny_model, tokenizer, tiny_tasks[0], split="test", max_samples=None,
+        tiny_model,
+        tokenizer,
+        tiny_tasks[0],
+        split="test",
+        max_samples=None,
         target_modules=["key", "intermediate.dense", "output.dense"],
     )
     widths = {name.split(".", 4)[-1]: st.d for name, st in stats.layers.items()}
     assert widths == {
-        "attention.self.key": 32, "attention.output.dense": 32, "intermediate.dense": 32, "output.dense": 64
+        "attention.self.key": 32,
+        "attention.output.dense": 32,
+        "intermediate.dense": 32,
+        "output.dense": 64,
     }
     assert len(stats.layers) == 8 and len(stats.groups()) == 8
     # The pooler reads one vector per sequence, not tokens: refused with the layer named.

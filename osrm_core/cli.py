@@ -1,0 +1,372 @@
+"""The ``osrm`` command line: one subcommand, one library call.
+
+Exit codes: 0 success, 2 bad input (one ``error: ...`` line on stderr, no traceback),
+1 internal failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from osrm_core.data import DataError
+from osrm_core.runs import DEFAULT_LAMBDAS, ConfigError, RunConfig, RunDir, TaskEntry
+
+EXAMPLES = """examples:
+  osrm demo --quick --json
+  osrm run config.yaml --out runs/mine
+  osrm stats --task sst2=data/sst2 --task trec=data/trec --samples 100 --out runs/mine
+  osrm train --task a=demo:sentiment --task b=demo:topic --init osrm --steps 200 --out runs/mine
+  osrm merge --adapter a=runs/mine/adapters/osrm/a --adapter b=runs/mine/adapters/osrm/b \\
+      --method ties --lambda 0.7 --out merged/
+  osrm diagnose --adapter a=adA.zip --adapter b=adB/ --task a=a.csv --task b=b.csv --json
+"""
+
+
+class UsageError(ValueError):
+    pass
+
+
+def _pairs(values: list[str] | None, flag: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for v in values or []:
+        name, sep, spec = v.partition("=")
+        if not sep or not name or not spec:
+            raise UsageError(f"{flag} {v!r}: use {flag} NAME=VALUE")
+        if name in out:
+            raise UsageError(f"{flag}: name {name!r} given twice")
+        out[name] = spec
+    return out
+
+
+def _progress_bar():
+    from tqdm import tqdm
+
+    state: dict = {"bar": None, "message": None}
+
+    def progress(step: int, total: int, message: str) -> None:
+        key = message.split(" lambda=")[0]
+        if state["message"] != key or state["bar"] is None or state["bar"].total != total:
+            if state["bar"] is not None:
+                state["bar"].close()
+            state["bar"] = tqdm(total=total, desc=key, file=sys.stderr, leave=False, dynamic_ncols=True)
+            state["message"] = key
+        state["bar"].n = step
+        state["bar"].refresh()
+
+    return progress
+
+
+def _config_from_args(args, name: str = "run") -> RunConfig:
+    tasks = _pairs(args.task, "--task")
+    if len(tasks) < 2:
+        raise UsageError("give at least two tasks with --task NAME=SPEC")
+    data = {
+        "name": name,
+        "model": args.model,
+        "tasks": [TaskEntry(name=n, spec=s).model_dump() for n, s in tasks.items()],
+        "rank": args.rank,
+        "samples": args.samples,
+        "seed": args.seed,
+        "max_length": args.max_length,
+    }
+    if getattr(args, "init", None):
+        data["inits"] = args.init
+    train = {}
+    for key in ("steps", "lr", "batch_size", "constraint"):
+        if getattr(args, key, None) is not None:
+            train[key] = getattr(args, key)
+    if train:
+        data["train"] = train
+    return RunConfig.validate_dict(data, where="command line")
+
+
+def _emit(args, payload: dict, text: str) -> None:
+    if args.json:
+        print(json.dumps(payload, indent=2, default=str))
+    else:
+        print(text)
+
+
+def _summary_text(summary: dict) -> str:
+    lines = []
+    for init, res in summary["results"].items():
+        single = ", ".join(f"{t}={v:.3f}" for t, v in res["single"].items())
+        lines.append(f"[{init}] single-task: {single}")
+        for method, best in res["best"].items():
+            lines.append(
+                f"[{init}] {method}: best lambda={best['lambda']:g}"
+                + (f" density={best['density']:g}" if best["density"] is not None else "")
+                + f" normalized avg={best['normalized_avg']:.3f}"
+            )
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_demo(args) -> None:
+    from osrm_core.runs import demo_config, run_experiment
+
+    config = demo_config(quick=args.quick)
+    out = args.out or f"runs/{config.name}"
+    summary = run_experiment(config, out, progress=_progress_bar())
+    _emit(args, {"run_dir": out, **summary}, f"run directory: {out}\n" + _summary_text(summary))
+
+
+def cmd_run(args) -> None:
+    from osrm_core.runs import run_experiment
+
+    config = RunConfig.from_yaml(args.config)
+    out = args.out or f"runs/{config.name}"
+    summary = run_experiment(config, out, progress=_progress_bar())
+    _emit(args, {"run_dir": out, **summary}, f"run directory: {out}\n" + _summary_text(summary))
+
+
+def _pipeline(args, name: str):
+    from osrm_core.runs import Pipeline
+
+    if not args.out:
+        raise UsageError("--out DIR is required")
+    config = _config_from_args(args, name)
+    pipeline = Pipeline(config, args.out, progress=_progress_bar())
+    pipeline.run.create(config)
+    return pipeline
+
+
+def cmd_stats(args) -> None:
+    pipeline = _pipeline(args, "stats")
+    stats = pipeline.stage_stats()
+    payload = {
+        name: {"path": str(pipeline.run.stats_path(name)), "tokens": s.count, "layers": len(s.layers)}
+        for name, s in stats.items()
+    }
+    _emit(args, {"stats": payload}, "\n".join(f"{n}: {p['tokens']} tokens -> {p['path']}" for n, p in payload.items()))
+
+
+def cmd_init(args) -> None:
+    from osrm_core.runs import init_adapters
+
+    pipeline = _pipeline(args, "init")
+    written = {init: init_adapters(pipeline, init) for init in pipeline.config.inits}
+    _emit(args, {"adapters": written}, "\n".join(f"{i}: {p}" for i, ps in written.items() for p in ps))
+
+
+def cmd_train(args) -> None:
+    pipeline = _pipeline(args, "train")
+    pipeline.stage_stats()
+    results = {}
+    for init in pipeline.config.inits:
+        pipeline.stage_adapters(init)
+        for task in pipeline.config.tasks:
+            path = pipeline.run.adapter_path(init, task.name) / "train.json"
+            results.setdefault(init, {})[task.name] = json.loads(path.read_text())["test_score"]
+    _emit(args, {"test_scores": results}, "\n".join(f"{i} {t}: {s:.4f}" for i, r in results.items() for t, s in r.items()))
+
+
+def _load_adapters(args, model=None):
+    from osrm_core.adapters import load_adapter
+
+    specs = _pairs(args.adapter, "--adapter")
+    if len(specs) < 2:
+        raise UsageError("give at least two adapters with --adapter NAME=DIR_OR_ZIP")
+    return {n: load_adapter(p, model, allow_pickle=getattr(args, "allow_pickle", False)) for n, p in specs.items()}
+
+
+def _load_tasks(args, required: bool = True):
+    from osrm_core.data import parse_task_spec
+
+    specs = _pairs(args.task, "--task")
+    if required and not specs:
+        raise UsageError("give task data with --task NAME=SPEC (one per adapter, same names)")
+    return [parse_task_spec(s, name=n, seed=args.seed) for n, s in specs.items()]
+
+
+def cmd_merge(args) -> None:
+    from osrm_core.export import merge_adapters, write_merged_adapter, write_merged_model
+    from osrm_core.models import load_base_model
+
+    if not args.out:
+        raise UsageError("--out DIR is required")
+    model = tok = None
+    if args.full or args.method == "regmean":
+        model, tok = load_base_model(args.model)
+    adapters = _load_adapters(args, model)
+    stats = None
+    if args.method == "regmean":
+        from osrm_core.workflows import task_stats
+
+        stats = task_stats(model, tok, _load_tasks(args), samples=args.samples,
+                           target_modules=sorted(next(iter(adapters.values())).layers))
+    params = {"density": args.density} if args.density is not None else {}
+    merged = merge_adapters(adapters, args.method, lam=args.lam, stats=stats, seed=args.seed, **params)
+    if args.full:
+        path = write_merged_model(model, tok, merged, args.out)
+    else:
+        path = write_merged_adapter(args.out, merged, adapters, rank=args.out_rank)
+    _emit(args, {"out": str(path), "layers": len(merged)}, f"merged {len(adapters)} adapters -> {path}")
+
+
+def cmd_sweep(args) -> None:
+    from osrm_core.models import load_base_model
+    from osrm_core.runs import write_csv
+    from osrm_core.workflows import sweep_adapters, task_stats
+
+    model, tok = load_base_model(args.model)
+    adapters = _load_adapters(args, model)
+    tasks = _load_tasks(args)
+    stats = None
+    if "regmean" in args.methods:
+        stats = task_stats(model, tok, tasks, samples=args.samples,
+                           target_modules=sorted(next(iter(adapters.values())).layers))
+    df = sweep_adapters(model, tok, adapters, tasks, methods=args.methods, lambdas=args.lambdas,
+                        densities=args.densities, stats=stats, max_test=args.max_test,
+                        seed=args.seed, progress=_progress_bar())
+    if args.out:
+        write_csv(Path(args.out) / "sweep.csv", df)
+    from osrm_core.evaluate import best_points
+
+    best = best_points(df)
+    _emit(args, {"sweep": df.to_dict(orient="records"), "best": best.to_dict(orient="records")}, best.to_string(index=False))
+
+
+def cmd_diagnose(args) -> None:
+    from osrm_core.models import load_base_model
+    from osrm_core.workflows import diagnose_adapters
+
+    model, tok = load_base_model(args.model)
+    adapters = _load_adapters(args, model)
+    tasks = _load_tasks(args)
+    result = diagnose_adapters(model, tok, adapters, tasks, samples=args.samples, rank=args.rank)
+    result.pop("stats")
+    if args.out:
+        from osrm_core.runs import write_csv
+
+        for name, df in result.items():
+            write_csv(Path(args.out) / f"{name}.csv", df.reset_index() if name == "matrix" else df)
+    payload = {k: (v.reset_index() if k == "matrix" else v).to_dict(orient="records") for k, v in result.items()}
+    text = ["input interference sum_l E||A_j h_i||^2 (rows: adapter j, columns: data i)",
+            result["matrix"].to_string(float_format=lambda x: f"{x:.4g}"),
+            "", "post-hoc OSRM energy kept (mean over layers)",
+            result["posthoc"].groupby("adapter")["energy_kept"].mean().to_string(float_format=lambda x: f"{x:.3f}"),
+            "", "own-task energy share vs random (mean over layers)",
+            result["own_energy"].groupby("task")[["share", "random_share"]].mean().to_string(float_format=lambda x: f"{x:.4f}")]
+    _emit(args, payload, "\n".join(text))
+
+
+def cmd_show(args) -> None:
+    run = RunDir(args.run)
+    if not run.exists():
+        raise UsageError(f"{args.run!r} is not a run directory (no config.yaml)")
+    summary = run.summary()
+    if summary is None:
+        raise UsageError(f"run {args.run!r} has no summary yet; resume it with osrm run {args.run}/config.yaml --out {args.run}")
+    _emit(args, summary, _summary_text(summary))
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="osrm", description="OSRM workbench: LoRA interference, OSRM init, merging.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p, *, tasks=True, adapters=False):
+        p.add_argument("--model", default=None, help="Hugging Face id or path (default: packaged MiniLM)")
+        if tasks:
+            p.add_argument("--task", action="append", metavar="NAME=SPEC",
+                           help="CSV/JSONL file, folder with train/test, demo:KEY or hf:DATASET[/CONFIG]:SPLIT")
+        if adapters:
+            p.add_argument("--adapter", action="append", metavar="NAME=PATH", help="PEFT adapter folder or zip")
+            p.add_argument("--allow-pickle", action="store_true", help="also load pickled adapter_model.bin")
+        p.add_argument("--samples", type=int, default=100, help="samples per task for statistics")
+        p.add_argument("--rank", type=int, default=8)
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--max-length", type=int, default=128)
+        p.add_argument("--out", default=None, help="output (run) directory")
+        p.add_argument("--json", action="store_true", help="machine-readable summary on stdout")
+
+    p = sub.add_parser("demo", help="the whole pipeline on the embedded default")
+    p.add_argument("--quick", action="store_true", help="small settings (minutes)")
+    p.add_argument("--out", default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("run", help="run or resume an experiment from a config.yaml")
+    p.add_argument("config")
+    p.add_argument("--out", default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("stats", help="collect feature statistics (DIR/stats/NAME.safetensors)")
+    common(p)
+    p.set_defaults(func=cmd_stats)
+
+    for name, func, helptext in (("init", cmd_init, "write initialized (untrained) adapters"),
+                                 ("train", cmd_train, "initialize and fine-tune an adapter per task")):
+        p = sub.add_parser(name, help=helptext)
+        common(p)
+        p.add_argument("--init", action="append", choices=["standard", "osrm", "osrm_mean", "osrm_gen", "eva", "pissa"])
+        if name == "train":
+            p.add_argument("--steps", type=int)
+            p.add_argument("--lr", type=float)
+            p.add_argument("--batch-size", type=int)
+            p.add_argument("--constraint", choices=["none", "freeze_A", "project", "penalty"])
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("merge", help="merge adapters into one adapter (or full weights)")
+    common(p, adapters=True)
+    p.add_argument("--method", default="task_arithmetic")
+    p.add_argument("--lambda", dest="lam", type=float, default=1.0)
+    p.add_argument("--density", type=float, default=None)
+    p.add_argument("--out-rank", type=int, default=None, help="truncate the merged adapter to this rank")
+    p.add_argument("--full", action="store_true", help="write full merged model weights")
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("sweep", help="merged scores of adapters over lambda (and density)")
+    common(p, adapters=True)
+    p.add_argument("--methods", nargs="+", default=["task_arithmetic", "ties"])
+    p.add_argument("--lambdas", nargs="+", type=float, default=DEFAULT_LAMBDAS)
+    p.add_argument("--densities", nargs="+", type=float, default=[0.5])
+    p.add_argument("--max-test", type=int, default=None)
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("diagnose", help="interference, angles, own-energy for given adapters")
+    common(p, adapters=True)
+    p.set_defaults(func=cmd_diagnose)
+
+    p = sub.add_parser("show", help="print the summary of a run directory")
+    p.add_argument("run")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_show)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "rank", None) is not None and args.rank < 1:
+        print(f"error: --rank must be >= 1, got {args.rank}", file=sys.stderr)
+        return 2
+    try:
+        args.func(args)
+    except (UsageError, ConfigError, DataError, ValueError, TypeError, FileNotFoundError) as err:
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except Exception as err:  # an internal failure: one line, exit 1
+        print(f"internal error: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
