@@ -120,11 +120,17 @@ def summed_interference(A: dict[str, torch.Tensor], other_stats: list[FeatureSta
 # --------------------------------------------------------------------------- subspaces
 
 
-def row_space(M: torch.Tensor, k: int | None = None, rtol: float = 1e-10) -> torch.Tensor:
+def row_space(M: torch.Tensor, k: int | None = None, rtol: float | None = None) -> torch.Tensor:
     """Orthonormal basis of the row space of M (k, d) as columns, shape (d, rank).
 
-    With ``k``, the top-``k`` right singular vectors; otherwise all above ``rtol * s_max``.
+    With ``k``, the top-``k`` right singular vectors; otherwise all above ``rtol * s_max``
+    (default ``max(1e-10, max(M.shape) * eps)`` with ``eps`` of M's own dtype: a float32
+    ``Delta_W = s B A`` of rank r has rounding-level singular values far above 1e-10, which
+    would otherwise count as a full-rank row space).
     """
+    if rtol is None:
+        eps = torch.finfo(M.dtype).eps if M.is_floating_point() else 0.0
+        rtol = max(1e-10, max(M.shape) * eps)
     _, s, vh = torch.linalg.svd(M.to(torch.float64), full_matrices=False)
     if k is None:
         k = int((s > rtol * s.max().clamp_min(1e-300)).sum()) if s.numel() else 0
