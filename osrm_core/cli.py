@@ -256,6 +256,18 @@ def cmd_diagnose(args) -> None:
     _emit(args, payload, "\n".join(text))
 
 
+def cmd_study(args) -> None:
+    from osrm_core.study import StudyConfig, quick_study_config, run_study
+
+    if args.config is None and not args.quick:
+        raise UsageError("give a study config file, or --quick for the small study on the demo tasks")
+    study = quick_study_config() if args.config is None else StudyConfig.from_yaml(args.config)
+    out = args.out or f"runs/{study.name}"
+    report = run_study(study, out, progress=_progress_bar(),
+                       on_stage=lambda s: print(s, file=sys.stderr))
+    _emit(args, {"report": str(report)}, f"report: {report}")
+
+
 def cmd_show(args) -> None:
     run = RunDir(args.run)
     if not run.exists():
@@ -338,7 +350,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("diagnose", help="interference, angles, own-energy for given adapters")
     common(p, adapters=True)
-    p.set_defaults(func=cmd_diagnose)
+    # --rank is the post-hoc OSRM rank here; by default each adapter's own rank.
+    p.set_defaults(func=cmd_diagnose, rank=None)
+
+    p = sub.add_parser("study", help="the evidence study: inits x constraints x seeds x ablations, with a report")
+    p.add_argument("config", nargs="?", default=None, help="study YAML (base run config + what to vary)")
+    p.add_argument("--quick", action="store_true", help="a small study on the demo tasks")
+    p.add_argument("--out", default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("show", help="print the summary of a run directory")
     p.add_argument("run")

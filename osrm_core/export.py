@@ -37,6 +37,13 @@ def merge_adapters(
         if sorted(adapters[n].layers) != layers:
             diff = sorted(set(adapters[n].layers) ^ set(layers))
             raise ValueError(f"adapter {n!r} adapts other layers than {names[0]!r} (e.g. {diff[0]!r})")
+        for layer in layers:  # else the merge fails deep inside torch (adapters of other models)
+            a, b = adapters[names[0]].layers[layer], adapters[n].layers[layer]
+            if (a.B.shape[0], a.A.shape[1]) != (b.B.shape[0], b.A.shape[1]):
+                raise ValueError(
+                    f"size mismatch for layer {layer!r}: adapter {n!r} is {b.B.shape[0]}x{b.A.shape[1]}, "
+                    f"adapter {names[0]!r} is {a.B.shape[0]}x{a.A.shape[1]} (adapters of other base models?)"
+                )
     grams = None
     if get_merge_method(method, **params).needs_gram:
         if stats is None or any(n not in stats for n in names):
@@ -44,6 +51,12 @@ def merge_adapters(
         grams = [{layer: stats[n].layers[layer].gram for layer in layers} for n in names]
     deltas = [adapters[n].deltas() for n in names]
     return merge_deltas(deltas, method, lam=lam, grams=grams, seed=seed, **params)
+
+
+def _svdvals_at_precision(delta: torch.Tensor) -> torch.Tensor:
+    """Singular values (computed in float64) in the delta's dtype, float32 at least."""
+    s = torch.linalg.svdvals(delta.double())
+    return s if delta.dtype == torch.float64 else s.float()
 
 
 def write_merged_adapter(
@@ -66,8 +79,10 @@ def write_merged_adapter(
     from osrm_core.merge.factor import numerical_rank
 
     if rank is None:
+        # The tolerance is that of the deltas' own precision: float32 rounding noise would
+        # otherwise count as rank and make the "exact" adapter full rank.
         rank = max(
-            max(1, numerical_rank(torch.linalg.svdvals(d.double()), tuple(d.shape))) for d in merged.values()
+            max(1, numerical_rank(_svdvals_at_precision(d), tuple(d.shape))) for d in merged.values()
         )
     layers = {}
     for name, delta in merged.items():
@@ -77,8 +92,11 @@ def write_merged_adapter(
             A = torch.cat([A, A.new_zeros(rank - k, A.shape[1])])
             B = torch.cat([B, B.new_zeros(B.shape[0], rank - k)], 1)
         layers[name] = LoraWeights(A.float(), B.float(), 1.0)
-    config = dict(next(iter(adapters.values())).config) if adapters else {"peft_type": "LORA", "task_type": "SEQ_CLS"}
+    config = dict(next(iter(adapters.values())).config) if adapters else {"peft_type": "LORA"}
+    # The heads are per task (under heads/), so the merged adapter carries none: with
+    # task_type SEQ_CLS peft would add the classifier to modules_to_save and fail to load it.
     config["modules_to_save"] = None
+    config["task_type"] = None
     out = write_adapter(path, layers, config)
     for task, adapter in (adapters or {}).items():
         if adapter.head:
@@ -97,7 +115,7 @@ def write_merged_model(model: nn.Module, tokenizer, merged: dict[str, torch.Tens
     with torch.no_grad():
         for name, delta in merged.items():
             w = weight_as_linear(merged_model.get_submodule(name))
-            w += delta.to(w.dtype)
+            w += delta.to(w.device, w.dtype)
     path = Path(path)
     merged_model.save_pretrained(path)
     tokenizer.save_pretrained(path)

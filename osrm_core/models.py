@@ -72,6 +72,7 @@ def load_base_model(
     dtype: torch.dtype | None = None,
     device: Device = "cpu",
     device_map: str | None = None,
+    seed: int = 0,
 ) -> tuple[nn.Module, object]:
     """Load a sequence-classification model and its tokenizer.
 
@@ -87,6 +88,8 @@ def load_base_model(
         Where to put the model, ``"auto"`` for the best available; ignored with ``device_map``.
     device_map : str, optional
         Passed to ``from_pretrained`` (``"auto"`` spreads a large model over devices).
+    seed : int
+        Seeds the new head's random initialization (in a forked RNG).
 
     Returns
     -------
@@ -107,12 +110,15 @@ def load_base_model(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             tokenizer = AutoTokenizer.from_pretrained(str(source))
-            kwargs = {"num_labels": num_labels}
+            kwargs = {"num_labels": num_labels, "ignore_mismatched_sizes": True}
             if dtype is not None:
                 kwargs["dtype"] = dtype
             if device_map is not None:
                 kwargs["device_map"] = device_map
-            model = AutoModelForSequenceClassification.from_pretrained(str(source), **kwargs)
+            # A new head is drawn from a fixed seed, so every load (and a resumed run) gets the same one.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                model = AutoModelForSequenceClassification.from_pretrained(str(source), **kwargs)
     except OSError as err:
         first = str(err).splitlines()[0]
         raise ValueError(f"cannot load model {str(source)!r}: {first}") from None

@@ -333,6 +333,14 @@ def write_csv(path: Path, df: pd.DataFrame) -> None:
 # --------------------------------------------------------------------------- pipeline
 
 
+def _load_entry(entry: TaskEntry, seed: int) -> TaskData:
+    """The task a config entry names; column names apply to files only."""
+    if entry.spec.startswith(("demo:", "hf:")):
+        return parse_task_spec(entry.spec, name=entry.name, seed=seed)
+    columns = {"text": entry.text, "label": entry.label, "text_pair": entry.text_pair}
+    return parse_task_spec(entry.spec, name=entry.name, seed=seed, **columns)
+
+
 class Pipeline:
     """Runs the stages of a :class:`RunConfig` into a :class:`RunDir`, resuming finished work.
 
@@ -361,13 +369,7 @@ class Pipeline:
     # ---- inputs
     def tasks(self) -> list[TaskData]:
         if self._tasks is None:
-            self._tasks = [
-                parse_task_spec(
-                    t.spec, name=t.name, seed=self.config.seed,
-                    **({"text": t.text, "label": t.label, "text_pair": t.text_pair} if not t.spec.startswith(("demo:", "hf:")) else {}),
-                )
-                for t in self.config.tasks
-            ]
+            self._tasks = [_load_entry(t, self.config.seed) for t in self.config.tasks]
         return self._tasks
 
     def base_model(self, num_labels: int = 2):
@@ -527,7 +529,12 @@ class Pipeline:
         from osrm_core.models import weight_as_linear
 
         key = "diagnostics"
-        if self.run.is_done(key):
+        files = [
+            self.run.result_path("interference.csv"),
+            self.run.result_path("own_energy.csv"),
+            self.run.result_path("angles.csv"),
+        ]
+        if self.run.is_done(key) and all(f.is_file() for f in files):
             return
         start = time.perf_counter()
         stats = self.run.load_stats()
@@ -539,11 +546,6 @@ class Pipeline:
             frames.append(interference_table(adapters, stats, w0).assign(init=init))
             own.append(own_energy_table(adapters, stats).assign(init=init))
             angles.append(angle_table(stats, k=self.config.rank, adapters=adapters).assign(init=init))
-        files = [
-            self.run.result_path("interference.csv"),
-            self.run.result_path("own_energy.csv"),
-            self.run.result_path("angles.csv"),
-        ]
         for f, df in zip(files, (frames, own, angles)):
             write_csv(f, pd.concat(df, ignore_index=True))
         self.run.mark_done(key, time.perf_counter() - start, files)
@@ -572,6 +574,11 @@ def init_adapters(pipeline: Pipeline, init: str) -> list[str]:
     return written
 
 
+def _rounded(x: float) -> float | None:
+    """Rounded for JSON; NaN (no valid normalized score) becomes None."""
+    return None if pd.isna(x) else round(float(x), 4)
+
+
 def build_summary(run: RunDir, task_names: list[str], inits: list[str]) -> dict:
     """``tasks``, ``inits`` and per init ``single`` scores and ``merged`` sweep points per method,
     with the best point per method."""
@@ -588,11 +595,13 @@ def build_summary(run: RunDir, task_names: list[str], inits: list[str]) -> dict:
                 "lambda": float(lam),
                 "density": None if pd.isna(density) else float(density),
                 "scores": g.set_index("task")["score"].round(4).to_dict(),
-                "normalized_avg": round(float(g["normalized"].mean()), 4),
+                "normalized_avg": _rounded(g["normalized"].mean()),
                 "avg": round(float(g["score"].mean()), 4),
             }
             merged.setdefault(method, []).append(point)
-            if method not in best or point["normalized_avg"] > best[method]["normalized_avg"]:
+            if point["normalized_avg"] is not None and (
+                method not in best or point["normalized_avg"] > best[method]["normalized_avg"]
+            ):
                 best[method] = point
         out["results"][init] = {"single": single, "merged": merged, "best": best}
     return out

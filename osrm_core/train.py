@@ -105,6 +105,8 @@ class TrainResult:
 
 
 def _lora_layers(peft_model) -> dict[str, torch.nn.Module]:
+    if not hasattr(peft_model, "get_base_model"):  # a plain model: no adapters to train
+        return {}
     base = peft_model.get_base_model()
     return {n: m for n, m in base.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
 
@@ -153,7 +155,8 @@ def finetune(
         for name in layers:
             if name not in subspaces:
                 raise ValueError(f"constraint='project': no subspace for layer {name!r}")
-            u = subspaces[name].to(torch.float64)
+            a = layers[name].lora_A["default"].weight
+            u = subspaces[name].to(device=a.device, dtype=torch.float64)
             q = torch.linalg.qr(u.T).Q
             projectors[name] = q @ q.T
     penalties = {}
@@ -161,7 +164,10 @@ def finetune(
         if penalty_moments is None:
             raise ValueError("constraint='penalty' needs penalty_moments (the others' second moment)")
         for name in layers:
-            S = penalty_moments[name].to(torch.float32)
+            if name not in penalty_moments:
+                raise ValueError(f"constraint='penalty': no second moment for layer {name!r}")
+            a = layers[name].lora_A["default"].weight
+            S = penalty_moments[name].to(device=a.device, dtype=a.dtype)
             penalties[name] = S / (torch.trace(S) / S.shape[0]).clamp_min(1e-12)
     device = next(peft_model.parameters()).device
 

@@ -169,3 +169,13 @@ def _random_orthonormal(r: int, d: int, generator: torch.Generator) -> torch.Ten
 def random_orthonormal() -> Callable[[int, int, torch.Generator], torch.Tensor]:
     """``random_orthonormal(r, d, generator)``: random (r, d) float64 with orthonormal rows."""
     return _random_orthonormal
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(make_tiny_model, tokenizer, tmp_path_factory):
+    """A float32 tiny BERT classifier (2 labels) and the packaged tokenizer, saved with
+    ``save_pretrained``: a local model folder to pass wherever a model id or path is taken."""
+    path = tmp_path_factory.mktemp("tiny-model")
+    make_tiny_model(dtype=torch.float32).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -1,0 +1,404 @@
+"""The evidence study: does OSRM make merged adapters keep their tasks, and when?
+
+A study runs many small experiments (one run directory per variant: init, training
+constraint, samples for the statistics, rank, learning-rate scale of A, seed), all resumable,
+then answers the paper's questions in ``report.md`` with tables, figures and CSVs:
+
+1. multi-task normalized score after merging, per init and method (mean and spread over seeds);
+2. single-task scores: does the init cost accuracy before merging?
+3. robustness to lambda: area under the normalized-score curve, width of the lambda range
+   within 2 points of the best;
+4. samples per other task the statistics need; 5. rank;
+6. does the exact interference from statistics predict the measured loss from merging
+   (Spearman correlation over task pairs, and per layer)?
+7. the own-task energy trade-off, and the learning-rate scale of A that makes up for it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from osrm_core.atomic import write_json, write_text
+from osrm_core.init import INIT_METHODS, OSRM_METHODS
+from osrm_core.runs import ConfigError, Pipeline, RunConfig, RunDir, write_csv
+
+Progress = Callable[[int, int, str], None]
+
+
+class StudyConfig(BaseModel):
+    """What to compare. ``base`` holds the tasks, model and the main settings."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = "study"
+    base: RunConfig
+    inits: list[str] = Field(default_factory=lambda: ["standard", "osrm", "osrm_mean", "osrm_gen", "eva"])
+    constraints: list[str] = Field(default_factory=lambda: ["none", "freeze_A"])
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
+    sample_sizes: list[int] = Field(default_factory=lambda: [10, 50, 100, 500])
+    ranks: list[int] = Field(default_factory=lambda: [4, 8, 16])
+    a_lr_scales: list[float] = Field(default_factory=lambda: [1.0, 3.0, 10.0])
+    pair_lambda: float = Field(1.0, gt=0, description="lambda of the pairwise merges for question 6")
+
+    @field_validator("inits")
+    @classmethod
+    def _inits(cls, v: list[str]) -> list[str]:
+        bad = [m for m in v if m not in INIT_METHODS]
+        if bad or not v:
+            raise ValueError(f"unknown init {bad[0] if bad else None!r}; allowed: {', '.join(INIT_METHODS)}")
+        return v
+
+    @field_validator("constraints")
+    @classmethod
+    def _constraints(cls, v: list[str]) -> list[str]:
+        from osrm_core.train import CONSTRAINTS
+
+        bad = [c for c in v if c not in CONSTRAINTS]
+        if bad:
+            raise ValueError(f"unknown constraint {bad[0]!r}; allowed: {', '.join(CONSTRAINTS)}")
+        return v or ["none"]
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> StudyConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"study file {str(path)!r} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+            return cls.model_validate(data)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path.name}: not valid YAML ({str(err).splitlines()[0]})") from None
+        except ValidationError as err:
+            e = err.errors()[0]
+            raise ConfigError(f"{path.name}: {'.'.join(str(x) for x in e['loc'])}: {e['msg']}") from None
+
+
+def quick_study_config(base: RunConfig | None = None) -> StudyConfig:
+    """A small study (minutes on a CPU): the demo tasks, fewer steps, one extra seed."""
+    from osrm_core.runs import demo_config
+
+    base = base or demo_config(quick=True)
+    base = base.model_copy(update={"merge": base.merge.model_copy(update={"methods": ["task_arithmetic", "ties"]})})
+    return StudyConfig(
+        name="study-quick",
+        base=base,
+        inits=["standard", "osrm", "osrm_gen"],
+        constraints=["none"],
+        seeds=[0, 1],
+        sample_sizes=[16, base.samples],
+        ranks=[base.rank],
+        a_lr_scales=[1.0],
+    )
+
+
+def variants(study: StudyConfig) -> list[dict]:
+    """The experiments of a study, each a dict of the settings it changes (deduplicated)."""
+    base = study.base
+    main = dict(samples=base.samples, rank=base.rank, a_lr_scale=base.train.a_lr_scale)
+    out = []
+    for init, seed in itertools.product(study.inits, study.seeds):
+        for constraint in study.constraints if init in OSRM_METHODS else ["none"]:
+            out.append(dict(init=init, constraint=constraint, seed=seed, **main, group="main"))
+    osrm_inits = [i for i in study.inits if i in OSRM_METHODS]
+    seed0 = study.seeds[0]
+    for init in osrm_inits:
+        for n in study.sample_sizes:
+            out.append(dict(main, init=init, constraint="none", seed=seed0, samples=n, group="samples"))
+        for x in study.a_lr_scales:
+            out.append(dict(main, init=init, constraint="none", seed=seed0, a_lr_scale=x, group="a_lr_scale"))
+    for r in study.ranks:
+        for init in ["standard", *osrm_inits] if "standard" in study.inits else osrm_inits:
+            out.append(dict(main, init=init, constraint="none", seed=seed0, rank=r, group="rank"))
+    seen, unique = set(), []
+    for v in out:
+        key = variant_name(v)
+        if key not in seen:
+            seen.add(key)
+            unique.append(v)
+    return unique
+
+
+def variant_name(v: dict) -> str:
+    return f"{v['init']}-{v['constraint']}-n{v['samples']}-r{v['rank']}-a{v['a_lr_scale']:g}-s{v['seed']}"
+
+
+def variant_config(study: StudyConfig, v: dict) -> RunConfig:
+    base = study.base
+    train = base.train.model_copy(update={"constraint": v["constraint"], "a_lr_scale": v["a_lr_scale"]})
+    return base.model_copy(
+        update={
+            "name": variant_name(v),
+            "inits": [v["init"]],
+            "seed": v["seed"],
+            "samples": v["samples"],
+            "rank": v["rank"],
+            "train": train,
+        }
+    )
+
+
+# --------------------------------------------------------------------------- running
+
+
+def run_study(study: StudyConfig, out: str | Path, *, progress: Progress | None = None,
+              on_stage: Callable[[str], None] | None = None, tasks=None) -> Path:
+    """Run (or resume) every variant of ``study`` under ``out/runs/`` and write the report."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    config_path = out / "study.yaml"
+    text = yaml.safe_dump(study.model_dump(mode="json"), sort_keys=False)
+    if config_path.is_file() and config_path.read_text(encoding="utf-8") != text:
+        raise ConfigError(f"study directory {str(out)!r} holds another study; use another --out")
+    write_text(config_path, text)
+    todo = variants(study)
+    start = time.perf_counter()
+    shared_tasks = tasks
+    for k, v in enumerate(todo):
+        name = variant_name(v)
+        if on_stage:
+            on_stage(f"variant {k + 1}/{len(todo)}: {name}")
+        pipeline = Pipeline(variant_config(study, v), out / "runs" / name, progress=progress, tasks=shared_tasks)
+        pipeline.run_all()
+        shared_tasks = pipeline.tasks()
+        pairwise_loss(pipeline, study.pair_lambda)
+    if on_stage:
+        on_stage("report")
+    write_report(study, out, seconds=time.perf_counter() - start)
+    return out / "report.md"
+
+
+def pairwise_loss(pipeline: Pipeline, lam: float) -> pd.DataFrame:
+    """Measured loss of task i when merged with task j alone (task arithmetic at ``lam``)."""
+    from osrm_core.evaluate import SweepEngine
+    from osrm_core.merge import merge_deltas
+
+    run = pipeline.run
+    path = run.result_path("pairwise.csv")
+    if path.is_file():
+        return pd.read_csv(path)
+    init = pipeline.config.inits[0]
+    adapters = run.load_adapters(init)
+    model, tok = pipeline.base_model()
+    engine = SweepEngine(model, tok, pipeline.tasks(), adapters, max_test=pipeline.config.max_test,
+                         max_length=pipeline.config.max_length)
+    single = engine.single_task_scores()
+    rows = []
+    names = list(adapters)
+    for i, j in itertools.permutations(names, 2):
+        engine.apply(merge_deltas([adapters[i].deltas(), adapters[j].deltas()], "task_arithmetic"), lam)
+        merged = engine.evaluate([i])[i]
+        rows.append({"data": i, "adapter": j, "single": single[i], "merged": merged, "loss": single[i] - merged})
+    engine.restore()
+    df = pd.DataFrame(rows)
+    write_csv(path, df)
+    return df
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _collect(study: StudyConfig, out: Path) -> dict[str, pd.DataFrame]:
+    sweeps, singles, inter, own, pairs = [], [], [], [], []
+    for v in variants(study):
+        run = RunDir(out / "runs" / variant_name(v))
+        tags = {k: v[k] for k in ("init", "constraint", "seed", "samples", "rank", "a_lr_scale", "group")}
+        tags["variant"] = variant_name(v)
+        sweep = run.read_csv(f"sweep_{v['init']}.csv")
+        if sweep is None:
+            continue
+        sweeps.append(sweep.drop(columns="init").assign(**tags))
+        for task_dir in (run.path / "adapters" / v["init"]).iterdir():
+            result = json.loads((task_dir / "train.json").read_text())
+            singles.append({**tags, "task": task_dir.name, "score": result["test_score"]})
+        for name, bucket in (("interference.csv", inter), ("own_energy.csv", own), ("pairwise.csv", pairs)):
+            df = run.read_csv(name)
+            if df is not None:
+                bucket.append(df.drop(columns=["init"], errors="ignore").assign(**tags))
+    if not sweeps:
+        raise ValueError(f"study {str(out)!r} has no finished variant yet")
+    frames = {"sweep": sweeps, "single": singles, "interference": inter, "own_energy": own, "pairwise": pairs}
+    return {k: pd.concat(v, ignore_index=True) if v and isinstance(v[0], pd.DataFrame) else pd.DataFrame(v)
+            for k, v in frames.items()}
+
+
+def curve_metrics(curve: pd.DataFrame) -> dict:
+    """From a normalized-average-vs-lambda curve: best, its lambda, AUC, width within 2 points."""
+    curve = curve.sort_values("lambda")
+    lam, y = curve["lambda"].to_numpy(), curve["normalized_avg"].to_numpy()
+    best = int(np.argmax(y))
+    span = lam[-1] - lam[0]
+    auc = float(np.trapezoid(y, lam) / span) if span > 0 else float(y[0])
+    near = lam[y >= y[best] - 0.02]
+    return {"best": float(y[best]), "best_lambda": float(lam[best]), "auc": auc,
+            "width_2pt": float(near.max() - near.min())}
+
+
+def analyse(frames: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+    """The tables of the report, from the collected frames."""
+    sweep, single = frames["sweep"], frames["single"]
+    keys = ["variant", "group", "init", "constraint", "seed", "samples", "rank", "a_lr_scale", "method", "density"]
+    curves = (sweep.groupby([*keys, "lambda"], dropna=False)["normalized"].mean()
+              .reset_index(name="normalized_avg"))
+    per_run = pd.DataFrame([
+        {**dict(zip(keys, k, strict=True)), **curve_metrics(g)}
+        for k, g in curves.groupby(keys, dropna=False)
+    ])
+    # Best density per (variant, method) for TIES/DARE.
+    per_run = per_run.sort_values("best").groupby(keys[:-1], dropna=False).tail(1)
+    main = per_run[per_run["group"] == "main"]
+    q1 = (main.groupby(["init", "constraint", "method"])
+          .agg(normalized_best_mean=("best", "mean"), normalized_best_std=("best", "std"),
+               best_lambda=("best_lambda", "median"), auc_mean=("auc", "mean"), width_2pt=("width_2pt", "mean"),
+               seeds=("seed", "nunique"))
+          .reset_index())
+    main_single = single[single["group"] == "main"]
+    q2 = (main_single.groupby(["init", "constraint", "task"])["score"].agg(["mean", "std"]).reset_index())
+    ablation = lambda group, col: (  # noqa: E731
+        per_run[per_run["group"].isin([group, "main"]) & (per_run["seed"] == per_run["seed"].min())]
+        .groupby(["init", col, "method"])["best"].mean().unstack(col).reset_index())
+    tables = {"q1_merged": q1, "q2_single": q2,
+              "q4_samples": ablation("samples", "samples"), "q5_rank": ablation("rank", "rank"),
+              "q7_a_lr_scale": ablation("a_lr_scale", "a_lr_scale"), "curves": curves, "per_run": per_run}
+    inter, pairs = frames["interference"], frames["pairwise"]
+    if not inter.empty and not pairs.empty:
+        from scipy.stats import spearmanr
+
+        other = inter[~inter["own"]]
+        by_pair = other.groupby(["variant", "adapter", "data"])["relative_shift"].sum().reset_index()
+        merged = by_pair.merge(pairs[["variant", "adapter", "data", "loss"]], on=["variant", "adapter", "data"])
+        rows = []
+        for init, g in merged.merge(per_run[["variant", "init"]].drop_duplicates(), on="variant").groupby("init"):
+            rho, p = spearmanr(g["relative_shift"], g["loss"]) if len(g) > 2 else (np.nan, np.nan)
+            rows.append({"init": init, "scope": "summed over layers", "pairs": len(g), "spearman": rho, "p": p})
+        per_layer = other.merge(pairs[["variant", "adapter", "data", "loss"]], on=["variant", "adapter", "data"])
+        for layer, g in per_layer.groupby("layer"):
+            rho, p = spearmanr(g["relative_shift"], g["loss"]) if len(g) > 2 else (np.nan, np.nan)
+            rows.append({"init": "all", "scope": layer, "pairs": len(g), "spearman": rho, "p": p})
+        tables["q6_prediction"] = pd.DataFrame(rows)
+        tables["q6_pairs"] = merged
+    own = frames["own_energy"]
+    if not own.empty:
+        tables["q7_own_energy"] = (own[own["group"] == "main"].groupby(["init", "task"])[["share", "random_share", "ratio"]]
+                                   .mean().reset_index())
+    return tables
+
+
+def _md(df: pd.DataFrame, digits: int = 3) -> str:
+    df = df.copy()
+    for c in df.columns:
+        if pd.api.types.is_float_dtype(df[c]):
+            df[c] = df[c].map(lambda x: "" if pd.isna(x) else f"{x:.{digits}f}")
+    header = "| " + " | ".join(str(c) for c in df.columns) + " |"
+    sep = "|" + "---|" * len(df.columns)
+    rows = ["| " + " | ".join(str(x) for x in r) + " |" for r in df.itertuples(index=False)]
+    return "\n".join([header, sep, *rows])
+
+
+def findings(tables: dict[str, pd.DataFrame]) -> list[str]:
+    """Plain statements computed from the tables: each init against standard, per method."""
+    q1 = tables["q1_merged"]
+    lines = []
+    ref = q1[(q1["init"] == "standard") & (q1["constraint"] == "none")].set_index("method")
+    if ref.empty:
+        return ["- No standard-init baseline in this study; compare the inits in table 1."]
+    for _, row in q1[q1["init"] != "standard"].iterrows():
+        if row["method"] not in ref.index:
+            continue
+        base = ref.loc[row["method"]]
+        diff = row["normalized_best_mean"] - base["normalized_best_mean"]
+        spread = np.nanmax([row["normalized_best_std"], base["normalized_best_std"]])
+        verdict = "better than" if diff > 0 else "worse than"
+        if not np.isnan(spread) and abs(diff) <= spread:
+            verdict = "within the seed spread of"
+        lines.append(
+            f"- {row['init']} ({row['constraint']}), {row['method']}: best normalized average "
+            f"{row['normalized_best_mean']:.3f} vs standard {base['normalized_best_mean']:.3f} "
+            f"({diff:+.3f}; {verdict} standard; AUC {row['auc_mean']:.3f} vs {base['auc_mean']:.3f})."
+        )
+    single = tables["q2_single"].groupby(["init", "constraint"])["mean"].mean()
+    if ("standard", "none") in single.index:
+        for (init, constraint), value in single.items():
+            if init != "standard":
+                lines.append(
+                    f"- Single-task mean score of {init} ({constraint}): {value:.3f} vs standard "
+                    f"{single[('standard', 'none')]:.3f}."
+                )
+    return lines
+
+
+def write_report(study: StudyConfig, out: str | Path, seconds: float | None = None) -> Path:
+    """Write ``report.md``, the tables as CSV and the figures as HTML into ``out``."""
+    from osrm_core import viz
+
+    out = Path(out)
+    tables = analyse(_collect(study, out))
+    for name, df in tables.items():
+        write_csv(out / "tables" / f"{name}.csv", df)
+    figs = {}
+    curves = tables["curves"]
+    main_curves = curves[curves["group"] == "main"]
+    for method, g in main_curves.groupby("method"):
+        mean = g.groupby(["init", "constraint", "lambda"])["normalized_avg"].agg(["mean", "std"]).reset_index()
+        figs[f"curve_{method}"] = viz.study_curve_figure(mean, title=f"{method}: normalized average vs lambda")
+    for name, fig in figs.items():
+        write_text(out / "figures" / f"{name}.html", fig.to_html(include_plotlyjs="cdn", full_html=True))
+    base = study.base
+    lines = [
+        f"# Study: {study.name}",
+        "",
+        f"Tasks: {', '.join(t.name for t in base.tasks)}; model: {base.model or 'packaged all-MiniLM-L6-v2'}; "
+        f"rank {base.rank}; {base.train.steps} steps; seeds {study.seeds}; "
+        f"test examples per task: {base.max_test or 'all'}."
+        + (f" Wall time: {seconds / 60:.1f} min." if seconds else ""),
+        "",
+        "Scores are the task's metric; *normalized* = merged / single-task score of the same run, "
+        "averaged over tasks. Best = best lambda (and density) of each run, then mean ± std over seeds.",
+        "",
+        "## Findings",
+        *findings(tables),
+        "",
+        "## 1. Multi-task normalized score after merging",
+        _md(tables["q1_merged"]),
+        "",
+        "Figures: " + ", ".join(f"[{n}](figures/{n}.html)" for n in figs),
+        "",
+        "## 2. Single-task scores (before merging)",
+        _md(tables["q2_single"]),
+        "",
+        "## 3. Robustness to lambda",
+        "`auc_mean` in table 1 is the mean normalized score over the lambda range; `width_2pt` the "
+        "width of the lambda range within 2 points of the best.",
+        "",
+        "## 4. Samples per task for the statistics (seed " + str(study.seeds[0]) + ", best normalized average)",
+        _md(tables["q4_samples"]),
+        "",
+        "## 5. Rank",
+        _md(tables["q5_rank"]),
+        "",
+    ]
+    if "q6_prediction" in tables:
+        lines += [
+            "## 6. Does exact interference predict the loss from merging?",
+            f"Spearman correlation between the relative output shift of adapter j on task i's data "
+            f"(from statistics) and the measured drop of task i when merged with j alone "
+            f"(task arithmetic, lambda {study.pair_lambda:g}).",
+            _md(tables["q6_prediction"]),
+            "",
+        ]
+    lines += ["## 7. Own-task energy and the learning rate of A"]
+    if "q7_own_energy" in tables:
+        lines += ["Share of each task's own feature energy that its trained A sees, against a random "
+                  "subspace of the same rank (r/d).", _md(tables["q7_own_energy"]), ""]
+    lines += ["Best normalized average against the learning-rate scale of A:", _md(tables["q7_a_lr_scale"]), ""]
+    report = out / "report.md"
+    write_text(report, "\n".join(lines) + "\n")
+    write_json(out / "tables" / "index.json", sorted(tables))
+    return report

@@ -1,0 +1,563 @@
+"""The Streamlit app through ``streamlit.testing.v1.AppTest``: home and every page on an empty
+session and with a small finished run open, widgets driving the figures, uploads (good and
+bad), a pipeline run from the home page, and the safe unzipping of uploads."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import stat
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from fixtures_run import SMALL_TASKS, small_run_fixture  # noqa: F401  (the small_run fixture)
+from streamlit.testing.v1 import AppTest
+
+from app_common import RUN_INFO, ArchiveError, safe_extract_zip, zip_directory
+from osrm_core.demo import demo_task
+from osrm_core.runs import demo_config
+
+ROOT = Path(__file__).resolve().parents[1]
+APP = str(ROOT / "app.py")
+RUN_PAGES = [
+    "pages/1_Eigenspectra.py",
+    "pages/2_Interference.py",
+    "pages/3_Subspace_angles.py",
+    "pages/4_Lambda_sweep.py",
+]
+ALL_PAGES = [*RUN_PAGES, "pages/5_Adapter_diagnosis.py", "pages/6_Learn.py"]
+#: Adapted layers of the packaged MiniLM (select boxes show short labels, take full names).
+LAYER = "bert.encoder.layer.{}.attention.self.{}"
+
+
+def make_app(run: Path | None = None, timeout: float = 60) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=timeout)
+    if run is not None:
+        at.session_state["run_path"] = str(run)
+    return at
+
+
+def figures(at: AppTest) -> dict[str, dict]:
+    """Every plotly figure on the page, by widget key (the end of the element id)."""
+    return {el.proto.id.split("-", 2)[-1]: json.loads(el.proto.spec) for el in at.get("plotly_chart")}
+
+
+def figure(at: AppTest, key: str) -> dict:
+    figs = figures(at)
+    assert key in figs, f"no figure {key!r}; figures: {list(figs)}"
+    return figs[key]
+
+
+def arr(value) -> np.ndarray:
+    """A plotly JSON array: a list, or a typed array ``{"dtype", "bdata"[, "shape"]}``."""
+    if isinstance(value, dict) and "bdata" in value:
+        out = np.frombuffer(base64.b64decode(value["bdata"]), dtype=np.dtype(value["dtype"]))
+        shape = value.get("shape")
+        if shape:
+            out = out.reshape([int(x) for x in str(shape).split(",")] if isinstance(shape, str) else shape)
+        return out
+    return np.asarray(value)
+
+
+def trace_data(fig: dict) -> list:
+    return [(t.get("name"), t.get("x"), t.get("y"), t.get("z")) for t in fig["data"]]
+
+
+def errors(at: AppTest) -> list[str]:
+    return [str(e.value) for e in at.error]
+
+
+def assert_clean(at: AppTest) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+
+
+def zip_bytes(files: dict[str, bytes], symlink: str | None = None) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+        if symlink:
+            info = zipfile.ZipInfo(symlink)
+            info.external_attr = (stat.S_IFLNK | 0o777) << 16
+            zf.writestr(info, "/etc/passwd")
+    return buf.getvalue()
+
+
+def adapter_zip(run: Path, init: str, task: str) -> bytes:
+    return zip_directory(run / "adapters" / init / task)
+
+
+# --------------------------------------------------------------------------- empty session
+
+
+def test_home_without_run_shows_tabs_and_no_summary():
+    at = make_app().run()
+    assert_clean(at)
+    assert [t.label for t in at.tabs] == ["Summary of the open run", "Open a run", "New run"]
+    assert any("No run is open" in i.value for i in at.info)
+    # The quick preset is the starting point of the settings, and the config built from the
+    # widgets is that preset (settings without a widget included).
+    quick = demo_config(quick=True)
+    assert at.number_input(key="home_rank").value == quick.rank
+    assert at.text_input(key="home_lambdas").value == ", ".join(f"{x:g}" for x in quick.merge.lambdas)
+    shown = yaml.safe_load(at.code[0].value)
+    assert shown == {**quick.model_dump(mode="json"), "name": shown["name"]}
+
+
+@pytest.mark.parametrize("page", RUN_PAGES)
+def test_run_pages_without_run_ask_for_one(page):
+    at = make_app().run()
+    at.switch_page(page).run()
+    assert_clean(at)
+    assert [i.value for i in at.info] == [RUN_INFO]
+    assert not at.get("plotly_chart")
+
+
+def test_diagnosis_page_without_uploads_asks_for_adapters():
+    at = make_app().run()
+    at.switch_page("pages/5_Adapter_diagnosis.py").run()
+    assert_clean(at)
+    assert any("Upload two or more" in i.value for i in at.info)
+
+
+def test_learn_page_needs_no_run_and_sliders_drive_the_toy():
+    at = make_app().run()
+    at.switch_page("pages/6_Learn.py").run()
+    assert_clean(at)
+    before = figure(at, "learn_toy_chart")
+    metrics = [m.value for m in at.metric]
+    assert len(metrics) == 2 and float(metrics[1]) < float(metrics[0])  # OSRM reads less of the other task
+    at.slider(key="learn_angle").set_value(20).run()
+    assert_clean(at)
+    assert trace_data(figure(at, "learn_toy_chart")) != trace_data(before)
+    at.radio(key="learn_dim").set_value(3).run()
+    assert_clean(at)
+    assert any(t["type"] == "scatter3d" for t in figure(at, "learn_toy_chart")["data"])
+    assert at.latex
+
+
+def test_learn_page_runs_the_comparison_on_the_real_model():
+    at = make_app(timeout=180).run()
+    at.switch_page("pages/6_Learn.py").run()
+    at.select_slider(key="learn_real_rank").set_value(4)
+    at.button(key="learn_real_button").click().run()
+    assert_clean(at)
+    fig = figure(at, "learn_real_chart")
+    assert fig["layout"]["yaxis"]["type"] == "log"
+    assert len([t for t in fig["data"] if t.get("mode") == "lines+markers"]) == 4  # one per demo task
+    table = at.session_state["learn_real"]["table"]
+    assert set(table["task"]) == {"sentiment", "topic", "question", "paraphrase"}
+    assert (table["ratio"] < 1).all()  # OSRM's A sees less of the other tasks than a random A
+
+
+# --------------------------------------------------------------------------- opening runs
+
+
+def test_home_opens_a_run_with_the_path_widget(small_run):
+    at = make_app().run()
+    at.text_input(key="home_open_path").set_value(str(small_run))
+    at.button(key="home_open_button").click().run()
+    assert_clean(at)
+    assert at.session_state["run_path"] == str(small_run.resolve())
+    assert not errors(at)
+    labels = [d.label for d in at.download_button]
+    assert "Download table (CSV)" in labels and "Download figure (HTML)" in labels
+    assert "Download this run (zip)" in labels
+    best = figure(at, "home_best_fig_chart")
+    assert {t["name"] for t in best["data"] if t["type"] == "bar"} == {"standard", "osrm"}
+    frames = [el.value for el in at.dataframe]
+    single = frames[0]
+    assert set(single["task"]) == set(SMALL_TASKS) and {"standard", "osrm"} <= set(single.columns)
+
+
+def test_home_open_path_errors(tmp_path):
+    at = make_app().run()
+    at.text_input(key="home_open_path").set_value(str(tmp_path))
+    at.button(key="home_open_button").click().run()
+    assert_clean(at)
+    assert any("not a run directory" in e for e in errors(at))
+    assert at.session_state["run_path"] is None
+
+
+def test_home_lists_runs_under_the_runs_root(small_run, monkeypatch):
+    monkeypatch.setenv("OSRM_RUNS_ROOT", str(small_run.parent))
+    at = make_app().run()
+    choice = at.selectbox(key="home_run_choice")
+    assert small_run.name in choice.options  # shown by folder name
+    choice.set_value(str(small_run))
+    at.button(key="home_open_choice").click().run()
+    assert_clean(at)
+    assert at.session_state["run_path"] == str(small_run.resolve())
+
+
+def test_home_opens_a_zipped_run_in_the_session_folder(small_run):
+    at = make_app().run()
+    at.file_uploader(key="home_run_zip").upload("small.zip", zip_directory(small_run), "application/zip")
+    at.run()
+    assert_clean(at)
+    assert not errors(at)
+    opened = Path(at.session_state["run_path"])
+    assert opened.name == small_run.name and opened != small_run.resolve()
+    assert Path(at.session_state["_osrm_tmp"].name) in opened.parents
+    assert (opened / "results" / "summary.json").is_file()
+    at.switch_page("pages/4_Lambda_sweep.py").run()
+    assert_clean(at)
+    assert figure(at, "sw_fig_chart")
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"this is not a zip", "not a valid zip"),
+        (zip_bytes({"../evil/config.yaml": b"x"}), "'..'"),
+        (zip_bytes({"/abs/config.yaml": b"x"}), "absolute path"),
+        (zip_bytes({"notes.txt": b"x"}), "no config.yaml"),
+    ],
+)
+def test_home_refuses_bad_zips(content, message):
+    at = make_app().run()
+    at.file_uploader(key="home_run_zip").upload("run.zip", content, "application/zip")
+    at.run()
+    assert_clean(at)
+    assert any(message in e for e in errors(at)), errors(at)
+    assert at.session_state["run_path"] is None
+
+
+# --------------------------------------------------------------------------- pages with a run
+
+
+@pytest.mark.parametrize("page", ALL_PAGES)
+def test_every_page_runs_with_the_run_open(small_run, page):
+    at = make_app(small_run).run()
+    assert_clean(at)
+    at.switch_page(page).run()
+    assert_clean(at)
+    assert RUN_INFO not in [i.value for i in at.info]
+    if page in RUN_PAGES or page.endswith("Learn.py"):
+        assert at.get("plotly_chart"), "no chart"
+        html = [d for d in at.download_button if d.label == "Download figure (HTML)"]
+        assert len(html) == len(at.get("plotly_chart"))
+
+
+def test_eigenspectra_widgets_drive_the_figures(small_run):
+    at = make_app(small_run).run()
+    at.switch_page("pages/1_Eigenspectra.py").run()
+    fig = figure(at, "eig_spec_chart")
+    assert fig["layout"]["yaxis"]["type"] == "log"
+    lines = [t for t in fig["data"] if t.get("mode") == "lines"]
+    assert {t["name"] for t in lines} == set(SMALL_TASKS)
+    marked = [t for t in fig["data"] if t.get("mode") == "markers"]
+    assert marked and all(len(arr(t["x"])) == 4 for t in marked)  # r = the run's rank
+    heat = figure(at, "eig_eff_chart")
+    assert arr(heat["data"][0]["z"]).shape == (6, 3)  # 6 inputs x 3 tasks
+
+    layer = at.selectbox(key="eig_layer")
+    layer.set_value(layer.options[3]).run()
+    assert_clean(at)
+    assert trace_data(figure(at, "eig_spec_chart")) != trace_data(fig)
+
+    at.slider(key="eig_rank").set_value(10).run()
+    assert all(len(arr(t["x"])) == 10 for t in figure(at, "eig_spec_chart")["data"] if t.get("mode") == "markers")
+
+    at.selectbox(key="eig_osrm_for").set_value("topic").run()
+    assert_clean(at)
+    names = {t["name"] for t in figure(at, "eig_spec_chart")["data"]}
+    assert "others of topic" in names
+
+    at.multiselect(key="eig_tasks").set_value(["sentiment"]).run()
+    at.selectbox(key="eig_osrm_for").set_value("(none)").run()
+    assert {t["name"] for t in figure(at, "eig_spec_chart")["data"] if t.get("mode") == "lines"} == {"sentiment"}
+
+
+def test_interference_layer_select_changes_the_heatmaps(small_run):
+    at = make_app(small_run).run()
+    at.switch_page("pages/2_Interference.py").run()
+    assert_clean(at)
+    std, osrm = figure(at, "int_heat_standard_chart"), figure(at, "int_heat_osrm_chart")
+    z_std = std["data"][0]["customdata"]
+    assert arr(z_std).shape == (len(SMALL_TASKS), len(SMALL_TASKS))
+    assert any(m.label.startswith("Off-diagonal") for m in at.metric)
+
+    at.selectbox(key="int_layer").set_value(LAYER.format(0, "query")).run()
+    assert_clean(at)
+    assert figure(at, "int_heat_standard_chart")["data"][0]["customdata"] != z_std
+    assert figure(at, "int_heat_osrm_chart")["data"][0]["customdata"] != osrm["data"][0]["customdata"]
+
+    at.selectbox(key="int_value").set_value("relative_shift").run()
+    assert_clean(at)
+    assert "relative shift" in figure(at, "int_heat_standard_chart")["layout"]["title"]["text"]
+    own = figure(at, "int_own_chart")
+    assert own["layout"]["yaxis"]["type"] == "log"
+    assert len([t for t in own["data"]]) == 2 * len(SMALL_TASKS)
+
+
+def test_angles_page_layer_and_statistic(small_run):
+    at = make_app(small_run).run()
+    at.switch_page("pages/3_Subspace_angles.py").run()
+    assert_clean(at)
+    before = figure(at, "ang_ad_heat_osrm_chart")["data"][0]["z"]
+    at.selectbox(key="ang_layer").set_value(LAYER.format(1, "value")).run()
+    assert_clean(at)
+    after = figure(at, "ang_ad_heat_osrm_chart")["data"][0]["z"]
+    assert after != before
+    assert ((arr(after) >= 0) & (arr(after) <= 90)).all()
+    at.radio(key="ang_stat").set_value("mean_angle").run()
+    assert_clean(at)
+    assert figure(at, "ang_dd_lines_chart")["layout"]["yaxis"]["title"]["text"].startswith("mean angle")
+
+
+def test_sweep_page_task_density_and_best_point(small_run):
+    at = make_app(small_run).run()
+    at.switch_page("pages/4_Lambda_sweep.py").run()
+    assert_clean(at)
+    fig = figure(at, "sw_fig_chart")
+    lines = [t for t in fig["data"] if not str(t["name"]).startswith("best")]
+    best = [t for t in fig["data"] if str(t["name"]).startswith("best")]
+    assert len(lines) == 4 and len(best) == 4  # 2 inits x 2 methods
+    assert all(t["marker"]["symbol"] == "star" for t in best)
+    at.selectbox(key="sw_task").set_value("topic").run()
+    assert_clean(at)
+    assert "topic" in figure(at, "sw_fig_chart")["layout"]["yaxis"]["title"]["text"]
+    at.radio(key="sw_y").set_value("score").run()
+    assert_clean(at)
+    at.multiselect(key="sw_inits").set_value(["osrm"]).run()
+    assert {t["name"] for t in figure(at, "sw_fig_chart")["data"]} == {
+        "task_arithmetic (osrm)", "ties (osrm)", "best: task_arithmetic (osrm)", "best: ties (osrm)",
+    }
+    assert at.select_slider(key="sw_density").value == 0.5
+
+
+# --------------------------------------------------------------------------- adapter diagnosis
+
+
+def _texts(task: str, n: int = 12) -> list[str]:
+    return demo_task(task, n_train=max(n, 10), n_test=10).train.text[:n]
+
+
+def _csv(task: str, with_label: bool = True) -> bytes:
+    t = demo_task(task, n_train=16, n_test=10)
+    df = pd.DataFrame({"text": t.train.text})
+    if with_label:
+        df["label"] = t.train.label
+    return df.to_csv(index=False).encode()
+
+
+def _diagnosis_with_two_adapters(small_run, init: str = "standard") -> AppTest:
+    at = make_app(timeout=180).run()
+    at.switch_page("pages/5_Adapter_diagnosis.py").run()
+    up = at.file_uploader(key="diag_files")
+    for task in ("sentiment", "topic"):
+        up.upload(f"{task}.zip", adapter_zip(small_run, init, task), "application/zip")
+    at.run()
+    assert_clean(at)
+    return at
+
+
+def test_diagnosis_of_uploaded_adapters(small_run):
+    at = _diagnosis_with_two_adapters(small_run)
+    assert not errors(at)
+    assert any("at least 2 sample texts" in i.value for i in at.info)
+    for task in ("sentiment", "topic"):
+        at.text_area(key=f"diag_texts_{task}").set_value("\n".join(_texts(task)))
+    at.run()
+    assert_clean(at)
+    assert not errors(at)
+    up_fig = figure(at, "diag_heat_uploaded_chart")
+    assert figure(at, "diag_heat_posthoc_osrm_chart")["data"]
+    assert arr(up_fig["data"][0]["customdata"]).shape == (2, 2)
+    kept = at.session_state["diag_result"]["kept"]
+    assert len(kept) == 2 * 12 and ((kept["energy_kept"] > 0) & (kept["energy_kept"] <= 1 + 1e-9)).all()
+    assert figure(at, "diag_kept_chart")["data"]
+    # The projection onto the OSRM subspaces cuts the cross-task input interference.
+    table = at.session_state["diag_result"]["interference"]
+    cross = table[table["adapter"] != table["data"]].groupby("init")["input_energy"].sum()
+    assert cross["posthoc_osrm"] < cross["uploaded"]
+    # The layer select drives the heatmaps.
+    at.selectbox(key="diag_layer").set_value(LAYER.format(2, "query")).run()
+    assert figure(at, "diag_heat_uploaded_chart")["data"][0]["customdata"] != up_fig["data"][0]["customdata"]
+    # A sweep without labels is refused with a message.
+    at.button(key="diag_sweep_button").click().run()
+    assert_clean(at)
+    assert any("has no labels" in e for e in errors(at))
+    # A merged adapter can be built and downloaded.
+    at.button(key="diag_merge_button").click().run()
+    assert_clean(at)
+    assert "Download merged adapter (zip)" in [d.label for d in at.download_button]
+    merged = at.session_state["diag_merged"]["adapter"]
+    assert len(merged.layers) == 12 and next(iter(merged.layers.values())).rank == 8
+
+
+def test_diagnosis_sweep_with_labelled_csvs_suggests_a_merge(small_run):
+    at = _diagnosis_with_two_adapters(small_run, init="osrm")
+    at.file_uploader(key="diag_csv_sentiment").upload("s.csv", _csv("sentiment"), "text/csv")
+    at.file_uploader(key="diag_csv_topic").upload("t.csv", _csv("topic", with_label=False), "text/csv")
+    at.run()
+    assert_clean(at)
+    assert at.selectbox(key="diag_label_col_topic").value == "(none)"
+    at.button(key="diag_sweep_button").click().run()
+    assert any("'topic' has no labels" in e for e in errors(at))  # CSV without a label column
+
+    at.file_uploader(key="diag_csv_topic").clear().upload("t.csv", _csv("topic"), "text/csv")
+    at.text_input(key="diag_lambdas").set_value("0.5, 1.0")
+    at.run()
+    at.selectbox(key="diag_label_col_topic").set_value("label").run()
+    at.button(key="diag_sweep_button").click().run()
+    assert_clean(at)
+    assert not errors(at)
+    assert any("Suggested:" in s.value for s in at.success)
+    df = at.session_state["diag_sweep"]["df"]
+    assert set(df["init"]) == {"uploaded", "posthoc_osrm"} and set(df["lambda"]) == {0.5, 1.0}
+    assert any(str(t["name"]).startswith("best") for t in figure(at, "diag_sweep_fig_chart")["data"])
+
+
+def test_diagnosis_bad_uploads_give_errors_and_the_page_keeps_working(small_run, make_tiny_model, tmp_path):
+    from osrm_core.adapters import write_adapter
+    from osrm_core.init import init_lora
+    from osrm_core.train import adapter_of
+
+    # An adapter for another base model: the tiny BERT of the test suite (hidden size 32).
+    other = adapter_of(init_lora(make_tiny_model(seed=0), "standard", rank=2, alpha=4))
+    folder = write_adapter(tmp_path / "tiny", other.layers, other.config, head=other.head)
+    tiny_zip = zip_directory(folder)
+    loose_weights = (folder / "adapter_model.safetensors").read_bytes()
+
+    at = make_app(timeout=120).run()
+    at.switch_page("pages/5_Adapter_diagnosis.py").run()
+    up = at.file_uploader(key="diag_files")
+    up.upload("notes.txt", b"hello", "text/plain")
+    up.upload("broken.zip", b"PK\x03\x04 broken", "application/zip")
+    up.upload("tiny.zip", tiny_zip, "application/zip")
+    up.upload("adapter_model.safetensors", loose_weights, "application/octet-stream")
+    up.upload("sentiment.zip", adapter_zip(small_run, "standard", "sentiment"), "application/zip")
+    at.run()
+    assert_clean(at)
+    messages = errors(at)
+    assert any(m.startswith("notes.txt: not an adapter file") for m in messages), messages
+    assert any(m.startswith("broken.zip:") and "zip" in m for m in messages), messages
+    assert any(m.startswith("tiny.zip:") and "size mismatch" in m for m in messages), messages
+    assert any("needs adapter_config.json" in m for m in messages), messages
+    assert any("Upload two or more" in i.value for i in at.info)  # one good adapter is not enough
+    # A second good adapter and the page goes on.
+    up = at.file_uploader(key="diag_files")
+    up.clear()
+    up.upload("sentiment.zip", adapter_zip(small_run, "standard", "sentiment"), "application/zip")
+    up.upload("topic.zip", adapter_zip(small_run, "standard", "topic"), "application/zip")
+    at.run()
+    assert_clean(at)
+    assert not errors(at)
+    at.file_uploader(key="diag_csv_topic").upload("bad.csv", b"\xff\xfe\x00bad", "text/csv")
+    at.run()
+    assert_clean(at)
+    assert any(e.startswith("bad.csv:") for e in errors(at))
+
+
+# --------------------------------------------------------------------------- a run from the home page
+
+
+@pytest.mark.filterwarnings("ignore:.*rank-deficient")
+def test_new_run_from_the_home_page_with_an_uploaded_task(tmp_path, monkeypatch):
+    monkeypatch.setenv("OSRM_RUNS_ROOT", str(tmp_path))
+    at = make_app(timeout=300).run()
+    at.multiselect(key="home_demo_tasks").set_value(["sentiment"])
+    task = demo_task("topic", n_train=40, n_test=10)
+    csv = pd.DataFrame({"sentence": task.train.text, "category": [task.label_names[y] for y in task.train.label]})
+    at.file_uploader(key="home_task_files").upload("my news.csv", csv.to_csv(index=False).encode(), "text/csv")
+    at.run()
+    assert_clean(at)
+    # The column mapping: text and label columns are chosen from the file's columns.
+    at.selectbox(key="home_up_text_0").set_value("sentence")
+    at.selectbox(key="home_up_label_0").set_value("category")
+    at.number_input(key="home_rank").set_value(2)
+    at.number_input(key="home_samples").set_value(8)
+    at.number_input(key="home_steps").set_value(2)
+    at.number_input(key="home_batch").set_value(4)
+    at.number_input(key="home_max_length").set_value(16)
+    at.number_input(key="home_max_test").set_value(10)
+    at.multiselect(key="home_methods").set_value(["task_arithmetic"])
+    at.text_input(key="home_lambdas").set_value("1.0")
+    at.text_input(key="home_name").set_value("from-app")
+    at.run()
+    assert_clean(at)
+    assert not errors(at), errors(at)
+    at.button(key="home_run").click().run()
+    assert_clean(at)
+    assert not errors(at), errors(at)
+    out = tmp_path / "from-app"
+    assert at.session_state["run_path"] == str(out.resolve())
+    labels = [s.label for s in at.status]
+    assert any("Finished from-app" in label for label in labels), labels
+    summary = json.loads((out / "results" / "summary.json").read_text())
+    assert summary["tasks"] == ["sentiment", "my_news"]
+    config = (out / "config.yaml").read_text()
+    assert str((out / "data" / "my_news").resolve()) in config
+    saved = pd.read_csv(out / "data" / "my_news" / "train.csv")
+    assert list(saved.columns) == ["text", "label"] and set(saved["label"]) == set(task.label_names)
+
+
+def test_new_run_settings_errors_are_shown():
+    at = make_app().run()
+    at.text_input(key="home_lambdas").set_value("0.5, lots")
+    at.run()
+    assert_clean(at)
+    assert any("lambda grid" in e for e in errors(at))
+    assert at.button(key="home_run").disabled
+    at.text_input(key="home_lambdas").set_value("0.5")
+    at.multiselect(key="home_demo_tasks").set_value(["topic"])
+    at.run()
+    assert any("at least two tasks" in e for e in errors(at))
+
+
+def test_presets_fill_the_settings():
+    at = make_app().run()
+    full, quick = demo_config(), demo_config(quick=True)
+    assert full.train.steps != quick.train.steps
+    at.button(key="home_preset_full").click().run()
+    assert_clean(at)
+    assert at.number_input(key="home_steps").value == full.train.steps
+    assert at.multiselect(key="home_methods").value == full.merge.methods
+    shown = yaml.safe_load(at.code[0].value)
+    assert shown == {**full.model_dump(mode="json"), "name": shown["name"]}
+    at.button(key="home_preset_quick").click().run()
+    assert at.number_input(key="home_steps").value == quick.train.steps
+
+
+# --------------------------------------------------------------------------- safe unzipping
+
+
+def test_safe_extract_zip_extracts_a_clean_archive(tmp_path):
+    out = safe_extract_zip(zip_bytes({"run/config.yaml": b"a: 1", "run/results/x.csv": b"1"}), tmp_path / "x")
+    assert (out / "run" / "config.yaml").read_bytes() == b"a: 1"
+    assert (out / "run" / "results" / "x.csv").is_file()
+
+
+@pytest.mark.parametrize(
+    ("files", "symlink", "match"),
+    [
+        ({"../x": b"1"}, None, r"'\.\.'"),
+        ({"a/../../x": b"1"}, None, r"'\.\.'"),
+        ({"/etc/x": b"1"}, None, "absolute"),
+        ({"C:/x": b"1"}, None, "absolute"),
+        ({"a\\..\\x": b"1"}, None, "backslash"),
+        ({"ok": b"1"}, "link", "symbolic link"),
+    ],
+)
+def test_safe_extract_zip_refuses_unsafe_members(tmp_path, files, symlink, match):
+    with pytest.raises(ArchiveError, match=match):
+        safe_extract_zip(zip_bytes(files, symlink), tmp_path / "x")
+    assert not (tmp_path / "x").exists() or not any((tmp_path / "x").rglob("*"))
+    assert not (tmp_path / "x").parent.joinpath("etc").exists()
+
+
+def test_safe_extract_zip_caps_size_and_members(tmp_path):
+    big = zip_bytes({"a": b"0" * 5000, "b": b"0" * 5000})
+    with pytest.raises(ArchiveError, match="more than"):
+        safe_extract_zip(big, tmp_path / "x", max_bytes=8000)
+    with pytest.raises(ArchiveError, match="at most 1"):
+        safe_extract_zip(big, tmp_path / "y", max_members=1)
+    with pytest.raises(ArchiveError, match="not a valid zip"):
+        safe_extract_zip(b"nope", tmp_path / "z")

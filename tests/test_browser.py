@@ -1,0 +1,148 @@
+"""The whole app once in a real browser: ``streamlit run app.py`` with the small run opened
+through ``OSRM_RUN_DIR``, every page loaded in headless Chromium (playwright), charts rendered,
+no exception boxes; screenshots go to ``test-artifacts/``."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from fixtures_run import small_run_fixture  # noqa: F401  (the small_run fixture)
+
+pytestmark = pytest.mark.browser
+
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--no-first-run",
+]
+#: (url path, screenshot name, a selector that shows the page has drawn its content)
+PAGES = [
+    ("", "home", "text=Single-task scores"),
+    ("Eigenspectra", "1_eigenspectra", ".js-plotly-plot"),
+    ("Interference", "2_interference", ".js-plotly-plot"),
+    ("Subspace_angles", "3_subspace_angles", ".js-plotly-plot"),
+    ("Lambda_sweep", "4_lambda_sweep", ".js-plotly-plot"),
+    ("Adapter_diagnosis", "5_adapter_diagnosis", "text=Upload two or more LoRA adapters"),
+    ("Learn", "6_learn", ".js-plotly-plot"),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(small_run, tmp_path_factory):
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"browser test needs Chromium at {CHROMIUM} (Debian package 'chromium')")
+    pytest.importorskip("playwright.sync_api", reason="browser test needs the playwright package")
+    ARTIFACTS.mkdir(exist_ok=True)
+    port = _free_port()
+    env = {
+        **os.environ,
+        "OSRM_RUN_DIR": str(small_run),
+        "OSRM_RUNS_ROOT": str(tmp_path_factory.mktemp("runs")),
+        # One BLAS/OpenMP thread: on a busy two-core machine threaded eigh/SVD can stall for seconds.
+        "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+    }
+    log = open(ARTIFACTS / "streamlit.log", "w")  # noqa: SIM115  (closed below)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
+         "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
+                    if r.read().strip() == b"ok":
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                pytest.fail(f"streamlit did not start; see {ARTIFACTS / 'streamlit.log'}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def browser(server):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+def _wait_until_idle(page, timeout_ms: int = 90_000) -> None:
+    """Until the script has finished (Streamlit's 'running' indicator is gone)."""
+    page.wait_for_function(
+        "() => !document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=timeout_ms
+    )
+
+
+@pytest.mark.parametrize(("path", "name", "ready"), PAGES, ids=[p[1] for p in PAGES])
+def test_page_renders_in_chromium(server, browser, path, name, ready):
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    messages: list[str] = []
+    page.on("pageerror", lambda err: messages.append(str(err)))
+    try:
+        page.goto(f"{server}/{path}", wait_until="domcontentloaded")
+        page.wait_for_selector('[data-testid="stApp"]', timeout=60_000)
+        page.wait_for_selector(ready, timeout=120_000)
+        _wait_until_idle(page)
+        if ready == ".js-plotly-plot":
+            # plotly has drawn: its SVG holds the traces
+            page.wait_for_selector(".js-plotly-plot .main-svg", timeout=30_000)
+        page.wait_for_timeout(500)
+        page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+        exceptions = page.locator('[data-testid="stException"]')
+        assert exceptions.count() == 0, exceptions.first.inner_text()
+        assert page.locator('[data-testid="stAlertContentInfo"]', has_text="Open or create a run").count() == 0
+        assert not messages, messages
+    finally:
+        page.close()
+
+
+def test_layer_select_redraws_the_interference_heatmap(server, browser):
+    """A widget change in the browser reruns the page and redraws the chart."""
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    try:
+        page.goto(f"{server}/Interference", wait_until="domcontentloaded")
+        page.wait_for_selector(".js-plotly-plot .main-svg", timeout=120_000)
+        _wait_until_idle(page)
+        title = page.locator(".js-plotly-plot .gtitle").first
+        assert "summed over layers" in title.text_content()
+        page.locator('[data-testid="stSelectbox"]', has_text="Layer").first.click()
+        page.get_by_role("option", name="L2.value", exact=False).first.click()
+        page.wait_for_function(
+            "() => [...document.querySelectorAll('.js-plotly-plot .gtitle')].some(t => t.textContent.includes('L2.value'))",
+            timeout=60_000,
+        )
+        _wait_until_idle(page)
+        assert page.locator('[data-testid="stException"]').count() == 0
+        page.screenshot(path=str(ARTIFACTS / "2_interference_layer.png"), full_page=True)
+    finally:
+        page.close()

@@ -1,0 +1,266 @@
+"""Tests of the ``osrm`` command line, run as a subprocess: bad input exits 2 with one
+``error:`` line and no traceback; each subcommand writes what it says, on a tiny saved model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+from conftest import TINY_TARGETS
+
+from osrm_core.adapters import LoraWeights, read_adapter_dir, write_adapter
+from osrm_core.demo import demo_task
+from osrm_core.init import init_lora
+from osrm_core.runs import RunConfig, RunDir
+from osrm_core.train import adapter_of, save_adapter
+
+TASKS = ("sentiment", "paraphrase")
+#: One torch thread in the children too: the machine is small and shared.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def osrm(*args, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "osrm_core.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        cwd=cwd,
+        timeout=300,
+    )
+
+
+def _ok(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, make_tiny_model):
+    """Task CSVs and adapters for the tiny model (and some broken ones)."""
+    root = tmp_path_factory.mktemp("cli")
+    out = {"root": root}
+    for key in TASKS:
+        task = demo_task(key, n_train=20, n_test=10)
+        frames = []
+        for split in (task.train, task.test):
+            frame = pd.DataFrame({"text": split.text, "label": split.label})
+            if split.text_pair is not None:
+                frame.insert(1, "text_pair", split.text_pair)
+            frames.append(frame)
+        out[key] = root / f"{key}.csv"
+        pd.concat(frames).to_csv(out[key], index=False)
+    out["no_label"] = root / "no_label.csv"
+    pd.read_csv(out["sentiment"]).rename(columns={"label": "polarity"}).to_csv(out["no_label"], index=False)
+
+    for seed, key in enumerate(TASKS):  # untrained adapters with random B: a real delta each
+        model = init_lora(make_tiny_model(dtype=torch.float32), "standard", rank=2, alpha=4, seed=seed)
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if ".lora_B." in name:
+                    p.copy_(torch.randn(p.shape, generator=gen))
+        out[f"adapter_{key}"] = save_adapter(adapter_of(model), root / "adapters" / key)
+
+    wide = {n: LoraWeights(torch.randn(2, 48), torch.randn(48, 2), 2.0) for n in TINY_TARGETS}
+    out["adapter_wide"] = write_adapter(root / "adapters" / "wide", wide, {"peft_type": "LORA"})
+
+    pickled = root / "adapters" / "pickled"
+    pickled.mkdir()
+    source = out["adapter_sentiment"]
+    (pickled / "adapter_config.json").write_text((source / "adapter_config.json").read_text())
+    from safetensors.torch import load_file
+
+    torch.save(load_file(str(source / "adapter_model.safetensors")), pickled / "adapter_model.bin")
+    out["adapter_pickled"] = pickled
+
+    out["bad_yaml"] = root / "bad.yaml"
+    out["bad_yaml"].write_text("name: x\ntasks: [\n")
+    out["bad_method"] = root / "bad_method.yaml"
+    out["bad_method"].write_text(yaml.safe_dump({
+        "tasks": [{"name": k, "spec": f"demo:{k}"} for k in TASKS],
+        "merge": {"methods": ["task_arithmetic", "averaging"]},
+    }))
+    return out
+
+
+def _task_args(files) -> list[str]:
+    return [a for key in TASKS for a in ("--task", f"{key}={files[key]}")]
+
+
+def _adapter_args(files, a="adapter_sentiment", b="adapter_paraphrase") -> list[str]:
+    return ["--adapter", f"sentiment={files[a]}", "--adapter", f"paraphrase={files[b]}"]
+
+
+BAD_INPUTS = {
+    "missing config": (lambda f, m: ["run", f["root"] / "missing.yaml"], "does not exist"),
+    "invalid yaml": (lambda f, m: ["run", f["bad_yaml"]], "not valid YAML"),
+    "unknown merge method": (lambda f, m: ["run", f["bad_method"]], "unknown merge method 'averaging'"),
+    "rank 0": (
+        lambda f, m: ["stats", "--task", "a=demo:sentiment", "--task", "b=demo:topic", "--rank", "0",
+                      "--out", f["root"] / "r0"],
+        "--rank",
+    ),
+    "task without =": (
+        lambda f, m: ["stats", "--task", "demo:sentiment", "--task", "b=demo:topic", "--out", f["root"] / "t"],
+        "NAME=VALUE",
+    ),
+    "csv without label column": (
+        lambda f, m: ["stats", "--model", m, "--task", f"a={f['no_label']}", "--task", f"b={f['sentiment']}",
+                      "--out", f["root"] / "nl"],
+        "column 'label'",
+    ),
+    "missing adapter": (
+        lambda f, m: ["merge", "--adapter", f"sentiment={f['root'] / 'nowhere'}", "--adapter",
+                      f"paraphrase={f['adapter_paraphrase']}", "--out", f["root"] / "m0"],
+        "does not exist",
+    ),
+    "adapter of another model": (
+        lambda f, m: ["diagnose", "--model", m, *_adapter_args(f, b="adapter_wide"), *_task_args(f)],
+        "size mismatch",
+    ),
+    "pickled adapter": (
+        lambda f, m: ["merge", *_adapter_args(f, a="adapter_pickled"), "--out", f["root"] / "m1"],
+        "pickle",
+    ),
+    "one task": (
+        lambda f, m: ["stats", "--task", "a=demo:sentiment", "--out", f["root"] / "one"],
+        "at least two tasks",
+    ),
+}
+
+
+def _run_config(files, model_dir) -> dict:
+    return {
+        "name": "tiny-cli",
+        "model": str(model_dir),
+        "tasks": [{"name": k, "spec": str(files[k])} for k in TASKS],
+        "rank": 2,
+        "alpha": 4,
+        "samples": 8,
+        "max_length": 32,
+        "max_test": 8,
+        "inits": ["standard", "osrm"],
+        "train": {"steps": 2, "batch_size": 4},
+        "merge": {"methods": ["task_arithmetic"], "lambdas": [0.5, 1.0]},
+    }
+
+
+@pytest.fixture(scope="module")
+def jobs(files, tiny_model_dir):
+    """Every command of this module, submitted at once to a few workers: each child spends
+    seconds importing torch, and on a small shared machine they overlap well. Tests wait for
+    their own job's ``CompletedProcess`` (or tuple of them) with ``jobs[name].result()``."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    root, m = files["root"], tiny_model_dir
+    config = root / "config.yaml"
+    config.write_text(yaml.safe_dump(_run_config(files, m)))
+
+    def run_then_show():
+        run = osrm("run", config, "--out", root / "run", "--json")
+        return run, osrm("show", root / "run")
+
+    pool = ThreadPoolExecutor(max_workers=3)
+    futures = {"run": pool.submit(run_then_show)}  # the longest first
+    futures["diagnose"] = pool.submit(
+        osrm, "diagnose", "--model", m, *_adapter_args(files), *_task_args(files), "--samples", 8, "--json"
+    )
+    futures["stats"] = pool.submit(
+        osrm, "stats", "--model", m, *_task_args(files), "--samples", 8, "--max-length", 32,
+        "--out", root / "stats-run", "--json",
+    )
+    futures["merge"] = pool.submit(
+        osrm, "merge", *_adapter_args(files), "--method", "ties", "--lambda", 0.7, "--out", root / "merged"
+    )
+    futures["help"] = pool.submit(osrm, "--help")
+    for case, (make_args, _) in BAD_INPUTS.items():
+        futures[case] = pool.submit(osrm, *make_args(files, m))
+    yield futures
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_exits_2_with_one_error_line(case, jobs) -> None:
+    expected = BAD_INPUTS[case][1]
+    result = jobs[case].result()
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    assert expected in errors[0]
+
+
+def test_help(jobs) -> None:
+    result = jobs["help"].result()
+    _ok(result)
+    assert result.stdout.startswith("usage: osrm")
+    for command in ("demo", "run", "stats", "train", "merge", "sweep", "diagnose", "show"):
+        assert command in result.stdout
+
+
+def test_stats(jobs, files) -> None:
+    out = files["root"] / "stats-run"
+    result = jobs["stats"].result()
+    _ok(result)
+    payload = json.loads(result.stdout)["stats"]
+    assert sorted(payload) == sorted(TASKS)
+    for key in TASKS:
+        path = out / "stats" / f"{key}.safetensors"
+        assert path.is_file() and payload[key]["path"] == str(path)
+        assert payload[key]["tokens"] > 0 and payload[key]["layers"] == len(TINY_TARGETS)
+
+
+def test_merge(jobs, files) -> None:
+    from osrm_core.export import merge_adapters
+
+    out = files["root"] / "merged"
+    result = jobs["merge"].result()
+    _ok(result)
+    assert str(out) in result.stdout
+    written = read_adapter_dir(out)
+    adapters = {k: read_adapter_dir(files[f"adapter_{k}"]) for k in TASKS}
+    expected = merge_adapters(adapters, "ties", lam=0.7)
+    for name, delta in expected.items():
+        torch.testing.assert_close(written.layers[name].delta, delta, atol=1e-5, rtol=0)
+    for key in TASKS:
+        assert (out / "heads" / f"{key}.safetensors").is_file()
+
+
+def test_diagnose_json(jobs) -> None:
+    result = jobs["diagnose"].result()
+    _ok(result)
+    payload = json.loads(result.stdout)
+    assert set(payload) == {"interference", "matrix", "angles", "own_energy", "posthoc"}
+    assert all(payload[key] for key in payload)
+    assert {row["adapter"] for row in payload["posthoc"]} == set(TASKS)
+
+
+def test_diagnose_rank_defaults_to_the_adapters_rank() -> None:
+    from osrm_core.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["diagnose"]).rank is None
+    assert parser.parse_args(["diagnose", "--rank", "4"]).rank == 4
+    assert parser.parse_args(["stats"]).rank == 8
+
+
+def test_run_and_show(jobs, files, tiny_model_dir) -> None:
+    out = files["root"] / "run"
+    result, shown = jobs["run"].result()
+    _ok(result)
+    summary = json.loads(result.stdout)
+    assert summary["run_dir"] == str(out) and summary["tasks"] == list(TASKS)
+    assert set(summary["results"]) == {"standard", "osrm"}
+    assert json.loads((out / "manifest.json").read_text())["status"] == "done"
+    assert RunConfig.from_yaml(out / "config.yaml") == RunConfig.validate_dict(_run_config(files, tiny_model_dir))
+
+    _ok(shown)
+    assert "[osrm] single-task:" in shown.stdout and "[standard] task_arithmetic: best lambda=" in shown.stdout
+    assert RunDir(out).summary() == {k: v for k, v in summary.items() if k != "run_dir"}

@@ -1,0 +1,261 @@
+"""Tests of osrm_core.runs: the end-to-end experiment on a tiny saved model, its run directory,
+and resuming: an interrupted or partly deleted run gives the same results as one straight run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from osrm_core.data import Split, TaskData
+from osrm_core.runs import (
+    ConfigError,
+    MergeSettings,
+    RunConfig,
+    RunDir,
+    TaskEntry,
+    TrainSettings,
+    run_experiment,
+)
+from osrm_core.stats import FeatureStats
+
+TASKS = ("sentiment", "topic")
+INITS = ["standard", "osrm"]
+METHODS = ["task_arithmetic", "ties"]
+LAMBDAS = [0.5, 1.0]
+RESULT_CSVS = ["sweep_standard.csv", "sweep_osrm.csv", "interference.csv", "own_energy.csv", "angles.csv"]
+
+
+def tiny_config(model_dir, **changes) -> RunConfig:
+    settings = dict(
+        name="tiny",
+        model=str(model_dir),
+        tasks=[TaskEntry(name=t, spec=f"demo:{t}") for t in TASKS],
+        rank=2,
+        alpha=4,
+        samples=12,
+        max_length=16,
+        max_test=12,
+        inits=INITS,
+        train=TrainSettings(steps=30, batch_size=8, lr=5e-2, warmup_ratio=0.0),
+        merge=MergeSettings(methods=METHODS, lambdas=LAMBDAS),
+    )
+    return RunConfig(**{**settings, **changes})
+
+
+_WORDS = {
+    "sentiment": (["awful", "terrible", "bad", "horrible"], ["great", "excellent", "good", "wonderful"]),
+    "topic": (["football", "tennis", "goal", "match"], ["market", "bank", "stock", "price"]),
+}
+
+
+def _word_task(name: str, seed: int, n_train: int = 24, n_test: int = 16) -> TaskData:
+    """Three words of one class per example: a task the tiny random BERT learns in a few steps."""
+    rng = np.random.default_rng(seed)
+
+    def split(n: int) -> Split:
+        labels = np.arange(n) % 2
+        return Split([" ".join(rng.choice(_WORDS[name][int(y)], 3)) for y in labels], labels)
+
+    return TaskData(name, split(n_train), split(n_test), ["a", "b"])
+
+
+@pytest.fixture(scope="module")
+def tiny_tasks_2() -> list[TaskData]:
+    """Two small two-label tasks (the saved tiny model has a 2-label head)."""
+    return [_word_task(t, seed) for seed, t in enumerate(TASKS)]
+
+
+@pytest.fixture(scope="module")
+def reference_run(tiny_model_dir, tiny_tasks_2, tmp_path_factory):
+    """One uninterrupted run; tests copy it before changing anything."""
+    out = tmp_path_factory.mktemp("runs") / "reference"
+    stages = []
+    summary = run_experiment(tiny_config(tiny_model_dir), out, tasks=tiny_tasks_2, on_stage=stages.append)
+    return out, summary, stages
+
+
+def _results(path) -> dict[str, pd.DataFrame]:
+    return {name: pd.read_csv(path / "results" / name) for name in RESULT_CSVS}
+
+
+def _assert_same_results(a, b) -> None:
+    ra, rb = _results(a), _results(b)
+    for name in RESULT_CSVS:
+        pd.testing.assert_frame_equal(ra[name], rb[name], check_exact=True, obj=name)
+    assert json.loads((a / "results" / "summary.json").read_text()) == json.loads(
+        (b / "results" / "summary.json").read_text()
+    )
+
+
+def test_run_writes_the_run_directory(reference_run, tiny_model_dir) -> None:
+    out, summary, stages = reference_run
+    assert stages[0] == "statistics" and stages[-1] == "done"
+    assert RunConfig.from_yaml(out / "config.yaml") == tiny_config(tiny_model_dir)
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "done" and "torch" in manifest["versions"]
+    expected = {f"stats/{t}" for t in TASKS} | {f"adapters/{i}/{t}" for i in INITS for t in TASKS}
+    expected |= {f"sweep/{i}" for i in INITS} | {"diagnostics"}
+    assert set(manifest["stages"]) == expected
+    assert all(stage["status"] == "done" for stage in manifest["stages"].values())
+
+    for task in TASKS:
+        stats = FeatureStats.load(out / "stats" / f"{task}.safetensors")
+        assert stats.count > 0
+        for init in INITS:
+            folder = out / "adapters" / init / task
+            for name in ("adapter_config.json", "adapter_model.safetensors", "train.json"):
+                assert (folder / name).is_file(), folder / name
+            assert json.loads((folder / "adapter_config.json").read_text())["r"] == 2
+    for name in RESULT_CSVS:
+        assert len(pd.read_csv(out / "results" / name)) > 0, name
+    sweep = pd.read_csv(out / "results" / "sweep_osrm.csv")
+    assert set(sweep["method"]) == set(METHODS) and set(sweep["lambda"]) == set(LAMBDAS)
+    assert set(sweep["task"]) == set(TASKS) and (sweep["init"] == "osrm").all()
+
+    assert summary == json.loads((out / "results" / "summary.json").read_text())
+    assert summary["tasks"] == list(TASKS) and summary["inits"] == INITS
+    for init in INITS:
+        result = summary["results"][init]
+        assert set(result["single"]) == set(TASKS)
+        assert all(score >= 0.75 for score in result["single"].values())  # the adapters learned
+        assert set(result["merged"]) == set(METHODS)
+        for points in result["merged"].values():
+            assert sorted(p["lambda"] for p in points) == LAMBDAS
+            for point in points:
+                assert set(point["scores"]) == set(TASKS)
+                assert isinstance(point["normalized_avg"], float)
+
+
+def test_interrupted_run_resumes_to_the_same_results(reference_run, tiny_model_dir, tiny_tasks_2, tmp_path) -> None:
+    reference, summary, _ = reference_run
+    out = tmp_path / "interrupted"
+    stage = {"now": None}
+
+    def on_stage(name: str) -> None:
+        stage["now"] = name
+
+    def progress(step: int, total: int, message: str) -> None:
+        if stage["now"] == "fine-tuning (osrm)" and message == f"fine-tuning {TASKS[1]}" and step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(tiny_config(tiny_model_dir), out, tasks=tiny_tasks_2, progress=progress, on_stage=on_stage)
+    run = RunDir(out)
+    assert run.is_done(f"adapters/osrm/{TASKS[0]}") and not run.is_done(f"adapters/osrm/{TASKS[1]}")
+    assert not (out / "results").exists()
+
+    resumed = run_experiment(tiny_config(tiny_model_dir), out, tasks=tiny_tasks_2)
+    assert resumed == summary
+    _assert_same_results(out, reference)
+
+
+def test_deleted_stages_are_redone_to_the_same_results(reference_run, tiny_model_dir, tiny_tasks_2, tmp_path) -> None:
+    reference, summary, _ = reference_run
+    out = tmp_path / "partial"
+    shutil.copytree(reference, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    for key in (f"adapters/osrm/{TASKS[1]}", "sweep/osrm", "diagnostics"):
+        del manifest["stages"][key]
+    manifest.pop("status")
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    shutil.rmtree(out / "adapters" / "osrm" / TASKS[1])
+    for name in ("sweep_osrm.csv", "interference.csv", "angles.csv", "summary.json"):
+        (out / "results" / name).unlink()
+
+    stages = []
+    assert run_experiment(tiny_config(tiny_model_dir), out, tasks=tiny_tasks_2, on_stage=stages.append) == summary
+    _assert_same_results(out, reference)
+    assert RunDir(out).is_done(f"adapters/osrm/{TASKS[1]}")
+
+
+def test_missing_result_files_are_written_again(reference_run, tiny_model_dir, tiny_tasks_2, tmp_path) -> None:
+    reference, summary, _ = reference_run
+    out = tmp_path / "lost"
+    shutil.copytree(reference, out)
+    for name in ("sweep_standard.csv", "own_energy.csv"):  # the manifest still says done
+        (out / "results" / name).unlink()
+    assert run_experiment(tiny_config(tiny_model_dir), out, tasks=tiny_tasks_2) == summary
+    _assert_same_results(out, reference)
+
+
+def test_a_finished_run_does_no_work_again(reference_run, tiny_model_dir, tiny_tasks_2, tmp_path, monkeypatch) -> None:
+    import osrm_core.evaluate
+    import osrm_core.models
+    import osrm_core.runs
+
+    reference, summary, _ = reference_run
+    out = tmp_path / "again"
+    shutil.copytree(reference, out)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a finished run must not compute anything again")
+
+    for module, name in (
+        (osrm_core.runs, "finetune"),
+        (osrm_core.runs, "collect_feature_stats"),
+        (osrm_core.runs, "init_lora"),
+        (osrm_core.models, "load_base_model"),
+        (osrm_core.evaluate, "SweepEngine"),
+    ):
+        monkeypatch.setattr(module, name, fail)
+    assert run_experiment(tiny_config(tiny_model_dir), out, tasks=tiny_tasks_2) == summary
+    _assert_same_results(out, reference)
+
+
+def test_another_config_in_the_same_directory_is_refused(reference_run, tiny_model_dir, tiny_tasks_2) -> None:
+    reference, _, _ = reference_run
+    before = (reference / "config.yaml").read_text()
+    with pytest.raises(ConfigError, match="another config"):
+        run_experiment(tiny_config(tiny_model_dir, rank=3), reference, tasks=tiny_tasks_2)
+    assert (reference / "config.yaml").read_text() == before
+
+
+def test_run_config_validation(tiny_model_dir, tmp_path) -> None:
+    config = tiny_config(tiny_model_dir)
+    assert RunConfig.validate_dict(yaml.safe_load(config.to_yaml())) == config
+    data = config.model_dump(mode="json")
+    cases = [
+        ({"rank": 0}, "rank"),
+        ({"tasks": data["tasks"][:1]}, "at least two tasks"),
+        ({"tasks": [data["tasks"][0]] * 2}, "unique"),
+        ({"inits": ["lottery"]}, "unknown init"),
+        ({"merge": {"methods": ["average"]}}, "unknown merge method"),
+        ({"merge": {"lambdas": [0.0]}}, "lambdas"),
+        ({"train": {"steps": 0}}, "train.steps"),
+        ({"bogus": 1}, "bogus"),
+    ]
+    for change, match in cases:
+        with pytest.raises(ConfigError, match=match):
+            RunConfig.validate_dict({**data, **change})
+    with pytest.raises(ConfigError, match="mapping"):
+        RunConfig.validate_dict([1, 2])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("tasks: [")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        RunConfig.from_yaml(bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        RunConfig.from_yaml(tmp_path / "missing.yaml")
+
+
+def test_a_task_with_more_labels_than_the_saved_head(tiny_model_dir, tiny_tasks_2, tmp_path) -> None:
+    rng = np.random.default_rng(0)
+
+    def split(n: int) -> Split:
+        labels = np.arange(n) % 3
+        return Split([f"word{y} " + " ".join(rng.choice(["a", "b", "c"], 2)) for y in labels], labels)
+
+    three = TaskData("three", split(12), split(6), ["x", "y", "z"])
+    config = tiny_config(
+        tiny_model_dir,
+        tasks=[TaskEntry(name=t, spec="demo:topic") for t in ("sentiment", "three")],
+        inits=["standard"],
+        train=TrainSettings(steps=1, batch_size=4),
+    )
+    summary = run_experiment(config, tmp_path / "three", tasks=[tiny_tasks_2[0], three])
+    assert set(summary["results"]["standard"]["single"]) == {"sentiment", "three"}

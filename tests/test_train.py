@@ -1,0 +1,209 @@
+"""Tests of osrm_core.train: the fine-tuning loop, its constraints, and adapters that plain peft
+loads back (also after a PiSSA init that changed the base weights)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_TARGETS
+from torch.testing import assert_close
+
+from osrm_core.adapters import lora_from_model
+from osrm_core.batching import iter_batches
+from osrm_core.data import Split, TaskData
+from osrm_core.init import init_lora
+from osrm_core.train import TrainConfig, adapter_of, finetune, save_adapter
+
+RANK = 2
+#: Settings under which the tiny random BERT learns the easy task in a fraction of a second.
+FAST = dict(steps=40, batch_size=8, lr=5e-2, max_length=16, warmup_ratio=0.0)
+
+_WORDS = {0: ["awful", "terrible", "bad", "horrible"], 1: ["great", "excellent", "good", "wonderful"]}
+
+
+def _split(rng: np.random.Generator, n: int) -> Split:
+    labels = np.arange(n) % 2
+    return Split([" ".join(rng.choice(_WORDS[int(y)], 3)) for y in labels], labels)
+
+
+@pytest.fixture(scope="module")
+def easy_task() -> TaskData:
+    """Three words of one polarity: separable by which tokens occur."""
+    rng = np.random.default_rng(0)
+    return TaskData("easy", _split(rng, 32), _split(rng, 16), ["negative", "positive"])
+
+
+def _full_loss(model, tokenizer, split: Split) -> float:
+    batch = next(iter_batches(tokenizer, split, batch_size=len(split), max_length=16))
+    with torch.no_grad():
+        return float(model(**batch).loss)
+
+
+def _logits(model, tokenizer, split: Split) -> torch.Tensor:
+    batch = next(iter_batches(tokenizer, split, batch_size=len(split), max_length=16, with_labels=False))
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def _a(peft_model) -> dict[str, torch.Tensor]:
+    return {n: lw.A for n, lw in lora_from_model(peft_model).layers.items()}
+
+
+def test_finetune_lowers_the_loss(make_tiny_model, tokenizer, easy_task) -> None:
+    model = init_lora(make_tiny_model(), "standard", rank=RANK, alpha=4)
+    before = _full_loss(model, tokenizer, easy_task.train)
+    steps = []
+    result = finetune(model, tokenizer, easy_task, TrainConfig(**FAST),
+                      progress=lambda s, t, m: steps.append((s, t)))
+    after = _full_loss(model, tokenizer, easy_task.train)
+    assert after < 0.5 * before
+    assert np.mean(result.losses[-5:]) < np.mean(result.losses[:5])
+    assert len(result.losses) == FAST["steps"] and steps[-1] == (FAST["steps"], FAST["steps"])
+    assert result.test_score > 0.9 and result.metric == "accuracy" and result.tokens > 0
+    assert not model.training
+
+
+def test_same_seed_same_adapter_and_score(make_tiny_model, tokenizer, easy_task) -> None:
+    config = TrainConfig(**{**FAST, "steps": 10}, seed=3)
+    runs = []
+    for _ in range(2):
+        model = init_lora(make_tiny_model(), "standard", rank=RANK, alpha=4, seed=1)
+        result = finetune(model, tokenizer, easy_task, config)
+        runs.append((adapter_of(model), result))
+    (a1, r1), (a2, r2) = runs
+    for name in a1.layers:
+        assert torch.equal(a1.layers[name].A, a2.layers[name].A)
+        assert torch.equal(a1.layers[name].B, a2.layers[name].B)
+    for key in a1.head:
+        assert torch.equal(a1.head[key], a2.head[key])
+    assert r1.losses == r2.losses and r1.test_score == r2.test_score
+    # Another seed takes another path.
+    model = init_lora(make_tiny_model(), "standard", rank=RANK, alpha=4, seed=1)
+    r3 = finetune(model, tokenizer, easy_task, TrainConfig(**{**FAST, "steps": 10}, seed=4))
+    assert r3.losses != r1.losses
+
+
+def test_saved_adapter_loads_with_plain_peft(make_tiny_model, tokenizer, easy_task, tmp_path) -> None:
+    from peft import PeftModel
+
+    model = init_lora(make_tiny_model(), "standard", rank=RANK, alpha=4)
+    finetune(model, tokenizer, easy_task, TrainConfig(**{**FAST, "steps": 10}))
+    out = save_adapter(adapter_of(model), tmp_path / "easy")
+    assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["r"] == RANK and config["peft_type"] == "LORA"
+
+    fresh = make_tiny_model()
+    with torch.no_grad():  # the saved head, not the fresh one, must be used
+        fresh.classifier.weight.normal_()
+    loaded = PeftModel.from_pretrained(fresh, str(out)).eval()
+    assert_close(_logits(loaded, tokenizer, easy_task.test), _logits(model, tokenizer, easy_task.test))
+
+
+def test_freeze_a_leaves_a_unchanged(make_tiny_model, tokenizer, easy_task) -> None:
+    model = init_lora(make_tiny_model(), "standard", rank=RANK, alpha=4)
+    a0 = _a(model)
+    finetune(model, tokenizer, easy_task, TrainConfig(**{**FAST, "steps": 10}, constraint="freeze_A"))
+    after = lora_from_model(model)
+    for name, lw in after.layers.items():
+        assert torch.equal(lw.A, a0[name])
+        assert lw.B.abs().max() > 0  # B was trained
+
+
+def test_project_keeps_a_in_the_subspace(make_tiny_model, tokenizer, easy_task, random_orthonormal) -> None:
+    gen = torch.Generator().manual_seed(0)
+    subspaces = {n: random_orthonormal(2 * RANK, 32, gen) for n in TINY_TARGETS}
+    model = init_lora(make_tiny_model(), "osrm", rank=RANK, alpha=4,
+                      subspaces={n: u[:RANK] for n, u in subspaces.items()})
+    a0 = _a(model)
+    finetune(model, tokenizer, easy_task, TrainConfig(**{**FAST, "steps": 10}, constraint="project"),
+             subspaces=subspaces)
+    for name, a in _a(model).items():
+        u = subspaces[name]
+        assert (a - a0[name]).abs().max() > 1e-3  # A moved ...
+        assert_close(a @ u.T @ u, a, atol=1e-10, rtol=0)  # ... but only within the row space
+
+
+def test_project_and_penalty_need_their_inputs(make_tiny_model, tokenizer, easy_task) -> None:
+    model = init_lora(make_tiny_model(), "standard", rank=RANK, alpha=4)
+    with pytest.raises(ValueError, match="subspaces"):
+        finetune(model, tokenizer, easy_task, TrainConfig(steps=1, constraint="project"))
+    with pytest.raises(ValueError, match="penalty_moments"):
+        finetune(model, tokenizer, easy_task, TrainConfig(steps=1, constraint="penalty"))
+    with pytest.raises(ValueError, match="no LoRA layers"):
+        finetune(make_tiny_model(), tokenizer, easy_task, TrainConfig(steps=1))
+
+
+def test_penalty_lowers_the_energy_in_the_others_subspace(
+    make_tiny_model, tokenizer, easy_task, random_orthonormal
+) -> None:
+    gen = torch.Generator().manual_seed(1)
+    moments = {}
+    for name in TINY_TARGETS:
+        q = random_orthonormal(32, 32, gen)
+        moments[name] = q.T @ torch.diag(torch.logspace(0, -3, 32, dtype=torch.float64)) @ q
+
+    def energy(model) -> float:
+        return sum(float(torch.trace(a @ moments[n] @ a.T)) for n, a in _a(model).items())
+
+    results = {}
+    for constraint in ("none", "penalty"):
+        model = init_lora(make_tiny_model(), "standard", rank=RANK, alpha=4)
+        start = energy(model)
+        finetune(model, tokenizer, easy_task,
+                 TrainConfig(**{**FAST, "steps": 20}, constraint=constraint, penalty_beta=1.0),
+                 penalty_moments=moments)
+        results[constraint] = energy(model)
+    assert results["penalty"] < 0.5 * results["none"]
+    assert results["penalty"] < start
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("steps", 0),
+        ("batch_size", 0),
+        ("lr", 0.0),
+        ("head_lr", -1.0),
+        ("a_lr_scale", -0.5),
+        ("weight_decay", -1.0),
+        ("warmup_ratio", 1.0),
+        ("max_grad_norm", 0.0),
+        ("max_length", 1),
+        ("penalty_beta", -1e-3),
+        ("constraint", "orthogonal"),
+    ],
+)
+def test_train_config_rejects(field, value) -> None:
+    with pytest.raises(ValueError, match=field):
+        TrainConfig(**{field: value})
+
+
+def test_pissa_adapter_reproduces_the_model_on_the_original_base(
+    make_tiny_model, tokenizer, easy_task, tmp_path
+) -> None:
+    from peft import PeftModel
+
+    model = init_lora(make_tiny_model(dtype=torch.float32), "pissa", rank=RANK, alpha=4)
+    initial = adapter_of(model)
+    base = model.get_base_model()
+    original = make_tiny_model(dtype=torch.float32)
+    name = TINY_TARGETS[0]
+    # PiSSA moved the principal part of W0 into the adapter: the base weight is a residual now.
+    assert not torch.allclose(base.get_submodule(name).base_layer.weight, original.get_submodule(name).weight)
+    finetune(model, tokenizer, easy_task, TrainConfig(**{**FAST, "steps": 10}))
+
+    saved = adapter_of(model, initial)
+    assert saved.layers[name].rank == 2 * RANK
+    out = save_adapter(saved, tmp_path / "pissa")
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 2 * RANK
+    loaded = PeftModel.from_pretrained(original, str(out)).eval()
+    assert_close(
+        _logits(loaded, tokenizer, easy_task.test),
+        _logits(model, tokenizer, easy_task.test),
+        atol=1e-5,
+        rtol=1e-4,
+    )
