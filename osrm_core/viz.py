@@ -29,6 +29,9 @@ INIT_COLORS: dict[str, str] = {
 }
 INIT_DASH: dict[str, str] = {"standard": "dash", "uploaded": "dash"}
 _PALETTE = qualitative.Plotly + qualitative.D3
+_TASK_PALETTE = qualitative.Dark2 + qualitative.Set1
+_DASHES = ("solid", "dash", "dot", "dashdot", "longdash", "longdashdot")
+_SYMBOLS = ("circle", "square", "diamond", "triangle-up", "x", "cross", "pentagon")
 SUM_OVER_LAYERS = "sum over layers"
 
 InterferenceValue = Literal["input_norm", "input_energy", "output_shift", "relative_shift"]
@@ -66,7 +69,8 @@ def color_of(name: str, index: int = 0) -> str:
 
 
 def _task_colors(names: Sequence[str]) -> dict[str, str]:
-    return {n: _PALETTE[i % len(_PALETTE)] for i, n in enumerate(names)}
+    # Tasks take a palette apart from the init colours (blue standard, red OSRM).
+    return {n: _TASK_PALETTE[i % len(_TASK_PALETTE)] for i, n in enumerate(names)}
 
 
 def _unique(values) -> list:
@@ -129,7 +133,12 @@ def eigenspectrum_figure(
         x = np.arange(1, lam.size + 1)
         fig.add_trace(
             go.Scatter(
-                x=x, y=y, mode="lines", name=name, legendgroup=name, line=dict(color=colors[name]),
+                x=x,
+                y=y,
+                mode="lines",
+                name=name,
+                legendgroup=name,
+                line=dict(color=colors[name]),
                 customdata=lam,
                 hovertemplate=f"{name}<br>k = %{{x}}<br>eigenvalue = %{{customdata:.4g}}<extra></extra>",
             )
@@ -138,8 +147,12 @@ def eigenspectrum_figure(
             r = min(int(rank), lam.size)
             fig.add_trace(
                 go.Scatter(
-                    x=x[-r:], y=y[-r:], mode="markers", name=f"{name}: {r} smallest",
-                    legendgroup=name, showlegend=False,
+                    x=x[-r:],
+                    y=y[-r:],
+                    mode="markers",
+                    name=f"{name}: {r} smallest",
+                    legendgroup=name,
+                    showlegend=False,
                     marker=dict(color=colors[name], size=7, symbol="diamond"),
                     customdata=lam[-r:],
                     hovertemplate=(
@@ -151,8 +164,13 @@ def eigenspectrum_figure(
         d = max(len(t.x) for t in fig.data)
         r = min(int(rank), d)
         fig.add_vrect(
-            x0=d - r + 0.5, x1=d + 0.5, fillcolor="#EF553B", opacity=0.12, line_width=0,
-            annotation_text=f"{r} smallest (OSRM)", annotation_position="top left",
+            x0=d - r + 0.5,
+            x1=d + 0.5,
+            fillcolor="#EF553B",
+            opacity=0.12,
+            line_width=0,
+            annotation_text=f"{r} smallest (OSRM)",
+            annotation_position="top left",
         )
     fig.update_yaxes(type="log", title="eigenvalue (log scale)", exponentformat="power")
     fig.update_xaxes(title="index k (largest first)")
@@ -172,7 +190,11 @@ def cumulative_energy_figure(
         cum = np.cumsum(lam) / max(lam.sum(), np.finfo(float).tiny)
         fig.add_trace(
             go.Scatter(
-                x=np.arange(1, lam.size + 1), y=cum, mode="lines", name=name, line=dict(color=colors[name]),
+                x=np.arange(1, lam.size + 1),
+                y=cum,
+                mode="lines",
+                name=name,
+                line=dict(color=colors[name]),
                 hovertemplate=f"{name}<br>top %{{x}} directions<br>energy share = %{{y:.3f}}<extra></extra>",
             )
         )
@@ -196,8 +218,13 @@ def effective_rank_heatmap(table: pd.DataFrame, *, title: str = "") -> go.Figure
     m = m.reindex(index=layers, columns=tasks)
     fig = go.Figure(
         go.Heatmap(
-            z=m.to_numpy(), x=tasks, y=layers, colorscale="Viridis", colorbar=dict(title="eff. rank"),
-            text=np.round(m.to_numpy(), 1), texttemplate="%{text}",
+            z=m.to_numpy(),
+            x=tasks,
+            y=layers,
+            colorscale="Viridis",
+            colorbar=dict(title="eff. rank"),
+            text=np.round(m.to_numpy(), 1),
+            texttemplate="%{text}",
             hovertemplate="task %{x}<br>layer %{y}<br>effective rank %{z:.2f}<extra></extra>",
         )
     )
@@ -207,6 +234,14 @@ def effective_rank_heatmap(table: pd.DataFrame, *, title: str = "") -> go.Figure
 
 
 # --------------------------------------------------------------------------- interference
+
+
+def matrix_range(matrices) -> tuple[float, float]:
+    """Smallest positive and largest value over several matrices: one colour scale for all."""
+    values = np.concatenate([np.asarray(m, dtype=np.float64).ravel() for m in matrices])
+    values = values[np.isfinite(values)]
+    positive = values[values > 0]
+    return (float(positive.min()) if positive.size else 0.0, float(values.max()) if values.size else 1.0)
 
 
 def interference_view(
@@ -258,6 +293,7 @@ def interference_heatmap(
     *,
     title: str = "",
     value_label: str = "value",
+    zmin: float | None = None,
     zmax: float | None = None,
     log: bool = False,
 ) -> go.Figure:
@@ -267,26 +303,37 @@ def interference_heatmap(
     ----------
     matrix : DataFrame
         From :func:`interference_view`.
-    zmax : float, optional
-        Top of the colour scale (to compare two heatmaps on one scale).
+    zmin, zmax : float, optional
+        Ends of the colour scale (give both to compare heatmaps on one scale); by default 0
+        (the smallest positive value with ``log``) and the largest value.
     log : bool
         Colour by ``log10`` of the value (hover still shows the value).
     """
     z = matrix.to_numpy(dtype=np.float64)
     x, y = [str(c) for c in matrix.columns], [str(i) for i in matrix.index]
     shown = z
-    zmin = 0.0
     if log:
         positive = z[np.isfinite(z) & (z > 0)]
-        tiny = positive.min() if positive.size else 1.0
+        tiny = float(positive.min()) if positive.size else 1.0
+        if zmin is not None and zmin > 0:
+            tiny = min(tiny, zmin)
         shown = np.log10(np.clip(z, tiny, None))
-        zmin = float(np.nanmin(shown)) if np.isfinite(shown).any() else None
+        zmin = float(np.log10(tiny))
         zmax = None if zmax is None else float(np.log10(max(zmax, tiny)))
+    elif zmin is None:
+        zmin = 0.0
     fig = go.Figure(
         go.Heatmap(
-            z=shown, x=x, y=y, customdata=z, zmin=zmin, zmax=zmax, colorscale="Reds",
+            z=shown,
+            x=x,
+            y=y,
+            customdata=z,
+            zmin=zmin,
+            zmax=zmax,
+            colorscale="Reds",
             colorbar=dict(title=("log10 " if log else "") + value_label),
-            text=[[f"{v:.3g}" for v in row] for row in z], texttemplate="%{text}",
+            text=[[f"{v:.3g}" for v in row] for row in z],
+            texttemplate="%{text}",
             hovertemplate=(
                 "adapter %{y}<br>on data of %{x}<br>" + value_label + " = %{customdata:.4g}<extra></extra>"
             ),
@@ -296,8 +343,13 @@ def interference_heatmap(
         if a in x:
             j = x.index(a)
             fig.add_shape(
-                type="rect", x0=j - 0.5, x1=j + 0.5, y0=i - 0.5, y1=i + 0.5,
-                line=dict(color="black", width=2), fillcolor="rgba(0,0,0,0)",
+                type="rect",
+                x0=j - 0.5,
+                x1=j + 0.5,
+                y0=i - 0.5,
+                y1=i + 0.5,
+                line=dict(color="black", width=2),
+                fillcolor="rgba(0,0,0,0)",
             )
     fig.update_yaxes(autorange="reversed", title="adapter j")
     fig.update_xaxes(title="data of task i", side="bottom")
@@ -324,7 +376,10 @@ def own_energy_figure(table: pd.DataFrame, *, title: str = "") -> go.Figure:
         name = f"{task} ({init})" if init else str(task)
         fig.add_trace(
             go.Scatter(
-                x=[labels[n] for n in g.index], y=g["ratio"], mode="lines+markers", name=name,
+                x=[labels[n] for n in g.index],
+                y=g["ratio"],
+                mode="lines+markers",
+                name=name,
                 line=dict(color=colors[task], dash=INIT_DASH.get(init, "solid")),
                 hovertemplate=f"{name}<br>%{{x}}<br>share / random = %{{y:.3g}}<extra></extra>",
             )
@@ -354,7 +409,9 @@ def angle_matrix(
         raise ValueError(f"no {kind} angles for layer {layer!r}")
     m = rows.pivot_table(index="a", columns="b", values=stat, aggfunc="mean")
     if kind == "data-data":
-        names = _unique(list(table.loc[table["kind"] == kind, "a"]) + list(table.loc[table["kind"] == kind, "b"]))
+        names = _unique(
+            list(table.loc[table["kind"] == kind, "a"]) + list(table.loc[table["kind"] == kind, "b"])
+        )
         m = m.reindex(index=names, columns=names)
         full = m.combine_first(m.T)
         for n in names:
@@ -371,9 +428,15 @@ def angle_heatmap(matrix: pd.DataFrame, *, title: str = "", stat_label: str = "a
     z = matrix.to_numpy(dtype=np.float64)
     fig = go.Figure(
         go.Heatmap(
-            z=z, x=[str(c) for c in matrix.columns], y=[str(i) for i in matrix.index], zmin=0, zmax=90,
-            colorscale="Blues", colorbar=dict(title="degrees"),
-            text=[[f"{v:.1f}" for v in row] for row in z], texttemplate="%{text}",
+            z=z,
+            x=[str(c) for c in matrix.columns],
+            y=[str(i) for i in matrix.index],
+            zmin=0,
+            zmax=90,
+            colorscale="Blues",
+            colorbar=dict(title="degrees"),
+            text=[[f"{v:.1f}" for v in row] for row in z],
+            texttemplate="%{text}",
             hovertemplate="%{y} vs %{x}<br>" + stat_label + " = %{z:.2f}°<extra></extra>",
         )
     )
@@ -409,7 +472,10 @@ def angle_figure(
         name = f"{a} vs {b}" + (f" ({init})" if init and kind != "data-data" else "")
         fig.add_trace(
             go.Scatter(
-                x=[short_layer(n) for n in g.index], y=g[stat], mode="lines+markers", name=name,
+                x=[short_layer(n) for n in g.index],
+                y=g[stat],
+                mode="lines+markers",
+                name=name,
                 line=dict(color=colors[(a, b)], dash=INIT_DASH.get(init, "solid")),
                 hovertemplate=f"{name}<br>%{{x}}<br>{stat.replace('_', ' ')} = %{{y:.2f}}°<extra></extra>",
             )
@@ -476,14 +542,23 @@ def sweep_figure(
     """
     curves = sweep_curves(sweep, task=task, y=y, density=density)
     methods = _unique(curves["method"])
-    mcolor = {m: _PALETTE[i % len(_PALETTE)] for i, m in enumerate(methods)}
+    inits = _unique(curves["init"])
+    # Colour says the init (standard vs OSRM, the comparison that matters), dash and marker the method.
+    icolor = {init: color_of(str(init), i) for i, init in enumerate(inits)}
+    mdash = {m: _DASHES[i % len(_DASHES)] for i, m in enumerate(methods)}
+    msymbol = {m: _SYMBOLS[i % len(_SYMBOLS)] for i, m in enumerate(methods)}
     fig = go.Figure()
     for (init, method), g in curves.groupby(["init", "method"], sort=False):
         name = f"{method} ({init})" if init else str(method)
         fig.add_trace(
             go.Scatter(
-                x=g["lambda"], y=g[y], mode="lines+markers", name=name, legendgroup=name,
-                line=dict(color=mcolor[method], dash=INIT_DASH.get(init, "solid")),
+                x=g["lambda"],
+                y=g[y],
+                mode="lines+markers",
+                name=name,
+                legendgroup=name,
+                line=dict(color=icolor[init], dash=mdash[method]),
+                marker=dict(symbol=msymbol[method], size=7),
                 hovertemplate=f"{name}<br>lambda = %{{x:g}}<br>{y} = %{{y:.4f}}<extra></extra>",
             )
         )
@@ -493,9 +568,13 @@ def sweep_figure(
         name = f"{method} ({init})" if init else str(method)
         fig.add_trace(
             go.Scatter(
-                x=[row["lambda"]], y=[row[y]], mode="markers", name=f"best: {name}", legendgroup=name,
+                x=[row["lambda"]],
+                y=[row[y]],
+                mode="markers",
+                name=f"best: {name}",
+                legendgroup=name,
                 showlegend=False,
-                marker=dict(symbol="star", size=16, color=mcolor[method], line=dict(color="black", width=1)),
+                marker=dict(symbol="star", size=16, color=icolor[init], line=dict(color="black", width=1)),
                 hovertemplate=f"best {name}<br>lambda = %{{x:g}}<br>{y} = %{{y:.4f}}<extra></extra>",
             )
         )
@@ -521,8 +600,12 @@ def summary_tables(summary: Mapping) -> tuple[pd.DataFrame, pd.DataFrame]:
         for method, p in r.get("best", {}).items():
             rows.append(
                 {
-                    "init": init, "method": method, "lambda": p.get("lambda"), "density": p.get("density"),
-                    "avg_score": p.get("avg"), "normalized_avg": p.get("normalized_avg"),
+                    "init": init,
+                    "method": method,
+                    "lambda": p.get("lambda"),
+                    "density": p.get("density"),
+                    "avg_score": p.get("avg"),
+                    "normalized_avg": p.get("normalized_avg"),
                     **{f"score_{t}": s for t, s in p.get("scores", {}).items()},
                 }
             )
@@ -535,7 +618,10 @@ def summary_figure(best: pd.DataFrame, *, y: str = "normalized_avg", title: str 
     for i, (init, g) in enumerate(best.groupby("init", sort=False)):
         fig.add_trace(
             go.Bar(
-                x=g["method"], y=g[y], name=str(init), marker_color=color_of(str(init), i),
+                x=g["method"],
+                y=g[y],
+                name=str(init),
+                marker_color=color_of(str(init), i),
                 customdata=np.stack([g["lambda"].astype(float), g["avg_score"].astype(float)], axis=1),
                 hovertemplate=(
                     f"{init}<br>%{{x}}<br>{y} = %{{y:.4f}}<br>lambda = %{{customdata[0]:g}}"
@@ -565,7 +651,9 @@ def energy_kept_figure(table: pd.DataFrame, *, title: str = "") -> go.Figure:
         g = g.set_index("layer").reindex([n for n in layers if n in set(g["layer"])])
         fig.add_trace(
             go.Bar(
-                x=[short_layer(n) for n in g.index], y=g["energy_kept"], name=str(adapter),
+                x=[short_layer(n) for n in g.index],
+                y=g["energy_kept"],
+                name=str(adapter),
                 marker_color=_PALETTE[i % len(_PALETTE)],
                 hovertemplate=f"{adapter}<br>%{{x}}<br>kept = %{{y:.3f}}<extra></extra>",
             )
@@ -588,7 +676,10 @@ def layer_ratio_figure(table: pd.DataFrame, *, title: str = "") -> go.Figure:
         g = g.set_index("layer").reindex([n for n in layers if n in set(g["layer"])])
         fig.add_trace(
             go.Scatter(
-                x=[short_layer(n) for n in g.index], y=g["ratio"], mode="lines+markers", name=str(task),
+                x=[short_layer(n) for n in g.index],
+                y=g["ratio"],
+                mode="lines+markers",
+                name=str(task),
                 line=dict(color=colors[task]),
                 hovertemplate=f"adapter of {task}<br>%{{x}}<br>OSRM / random = %{{y:.3g}}<extra></extra>",
             )
@@ -612,7 +703,9 @@ def _rotation(dim: int, angle: float, tilt: float = 0.0) -> np.ndarray:
     return rz @ rx
 
 
-def toy_moments(n_tasks: int = 2, angle_deg: float = 60.0, spread: float = 0.2, dim: int = 2) -> list[np.ndarray]:
+def toy_moments(
+    n_tasks: int = 2, angle_deg: float = 60.0, spread: float = 0.2, dim: int = 2
+) -> list[np.ndarray]:
     """Second moments ``E[h h^T]`` of ``n_tasks`` zero-mean Gaussian clouds.
 
     Each cloud has standard deviation 1 along its main axis and ``spread`` across it; task
@@ -643,7 +736,9 @@ def toy_samples(moments: Sequence[np.ndarray], n: int = 200, seed: int = 0) -> l
     return [rng.multivariate_normal(np.zeros(m.shape[0]), m, size=n) for m in moments]
 
 
-def toy_adapters(moments: Sequence[np.ndarray], target: int, rank: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
+def toy_adapters(
+    moments: Sequence[np.ndarray], target: int, rank: int = 1, seed: int = 0
+) -> dict[str, np.ndarray]:
     """The ``A`` of task ``target``: a random orthonormal one (standard init's row space) and
     OSRM's (eigenvectors of the ``rank`` smallest eigenvalues of the other tasks' summed moment).
 
@@ -666,14 +761,18 @@ def toy_interference(A: np.ndarray, moments: Sequence[np.ndarray]) -> list[float
     return [float(np.sqrt(max(np.trace(A @ m @ A.T), 0.0))) for m in moments]
 
 
-def toy_table(adapters: Mapping[str, np.ndarray], moments: Sequence[np.ndarray], names: Sequence[str], target: int) -> pd.DataFrame:
+def toy_table(
+    adapters: Mapping[str, np.ndarray], moments: Sequence[np.ndarray], names: Sequence[str], target: int
+) -> pd.DataFrame:
     """``||A h||`` (RMS) of each adapter on each toy task, and on all the other tasks together
     (``sqrt(sum_{k != target} E||A h_k||^2)``, the interference that merging adds)."""
     rows = []
     for label, A in adapters.items():
         norms = toy_interference(A, moments)
         others = float(np.sqrt(sum(v**2 for k, v in enumerate(norms) if k != target)))
-        rows.append({"A": label, **{f"||A h|| on {n}": v for n, v in zip(names, norms)}, "other tasks": others})
+        rows.append(
+            {"A": label, **{f"||A h|| on {n}": v for n, v in zip(names, norms)}, "other tasks": others}
+        )
     return pd.DataFrame(rows)
 
 
@@ -692,7 +791,11 @@ def toy_figure(
         if dim == 2:
             fig.add_trace(
                 go.Scatter(
-                    x=pts[:, 0], y=pts[:, 1], mode="markers", name=name, opacity=0.45,
+                    x=pts[:, 0],
+                    y=pts[:, 1],
+                    mode="markers",
+                    name=name,
+                    opacity=0.45,
                     marker=dict(size=5, color=colors[name]),
                     hovertemplate=f"{name}<br>(%{{x:.2f}}, %{{y:.2f}})<extra></extra>",
                 )
@@ -700,7 +803,12 @@ def toy_figure(
         else:
             fig.add_trace(
                 go.Scatter3d(
-                    x=pts[:, 0], y=pts[:, 1], z=pts[:, 2], mode="markers", name=name, opacity=0.45,
+                    x=pts[:, 0],
+                    y=pts[:, 1],
+                    z=pts[:, 2],
+                    mode="markers",
+                    name=name,
+                    opacity=0.45,
                     marker=dict(size=2.5, color=colors[name]),
                     hovertemplate=f"{name}<br>(%{{x:.2f}}, %{{y:.2f}}, %{{z:.2f}})<extra></extra>",
                 )
@@ -714,8 +822,16 @@ def toy_figure(
             corners = np.array([u + v, u - v, -u - v, -u + v])
             fig.add_trace(
                 go.Mesh3d(
-                    x=corners[:, 0], y=corners[:, 1], z=corners[:, 2], i=[0, 0], j=[1, 2], k=[2, 3],
-                    color=color, opacity=0.25, name=f"{label} row space", showlegend=True,
+                    x=corners[:, 0],
+                    y=corners[:, 1],
+                    z=corners[:, 2],
+                    i=[0, 0],
+                    j=[1, 2],
+                    k=[2, 3],
+                    color=color,
+                    opacity=0.25,
+                    name=f"{label} row space",
+                    showlegend=True,
                     hovertemplate=f"{label} row space<extra></extra>",
                 )
             )
@@ -726,7 +842,11 @@ def toy_figure(
             if dim == 2:
                 fig.add_trace(
                     go.Scatter(
-                        x=p[:, 0], y=p[:, 1], mode="lines", name=name, legendgroup=label,
+                        x=p[:, 0],
+                        y=p[:, 1],
+                        mode="lines",
+                        name=name,
+                        legendgroup=label,
                         line=dict(color=color, width=4, dash=dash),
                         hovertemplate=f"{name}<br>direction ({row[0]:.2f}, {row[1]:.2f})<extra></extra>",
                     )
@@ -734,7 +854,12 @@ def toy_figure(
             else:
                 fig.add_trace(
                     go.Scatter3d(
-                        x=p[:, 0], y=p[:, 1], z=p[:, 2], mode="lines", name=name, legendgroup=label,
+                        x=p[:, 0],
+                        y=p[:, 1],
+                        z=p[:, 2],
+                        mode="lines",
+                        name=name,
+                        legendgroup=label,
                         line=dict(color=color, width=6, dash=dash),
                         hovertemplate=f"{name}<extra></extra>",
                     )
@@ -743,11 +868,12 @@ def toy_figure(
         fig.update_xaxes(range=[-reach, reach], title="h[0]")
         fig.update_yaxes(range=[-reach, reach], title="h[1]", scaleanchor="x", scaleratio=1)
     else:
-        fig.update_layout(scene=dict(aspectmode="cube", xaxis_title="h[0]", yaxis_title="h[1]", zaxis_title="h[2]"))
+        fig.update_layout(
+            scene=dict(aspectmode="cube", xaxis_title="h[0]", yaxis_title="h[1]", zaxis_title="h[2]")
+        )
     return _finish(fig, title, height=520)
 
 
 def figure_html(fig: go.Figure) -> str:
     """A standalone HTML page of ``fig`` that works offline (plotly.js included)."""
     return fig.to_html(include_plotlyjs=True, full_html=True)
-

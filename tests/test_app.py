@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import shutil
 import stat
 import zipfile
 from pathlib import Path
@@ -33,6 +34,13 @@ RUN_PAGES = [
 ALL_PAGES = [*RUN_PAGES, "pages/5_Adapter_diagnosis.py", "pages/6_Learn.py"]
 #: Adapted layers of the packaged MiniLM (select boxes show short labels, take full names).
 LAYER = "bert.encoder.layer.{}.attention.self.{}"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(monkeypatch, tmp_path):
+    """No run opened from the environment, and an empty runs folder of the test's own."""
+    monkeypatch.delenv("OSRM_RUN_DIR", raising=False)
+    monkeypatch.setenv("OSRM_RUNS_ROOT", str(tmp_path / "runs"))
 
 
 def make_app(run: Path | None = None, timeout: float = 60) -> AppTest:
@@ -262,7 +270,9 @@ def test_eigenspectra_widgets_drive_the_figures(small_run):
     assert trace_data(figure(at, "eig_spec_chart")) != trace_data(fig)
 
     at.slider(key="eig_rank").set_value(10).run()
-    assert all(len(arr(t["x"])) == 10 for t in figure(at, "eig_spec_chart")["data"] if t.get("mode") == "markers")
+    assert all(
+        len(arr(t["x"])) == 10 for t in figure(at, "eig_spec_chart")["data"] if t.get("mode") == "markers"
+    )
 
     at.selectbox(key="eig_osrm_for").set_value("topic").run()
     assert_clean(at)
@@ -271,7 +281,9 @@ def test_eigenspectra_widgets_drive_the_figures(small_run):
 
     at.multiselect(key="eig_tasks").set_value(["sentiment"]).run()
     at.selectbox(key="eig_osrm_for").set_value("(none)").run()
-    assert {t["name"] for t in figure(at, "eig_spec_chart")["data"] if t.get("mode") == "lines"} == {"sentiment"}
+    assert {t["name"] for t in figure(at, "eig_spec_chart")["data"] if t.get("mode") == "lines"} == {
+        "sentiment"
+    }
 
 
 def test_interference_layer_select_changes_the_heatmaps(small_run):
@@ -327,9 +339,33 @@ def test_sweep_page_task_density_and_best_point(small_run):
     assert_clean(at)
     at.multiselect(key="sw_inits").set_value(["osrm"]).run()
     assert {t["name"] for t in figure(at, "sw_fig_chart")["data"]} == {
-        "task_arithmetic (osrm)", "ties (osrm)", "best: task_arithmetic (osrm)", "best: ties (osrm)",
+        "task_arithmetic (osrm)",
+        "ties (osrm)",
+        "best: task_arithmetic (osrm)",
+        "best: ties (osrm)",
     }
-    assert at.select_slider(key="sw_density").value == 0.5
+    assert any("0.5 (the only one" in c.value for c in at.caption)  # one density: no slider
+
+
+def test_sweep_page_density_selector_drives_ties_only(small_run, tmp_path):
+    run = tmp_path / "two-densities"
+    shutil.copytree(small_run, run)
+    path = run / "results" / "sweep_osrm.csv"
+    df = pd.read_csv(path)
+    extra = df[df["method"] == "ties"].assign(density=0.8)
+    extra["normalized"] = extra["normalized"] * 0.5
+    pd.concat([df, extra]).to_csv(path, index=False)
+    at = make_app(run).run()
+    at.switch_page("pages/4_Lambda_sweep.py").run()
+    assert_clean(at)
+    before = {t["name"]: t for t in figure(at, "sw_fig_chart")["data"]}
+    slider = at.select_slider(key="sw_density")
+    assert slider.value == 0.5 and list(slider.options) == ["0.5", "0.8"]
+    slider.set_value(0.8).run()
+    assert_clean(at)
+    after = {t["name"]: t for t in figure(at, "sw_fig_chart")["data"]}
+    assert arr(after["ties (osrm)"]["y"]) == pytest.approx(arr(before["ties (osrm)"]["y"]) * 0.5)
+    assert after["task_arithmetic (osrm)"] == before["task_arithmetic (osrm)"]
 
 
 # --------------------------------------------------------------------------- adapter diagnosis
@@ -465,8 +501,12 @@ def test_new_run_from_the_home_page_with_an_uploaded_task(tmp_path, monkeypatch)
     at = make_app(timeout=300).run()
     at.multiselect(key="home_demo_tasks").set_value(["sentiment"])
     task = demo_task("topic", n_train=40, n_test=10)
-    csv = pd.DataFrame({"sentence": task.train.text, "category": [task.label_names[y] for y in task.train.label]})
-    at.file_uploader(key="home_task_files").upload("my news.csv", csv.to_csv(index=False).encode(), "text/csv")
+    csv = pd.DataFrame(
+        {"sentence": task.train.text, "category": [task.label_names[y] for y in task.train.label]}
+    )
+    at.file_uploader(key="home_task_files").upload(
+        "my news.csv", csv.to_csv(index=False).encode(), "text/csv"
+    )
     at.run()
     assert_clean(at)
     # The column mapping: text and label columns are chosen from the file's columns.

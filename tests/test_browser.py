@@ -21,12 +21,16 @@ ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--no-first-run",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
 ]
 #: (url path, screenshot name, a selector that shows the page has drawn its content)
 PAGES = [
-    ("", "home", "text=Single-task scores"),
+    ("", "home", ".js-plotly-plot"),
     ("Eigenspectra", "1_eigenspectra", ".js-plotly-plot"),
     ("Interference", "2_interference", ".js-plotly-plot"),
     ("Subspace_angles", "3_subspace_angles", ".js-plotly-plot"),
@@ -54,13 +58,31 @@ def server(small_run, tmp_path_factory):
         "OSRM_RUN_DIR": str(small_run),
         "OSRM_RUNS_ROOT": str(tmp_path_factory.mktemp("runs")),
         # One BLAS/OpenMP thread: on a busy two-core machine threaded eigh/SVD can stall for seconds.
-        "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "OPENBLAS_NUM_THREADS": "1",
     }
     log = open(ARTIFACTS / "streamlit.log", "w")  # noqa: SIM115  (closed below)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
-         "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+        [
+            sys.executable,
+            "-m",
+            "streamlit",
+            "run",
+            "app.py",
+            "--server.headless",
+            "true",
+            "--server.port",
+            str(port),
+            "--server.address",
+            "127.0.0.1",
+            "--browser.gatherUsageStats",
+            "false",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -96,16 +118,21 @@ def browser(server):
         b.close()
 
 
+IDLE = """() => !document.querySelector('[data-testid="stStatusWidget"]')
+    && !document.querySelector('[data-stale="true"]')
+    && !document.querySelector('[data-testid="stSkeleton"]')"""
+
+
 def _wait_until_idle(page, timeout_ms: int = 90_000) -> None:
-    """Until the script has finished (Streamlit's 'running' indicator is gone)."""
-    page.wait_for_function(
-        "() => !document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=timeout_ms
-    )
+    """Until the script has finished: no 'running' indicator, no stale or placeholder element."""
+    page.wait_for_function(IDLE, timeout=timeout_ms)
+    page.wait_for_timeout(300)
+    page.wait_for_function(IDLE, timeout=timeout_ms)
 
 
 @pytest.mark.parametrize(("path", "name", "ready"), PAGES, ids=[p[1] for p in PAGES])
 def test_page_renders_in_chromium(server, browser, path, name, ready):
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page = browser.new_page(viewport={"width": 1400, "height": 2400})
     messages: list[str] = []
     page.on("pageerror", lambda err: messages.append(str(err)))
     try:
@@ -120,7 +147,9 @@ def test_page_renders_in_chromium(server, browser, path, name, ready):
         page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
         exceptions = page.locator('[data-testid="stException"]')
         assert exceptions.count() == 0, exceptions.first.inner_text()
-        assert page.locator('[data-testid="stAlertContentInfo"]', has_text="Open or create a run").count() == 0
+        assert (
+            page.locator('[data-testid="stAlertContentInfo"]', has_text="Open or create a run").count() == 0
+        )
         assert not messages, messages
     finally:
         page.close()
@@ -128,7 +157,7 @@ def test_page_renders_in_chromium(server, browser, path, name, ready):
 
 def test_layer_select_redraws_the_interference_heatmap(server, browser):
     """A widget change in the browser reruns the page and redraws the chart."""
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page = browser.new_page(viewport={"width": 1400, "height": 2400})
     try:
         page.goto(f"{server}/Interference", wait_until="domcontentloaded")
         page.wait_for_selector(".js-plotly-plot .main-svg", timeout=120_000)

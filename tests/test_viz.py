@@ -20,8 +20,17 @@ def _interference(seed: int = 0) -> pd.DataFrame:
         for j in TASKS:
             for i in TASKS:
                 e = float(rng.uniform(0.1, 1.0)) * (10 if i == j else 1)
-                rows.append({"layer": layer, "adapter": j, "data": i, "input_energy": e,
-                             "output_shift": e / 10, "relative_shift": e / 100, "own": i == j})
+                rows.append(
+                    {
+                        "layer": layer,
+                        "adapter": j,
+                        "data": i,
+                        "input_energy": e,
+                        "output_shift": e / 10,
+                        "relative_shift": e / 100,
+                        "own": i == j,
+                    }
+                )
     return pd.DataFrame(rows)
 
 
@@ -34,8 +43,18 @@ def _sweep() -> pd.DataFrame:
                     # A peak at lambda 0.5 for task arithmetic, 0.75 for TIES.
                     peak = 0.5 if method == "task_arithmetic" else 0.75
                     score = single * (0.9 + bonus - (lam - peak) ** 2) - (0.01 if density == 0.8 else 0)
-                    rows.append({"init": init, "method": method, "density": density, "lambda": lam, "task": t,
-                                 "score": score, "single": single, "normalized": score / single})
+                    rows.append(
+                        {
+                            "init": init,
+                            "method": method,
+                            "density": density,
+                            "lambda": lam,
+                            "task": t,
+                            "score": score,
+                            "single": single,
+                            "normalized": score / single,
+                        }
+                    )
     return pd.DataFrame(rows)
 
 
@@ -74,8 +93,13 @@ def test_cumulative_energy_figure_ends_at_one():
 
 
 def test_effective_rank_heatmap_shape_and_errors():
-    table = pd.DataFrame([{"task": t, "layer": f"L{i}", "effective_rank": i + k}
-                          for i in range(3) for k, t in enumerate(TASKS)])
+    table = pd.DataFrame(
+        [
+            {"task": t, "layer": f"L{i}", "effective_rank": i + k}
+            for i in range(3)
+            for k, t in enumerate(TASKS)
+        ]
+    )
     fig = viz.effective_rank_heatmap(table)
     z = np.asarray(fig.data[0].z)
     assert z.shape == (3, 3) and list(fig.data[0].x) == TASKS and z[2, 1] == 3
@@ -112,15 +136,29 @@ def test_interference_heatmap_outlines_own_task_and_log_scale():
     assert heat.zmax == 5.0 and heat.zmin == 0
     np.testing.assert_allclose(np.asarray(heat.customdata), m.to_numpy())
     assert fig.layout.yaxis.autorange == "reversed"
-    logged = viz.interference_heatmap(m, log=True, zmax=5.0)
+    logged = viz.interference_heatmap(m, log=True, zmin=0.01, zmax=5.0)
     np.testing.assert_allclose(np.asarray(logged.data[0].z), np.log10(m.to_numpy()))
     assert logged.data[0].zmax == pytest.approx(np.log10(5.0))
+    assert logged.data[0].zmin == pytest.approx(-2.0)
+    lo, hi = viz.matrix_range([m, m * 10, np.array([[0.0, -1.0]])])
+    assert lo == pytest.approx(m.to_numpy().min()) and hi == pytest.approx(m.to_numpy().max() * 10)
     np.testing.assert_allclose(np.asarray(logged.data[0].customdata), m.to_numpy())  # hover: real values
 
 
 def test_own_energy_figure_lines_per_task_and_init():
-    rows = [{"task": t, "layer": layer, "share": 0.1, "random_share": 0.02, "ratio": 5.0 if init == "standard" else 0.5,
-             "init": init} for init in ("standard", "osrm") for t in TASKS for layer in LAYERS]
+    rows = [
+        {
+            "task": t,
+            "layer": layer,
+            "share": 0.1,
+            "random_share": 0.02,
+            "ratio": 5.0 if init == "standard" else 0.5,
+            "init": init,
+        }
+        for init in ("standard", "osrm")
+        for t in TASKS
+        for layer in LAYERS
+    ]
     fig = viz.own_energy_figure(pd.DataFrame(rows))
     assert len(fig.data) == 6 and fig.layout.yaxis.type == "log"
     dashes = {t.name: t.line.dash for t in fig.data}
@@ -134,13 +172,31 @@ def _angles() -> pd.DataFrame:
         for k, layer in enumerate(LAYERS):
             for x in range(3):
                 for y in range(x + 1, 3):
-                    rows.append({"layer": layer, "kind": "data-data", "a": TASKS[x], "b": TASKS[y],
-                                 "min_angle": 10.0 * (x + y) + k, "mean_angle": 50.0, "init": init})
+                    rows.append(
+                        {
+                            "layer": layer,
+                            "kind": "data-data",
+                            "a": TASKS[x],
+                            "b": TASKS[y],
+                            "min_angle": 10.0 * (x + y) + k,
+                            "mean_angle": 50.0,
+                            "init": init,
+                        }
+                    )
             for a in TASKS:
                 for b in TASKS:
                     v = 80.0 if init == "osrm" else 30.0
-                    rows.append({"layer": layer, "kind": "adapter-data", "a": a, "b": b,
-                                 "min_angle": v + k, "mean_angle": v + 5, "init": init})
+                    rows.append(
+                        {
+                            "layer": layer,
+                            "kind": "adapter-data",
+                            "a": a,
+                            "b": b,
+                            "min_angle": v + k,
+                            "mean_angle": v + 5,
+                            "init": init,
+                        }
+                    )
     return pd.DataFrame(rows)
 
 
@@ -179,7 +235,11 @@ def test_sweep_figure_best_point_and_density():
     assert all(t.marker.symbol == "star" for t in best)
     assert len(fig.layout.shapes) == 1  # the normalized = 1 line
     ta = next(t for t in lines if t.name == "task_arithmetic (standard)")
-    assert ta.line.dash == "dash" and list(ta.x) == [0.25, 0.5, 0.75, 1.0]
+    ties = next(t for t in lines if t.name == "ties (osrm)")
+    assert list(ta.x) == [0.25, 0.5, 0.75, 1.0]
+    # colour: the init; dash: the method
+    assert ta.line.color == viz.INIT_COLORS["standard"] and ties.line.color == viz.INIT_COLORS["osrm"]
+    assert ta.line.dash == "solid" and ties.line.dash == "dash"
     # Average over tasks vs one task; density changes TIES only.
     curves = viz.sweep_curves(sweep, density=0.8)
     assert set(curves.loc[curves.method == "ties", "density"]) == {0.8}
@@ -197,8 +257,16 @@ def test_summary_tables_and_figure():
         "results": {
             init: {
                 "single": {"a": 0.9, "b": 0.8},
-                "best": {m: {"lambda": 0.5, "density": None, "scores": {"a": 0.8, "b": 0.7},
-                             "normalized_avg": v, "avg": 0.75} for m, v in (("task_arithmetic", 0.9 + d), ("ties", 0.85 + d))},
+                "best": {
+                    m: {
+                        "lambda": 0.5,
+                        "density": None,
+                        "scores": {"a": 0.8, "b": 0.7},
+                        "normalized_avg": v,
+                        "avg": 0.75,
+                    }
+                    for m, v in (("task_arithmetic", 0.9 + d), ("ties", 0.85 + d))
+                },
             }
             for init, d in (("standard", 0.0), ("osrm", 0.05))
         },
@@ -213,11 +281,18 @@ def test_summary_tables_and_figure():
 
 
 def test_energy_kept_and_layer_ratio_figures():
-    kept = pd.DataFrame([{"adapter": a, "layer": layer, "energy_kept": 0.5} for a in TASKS for layer in LAYERS])
+    kept = pd.DataFrame(
+        [{"adapter": a, "layer": layer, "energy_kept": 0.5} for a in TASKS for layer in LAYERS]
+    )
     fig = viz.energy_kept_figure(kept)
     assert len(fig.data) == 3 and fig.data[0].type == "bar"
-    ratio = pd.DataFrame([{"task": t, "layer": layer, "osrm": 1e-3, "random": 1.0, "ratio": 1e-3}
-                          for t in TASKS for layer in LAYERS[::2]])
+    ratio = pd.DataFrame(
+        [
+            {"task": t, "layer": layer, "osrm": 1e-3, "random": 1.0, "ratio": 1e-3}
+            for t in TASKS
+            for layer in LAYERS[::2]
+        ]
+    )
     fig = viz.layer_ratio_figure(ratio)
     assert len(fig.data) == 3 and fig.layout.yaxis.type == "log"
 

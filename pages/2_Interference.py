@@ -1,0 +1,101 @@
+"""Interference after merging: how much each adapter j responds to task i's features, exactly
+from the statistics (no data run again), standard vs OSRM side by side."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from app_common import init_state, require_run, result_table, show_figure, show_table
+from osrm_core.viz import (
+    INTERFERENCE_VALUES,
+    SUM_OVER_LAYERS,
+    interference_heatmap,
+    interference_view,
+    matrix_range,
+    off_diagonal_sum,
+    own_energy_figure,
+    short_layer,
+)
+
+st.set_page_config(page_title="Interference · OSRM", layout="wide")
+init_state()
+st.title("Interference")
+run = require_run()
+table = result_table(run, "interference.csv")
+if table is None or table.empty:
+    st.info(
+        "This run has no interference table yet (results/interference.csv): run or resume it on the home page."
+    )
+    st.stop()
+
+st.markdown(
+    "After merging, task i's inputs `h_i` also pass through every other adapter: the unwanted "
+    "shift at a layer is `Σ_{j≠i} s_j B_j A_j h_i`. From the statistics, exactly: "
+    "`E‖A_j h_i‖² = tr(A_j Σ_i A_jᵀ)`. Rows are adapters, columns the data they act on; the "
+    "outlined diagonal is each adapter on its own task (wanted), everything else is interference."
+)
+inits = list(dict.fromkeys(table["init"]))
+layers = list(dict.fromkeys(table["layer"]))
+c1, c2, c3 = st.columns([2, 2, 1])
+value = c1.selectbox("Value", list(INTERFERENCE_VALUES), format_func=INTERFERENCE_VALUES.get, key="int_value")
+layer = c2.selectbox(
+    "Layer",
+    [SUM_OVER_LAYERS, *layers],
+    key="int_layer",
+    format_func=lambda n: n if n == SUM_OVER_LAYERS else f"{short_layer(n)} ({n})",
+)
+log = c3.checkbox("log colour scale", value=True, key="int_log")
+shown = st.multiselect(
+    "Inits side by side",
+    inits,
+    default=[i for i in ("standard", "osrm") if i in inits] or inits[:2],
+    key="int_inits",
+)
+
+matrices = {init: interference_view(table[table["init"] == init], value, layer) for init in shown}
+zmin, zmax = matrix_range(matrices.values()) if matrices else (None, None)
+cols = st.columns(max(len(shown), 1))
+label = {"input_norm": "‖A_j h_i‖", "relative_shift": "relative shift"}.get(value, value)
+where = "summed over layers" if layer == SUM_OVER_LAYERS else short_layer(layer)
+for col, (init, m) in zip(cols, matrices.items()):
+    with col:
+        fig = interference_heatmap(
+            m, title=f"{init}: {label}, {where}", value_label=label, zmin=zmin, zmax=zmax, log=log
+        )
+        show_figure(fig, f"interference_{init}_{value}_{where}", f"int_heat_{init}")
+        show_table(m.reset_index(), f"interference_{init}_{value}_{where}", f"int_tab_{init}")
+if {"standard", "osrm"} <= set(matrices):
+    ratio = off_diagonal_sum(matrices["osrm"]) / max(off_diagonal_sum(matrices["standard"]), 1e-300)
+    st.metric(
+        "Off-diagonal interference, OSRM / standard",
+        f"{ratio:.3g}",
+        help=f"{label} summed over the off-diagonal cells ({where})",
+    )
+
+st.subheader("Own-task energy")
+st.markdown(
+    "The price of OSRM: the share of a task's **own** feature energy that its adapter's row space "
+    "sees, relative to a random subspace of the same rank (1 = random). OSRM picks directions the "
+    "other tasks barely use, which can be low-energy for the task itself too."
+)
+own = result_table(run, "own_energy.csv")
+if own is None or own.empty:
+    st.info("No results/own_energy.csv in this run.")
+else:
+    own_inits = st.multiselect(
+        "Inits",
+        list(dict.fromkeys(own["init"])),
+        default=list(dict.fromkeys(own["init"])),
+        key="int_own_inits",
+    )
+    own_shown = own[own["init"].isin(own_inits)]
+    if own_shown.empty:
+        st.info("Choose at least one init.")
+    else:
+        show_figure(
+            own_energy_figure(own_shown, title="Own-task energy share / random"), "own_energy", "int_own"
+        )
+        show_table(own_shown, "own_energy", "int_own_table")
+
+with st.expander("Full interference table"):
+    show_table(table, "interference", "int_full")

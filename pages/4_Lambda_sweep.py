@@ -1,0 +1,63 @@
+"""Merged score against the merge scale lambda, per method, per task or averaged, standard vs
+OSRM, with the best point of each curve marked."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from app_common import init_state, require_run, show_figure, show_table, sweep_table
+from osrm_core.viz import sweep_best, sweep_curves, sweep_figure
+
+st.set_page_config(page_title="Lambda sweep · OSRM", layout="wide")
+init_state()
+st.title("Lambda sweep")
+run = require_run()
+sweep = sweep_table(run)
+if sweep is None:
+    st.info("This run has no merge sweep yet (results/sweep_<init>.csv): run or resume it on the home page.")
+    st.stop()
+
+st.markdown(
+    "Each task keeps its own classification head; the backbone gets `W0 + λ · merge(ΔW_1..ΔW_T)`. "
+    "The normalized score divides a task's merged score by its single-task score (1 = no loss "
+    "from merging). The star marks each curve's best λ."
+)
+AVERAGE = "average over tasks"
+inits = list(dict.fromkeys(sweep["init"]))
+methods = list(dict.fromkeys(sweep["method"]))
+tasks = list(dict.fromkeys(sweep["task"]))
+c1, c2, c3 = st.columns(3)
+shown_inits = c1.multiselect("Inits", inits, default=inits, key="sw_inits")
+shown_methods = c2.multiselect("Methods", methods, default=methods, key="sw_methods")
+task = c3.selectbox("Task", [AVERAGE, *tasks], key="sw_task")
+c1, c2 = st.columns(2)
+y = c1.radio(
+    "Score",
+    ["normalized", "score"],
+    horizontal=True,
+    key="sw_y",
+    format_func={"normalized": "normalized (merged / single)", "score": "raw metric"}.get,
+)
+densities = sorted(float(d) for d in sweep["density"].dropna().unique()) if "density" in sweep else []
+density = None
+if len(densities) > 1:
+    density = c2.select_slider("Density (TIES / DARE)", densities, value=densities[0], key="sw_density")
+elif densities:
+    density = densities[0]
+    c2.caption(f"Density of TIES / DARE: {density:g} (the only one in this run)")
+
+rows = sweep[sweep["init"].isin(shown_inits) & sweep["method"].isin(shown_methods)]
+if rows.empty:
+    st.info("Choose at least one init and one method.")
+    st.stop()
+task_arg = None if task == AVERAGE else task
+fig = sweep_figure(rows, task=task_arg, y=y, density=density, title=f"{y} vs lambda ({task})")
+show_figure(fig, f"sweep_{y}_{task}", "sw_fig")
+
+curves = sweep_curves(rows, task=task_arg, y=y, density=density)
+st.subheader("Best point per init and method")
+show_table(sweep_best(curves, y), f"sweep_best_{y}_{task}", "sw_best")
+with st.expander("Curves (table)"):
+    show_table(curves, f"sweep_curves_{y}_{task}", "sw_curves")
+with st.expander("Full sweep (every task and grid point)"):
+    show_table(rows, "sweep", "sw_full")
