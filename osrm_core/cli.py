@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -42,6 +43,8 @@ def _pairs(values: list[str] | None, flag: str) -> dict[str, str]:
 
 
 def _progress_bar():
+    if _launch_rank()[0] != 0:
+        return None
     from tqdm import tqdm
 
     state: dict = {"bar": None, "message": None}
@@ -83,7 +86,28 @@ def _config_from_args(args, name: str = "run") -> RunConfig:
     return RunConfig.validate_dict(data, where="command line")
 
 
+#: Commands that run data-parallel under torchrun / accelerate launch; the others run on rank 0.
+DISTRIBUTED_COMMANDS = ("demo", "run", "stats", "init", "train")
+
+
+def _launch_rank() -> tuple[int, int]:
+    """(rank, world size) from the launcher's environment, (0, 1) when not launched by one."""
+    from osrm_core.distributed import launched_world_size
+
+    world = launched_world_size()
+    return (int(os.environ.get("RANK", "0")), world) if world > 1 else (0, 1)
+
+
+def _join(config: RunConfig) -> None:
+    """Join the job's process group (no-op in a single process) on the config's device type."""
+    from osrm_core.distributed import init_distributed
+
+    init_distributed(device=config.device)
+
+
 def _emit(args, payload: dict, text: str) -> None:
+    if _launch_rank()[0] != 0:  # one answer per job: rank 0's
+        return
     if args.json:
         print(json.dumps(payload, indent=2, default=str))
     else:
@@ -112,6 +136,7 @@ def cmd_demo(args) -> None:
 
     config = demo_config(quick=args.quick)
     out = args.out or f"runs/{config.name}"
+    _join(config)
     summary = run_experiment(config, out, progress=_progress_bar())
     _emit(args, {"run_dir": out, **summary}, f"run directory: {out}\n" + _summary_text(summary))
 
@@ -121,6 +146,7 @@ def cmd_run(args) -> None:
 
     config = RunConfig.from_yaml(args.config)
     out = args.out or f"runs/{config.name}"
+    _join(config)
     summary = run_experiment(config, out, progress=_progress_bar())
     _emit(args, {"run_dir": out, **summary}, f"run directory: {out}\n" + _summary_text(summary))
 
@@ -131,8 +157,11 @@ def _pipeline(args, name: str):
     if not args.out:
         raise UsageError("--out DIR is required")
     config = _config_from_args(args, name)
+    _join(config)
     pipeline = Pipeline(config, args.out, progress=_progress_bar())
-    pipeline.run.create(config)
+    from osrm_core.distributed import run_on_main
+
+    run_on_main(lambda: pipeline.run.create(config), "creating the run directory")
     return pipeline
 
 
@@ -160,6 +189,8 @@ def cmd_train(args) -> None:
     results = {}
     for init in pipeline.config.inits:
         pipeline.stage_adapters(init)
+        if _launch_rank()[0] != 0:
+            continue
         for task in pipeline.config.tasks:
             path = pipeline.run.adapter_path(init, task.name) / "train.json"
             results.setdefault(init, {})[task.name] = json.loads(path.read_text())["test_score"]
@@ -286,6 +317,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="osrm", description="OSRM workbench: LoRA interference, OSRM init, merging.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument(
+        "--dist-timeout", type=float, default=None, metavar="SECONDS",
+        help="under torchrun/accelerate launch: how long a rank waits for the others before failing "
+             "(default $OSRM_DIST_TIMEOUT or 1800)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p, *, tasks=True, adapters=False):
@@ -368,23 +404,44 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Under ``torchrun``/``accelerate launch`` every rank runs it: the
+    commands of :data:`DISTRIBUTED_COMMANDS` share the work, the others run on rank 0 alone;
+    rank 0 alone writes and prints, and an error names the rank it happened on."""
+    from osrm_core.distributed import close_distributed
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "rank", None) is not None and args.rank < 1:
         print(f"error: --rank must be >= 1, got {args.rank}", file=sys.stderr)
         return 2
+    if args.dist_timeout is not None:
+        if not args.dist_timeout > 0:
+            print(f"error: --dist-timeout must be > 0 seconds, got {args.dist_timeout:g}", file=sys.stderr)
+            return 2
+        os.environ["OSRM_DIST_TIMEOUT"] = str(args.dist_timeout)
+    try:
+        rank, world = _launch_rank()
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if rank != 0 and args.command not in DISTRIBUTED_COMMANDS:
+        return 0  # a single-process command: rank 0 does it
+    where = f"rank {rank}/{world}: " if world > 1 else ""
     try:
         args.func(args)
     except (UsageError, ConfigError, DataError, ValueError, TypeError, FileNotFoundError) as err:
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {where}{message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
     except Exception as err:  # an internal failure: one line, exit 1
-        print(f"internal error: {type(err).__name__}: {err}", file=sys.stderr)
+        message = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        print(f"internal error: {where}{type(err).__name__}: {message}", file=sys.stderr)
         return 1
+    finally:
+        close_distributed()
     return 0
 
 

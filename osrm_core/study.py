@@ -175,6 +175,18 @@ def run_study(study: StudyConfig, out: str | Path, *, progress: Progress | None 
     return out / "report.md"
 
 
+def find_studies(run_path: str | Path) -> list[Path]:
+    """Study folders (with a report) in a run's ``studies/`` or the folder itself, newest first."""
+    root = Path(run_path)
+    found = [p for p in [root, *sorted((root / "studies").glob("*"))] if (p / "report.md").is_file()]
+    return sorted(found, key=lambda p: (p / "report.md").stat().st_mtime, reverse=True)
+
+
+def load_study_tables(path: str | Path) -> dict[str, pd.DataFrame]:
+    """The CSV tables a study's report was built from, by name."""
+    return {p.stem: pd.read_csv(p) for p in sorted((Path(path) / "tables").glob("*.csv"))}
+
+
 def pairwise_loss(pipeline: Pipeline, lam: float) -> pd.DataFrame:
     """Measured loss of task i when merged with task j alone (task arithmetic at ``lam``)."""
     from osrm_core.evaluate import SweepEngine

@@ -877,3 +877,34 @@ def toy_figure(
 def figure_html(fig: go.Figure) -> str:
     """A standalone HTML page of ``fig`` that works offline (plotly.js included)."""
     return fig.to_html(include_plotlyjs=True, full_html=True)
+
+
+# --------------------------------------------------------------------------- study
+
+
+def study_curve_figure(curves: pd.DataFrame, *, title: str = "") -> go.Figure:
+    """Normalized average against lambda per init (and constraint), mean over seeds with a band
+    of one standard deviation.
+
+    ``curves`` has columns ``init, constraint, lambda, mean, std``.
+    """
+    fig = go.Figure()
+    for k, ((init, constraint), g) in enumerate(curves.groupby(["init", "constraint"], sort=False)):
+        g = g.sort_values("lambda")
+        label = init if constraint == "none" else f"{init} ({constraint})"
+        color = color_of(init, k)
+        std = g["std"].fillna(0.0)
+        fig.add_trace(go.Scatter(
+            x=np.concatenate([g["lambda"], g["lambda"][::-1]]),
+            y=np.concatenate([g["mean"] + std, (g["mean"] - std)[::-1]]),
+            fill="toself", line={"width": 0}, fillcolor=color, opacity=0.15,
+            hoverinfo="skip", showlegend=False, legendgroup=label,
+        ))
+        fig.add_trace(go.Scatter(
+            x=g["lambda"], y=g["mean"], mode="lines+markers", name=label, legendgroup=label,
+            line={"color": color, "dash": "dash" if constraint != "none" else "solid"},
+            customdata=std, hovertemplate=f"{label}<br>λ=%{{x}}<br>normalized=%{{y:.3f}} ± %{{customdata:.3f}}<extra></extra>",
+        ))
+    fig.update_xaxes(title="lambda")
+    fig.update_yaxes(title="normalized average (merged / single)")
+    return _finish(fig, title)

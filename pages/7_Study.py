@@ -1,0 +1,75 @@
+"""The evidence study of the open run: does OSRM keep tasks after merging, and when? Shows the
+latest study's findings, tables and curves, and runs a quick study on this run's tasks."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from app_common import init_state, progress_callbacks, require_run, show_figure, show_table
+from osrm_core.study import find_studies, load_study_tables, quick_study_config, run_study
+from osrm_core.viz import study_curve_figure
+
+st.set_page_config(page_title="Study · OSRM", layout="wide")
+init_state()
+st.title("Study")
+run = require_run()
+st.markdown(
+    "A study reruns this run's tasks over inits (standard, OSRM, the mean-null-space variant, "
+    "`osrm_gen`, EVA), training constraints, seeds, samples for the statistics, rank and the "
+    "learning rate of A, and answers the paper's questions: merged scores, single-task cost, "
+    "robustness to λ, and whether exact interference predicts the loss from merging. "
+    "Command line: `osrm study STUDY.yaml --out RUN/studies/NAME`."
+)
+
+with st.expander("Run a quick study on this run's tasks"):
+    quick = quick_study_config(run.config())
+    st.caption(
+        f"{len(quick.inits)} inits × {len(quick.seeds)} seeds, {quick.base.train.steps} steps each; "
+        f"written to {run.path / 'studies' / quick.name}. Resumes where it stopped."
+    )
+    if st.button("Run quick study", key="study_run"):
+        with st.status("Running the study ...", expanded=True) as status:
+            progress, on_stage = progress_callbacks(status, n_stages=1)
+            try:
+                run_study(quick, run.path / "studies" / quick.name, progress=progress, on_stage=status.write)
+            except ValueError as err:
+                status.update(label="Study failed", state="error")
+                st.error(str(err))
+            else:
+                status.update(label="Study finished", state="complete")
+
+studies = find_studies(run.path)
+if not studies:
+    st.info("This run has no study yet: run the quick study above, or `osrm study` from the command line.")
+    st.stop()
+chosen = st.selectbox("Study", studies, format_func=lambda p: p.name, key="study_pick")
+tables = load_study_tables(chosen)
+report = (chosen / "report.md").read_text(encoding="utf-8")
+findings = report.split("## Findings", 1)[-1].split("\n## ", 1)[0] if "## Findings" in report else ""
+if findings.strip():
+    st.subheader("Findings")
+    st.markdown(findings)
+
+curves = tables.get("curves")
+if curves is not None and not curves.empty:
+    main = curves[curves["group"] == "main"]
+    method = st.selectbox("Merge method", sorted(main["method"].unique()), key="study_method")
+    g = main[main["method"] == method]
+    mean = g.groupby(["init", "constraint", "lambda"])["normalized_avg"].agg(["mean", "std"]).reset_index()
+    show_figure(study_curve_figure(mean, title=f"{method}: normalized average vs lambda"), f"study_{method}", "study_fig")
+
+titles = {
+    "q1_merged": "1. Merged normalized score (best λ), mean and spread over seeds",
+    "q2_single": "2. Single-task scores",
+    "q4_samples": "4. Samples per task for the statistics",
+    "q5_rank": "5. Rank",
+    "q6_prediction": "6. Exact interference vs measured loss (Spearman)",
+    "q7_own_energy": "7. Own-task energy seen by A",
+    "q7_a_lr_scale": "7. Learning-rate scale of A",
+}
+for name, title in titles.items():
+    if name in tables:
+        st.subheader(title)
+        show_table(tables[name], name, f"study_{name}")
+with st.expander("Full report (markdown)"):
+    st.markdown(report)
