@@ -20,26 +20,21 @@ import copy
 import io
 import os
 import re
-import stat
 import tempfile
 import zipfile
-import zlib
 from collections.abc import Callable, Sequence
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import streamlit as st
 
 from osrm_core.adapters import Adapter, AdapterError, check_against_model, read_adapter_dir
+from osrm_core.archive import MAX_UNZIPPED_BYTES, ArchiveError, find_root_with, safe_extract_zip
 from osrm_core.data import DataError, Split, TaskData, from_dataframes
 from osrm_core.runs import ConfigError, RunDir, build_summary
 from osrm_core.viz import figure_html, group_label
 
-#: Uncompressed size cap of an uploaded zip (runs and adapters), bytes.
-MAX_UNZIPPED_BYTES = 1 << 30
-#: Most members an uploaded zip may hold.
-MAX_ZIP_MEMBERS = 20_000
 RUN_INFO = "Open or create a run on the home page"
 
 
@@ -283,89 +278,6 @@ def show_table(df: pd.DataFrame, name: str, key: str, **kwargs) -> None:
 
 
 # --------------------------------------------------------------------------- zips
-
-
-class ArchiveError(ValueError):
-    """An uploaded archive is broken, too large or unsafe; the message says which."""
-
-
-_DRIVE = re.compile(r"^[A-Za-z]:")
-
-
-def check_member_name(name: str) -> None:
-    """Refuse absolute paths, ``..``, backslashes, drive letters and NUL in a zip member name."""
-    if not name or "\x00" in name:
-        raise ArchiveError(f"archive member {name!r} has an empty or invalid name")
-    if name.startswith(("/", "\\")) or _DRIVE.match(name):
-        raise ArchiveError(f"archive member {name!r} has an absolute path")
-    if "\\" in name:
-        raise ArchiveError(f"archive member {name!r} contains a backslash")
-    if ".." in PurePosixPath(name).parts:
-        raise ArchiveError(f"archive member {name!r} leaves the archive folder ('..')")
-
-
-def safe_extract_zip(
-    source: bytes,
-    dest: str | Path,
-    *,
-    max_bytes: int = MAX_UNZIPPED_BYTES,
-    max_members: int = MAX_ZIP_MEMBERS,
-) -> Path:
-    """Extract a zip (bytes) into ``dest`` after checking every member.
-
-    Refused: not a zip, more than ``max_members`` members, a member name that is absolute or
-    holds ``..``, a symbolic link, more than ``max_bytes`` uncompressed (by the headers and
-    again while writing, so a lying header cannot get past), encrypted members.
-    """
-    try:
-        zf = zipfile.ZipFile(io.BytesIO(source))
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError):
-        raise ArchiveError("not a valid zip archive") from None
-    dest = Path(dest).resolve()
-    with zf:
-        infos = zf.infolist()
-        if len(infos) > max_members:
-            raise ArchiveError(f"the archive holds {len(infos)} members; at most {max_members} are allowed")
-        total = 0
-        for info in infos:
-            check_member_name(info.filename)
-            if stat.S_ISLNK(info.external_attr >> 16):
-                raise ArchiveError(f"archive member {info.filename!r} is a symbolic link")
-            if info.flag_bits & 0x1:
-                raise ArchiveError(f"archive member {info.filename!r} is encrypted")
-            total += info.file_size
-            if total > max_bytes:
-                raise ArchiveError(f"the archive unpacks to more than {max_bytes >> 20} MiB")
-        dest.mkdir(parents=True, exist_ok=True)
-        written = 0
-        try:
-            for info in infos:
-                target = (dest / info.filename).resolve()
-                if not target.is_relative_to(dest):
-                    raise ArchiveError(f"archive member {info.filename!r} leaves the archive folder")
-                if info.is_dir():
-                    target.mkdir(parents=True, exist_ok=True)
-                    continue
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with zf.open(info) as src, open(target, "wb") as out:
-                    while chunk := src.read(1 << 20):
-                        written += len(chunk)
-                        if written > max_bytes:
-                            raise ArchiveError(f"the archive unpacks to more than {max_bytes >> 20} MiB")
-                        out.write(chunk)
-        except (zipfile.BadZipFile, zlib.error, EOFError, RuntimeError, NotImplementedError) as err:
-            raise ArchiveError(f"the archive is damaged ({err})") from None
-    return dest
-
-
-def find_root_with(root: Path, filename: str) -> Path:
-    """The one folder under ``root`` (itself included) that holds ``filename``."""
-    hits = [p.parent for p in Path(root).rglob(filename) if "__MACOSX" not in p.parts]
-    if not hits:
-        raise ArchiveError(f"the archive holds no {filename}")
-    if len(hits) > 1:
-        raise ArchiveError(f"the archive holds {len(hits)} folders with {filename}; upload one per archive")
-    return hits[0]
 
 
 def zip_directory(path: str | Path) -> bytes:

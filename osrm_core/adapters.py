@@ -247,45 +247,6 @@ def write_adapter(
 
 # --------------------------------------------------------------------------- safe loading
 
-#: Limits for uploaded adapter zips.
-MAX_ZIP_BYTES = 1 << 30
-MAX_ZIP_FILES = 64
-MAX_ZIP_RATIO = 200
-
-
-def safe_extract_zip(zip_path: str | Path, dest: str | Path) -> Path:
-    """Extract a zip after checking it: size, file count, compression ratio, no absolute paths,
-    no ``..``, no links. Returns the folder holding ``adapter_config.json`` (or ``dest``)."""
-    import stat
-    import zipfile
-
-    zip_path, dest = Path(zip_path), Path(dest)
-    try:
-        zf = zipfile.ZipFile(zip_path)
-    except (zipfile.BadZipFile, OSError) as err:
-        raise AdapterError(f"{zip_path.name}: not a valid zip file ({err})") from None
-    with zf:
-        infos = zf.infolist()
-        if len(infos) > MAX_ZIP_FILES:
-            raise AdapterError(f"{zip_path.name}: {len(infos)} files, more than the {MAX_ZIP_FILES} allowed")
-        total = sum(i.file_size for i in infos)
-        if total > MAX_ZIP_BYTES:
-            raise AdapterError(f"{zip_path.name}: unpacks to {total >> 20} MiB, more than {MAX_ZIP_BYTES >> 20} MiB")
-        for info in infos:
-            name = info.filename
-            parts = Path(name).parts
-            if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":") or ".." in parts:
-                raise AdapterError(f"{zip_path.name}: member {name!r} points outside the archive")
-            if stat.S_ISLNK(info.external_attr >> 16):
-                raise AdapterError(f"{zip_path.name}: member {name!r} is a link; links are not allowed")
-            if info.compress_size and info.file_size / info.compress_size > MAX_ZIP_RATIO:
-                raise AdapterError(f"{zip_path.name}: member {name!r} is compressed suspiciously well (zip bomb?)")
-        dest.mkdir(parents=True, exist_ok=True)
-        zf.extractall(dest)
-    configs = sorted(dest.rglob("adapter_config.json"), key=lambda p: len(p.parts))
-    return configs[0].parent if configs else dest
-
-
 def load_adapter(
     path: str | Path, base_model: nn.Module | None = None, *, allow_pickle: bool = False
 ) -> Adapter:
@@ -303,8 +264,14 @@ def load_adapter(
     if path.is_dir():
         adapter = read_adapter_dir(path, allow_pickle=allow_pickle)
     elif zipfile.is_zipfile(path):
+        from osrm_core.archive import ArchiveError, find_root_with, safe_extract_zip
+
         with tempfile.TemporaryDirectory(prefix="osrm-adapter-") as tmp:
-            adapter = read_adapter_dir(safe_extract_zip(path, tmp), allow_pickle=allow_pickle)
+            try:
+                root = find_root_with(safe_extract_zip(path, tmp), "adapter_config.json")
+            except ArchiveError as err:
+                raise AdapterError(f"{path.name}: {err}") from None
+            adapter = read_adapter_dir(root, allow_pickle=allow_pickle)
     else:
         raise AdapterError(f"adapter {path.name!r} must be a PEFT adapter folder or a .zip of one")
     if base_model is not None:

@@ -82,17 +82,22 @@ class StudyConfig(BaseModel):
 
 
 def quick_study_config(base: RunConfig | None = None) -> StudyConfig:
-    """A small study (minutes on a CPU): the demo tasks, fewer steps, one extra seed."""
+    """A small study (a few minutes on a CPU): short training, one seed, a coarse lambda grid.
+
+    A hint, not evidence: the full study varies seeds, ranks and the learning rate of A.
+    """
     from osrm_core.runs import demo_config
 
     base = base or demo_config(quick=True)
-    base = base.model_copy(update={"merge": base.merge.model_copy(update={"methods": ["task_arithmetic", "ties"]})})
+    train = base.train.model_copy(update={"steps": min(base.train.steps, 40)})
+    merge = base.merge.model_copy(update={"methods": ["task_arithmetic", "ties"], "lambdas": [0.3, 0.6, 1.0]})
+    base = base.model_copy(update={"train": train, "merge": merge, "max_test": min(base.max_test or 100, 100)})
     return StudyConfig(
         name="study-quick",
         base=base,
         inits=["standard", "osrm", "osrm_gen"],
         constraints=["none"],
-        seeds=[0, 1],
+        seeds=[base.seed],
         sample_sizes=[16, base.samples],
         ranks=[base.rank],
         a_lr_scales=[1.0],

@@ -19,7 +19,8 @@ import yaml
 from fixtures_run import SMALL_TASKS, small_run_fixture  # noqa: F401  (the small_run fixture)
 from streamlit.testing.v1 import AppTest
 
-from app_common import RUN_INFO, ArchiveError, safe_extract_zip, zip_directory
+from app_common import RUN_INFO, zip_directory
+from osrm_core.archive import ArchiveError, safe_extract_zip
 from osrm_core.demo import demo_task
 from osrm_core.runs import demo_config
 
