@@ -15,6 +15,7 @@ from osrm_core.diagnostics import (
     principal_angles,
     summed_interference,
 )
+from osrm_core.distributed import DistributedError, dist_info, init_distributed
 from osrm_core.init import (
     INIT_METHODS,
     init_lora,
@@ -25,7 +26,7 @@ from osrm_core.init import (
 )
 from osrm_core.models import find_target_layers, load_base_model, resolve_device
 from osrm_core.spectra import Spectrum, feature_spectra, symmetric_eigh
-from osrm_core.stats import FeatureStats, LayerStats, collect_feature_stats
+from osrm_core.stats import FeatureStats, LayerStats, collect_feature_stats, write_feature_stats
 
 __version__ = "0.1.0"
 
@@ -35,6 +36,7 @@ __all__ = [
     "Adapter",
     "AdapterError",
     "DataError",
+    "DistributedError",
     "FeatureStats",
     "LayerStats",
     "LoraWeights",
@@ -45,9 +47,11 @@ __all__ = [
     "collect_feature_stats",
     "demo_task",
     "demo_tasks",
+    "dist_info",
     "feature_spectra",
     "find_target_layers",
     "from_dataframes",
+    "init_distributed",
     "init_lora",
     "interference_matrix",
     "interference_table",
@@ -66,4 +70,5 @@ __all__ = [
     "summed_interference",
     "symmetric_eigh",
     "task_subspaces",
+    "write_feature_stats",
 ]

@@ -138,7 +138,8 @@ def cmd_demo(args) -> None:
     out = args.out or f"runs/{config.name}"
     _join(config)
     summary = run_experiment(config, out, progress=_progress_bar())
-    _emit(args, {"run_dir": out, **summary}, f"run directory: {out}\n" + _summary_text(summary))
+    if summary:  # the other ranks of a data-parallel job return an empty summary
+        _emit(args, {"run_dir": out, **summary}, f"run directory: {out}\n" + _summary_text(summary))
 
 
 def cmd_run(args) -> None:
@@ -148,7 +149,8 @@ def cmd_run(args) -> None:
     out = args.out or f"runs/{config.name}"
     _join(config)
     summary = run_experiment(config, out, progress=_progress_bar())
-    _emit(args, {"run_dir": out, **summary}, f"run directory: {out}\n" + _summary_text(summary))
+    if summary:  # the other ranks of a data-parallel job return an empty summary
+        _emit(args, {"run_dir": out, **summary}, f"run directory: {out}\n" + _summary_text(summary))
 
 
 def _pipeline(args, name: str):

@@ -21,7 +21,7 @@ from torch import nn
 from osrm_core.adapters import Adapter
 from osrm_core.batching import iter_batches, move_batch
 from osrm_core.data import Split, TaskData
-from osrm_core.models import head_module_names, weight_as_linear
+from osrm_core.models import decoder_position_ids, head_module_names, weight_as_linear
 from osrm_core.stats import FeatureStats
 
 Progress = Callable[[int, int, str], None]
@@ -56,7 +56,7 @@ def predict(
         batches, order = tokenize_for_eval(tokenizer, split, batch_size, max_length)
     preds = []
     for batch in batches:
-        preds.append(model(**move_batch(batch, device)).logits.argmax(-1).cpu())
+        preds.append(model(**move_batch(decoder_position_ids(batch, model), device)).logits.argmax(-1).cpu())
     out = np.empty(len(order), dtype=np.int64)
     out[order] = torch.cat(preds).numpy()
     return out

@@ -20,7 +20,7 @@ import scipy.linalg
 import torch
 from torch import nn
 
-from osrm_core.models import find_target_layers, head_module_names
+from osrm_core.models import find_target_layers, head_module_names, layer_devices
 from osrm_core.spectra import Moment, fix_signs, symmetric_eigh
 from osrm_core.stats import FeatureStats, check_same_layers
 
@@ -71,6 +71,19 @@ def rest_moment(
     return {n: out[n] for n in names}
 
 
+#: Where an eigendecomposition runs: None (where the statistics are), one device, or a device per
+#: layer name (:func:`osrm_core.models.layer_devices`: each on the device of its layer).
+Placement = torch.device | str | dict[str, torch.device] | None
+
+
+def _device_for(placement: Placement, name: str, fallback: torch.device) -> torch.device:
+    if placement is None:
+        return fallback
+    if isinstance(placement, dict):
+        return torch.device(placement.get(name, fallback))
+    return torch.device(placement)
+
+
 def _per_group(stats: FeatureStats, fn) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for group in stats.groups():
@@ -85,6 +98,7 @@ def osrm_subspace(
     rank: int,
     weighting: Weighting = "equal",
     moment: Moment = "second_moment",
+    device: Placement = None,
 ) -> dict[str, torch.Tensor]:
     """OSRM's ``A`` per layer: eigenvectors of the ``rank`` smallest eigenvalues of ``S_rest``.
 
@@ -96,33 +110,46 @@ def osrm_subspace(
     weighting : {"equal", "tokens"}
         Each other task counts the same, or in proportion to its token count.
     moment : {"second_moment", "covariance"}
+    device : device, or dict of layer name to device, optional
+        Where each layer's ``S_rest`` is formed and decomposed (default: where the statistics
+        are). One layer's matrices are moved there at a time, so a GPU holds only those.
 
     Returns
     -------
-    dict of str to tensor of shape (rank, d_in), float64, orthonormal rows
+    dict of str to tensor of shape (rank, d_in), float64, orthonormal rows, on that device
     """
-    rest = rest_moment(other_stats, weighting, moment)
+    _check_others(other_stats)
+    check_same_layers(other_stats)
+    if moment not in ("second_moment", "covariance"):
+        raise ValueError(f"moment must be 'second_moment' or 'covariance', got {moment!r}")
 
     def subspace(name: str) -> torch.Tensor:
-        _check_rank(rank, rest[name].shape[0], name)
-        return symmetric_eigh(rest[name]).smallest(rank)
+        dev = _device_for(device, name, other_stats[0].layers[name].sum.device)
+        mats = [getattr(s.layers[name].to(dev), moment) for s in other_stats]
+        rest = _combine(mats, [s.layers[name].count for s in other_stats], weighting)
+        _check_rank(rank, rest.shape[0], name)
+        return symmetric_eigh(rest).smallest(rank)
 
     return _per_group(other_stats[0], subspace)
 
 
 def osrm_mean_subspace(
-    other_stats: list[FeatureStats], rank: int, weighting: Weighting = "equal"
+    other_stats: list[FeatureStats], rank: int, weighting: Weighting = "equal", device: Placement = None
 ) -> dict[str, torch.Tensor]:
     """The reference code's variant: the null space of the other tasks' per-sample mean features.
 
     The last ``rank`` right singular vectors of the stacked per-sample means (padding excluded)
-    are the eigenvectors of the ``rank`` smallest eigenvalues of ``sum m m^T``.
+    are the eigenvectors of the ``rank`` smallest eigenvalues of ``sum m m^T``. ``device`` as in
+    :func:`osrm_subspace`.
     """
     _check_others(other_stats)
     check_same_layers(other_stats)
 
     def subspace(name: str) -> torch.Tensor:
-        mats = [s.layers[name].sum_sample_mean_outer / max(s.layers[name].n_samples, 1) for s in other_stats]
+        dev = _device_for(device, name, other_stats[0].layers[name].sum.device)
+        mats = [
+            s.layers[name].sum_sample_mean_outer.to(dev) / max(s.layers[name].n_samples, 1) for s in other_stats
+        ]
         combined = _combine(mats, [s.layers[name].n_samples for s in other_stats], weighting)
         _check_rank(rank, combined.shape[0], name)
         return symmetric_eigh(combined).smallest(rank)
@@ -136,12 +163,16 @@ def osrm_gen_subspace(
     rank: int,
     eps: float = 1e-2,
     weighting: Weighting = "equal",
+    device: Placement = None,
 ) -> dict[str, torch.Tensor]:
     """Our variant: most own-task feature energy per unit of the other tasks' energy.
 
     Solves ``S_own v = mu (S_rest + eps * mean_eig(S_rest) * I) v`` and returns an orthonormal
     basis of the top ``rank`` generalized eigenvectors' span, rotated so that row ``k`` carries
     the ``k``-th most own-task energy within it.
+
+    The generalized eigenproblem is solved by scipy on the CPU; the result is moved to
+    ``device`` (as in :func:`osrm_subspace`).
 
     Returns
     -------
@@ -163,7 +194,7 @@ def osrm_gen_subspace(
         q, _ = torch.linalg.qr(torch.from_numpy(vecs).to(s_own))
         inner = symmetric_eigh(q.T @ s_own @ q)
         basis = q @ inner.eigenvectors.flip(1)
-        return fix_signs(basis).T.contiguous()
+        return fix_signs(basis).T.contiguous().to(_device_for(device, name, s_own.device))
 
     return _per_group(own_stats, subspace)
 
@@ -196,8 +227,13 @@ def lora_config(
     *,
     dropout: float = 0.0,
     modules_to_save: list[str] | None = None,
+    fan_in_fan_out: bool = False,
 ):
-    """The peft ``LoraConfig`` for ``method`` (OSRM variants start from peft's default init)."""
+    """The peft ``LoraConfig`` for ``method`` (OSRM variants start from peft's default init).
+
+    ``fan_in_fan_out`` must be True when the targets are GPT-2 ``Conv1D`` layers (weight stored
+    as (d_in, d_out)); :func:`init_lora` sets it from the model.
+    """
     from peft import EvaConfig, LoraConfig, TaskType
 
     init_weights: object = {"eva": "eva", "pissa": "pissa"}.get(method, True)
@@ -210,6 +246,7 @@ def lora_config(
         target_modules=target_modules,
         init_lora_weights=init_weights,
         modules_to_save=modules_to_save,
+        fan_in_fan_out=fan_in_fan_out,
         **extra,
     )
 
@@ -269,6 +306,8 @@ def init_lora(
     for t in targets:
         _check_rank(rank, min(t.d_in, t.d_out), t.name)
     if method in OSRM_METHODS and subspaces is None:
+        # Decompose each layer's matrices on the device of that layer (GPUs of a large model).
+        subspace_options.setdefault("device", layer_devices(model, [t.name for t in targets]))
         if other_stats is None or (method == "osrm_gen" and own_stats is None):
             raise ValueError(
                 f"method {method!r} needs subspaces, or other_stats"
@@ -300,6 +339,7 @@ def init_lora(
         [t.name for t in targets],
         dropout=dropout,
         modules_to_save=head_module_names(model),
+        fan_in_fan_out=any(t.fan_in_fan_out for t in targets),
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -32,6 +32,10 @@ TARGET_MODULES_BY_TYPE: dict[str, list[str]] = {
     "gpt2": ["c_attn"],
 }
 
+#: Decoder LMs: causal attention, positions counted from the first token. With left padding
+#: their position ids are recomputed from the attention mask (see :func:`decoder_position_ids`).
+DECODER_TYPES = frozenset({"llama", "mistral", "qwen2", "gemma", "phi3", "gpt2"})
+
 #: Module names of classification heads: they are trained per task and never merged.
 HEAD_MODULES = ("classifier", "score")
 
@@ -218,3 +222,39 @@ def weight_as_linear(module: nn.Module) -> torch.Tensor:
 def head_module_names(model: nn.Module) -> list[str]:
     """Names of the classification head modules present on ``model`` (``classifier``/``score``)."""
     return [n for n in HEAD_MODULES if hasattr(model, n)]
+
+
+def model_type(model: nn.Module) -> str | None:
+    """``config.model_type`` of a model (through a PEFT wrapper too), or None."""
+    return getattr(getattr(model, "config", None), "model_type", None)
+
+
+def is_decoder(model: nn.Module) -> bool:
+    """True for the decoder LM families of :data:`DECODER_TYPES` (LLaMA, GPT-2, ...)."""
+    return model_type(model) in DECODER_TYPES
+
+
+def decoder_position_ids(batch: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """``batch`` with ``position_ids`` counted over real tokens, for a left-padded decoder LM.
+
+    A decoder numbers positions from the first column, pads included, so left padding would
+    shift every real token (GPT-2's learned positions then change the features; rotary
+    positions change them only by rounding). Counting positions over real tokens, as
+    generation does, gives each example the features it has alone. Right-padded batches,
+    batches that bring their own ``position_ids`` and encoder models are returned unchanged.
+    """
+    mask = batch.get("attention_mask")
+    if mask is None or "position_ids" in batch or not is_decoder(model) or bool(mask[:, 0].all()):
+        return batch
+    return {**batch, "position_ids": (mask.long().cumsum(-1) - 1).clamp_min(0)}
+
+
+def layer_devices(model: nn.Module, names: list[str] | None = None) -> dict[str, torch.device]:
+    """The device of each adapted layer's weight (several with ``device_map="auto"``)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = names if names is not None else [t.name for t in find_target_layers(inner)]
+    out = {}
+    for name in names:
+        module = get_module(inner, name)
+        out[name] = getattr(module, "base_layer", module).weight.device
+    return out

@@ -33,8 +33,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from osrm_core.adapters import Adapter, read_adapter_dir
 from osrm_core.atomic import atomic_path, write_json, write_text
 from osrm_core.data import TaskData, parse_task_spec
+from osrm_core.distributed import (
+    barrier,
+    broadcast_object,
+    dist_info,
+    is_main_process,
+    local_device,
+    run_on_main,
+)
 from osrm_core.init import INIT_METHODS, OSRM_METHODS, init_lora, rest_moment, task_subspaces
-from osrm_core.stats import FeatureStats, collect_feature_stats
+from osrm_core.stats import FeatureStats, collect_feature_stats, write_feature_stats
 from osrm_core.train import TrainConfig, adapter_of, finetune, save_adapter
 
 Progress = Callable[[int, int, str], None]
@@ -120,6 +128,15 @@ class RunConfig(BaseModel):
     merge: MergeSettings = Field(default_factory=MergeSettings)
     seed: int = 0
     device: str = "cpu"
+    device_map: str | None = Field(
+        None, description="'auto' spreads a model too large for one device over all of them"
+    )
+    stats_dtype: Literal["float64", "float32"] = Field(
+        "float64", description="accumulation dtype of the feature statistics (float32 halves their memory)"
+    )
+    layers_per_pass: int | None = Field(
+        None, ge=1, description="collect statistics this many layer inputs per pass, each written to disk when done"
+    )
 
     @field_validator("inits")
     @classmethod
@@ -238,6 +255,13 @@ class RunDir:
     def stats_path(self, task: str) -> Path:
         return self.path / "stats" / f"{task}.safetensors"
 
+    def stats_dir(self, task: str) -> Path:
+        """Statistics written one pass at a time (``layers_per_pass``): ``part-NNNN.safetensors``."""
+        return self.path / "stats" / task
+
+    def has_stats(self, task: str) -> bool:
+        return self.stats_path(task).is_file() or any(self.stats_dir(task).glob("part-*.safetensors"))
+
     def adapter_path(self, init: str, task: str) -> Path:
         return self.path / "adapters" / init / task
 
@@ -304,9 +328,10 @@ class RunDir:
 
     # reading results
     def load_stats(self) -> dict[str, FeatureStats]:
-        return {
-            p.stem: FeatureStats.load(p) for p in sorted((self.path / "stats").glob("*.safetensors"))
-        }
+        root = self.path / "stats"
+        found = {p.stem: p for p in root.glob("*.safetensors")}
+        found.update({p.name: p for p in root.glob("*") if p.is_dir() and any(p.glob("part-*.safetensors"))})
+        return {name: FeatureStats.load(found[name]) for name in sorted(found)}
 
     def load_adapters(self, init: str) -> dict[str, Adapter]:
         root = self.path / "adapters" / init
@@ -373,13 +398,23 @@ class Pipeline:
         return self._tasks
 
     def base_model(self, num_labels: int = 2):
-        """A fresh copy of the base model with a ``num_labels`` head (loaded once per size)."""
+        """A fresh copy of the base model with a ``num_labels`` head (loaded once per size).
+
+        With ``device_map`` the model is loaded anew each time instead (a copy of a large model
+        would double its memory). In a data-parallel job each process uses its own GPU.
+        """
         from osrm_core.models import load_base_model
 
+        device = local_device(self.config.device)
+        if self.config.device_map is not None:
+            if dist_info().active:
+                raise ValueError(
+                    "device_map spreads one model over all devices, so it needs one process: launch "
+                    "without torchrun, or drop device_map and set device: cuda (one GPU per process)"
+                )
+            return load_base_model(self.config.model, num_labels=num_labels, device_map=self.config.device_map)
         if num_labels not in self._models:
-            self._models[num_labels] = load_base_model(
-                self.config.model, num_labels=num_labels, device=self.config.device
-            )
+            self._models[num_labels] = load_base_model(self.config.model, num_labels=num_labels, device=device)
         model, tokenizer = self._models[num_labels]
         fresh = copy.deepcopy(model)
         fresh.name_or_path_ = model.name_or_path_
@@ -387,10 +422,15 @@ class Pipeline:
 
     # ---- stages
     def run_all(self) -> dict:
-        self.run.create(self.config)
+        """Every stage. In a data-parallel job (torchrun, accelerate launch) all ranks share the
+        statistics and the fine-tuning; rank 0 alone writes the run directory, then runs the
+        sweeps, diagnostics and summary while the other ranks return an empty dict."""
+        run_on_main(lambda: self.run.create(self.config), "creating the run directory")
         self.stage_stats()
         for init in self.config.inits:
             self.stage_adapters(init)
+        if not is_main_process():
+            return {}
         for init in self.config.inits:
             self.stage_sweep(init)
         self.stage_diagnostics()
@@ -400,56 +440,96 @@ class Pipeline:
         if self.progress:
             self.progress(step, total, message)
 
+    def _done(self, key: str, ready: Callable[[], bool]) -> bool:
+        """Whether unit ``key`` is finished, as rank 0 sees it (every rank takes the same path)."""
+        return broadcast_object(self.run.is_done(key) and ready() if is_main_process() else None, f"checking {key}")
+
     def stage_stats(self) -> dict[str, FeatureStats]:
+        """Each task's statistics (data-parallel when launched so; rank 0 writes them).
+
+        Returns the statistics of every task on rank 0 and an empty dict on the other ranks.
+        """
         self.on_stage("statistics")
+        cfg = self.config
         tasks = self.tasks()
+        main = is_main_process()
         for i, task in enumerate(tasks):
             key = f"stats/{task.name}"
-            path = self.run.stats_path(task.name)
-            if self.run.is_done(key) and path.is_file():
+            if self._done(key, lambda t=task.name: self.run.has_stats(t)):
                 continue
             start = time.perf_counter()
             model, tok = self.base_model()
-            stats = collect_feature_stats(
-                model,
-                tok,
-                task,
-                target_modules=self.config.target_modules,
-                max_samples=self.config.samples,
-                max_length=self.config.max_length,
-                seed=self.config.seed,
+            options = dict(
+                target_modules=cfg.target_modules,
+                max_samples=cfg.samples,
+                max_length=cfg.max_length,
+                seed=cfg.seed,
+                dtype=getattr(torch, cfg.stats_dtype),
             )
-            stats.save(path)
-            self.run.mark_done(key, time.perf_counter() - start, [path])
+            if cfg.layers_per_pass is not None:
+                folder = write_feature_stats(
+                    model, tok, task, self.run.stats_dir(task.name), layers_per_pass=cfg.layers_per_pass, **options
+                )
+                files = sorted(folder.glob("part-*.safetensors"))
+            else:
+                stats = collect_feature_stats(model, tok, task, **options)
+                files = [self.run.stats_path(task.name)]
+                if main:
+                    stats.save(files[0])
+                del stats
+            del model
+            if main:
+                self.run.mark_done(key, time.perf_counter() - start, files)
+            barrier(f"writing the statistics of {task.name!r}")
             self._tick(i + 1, len(tasks), f"statistics {task.name}")
-        return self.run.load_stats()
+        return self.run.load_stats() if main else {}
 
     def stage_adapters(self, init: str) -> None:
+        """Initialize and fine-tune one adapter per task (data-parallel when launched so)."""
         self.on_stage(f"fine-tuning ({init})")
         tasks = self.tasks()
-        all_stats = None
         for i, task in enumerate(tasks):
             key = f"adapters/{init}/{task.name}"
             out = self.run.adapter_path(init, task.name)
-            if self.run.is_done(key) and (out / "adapter_model.safetensors").is_file():
+            if self._done(key, lambda o=out: (o / "adapter_model.safetensors").is_file()):
                 continue
-            if all_stats is None:
-                loaded = self.run.load_stats()
-                all_stats = [loaded[t.name] for t in tasks]
             start = time.perf_counter()
-            result = self._train_one(init, i, task, all_stats)
-            write_json(out / "train.json", result)
-            self.run.mark_done(
-                key, time.perf_counter() - start, [out / "adapter_model.safetensors", out / "train.json"]
-            )
+            result = self._train_one(init, i, task)
+            if is_main_process():
+                write_json(out / "train.json", result)
+                self.run.mark_done(
+                    key, time.perf_counter() - start, [out / "adapter_model.safetensors", out / "train.json"]
+                )
+            barrier(f"writing the adapter {init}/{task.name}")
 
-    def _init_one(self, init: str, index: int, task: TaskData, all_stats: list[FeatureStats]):
-        """A fresh base model wrapped in LoRA initialized by ``init``, and the OSRM subspaces."""
+    def all_stats(self) -> list[FeatureStats]:
+        """Every task's statistics from the run directory, in task order."""
+        loaded = self.run.load_stats()
+        missing = [t.name for t in self.tasks() if t.name not in loaded]
+        if missing:
+            raise ValueError(f"run {str(self.run.path)!r} has no statistics of task {missing[0]!r}; run osrm stats")
+        return [loaded[t.name] for t in self.tasks()]
+
+    def _init_one(self, init: str, index: int, task: TaskData, all_stats: list[FeatureStats] | None = None):
+        """A fresh base model wrapped in LoRA initialized by ``init``, and the OSRM subspaces.
+
+        The subspaces are decomposed on each layer's device; in a data-parallel job rank 0
+        computes them and hands them to the others, so every rank starts from the same ``A``.
+        """
+        from osrm_core.models import layer_devices
+
         cfg = self.config
         model, tok = self.base_model(task.num_labels)
         subspaces = None
         if init in OSRM_METHODS:
-            subspaces = task_subspaces(init, all_stats, index, cfg.rank, weighting=cfg.osrm_weighting)
+
+            def compute() -> dict[str, torch.Tensor]:
+                stats = all_stats if all_stats is not None else self.all_stats()
+                devices = layer_devices(model, list(stats[index].layers))
+                sub = task_subspaces(init, stats, index, cfg.rank, weighting=cfg.osrm_weighting, device=devices)
+                return {n: a.cpu() for n, a in sub.items()} if dist_info().active else sub
+
+            subspaces = run_on_main(compute, f"OSRM subspaces of {task.name!r}")
         eva_batches = None
         if init == "eva":
             from osrm_core.batching import iter_batches
@@ -472,7 +552,7 @@ class Pipeline:
         )
         return peft_model, tok, subspaces
 
-    def _train_one(self, init: str, index: int, task: TaskData, all_stats: list[FeatureStats]) -> dict:
+    def _train_one(self, init: str, index: int, task: TaskData, all_stats: list[FeatureStats] | None = None) -> dict:
         cfg = self.config
         peft_model, tok, subspaces = self._init_one(init, index, task, all_stats)
         initial = adapter_of(peft_model) if init == "pissa" else None
@@ -482,7 +562,8 @@ class Pipeline:
             train_cfg.constraint = "none"
         penalty_moments = None
         if train_cfg.constraint == "penalty":
-            penalty_moments = rest_moment([s for j, s in enumerate(all_stats) if j != index])
+            stats = all_stats if all_stats is not None else self.all_stats()
+            penalty_moments = rest_moment([s for j, s in enumerate(stats) if j != index])
         result = finetune(
             peft_model,
             tok,
@@ -492,7 +573,8 @@ class Pipeline:
             penalty_moments=penalty_moments,
             progress=self.progress,
         )
-        save_adapter(adapter_of(peft_model, initial), self.run.adapter_path(init, task.name))
+        if is_main_process():
+            save_adapter(adapter_of(peft_model, initial), self.run.adapter_path(init, task.name))
         return {**result.to_dict(), "init": init, "losses": result.losses[-20:]}
 
     def stage_sweep(self, init: str) -> pd.DataFrame:
@@ -561,12 +643,17 @@ class Pipeline:
 
 
 def init_adapters(pipeline: Pipeline, init: str) -> list[str]:
-    """Write each task's initialized, untrained adapter to ``<run>/init/<init>/<task>``."""
-    all_stats_by_name = pipeline.stage_stats()
-    tasks = pipeline.tasks()
-    all_stats = [all_stats_by_name[t.name] for t in tasks]
+    """Write each task's initialized, untrained adapter to ``<run>/init/<init>/<task>``.
+
+    The statistics are collected data-parallel when launched so; the initialization itself is
+    cheap and runs on rank 0 alone (the other ranks return an empty list).
+    """
+    pipeline.stage_stats()
+    if not is_main_process():
+        return []
+    all_stats = pipeline.all_stats()
     written = []
-    for i, task in enumerate(tasks):
+    for i, task in enumerate(pipeline.tasks()):
         peft_model, _, _ = pipeline._init_one(init, i, task, all_stats)
         out = pipeline.run.path / "init" / init / task.name
         save_adapter(adapter_of(peft_model), out)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +20,7 @@ from torch import nn
 
 from osrm_core.batching import iter_batches, move_batch
 from osrm_core.data import TaskData
-from osrm_core.models import find_target_layers, get_module
+from osrm_core.models import decoder_position_ids, find_target_layers, get_module
 
 FORMAT = "osrm-feature-stats/1"
 Progress = Callable[[int, int, str], None]
@@ -148,18 +148,53 @@ class FeatureStats:
                 layers[name] = merged
         return FeatureStats(layers, self.task, self.model, dict(self.meta))
 
-    def all_reduce(self, group=None) -> FeatureStats:
-        """Sum the statistics over all processes of ``torch.distributed`` (in place)."""
-        import torch.distributed as dist
+    def all_reduce(self, group=None, *, check: bool = True) -> FeatureStats:
+        """Sum the statistics over all processes of ``torch.distributed`` (in place).
 
+        Every rank must hold the same layers, grouped the same way (checked first, so that a
+        mismatch fails with a message instead of summing unrelated matrices). Tensors are
+        reduced on the backend's device (the GPU with NCCL, the CPU with gloo) and stay where
+        they are. A no-op in a single process.
+        """
+        from osrm_core.distributed import DistributedError, all_gather_object, all_reduce_sum, dist_info
+
+        info = dist_info()
+        if not info.active:
+            return self
+        layout = self.layout()
+        layouts = all_gather_object(layout, "comparing the statistics' layers") if check else [layout]
+        for rank, other in enumerate(layouts):
+            if other != layout:
+                raise DistributedError(
+                    f"{info.prefix()}statistics of task {self.task!r} cover other layers or groups on "
+                    f"rank {rank} than here; every rank must run the same model and target_modules"
+                )
         for names in self.groups():
             st = self.layers[names[0]]
-            for t in (st.sum_outer, st.sum, st.sum_sample_mean_outer):
-                dist.all_reduce(t, group=group)
+            what = f"all-reduce of the statistics of task {self.task!r} at {names[0]!r}"
             counts = torch.tensor([st.count, st.n_samples], dtype=torch.float64, device=st.sum.device)
-            dist.all_reduce(counts, group=group)
+            all_reduce_sum([st.sum_outer, st.sum, st.sum_sample_mean_outer, counts], what, group=group)
             st.count, st.n_samples = int(counts[0].item()), int(counts[1].item())
         return self
+
+    def layout(self) -> list[tuple[list[str], int]]:
+        """The groups of layer names with their width: what ranks must agree on to add up."""
+        return [(names, self.layers[names[0]].d) for names in self.groups()]
+
+    @classmethod
+    def union(cls, parts: list[FeatureStats]) -> FeatureStats:
+        """Statistics of disjoint sets of layers of one task (passes over a few layers each)."""
+        if not parts:
+            raise ValueError("union needs at least one FeatureStats")
+        layers: dict[str, LayerStats] = {}
+        for part in parts:
+            if part.task != parts[0].task:
+                raise ValueError(f"cannot join statistics of tasks {parts[0].task!r} and {part.task!r}")
+            twice = sorted(set(layers) & set(part.layers))
+            if twice:
+                raise ValueError(f"layer {twice[0]!r} is in more than one part")
+            layers.update(part.layers)
+        return cls(layers, parts[0].task, parts[0].model, dict(parts[0].meta))
 
     def to(self, device: torch.device | str) -> FeatureStats:
         layers: dict[str, LayerStats] = {}
@@ -194,10 +229,16 @@ class FeatureStats:
 
     @classmethod
     def load(cls, path: str | Path, device: torch.device | str = "cpu") -> FeatureStats:
-        """Read statistics written by :meth:`save`."""
+        """Read statistics written by :meth:`save`, or a folder of parts written one pass at a
+        time (:class:`StatsPartWriter`), joined with :meth:`union`."""
         from safetensors import SafetensorError, safe_open
 
         path = Path(path)
+        if path.is_dir():
+            parts = sorted(path.glob("part-*.safetensors"))
+            if not parts:
+                raise ValueError(f"statistics folder {str(path)!r} holds no part-*.safetensors")
+            return cls.union([cls.load(p, device) for p in parts])
         if not path.is_file():
             raise ValueError(f"statistics file {str(path)!r} does not exist")
         try:
@@ -264,36 +305,74 @@ class _Collector:
                 f"layer {name!r}: input of shape {tuple(x.shape)} does not match the attention "
                 f"mask {tuple(mask.shape)}; only (batch, tokens, features) inputs are supported"
             )
+        # Real tokens in row-major order: sample by sample, each sample's tokens in order.
         real = x[mask].to(self.dtype)
-        if not torch.isfinite(real).all():
+        column_sums = real.sum(0)
+        # A NaN or Inf entry makes its column's sum non-finite, so the (d,) sums screen the
+        # (tokens, d) block; only a non-finite sum (NaN/Inf, or a float32 overflow) needs the
+        # entry-wise check. Cheaper than isfinite over every entry, and the same verdict.
+        if not torch.isfinite(column_sums).all() and not torch.isfinite(real).all():
             raise ValueError(f"layer {name!r}: input features contain NaN or Inf")
         st = self.layers[name]
         st.sum_outer.addmm_(real.T, real)
-        st.sum += real.sum(0)
+        st.sum += column_sums
         st.count += real.shape[0]
-        lengths = mask.sum(1, keepdim=True).clamp_min(1).to(self.dtype)
-        sample_means = (x.to(self.dtype) * mask.unsqueeze(-1)).sum(1) / lengths
+        lengths = mask.sum(1)
+        if real.device.type == "cpu" and real.dtype == torch.float64:
+            # Per-sample sums from the real tokens alone, without two float64 copies of the padded
+            # (batch, tokens, d) block (fresh pages, slow to fault in). index_add_ on CPU adds the
+            # rows in order, as torch's float64 sum over the block does: the same bits. Not on
+            # CUDA (atomics, no fixed order) nor in float32 (torch's float32 sum groups terms).
+            sample_ids = torch.repeat_interleave(torch.arange(len(lengths), device=real.device), lengths)
+            sums = real.new_zeros(len(lengths), real.shape[1]).index_add_(0, sample_ids, real)
+        else:
+            sums = (x.to(self.dtype) * mask.unsqueeze(-1)).sum(1)
+        sample_means = sums / lengths.clamp_min(1).unsqueeze(1).to(self.dtype)
         st.sum_sample_mean_outer.addmm_(sample_means.T, sample_means)
-        st.n_samples += int((mask.sum(1) > 0).sum())
+        st.n_samples += int((lengths > 0).sum())
 
-    def run(self, batches: Iterable[dict[str, torch.Tensor]], device, progress, total) -> None:
+    def run(
+        self,
+        batches: Iterable[dict[str, torch.Tensor]],
+        device,
+        progress,
+        total,
+        *,
+        stop_after: str | None = None,
+        done: int = 0,
+    ) -> None:
+        """Run the batches through the model; with ``stop_after``, each forward pass stops once
+        that layer's input has been seen (the layers after it are not needed)."""
         handles = [
             get_module(self.model, n).register_forward_pre_hook(self._hook(n), with_kwargs=True)
             for n in self.names
         ]
+        if stop_after is not None:  # registered last, so it runs after the collector's hook there
+            handles.append(get_module(self.model, stop_after).register_forward_pre_hook(_stop_forward))
         try:
             with torch.no_grad():
                 for i, batch in enumerate(batches):
-                    batch = move_batch(batch, device)
+                    batch = move_batch(decoder_position_ids(batch, self.model), device)
                     self.mask = batch["attention_mask"].bool()
-                    self.model(**batch)
+                    try:
+                        self.model(**batch)
+                    except _StopForward:
+                        pass
                     self._first = None
                     if progress:
-                        progress(i + 1, total, "feature statistics")
+                        progress(done + i + 1, total, "feature statistics")
         finally:
             for h in handles:
                 h.remove()
             self._first = None
+
+
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass early: the remaining layers are not needed."""
+
+
+def _stop_forward(module, args):
+    raise _StopForward
 
 
 def select_samples(n: int, max_samples: int | None, seed: int) -> np.ndarray:
@@ -318,6 +397,9 @@ def collect_feature_stats(
     seed: int = 0,
     dtype: torch.dtype = torch.float64,
     shard: tuple[int, int] | None = None,
+    distributed: bool | None = None,
+    layers_per_pass: int | None = None,
+    offload: bool = False,
     progress: Progress | None = None,
 ) -> FeatureStats:
     """Collect the feature statistics of ``task`` at the inputs of the adapted layers.
@@ -325,7 +407,8 @@ def collect_feature_stats(
     Parameters
     ----------
     model : nn.Module
-        The base model (a PEFT model works too; its LoRA layers are then the targets).
+        The base model (a PEFT model works too; its LoRA layers are then the targets). It may
+        be spread over devices (``device_map="auto"``): each layer's sums live where its input is.
     task : TaskData
     target_modules : list of str, optional
         Layers to adapt (default: by architecture, see :func:`osrm_core.models.find_target_layers`).
@@ -334,8 +417,18 @@ def collect_feature_stats(
     dtype : torch.dtype
         Accumulation dtype, float64 (default) or float32 for very wide layers.
     shard : (rank, world_size), optional
-        Collect only this process's share of the samples (for data-parallel collection,
-        followed by :meth:`FeatureStats.all_reduce`).
+        Collect only this share of the samples and do not reduce (to add shards up yourself).
+    distributed : bool, optional
+        Data-parallel collection: each process of the ``torch.distributed`` group takes every
+        ``world``-th sample and the sums are all-reduced, so every rank returns the statistics
+        of all samples (equal to one process's up to float64 rounding). None (default) does so
+        whenever a process group with several ranks is initialized; True requires one.
+    layers_per_pass : int, optional
+        Collect this many layer inputs (a group of layers reading one input counts once) per
+        pass over the data, each pass stopping after its last layer: device memory then holds
+        only those layers' sums. None collects all in one pass.
+    offload : bool
+        Move each finished pass's sums to the CPU.
     progress : callable (step, total, message), optional
 
     Returns
@@ -343,6 +436,57 @@ def collect_feature_stats(
     FeatureStats
         ``.layers[name].second_moment`` is ``E[h h^T]`` of shape (d_in, d_in) over real tokens.
     """
+    parts = []
+    for part in iter_feature_stats(
+        model,
+        tokenizer,
+        task,
+        target_modules=target_modules,
+        max_samples=max_samples,
+        batch_size=batch_size,
+        max_length=max_length,
+        split=split,
+        seed=seed,
+        dtype=dtype,
+        shard=shard,
+        distributed=distributed,
+        layers_per_pass=layers_per_pass,
+        progress=progress,
+    ):
+        parts.append(part.to("cpu") if offload else part)
+    stats = parts[0] if len(parts) == 1 else FeatureStats.union(parts)
+    from osrm_core.distributed import is_main_process
+
+    if stats.meta.get("shard") is None and is_main_process():
+        _warn_if_tiny(stats)
+    return stats
+
+
+def iter_feature_stats(
+    model: nn.Module,
+    tokenizer,
+    task: TaskData,
+    *,
+    target_modules: list[str] | None = None,
+    max_samples: int | None = 100,
+    batch_size: int = 32,
+    max_length: int = 128,
+    split: str = "train",
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+    shard: tuple[int, int] | None = None,
+    distributed: bool | None = None,
+    layers_per_pass: int | None = None,
+    progress: Progress | None = None,
+) -> Iterator[FeatureStats]:
+    """The statistics of :func:`collect_feature_stats`, one pass (``layers_per_pass`` layer
+    inputs) at a time, each yielded as soon as it is complete (and all-reduced), so that a
+    caller can write it to disk and free it before the next pass (see :func:`write_feature_stats`).
+    """
+    import torch.distributed as dist
+
+    from osrm_core.distributed import dist_info
+
     if not isinstance(task, TaskData):
         raise TypeError(f"task must be a TaskData, got {type(task).__name__}")
     if dtype not in (torch.float64, torch.float32):
@@ -352,38 +496,160 @@ def collect_feature_stats(
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if len(data) == 0:
         raise ValueError(f"task {task.name!r} has no examples in split {split!r}")
+    if layers_per_pass is not None and (not isinstance(layers_per_pass, int) or layers_per_pass < 1):
+        raise ValueError(f"layers_per_pass must be a positive integer or None, got {layers_per_pass!r}")
+    if shard is not None:
+        if distributed:
+            raise ValueError("give shard or distributed=True, not both (distributed shards by rank itself)")
+        rank, world = shard
+        if not (isinstance(world, int) and isinstance(rank, int) and 0 <= rank < world):
+            raise ValueError(f"shard must be (rank, world) with 0 <= rank < world, got {shard!r}")
+    if distributed and not (dist.is_available() and dist.is_initialized()):
+        raise ValueError(
+            "distributed=True needs an initialized torch.distributed process group: launch with "
+            "torchrun or accelerate launch and call osrm_core.distributed.init_distributed()"
+        )
+    info = dist_info()
+    reduce = shard is None and info.active and distributed is not False
+    if reduce:
+        shard = (info.rank, info.world)
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     targets = find_target_layers(inner, target_modules)
     prefix = _prefix(model, inner)
     idx = select_samples(len(data), max_samples, seed)
-    if shard is not None:
-        rank, world = shard
-        idx = idx[rank::world]
+    local = idx if shard is None else idx[shard[0] :: shard[1]]
     device = next(model.parameters()).device
-    collector = _Collector(model, [prefix + t.name for t in targets], dtype)
-    total = -(-len(idx) // batch_size)
-    batches = iter_batches(
-        tokenizer, data, batch_size=batch_size, max_length=max_length, indices=idx, with_labels=False
-    )
+    names = [prefix + t.name for t in targets]
+    meta = {
+        "max_samples": max_samples,
+        "max_length": max_length,
+        "split": split,
+        "seed": seed,
+        "shard": None if shard is None or reduce else list(shard),
+    }
+    model_name = getattr(model, "name_or_path_", "") or getattr(inner, "name_or_path_", "")
+
+    def batches(indices):
+        return iter_batches(
+            tokenizer, data, batch_size=batch_size, max_length=max_length, indices=indices, with_labels=False
+        )
+
     # Restore each module's own mode: a PeftModel reports training=True around an inner model in
     # eval mode, and model.train(True) would switch the inner dropout on.
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
-        collector.run(batches, device, progress, total)
+        if layers_per_pass is None:
+            passes = [names]
+        else:
+            groups = _shared_input_groups(model, names, next(batches(idx[:1])), device)
+            passes = [
+                [n for g in groups[k : k + layers_per_pass] for n in g]
+                for k in range(0, len(groups), layers_per_pass)
+            ]
+        n_batches = -(-len(local) // batch_size)
+        total = n_batches * len(passes)
+        for p, pass_names in enumerate(passes):
+            stop = pass_names[-1] if layers_per_pass is not None and p < len(passes) - 1 else None
+            collector = _Collector(model, pass_names, dtype)
+            collector.run(batches(local), device, progress, total, stop_after=stop, done=p * n_batches)
+            if stop is not None and len(local) and any(n not in collector.layers for n in pass_names):
+                # This model runs its layers in another order than it lists them: no early stop.
+                collector = _Collector(model, pass_names, dtype)
+                collector.run(batches(local), device, None, total)
+            layers = {name[len(prefix) :]: st for name, st in collector.layers.items()}
+            part = FeatureStats(
+                {t.name: layers[t.name] for t in targets if t.name in layers and prefix + t.name in pass_names},
+                task=task.name,
+                model=model_name,
+                meta=dict(meta),
+            )
+            if reduce:
+                part = _reduce_across_ranks(part, model, prefix, dtype)
+            yield part
     finally:
         for m, mode in modes:
             m.training = mode
-    layers = {name[len(prefix) :]: st for name, st in collector.layers.items()}
-    stats = FeatureStats(
-        {t.name: layers[t.name] for t in targets if t.name in layers},
-        task=task.name,
-        model=getattr(model, "name_or_path_", "") or getattr(inner, "name_or_path_", ""),
-        meta={"max_samples": max_samples, "max_length": max_length, "split": split, "seed": seed},
-    )
-    if shard is None:
-        _warn_if_tiny(stats)
-    return stats
+
+
+def _shared_input_groups(model: nn.Module, names: list[str], batch, device) -> list[list[str]]:
+    """Target layers grouped by the input tensor they read, in the order they run (one batch)."""
+    groups: dict[tuple, list[str]] = {}
+    keep: list[torch.Tensor] = []  # hold the inputs so no freed memory is mistaken for a shared one
+
+    def hook(name):
+        def record(module, args, kwargs=None):
+            x = args[0] if args else next(iter(kwargs.values()))
+            keep.append(x)
+            groups.setdefault((x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.device), []).append(name)
+
+        return record
+
+    handles = [get_module(model, n).register_forward_pre_hook(hook(n), with_kwargs=True) for n in names]
+    try:
+        with torch.no_grad():
+            model(**move_batch(decoder_position_ids(batch, model), device))
+    finally:
+        for h in handles:
+            h.remove()
+    out = list(groups.values())
+    seen = {n for g in out for n in g}
+    return out + [[n] for n in names if n not in seen]
+
+
+def _reduce_across_ranks(part: FeatureStats, model: nn.Module, prefix: str, dtype: torch.dtype) -> FeatureStats:
+    """All-reduce one pass's sums; a rank that had no samples joins with zeros laid out like
+    rank 0's statistics (rank 0 always has the first sample)."""
+    from osrm_core.distributed import DistributedError, all_gather_object, dist_info
+
+    layouts = all_gather_object(part.layout() if part.layers else None, "comparing the statistics' layers")
+    ref = layouts[0]
+    if not part.layers:
+        layers: dict[str, LayerStats] = {}
+        for names, d in ref:
+            module = get_module(model, prefix + names[0])
+            st = LayerStats.zeros(d, getattr(module, "base_layer", module).weight.device, dtype)
+            for name in names:
+                layers[name] = st
+        part = FeatureStats(layers, part.task, part.model, part.meta)
+    for rank, other in enumerate(layouts):
+        if other is not None and other != ref:
+            raise DistributedError(
+                f"{dist_info().prefix()}statistics of task {part.task!r} cover other layers or groups on "
+                f"rank {rank} than on rank 0; every rank must run the same model and target_modules"
+            )
+    return part.all_reduce(check=False)
+
+
+def write_feature_stats(
+    model: nn.Module,
+    tokenizer,
+    task: TaskData,
+    folder: str | Path,
+    *,
+    layers_per_pass: int = 1,
+    **options,
+) -> Path:
+    """Collect statistics ``layers_per_pass`` layer inputs at a time and write each pass to
+    ``folder/part-NNNN.safetensors`` as soon as it is done, freeing it before the next pass.
+
+    For models whose statistics do not fit in memory at once (a 7B model holds 8 GiB of float64
+    sums; see :func:`osrm_core.memory.memory_plan`). Only rank 0 writes; every rank returns
+    once its passes are done. :meth:`FeatureStats.load` reads the folder back.
+    """
+    from osrm_core.distributed import is_main_process
+
+    folder = Path(folder)
+    main = is_main_process()
+    if main:
+        folder.mkdir(parents=True, exist_ok=True)
+        for old in folder.glob("part-*.safetensors"):
+            old.unlink()
+    for k, part in enumerate(iter_feature_stats(model, tokenizer, task, layers_per_pass=layers_per_pass, **options)):
+        if main:
+            part.save(folder / f"part-{k:04d}.safetensors")
+        del part
+    return folder
 
 
 def _prefix(model: nn.Module, inner: nn.Module) -> str:

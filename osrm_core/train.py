@@ -21,6 +21,7 @@ from osrm_core.adapters import Adapter, LoraWeights, lora_from_model, write_adap
 from osrm_core.batching import iter_batches, move_batch
 from osrm_core.data import TaskData
 from osrm_core.evaluate import evaluate_model
+from osrm_core.models import decoder_position_ids
 
 Constraint = Literal["none", "freeze_A", "project", "penalty"]
 CONSTRAINTS: tuple[str, ...] = ("none", "freeze_A", "project", "penalty")
@@ -128,6 +129,7 @@ def finetune(
     *,
     subspaces: dict[str, torch.Tensor] | None = None,
     penalty_moments: dict[str, torch.Tensor] | None = None,
+    distributed: bool | None = None,
     progress: Progress | None = None,
 ) -> TrainResult:
     """Fine-tune ``peft_model`` (from :func:`osrm_core.init.init_lora`) on ``task`` in place.
@@ -138,16 +140,41 @@ def finetune(
         Needed by ``constraint="project"``: A's rows are kept in this row space.
     penalty_moments : dict of layer to tensor (d_in, d_in), optional
         Needed by ``constraint="penalty"``: the other tasks' second moment per layer.
+    distributed : bool, optional
+        Data-parallel training through accelerate (DDP: gradients all-reduced). Every process
+        draws the same global batch of ``config.batch_size`` examples and takes every
+        ``world``-th of them; the loss is weighted so that the averaged gradient is that of the
+        global batch, so the run matches one process with the same batch (up to rounding; with
+        dropout, in distribution only). None (default) does so whenever a process group with
+        several ranks is initialized; True requires one. The test split is shared out for
+        scoring too.
 
     Returns
     -------
     TrainResult
-        With the score on the task's test split (``config.max_test`` examples at most).
+        With the score on the task's test split (``config.max_test`` examples at most); the
+        same on every rank.
     """
+    import torch.distributed as dist
+
+    from osrm_core.distributed import all_reduce_sum, dist_info
+
     config = config or TrainConfig()
     layers = _lora_layers(peft_model)
     if not layers:
         raise ValueError("peft_model has no LoRA layers; build it with osrm_core.init_lora")
+    if distributed and not (dist.is_available() and dist.is_initialized()):
+        raise ValueError(
+            "distributed=True needs an initialized torch.distributed process group: launch with "
+            "torchrun or accelerate launch and call osrm_core.distributed.init_distributed()"
+        )
+    info = dist_info()
+    parallel = info.active and distributed is not False
+    if parallel and config.batch_size < info.world:
+        raise ValueError(
+            f"batch_size={config.batch_size} is smaller than the {info.world} processes: each needs "
+            "at least one example per step"
+        )
     projectors = {}
     if config.constraint == "project":
         if subspaces is None:
@@ -193,7 +220,13 @@ def finetune(
     groups = [g for g in groups if g["params"]]
     optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
     warmup = int(config.warmup_ratio * config.steps)
+    # The scheduler stays on the plain optimizer: accelerate's wrapper would step it once per process.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config.steps, warmup))
+    model, step_optimizer, accelerator = peft_model, optimizer, None
+    if parallel:
+        accelerator = _accelerator(device, info.world)
+        model, step_optimizer = accelerator.prepare(peft_model, optimizer)
+    trainable = [p for g in groups for p in g["params"]]
 
     rng = np.random.default_rng(config.seed)
     n = len(task.train)
@@ -202,51 +235,124 @@ def finetune(
     start = time.perf_counter()
     peft_model.train()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(config.seed)
+        # Every rank draws the same batches (same numpy seed); dropout differs per rank.
+        torch.manual_seed(config.seed + (info.rank if parallel else 0))
         for step in range(config.steps):
             if len(order) < config.batch_size:
                 order = np.concatenate([order, rng.permutation(n)])
             idx, order = order[: config.batch_size], order[config.batch_size :]
+            local = idx[info.rank :: info.world] if parallel else idx
             batch = next(
                 iter_batches(
-                    tokenizer, task.train, batch_size=len(idx), max_length=config.max_length, indices=idx
+                    tokenizer, task.train, batch_size=len(local), max_length=config.max_length, indices=local
                 )
             )
-            batch = move_batch(batch, device)
-            loss = peft_model(**batch).loss
+            batch = move_batch(decoder_position_ids(batch, peft_model), device)
+            loss = model(**batch).loss
+            reg = None
             if penalties:
                 reg = sum(
                     ((layers[n_].lora_A["default"].weight @ S) * layers[n_].lora_A["default"].weight).sum()
                     for n_, S in penalties.items()
                 )
+            tokens = int(batch["attention_mask"].sum())
+            if parallel:
+                # DDP averages gradients over ranks: weigh each rank's mean loss by its share of
+                # the global batch so that the average is the global batch's mean-loss gradient.
+                share = len(local) / len(idx)
+                shared = torch.tensor([float(loss.detach()) * share, tokens], dtype=torch.float64)
+                all_reduce_sum([shared], f"sharing the loss of step {step}")
+                logged, tokens = float(shared[0]), int(shared[1])
+                loss = loss * (share * info.world)
+            else:
+                logged = None
+            if reg is not None:
                 loss = loss + config.penalty_beta * reg
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower the learning rate")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], config.max_grad_norm)
-            optimizer.step()
+                if logged is not None:
+                    logged += config.penalty_beta * float(reg.detach())
+            logged = float(loss.detach()) if logged is None else logged
+            if not np.isfinite(logged):
+                raise FloatingPointError(f"loss became {logged} at step {step}; lower the learning rate")
+            step_optimizer.zero_grad(set_to_none=True)
+            if accelerator is not None:
+                accelerator.backward(loss)
+                accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
+            else:
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
+            step_optimizer.step()
             scheduler.step()
             if projectors:
                 with torch.no_grad():
                     for name, P in projectors.items():
                         a = layers[name].lora_A["default"].weight
                         a.copy_((a.double() @ P).to(a.dtype))
-            result.losses.append(float(loss.detach()))
-            result.tokens += int(batch["attention_mask"].sum())
+            result.losses.append(logged)
+            result.tokens += tokens
             if progress:
                 progress(step + 1, config.steps, f"fine-tuning {task.name}")
+    if accelerator is not None:
+        accelerator.free_memory()  # drops the DDP wrapper; peft_model keeps the trained weights
+        del model, step_optimizer
     peft_model.eval()
     result.seconds = time.perf_counter() - start
-    result.test_score = evaluate_model(
-        peft_model,
-        tokenizer,
-        task,
-        batch_size=config.eval_batch_size,
-        max_length=config.max_length,
-        max_test=config.max_test,
-    )
+    if parallel:
+        result.test_score = _evaluate_sharded(peft_model, tokenizer, task, config)
+    else:
+        result.test_score = evaluate_model(
+            peft_model,
+            tokenizer,
+            task,
+            batch_size=config.eval_batch_size,
+            max_length=config.max_length,
+            max_test=config.max_test,
+        )
     return result
+
+
+def _accelerator(device: torch.device, world: int):
+    """An ``Accelerator`` on the process group that is already set up (DDP wrapping, backward,
+    clipping); it does not move the model, which is already on this rank's device."""
+    from accelerate import Accelerator
+    from accelerate.state import is_initialized
+
+    from osrm_core.distributed import DistributedError, init_distributed
+
+    init_distributed()  # a process group set up by hand gets the environment accelerate reads
+    # Once accelerate's state exists (init_distributed made it) it is reused as it is.
+    accelerator = Accelerator(cpu=not is_initialized() and device.type == "cpu", device_placement=False)
+    if accelerator.num_processes != world:
+        raise DistributedError(
+            f"accelerate sees {accelerator.num_processes} processes but the process group has {world}; "
+            "launch with torchrun or accelerate launch"
+        )
+    return accelerator
+
+
+def _evaluate_sharded(peft_model, tokenizer, task: TaskData, config: TrainConfig) -> float:
+    """The test score with each rank predicting every ``world``-th example (same on all ranks)."""
+    from osrm_core.data import Split
+    from osrm_core.distributed import all_gather_object, dist_info
+    from osrm_core.evaluate import predict, score
+
+    info = dist_info()
+    test = task.test.head(config.max_test)
+    mine = np.arange(info.rank, len(test), info.world)
+    part = Split(
+        [test.text[i] for i in mine],
+        test.label[mine],
+        None if test.text_pair is None else [test.text_pair[i] for i in mine],
+    )
+    pred = (
+        predict(peft_model, tokenizer, part, batch_size=config.eval_batch_size, max_length=config.max_length)
+        if len(mine)
+        else np.empty(0, dtype=np.int64)
+    )
+    gathered = all_gather_object((mine, pred), f"gathering the test predictions of {task.name!r}")
+    out = np.empty(len(test), dtype=np.int64)
+    for where, values in gathered:
+        out[where] = values
+    return score(task.metric, test.label, out)
 
 
 def adapter_of(peft_model, initial: Adapter | None = None) -> Adapter:

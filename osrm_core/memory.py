@@ -1,0 +1,127 @@
+"""Memory plan of a run on a large model: what each stage holds, from the model's shapes.
+
+The statistics are exact (they are dense ``d x d`` sums); the training activations are an
+estimate (Korthikanti et al., 2022: about ``34 * hidden`` bytes per token and layer for 16-bit
+activations with fused attention). Used for the table in the README's "Scaling up" section and
+to choose ``stats_dtype`` and ``layers_per_pass`` before a long run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import pandas as pd
+
+GiB = 1 << 30
+#: Bytes per trainable parameter with AdamW in float32: weight, gradient, two moments.
+ADAM_BYTES_PER_PARAM = 16
+#: Bytes of saved activations per token, layer and hidden unit (16-bit, fused attention).
+ACTIVATION_BYTES_PER_TOKEN_LAYER_UNIT = 34
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the plan needs to know about a model.
+
+    Attributes
+    ----------
+    hidden : int
+        Width of the adapted layers' input (``hidden_size``).
+    layers : int
+        Transformer blocks.
+    params : int
+        All parameters.
+    targets_per_layer : list of (d_in, d_out)
+        The adapted layers of one block (``q_proj``, ``v_proj``: ``(4096, 4096)`` twice for 7B).
+    inputs_per_layer : int
+        Distinct inputs among them (``q_proj`` and ``v_proj`` read one: 1).
+    """
+
+    hidden: int
+    layers: int
+    params: int
+    targets_per_layer: tuple[tuple[int, int], ...]
+    inputs_per_layer: int = 1
+
+    @classmethod
+    def from_config(cls, config, targets: tuple[str, ...] = ("q_proj", "v_proj")) -> ModelShape:
+        """From a LLaMA-family ``transformers`` config (``LlamaConfig``, ``MistralConfig``, ...)."""
+        h, n, inter, vocab = config.hidden_size, config.num_hidden_layers, config.intermediate_size, config.vocab_size
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or h // heads
+        kv = (getattr(config, "num_key_value_heads", None) or heads) * head_dim
+        dims = {"q_proj": (h, heads * head_dim), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (heads * head_dim, h)}
+        unknown = [t for t in targets if t not in dims]
+        if unknown:
+            raise ValueError(f"target {unknown[0]!r} is not an attention projection; known: {', '.join(dims)}")
+        per_layer = sum(a * b for a, b in dims.values()) + 3 * h * inter + 2 * h
+        embeddings = vocab * h * (1 if getattr(config, "tie_word_embeddings", False) else 2)
+        inputs = len({"o" if t == "o_proj" else "qkv" for t in targets})
+        return cls(h, n, n * per_layer + embeddings + h, tuple(dims[t] for t in targets), inputs)
+
+
+def memory_plan(
+    shape: ModelShape,
+    *,
+    rank: int = 8,
+    tasks: int = 4,
+    num_labels: int = 2,
+    weight_bytes: int = 2,
+    stats_dtype: Literal["float64", "float32"] = "float64",
+    layers_per_pass: int | None = None,
+    batch_size: int = 16,
+    max_length: int = 128,
+) -> pd.DataFrame:
+    """Memory held at each stage, per process (data-parallel ranks each hold a full copy).
+
+    Parameters
+    ----------
+    shape : ModelShape
+    weight_bytes : int
+        2 for bfloat16/float16 weights, 4 for float32.
+    stats_dtype : {"float64", "float32"}
+    layers_per_pass : int, optional
+        Layer inputs whose statistics are held at once (None: all).
+    batch_size, max_length : int
+        Per process: tokens per step are ``batch_size * max_length`` at most.
+
+    Returns
+    -------
+    DataFrame with columns ``stage, item, bytes, GiB, note``.
+    """
+    if stats_dtype not in ("float64", "float32"):
+        raise ValueError(f"stats_dtype must be 'float64' or 'float32', got {stats_dtype!r}")
+    if layers_per_pass is not None and layers_per_pass < 1:
+        raise ValueError(f"layers_per_pass must be >= 1 or None, got {layers_per_pass}")
+    sb = 8 if stats_dtype == "float64" else 4
+    d = shape.hidden
+    inputs = shape.inputs_per_layer * shape.layers
+    held = inputs if layers_per_pass is None else min(inputs, layers_per_pass)
+    per_input = (2 * d * d + d) * sb  # sum h h^T, sum of per-sample mean outer products, sum h
+    tokens = batch_size * max_length
+    weights = shape.params * weight_bytes
+    lora = shape.layers * sum(rank * (a + b) for a, b in shape.targets_per_layer) + d * num_labels
+    rows = [
+        ("all", "base weights", weights, f"{shape.params / 1e9:.2f}B parameters x {weight_bytes} bytes"),
+        ("statistics", "sums held on the devices", held * per_input,
+         f"{held} of {inputs} layer inputs x (2 d^2 + d) x {sb} bytes ({stats_dtype})"),
+        ("statistics", "per-batch scratch", 3 * tokens * d * sb,
+         f"{tokens} tokens x d in {stats_dtype}: real tokens, the cast batch, its masked copy"),
+        ("statistics", "file per task", inputs * per_input, "stats/<task>.safetensors (or its parts)"),
+        ("OSRM init", "eigendecomposition of one layer", (tasks + 3) * d * d * 8,
+         f"{tasks} tasks' d x d moments + S_rest + eigenvectors + workspace, float64, one layer at a time"),
+        ("training", "LoRA weights, gradients, AdamW", lora * ADAM_BYTES_PER_PARAM,
+         f"{lora / 1e6:.2f}M trainable parameters x {ADAM_BYTES_PER_PARAM} bytes"),
+        ("training", "activations (estimate)", tokens * shape.layers * d * ACTIVATION_BYTES_PER_TOKEN_LAYER_UNIT,
+         f"{tokens} tokens x {shape.layers} layers x {ACTIVATION_BYTES_PER_TOKEN_LAYER_UNIT} d bytes"),
+    ]
+    df = pd.DataFrame(rows, columns=["stage", "item", "bytes", "note"])
+    peaks = [
+        ("statistics", "peak (weights + sums + scratch)", weights + held * per_input + 3 * tokens * d * sb),
+        ("training", "peak (weights + LoRA states + activations)",
+         weights + int(df.loc[df.stage == "training", "bytes"].sum())),
+    ]
+    df = pd.concat([df, pd.DataFrame([(s, i, b, "") for s, i, b in peaks], columns=df.columns)], ignore_index=True)
+    df.insert(3, "GiB", (df["bytes"] / GiB).round(2))
+    return df
