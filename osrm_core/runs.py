@@ -53,6 +53,29 @@ class ConfigError(ValueError):
     """The run configuration is invalid; the message names the field."""
 
 
+def read_yaml(path: str | Path, what: str) -> tuple[object, str]:
+    """The parsed YAML of ``path`` and its file name (for messages); ConfigError if unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} {str(path)!r} does not exist")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8")), path.name
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path.name}: not valid YAML ({str(err).splitlines()[0]})") from None
+
+
+def validate_settings(cls: type[BaseModel], data, where: str):
+    """``cls.model_validate(data)`` with the first problem as a one-line ConfigError naming the field."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: must be a mapping of settings")
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        e = err.errors()[0]
+        loc = ".".join(str(x) for x in e["loc"]) or "config"
+        raise ConfigError(f"{where}: {loc}: {e['msg']}") from None
+
+
 class TaskEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(description="task name, used in file names")
@@ -159,25 +182,11 @@ class RunConfig(BaseModel):
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> RunConfig:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except (yaml.YAMLError, UnicodeDecodeError) as err:
-            raise ConfigError(f"{path.name}: not valid YAML ({str(err).splitlines()[0]})") from None
-        return cls.validate_dict(data, where=path.name)
+        return cls.validate_dict(*read_yaml(path, "config file"))
 
     @classmethod
     def validate_dict(cls, data, where: str = "config") -> RunConfig:
-        if not isinstance(data, dict):
-            raise ConfigError(f"{where}: must be a mapping of settings")
-        try:
-            return cls.model_validate(data)
-        except ValidationError as err:
-            e = err.errors()[0]
-            loc = ".".join(str(x) for x in e["loc"]) or "config"
-            raise ConfigError(f"{where}: {loc}: {e['msg']}") from None
+        return validate_settings(cls, data, where)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -305,6 +314,7 @@ class RunDir:
                     f"run directory {str(self.path)!r} holds a run with another config; "
                     "use another --out or delete it"
                 )
+            self.remove_partial_files()
             return
         self.path.mkdir(parents=True, exist_ok=True)
         write_text(self.config_path, config.to_yaml())
@@ -325,6 +335,17 @@ class RunDir:
                 "stages": {},
             },
         )
+
+    def remove_partial_files(self) -> list[Path]:
+        """Delete the half-written temporary files (``.NAME.XXXX.tmp``, see
+        :func:`osrm_core.atomic.atomic_path`) that a killed process leaves behind.
+
+        Called when a run resumes; one process writes a run directory at a time.
+        """
+        removed = [p for p in self.path.rglob(".*.tmp") if p.is_file()]
+        for p in removed:
+            p.unlink(missing_ok=True)
+        return removed
 
     # reading results
     def load_stats(self) -> dict[str, FeatureStats]:

@@ -25,11 +25,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from osrm_core.atomic import write_json, write_text
 from osrm_core.init import INIT_METHODS, OSRM_METHODS
-from osrm_core.runs import ConfigError, Pipeline, RunConfig, RunDir, write_csv
+from osrm_core.runs import ConfigError, Pipeline, RunConfig, RunDir, read_yaml, validate_settings, write_csv
 
 Progress = Callable[[int, int, str], None]
 
@@ -68,17 +68,7 @@ class StudyConfig(BaseModel):
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> StudyConfig:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"study file {str(path)!r} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-            return cls.model_validate(data)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path.name}: not valid YAML ({str(err).splitlines()[0]})") from None
-        except ValidationError as err:
-            e = err.errors()[0]
-            raise ConfigError(f"{path.name}: {'.'.join(str(x) for x in e['loc'])}: {e['msg']}") from None
+        return validate_settings(cls, *read_yaml(path, "study file"))
 
 
 def quick_study_config(base: RunConfig | None = None) -> StudyConfig:
