@@ -256,10 +256,23 @@ class FeatureStats:
                         int(group["n_samples"]),
                     )
                     for name in group["names"]:
-                        layers[name] = st
-        except (OSError, KeyError, json.JSONDecodeError, SafetensorError) as err:
+                        layers[str(name)] = st
+                meta = json.loads(metadata.get("meta", "{}"))
+        except ValueError as err:
+            if str(err).startswith(f"{path.name}: "):
+                raise
             raise ValueError(f"{path.name}: damaged statistics file ({err})") from None
-        return cls(layers, metadata.get("task", ""), metadata.get("model", ""), json.loads(metadata.get("meta", "{}")))
+        except (OSError, KeyError, TypeError, SafetensorError, RecursionError) as err:
+            raise ValueError(f"{path.name}: damaged statistics file ({type(err).__name__}: {err})") from None
+        for name, st in layers.items():  # a file from elsewhere (an uploaded run) is checked
+            d = st.sum.shape[0] if st.sum.ndim == 1 else -1
+            if d < 1 or st.sum_outer.shape != (d, d) or st.sum_sample_mean_outer.shape != (d, d):
+                raise ValueError(f"{path.name}: statistics at {name!r} have inconsistent shapes")
+            if st.count < 0 or st.n_samples < 0:
+                raise ValueError(f"{path.name}: statistics at {name!r} have a negative count")
+            if not all(torch.isfinite(t).all() for t in (st.sum_outer, st.sum, st.sum_sample_mean_outer)):
+                raise ValueError(f"{path.name}: statistics at {name!r} hold NaN or Inf values")
+        return cls(layers, metadata.get("task", ""), metadata.get("model", ""), meta)
 
 
 # --------------------------------------------------------------------------- collection

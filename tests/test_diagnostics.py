@@ -302,3 +302,20 @@ def test_posthoc_osrm_rejects() -> None:
         ValueError, match=f"size mismatch for layer '{TINY_TARGETS[0]}': subspace 16, adapter 32"
     ):
         posthoc_osrm(adapter, bad)
+
+
+def test_lora_row_space_is_the_row_space_of_delta() -> None:
+    """The factor-based row space spans the same subspace as the SVD of Delta_W."""
+    from osrm_core.adapters import LoraWeights
+    from osrm_core.diagnostics import lora_row_space, principal_angles, row_space
+
+    torch.manual_seed(0)
+    A, B = torch.randn(6, 40, dtype=torch.float64), torch.randn(30, 6, dtype=torch.float64)
+    B[:, 2] = 0  # B drops one direction: the row space has rank 5
+    lw = LoraWeights(A, B, 2.0)
+    fast, reference = lora_row_space(lw), row_space(lw.delta)
+    assert fast.shape == reference.shape == (40, 5)
+    torch.testing.assert_close(fast.T @ fast, torch.eye(5, dtype=torch.float64))
+    assert principal_angles(fast, reference).max() < 1e-5
+    # B = 0 (right after init): the row space of A
+    assert lora_row_space(LoraWeights(A, torch.zeros_like(B), 2.0)).shape == (40, 6)
