@@ -7,12 +7,14 @@ run at the start of every session.
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 
 import pandas as pd
 import streamlit as st
 
 from app_common import (
+    SHARED_NOTE,
     ArchiveError,
     close_run,
     current_run,
@@ -25,6 +27,8 @@ from app_common import (
     runs_root,
     safe_name,
     save_task_dir,
+    shared_config_problem,
+    shared_mode,
     show_figure,
     show_table,
     zip_directory,
@@ -38,6 +42,7 @@ from osrm_core.viz import summary_figure, summary_tables
 
 st.set_page_config(page_title="OSRM workbench", page_icon="🧭", layout="wide")
 init_state()
+SHARED = shared_mode()
 
 NONE = "(none)"
 MODEL_KINDS = {
@@ -101,6 +106,8 @@ with st.sidebar:
         st.button("Close this run", key="home_close", on_click=close_run)
     if st.session_state.get("run_note"):
         st.warning(st.session_state.run_note)
+    if SHARED:
+        st.caption(SHARED_NOTE)
 
 st.title("OSRM workbench")
 st.markdown(
@@ -116,14 +123,17 @@ tab_summary, tab_open, tab_new = st.tabs(["Summary of the open run", "Open a run
 # --------------------------------------------------------------------------- open a run
 
 with tab_open:
-    st.subheader("A run directory on this machine")
-    path_text = st.text_input("Path of a run directory", key="home_open_path", placeholder="runs/demo-quick")
-    if st.button("Open", key="home_open_button"):
-        try:
-            run = open_run(path_text.strip())
-            st.success(f"Opened {run.path}")
-        except (ValueError, OSError) as err:
-            st.error(str(err))
+    if SHARED:
+        st.subheader("Your runs in this session")
+    else:
+        st.subheader("A run directory on this machine")
+        path_text = st.text_input("Path of a run directory", key="home_open_path", placeholder="runs/demo-quick")
+        if st.button("Open", key="home_open_button"):
+            try:
+                run = open_run(path_text.strip())
+                st.success(f"Opened {run.path}")
+            except (ValueError, OSError) as err:
+                st.error(str(err))
     found = list_runs()
     if found:
         choice = st.selectbox(
@@ -139,7 +149,7 @@ with tab_open:
             except (ValueError, OSError) as err:
                 st.error(str(err))
     else:
-        st.caption(f"No runs under {runs_root().resolve()} yet.")
+        st.caption("No runs of this session yet." if SHARED else f"No runs under {runs_root().resolve()} yet.")
 
     st.subheader("A zipped run")
     st.caption(
@@ -202,20 +212,25 @@ def uploaded_tasks(seed: int) -> tuple[list, list[str]]:
             )
             metric = c5.selectbox("Metric", ["accuracy", "mcc", "f1"], key=f"home_up_metric_{i}")
             try:
-                task = from_dataframes(
-                    safe_name(name),
-                    df,
-                    None,
-                    text=text,
-                    label=label,
-                    text_pair=None if pair == NONE else pair,
-                    metric=metric,
-                    seed=seed,
-                )
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    task = from_dataframes(
+                        safe_name(name),
+                        df,
+                        None,
+                        text=text,
+                        label=label,
+                        text_pair=None if pair == NONE else pair,
+                        metric=metric,
+                        seed=seed,
+                    )
             except DataError as err:
                 st.error(f"{f.name}: {err}")
                 errors.append(f.name)
                 continue
+            for w in caught:
+                if issubclass(w.category, UserWarning):
+                    st.warning(f"{f.name}: {w.message}")
             st.caption(
                 f"Task {task.name!r}: {len(task.train)} train, {len(task.test)} test examples, "
                 f"labels {', '.join(task.label_names)}"
@@ -244,14 +259,14 @@ with tab_new:
     st.subheader("Base model")
     kind = st.radio(
         "Base model",
-        list(MODEL_KINDS),
+        ["packaged"] if SHARED else list(MODEL_KINDS),
         format_func=MODEL_KINDS.get,
         horizontal=True,
         key="home_model_kind",
         label_visibility="collapsed",
     )
     model_name = None
-    if kind != "packaged":
+    if kind != "packaged" and not SHARED:
         model_name = (
             st.text_input(
                 "Model id or folder",
@@ -427,7 +442,10 @@ with tab_summary:
         summary = run_summary(run)
         if summary is None:
             st.info("This run has no merge results yet.")
-            if config is not None and st.button("Resume this run", key="home_resume"):
+            problem = None if config is None else shared_config_problem(config, run)
+            if problem:
+                st.error(f"This run cannot be resumed here: {problem}")
+            elif config is not None and st.button("Resume this run", key="home_resume"):
                 with st.status(f"Resuming {config.name} ...", expanded=True) as status:
                     progress, on_stage = progress_callbacks(status, 2 + 2 * len(config.inits))
                     try:

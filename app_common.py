@@ -12,6 +12,12 @@ OSRM_RUN_DIR
     ``OSRM_RUN_DIR=runs/demo streamlit run app.py``).
 OSRM_RUNS_ROOT
     Where new runs are written and existing ones listed (default ``runs``).
+OSRM_SHARED
+    ``1`` (or ``[osrm] shared = true`` in ``.streamlit/secrets.toml``) for a deployment that
+    several people use: no model or run is loaded from a server path typed into the app, each
+    session writes and lists only its own runs (``OSRM_RUNS_ROOT/sessions/<random id>/``),
+    ``OSRM_RUN_DIR`` is ignored, and a run's config may name only the packaged model, demo
+    tasks and data inside the run. Uploads work as usual. See README, "Security model".
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import copy
 import io
 import os
 import re
+import secrets
 import tempfile
 import zipfile
 from collections.abc import Callable, Sequence
@@ -29,17 +36,49 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from osrm_core.adapters import Adapter, AdapterError, check_against_model, read_adapter_dir
-from osrm_core.archive import MAX_UNZIPPED_BYTES, ArchiveError, find_root_with, safe_extract_zip
+from osrm_core.adapters import Adapter, load_adapter
+from osrm_core.archive import ArchiveError, find_root_with, safe_extract_zip  # noqa: F401 (app.py uses it)
 from osrm_core.data import DataError, Split, TaskData, from_dataframes
-from osrm_core.runs import ConfigError, RunDir, build_summary
+from osrm_core.runs import ConfigError, RunConfig, RunDir, build_summary
 from osrm_core.viz import figure_html, group_label
 
 RUN_INFO = "Open or create a run on the home page"
 
 
+_TRUE = ("1", "true", "yes", "on")
+
+
+def shared_mode() -> bool:
+    """Whether this deployment is shared (``OSRM_SHARED``, else ``[osrm] shared`` in secrets)."""
+    env = os.environ.get("OSRM_SHARED", "").strip()
+    if env:
+        return env.lower() in _TRUE
+    try:
+        value = st.secrets.get("osrm", {}).get("shared", False)
+    except Exception:  # no secrets file: not shared
+        return False
+    return value is True or str(value).strip().lower() in _TRUE
+
+
+SHARED_NOTE = (
+    "Shared mode: models and runs are not loaded from server paths; this session sees only its "
+    "own runs and uploads."
+)
+
+
+def session_id() -> str:
+    """A random id of this browser session (names its private runs folder in shared mode)."""
+    ss = st.session_state
+    if "_osrm_session_id" not in ss:
+        ss["_osrm_session_id"] = secrets.token_hex(16)
+    return ss["_osrm_session_id"]
+
+
 def runs_root() -> Path:
-    return Path(os.environ.get("OSRM_RUNS_ROOT", "runs"))
+    """Where new runs go and runs are listed: ``OSRM_RUNS_ROOT`` (default ``runs``), and in
+    shared mode this session's own folder below it."""
+    root = Path(os.environ.get("OSRM_RUNS_ROOT", "runs"))
+    return root / "sessions" / session_id() if shared_mode() else root
 
 
 # --------------------------------------------------------------------------- session state
@@ -53,7 +92,9 @@ def init_state() -> None:
     ss["_osrm_ready"] = True
     ss.setdefault("run_path", None)
     env = os.environ.get("OSRM_RUN_DIR")
-    if env and ss["run_path"] is None:
+    if env and shared_mode():
+        ss["run_note"] = "OSRM_RUN_DIR is ignored in shared mode: each session opens only its own runs"
+    elif env and ss["run_path"] is None:
         if RunDir(env).exists():
             ss["run_path"] = str(Path(env).resolve())
         else:
@@ -68,9 +109,18 @@ def session_tmp() -> Path:
     return Path(ss["_osrm_tmp"].name)
 
 
+def _inside(path: Path, folder: Path) -> bool:
+    return path.resolve().is_relative_to(folder.resolve())
+
+
 def open_run(path: str | Path) -> RunDir:
-    """Make ``path`` the session's open run; ValueError when it is not a run directory."""
+    """Make ``path`` the session's open run; ValueError when it is not a run directory (or, in
+    shared mode, not one of this session's own runs)."""
     run = RunDir(Path(path).expanduser())
+    if shared_mode() and not (_inside(run.path, runs_root()) or _inside(run.path, session_tmp())):
+        raise ValueError(
+            f"{str(path)!r}: in shared mode only this session's own runs (new or uploaded) can be opened"
+        )
     if not run.path.is_dir():
         raise ValueError(f"{str(path)!r} is not a folder")
     if not run.exists():
@@ -78,6 +128,27 @@ def open_run(path: str | Path) -> RunDir:
     run.config()  # a damaged config fails here, with the field named
     st.session_state["run_path"] = str(run.path.resolve())
     return run
+
+
+def shared_config_problem(config: RunConfig, run: RunDir) -> str | None:
+    """In shared mode, why ``config`` may not run here (it names a server path), else None.
+
+    Allowed: the packaged model, ``demo:`` tasks and task data inside the run directory.
+    """
+    if not shared_mode():
+        return None
+    if config.model is not None:
+        return f"in shared mode only the packaged model can be used; this run names model {config.model!r}"
+    for task in config.tasks:
+        if task.spec.startswith("demo:"):
+            continue
+        spec = Path(task.spec)
+        if task.spec.startswith("hf:") or not spec.is_absolute() or not _inside(spec, run.path):
+            return (
+                f"in shared mode tasks must be demo tasks or uploads saved in the run; "
+                f"task {task.name!r} names {task.spec!r}"
+            )
+    return None
 
 
 def close_run() -> None:
@@ -343,9 +414,10 @@ def text_task(name: str, texts: Sequence[str], labels: Sequence | None = None) -
 
 
 def read_uploaded_adapters(
-    files: Sequence, model, loose_name: str = "adapter", max_bytes: int = MAX_UNZIPPED_BYTES
+    files: Sequence, model, loose_name: str = "adapter"
 ) -> tuple[dict[str, Adapter], list[str]]:
-    """Read uploaded PEFT LoRA adapters and check them against ``model``.
+    """Read uploaded PEFT LoRA adapters with :func:`osrm_core.adapters.load_adapter` (zip
+    checks, safetensors only, config validated, every tensor checked against ``model``).
 
     Parameters
     ----------
@@ -366,9 +438,7 @@ def read_uploaded_adapters(
     errors: list[str] = []
     loose: dict[str, list[bytes]] = {}
 
-    def add(name: str, folder: Path, where: str) -> None:
-        adapter = read_adapter_dir(folder)
-        check_against_model(adapter, model, where=where)
+    def add(name: str, adapter: Adapter) -> None:
         key, n = safe_name(name, "adapter"), 2
         while key in adapters:
             key, n = f"{safe_name(name, 'adapter')}_{n}", n + 1
@@ -379,11 +449,13 @@ def read_uploaded_adapters(
         lower = name.lower()
         if lower.endswith(".zip"):
             try:
-                with tempfile.TemporaryDirectory(prefix="osrm-adapter-") as tmp:
-                    safe_extract_zip(f.getvalue(), tmp, max_bytes=max_bytes)
-                    add(Path(name).stem, find_root_with(Path(tmp), "adapter_config.json"), name)
-            except (ArchiveError, AdapterError, ValueError) as err:
-                errors.append(f"{name}: {err}")
+                # A private folder, removed at once: the upload is a file only while it is read.
+                with tempfile.TemporaryDirectory(prefix="osrm-upload-") as tmp:
+                    path = Path(tmp) / "upload.zip"
+                    path.write_bytes(f.getvalue())
+                    add(Path(name).stem, load_adapter(path, model, name=name))
+            except (ValueError, OSError) as err:
+                errors.append(str(err))
         elif lower in ("adapter_config.json", "adapter_model.safetensors"):
             loose.setdefault(lower, []).append(f.getvalue())
         else:
@@ -403,12 +475,12 @@ def read_uploaded_adapters(
             )
         else:
             try:
-                with tempfile.TemporaryDirectory(prefix="osrm-adapter-") as tmp:
+                with tempfile.TemporaryDirectory(prefix="osrm-upload-") as tmp:
                     for fname, (data,) in loose.items():
                         (Path(tmp) / fname).write_bytes(data)
-                    add(loose_name, Path(tmp), loose_name)
-            except (AdapterError, ValueError) as err:
-                errors.append(f"{loose_name}: {err}")
+                    add(loose_name, load_adapter(tmp, model, name=loose_name))
+            except (ValueError, OSError) as err:
+                errors.append(str(err))
     return adapters, errors
 
 

@@ -3,7 +3,14 @@ interference diagnostics for LoRA adapters (Zhang & Zhou, ACL 2025, arXiv:2505.2
 
 from __future__ import annotations
 
-from osrm_core.adapters import Adapter, AdapterError, LoraWeights, lora_from_model, read_adapter_dir
+from osrm_core.adapters import (
+    Adapter,
+    AdapterError,
+    LoraWeights,
+    load_adapter,
+    lora_from_model,
+    read_adapter_dir,
+)
 from osrm_core.data import DataError, Split, TaskData, from_dataframes, load_task, parse_task_spec
 from osrm_core.demo import DEMO_TASKS, demo_task, demo_tasks
 from osrm_core.diagnostics import (
@@ -55,6 +62,7 @@ __all__ = [
     "init_lora",
     "interference_matrix",
     "interference_table",
+    "load_adapter",
     "load_base_model",
     "load_task",
     "lora_from_model",

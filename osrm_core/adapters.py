@@ -89,31 +89,30 @@ def lora_from_model(peft_model, adapter_name: str = "default") -> Adapter:
 
 
 def _scale(config: dict, layer: str, rank: int) -> float:
-    alpha = config.get("lora_alpha", 8)
-    for pattern, value in (config.get("alpha_pattern") or {}).items():
-        if layer == pattern or layer.endswith("." + pattern):
-            alpha = value
+    alpha = _pattern_value(config.get("alpha_pattern"), layer, config.get("lora_alpha", 8))
     return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
 
 
-def read_adapter_dir(path: str | Path, *, allow_pickle: bool = False) -> Adapter:
+def read_adapter_dir(path: str | Path, *, allow_pickle: bool = False, where: str | None = None) -> Adapter:
     """Read ``adapter_config.json`` and ``adapter_model.safetensors`` from a PEFT adapter folder.
 
     A pickled ``adapter_model.bin`` is refused unless ``allow_pickle`` (then loaded with
-    ``torch.load(weights_only=True)``). Non-finite weights are refused.
+    ``torch.load(weights_only=True)``). The config is checked (:func:`check_adapter_config`),
+    every layer's rank must match it, and non-finite weights are refused. ``where`` names the
+    adapter in messages (default: the folder's name). Uploads go through :func:`load_adapter`.
     """
     path = Path(path)
+    where = where or path.name
     config_file = path / "adapter_config.json"
     if not config_file.is_file():
-        raise AdapterError(f"{path.name}: no adapter_config.json; is this a PEFT adapter folder?")
+        raise AdapterError(f"{where}: no adapter_config.json; is this a PEFT adapter folder?")
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise AdapterError(f"{path.name}: adapter_config.json is not valid JSON ({err})") from None
-    if not isinstance(config, dict):
-        raise AdapterError(f"{path.name}: adapter_config.json must hold a JSON object")
-    if config.get("peft_type", "LORA") != "LORA":
-        raise AdapterError(f"{path.name}: peft_type is {config.get('peft_type')!r}; only LORA is supported")
+        raise AdapterError(f"{where}: adapter_config.json is not valid JSON ({err})") from None
+    except RecursionError:
+        raise AdapterError(f"{where}: adapter_config.json is nested too deeply") from None
+    check_adapter_config(config, where)
     weights = path / "adapter_model.safetensors"
     if weights.is_file():
         from safetensors import SafetensorError
@@ -121,22 +120,100 @@ def read_adapter_dir(path: str | Path, *, allow_pickle: bool = False) -> Adapter
 
         try:
             state = load_file(str(weights))
-        except (SafetensorError, OSError) as err:
-            raise AdapterError(f"{path.name}: adapter_model.safetensors is damaged ({err})") from None
+        except (SafetensorError, OSError, ValueError, TypeError) as err:
+            raise AdapterError(f"{where}: adapter_model.safetensors is damaged ({err})") from None
     elif (path / "adapter_model.bin").is_file():
         if not allow_pickle:
             raise AdapterError(
-                f"{path.name}: adapter_model.bin is a pickle, which can run code when loaded; "
+                f"{where}: adapter_model.bin is a pickle, which can run code when loaded; "
                 "convert it with safetensors (save_pretrained(..., safe_serialization=True)) "
                 "or opt in to loading it with allow_pickle"
             )
         try:
             state = torch.load(path / "adapter_model.bin", map_location="cpu", weights_only=True)
         except Exception as err:  # torch raises many types for a bad pickle
-            raise AdapterError(f"{path.name}: adapter_model.bin cannot be loaded safely ({err})") from None
+            raise AdapterError(f"{where}: adapter_model.bin cannot be loaded safely ({err})") from None
+        if not isinstance(state, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+        ):
+            raise AdapterError(f"{where}: adapter_model.bin does not hold a dict of named tensors")
     else:
-        raise AdapterError(f"{path.name}: no adapter_model.safetensors")
-    return adapter_from_state(state, config, where=path.name)
+        raise AdapterError(f"{where}: no adapter_model.safetensors")
+    return adapter_from_state(state, config, where=where)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def check_adapter_config(config, where: str = "adapter") -> None:
+    """Check the fields of an ``adapter_config.json`` that this tool relies on.
+
+    ``r`` a positive integer, ``lora_alpha`` a positive number, ``target_modules`` a list of
+    names or one pattern string, ``base_model_name_or_path`` a string or null,
+    ``rank_pattern``/``alpha_pattern`` maps of names to numbers; LoRA only, no DoRA.
+    Raises :class:`AdapterError` naming the field, the value and what is allowed.
+    """
+    if not isinstance(config, dict):
+        raise AdapterError(f"{where}: adapter_config.json must hold a JSON object")
+    if config.get("peft_type", "LORA") != "LORA":
+        raise AdapterError(f"{where}: peft_type is {config.get('peft_type')!r}; only LORA is supported")
+
+    def shown(key: str) -> str:
+        return repr(config[key]) if key in config else "missing"
+
+    r = config.get("r")
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        raise AdapterError(f"{where}: adapter_config.json field 'r' is {shown('r')}; it must be a positive integer")
+    alpha = config.get("lora_alpha", 8)
+    if not _is_number(alpha) or alpha <= 0:
+        raise AdapterError(
+            f"{where}: adapter_config.json field 'lora_alpha' is {alpha!r}; it must be a positive number"
+        )
+    targets = config.get("target_modules")
+    if not (isinstance(targets, str) or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))):
+        raise AdapterError(
+            f"{where}: adapter_config.json field 'target_modules' is {shown('target_modules')}; "
+            "it must be a list of module names or one pattern string"
+        )
+    base = config.get("base_model_name_or_path")
+    if base is not None and not isinstance(base, str):
+        raise AdapterError(
+            f"{where}: adapter_config.json field 'base_model_name_or_path' is {base!r}; it must be a string"
+        )
+    for field_name, positive_int in (("rank_pattern", True), ("alpha_pattern", False)):
+        pattern = config.get(field_name) or {}
+        ok = isinstance(pattern, dict) and all(
+            isinstance(k, str)
+            and _is_number(v)
+            and v > 0
+            and (not positive_int or (isinstance(v, int) and not isinstance(v, bool)))
+            for k, v in pattern.items()
+        )
+        if not ok:
+            kind = "positive integers" if positive_int else "positive numbers"
+            raise AdapterError(
+                f"{where}: adapter_config.json field {field_name!r} must map module names to {kind}"
+            )
+    if config.get("use_dora"):
+        raise AdapterError(f"{where}: a DoRA adapter (use_dora: true); only plain LoRA is supported")
+
+
+def _pattern_value(pattern: dict | None, layer: str, default):
+    for key, value in (pattern or {}).items():
+        if layer == key or layer.endswith("." + key):
+            return value
+    return default
+
+
+def _targets_layer(targets, layer: str) -> bool:
+    """Whether a list ``target_modules`` names ``layer`` (peft's rule: the name or a suffix of it).
+
+    A pattern string is not evaluated: a hostile regular expression could take exponential time.
+    """
+    if isinstance(targets, str):
+        return True
+    return any(layer == t or layer.endswith("." + t) for t in targets)
 
 
 def adapter_from_state(state: dict[str, torch.Tensor], config: dict, where: str = "adapter") -> Adapter:
@@ -145,8 +222,10 @@ def adapter_from_state(state: dict[str, torch.Tensor], config: dict, where: str 
     b_parts: dict[str, torch.Tensor] = {}
     head: dict[str, torch.Tensor] = {}
     for key, tensor in state.items():
-        if not torch.is_floating_point(tensor) or not torch.isfinite(tensor).all():
-            raise AdapterError(f"{where}: tensor {key!r} has NaN/Inf or is not floating point")
+        if not torch.is_floating_point(tensor):
+            raise AdapterError(f"{where}: tensor {key!r} is not floating point ({tensor.dtype})")
+        if not torch.isfinite(tensor).all():
+            raise AdapterError(f"{where}: tensor {key!r} has NaN or Inf values")
         name = key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
         for marker, parts in ((".lora_A.", a_parts), (".lora_B.", b_parts)):
             if marker in name:
@@ -157,6 +236,9 @@ def adapter_from_state(state: dict[str, torch.Tensor], config: dict, where: str 
     if not a_parts:
         raise AdapterError(f"{where}: no LoRA weights (lora_A/lora_B) found")
     layers: dict[str, LoraWeights] = {}
+    only_b = sorted(set(b_parts) - set(a_parts))
+    if only_b:
+        raise AdapterError(f"{where}: layer {only_b[0]!r} has lora_B but no lora_A")
     for name, a in a_parts.items():
         if name not in b_parts:
             raise AdapterError(f"{where}: layer {name!r} has lora_A but no lora_B")
@@ -165,29 +247,52 @@ def adapter_from_state(state: dict[str, torch.Tensor], config: dict, where: str 
             raise AdapterError(
                 f"{where}: size mismatch for layer {name!r}: lora_A {tuple(a.shape)}, lora_B {tuple(b.shape)}"
             )
+        if "r" in config:
+            expected = _pattern_value(config.get("rank_pattern"), name, config["r"])
+            if a.shape[0] != expected:
+                raise AdapterError(
+                    f"{where}: layer {name!r} has rank {a.shape[0]} but adapter_config.json says r={expected}"
+                )
+        if "target_modules" in config and not _targets_layer(config["target_modules"], name):
+            raise AdapterError(
+                f"{where}: layer {name!r} is not in adapter_config.json's target_modules {config['target_modules']!r}"
+            )
         layers[name] = LoraWeights(a, b, _scale(config, name, a.shape[0]))
     return Adapter(layers, head, config)
 
 
 def check_against_model(adapter: Adapter, model: nn.Module, where: str = "adapter") -> None:
-    """Every adapted layer and head tensor must exist in ``model`` with matching shapes."""
-    from osrm_core.models import weight_as_linear
+    """Every adapted layer must be a linear layer of ``model`` with the adapter's shapes, and
+    every other tensor (the head) a parameter of ``model`` of the same trailing shape."""
+    from osrm_core.models import _is_conv1d, weight_as_linear
 
+    base = adapter.config.get("base_model_name_or_path")
+    hint = f"the adapter names base model {base!r}" if base else "an adapter for another base model?"
     for name, lw in adapter.layers.items():
         try:
-            module = model.get_submodule(name)
+            module = model.get_submodule(name) if name else None
         except AttributeError:
-            raise AdapterError(f"{where}: layer {name!r} does not exist in the base model") from None
+            module = None
+        if module is None:
+            raise AdapterError(f"{where}: layer {name!r} does not exist in the base model ({hint})")
         module = getattr(module, "base_layer", module)
+        if not (isinstance(module, nn.Linear) or _is_conv1d(module)):
+            raise AdapterError(
+                f"{where}: layer {name!r} of the base model is a {type(module).__name__}, not a linear layer"
+            )
         d_out, d_in = weight_as_linear(module).shape
         if lw.A.shape[1] != d_in or lw.B.shape[0] != d_out:
             raise AdapterError(
                 f"{where}: size mismatch for layer {name!r}: adapter is {lw.B.shape[0]}x{lw.A.shape[1]},"
-                f" the base model's layer is {d_out}x{d_in} (an adapter for another base model?)"
+                f" the base model's layer is {d_out}x{d_in} ({hint})"
             )
     params = dict(model.named_parameters())
     for key, tensor in adapter.head.items():
-        if key in params and params[key].shape[1:] != tensor.shape[1:]:
+        if key not in params:
+            raise AdapterError(
+                f"{where}: tensor {key!r} is neither a LoRA weight nor a parameter of the base model"
+            )
+        if params[key].ndim != tensor.ndim or params[key].shape[1:] != tensor.shape[1:]:
             raise AdapterError(
                 f"{where}: size mismatch for head {key!r}: {tuple(tensor.shape)} vs "
                 f"{tuple(params[key].shape)} in the base model"
@@ -248,32 +353,46 @@ def write_adapter(
 # --------------------------------------------------------------------------- safe loading
 
 def load_adapter(
-    path: str | Path, base_model: nn.Module | None = None, *, allow_pickle: bool = False
+    path: str | Path,
+    base_model: nn.Module | None = None,
+    *,
+    allow_pickle: bool = False,
+    name: str | None = None,
 ) -> Adapter:
     """Load a PEFT LoRA adapter from a folder or a zip, safely; check it against ``base_model``.
 
-    Safetensors only unless ``allow_pickle``; a zip is checked before extraction and extracted
-    into a private temporary folder that is removed afterwards. Raises :class:`AdapterError`.
+    The one entry point for adapters from elsewhere (the command line and the app's uploads).
+    Safetensors only unless ``allow_pickle`` (then ``torch.load(weights_only=True)``); a zip is
+    checked before extraction (:func:`osrm_core.archive.safe_extract_zip`) and extracted into a
+    private temporary folder that is removed afterwards; ``adapter_config.json`` is validated,
+    NaN/Inf weights are refused, and with ``base_model`` every tensor is checked against its
+    layers. ``name`` is how messages call the adapter (default: the file's name).
+
+    Raises
+    ------
+    AdapterError
+        ``"NAME: reason"``, one line.
     """
     import tempfile
     import zipfile
 
     path = Path(path)
+    where = name or path.name
     if not path.exists():
         raise AdapterError(f"adapter {str(path)!r} does not exist")
     if path.is_dir():
-        adapter = read_adapter_dir(path, allow_pickle=allow_pickle)
-    elif zipfile.is_zipfile(path):
+        adapter = read_adapter_dir(path, allow_pickle=allow_pickle, where=where)
+    elif path.suffix.lower() == ".zip" or zipfile.is_zipfile(path):
         from osrm_core.archive import ArchiveError, find_root_with, safe_extract_zip
 
         with tempfile.TemporaryDirectory(prefix="osrm-adapter-") as tmp:
             try:
                 root = find_root_with(safe_extract_zip(path, tmp), "adapter_config.json")
             except ArchiveError as err:
-                raise AdapterError(f"{path.name}: {err}") from None
-            adapter = read_adapter_dir(root, allow_pickle=allow_pickle)
+                raise AdapterError(f"{where}: {err}") from None
+            adapter = read_adapter_dir(root, allow_pickle=allow_pickle, where=where)
     else:
-        raise AdapterError(f"adapter {path.name!r} must be a PEFT adapter folder or a .zip of one")
+        raise AdapterError(f"{where}: must be a PEFT adapter folder or a .zip of one")
     if base_model is not None:
-        check_against_model(adapter, base_model, where=path.name)
+        check_against_model(adapter, base_model, where=where)
     return adapter

@@ -25,16 +25,21 @@ class ArchiveError(ValueError):
 _DRIVE = re.compile(r"^[A-Za-z]:")
 
 
+def _shown(name: str, limit: int = 80) -> str:
+    """A member name for a message: quoted, and cut if a hostile archive made it very long."""
+    return repr(name if len(name) <= limit else name[: limit - 3] + "...")
+
+
 def check_member_name(name: str) -> None:
     """Refuse absolute paths, ``..``, backslashes, drive letters and NUL in a zip member name."""
     if not name or "\x00" in name:
-        raise ArchiveError(f"archive member {name!r} has an empty or invalid name")
+        raise ArchiveError(f"archive member {_shown(name)} has an empty or invalid name")
     if name.startswith(("/", "\\")) or _DRIVE.match(name):
-        raise ArchiveError(f"archive member {name!r} has an absolute path")
+        raise ArchiveError(f"archive member {_shown(name)} has an absolute path")
     if "\\" in name:
-        raise ArchiveError(f"archive member {name!r} contains a backslash")
+        raise ArchiveError(f"archive member {_shown(name)} contains a backslash")
     if ".." in PurePosixPath(name).parts:
-        raise ArchiveError(f"archive member {name!r} leaves the archive folder ('..')")
+        raise ArchiveError(f"archive member {_shown(name)} leaves the archive folder ('..')")
 
 
 def safe_extract_zip(
@@ -53,7 +58,7 @@ def safe_extract_zip(
     """
     try:
         zf = zipfile.ZipFile(io.BytesIO(source) if isinstance(source, bytes) else source)
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError):
+    except Exception:  # a crafted central directory fails in many ways (struct, seek, EOF, ...)
         raise ArchiveError("not a valid zip archive") from None
     dest = Path(dest).resolve()
     with zf:
@@ -64,12 +69,12 @@ def safe_extract_zip(
         for info in infos:
             check_member_name(info.filename)
             if stat.S_ISLNK(info.external_attr >> 16):
-                raise ArchiveError(f"archive member {info.filename!r} is a symbolic link")
+                raise ArchiveError(f"archive member {_shown(info.filename)} is a symbolic link")
             if info.flag_bits & 0x1:
-                raise ArchiveError(f"archive member {info.filename!r} is encrypted")
+                raise ArchiveError(f"archive member {_shown(info.filename)} is encrypted")
             if info.compress_size and info.file_size / info.compress_size > MAX_COMPRESSION_RATIO:
                 raise ArchiveError(
-                    f"archive member {info.filename!r} is compressed {info.file_size // info.compress_size}:1;"
+                    f"archive member {_shown(info.filename)} is compressed {info.file_size // info.compress_size}:1;"
                     f" at most {MAX_COMPRESSION_RATIO}:1 is allowed (a zip bomb?)"
                 )
             total += info.file_size
@@ -81,7 +86,7 @@ def safe_extract_zip(
             for info in infos:
                 target = (dest / info.filename).resolve()
                 if not target.is_relative_to(dest):
-                    raise ArchiveError(f"archive member {info.filename!r} leaves the archive folder")
+                    raise ArchiveError(f"archive member {_shown(info.filename)} leaves the archive folder")
                 if info.is_dir():
                     target.mkdir(parents=True, exist_ok=True)
                     continue
@@ -94,6 +99,10 @@ def safe_extract_zip(
                         out.write(chunk)
         except (zipfile.BadZipFile, zlib.error, EOFError, RuntimeError, NotImplementedError) as err:
             raise ArchiveError(f"the archive is damaged ({err})") from None
+        except OSError as err:  # a name too long, a file where a folder must go, ...
+            raise ArchiveError(
+                f"archive member {_shown(info.filename)} cannot be written ({err.strerror or type(err).__name__})"
+            ) from None
     return dest
 
 

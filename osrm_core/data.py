@@ -24,6 +24,8 @@ METRICS: tuple[str, ...] = ("accuracy", "mcc", "f1")
 MAX_DATA_BYTES = 50 * 1024 * 1024
 #: Texts longer than this many characters are cut, with a warning.
 MAX_TEXT_CHARS = 5000
+#: Most classes a task may have (a text column taken for the label column has about one per row).
+MAX_CLASSES = 1000
 
 
 class DataError(ValueError):
@@ -139,21 +141,46 @@ def _split_from_frame(
     texts = df[text].fillna("").astype(str)
     if (texts.str.strip() == "").all():
         raise DataError(f"{where}: column {text!r} is empty")
-    long = texts.str.len() > MAX_TEXT_CHARS
-    if long.any():
+    pairs = None if text_pair is None else df[text_pair].fillna("").astype(str)
+    cut = 0
+    for column in (texts, pairs):
+        if column is not None:
+            cut += int((column.str.len() > MAX_TEXT_CHARS).sum())
+    if cut:
         warnings.warn(
-            f"{where}: {int(long.sum())} texts longer than {MAX_TEXT_CHARS} characters were cut",
+            f"{where}: {cut} texts longer than {MAX_TEXT_CHARS} characters were cut",
             stacklevel=3,
         )
         texts = texts.str.slice(0, MAX_TEXT_CHARS)
+        pairs = None if pairs is None else pairs.str.slice(0, MAX_TEXT_CHARS)
     labels = df[label]
-    if labels.isna().any():
-        raise DataError(f"{where}: column {label!r} has empty labels")
-    return (
-        texts.tolist(),
-        labels.to_numpy(),
-        None if text_pair is None else df[text_pair].fillna("").astype(str).tolist(),
-    )
+    empty = labels.isna() | labels.map(lambda x: isinstance(x, str) and not x.strip())
+    if empty.any():
+        first = empty.to_numpy().argmax()
+        raise DataError(
+            f"{where}: column {label!r} has empty labels ({int(empty.sum())}, the first in {_row(df, first)})"
+        )
+    nested = labels.map(lambda x: isinstance(x, list | dict))
+    if nested.any():
+        first = nested.to_numpy().argmax()
+        raise DataError(
+            f"{where}: label {labels.iloc[first]!r} ({_row(df, first)}) is not a number or a class name"
+        )
+    return texts.tolist(), labels.to_numpy(), None if pairs is None else pairs.tolist()
+
+
+def _row(df: pd.DataFrame, position: int) -> str:
+    """'data row N' of the file a frame was read from (1-based, header not counted)."""
+    index = df.index[position]
+    return f"data row {index + 1}" if isinstance(index, int | np.integer) else f"row {index!r}"
+
+
+def _shown(value) -> str:
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def _integer(value: float) -> str:
+    return str(int(value)) if abs(value) < 1e15 else f"{value:g}"
 
 
 def _encode_labels(
@@ -162,11 +189,22 @@ def _encode_labels(
     """Integer labels 0..K-1 stay; anything else is mapped via sorted unique train values."""
     both = np.concatenate([train, test])
     as_int = pd.to_numeric(pd.Series(both), errors="coerce")
-    integral = as_int.notna().all() and np.allclose(as_int, np.round(as_int))
-    if integral:
-        ints = np.round(as_int.to_numpy()).astype(np.int64)
-        if ints.min() < 0:
-            raise DataError(f"{where}: label {int(ints.min())} is negative; labels must be 0..K-1")
+    if as_int.notna().all():
+        values = as_int.to_numpy(dtype=np.float64)
+        fractional = ~np.isfinite(values) | (values != np.round(values))
+        if fractional.any():
+            raise DataError(
+                f"{where}: label {_shown(both[fractional.argmax()])} is not an integer; "
+                "labels must be integers 0..K-1 or class names"
+            )
+        if values.min() < 0:
+            raise DataError(f"{where}: label {_integer(values.min())} is negative; labels must be 0..K-1")
+        if values.max() >= MAX_CLASSES:
+            raise DataError(
+                f"{where}: label {_integer(values.max())} is outside 0..{MAX_CLASSES - 1}; "
+                f"at most {MAX_CLASSES} classes are supported"
+            )
+        ints = values.astype(np.int64)
         k = int(ints.max()) + 1 if label_names is None else len(label_names)
         if ints.max() >= k:
             raise DataError(f"{where}: label {int(ints.max())} is outside 0..{k - 1}")
@@ -175,6 +213,11 @@ def _encode_labels(
     if as_int.notna().any():
         raise DataError(f"{where}: labels mix numbers and names; use integers 0..K-1 or names")
     classes = sorted({str(x) for x in train})
+    if len(classes) > MAX_CLASSES:
+        raise DataError(
+            f"{where}: the label column has {len(classes)} distinct values; at most {MAX_CLASSES} "
+            "classes are supported (is it the right column?)"
+        )
     unseen = sorted({str(x) for x in test} - set(classes))
     if unseen:
         raise DataError(f"{where}: test labels {unseen[:3]} do not occur in train")
@@ -273,7 +316,12 @@ def read_table(source: str | Path | bytes, *, fmt: Literal["csv", "jsonl"] | Non
             rows = []
             for i, line in enumerate(content.splitlines(), 1):
                 if line.strip():
-                    row = json.loads(line)
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as err:
+                        raise DataError(f"{label}: cannot parse as JSONL: line {i}: {err.msg}") from None
+                    except RecursionError:
+                        raise DataError(f"{label}: cannot parse as JSONL: line {i} is nested too deeply") from None
                     if not isinstance(row, dict):
                         raise DataError(f"{label}: line {i} is not a JSON object")
                     rows.append(row)

@@ -13,6 +13,7 @@ ACL 2025, arXiv:2505.22934.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from typing import Literal
 
@@ -44,6 +45,21 @@ def _check_others(other_stats: list[FeatureStats]) -> None:
         raise ValueError(
             "other_stats is empty: OSRM needs the statistics of at least one other task"
         )
+
+
+def _warn_if_few_tokens(rank: int, counts: list[int], d: int, layer: str, unit: str = "tokens") -> bool:
+    """Warn when the other tasks' statistics rest on fewer tokens than the width: their moment
+    is then rank-deficient, and OSRM's directions are partly chosen by a fixed rule, not by data."""
+    n = sum(counts)
+    if n >= d:
+        return False
+    warnings.warn(
+        f"OSRM rank {rank} at {layer!r}: the other tasks' statistics rest on {n} {unit}, fewer than "
+        f"the width {d}; at least {d - n} directions carry none of their energy, and the choice among "
+        "them is a fixed rule, not the data (collect more samples)",
+        stacklevel=5,
+    )
+    return True
 
 
 def _combine(mats: list[torch.Tensor], counts: list[int], weighting: Weighting) -> torch.Tensor:
@@ -122,12 +138,16 @@ def osrm_subspace(
     check_same_layers(other_stats)
     if moment not in ("second_moment", "covariance"):
         raise ValueError(f"moment must be 'second_moment' or 'covariance', got {moment!r}")
+    warned = []
 
     def subspace(name: str) -> torch.Tensor:
         dev = _device_for(device, name, other_stats[0].layers[name].sum.device)
         mats = [getattr(s.layers[name].to(dev), moment) for s in other_stats]
-        rest = _combine(mats, [s.layers[name].count for s in other_stats], weighting)
+        counts = [s.layers[name].count for s in other_stats]
+        rest = _combine(mats, counts, weighting)
         _check_rank(rank, rest.shape[0], name)
+        if not warned and _warn_if_few_tokens(rank, counts, rest.shape[0], name):
+            warned.append(name)  # once per call, not once per layer
         return symmetric_eigh(rest).smallest(rank)
 
     return _per_group(other_stats[0], subspace)
@@ -188,7 +208,8 @@ def osrm_gen_subspace(
         d = s_own.shape[0]
         _check_rank(rank, d, name)
         s_rest = rest[name]
-        ridge = eps * float(torch.trace(s_rest)) / d
+        # Relative to the mean eigenvalue; statistics without energy (no tokens) get eps itself.
+        ridge = eps * (float(torch.trace(s_rest)) / d or 1.0)
         b = s_rest + ridge * torch.eye(d, dtype=s_rest.dtype, device=s_rest.device)
         _, vecs = scipy.linalg.eigh(s_own.cpu().numpy(), b.cpu().numpy(), subset_by_index=[d - rank, d - 1])
         q, _ = torch.linalg.qr(torch.from_numpy(vecs).to(s_own))

@@ -55,6 +55,12 @@ class Spectrum:
 def symmetric_eigh(matrix: torch.Tensor) -> Spectrum:
     """``eigh`` in float64 with each eigenvector's largest-magnitude entry made positive.
 
+    Repeated eigenvalues (equal up to rounding: the null space of statistics from fewer tokens
+    than the width, say) leave ``eigh`` free to return any basis of their eigenspace, and which
+    one it returns changes with the last bits of the input. Such a basis is replaced by a
+    canonical one (:func:`canonical_basis`), so that OSRM's choice among equally good
+    directions is a fixed rule, not an accident of LAPACK.
+
     Raises ValueError for a non-square, non-finite or non-symmetric matrix.
     """
     if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
@@ -66,7 +72,57 @@ def symmetric_eigh(matrix: torch.Tensor) -> Spectrum:
     if (m - m.T).abs().max() > 1e-8 * scale:
         raise ValueError("matrix is not symmetric")
     values, vectors = torch.linalg.eigh((m + m.T) / 2)
-    return Spectrum(values, fix_signs(vectors))
+    return Spectrum(values, fix_signs(_canonical_eigenspaces(values, vectors)))
+
+
+#: Eigenvalues closer than this many float64 epsilons times ``d * max|lambda|`` count as equal.
+REPEATED_TOL = 64.0
+
+
+def _canonical_eigenspaces(values: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    """``vectors`` with the basis of every repeated eigenvalue's eigenspace made canonical."""
+    d = values.shape[0]
+    if d < 2:
+        return vectors
+    tol = REPEATED_TOL * d * torch.finfo(torch.float64).eps * float(values.abs().max())
+    breaks = (torch.diff(values) > tol).nonzero().flatten().tolist()
+    starts, ends = [0, *(b + 1 for b in breaks)], [*(b + 1 for b in breaks), d]
+    clusters = [(a, b) for a, b in zip(starts, ends) if b - a > 1]
+    if not clusters:
+        return vectors
+    out = vectors.clone()
+    for a, b in clusters:
+        out[:, a:b] = canonical_basis(vectors[:, a:b].cpu()).to(out)
+    return out
+
+
+def canonical_basis(basis: torch.Tensor, tie: float = 1e-6) -> torch.Tensor:
+    """An orthonormal basis of the span of ``basis``'s columns that depends on the span only.
+
+    Gram-Schmidt of the columns ``P e_k`` of the projector ``P`` onto the span, taken greedily
+    (the one with the largest remaining norm; near-ties, within ``tie``, go to the lowest
+    index ``k``), each vector's sign such that it points along its ``P e_k``. Any orthonormal
+    basis of the same span gives the same result (up to rounding).
+
+    Parameters
+    ----------
+    basis : tensor of shape (d, m), orthonormal columns
+
+    Returns
+    -------
+    tensor of shape (d, m), float64, orthonormal columns
+    """
+    V = basis.to(torch.float64)
+    # Coordinates of P e_k in the basis V: column k of V^T; their norms and inner products
+    # (the Gram matrix V V^T = P) do not depend on which basis of the span V is.
+    W = V.T.clone()
+    q = W.new_empty(W.shape[0], W.shape[0])
+    for j in range(W.shape[0]):
+        norms = (W * W).sum(0)
+        k = int((norms >= norms.max() * (1 - tie)).nonzero()[0])
+        q[:, j] = W[:, k] / norms[k].sqrt()
+        W -= torch.outer(q[:, j], q[:, j] @ W)
+    return V @ q
 
 
 def fix_signs(vectors: torch.Tensor) -> torch.Tensor:

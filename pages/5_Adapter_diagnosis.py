@@ -17,6 +17,7 @@ from app_common import (
     merged_adapter,
     quick_sweep,
     read_uploaded_adapters,
+    shared_mode,
     show_figure,
     show_table,
     text_task,
@@ -66,14 +67,19 @@ if run is not None:
         default_model = run.config().model or ""
     except ConfigError:
         pass
-model_name = (
-    st.text_input(
-        "Base model (Hugging Face id or folder; empty: the packaged all-MiniLM-L6-v2)",
-        value=default_model,
-        key="diag_model",
-    ).strip()
-    or None
-)
+if shared_mode():
+    # No model from a typed id or server path in a shared deployment: the packaged one only.
+    model_name = None
+    st.caption("Base model: the packaged all-MiniLM-L6-v2 (shared mode).")
+else:
+    model_name = (
+        st.text_input(
+            "Base model (Hugging Face id or folder; empty: the packaged all-MiniLM-L6-v2)",
+            value=default_model,
+            key="diag_model",
+        ).strip()
+        or None
+    )
 try:
     model, tokenizer = base_model(model_name)
 except ValueError as err:

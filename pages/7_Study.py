@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app_common import init_state, progress_callbacks, require_run, show_figure, show_table
+from app_common import (
+    init_state,
+    progress_callbacks,
+    require_run,
+    shared_config_problem,
+    show_figure,
+    show_table,
+)
 from osrm_core.study import find_studies, load_study_tables, quick_study_config, run_study
 from osrm_core.viz import study_curve_figure
 
@@ -27,7 +34,10 @@ with st.expander("Run a quick study on this run's tasks"):
         f"{len(quick.inits)} inits × {len(quick.seeds)} seeds, {quick.base.train.steps} steps each; "
         f"written to {run.path / 'studies' / quick.name}. Resumes where it stopped."
     )
-    if st.button("Run quick study", key="study_run"):
+    problem = shared_config_problem(run.config(), run)
+    if problem:
+        st.error(f"A study cannot run here: {problem}")
+    elif st.button("Run quick study", key="study_run"):
         with st.status("Running the study ...", expanded=True) as status:
             progress, on_stage = progress_callbacks(status, n_stages=1)
             try:

@@ -1,0 +1,1022 @@
+"""Hostile and broken inputs: adapters, zips, data files and numbers (a table, each row with
+its exact message), random bytes, CSVs and zips thrown at the parsers (hypothesis), two app
+sessions side by side in shared mode, and ``osrm run`` killed with SIGKILL at several points.
+
+The table is the one in README.md, "Security model".
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+import zipfile
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from conftest import TINY_TARGETS
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
+
+from osrm_core import load_adapter
+from osrm_core.adapters import PEFT_PREFIX, AdapterError, write_adapter
+from osrm_core.archive import ArchiveError, safe_extract_zip
+from osrm_core.data import MAX_DATA_BYTES, DataError, load_task, read_table
+from osrm_core.demo import demo_task
+from osrm_core.init import init_lora, osrm_gen_subspace, osrm_subspace
+from osrm_core.spectra import symmetric_eigh
+from osrm_core.stats import FeatureStats, LayerStats, collect_feature_stats
+from osrm_core.train import adapter_of
+
+ROOT = Path(__file__).resolve().parents[1]
+Q0 = TINY_TARGETS[0]  # bert.encoder.layer.0.attention.self.query
+A0 = f"{PEFT_PREFIX}{Q0}.lora_A.weight"
+B0 = f"{PEFT_PREFIX}{Q0}.lora_B.weight"
+#: One torch thread in the children too: the machine is small and shared.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+CRASH_TASKS = ("sentiment", "topic")
+
+
+def full(pattern: str) -> re.Pattern:
+    """An expected message given as a regular expression (matched in full)."""
+    return re.compile(pattern)
+
+
+def assert_message(message: str, expected: str | re.Pattern) -> None:
+    """The whole message equals ``expected`` (a string) or fully matches it (a pattern)."""
+    if isinstance(expected, re.Pattern):
+        assert expected.fullmatch(message), f"{message!r} does not match {expected.pattern!r}"
+    else:
+        assert message == expected
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def zip_bytes(files: dict[str, bytes], *, links: tuple[str, ...] = (), deflate: bool = False) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED if deflate else zipfile.ZIP_STORED) as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+        for name in links:
+            info = zipfile.ZipInfo(name)
+            info.external_attr = (stat.S_IFLNK | 0o777) << 16
+            zf.writestr(info, "/etc/passwd")
+    return buf.getvalue()
+
+
+def folder_files(folder: Path, prefix: str = "adapter/") -> dict[str, bytes]:
+    return {prefix + p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def base(make_tiny_model):
+    """The float32 tiny base model the adapters must fit (2 labels)."""
+    return make_tiny_model(dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def good_adapter(make_tiny_model, tmp_path_factory) -> Path:
+    """A valid rank-2 PEFT adapter folder for the tiny model, with a random B."""
+    model = init_lora(make_tiny_model(dtype=torch.float32), "standard", rank=2, alpha=4, seed=0)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_B." in name:
+                p.copy_(torch.randn(p.shape, generator=gen))
+    adapter = adapter_of(model)
+    config = {**adapter.config, "base_model_name_or_path": "tiny-bert"}
+    return write_adapter(tmp_path_factory.mktemp("good") / "good", adapter.layers, config, adapter.head)
+
+
+def variant(good: Path, dest: Path, *, config: dict | None = None, drop: tuple[str, ...] = (),
+            edit: Callable[[dict], None] | None = None, state=None, files: dict[str, bytes] | None = None) -> Path:
+    """A copy of the good adapter with its config updated (keys set to ``...`` removed), some
+    files dropped, its tensors edited, or files replaced."""
+    shutil.copytree(good, dest)
+    if config is not None:
+        data = json.loads((dest / "adapter_config.json").read_text())
+        data.update(config)
+        data = {k: v for k, v in data.items() if v is not ...}
+        (dest / "adapter_config.json").write_text(json.dumps(data))
+    if edit is not None or state is not None:
+        tensors = load_file(str(dest / "adapter_model.safetensors")) if state is None else state
+        if edit is not None:
+            edit(tensors)
+        save_file(tensors, str(dest / "adapter_model.safetensors"))
+    for name in drop:
+        (dest / name).unlink()
+    for name, data in (files or {}).items():
+        (dest / name).write_bytes(data)
+    return dest
+
+
+def _set(key: str, value: torch.Tensor) -> Callable[[dict], None]:
+    def edit(t: dict) -> None:
+        t[key] = value
+    return edit
+
+
+def _pop(key: str) -> Callable[[dict], None]:
+    return lambda t: t.pop(key)
+
+
+def _nan_at(key: str, value: float) -> Callable[[dict], None]:
+    def edit(t: dict) -> None:
+        t[key] = t[key].clone()
+        t[key][0, 0] = value
+    return edit
+
+
+def _pickled(good: Path, dest: Path) -> Path:
+    path = variant(good, dest, drop=("adapter_model.safetensors",))
+    torch.save(load_file(str(good / "adapter_model.safetensors")), path / "adapter_model.bin")
+    return path
+
+
+def _zip_of(good: Path, dest: Path, **kwargs) -> Path:
+    path = dest.with_suffix(".zip")
+    path.write_bytes(zip_bytes(folder_files(good), **kwargs))
+    return path
+
+
+def _zip(dest: Path, files: dict[str, bytes], **kwargs) -> Path:
+    path = dest.with_suffix(".zip")
+    path.write_bytes(zip_bytes(files, **kwargs))
+    return path
+
+
+def _file(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def _bad_crc(good: Path, dest: Path) -> Path:
+    data = bytearray(zip_bytes(folder_files(good)))
+    start = data.index(b'"peft_type"')  # inside the stored adapter_config.json
+    data[start + 1] ^= 0x20
+    path = dest.with_suffix(".zip")
+    path.write_bytes(bytes(data))
+    return path
+
+
+PICKLE_MESSAGE = (
+    "{}: adapter_model.bin is a pickle, which can run code when loaded; convert it with "
+    "safetensors (save_pretrained(..., safe_serialization=True)) or opt in to loading it with allow_pickle"
+)
+BIG = 10 * 1024 * 1024
+
+#: (case, make(good, dest) -> path to load, expected message). Every path is loaded with
+#: ``load_adapter(path, tiny base model)``.
+ADAPTER_CASES: list[tuple[str, Callable[[Path, Path], Path], str | re.Pattern]] = [
+    ("pickled adapter_model.bin", _pickled, PICKLE_MESSAGE.format("x")),
+    ("no adapter_config.json", lambda g, d: variant(g, d, drop=("adapter_config.json",)),
+     "x: no adapter_config.json; is this a PEFT adapter folder?"),
+    ("no weights", lambda g, d: variant(g, d, drop=("adapter_model.safetensors",)),
+     "x: no adapter_model.safetensors"),
+    ("config not JSON", lambda g, d: variant(g, d, files={"adapter_config.json": b"{r: 2"}),
+     "x: adapter_config.json is not valid JSON (Expecting property name enclosed in double quotes: "
+     "line 1 column 2 (char 1))"),
+    ("config a list", lambda g, d: variant(g, d, files={"adapter_config.json": b"[1, 2]"}),
+     "x: adapter_config.json must hold a JSON object"),
+    ("config nested 100k deep", lambda g, d: variant(g, d, files={"adapter_config.json": b"[" * 100_000}),
+     "x: adapter_config.json is nested too deeply"),
+    ("peft_type prefix tuning", lambda g, d: variant(g, d, config={"peft_type": "PREFIX_TUNING"}),
+     "x: peft_type is 'PREFIX_TUNING'; only LORA is supported"),
+    ("r missing", lambda g, d: variant(g, d, config={"r": ...}),
+     "x: adapter_config.json field 'r' is missing; it must be a positive integer"),
+    ("r = 0", lambda g, d: variant(g, d, config={"r": 0}),
+     "x: adapter_config.json field 'r' is 0; it must be a positive integer"),
+    ("r a string", lambda g, d: variant(g, d, config={"r": "2"}),
+     "x: adapter_config.json field 'r' is '2'; it must be a positive integer"),
+    ("r = true", lambda g, d: variant(g, d, config={"r": True}),
+     "x: adapter_config.json field 'r' is True; it must be a positive integer"),
+    ("r does not match the tensors", lambda g, d: variant(g, d, config={"r": 4}),
+     f"x: layer '{Q0}' has rank 2 but adapter_config.json says r=4"),
+    ("rank_pattern not numbers", lambda g, d: variant(g, d, config={"rank_pattern": {"query": "big"}}),
+     "x: adapter_config.json field 'rank_pattern' must map module names to positive integers"),
+    ("lora_alpha a string", lambda g, d: variant(g, d, config={"lora_alpha": "16"}),
+     "x: adapter_config.json field 'lora_alpha' is '16'; it must be a positive number"),
+    ("lora_alpha NaN", lambda g, d: variant(g, d, files={"adapter_config.json": json.dumps(
+        {**json.loads((g / "adapter_config.json").read_text()), "lora_alpha": float("nan")}).encode()}),
+     "x: adapter_config.json field 'lora_alpha' is nan; it must be a positive number"),
+    ("target_modules a number", lambda g, d: variant(g, d, config={"target_modules": 5}),
+     "x: adapter_config.json field 'target_modules' is 5; it must be a list of module names or one pattern string"),
+    ("target_modules miss a layer", lambda g, d: variant(g, d, config={"target_modules": ["value"]}),
+     f"x: layer '{Q0}' is not in adapter_config.json's target_modules ['value']"),
+    ("base_model_name_or_path a number", lambda g, d: variant(g, d, config={"base_model_name_or_path": 7}),
+     "x: adapter_config.json field 'base_model_name_or_path' is 7; it must be a string"),
+    ("DoRA", lambda g, d: variant(g, d, config={"use_dora": True}),
+     "x: a DoRA adapter (use_dora: true); only plain LoRA is supported"),
+    ("NaN weight", lambda g, d: variant(g, d, edit=_nan_at(B0, float("nan"))),
+     f"x: tensor '{B0}' has NaN or Inf values"),
+    ("Inf weight", lambda g, d: variant(g, d, edit=_nan_at(A0, float("inf"))),
+     f"x: tensor '{A0}' has NaN or Inf values"),
+    ("integer weight", lambda g, d: variant(g, d, edit=_set(A0, torch.zeros(2, 32, dtype=torch.int32))),
+     f"x: tensor '{A0}' is not floating point (torch.int32)"),
+    ("lora_A without lora_B", lambda g, d: variant(g, d, edit=_pop(B0)),
+     f"x: layer '{Q0}' has lora_A but no lora_B"),
+    ("lora_B without lora_A", lambda g, d: variant(g, d, edit=_pop(A0)),
+     f"x: layer '{Q0}' has lora_B but no lora_A"),
+    ("no LoRA weights", lambda g, d: variant(g, d, state={"base_model.model.classifier.weight": torch.zeros(2, 32)}),
+     "x: no LoRA weights (lora_A/lora_B) found"),
+    ("A and B ranks differ", lambda g, d: variant(g, d, edit=_set(A0, torch.zeros(3, 32))),
+     f"x: size mismatch for layer '{Q0}': lora_A (3, 32), lora_B (32, 2)"),
+    ("layer not in the base model", lambda g, d: variant(g, d, config={"target_modules": ["attn"]}, state={
+        f"{PEFT_PREFIX}bert.encoder.layer.9.attn.lora_A.weight": torch.zeros(2, 32),
+        f"{PEFT_PREFIX}bert.encoder.layer.9.attn.lora_B.weight": torch.zeros(32, 2)}),
+     "x: layer 'bert.encoder.layer.9.attn' does not exist in the base model (the adapter names base model 'tiny-bert')"),
+    ("layer not linear", lambda g, d: variant(g, d, config={"target_modules": ["LayerNorm"]}, state={
+        f"{PEFT_PREFIX}bert.embeddings.LayerNorm.lora_A.weight": torch.zeros(2, 32),
+        f"{PEFT_PREFIX}bert.embeddings.LayerNorm.lora_B.weight": torch.zeros(32, 2)}),
+     "x: layer 'bert.embeddings.LayerNorm' of the base model is a LayerNorm, not a linear layer"),
+    ("adapter of another model", lambda g, d: variant(g, d, config={"target_modules": ["query"]}, state={
+        f"{PEFT_PREFIX}{Q0}.lora_A.weight": torch.zeros(2, 48),
+        f"{PEFT_PREFIX}{Q0}.lora_B.weight": torch.zeros(48, 2)}),
+     f"x: size mismatch for layer '{Q0}': adapter is 48x48, the base model's layer is 32x32 "
+     "(the adapter names base model 'tiny-bert')"),
+    ("head tensor that is no parameter", lambda g, d: variant(g, d, edit=_set(
+        f"{PEFT_PREFIX}classifier.forward", torch.zeros(2, 32))),
+     "x: tensor 'classifier.forward' is neither a LoRA weight nor a parameter of the base model"),
+    ("head of another width", lambda g, d: variant(g, d, edit=_set(
+        f"{PEFT_PREFIX}classifier.weight", torch.zeros(2, 48))),
+     "x: size mismatch for head 'classifier.weight': (2, 48) vs (2, 32) in the base model"),
+    ("damaged safetensors", lambda g, d: variant(g, d, files={"adapter_model.safetensors": b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage"}),
+     full(r"x: adapter_model\.safetensors is damaged \(.+\)")),
+    ("missing path", lambda g, d: d / "nowhere",
+     full(r"adapter '.*/x/nowhere' does not exist")),
+    ("a file that is not a zip", lambda g, d: _file(d.parent / "notes.txt", b"hi"),
+     "notes.txt: must be a PEFT adapter folder or a .zip of one"),
+    ("zip: not a zip", lambda g, d: _file(d.with_suffix(".zip"), b"PK\x03\x04 broken"),
+     "x.zip: not a valid zip archive"),
+    ("zip: member with ..", lambda g, d: _zip(d, {"../evil": b"1"}),
+     "x.zip: archive member '../evil' leaves the archive folder ('..')"),
+    ("zip: nested ..", lambda g, d: _zip(d, {"a/../../evil": b"1"}),
+     "x.zip: archive member 'a/../../evil' leaves the archive folder ('..')"),
+    ("zip: absolute path", lambda g, d: _zip(d, {"/etc/cron.d/evil": b"1"}),
+     "x.zip: archive member '/etc/cron.d/evil' has an absolute path"),
+    ("zip: drive letter", lambda g, d: _zip(d, {"C:/evil": b"1"}),
+     "x.zip: archive member 'C:/evil' has an absolute path"),
+    ("zip: backslash", lambda g, d: _zip(d, {"a\\..\\evil": b"1"}),
+     "x.zip: archive member 'a\\\\..\\\\evil' contains a backslash"),
+    ("zip: symbolic link", lambda g, d: _zip_of(g, d, links=("adapter/link",)),
+     "x.zip: archive member 'adapter/link' is a symbolic link"),
+    ("zip: bomb", lambda g, d: _zip(d, {"adapter/adapter_model.safetensors": b"\x00" * BIG}, deflate=True),
+     full(r"x\.zip: archive member 'adapter/adapter_model\.safetensors' is compressed \d+:1; "
+          r"at most 200:1 is allowed \(a zip bomb\?\)")),
+    ("zip: damaged member", _bad_crc,
+     "x.zip: the archive is damaged (Bad CRC-32 for file 'adapter/adapter_config.json')"),
+    ("zip: name too long", lambda g, d: _zip(d, {"a" * 300: b"1"}),
+     f"x.zip: archive member '{'a' * 77}...' cannot be written (File name too long)"),
+    ("zip: no adapter inside", lambda g, d: _zip(d, {"readme.txt": b"hi"}),
+     "x.zip: the archive holds no adapter_config.json"),
+    ("zip: two adapters", lambda g, d: _zip(d, {**folder_files(g, "a/"), **folder_files(g, "b/")}),
+     "x.zip: the archive holds 2 folders with adapter_config.json; upload one per archive"),
+    ("zip: pickled inside", lambda g, d: _zip(d, folder_files(_pickled(g, d))),
+     PICKLE_MESSAGE.format("x.zip")),
+]
+
+
+@pytest.mark.parametrize(("case", "make", "expected"), ADAPTER_CASES, ids=[c[0] for c in ADAPTER_CASES])
+def test_hostile_adapters(case, make, expected, good_adapter, base, tmp_path):
+    path = make(good_adapter, tmp_path / "x")
+    with pytest.raises(AdapterError) as caught:
+        load_adapter(path, base)
+    assert_message(str(caught.value), expected)
+    assert isinstance(caught.value, ValueError)
+
+
+def test_good_adapter_loads_and_pickle_only_on_request(good_adapter, base, tmp_path):
+    adapter = load_adapter(good_adapter, base)
+    assert sorted(adapter.layers) == sorted(TINY_TARGETS) and adapter.config["r"] == 2
+    from_zip = load_adapter(_zip_of(good_adapter, tmp_path / "good"), base)
+    torch.testing.assert_close(from_zip.layers[Q0].delta, adapter.layers[Q0].delta, rtol=0, atol=0)
+    pickled = load_adapter(_pickled(good_adapter, tmp_path / "p"), base, allow_pickle=True)
+    torch.testing.assert_close(pickled.layers[Q0].delta, adapter.layers[Q0].delta, rtol=0, atol=0)
+    # weights_only=True: a pickle that would build an arbitrary object is refused even then.
+    evil = variant(good_adapter, tmp_path / "evil", drop=("adapter_model.safetensors",))
+    torch.save({"x": Path("/")}, evil / "adapter_model.bin")
+    with pytest.raises(AdapterError, match=r"^evil: adapter_model\.bin cannot be loaded safely \(.+"):
+        load_adapter(evil, base, allow_pickle=True)
+
+
+def test_zip_caps_on_members_and_size(tmp_path):
+    many = zip_bytes({f"f{i}": b"1" for i in range(5)})
+    with pytest.raises(ArchiveError) as caught:
+        safe_extract_zip(many, tmp_path / "a", max_members=4)
+    assert_message(str(caught.value), "the archive holds 5 members; at most 4 are allowed")
+    big = zip_bytes({"a": b"1" * (3 << 20), "b": b"1" * (2 << 20)})
+    with pytest.raises(ArchiveError) as caught:
+        safe_extract_zip(big, tmp_path / "b", max_bytes=4 << 20)
+    assert_message(str(caught.value), "the archive unpacks to more than 4 MiB")
+    encrypted = bytearray(zip_bytes({"secret": b"1"}))  # set the "encrypted" flag in both headers
+    for signature, offset in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+        encrypted[encrypted.index(signature) + offset] |= 0x1
+    with pytest.raises(ArchiveError) as caught:
+        safe_extract_zip(bytes(encrypted), tmp_path / "c")
+    assert_message(str(caught.value), "archive member 'secret' is encrypted")
+    for folder in ("a", "b", "c"):
+        assert not (tmp_path / folder).exists() or not any((tmp_path / folder).iterdir())
+
+
+# --------------------------------------------------------------------------- data files
+
+GOOD = "text,label\ngreat film,pos\nawful plot,neg\nloved it,pos\nboring,neg\n"
+
+
+def _sparse(path: Path, size: int) -> Path:
+    """A file of ``size`` bytes that takes no room on disk."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return path
+
+
+def _csv(rows: list[tuple]) -> bytes:
+    return ("text,label\n" + "".join(f"{t},{y}\n" for t, y in rows)).encode()
+
+
+#: (case, load() -> anything, expected DataError message). ``load_task`` on bytes names the
+#: source "upload"; the task is called "t"; a single file is split 80/20 (seed 0).
+DATA_CASES: list[tuple[str, Callable[[Path], object], str | re.Pattern]] = [
+    ("not UTF-8", lambda p: load_task("t", "text,label\ncafé,0\n".encode("latin-1"), fmt="csv"),
+     "upload: not UTF-8 text (byte 14); save the file as UTF-8"),
+    ("UTF-16", lambda p: load_task("t", GOOD.encode("utf-16"), fmt="csv"),
+     "upload: not UTF-8 text (byte 0); save the file as UTF-8"),
+    ("empty file", lambda p: load_task("t", b"", fmt="csv"), "upload: the file is empty"),
+    ("blank lines only", lambda p: load_task("t", b" \n\n\t\n", fmt="jsonl"), "upload: the file is empty"),
+    ("header only", lambda p: load_task("t", b"text,label\n", fmt="csv"), "upload: no rows"),
+    ("misnamed text column", lambda p: load_task("t", GOOD.replace("text,", "sentence,").encode(), fmt="csv"),
+     "t train: column 'text' for text not found; columns are ['sentence', 'label']"),
+    ("missing label column", lambda p: load_task("t", b"text\na\nb\nc\n", fmt="csv"),
+     "t train: column 'label' for label not found; columns are ['text']"),
+    ("text column all blank", lambda p: load_task("t", b"text,label\n ,0\n ,1\n ,0\n", fmt="csv"),
+     "t train: column 'text' is empty"),
+    ("one class only", lambda p: load_task("t", _csv([("a", 1), ("b", 1), ("c", 1), ("d", 1)]), fmt="csv"),
+     "task 't' train split has only one class"),
+    ("fractional labels", lambda p: load_task("t", _csv([("a", 0.5), ("b", 1.5), ("c", 0.5), ("d", 1.5)]), fmt="csv"),
+     "t: label '0.5' is not an integer; labels must be integers 0..K-1 or class names"),
+    ("infinite label", lambda p: load_task("t", _csv([("a", "inf"), ("b", 1), ("c", 0), ("d", 1)]), fmt="csv"),
+     "t: label 'inf' is not an integer; labels must be integers 0..K-1 or class names"),
+    ("negative label", lambda p: load_task("t", _csv([("a", -2), ("b", 1), ("c", 0), ("d", 1)]), fmt="csv"),
+     "t: label -2 is negative; labels must be 0..K-1"),
+    ("label 10^12 (10^12 classes)", lambda p: load_task("t", _csv([("a", 10**12), ("b", 1), ("c", 0), ("d", 1)]), fmt="csv"),
+     "t: label 1000000000000 is outside 0..999; at most 1000 classes are supported"),
+    ("label 1e300", lambda p: load_task("t", _csv([("a", "1e300"), ("b", 1), ("c", 0), ("d", 1)]), fmt="csv"),
+     "t: label 1e+300 is outside 0..999; at most 1000 classes are supported"),
+    ("label outside the given names", lambda p: load_task("t", _csv([("a", 0), ("b", 1), ("c", 3), ("d", 1)]), fmt="csv",
+                                                          label_names=["neg", "pos"]),
+     "t: label 3 is outside 0..1"),
+    ("empty label cell", lambda p: load_task("t", _csv([("a", 0), ("b", ""), ("c", 0), ("d", 1)]), fmt="csv",
+                                             test_fraction=0.25),
+     "t train: column 'label' has empty labels (1, the first in data row 2)"),
+    ("labels mix numbers and names", lambda p: load_task("t", _csv([("a", 0), ("b", "pos"), ("c", 0), ("d", 1)]), fmt="csv"),
+     "t: labels mix numbers and names; use integers 0..K-1 or names"),
+    ("text column taken as labels", lambda p: load_task(
+        "t", _csv([(f"text {i}", f"text {i}") for i in range(1300)]), fmt="csv"),
+     "t: the label column has 1040 distinct values; at most 1000 classes are supported (is it the right column?)"),
+    ("test label unseen in train", lambda p: load_task("t", _csv([("a", "pos"), ("b", "neg")]), _csv([("c", "meh")]), fmt="csv"),
+     "t: test labels ['meh'] do not occur in train"),
+    ("JSONL: label a list", lambda p: load_task(
+        "t", b'{"text": "a", "label": [1]}\n{"text": "b", "label": 0}\n{"text": "c", "label": 1}\n', fmt="jsonl",
+        test_fraction=0.34),
+     "t train: label [1] (data row 1) is not a number or a class name"),
+    ("JSONL: line not an object", lambda p: load_task("t", b'{"text": "a", "label": 0}\n[1, 2]\n', fmt="jsonl"),
+     "upload: line 2 is not a JSON object"),
+    ("JSONL: malformed line", lambda p: load_task("t", b'{"text": "a", "label": 0}\n{"text": "b",\n', fmt="jsonl"),
+     "upload: cannot parse as JSONL: line 2: Expecting property name enclosed in double quotes"),
+    ("JSONL: nested 100k deep", lambda p: load_task("t", b"[" * 100_000, fmt="jsonl"),
+     "upload: cannot parse as JSONL: line 1 is nested too deeply"),
+    ("CSV: ragged rows", lambda p: load_task("t", b'text,label\na,0\nb,1,2,3\n', fmt="csv"),
+     "upload: cannot parse as CSV: Error tokenizing data. C error: Expected 2 fields in line 3, saw 4"),
+    ("upload over the size cap", lambda p: read_table(b"a" * (MAX_DATA_BYTES + 1), fmt="csv"),
+     "upload: larger than 50 MiB"),
+    ("file over the size cap", lambda p: read_table(_sparse(p / "big.csv", MAX_DATA_BYTES + 1)),
+     "data file 'big.csv' is larger than 50 MiB"),
+    ("unknown file type", lambda p: read_table(_file(p / "data.xlsx", b"PK")),
+     "data file 'data.xlsx': unknown type '.xlsx'; use .csv or .jsonl"),
+]
+
+
+@pytest.mark.parametrize(("case", "load", "expected"), DATA_CASES, ids=[c[0] for c in DATA_CASES])
+def test_broken_data(case, load, expected, tmp_path):
+    with pytest.raises(DataError) as caught:
+        load(tmp_path)
+    assert_message(str(caught.value), expected)
+
+
+def test_data_warnings_long_texts_and_duplicates():
+    long = "word " * 1200  # 6000 characters
+    data = f"text,text_pair,label\n{long},{long},0\nb,x,1\nc,y,0\nd,z,1\nb,x,1\n".encode()
+    test = b"text,text_pair,label\ne,f,0\ng,h,1\n"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        task = load_task("t", data, test, fmt="csv")
+    messages = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    assert messages == [
+        "t train: 2 texts longer than 5000 characters were cut",
+        "task 't': 1 duplicate training rows",
+    ]
+    assert len(task.train.text[0]) == 5000 and len(task.train.text_pair[0]) == 5000
+
+
+# --------------------------------------------------------------------------- numbers
+
+
+def _layer_stats(X: torch.Tensor) -> LayerStats:
+    X = X.to(torch.float64)
+    return LayerStats(X.T @ X, X.sum(0), X.shape[0], X.T @ X, X.shape[0])
+
+
+def _stats(X: torch.Tensor, task: str = "t", layer: str = "layer") -> FeatureStats:
+    return FeatureStats({layer: _layer_stats(X)}, task=task)
+
+
+def test_numbers_refused_with_the_allowed_range(tiny_stats):
+    with pytest.raises(ValueError) as caught:
+        osrm_subspace(tiny_stats[1:], rank=33)
+    assert_message(str(caught.value), f"rank 33 is larger than the width 32 of layer '{Q0}'")
+    with pytest.raises(ValueError) as caught:
+        osrm_subspace(tiny_stats[1:], rank=0)
+    assert_message(str(caught.value), "rank must be a positive integer, got 0")
+    with pytest.raises(ValueError) as caught:
+        symmetric_eigh(torch.tensor([[1.0, float("nan")], [float("nan"), 1.0]]))
+    assert_message(str(caught.value), "matrix contains NaN or Inf")
+    with pytest.raises(ValueError) as caught:
+        symmetric_eigh(torch.tensor([[1.0, 2.0], [0.0, 1.0]]))
+    assert_message(str(caught.value), "matrix is not symmetric")
+
+
+def test_few_tokens_warn(tokenizer, tiny_model):
+    few = _stats(torch.randn(5, 32, generator=torch.Generator().manual_seed(0)))
+    with pytest.warns(UserWarning) as caught:
+        A = osrm_subspace([few], rank=8)["layer"]
+    assert [str(w.message) for w in caught] == [
+        "OSRM rank 8 at 'layer': the other tasks' statistics rest on 5 tokens, fewer than the width 32; "
+        "at least 27 directions carry none of their energy, and the choice among them is a fixed rule, "
+        "not the data (collect more samples)"
+    ]
+    torch.testing.assert_close(A @ A.T, torch.eye(8, dtype=torch.float64), rtol=0, atol=1e-12)
+    assert float(torch.trace(A @ few.layers["layer"].second_moment @ A.T)) < 1e-12  # in the null space
+    # A tiny task: the statistics rest on fewer tokens than the width.
+    tiny = demo_task("sentiment", n_train=10, n_test=10)
+    tiny.train = tiny.train.head(1)
+    with pytest.warns(UserWarning) as caught:
+        collect_feature_stats(tiny_model, tokenizer, tiny, max_samples=None)
+    assert len(caught) == 1
+    assert_message(str(caught[0].message), full(
+        rf"task 'sentiment': statistics at '{re.escape(Q0)}' rest on \d+ tokens, fewer than the width 32; "
+        r"the second moment is rank-deficient"))
+
+
+def test_float16_overflow_is_named(make_tiny_model, tokenizer):
+    model = make_tiny_model(dtype=torch.float16)
+    with torch.no_grad():
+        model.bert.embeddings.LayerNorm.weight.fill_(6e4)  # the next layer's input overflows to Inf
+    with pytest.raises(ValueError) as caught:
+        collect_feature_stats(model, tokenizer, demo_task("sentiment", n_train=10, n_test=10))
+    assert_message(str(caught.value), f"layer '{Q0}': input features contain NaN or Inf")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_models_give_float64_statistics(make_tiny_model, tokenizer, tiny_stats, tiny_tasks, dtype):
+    stats = collect_feature_stats(make_tiny_model(dtype=dtype), tokenizer, tiny_tasks[0], max_samples=None, batch_size=8)
+    ref = tiny_stats[0]  # the same weights in float64
+    for name, st_ in stats.layers.items():
+        assert st_.sum_outer.dtype == torch.float64 and st_.count == ref.layers[name].count
+        scale = float(ref.layers[name].second_moment.abs().max())
+        tol = 2e-2 if dtype == torch.bfloat16 else 3e-3
+        assert float((st_.second_moment - ref.layers[name].second_moment).abs().max()) < tol * scale
+    A = osrm_subspace([stats], rank=4)[Q0]
+    assert A.dtype == torch.float64
+    torch.testing.assert_close(A @ A.T, torch.eye(4, dtype=torch.float64), rtol=0, atol=1e-12)
+
+
+def test_singular_and_zero_statistics():
+    gen = torch.Generator().manual_seed(0)
+    rank_one = _stats(torch.randn(40, 1, generator=gen) @ torch.randn(1, 16, generator=gen))
+    nearly = _stats(torch.randn(40, 16, generator=gen) * torch.logspace(0, -9, 16, dtype=torch.float64))
+    zero = FeatureStats({"layer": LayerStats.zeros(16)}, task="z")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zero tokens: the few-tokens warning, checked above
+        for others in ([rank_one], [nearly], [zero], [rank_one, zero]):
+            A = osrm_subspace(others, rank=4)["layer"]
+            torch.testing.assert_close(A @ A.T, torch.eye(4, dtype=torch.float64), rtol=0, atol=1e-10)
+            rest = sum(s.layers["layer"].second_moment for s in others) / len(others)
+            lowest = torch.linalg.eigvalsh(rest)[:4].sum()
+            assert math.isclose(float(torch.trace(A @ rest @ A.T)), float(lowest), abs_tol=1e-9 * float(rest.abs().max()) + 1e-300)
+            G = osrm_gen_subspace(nearly, others, rank=4)["layer"]  # S_rest + ridge stays invertible
+            torch.testing.assert_close(G @ G.T, torch.eye(4, dtype=torch.float64), rtol=0, atol=1e-10)
+    # No tokens at all: the canonical basis of the whole space, the first unit vectors.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        A = osrm_subspace([zero], rank=3)["layer"]
+    torch.testing.assert_close(A, torch.eye(16, dtype=torch.float64)[:3], rtol=0, atol=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore:OSRM rank")
+def test_repeated_eigenvalues_give_one_choice():
+    """The same matrix built from two bases of its repeated eigenspaces: eigh returns different
+    eigenvectors for them, OSRM's subspace is the same (a fixed rule, not rounding noise)."""
+    gen = torch.Generator().manual_seed(1)
+    d = 12
+    Q, _ = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))
+    lam = torch.tensor([0, 0, 0, 0, 0, 1, 1, 1, 2, 3, 4, 5], dtype=torch.float64)
+    Q2 = Q.clone()
+    for a, b in ((0, 5), (5, 8)):
+        U, _ = torch.linalg.qr(torch.randn(b - a, b - a, generator=gen, dtype=torch.float64))
+        Q2[:, a:b] = Q[:, a:b] @ U
+    M1, M2 = Q @ torch.diag(lam) @ Q.T, Q2 @ torch.diag(lam) @ Q2.T
+    assert float((M1 - M2).abs().max()) < 1e-14
+    # (torch.linalg.eigh's first three eigenvectors of M1 and M2 differ by about 0.7 here.)
+    for k in (3, 5, 7):  # cuts inside the 5-fold and the 3-fold eigenvalue
+        A1 = osrm_subspace([FeatureStats({"l": LayerStats(M1, torch.zeros(d, dtype=torch.float64), 1, M1, 1)})], k)["l"]
+        A2 = osrm_subspace([FeatureStats({"l": LayerStats(M2, torch.zeros(d, dtype=torch.float64), 1, M2, 1)})], k)["l"]
+        torch.testing.assert_close(A1, A2, rtol=0, atol=1e-10)
+    spectrum = symmetric_eigh(M1)
+    V = spectrum.eigenvectors
+    torch.testing.assert_close(M1 @ V, V * spectrum.eigenvalues, rtol=0, atol=1e-12)
+    torch.testing.assert_close(V.T @ V, torch.eye(d, dtype=torch.float64), rtol=0, atol=1e-12)
+
+
+def test_damaged_statistics_files_are_named(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    good = _stats(torch.randn(40, 8, generator=gen), layer=Q0)
+    good.save(tmp_path / "ok.safetensors")
+    assert FeatureStats.load(tmp_path / "ok.safetensors").count == 40
+    bad = _stats(torch.randn(40, 8, generator=gen), layer=Q0)
+    bad.layers[Q0].sum_outer[0, 0] = float("nan")
+    bad.save(tmp_path / "nan.safetensors")
+    with pytest.raises(ValueError) as caught:
+        FeatureStats.load(tmp_path / "nan.safetensors")
+    assert_message(str(caught.value), f"nan.safetensors: statistics at '{Q0}' hold NaN or Inf values")
+    (tmp_path / "cut.safetensors").write_bytes((tmp_path / "ok.safetensors").read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"^cut\.safetensors: damaged statistics file \(.+\)$"):
+        FeatureStats.load(tmp_path / "cut.safetensors")
+
+
+# --------------------------------------------------------------------------- property tests
+
+PROPERTY = settings(max_examples=120, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+CELL = st.one_of(
+    st.text(max_size=12),
+    st.integers(-3, 1200).map(str),
+    st.floats(allow_nan=True, allow_infinity=True).map(str),
+    st.sampled_from(["", " ", "pos", "neg", "0", "1", "nan", "NA", '"', "a,b", "1e400", "\u00e9"]),
+)
+COLUMNS = st.lists(st.sampled_from(["text", "label", "text_pair", "sentence", "x", ""]), min_size=1, max_size=4)
+
+
+@st.composite
+def csv_files(draw) -> bytes:
+    encoding = "utf-8"
+    if draw(st.booleans()):  # any columns, any cells, any encoding
+        columns = draw(COLUMNS)
+        rows = draw(st.lists(st.lists(CELL, min_size=len(columns), max_size=len(columns) + 1), max_size=12))
+        encoding = draw(st.sampled_from(["utf-8", "utf-8-sig", "latin-1", "utf-16"]))
+    else:  # the right columns, both classes, now and then a bad label: many of these give a task
+        columns = draw(st.sampled_from([["text", "label"], ["label", "text", "text_pair"]]))
+        scheme = draw(st.sampled_from([["0", "1", "2"], ["0", "1.0"], ["pos", "neg"]]))
+        bad = st.sampled_from(["-1", "", "1.5", "pos", "3", "x" * 6000, "inf", "1e300", "5000"])
+        label = st.one_of(*[st.just(x) for x in scheme] * 3, bad)
+        text = st.text(min_size=1, max_size=10) | st.just("x" * 6000)
+
+        def row(y):
+            return [y if c == "label" else draw(text) for c in columns]
+
+        rows = [row(draw(label)) for _ in range(draw(st.integers(0, 12)))]
+        rows += [row(scheme[0]), row(scheme[1]), row(scheme[0]), row(scheme[1])]
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(columns)
+    writer.writerows(rows)
+    return buf.getvalue().encode(encoding, "replace")
+
+
+JSON_VALUE = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 2000) | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    max_leaves=6,
+)
+
+
+@st.composite
+def jsonl_files(draw) -> bytes:
+    if draw(st.booleans()):  # any keys, any values
+        keys = st.sampled_from(["text", "label", "text_pair", "y"])
+        rows = draw(st.lists(st.one_of(st.dictionaries(keys, JSON_VALUE, max_size=4), JSON_VALUE), max_size=10))
+    else:  # text and label in every row, now and then an odd value
+        scheme = draw(st.sampled_from([[0, 1], ["pos", "neg"], [True, False]]))
+        odd = JSON_VALUE
+        rows = [
+            {"text": draw(st.text(min_size=1, max_size=8) | odd), "label": draw(st.sampled_from(scheme) | odd)}
+            for _ in range(draw(st.integers(0, 8)))
+        ]
+        rows += [{"text": f"t{i}", "label": scheme[i % 2]} for i in range(4)]
+    lines = [json.dumps(r) for r in rows]
+    if draw(st.integers(0, 3)) == 0:  # a line nested deeper than Python's recursion limit
+        lines.insert(0, "[" * draw(st.integers(1000, 5000)))
+    if draw(st.booleans()) and lines:  # a torn line
+        lines[-1] = lines[-1][: draw(st.integers(0, len(lines[-1])))]
+    return "\n".join(lines).encode()
+
+
+def _task_invariants(task) -> None:
+    k = task.num_labels
+    assert k >= 2 and len(task.train) > 0 and len(task.test) > 0
+    for split in (task.train, task.test):
+        assert split.label.dtype == np.int64 and ((split.label >= 0) & (split.label < k)).all()
+        assert all(isinstance(t, str) and len(t) <= 5000 for t in split.text)
+
+
+FORMATS = st.sampled_from(["csv", "jsonl"])
+
+
+@PROPERTY
+@given(sample=st.one_of(st.tuples(st.binary(max_size=600), FORMATS), st.tuples(csv_files(), st.just("csv")),
+                        st.tuples(jsonl_files(), st.just("jsonl")), st.tuples(csv_files() | jsonl_files(), FORMATS)))
+def test_random_bytes_csv_and_jsonl_give_a_task_or_a_data_error(sample):
+    data, fmt = sample
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            task = load_task("t", data, fmt=fmt)
+        except DataError as err:
+            assert str(err) and "\n" not in str(err)
+            return
+    _task_invariants(task)
+
+
+NAMES = st.one_of(
+    st.sampled_from([
+        "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter_config.json",
+        "adapter_model.safetensors", "adapter_model.bin", "../x", "/abs", "a/../../b", "C:/x", "a\\b",
+        ".", "..", "a/", "a/b/", "a" * 300, "a//b", "./a", "x/./y",
+    ]),
+    st.text(alphabet="ab./\\:", min_size=1, max_size=10),
+)
+MEMBER = st.tuples(NAMES, st.binary(max_size=64), st.booleans(), st.booleans())
+
+
+def _random_zip(members, config: bytes | None = None, weights: bytes | None = None) -> bytes:
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # duplicate names
+        with zipfile.ZipFile(buf, "w") as zf:
+            if config is not None:
+                zf.writestr("ad/adapter_config.json", config)
+            if weights is not None:
+                zf.writestr("ad/adapter_model.safetensors", weights)
+            for name, data, link, deflate in members:
+                info = zipfile.ZipInfo(name)
+                info.compress_type = zipfile.ZIP_DEFLATED if deflate else zipfile.ZIP_STORED
+                if link:
+                    info.external_attr = (stat.S_IFLNK | 0o777) << 16
+                zf.writestr(info, data)
+    return buf.getvalue()
+
+
+def _flip(data: bytes, positions: list[int]) -> bytes:
+    out = bytearray(data)
+    for p in positions:
+        if out:
+            out[p % len(out)] ^= 0x5A
+    return bytes(out)
+
+
+def _all_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*"))
+
+
+@PROPERTY
+@given(members=st.lists(MEMBER, max_size=5), flips=st.lists(st.integers(0, 10**6), max_size=3),
+       raw=st.one_of(st.none(), st.binary(max_size=300)))
+def test_random_zips_extract_inside_the_destination_or_fail_cleanly(members, flips, raw):
+    data = raw if raw is not None else _flip(_random_zip(members), flips)
+    with tempfile.TemporaryDirectory() as sandbox:
+        sandbox = Path(sandbox)
+        dest = sandbox / "in" / "dest"
+        try:
+            out = safe_extract_zip(data, dest)
+        except ArchiveError as err:
+            assert str(err) and "\n" not in str(err)
+        else:
+            assert out == dest.resolve()
+        for p in _all_files(sandbox):
+            assert p in (sandbox / "in", dest) or p.is_relative_to(dest), p
+            assert not p.is_symlink()
+
+
+@pytest.fixture(scope="module")
+def good_parts(good_adapter) -> tuple[bytes, bytes]:
+    return (good_adapter / "adapter_config.json").read_bytes(), (good_adapter / "adapter_model.safetensors").read_bytes()
+
+
+@PROPERTY
+@given(members=st.lists(MEMBER, max_size=3), with_config=st.sampled_from(["good", "random", "none"]),
+       with_weights=st.sampled_from(["good", "damaged", "random", "none"]), flips=st.lists(st.integers(0, 10**6), max_size=4),
+       junk=st.binary(max_size=200), allow_pickle=st.booleans())
+def test_random_zips_through_load_adapter(base, good_parts, members, with_config, with_weights, flips, junk, allow_pickle):
+    config = {"good": good_parts[0], "random": junk, "none": None}[with_config]
+    weights = {"good": good_parts[1], "damaged": _flip(good_parts[1], flips), "random": junk, "none": None}[with_weights]
+    data = _random_zip(members, config, weights)
+    if with_weights != "damaged":
+        data = _flip(data, flips[:1])
+    with tempfile.TemporaryDirectory() as sandbox:
+        sandbox = Path(sandbox)
+        (sandbox / "upload").mkdir()
+        (sandbox / "tmp").mkdir()
+        path = sandbox / "upload" / "up.zip"
+        path.write_bytes(data)
+        saved = tempfile.tempdir
+        tempfile.tempdir = str(sandbox / "tmp")  # where load_adapter's private folder goes
+        try:
+            load_adapter(path, base, allow_pickle=allow_pickle)
+        except AdapterError as err:
+            assert str(err).startswith("up.zip: ") and "\n" not in str(err)
+        finally:
+            tempfile.tempdir = saved
+        assert _all_files(sandbox) == [sandbox / "tmp", sandbox / "upload", path]  # nothing left behind
+
+
+# --------------------------------------------------------------------------- two app sessions
+
+
+def _minilm_adapter_zips(default_model, seed: int, tmp: Path) -> tuple[dict[str, bytes], dict]:
+    """Two MiniLM adapters (named x and y) with random B from ``seed``, as zips, and their B at Q."""
+    from app_common import zip_directory
+
+    model, _ = default_model
+    out, bs = {}, {}
+    for k, name in enumerate(("x", "y")):
+        peft_model = init_lora(copy.deepcopy(model), "standard", rank=2, alpha=4, seed=seed + k)
+        gen = torch.Generator().manual_seed(seed * 10 + k)
+        with torch.no_grad():
+            for pname, p in peft_model.named_parameters():
+                if ".lora_B." in pname:
+                    p.copy_(torch.randn(p.shape, generator=gen))
+        adapter = adapter_of(peft_model)
+        folder = write_adapter(tmp / f"s{seed}" / name, adapter.layers, adapter.config, adapter.head)
+        out[name] = zip_directory(folder)
+        bs[name] = adapter.layers["bert.encoder.layer.0.attention.self.query"].B
+    return out, bs
+
+
+def _run_zip(name: str, model: str | None = None) -> bytes:
+    from osrm_core.runs import RunConfig, TaskEntry
+
+    config = RunConfig(name=name, model=model, tasks=[TaskEntry(name=k, spec=f"demo:{k}") for k in ("sentiment", "topic")])
+    return zip_bytes({f"{name}/config.yaml": config.to_yaml().encode(), f"{name}/manifest.json": b'{"stages": {}}'})
+
+
+def _clean(at) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+
+
+def test_two_sessions_never_see_each_others_uploads(default_model, tmp_path, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("OSRM_SHARED", "1")
+    monkeypatch.setenv("OSRM_RUNS_ROOT", str(tmp_path / "runs"))
+    monkeypatch.setenv("OSRM_RUN_DIR", str(tmp_path / "runs" / "secret"))
+    secret = tmp_path / "runs" / "secret"  # a run on the server: neither session may list or open it
+    secret.mkdir(parents=True)
+    with zipfile.ZipFile(io.BytesIO(_run_zip("secret"))) as zf:
+        (secret / "config.yaml").write_bytes(zf.read("secret/config.yaml"))
+
+    sessions = {k: AppTest.from_file(str(ROOT / "app.py"), default_timeout=120).run() for k in ("a", "b")}
+    for at in sessions.values():
+        _clean(at)
+        assert "home_open_path" not in [w.key for w in at.text_input]  # no server paths typed in
+        assert [r.options for r in at.radio if r.key == "home_model_kind"] == [["Packaged all-MiniLM-L6-v2 (offline)"]]
+        assert "home_run_choice" not in [s.key for s in at.selectbox]
+        assert at.session_state["run_path"] is None
+        assert [w.value for w in at.warning] == [
+            "OSRM_RUN_DIR is ignored in shared mode: each session opens only its own runs"
+        ]
+    # Each session uploads its own zipped run.
+    sessions["a"].file_uploader(key="home_run_zip").upload("alpha.zip", _run_zip("alpha"), "application/zip")
+    sessions["a"].run()
+    sessions["b"].file_uploader(key="home_run_zip").upload("beta.zip", _run_zip("beta", model="/etc"), "application/zip")
+    sessions["b"].run()
+    paths = {k: Path(at.session_state["run_path"]) for k, at in sessions.items()}
+    assert paths["a"].name == "alpha" and paths["b"].name == "beta"
+    assert not paths["a"].is_relative_to(paths["b"].parents[2]) and not paths["b"].is_relative_to(paths["a"].parents[2])
+    for k, at in sessions.items():
+        at.run()
+        _clean(at)
+        assert Path(at.session_state["run_path"]) == paths[k]
+        heads = [h.value for h in at.subheader]
+        assert heads[0] == ("Run alpha" if k == "a" else "Run beta")
+        assert not any("alpha" in h for h in heads) if k == "b" else not any("beta" in h for h in heads)
+    # The run that names a server path opens (its results are files of the session) but does not run.
+    assert [e.value for e in sessions["b"].error] == [
+        "This run cannot be resumed here: in shared mode only the packaged model can be used; "
+        "this run names model '/etc'"
+    ]
+    assert not sessions["a"].error and [b.key for b in sessions["a"].button if b.key == "home_resume"]
+
+    # Adapters: the same file names, different contents.
+    expected = {}
+    for k, seed in (("a", 1), ("b", 2)):
+        zips, expected[k] = _minilm_adapter_zips(default_model, seed, tmp_path)
+        at = sessions[k]
+        at.switch_page("pages/5_Adapter_diagnosis.py").run()
+        _clean(at)
+        assert "diag_model" not in [w.key for w in at.text_input]  # packaged model only
+        for name, data in zips.items():
+            at.file_uploader(key="diag_files").upload(f"{name}.zip", data, "application/zip")
+        at.run()
+        _clean(at)
+        assert not at.error, [e.value for e in at.error]
+    for k, at in sessions.items():
+        at.run()
+        read = at.session_state["diag_read"]["adapters"]
+        assert sorted(read) == ["x", "y"]
+        for name in ("x", "y"):
+            B = read[name].layers["bert.encoder.layer.0.attention.self.query"].B
+            torch.testing.assert_close(B, expected[k][name], rtol=0, atol=0)
+            assert not torch.equal(B, expected["b" if k == "a" else "a"][name])
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["secret"]  # nothing written beside it
+
+
+# --------------------------------------------------------------------------- the command line
+
+
+def osrm(*args, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "osrm_core.cli", *map(str, args)], capture_output=True,
+                          text=True, env=ENV, cwd=cwd, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def crash_files(tmp_path_factory, tiny_model_dir) -> dict:
+    """Task CSVs (1,500 training rows each, so that every stage lasts long enough to be killed
+    in) and the run config for the crash test, plus broken inputs for the command line."""
+    root = tmp_path_factory.mktemp("crash")
+    specs = []
+    for key in CRASH_TASKS:
+        task = demo_task(key, n_train=1500, n_test=60)
+        rows = [{"text": t, "label": task.label_names[y]} for s in (task.train, task.test) for t, y in zip(s.text, s.label)]
+        pd.DataFrame(rows).to_csv(root / f"{key}.csv", index=False)
+        specs.append({"name": key, "spec": str(root / f"{key}.csv")})
+    config = {
+        "name": "crash", "model": str(tiny_model_dir), "tasks": specs, "rank": 2, "alpha": 4, "samples": 1200,
+        "max_length": 64, "max_test": 48, "inits": ["standard", "osrm"], "train": {"steps": 60, "batch_size": 8},
+        "merge": {"methods": ["task_arithmetic", "ties"], "lambdas": [round(0.1 * i, 1) for i in range(1, 11)]},
+    }
+    (root / "config.yaml").write_text(yaml.safe_dump(config))
+    (root / "fractional.csv").write_bytes(_csv([("a", 0.5), ("b", 1.5), ("c", 0.5), ("d", 1.5)]))
+    return {"root": root, "config": root / "config.yaml"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def background(crash_files, tiny_model_dir, good_adapter):
+    """The uninterrupted reference run and the command-line cases, started in the background
+    when the module starts (each child spends seconds importing torch; the tests in between
+    run meanwhile)."""
+    root = crash_files["root"]
+    pickled = _pickled(good_adapter, root / "pickled")
+    nan = _zip(root / "nan", folder_files(variant(good_adapter, root / "nan_dir", edit=_nan_at(B0, float("nan")))))
+    evil = _zip(root / "evil", {"../evil": b"1"})
+    tasks = ["--task", f"sentiment={root / 'sentiment.csv'}", "--task", f"topic={root / 'topic.csv'}"]
+    diagnose = ["diagnose", "--model", tiny_model_dir, *tasks, "--adapter", f"b={good_adapter}"]
+    pool = ThreadPoolExecutor(max_workers=2)
+    jobs = {
+        "reference": pool.submit(osrm, "run", crash_files["config"], "--out", root / "reference"),
+        "pickled": pool.submit(osrm, *diagnose, "--adapter", f"a={pickled}"),
+        "nan": pool.submit(osrm, *diagnose, "--adapter", f"a={nan}"),
+        "evil": pool.submit(osrm, *diagnose, "--adapter", f"a={evil}"),
+        "data": pool.submit(osrm, "stats", "--model", tiny_model_dir, "--task", f"a={root / 'fractional.csv'}",
+                            "--task", f"b={root / 'topic.csv'}", "--out", root / "stats"),
+    }
+    yield jobs
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+CLI_CASES = {
+    "pickled": "error: pickled: " + PICKLE_MESSAGE.format("")[2:],
+    "nan": f"error: nan.zip: tensor '{B0}' has NaN or Inf values",
+    "evil": "error: evil.zip: archive member '../evil' leaves the archive folder ('..')",
+    "data": "error: a: label '0.5' is not an integer; labels must be integers 0..K-1 or class names",
+}
+
+
+@pytest.mark.parametrize("case", list(CLI_CASES))
+def test_command_line_exits_2_with_the_message(case, background):
+    result = background[case].result()
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == [CLI_CASES[case]]
+
+
+# --------------------------------------------------------------------------- SIGKILL and resume
+
+
+def _done(out: Path) -> set[str]:
+    try:
+        return set(json.loads((out / "manifest.json").read_text())["stages"])
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return set()
+
+
+def _kill_after(config: Path, out: Path, log: Path, done: str, settle: float) -> set[str]:
+    """Start ``osrm run``, wait until unit ``done`` is recorded, ``settle`` seconds more, SIGKILL.
+    Returns the units done when it died."""
+    with open(log, "ab") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "osrm_core.cli", "run", str(config), "--out", str(out)],
+                                stdout=subprocess.DEVNULL, stderr=err, env=ENV)
+        deadline = time.monotonic() + 240
+        try:
+            while done not in _done(out):
+                assert proc.poll() is None, f"the run ended before {done!r}: {log.read_text()[-2000:]}"
+                assert time.monotonic() < deadline, f"no {done!r} after 240 s"
+                time.sleep(0.002)
+            time.sleep(settle)
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    return _done(out)
+
+
+def _assert_no_corrupt_file(out: Path) -> None:
+    """Every file a reader looks at is whole: the manifest and the JSON/YAML/CSV files parse,
+    statistics and adapters load, and each file a finished unit recorded has its hash."""
+    import hashlib
+
+    from osrm_core.adapters import read_adapter_dir
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    yaml.safe_load((out / "config.yaml").read_text())
+    for unit in manifest["stages"].values():
+        for rel, sha in unit["files"].items():
+            assert hashlib.sha256((out / rel).read_bytes()).hexdigest()[:16] == sha, rel
+    for p in out.rglob("*"):
+        if p.name.startswith("."):
+            assert p.name.endswith(".tmp")  # atomic writes' temporaries, never read
+        elif p.name == "adapter_config.json":
+            read_adapter_dir(p.parent)
+        elif p.suffix == ".json":
+            json.loads(p.read_text())
+        elif p.suffix == ".csv":
+            pd.read_csv(p)
+        elif p.suffix == ".safetensors":
+            FeatureStats.load(p) if p.parent.name == "stats" else load_file(str(p))
+
+
+def _assert_same_results(a: Path, b: Path) -> None:
+    for rel in ["results/summary.json", *(f"results/{n}.csv" for n in
+                ("sweep_standard", "sweep_osrm", "interference", "own_energy", "angles"))]:
+        assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
+    for task in CRASH_TASKS:
+        assert load_file(str(a / "stats" / f"{task}.safetensors")).keys() == load_file(str(b / "stats" / f"{task}.safetensors")).keys()
+        for key, t in load_file(str(a / "stats" / f"{task}.safetensors")).items():
+            assert torch.equal(t, load_file(str(b / "stats" / f"{task}.safetensors"))[key]), (task, key)
+        for init in ("standard", "osrm"):
+            wa = load_file(str(a / "adapters" / init / task / "adapter_model.safetensors"))
+            wb = load_file(str(b / "adapters" / init / task / "adapter_model.safetensors"))
+            assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), (init, task)
+            ta, tb = (json.loads((r / "adapters" / init / task / "train.json").read_text()) for r in (a, b))
+            ta.pop("seconds"), tb.pop("seconds")
+            assert ta == tb
+
+
+def test_sigkill_during_statistics_fine_tuning_and_sweep_then_resume(crash_files, background):
+    config, root = crash_files["config"], crash_files["root"]
+    out, log = root / "killed", root / "killed.log"
+    # During the second task's statistics, during the second adapter's fine-tuning, during the
+    # first sweep: each time the unit under way must not be done when the process dies.
+    for done, settle, under_way in (
+        ("stats/sentiment", 0.05, "stats/topic"),
+        ("adapters/standard/sentiment", 0.3, "adapters/standard/topic"),
+        ("adapters/osrm/topic", 0.05, "sweep/standard"),
+    ):
+        units = _kill_after(config, out, log, done, settle)
+        assert done in units and under_way not in units, (done, sorted(units))
+        _assert_no_corrupt_file(out)
+    resumed = osrm("run", config, "--out", out)
+    assert resumed.returncode == 0, resumed.stderr
+    assert not list(out.rglob(".*.tmp"))  # the killed runs' temporaries are gone
+    _assert_no_corrupt_file(out)
+    reference = background["reference"].result()
+    assert reference.returncode == 0, reference.stderr
+    assert json.loads((out / "manifest.json").read_text())["status"] == "done"
+    _assert_same_results(out, root / "reference")
