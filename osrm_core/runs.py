@@ -229,7 +229,7 @@ def demo_config(quick: bool = False) -> RunConfig:
         tasks=tasks,
         samples=100,
         max_length=64,
-        max_test=300,
+        max_test=200,
         train=TrainSettings(steps=200, batch_size=16, lr=2e-3, head_lr=1e-2),
         merge=MergeSettings(methods=["task_arithmetic", "ties", "dare_linear", "regmean", "knots_ta"]),
     )
