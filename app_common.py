@@ -599,16 +599,9 @@ def diagnose(adapters: dict[str, Adapter], stats: dict, base_weights: dict) -> d
     Returns a dict with ``interference`` (uploaded and projected adapters, column ``init``),
     ``angles``, ``kept`` (energy kept per adapter and layer) and ``projected`` (adapters).
     """
-    from osrm_core.diagnostics import angle_table, interference_table, posthoc_osrm
-    from osrm_core.init import osrm_subspace
+    from osrm_core.diagnostics import angle_table, interference_table, posthoc_osrm_adapters
 
-    names = list(adapters)
-    projected, kept = {}, []
-    for name in names:
-        others = [stats[n] for n in names if n != name]
-        subspaces = osrm_subspace(others, adapter_rank(adapters[name]))
-        projected[name], table = posthoc_osrm(adapters[name], subspaces)
-        kept.append(table.assign(adapter=name))
+    projected, kept = posthoc_osrm_adapters(adapters, stats)
     interference = pd.concat(
         [
             interference_table(adapters, stats, base_weights).assign(init="uploaded"),
@@ -626,7 +619,7 @@ def diagnose(adapters: dict[str, Adapter], stats: dict, base_weights: dict) -> d
         ],
         ignore_index=True,
     )
-    kept_table = pd.concat(kept, ignore_index=True)[["adapter", "layer", "energy_kept"]]
+    kept_table = kept[["adapter", "layer", "energy_kept"]]
     return {"interference": interference, "angles": angles, "kept": kept_table, "projected": projected}
 
 

@@ -264,3 +264,26 @@ def posthoc_osrm(adapter: Adapter, subspaces: dict[str, torch.Tensor]) -> tuple[
         layers[name] = LoraWeights(A.to(lw.A.dtype), B.to(lw.B.dtype), lw.scale)
         rows.append({"layer": name, "energy_kept": float(kept)})
     return Adapter(layers, dict(adapter.head), dict(adapter.config)), pd.DataFrame(rows)
+
+
+def posthoc_osrm_adapters(
+    adapters: dict[str, Adapter], stats: dict[str, FeatureStats], rank: int | None = None
+) -> tuple[dict[str, Adapter], pd.DataFrame]:
+    """Post-hoc OSRM for several adapters: each one projected on the OSRM subspace of the other
+    tasks' statistics (tasks matched to adapters by name).
+
+    ``rank`` None uses each adapter's own (largest) rank. Returns the projected adapters and a
+    table ``layer, energy_kept, adapter``.
+    """
+    from osrm_core.init import osrm_subspace
+
+    missing = [n for n in adapters if n not in stats]
+    if missing:
+        raise ValueError(f"no statistics for adapter {missing[0]!r}; tasks are {sorted(stats)}")
+    projected, kept = {}, []
+    for name, adapter in adapters.items():
+        others = [stats[n] for n in adapters if n != name]
+        r = rank or max(lw.rank for lw in adapter.layers.values())
+        projected[name], table = posthoc_osrm(adapter, osrm_subspace(others, r))
+        kept.append(table.assign(adapter=name))
+    return projected, pd.concat(kept, ignore_index=True)

@@ -50,9 +50,8 @@ def diagnose_adapters(
         interference_matrix,
         interference_table,
         own_energy_table,
-        posthoc_osrm,
+        posthoc_osrm_adapters,
     )
-    from osrm_core.init import task_subspaces
     from osrm_core.models import weight_as_linear
 
     if len(adapters) < 2:
@@ -69,19 +68,13 @@ def diagnose_adapters(
                        max_length=max_length, target_modules=layers)
     w0 = {n: weight_as_linear(model.get_submodule(n)).detach() for n in layers}
     table = interference_table(adapters, stats, w0)
-    posthoc = []
-    all_stats = [stats[n] for n in order]
-    for i, name in enumerate(order):
-        r = rank or next(iter(adapters[name].layers.values())).rank
-        sub = task_subspaces("osrm", all_stats, i, r)
-        _, kept = posthoc_osrm(adapters[name], sub)
-        posthoc.append(kept.assign(adapter=name))
+    _, posthoc = posthoc_osrm_adapters(adapters, stats, rank)
     return {
         "interference": table,
         "matrix": interference_matrix(table),
         "angles": angle_table(stats, k=min(8, next(iter(stats.values())).layers[layers[0]].d), adapters=adapters),
         "own_energy": own_energy_table(adapters, stats),
-        "posthoc": pd.concat(posthoc, ignore_index=True),
+        "posthoc": posthoc,
         "stats": stats,
     }
 

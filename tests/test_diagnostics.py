@@ -319,3 +319,21 @@ def test_lora_row_space_is_the_row_space_of_delta() -> None:
     assert principal_angles(fast, reference).max() < 1e-5
     # B = 0 (right after init): the row space of A
     assert lora_row_space(LoraWeights(A, torch.zeros_like(B), 2.0)).shape == (40, 6)
+
+
+def test_posthoc_osrm_adapters_projects_each_on_the_others_subspace(tiny_tasks, tiny_stats) -> None:
+    from osrm_core.diagnostics import posthoc_osrm_adapters
+
+    stats = {t.name: s for t, s in zip(tiny_tasks, tiny_stats, strict=True)}
+    names = list(stats)[:3]
+    adapters = {n: _random_adapter(i) for i, n in enumerate(names)}
+    projected, kept = posthoc_osrm_adapters(adapters, stats)
+    for name in names:
+        others = [stats[n] for n in names if n != name]
+        want, table = posthoc_osrm(adapters[name], osrm_subspace(others, RANK))
+        for layer, lw in projected[name].layers.items():
+            torch.testing.assert_close(lw.delta, want.layers[layer].delta)
+        got = kept[kept.adapter == name]["energy_kept"].to_numpy()
+        np.testing.assert_allclose(got, table.energy_kept.to_numpy())
+    with pytest.raises(ValueError, match="no statistics for adapter 'nobody'"):
+        posthoc_osrm_adapters({"nobody": adapters[names[0]]}, stats)
