@@ -20,6 +20,7 @@ import copy
 import hashlib
 import json
 import platform
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -387,6 +388,10 @@ def _load_entry(entry: TaskEntry, seed: int) -> TaskData:
     return parse_task_spec(entry.spec, name=entry.name, seed=seed, **columns)
 
 
+STATS_SETTINGS = ("model", "tasks", "samples", "max_length", "seed", "target_modules", "stats_dtype",
+                  "layers_per_pass")
+
+
 class Pipeline:
     """Runs the stages of a :class:`RunConfig` into a :class:`RunDir`, resuming finished work.
 
@@ -456,6 +461,33 @@ class Pipeline:
             self.stage_sweep(init)
         self.stage_diagnostics()
         return self.stage_summary()
+
+    def stats_key(self) -> str:
+        """The settings the feature statistics depend on: runs with equal keys collect equal ones."""
+        return json.dumps(self.config.model_dump(mode="json", include=set(STATS_SETTINGS)), sort_keys=True)
+
+    def reuse_stats(self, source: RunDir) -> list[str]:
+        """Copy the finished statistics of ``source`` (a run with the same :meth:`stats_key`)
+        instead of collecting them again; returns the tasks copied."""
+        if Pipeline(source.config(), source.path).stats_key() != self.stats_key():
+            raise ValueError(f"run {str(source.path)!r} collected its statistics with other settings "
+                             f"({', '.join(STATS_SETTINGS)} must match)")
+        self.run.create(self.config)
+        copied = []
+        for task in self.config.tasks:
+            key = f"stats/{task.name}"
+            if self.run.is_done(key) or not (source.is_done(key) and source.has_stats(task.name)):
+                continue
+            if source.stats_dir(task.name).is_dir():
+                shutil.copytree(source.stats_dir(task.name), self.run.stats_dir(task.name), dirs_exist_ok=True)
+                files = sorted(self.run.stats_dir(task.name).glob("part-*.safetensors"))
+            else:
+                files = [self.run.stats_path(task.name)]
+                files[0].parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(source.stats_path(task.name), files[0])
+            self.run.mark_done(key, 0.0, files)
+            copied.append(task.name)
+        return copied
 
     def _tick(self, step: int, total: int, message: str) -> None:
         if self.progress:

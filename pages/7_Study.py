@@ -13,7 +13,7 @@ from app_common import (
     show_figure,
     show_table,
 )
-from osrm_core.study import find_studies, load_study_tables, quick_study_config, run_study
+from osrm_core.study import find_studies, load_study_tables, quick_study_config, run_study, seed_mean_curves
 from osrm_core.viz import study_curve_figure
 
 st.set_page_config(page_title="Study · OSRM", layout="wide")
@@ -62,11 +62,10 @@ if findings.strip():
 
 curves = tables.get("curves")
 if curves is not None and not curves.empty:
-    main = curves[curves["group"] == "main"]
-    method = st.selectbox("Merge method", sorted(main["method"].unique()), key="study_method")
-    g = main[main["method"] == method]
-    mean = g.groupby(["init", "constraint", "lambda"])["normalized_avg"].agg(["mean", "std"]).reset_index()
-    show_figure(study_curve_figure(mean, title=f"{method}: normalized average vs lambda"), f"study_{method}", "study_fig")
+    mean = seed_mean_curves(curves)
+    method = st.selectbox("Merge method", sorted(mean["method"].unique()), key="study_method")
+    show_figure(study_curve_figure(mean[mean["method"] == method], title=f"{method}: normalized average vs lambda"),
+                f"study_{method}", "study_fig")
 
 titles = {
     "q1_merged": "1. Merged normalized score (best λ), mean and spread over seeds",

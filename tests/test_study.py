@@ -19,6 +19,7 @@ from osrm_core.study import (
     find_studies,
     load_study_tables,
     run_study,
+    variant_config,
     variant_name,
     variants,
 )
@@ -34,6 +35,7 @@ def tiny_study(model_dir) -> StudyConfig:
         sample_sizes=[6, 12],
         ranks=[2],
         a_lr_scales=[1.0, 3.0],
+        ablation_methods=["task_arithmetic"],
     )
 
 
@@ -43,11 +45,41 @@ def test_variants_cover_the_grid_once(tiny_model_dir) -> None:
     names = [variant_name(v) for v in vs]
     assert len(names) == len(set(names))
     main = [v for v in vs if v["group"] == "main"]
-    # standard: 2 seeds; osrm: 2 seeds x 2 constraints
-    assert len(main) == 2 + 4
+    # every init with every seed, without a constraint
+    assert sorted((v["init"], v["seed"]) for v in main) == [("osrm", 0), ("osrm", 1), ("standard", 0), ("standard", 1)]
+    assert all(v["constraint"] == "none" for v in main)
+    # ablations: the first seed only
+    assert [(v["init"], v["constraint"], v["seed"]) for v in vs if v["group"] == "constraint"] == [("osrm", "freeze_A", 0)]
     assert {v["samples"] for v in vs if v["init"] == "osrm"} == {6, 12}
     assert {v["a_lr_scale"] for v in vs if v["init"] == "osrm"} == {1.0, 3.0}
+    assert all(v["seed"] == 0 for v in vs if v["group"] != "main")
     assert all(v["constraint"] == "none" for v in vs if v["init"] == "standard")
+
+
+def test_ablations_run_for_the_chosen_inits_and_methods(tiny_model_dir) -> None:
+    study = tiny_study(tiny_model_dir).model_copy(update={"inits": ["standard", "osrm", "osrm_gen"],
+                                                         "ablation_inits": ["osrm_gen"], "ranks": [2, 4]})
+    vs = variants(study)
+    assert {v["init"] for v in vs if v["group"] in ("constraint", "samples", "a_lr_scale")} == {"osrm_gen"}
+    assert {v["init"] for v in vs if v["group"] == "rank"} == {"standard", "osrm_gen"}
+    ablation = next(v for v in vs if v["group"] == "samples")
+    main = next(v for v in vs if v["group"] == "main")
+    assert variant_config(study, ablation).merge.methods == ["task_arithmetic"]
+    assert variant_config(study, main).merge.methods == study.base.merge.methods
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"ablation_inits": ["standard"]}, "ablation init 'standard' is not an OSRM-family init of this study"),
+        ({"ablation_inits": ["osrm_gen"]}, "allowed: osrm"),
+        ({"ablation_methods": ["bogus"]}, "unknown merge method 'bogus'"),
+    ],
+)
+def test_bad_ablation_settings(tiny_model_dir, change, message) -> None:
+    settings = tiny_study(tiny_model_dir).model_dump()
+    with pytest.raises(ValueError, match=message):
+        StudyConfig(**{**settings, **change})
 
 
 def test_curve_metrics() -> None:
@@ -57,6 +89,9 @@ def test_curve_metrics() -> None:
     assert m["width_2pt"] == pytest.approx(0.5)  # 0.5..1.0 are within 2 points
     expected_auc = np.trapezoid([0.8, 0.9, 0.89], [0.1, 0.5, 1.0]) / 0.9
     assert m["auc"] == pytest.approx(expected_auc)
+    assert "merged_at_best" not in m
+    m = curve_metrics(curve.assign(merged_avg=[0.5, 0.6, 0.7]))
+    assert m["merged_at_best"] == 0.6  # the plain merged score at the best normalized lambda
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +112,12 @@ def test_study_writes_report_and_tables(study_dir) -> None:
     q1 = tables["q1_merged"]
     assert set(q1["init"]) == {"standard", "osrm"}
     assert set(q1[q1["init"] == "osrm"]["constraint"]) == {"none", "freeze_A"}
-    assert (q1["seeds"] == 2).all()
+    assert (q1.loc[q1["constraint"] == "none", "seeds"] == 2).all()
+    assert (q1.loc[q1["constraint"] == "freeze_A", "seeds"] == 1).all()
+    # the ablations ran task arithmetic only, and their tables say so
+    assert set(tables["q4_samples"]["method"]) == {"task_arithmetic"}
+    sweep = RunDir(study_dir / "runs" / "osrm-none-n6-r2-a1-s0").read_csv("sweep_osrm.csv")
+    assert set(sweep["method"]) == {"task_arithmetic"}
     assert list((study_dir / "figures").glob("curve_*.html"))
     assert find_studies(study_dir) == [study_dir]
 
@@ -90,8 +130,18 @@ def test_q1_is_the_mean_of_each_seeds_best(study_dir) -> None:
         name = f"standard-none-n12-r2-a1-s{seed}"
         sweep = RunDir(study_dir / "runs" / name).read_csv("sweep_standard.csv")
         ta = sweep[sweep["method"] == "task_arithmetic"]
-        bests.append(ta.groupby("lambda")["normalized"].mean().max())
-    assert row["normalized_best_mean"] == pytest.approx(np.mean(bests))
+        by_lambda = ta.groupby("lambda")[["normalized", "score"]].mean()
+        bests.append(by_lambda.loc[by_lambda["normalized"].idxmax()])
+    assert row["normalized_best_mean"] == pytest.approx(np.mean([b["normalized"] for b in bests]))
+    assert row["merged_avg_mean"] == pytest.approx(np.mean([b["score"] for b in bests]))
+
+
+def test_report_states_the_wall_time_of_all_invocations(study_dir) -> None:
+    import json
+
+    seconds = json.loads((study_dir / "timing.json").read_text())["seconds"]
+    assert seconds > 0
+    assert f"Wall time of the runs: {seconds / 60:.1f} min." in (study_dir / "report.md").read_text()
 
 
 def test_freeze_a_keeps_osrm_subspace(study_dir) -> None:
@@ -105,6 +155,18 @@ def test_freeze_a_keeps_osrm_subspace(study_dir) -> None:
     A = osrm_subspace([stats[TASKS[1]]], 2)
     layer = next(iter(adapters[name].layers))
     np.testing.assert_allclose(adapters[name].layers[layer].A.double().numpy(), A[layer].numpy(), atol=1e-6)
+
+
+def test_variants_with_equal_statistics_settings_share_them(study_dir, tiny_model_dir) -> None:
+    from osrm_core.runs import Pipeline
+
+    first, second = (RunDir(study_dir / "runs" / n) for n in ("standard-none-n12-r2-a1-s0", "osrm-none-n12-r2-a1-s0"))
+    for task in TASKS:
+        assert second.stats_path(task).read_bytes() == first.stats_path(task).read_bytes()
+        assert second.manifest()["stages"][f"stats/{task}"]["seconds"] == 0.0  # copied, not collected
+    other_seed = Pipeline(second.config(), study_dir / "fresh")
+    with pytest.raises(ValueError, match="collected its statistics with other settings"):
+        other_seed.reuse_stats(RunDir(study_dir / "runs" / "standard-none-n12-r2-a1-s1"))
 
 
 def test_pairwise_losses_are_measured(study_dir) -> None:
@@ -186,3 +248,29 @@ def test_study_page_shows_the_latest_study(study_dir, tmp_path, monkeypatch) -> 
     at.selectbox(key="study_method").set_value("ties").run()
     after = json.loads(at.get("plotly_chart")[0].proto.spec)["layout"]["title"]["text"]
     assert before != after and "ties" in after
+
+
+def test_findings_warn_when_a_task_learned_nothing() -> None:
+    from osrm_core.study import findings
+
+    q1 = pd.DataFrame([
+        {"init": i, "constraint": "none", "method": "task_arithmetic", "normalized_best_mean": n,
+         "normalized_best_std": np.nan, "merged_avg_mean": m, "auc_mean": n, "seeds": 1}
+        for i, n, m in (("standard", 1.1, 0.59), ("osrm", 4.7, 0.60))
+    ])
+    q2 = pd.DataFrame([
+        {"init": i, "constraint": "none", "task": t, "mean": s, "std": np.nan}
+        for i in ("standard", "osrm") for t, s in (("pairs", 0.006), ("topic", 0.9))
+    ])
+    lines = findings({"q1_merged": q1, "q2_single": q2})
+    assert any(line.startswith("- Caution: pairs's mean single-task score is below 0.1") for line in lines)
+    assert not any("topic's" in line for line in lines)
+    assert any("merged score there 0.600 vs 0.590" in line and "one seed" in line for line in lines)
+
+
+def test_quick_study_leaves_out_the_pair_task_it_cannot_learn() -> None:
+    from osrm_core.study import quick_study_config
+
+    study = quick_study_config()
+    assert [t.name for t in study.base.tasks] == ["sentiment", "topic", "question"]
+    assert study.base.train.steps == 60 and study.seeds == [0]
