@@ -274,3 +274,20 @@ def test_quick_study_leaves_out_the_pair_task_it_cannot_learn() -> None:
     study = quick_study_config()
     assert [t.name for t in study.base.tasks] == ["sentiment", "topic", "question"]
     assert study.base.train.steps == 60 and study.seeds == [0]
+
+
+def test_cli_quick_study_end_to_end(tmp_path) -> None:
+    """`osrm study --quick` on the packaged model and the demo tasks (about 3.6 min on 2 cores)."""
+    import json
+
+    out = tmp_path / "quick"
+    proc = subprocess.run([sys.executable, "-m", "osrm_core.cli", "study", "--quick", "--out", str(out), "--json"],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout) == {"report": str(out / "report.md")}
+    report = (out / "report.md").read_text()
+    assert "Tasks: sentiment, topic, question;" in report and "60 steps; seeds [0]" in report
+    q1 = load_study_tables(out)["q1_merged"]
+    assert set(q1["init"]) == {"standard", "osrm", "osrm_gen"}
+    assert q1["normalized_best_mean"].between(0.3, 1.5).all()
+    assert q1["merged_avg_mean"].between(0.3, 1.0).all()
