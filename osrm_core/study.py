@@ -404,6 +404,16 @@ def findings(tables: dict[str, pd.DataFrame]) -> list[str]:
             f"AUC {row['auc_mean']:.3f} vs {base['auc_mean']:.3f}; merged score there "
             f"{row['merged_avg_mean']:.3f} vs {base['merged_avg_mean']:.3f})."
         )
+    curves = tables.get("curves")
+    if curves is not None and not curves.empty:
+        top = curves["lambda"].max()
+        at_edge = q1[q1["best_lambda"] >= top].groupby("method")["init"].apply(lambda s: sorted(set(s)))
+        for method, inits in at_edge.items():
+            lines.append(
+                f"- Caution: {method}'s best lambda is the grid's largest ({top:g}) for {', '.join(inits)}; "
+                "the curve may rise beyond it (TIES and RegMean average the deltas: their lambda = T "
+                "matches a task-arithmetic sum of T tasks)."
+            )
     weak = tables["q2_single"].query("mean < @UNLEARNED")
     for task, g in weak.groupby("task"):
         lines.append(

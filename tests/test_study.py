@@ -262,8 +262,11 @@ def test_findings_warn_when_a_task_learned_nothing() -> None:
         {"init": i, "constraint": "none", "task": t, "mean": s, "std": np.nan}
         for i in ("standard", "osrm") for t, s in (("pairs", 0.006), ("topic", 0.9))
     ])
-    lines = findings({"q1_merged": q1, "q2_single": q2})
+    lines = findings({"q1_merged": q1.assign(best_lambda=[0.5, 1.0]), "q2_single": q2,
+                      "curves": pd.DataFrame({"lambda": [0.5, 1.0]})})
     assert any(line.startswith("- Caution: pairs's mean single-task score is below 0.1") for line in lines)
+    assert any(line.startswith("- Caution: task_arithmetic's best lambda is the grid's largest (1) for osrm;")
+               for line in lines)
     assert not any("topic's" in line for line in lines)
     assert any("merged score there 0.600 vs 0.590" in line and "one seed" in line for line in lines)
 
