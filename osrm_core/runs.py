@@ -132,6 +132,10 @@ class MergeSettings(BaseModel):
         return v
 
 
+STATS_SETTINGS = ("model", "tasks", "samples", "max_length", "seed", "target_modules", "stats_dtype",
+                  "layers_per_pass")
+
+
 class RunConfig(BaseModel):
     """A whole experiment; written as ``config.yaml`` (the app and the command line share it)."""
 
@@ -191,6 +195,10 @@ class RunConfig(BaseModel):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def stats_key(self) -> str:
+        """The settings the feature statistics depend on: runs with equal keys collect equal ones."""
+        return json.dumps(self.model_dump(mode="json", include=set(STATS_SETTINGS)), sort_keys=True)
 
     def train_config(self, seed: int | None = None) -> TrainConfig:
         t = self.train
@@ -388,10 +396,6 @@ def _load_entry(entry: TaskEntry, seed: int) -> TaskData:
     return parse_task_spec(entry.spec, name=entry.name, seed=seed, **columns)
 
 
-STATS_SETTINGS = ("model", "tasks", "samples", "max_length", "seed", "target_modules", "stats_dtype",
-                  "layers_per_pass")
-
-
 class Pipeline:
     """Runs the stages of a :class:`RunConfig` into a :class:`RunDir`, resuming finished work.
 
@@ -462,14 +466,10 @@ class Pipeline:
         self.stage_diagnostics()
         return self.stage_summary()
 
-    def stats_key(self) -> str:
-        """The settings the feature statistics depend on: runs with equal keys collect equal ones."""
-        return json.dumps(self.config.model_dump(mode="json", include=set(STATS_SETTINGS)), sort_keys=True)
-
     def reuse_stats(self, source: RunDir) -> list[str]:
-        """Copy the finished statistics of ``source`` (a run with the same :meth:`stats_key`)
-        instead of collecting them again; returns the tasks copied."""
-        if Pipeline(source.config(), source.path).stats_key() != self.stats_key():
+        """Copy the finished statistics of ``source`` (a run with the same
+        :meth:`RunConfig.stats_key`) instead of collecting them again; returns the tasks copied."""
+        if source.config().stats_key() != self.config.stats_key():
             raise ValueError(f"run {str(source.path)!r} collected its statistics with other settings "
                              f"({', '.join(STATS_SETTINGS)} must match)")
         self.run.create(self.config)

@@ -201,7 +201,7 @@ def run_study(study: StudyConfig, out: str | Path, *, progress: Progress | None 
     write_text(config_path, text)
     todo = variants(study)
     timing = out / "timing.json"  # wall time of the variants, summed over resumed invocations
-    spent = json.loads(timing.read_text(encoding="utf-8"))["seconds"] if timing.is_file() else 0.0
+    spent = study_seconds(out)
     start = time.perf_counter()
     tasks_by_seed: dict[int, list] = {}  # a run loads (or generates, or splits) its tasks with its seed
     stats_runs: dict[str, RunDir] = {}  # variants that collect equal statistics share them
@@ -211,7 +211,7 @@ def run_study(study: StudyConfig, out: str | Path, *, progress: Progress | None 
             on_stage(f"variant {k + 1}/{len(todo)}: {name}")
         pipeline = Pipeline(variant_config(study, v), out / "runs" / name, progress=progress,
                             tasks=tasks or tasks_by_seed.get(v["seed"]))
-        key = pipeline.stats_key()
+        key = pipeline.config.stats_key()
         if key in stats_runs:
             pipeline.reuse_stats(stats_runs[key])
         pipeline.run_all()
@@ -224,6 +224,12 @@ def run_study(study: StudyConfig, out: str | Path, *, progress: Progress | None 
         on_stage("report")
     write_report(study, out)
     return out / "report.md"
+
+
+def study_seconds(out: str | Path) -> float:
+    """Wall time of a study's runs so far (``timing.json``, summed over resumed invocations)."""
+    timing = Path(out) / "timing.json"
+    return json.loads(timing.read_text(encoding="utf-8"))["seconds"] if timing.is_file() else 0.0
 
 
 def find_studies(run_path: str | Path) -> list[Path]:
@@ -322,8 +328,8 @@ def analyse(frames: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
     main = per_run[per_run["group"].isin(COMPARED_GROUPS)]
     q1 = (main.groupby(["init", "constraint", "method"])
           .agg(normalized_best_mean=("best", "mean"), normalized_best_std=("best", "std"),
-               merged_avg_mean=("merged_at_best", "mean"), best_lambda=("best_lambda", "median"), auc_mean=("auc", "mean"), width_2pt=("width_2pt", "mean"),
-               seeds=("seed", "nunique"))
+               merged_avg_mean=("merged_at_best", "mean"), best_lambda=("best_lambda", "median"),
+               auc_mean=("auc", "mean"), width_2pt=("width_2pt", "mean"), seeds=("seed", "nunique"))
           .reset_index())
     main_single = single[single["group"].isin(COMPARED_GROUPS)]
     q2 = (main_single.groupby(["init", "constraint", "task"])["score"].agg(["mean", "std"]).reset_index())
@@ -446,8 +452,7 @@ def write_report(study: StudyConfig, out: str | Path) -> Path:
     for name, fig in figs.items():
         write_text(out / "figures" / f"{name}.html", fig.to_html(include_plotlyjs="cdn", full_html=True))
     base = study.base
-    timing = out / "timing.json"
-    seconds = json.loads(timing.read_text(encoding="utf-8"))["seconds"] if timing.is_file() else None
+    seconds = study_seconds(out)
     lines = [
         f"# Study: {study.name}",
         "",

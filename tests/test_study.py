@@ -290,6 +290,8 @@ def test_cli_quick_study_end_to_end(tmp_path) -> None:
     assert json.loads(proc.stdout) == {"report": str(out / "report.md")}
     report = (out / "report.md").read_text()
     assert "Tasks: sentiment, topic, question;" in report and "60 steps; seeds [0]" in report
+    # one rank only: question 5 has no runs, and the report says so instead of an empty table
+    assert "## 5. Rank\n_No runs in this study answer this question" in report
     q1 = load_study_tables(out)["q1_merged"]
     assert set(q1["init"]) == {"standard", "osrm", "osrm_gen"}
     assert q1["normalized_best_mean"].between(0.3, 1.5).all()
