@@ -98,8 +98,8 @@ class StudyConfig(BaseModel):
     @classmethod
     def _inits(cls, v: list[str]) -> list[str]:
         bad = [m for m in v if m not in INIT_METHODS]
-        if bad or not v:
-            raise ValueError(f"unknown init {bad[0] if bad else None!r}; allowed: {', '.join(INIT_METHODS)}")
+        if bad:
+            raise ValueError(f"unknown init {bad[0]!r}; allowed: {', '.join(INIT_METHODS)}")
         return v
 
     @field_validator("constraints")
@@ -119,6 +119,8 @@ class StudyConfig(BaseModel):
 
     @model_validator(mode="after")
     def _ablation_inits_in_inits(self) -> StudyConfig:
+        if not self.inits and not self.variants:
+            raise ValueError("a study needs at least one init in inits or one entry in variants")
         allowed = [i for i in self.inits if i in OSRM_METHODS]
         for init in self.ablation_inits or []:
             if init not in allowed:

@@ -209,6 +209,8 @@ def test_resumed_study_does_no_work(study_dir, tiny_model_dir, monkeypatch) -> N
         ("base: [", "not valid YAML"),
         ("inits: [standard]\n", "base"),
         ("base: {tasks: [{name: a, spec: demo:sentiment}, {name: b, spec: demo:topic}]}\ninits: [bogus]\n", "unknown init 'bogus'"),
+        ("base: {tasks: [{name: a, spec: demo:sentiment}, {name: b, spec: demo:topic}]}\ninits: []\n",
+         "at least one init in inits or one entry in variants"),
     ],
 )
 def test_cli_study_bad_config_exits_2(tmp_path, content, message) -> None:
