@@ -112,7 +112,7 @@ CONSTRAINTS: dict[str, Constraint] = {
 def get_constraint(name: str) -> Constraint:
     """The constraint registered as ``name``; ValueError listing the known ones otherwise."""
     if not isinstance(name, str) or name not in CONSTRAINTS:
-        raise ValueError(f"constraint={name!r} is unknown: allowed are {', '.join(CONSTRAINTS)}")
+        raise ValueError(f"unknown constraint {name!r}; allowed: {', '.join(CONSTRAINTS)}")
     return CONSTRAINTS[name]
 
 
@@ -124,6 +124,6 @@ def check_constraint(constraint: str, inits: list[str]) -> None:
     for init in inits:
         if needs.needs_subspace and not INITS[init].needs_stats:
             raise ValueError(
-                f"constraint {constraint!r} needs the subspace of an init of the OSRM family "
-                f"({', '.join(OSRM_METHODS)}); init {init!r} has none"
+                f"train.constraint {constraint!r} keeps A in the OSRM subspace, which init {init!r} has not; "
+                f"use it with {', '.join(OSRM_METHODS)} only"
             )

@@ -39,6 +39,7 @@ from .spectra import (
     eigenspectrum_figure,
 )
 from .sweep import (
+    arm_label,
     study_curve_figure,
     summary_figure,
     summary_tables,
@@ -51,6 +52,7 @@ from .toy import (
 )
 
 __all__ = [
+    "arm_label",
     "INIT_COLORS",
     "INIT_DASH",
     "INTERFERENCE_VALUES",
