@@ -247,6 +247,14 @@ def _merge_params(args) -> dict:
     return given
 
 
+def _grid(values: list[str] | None) -> dict[str, list]:
+    """``--param NAME=V1,V2`` as a sweep grid, checked like a config's ``merge.params``."""
+    from osrm_core.settings import MergeSettings, parse_values, validate_settings
+
+    grid = {name: parse_values(text) for name, text in _pairs(values, "--param").items()}
+    return validate_settings(MergeSettings, {"params": grid}, "--param").params
+
+
 def _gram_stats(args, model, tok, adapters, methods):
     """The tasks' statistics when one of ``methods`` needs Gram matrices (RegMean), else None."""
     from osrm_core.merge import get_merge_method
@@ -267,7 +275,7 @@ def cmd_sweep(args) -> None:
     tasks = _load_tasks(args)
     stats = _gram_stats(args, model, tok, adapters, args.methods)
     df = sweep_adapters(model, tok, adapters, tasks, methods=args.methods, lambdas=args.lambdas,
-                        densities=args.densities, stats=stats, max_test=args.max_test,
+                        densities=args.densities, params=_grid(args.param), stats=stats, max_test=args.max_test,
                         max_length=args.max_length, seed=args.seed, progress=_progress_bar())
     if args.out:
         write_csv(Path(args.out) / "sweep.csv", df)
@@ -400,6 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", default=["task_arithmetic", "ties"])
     p.add_argument("--lambdas", nargs="+", type=float, default=DEFAULT_LAMBDAS)
     p.add_argument("--densities", nargs="+", type=float, default=[0.5])
+    p.add_argument("--param", action="append", metavar="NAME=V1,V2",
+                   help="values to sweep of another merge parameter: " + ", ".join(
+                       f"{s.name} ({s.help})" for s in all_param_specs().values() if s.name != "density"))
     p.add_argument("--max-test", type=int, default=None)
     p.set_defaults(func=cmd_sweep)
 

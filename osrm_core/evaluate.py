@@ -8,8 +8,9 @@ runs that task's test set: no model is reloaded and no PEFT model is rebuilt per
 from __future__ import annotations
 
 import copy
+import itertools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -214,18 +215,23 @@ class SweepEngine:
         lambdas: Sequence[float],
         *,
         densities: Sequence[float] = (0.5,),
+        params: Mapping[str, Sequence] | None = None,
         stats: dict[str, FeatureStats] | None = None,
         single: dict[str, float] | None = None,
         seed: int = 0,
         progress: Progress | None = None,
     ) -> pd.DataFrame:
-        """Merged scores over methods, densities (where a method uses one) and ``lambdas``.
+        """Merged scores over methods, their parameters and ``lambdas``.
 
-        The merge is computed once per (method, density); ``lambda`` only scales it.
+        Each method runs every combination of its own parameters' values: ``densities`` for
+        ``density`` and ``params`` (parameter name -> values, e.g. ``{"alpha": [0.5, 0.9]}``)
+        for the others; a parameter not given keeps its default. The merge is computed once per
+        (method, parameters); ``lambda`` only scales it.
 
         Returns
         -------
-        DataFrame with columns ``method, density, lambda, task, score, single, normalized``.
+        DataFrame with columns ``method, density, <each parameter of params>, lambda, task,
+        score, single, normalized`` (a parameter a method does not have is empty).
         """
         from osrm_core.merge import get_merge_method, merge_deltas
 
@@ -240,19 +246,19 @@ class SweepEngine:
         grams = None
         if stats is not None:
             grams = [{layer: stats[n].layers[layer].gram for layer in self.layers} for n in names]
+        grid = {"density": list(densities), **(params or {})}
         plan = []
         for method in methods:
-            params: dict = {}
             cls = get_merge_method(method)
             if cls.needs_gram and grams is None:
                 raise ValueError(f"merge method {method!r} needs the tasks' feature statistics")
-            for density in densities if cls.uses_density else [None]:
-                plan.append((method, density, params))
+            own = [p.name for p in cls.param_specs() if p.name in grid]
+            for values in itertools.product(*(grid[name] for name in own)):
+                plan.append((method, dict(zip(own, values))))
+        columns = dict.fromkeys(grid)
         total, done, rows = len(plan) * len(lambdas), 0, []
-        for method, density, params in plan:
-            if density is not None:
-                params = {**params, "density": density}
-            merged = merge_deltas(deltas, method, lam=1.0, grams=grams, seed=seed, **params)
+        for method, chosen in plan:
+            merged = merge_deltas(deltas, method, lam=1.0, grams=grams, seed=seed, **chosen)
             for lam in lambdas:
                 self.apply(merged, lam)
                 scores = self.evaluate()
@@ -261,7 +267,8 @@ class SweepEngine:
                     rows.append(
                         {
                             "method": method,
-                            "density": density,
+                            **columns,
+                            **chosen,
                             "lambda": float(lam),
                             "task": n,
                             "score": scores[n],
@@ -276,10 +283,17 @@ class SweepEngine:
         return pd.DataFrame(rows)
 
 
+def param_columns(sweep: pd.DataFrame) -> list[str]:
+    """The merge-parameter columns of a sweep table (``density`` and any swept parameter)."""
+    from osrm_core.merge import all_param_specs
+
+    return [c for c in all_param_specs() if c in sweep.columns]
+
+
 def best_points(sweep: pd.DataFrame) -> pd.DataFrame:
-    """Per method, the (density, lambda) with the best normalized average over tasks."""
+    """Per method, the (parameters, lambda) with the best normalized average over tasks."""
     avg = (
-        sweep.groupby(["method", "density", "lambda"], dropna=False)["normalized"]
+        sweep.groupby(["method", *param_columns(sweep), "lambda"], dropna=False)["normalized"]
         .mean()
         .reset_index(name="normalized_avg")
     )

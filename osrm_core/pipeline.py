@@ -29,6 +29,7 @@ from osrm_core.distributed import (
     local_device,
     run_on_main,
 )
+from osrm_core.evaluate import param_columns
 from osrm_core.inits import get_init, init_lora, rest_moment, task_subspaces
 from osrm_core.rundir import RunDir, write_csv
 from osrm_core.settings import STATS_SETTINGS, RunConfig, TaskEntry
@@ -305,18 +306,9 @@ class Pipeline:
         if get_constraint(cfg.train.constraint).needs_moments:
             stats = all_stats if all_stats is not None else self.all_stats()
             penalty_moments = rest_moment([s for j, s in enumerate(stats) if j != index])
-        result = finetune(
-            peft_model,
-            tok,
-            task,
-            cfg.train,
-            max_length=cfg.max_length,
-            seed=cfg.seed,
-            max_test=cfg.max_test,
-            subspaces=subspaces,
-            penalty_moments=penalty_moments,
-            progress=self.progress,
-        )
+        result = finetune(peft_model, tok, task, cfg.train, max_length=cfg.max_length, seed=cfg.seed,
+                          max_test=cfg.max_test, subspaces=subspaces, penalty_moments=penalty_moments,
+                          progress=self.progress)
         if is_main_process():
             save_adapter(adapter_of(peft_model, initial), self.run.adapter_path(init, task.name))
         return {**result.to_dict(), "init": init, "losses": result.losses[-20:]}
@@ -343,6 +335,7 @@ class Pipeline:
             self.config.merge.methods,
             self.config.merge.lambdas,
             densities=self.config.merge.densities,
+            params=self.config.merge.params,
             stats=self.run.load_stats(),
             single=single,
             seed=self.config.seed,
@@ -406,10 +399,11 @@ def build_summary(run: RunDir, task_names: list[str], inits: list[str]) -> dict:
         single = df.drop_duplicates("task").set_index("task")["single"].to_dict()
         merged: dict[str, list] = {}
         best: dict[str, dict] = {}
-        for (method, density, lam), g in df.groupby(["method", "density", "lambda"], dropna=False):
+        params = param_columns(df)
+        for (method, *values, lam), g in df.groupby(["method", *params, "lambda"], dropna=False):
             point = {
                 "lambda": float(lam),
-                "density": None if pd.isna(density) else float(density),
+                **{p: None if pd.isna(x) else x for p, x in zip(params, values)},
                 "scores": g.set_index("task")["score"].round(4).to_dict(),
                 "normalized_avg": _rounded(g["normalized"].mean()),
                 "avg": round(float(g["score"].mean()), 4),

@@ -10,14 +10,25 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from osrm_core.constraints import CONSTRAINTS, check_constraint, get_constraint
 from osrm_core.inits import get_init
 
+#: A registered init or training constraint: the registries check config values.
+InitName = Annotated[str, AfterValidator(lambda v: get_init(v).name)]
+ConstraintName = Annotated[str, AfterValidator(lambda v: get_constraint(v).name)]
 DEFAULT_LAMBDAS = [round(0.1 * i, 1) for i in range(1, 11)]
 
 class ConfigError(ValueError):
@@ -43,8 +54,9 @@ def validate_settings(cls: type[BaseModel], data, where: str):
         return cls.model_validate(data)
     except ValidationError as err:
         e = err.errors()[0]
-        loc = ".".join(str(x) for x in e["loc"]) or "config"
-        raise ConfigError(f"{where}: {loc}: {e['msg']}") from None
+        loc = ".".join(str(x) for x in e["loc"])  # empty for a check of the whole config
+        message = e["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"{where}: {loc}: {message}" if loc else f"{where}: {message}") from None
 
 
 class TaskEntry(BaseModel):
@@ -75,14 +87,9 @@ class TrainSettings(BaseModel):
     weight_decay: float = Field(0.0, ge=0)
     warmup_ratio: float = Field(0.06, ge=0, lt=1)
     max_grad_norm: float = Field(1.0, gt=0)
-    constraint: str = Field("none", description="training constraint: " + ", ".join(CONSTRAINTS))
+    constraint: ConstraintName = Field("none", description="training constraint: " + ", ".join(CONSTRAINTS))
     penalty_beta: float = Field(1e-3, ge=0)
     eval_batch_size: int = Field(64, ge=1)
-
-    @field_validator("constraint")
-    @classmethod
-    def _constraint(cls, v: str) -> str:
-        return get_constraint(v).name
 
 
 class MergeSettings(BaseModel):
@@ -90,6 +97,28 @@ class MergeSettings(BaseModel):
     methods: list[str] = Field(default_factory=lambda: ["task_arithmetic", "ties"])
     lambdas: list[float] = Field(default_factory=lambda: list(DEFAULT_LAMBDAS))
     densities: list[float] = Field(default_factory=lambda: [0.5])
+    params: dict[str, list] = Field(
+        default_factory=dict,
+        description="values to sweep of the methods' other parameters, e.g. {alpha: [0.5, 0.9]} (RegMean); "
+        "a parameter not named keeps its default",
+    )
+
+    @field_validator("params")
+    @classmethod
+    def _params(cls, v: dict[str, list]) -> dict[str, list]:
+        from osrm_core.merge import MERGE_METHODS, all_param_specs
+
+        known = [n for n in all_param_specs() if n != "density"]
+        for name, values in v.items():
+            if name not in known:
+                raise ValueError(f"unknown merge parameter {name!r} (density has its own list, densities); "
+                                 f"known: {', '.join(known)}")
+            if not isinstance(values, list) or not values:
+                raise ValueError(f"params.{name} must be a non-empty list of values")
+            method = next(m for m in MERGE_METHODS.values() if name in [p.name for p in m.param_specs()])
+            for value in values:
+                method(**{name: value})  # each method checks its own values (ValueError naming them)
+        return v
 
     @field_validator("methods")
     @classmethod
@@ -112,6 +141,19 @@ class MergeSettings(BaseModel):
         return v
 
 
+def parse_values(text: str) -> list:
+    """Comma-separated values of a sweep list (command line, app): numbers where they parse,
+    else the words (``"total, frequency"`` -> ``["total", "frequency"]``)."""
+    out: list = []
+    for x in text.replace(";", ",").split(","):
+        if x.strip():
+            try:
+                out.append(float(x))
+            except ValueError:
+                out.append(x.strip())
+    return out
+
+
 STATS_SETTINGS = ("model", "tasks", "samples", "max_length", "seed", "target_modules", "stats_dtype",
                   "layers_per_pass")
 
@@ -129,7 +171,7 @@ class RunConfig(BaseModel):
     samples: int = Field(100, ge=1, description="examples per task for the feature statistics")
     max_length: int = Field(128, ge=2)
     max_test: int | None = Field(None, ge=1)
-    inits: list[str] = Field(default_factory=lambda: ["standard", "osrm"])
+    inits: list[InitName] = Field(default_factory=lambda: ["standard", "osrm"])
     a_scale: float = Field(1.0, gt=0)
     osrm_weighting: Literal["equal", "tokens"] = "equal"
     train: TrainSettings = Field(default_factory=TrainSettings)
@@ -149,8 +191,6 @@ class RunConfig(BaseModel):
     @field_validator("inits")
     @classmethod
     def _inits(cls, v: list[str]) -> list[str]:
-        for m in v:
-            get_init(m)
         if not v:
             raise ValueError("at least one init is needed")
         return v

@@ -29,12 +29,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from osrm_core import viz
 from osrm_core.atomic import write_json, write_text
-from osrm_core.constraints import get_constraint
-from osrm_core.inits import OSRM_METHODS, get_init
+from osrm_core.inits import OSRM_METHODS
 from osrm_core.pipeline import Pipeline
 from osrm_core.rundir import RunDir, write_csv
 from osrm_core.settings import (
     ConfigError,
+    ConstraintName,
+    InitName,
     MergeSettings,
     RunConfig,
     read_yaml,
@@ -51,21 +52,11 @@ class VariantSpec(BaseModel):
     constraint, rank, learning rate or learning-rate scale of A; unset fields take the base's."""
 
     model_config = ConfigDict(extra="forbid")
-    init: str
-    constraint: str = "none"
+    init: InitName
+    constraint: ConstraintName = "none"
     rank: int | None = Field(None, ge=1)
     lr: float | None = Field(None, gt=0)
     a_lr_scale: float | None = Field(None, ge=0)
-
-    @field_validator("init")
-    @classmethod
-    def _init(cls, v: str) -> str:
-        return get_init(v).name
-
-    @field_validator("constraint")
-    @classmethod
-    def _constraint(cls, v: str) -> str:
-        return get_constraint(v).name
 
 
 class StudyConfig(BaseModel):
@@ -74,8 +65,8 @@ class StudyConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = "study"
     base: RunConfig
-    inits: list[str] = Field(default_factory=lambda: ["standard", "osrm", "osrm_mean", "osrm_gen", "eva"])
-    constraints: list[str] = Field(default_factory=lambda: ["none", "freeze_A"])
+    inits: list[InitName] = Field(default_factory=lambda: ["standard", "osrm", "osrm_mean", "osrm_gen", "eva"])
+    constraints: list[ConstraintName] = Field(default_factory=lambda: ["none", "freeze_A"])
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
     sample_sizes: list[int] = Field(default_factory=lambda: [10, 50, 100, 500])
     ranks: list[int] = Field(default_factory=lambda: [4, 8, 16])
@@ -88,18 +79,9 @@ class StudyConfig(BaseModel):
     variants: list[VariantSpec] = Field(
         default_factory=list, description="extra variants of the main comparison, each run with every seed")
 
-    @field_validator("inits")
-    @classmethod
-    def _inits(cls, v: list[str]) -> list[str]:
-        for m in v:
-            get_init(m)
-        return v
-
     @field_validator("constraints")
     @classmethod
     def _constraints(cls, v: list[str]) -> list[str]:
-        for c in v:
-            get_constraint(c)
         return v or ["none"]
 
     @field_validator("ablation_methods")

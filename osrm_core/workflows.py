@@ -129,6 +129,7 @@ def sweep_adapters(
     methods: Sequence[str] = ("task_arithmetic", "ties"),
     lambdas: Sequence[float] = (0.3, 0.5, 0.7, 1.0),
     densities: Sequence[float] = (0.5,),
+    params: dict[str, Sequence] | None = None,
     stats: dict[str, FeatureStats] | None = None,
     max_test: int | None = None,
     max_length: int = 128,
@@ -145,7 +146,8 @@ def sweep_adapters(
         check_against_model(adapter, model, where=name)
     engine = SweepEngine(model, tokenizer, tasks, adapters, max_test=max_test, max_length=max_length)
     try:
-        return engine.sweep(methods, lambdas, densities=densities, stats=stats, seed=seed, progress=progress)
+        return engine.sweep(methods, lambdas, densities=densities, params=params, stats=stats, seed=seed,
+                            progress=progress)
     finally:
         engine.restore()
 

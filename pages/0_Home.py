@@ -31,9 +31,9 @@ from osrm_core.constraints import CONSTRAINTS
 from osrm_core.data import DataError, from_dataframes, read_table
 from osrm_core.demo import DEMO_TASKS
 from osrm_core.inits import INITS
-from osrm_core.merge import MERGE_METHODS
+from osrm_core.merge import MERGE_METHODS, all_param_specs
 from osrm_core.pipeline import run_experiment
-from osrm_core.settings import ConfigError, RunConfig, demo_config
+from osrm_core.settings import ConfigError, RunConfig, demo_config, parse_values
 from osrm_core.task_spec import parse_task_spec
 from osrm_core.viz import summary_figure, summary_tables
 
@@ -54,6 +54,10 @@ def _numbers(text: str, field: str) -> list[float]:
     if not values:
         raise ConfigError(f"{field}: give at least one number")
     return values
+
+
+#: The merge methods' parameters besides density (each with its sweep list in the settings).
+OTHER_PARAMS = [spec for spec in all_param_specs().values() if spec.name != "density"]
 
 
 def apply_preset(config: RunConfig) -> None:
@@ -78,6 +82,8 @@ def apply_preset(config: RunConfig) -> None:
     ss.home_methods = list(config.merge.methods)
     ss.home_lambdas = ", ".join(f"{x:g}" for x in config.merge.lambdas)
     ss.home_densities = ", ".join(f"{x:g}" for x in config.merge.densities)
+    for spec in OTHER_PARAMS:
+        ss[f"home_param_{spec.name}"] = ", ".join(str(v) for v in config.merge.params.get(spec.name, []))
     ss.home_seed = config.seed
     ss.home_inits = list(config.inits)
     ss.home_constraint = config.train.constraint
@@ -288,6 +294,9 @@ with tab_new:
             format="%.1e",
             key="home_head_lr",
         )
+        for col, spec in zip((c2, c3, c1, c2, c3), OTHER_PARAMS):
+            col.text_input(f"Sweep {spec.name} (comma separated; empty: {spec.default})", key=f"home_param_{spec.name}",
+                           help=spec.help)
 
     run_name = safe_name(st.text_input("Run name", key="home_name"), "run")
     out_dir = runs_root() / run_name
@@ -335,6 +344,8 @@ with tab_new:
             methods=list(ss.home_methods),
             lambdas=_numbers(ss.home_lambdas, "lambda grid"),
             densities=_numbers(ss.home_densities, "densities"),
+            params={spec.name: parse_values(ss[f"home_param_{spec.name}"]) for spec in OTHER_PARAMS
+                    if ss[f"home_param_{spec.name}"].strip()},
         )
         return RunConfig.validate_dict(data, where="settings")
 

@@ -165,6 +165,27 @@ def test_restore_puts_w0_back_bit_exactly(make_tiny_model, tokenizer, sweep_task
         assert torch.equal(after[key], value), key
 
 
+def test_the_sweep_grid_comes_from_each_methods_parameters(make_tiny_model, tokenizer, sweep_tasks, adapters) -> None:
+    from osrm_core.evaluate import best_points
+    from osrm_core.merge import merge_deltas
+
+    engine = _engine(make_tiny_model, tokenizer, sweep_tasks, adapters)
+    grid = {"majority_sign_method": ["total", "frequency"]}
+    df = engine.sweep(["task_arithmetic", "ties"], [1.0], densities=[0.5, 0.9], params=grid)
+    assert list(df.columns) == ["method", "density", "majority_sign_method", "lambda", "task", "score", "single",
+                                "normalized"]
+    ties = df[df.method == "ties"]
+    assert len(ties) == 2 * 2 * len(sweep_tasks)  # density x sign method, per task
+    assert df[df.method == "task_arithmetic"][["density", "majority_sign_method"]].isna().all().all()
+    # A point of the grid is the merge with those parameters.
+    row = ties[(ties.density == 0.9) & (ties.majority_sign_method == "frequency")].iloc[0]
+    deltas = [adapters[t.name].deltas() for t in sweep_tasks]
+    engine.apply(merge_deltas(deltas, "ties", density=0.9, majority_sign_method="frequency"), 1.0)
+    assert engine.evaluate([row.task])[row.task] == row.score
+    engine.restore()
+    assert {"density", "majority_sign_method"} <= set(best_points(df).columns)
+
+
 def test_the_sweep_never_reloads_the_model(
     make_tiny_model, tokenizer, sweep_tasks, adapters, monkeypatch
 ) -> None:

@@ -9,6 +9,8 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
+from osrm_core.evaluate import param_columns
+
 from .common import _DASHES, _SYMBOLS, _finish, _unique, color_of
 
 
@@ -29,10 +31,9 @@ def sweep_curves(
         if task not in set(df["task"]):
             raise ValueError(f"task {task!r} is not in the sweep; tasks are {_unique(df['task'])}")
         df = df[df["task"] == task]
-    keys = ["init", "method", "lambda"]
+    keys = ["init", "method", *param_columns(df), "lambda"]
     if "density" in df.columns:
         df = df.assign(density=df["density"].astype(float))
-        keys = ["init", "method", "density", "lambda"]
     out = df.groupby(keys, dropna=False, sort=False)[y].mean().reset_index()
     return out.sort_values(keys, kind="stable").reset_index(drop=True)
 
