@@ -217,8 +217,10 @@ def cmd_merge(args) -> None:
 
     needs_gram = get_merge_method(args.method).needs_gram
     params = _merge_params(args)
+    if args.task and not needs_gram:
+        raise UsageError(f"--task is used by merge methods that need the tasks' statistics (regmean), not by {args.method!r}")
     model = tok = None
-    if args.full or needs_gram:
+    if args.full or needs_gram or args.model is not None:  # with --model, the adapters are checked against it
         model, tok = load_base_model(args.model)
     adapters = _load_adapters(args, model)
     stats = _gram_stats(args, model, tok, adapters, [args.method])

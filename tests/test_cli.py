@@ -130,6 +130,14 @@ BAD_INPUTS = {
         lambda f, m: ["merge", *_adapter_args(f, a="adapter_pickled"), "--out", f["root"] / "m1"],
         "pickle",
     ),
+    "task data a merge does not use": (
+        lambda f, m: ["merge", *_adapter_args(f), *_task_args(f), "--out", f["root"] / "m2"],
+        "--task is used by merge methods that need the tasks' statistics (regmean)",
+    ),
+    "post-hoc rank 0": (
+        lambda f, m: ["diagnose", *_adapter_args(f), *_task_args(f), "--posthoc-rank", "0"],
+        "--posthoc-rank must be >= 1",
+    ),
     "one task": (
         lambda f, m: ["stats", "--task", "a=demo:sentiment", "--out", f["root"] / "one"],
         "at least two tasks",
