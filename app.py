@@ -13,15 +13,14 @@ import streamlit as st
 
 from app_helpers import SHARED_NOTE, close_run, current_run, init_state, shared_mode
 
-#: The views, in menu order: every file of pages/, titled by its name (``5_Adapter_diagnosis.py``
-#: is "Adapter diagnosis"); a new page is a new file there.
+#: The views, in menu order: every file of pages/, titled and addressed by its name
+#: (``5_Adapter_diagnosis.py`` is "Adapter diagnosis" at ``/Adapter_diagnosis``); a new page is
+#: a new file there.
 PAGE_FILES = sorted((Path(__file__).parent / "pages").glob("[0-9]_*.py"))
 
 st.set_page_config(page_title="OSRM workbench", page_icon="🧭", layout="wide")
 init_state()
-page = st.navigation(
-    [st.Page(f, title=f.stem.split("_", 1)[1].replace("_", " "), default=i == 0) for i, f in enumerate(PAGE_FILES)]
-)
+page = st.navigation([st.Page(f, default=i == 0) for i, f in enumerate(PAGE_FILES)])
 
 run = current_run()
 with st.sidebar:
