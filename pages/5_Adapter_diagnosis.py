@@ -292,8 +292,9 @@ def prefill_merge_form(best: pd.Series) -> None:
     ss["diag_merge_source"] = best["init"]
     ss["diag_merge_method"] = best["method"]
     ss["diag_merge_lambda"] = float(best["lambda"])
-    if "density" in best and pd.notna(best["density"]):
-        ss["diag_merge_density"] = float(best["density"])
+    for spec in MERGE_METHODS[best["method"]].param_specs():  # the widgets of merge_param_widgets
+        if spec.name in best and pd.notna(best[spec.name]):
+            ss[f"diag_merge_{spec.name}"] = best[spec.name]
 
 
 ss.setdefault("diag_merge_lambda", 1.0)
