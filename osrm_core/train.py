@@ -125,7 +125,8 @@ def finetune(
             f"batch_size={config.batch_size} is smaller than the {info.world} processes: each needs "
             "at least one example per step"
         )
-    constraint = get_constraint(config.constraint).prepare(layers, subspaces, penalty_moments)
+    constraint = get_constraint(config.constraint)
+    active = constraint.prepare(layers, subspaces, penalty_moments)  # checks what it needs first
     device = next(peft_model.parameters()).device
 
     a_params, b_params, head_params = [], [], []
@@ -138,7 +139,7 @@ def finetune(
             b_params.append(p)
         else:
             head_params.append(p)
-    if not constraint.constraint.trains_a:
+    if not constraint.trains_a:
         for p in a_params:
             p.requires_grad_(False)
         a_params = []
@@ -179,7 +180,7 @@ def finetune(
             )
             batch = move_batch(decoder_position_ids(batch, peft_model), device)
             loss = model(**batch).loss
-            reg = constraint.loss()
+            reg = active.loss()
             tokens = int(batch["attention_mask"].sum())
             if parallel:
                 # DDP averages gradients over ranks: weigh each rank's mean loss by its share of
@@ -207,7 +208,7 @@ def finetune(
                 torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
             step_optimizer.step()
             scheduler.step()
-            constraint.after_step()
+            active.after_step()
             result.losses.append(logged)
             result.tokens += tokens
             if progress:
