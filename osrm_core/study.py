@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from osrm_core import viz
 from osrm_core.atomic import write_json, write_text
+from osrm_core.constraints import check_constraint
 from osrm_core.inits import OSRM_METHODS
 from osrm_core.pipeline import Pipeline
 from osrm_core.rundir import RunDir, write_csv
@@ -57,6 +58,11 @@ class VariantSpec(BaseModel):
     rank: int | None = Field(None, ge=1)
     lr: float | None = Field(None, gt=0)
     a_lr_scale: float | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _constraint_fits_init(self) -> VariantSpec:
+        check_constraint(self.constraint, [self.init])
+        return self
 
 
 class StudyConfig(BaseModel):

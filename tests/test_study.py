@@ -71,6 +71,8 @@ def test_extra_variants_run_with_every_seed(tiny_model_dir) -> None:
     assert "standard-freeze_A-n12-r4-a1-lr0.1-s0" in names and "osrm-freeze_A-n12-r4-a1-s0" in names
     with pytest.raises(ValueError, match="unknown constraint 'frozen'"):
         VariantSpec(init="standard", constraint="frozen")
+    with pytest.raises(ValueError, match="constraint 'project' keeps A in the OSRM subspace, which init 'standard'"):
+        VariantSpec(init="standard", constraint="project")
 
 
 def test_ablations_run_for_the_chosen_inits_and_methods(tiny_model_dir) -> None:
