@@ -39,6 +39,7 @@ import streamlit as st
 from osrm_core.adapters import Adapter, load_adapter
 from osrm_core.archive import ArchiveError, find_root_with, safe_extract_zip  # noqa: F401 (app.py uses it)
 from osrm_core.data import DataError, Split, TaskData, from_dataframes
+from osrm_core.lock import LOCK_NAME
 from osrm_core.runs import ConfigError, RunConfig, RunDir, build_summary
 from osrm_core.viz import figure_html, group_label
 
@@ -357,7 +358,7 @@ def zip_directory(path: str | Path) -> bytes:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
         for f in sorted(path.rglob("*")):
-            if f.is_file() and not f.name.endswith(".tmp"):
+            if f.is_file() and not f.name.endswith(".tmp") and f.name != LOCK_NAME:
                 zf.write(f, f.relative_to(path.parent).as_posix())
     return buf.getvalue()
 

@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from osrm_core.data import DataError
@@ -153,7 +154,10 @@ def cmd_run(args) -> None:
         _emit(args, {"run_dir": out, **summary}, f"run directory: {out}\n" + _summary_text(summary))
 
 
+@contextmanager
 def _pipeline(args, name: str):
+    """The pipeline of a stage command, holding its run directory's lock (a second writer exits 2)."""
+    from osrm_core.distributed import run_on_main
     from osrm_core.runs import Pipeline
 
     if not args.out:
@@ -161,15 +165,14 @@ def _pipeline(args, name: str):
     config = _config_from_args(args, name)
     _join(config)
     pipeline = Pipeline(config, args.out, progress=_progress_bar())
-    from osrm_core.distributed import run_on_main
-
-    run_on_main(lambda: pipeline.run.create(config), "creating the run directory")
-    return pipeline
+    with pipeline.locked():
+        run_on_main(lambda: pipeline.run.create(config), "creating the run directory")
+        yield pipeline
 
 
 def cmd_stats(args) -> None:
-    pipeline = _pipeline(args, "stats")
-    stats = pipeline.stage_stats()
+    with _pipeline(args, "stats") as pipeline:
+        stats = pipeline.stage_stats()
     payload = {
         name: {"path": str(pipeline.run.stats_path(name)), "tokens": s.count, "layers": len(s.layers)}
         for name, s in stats.items()
@@ -180,22 +183,22 @@ def cmd_stats(args) -> None:
 def cmd_init(args) -> None:
     from osrm_core.runs import init_adapters
 
-    pipeline = _pipeline(args, "init")
-    written = {init: init_adapters(pipeline, init) for init in pipeline.config.inits}
+    with _pipeline(args, "init") as pipeline:
+        written = {init: init_adapters(pipeline, init) for init in pipeline.config.inits}
     _emit(args, {"adapters": written}, "\n".join(f"{i}: {p}" for i, ps in written.items() for p in ps))
 
 
 def cmd_train(args) -> None:
-    pipeline = _pipeline(args, "train")
-    pipeline.stage_stats()
+    with _pipeline(args, "train") as pipeline:
+        pipeline.stage_stats()
+        for init in pipeline.config.inits:
+            pipeline.stage_adapters(init)
     results = {}
-    for init in pipeline.config.inits:
-        pipeline.stage_adapters(init)
-        if _launch_rank()[0] != 0:
-            continue
-        for task in pipeline.config.tasks:
-            path = pipeline.run.adapter_path(init, task.name) / "train.json"
-            results.setdefault(init, {})[task.name] = json.loads(path.read_text())["test_score"]
+    if _launch_rank()[0] == 0:
+        for init in pipeline.config.inits:
+            for task in pipeline.config.tasks:
+                path = pipeline.run.adapter_path(init, task.name) / "train.json"
+                results.setdefault(init, {})[task.name] = json.loads(path.read_text())["test_score"]
     _emit(args, {"test_scores": results}, "\n".join(f"{i} {t}: {s:.4f}" for i, r in results.items() for t, s in r.items()))
 
 

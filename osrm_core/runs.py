@@ -17,12 +17,14 @@ where it stopped and gives the same results.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import platform
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -43,6 +45,7 @@ from osrm_core.distributed import (
     run_on_main,
 )
 from osrm_core.init import INIT_METHODS, OSRM_METHODS, init_lora, rest_moment, task_subspaces
+from osrm_core.lock import DirLock
 from osrm_core.stats import FeatureStats, collect_feature_stats, write_feature_stats
 from osrm_core.train import TrainConfig, adapter_of, finetune, save_adapter
 
@@ -349,7 +352,8 @@ class RunDir:
         """Delete the half-written temporary files (``.NAME.XXXX.tmp``, see
         :func:`osrm_core.atomic.atomic_path`) that a killed process leaves behind.
 
-        Called when a run resumes; one process writes a run directory at a time.
+        Called when a run resumes, under the run's lock (:meth:`Pipeline.locked`): no other
+        writer can be half-way through a file.
         """
         removed = [p for p in self.path.rglob(".*.tmp") if p.is_file()]
         for p in removed:
@@ -386,6 +390,17 @@ def write_csv(path: Path, df: pd.DataFrame) -> None:
 
 
 # --------------------------------------------------------------------------- pipeline
+
+
+def _holding_lock(method):
+    """Run a :class:`Pipeline` method holding its run directory's lock (:meth:`Pipeline.locked`)."""
+
+    @functools.wraps(method)
+    def locked_method(self, *args, **kwargs):
+        with self.locked():
+            return method(self, *args, **kwargs)
+
+    return locked_method
 
 
 def _load_entry(entry: TaskEntry, seed: int) -> TaskData:
@@ -450,7 +465,23 @@ class Pipeline:
         fresh.name_or_path_ = model.name_or_path_
         return fresh, tokenizer
 
+    @contextmanager
+    def locked(self) -> Iterator[Pipeline]:
+        """Hold the run directory's lock (:class:`osrm_core.lock.DirLock`) while writing it.
+
+        A second writer gets :class:`osrm_core.lock.LockedError` naming the holder. In a
+        data-parallel job rank 0 (the only writer) takes it and every rank stops if it is held.
+        """
+        lock = DirLock(self.run.path)
+        run_on_main(lock.acquire, f"locking {str(self.run.path)!r}")
+        try:
+            yield self
+        finally:
+            if is_main_process():
+                lock.release()
+
     # ---- stages
+    @_holding_lock
     def run_all(self) -> dict:
         """Every stage. In a data-parallel job (torchrun, accelerate launch) all ranks share the
         statistics and the fine-tuning; rank 0 alone writes the run directory, then runs the
@@ -466,6 +497,7 @@ class Pipeline:
         self.stage_diagnostics()
         return self.stage_summary()
 
+    @_holding_lock
     def reuse_stats(self, source: RunDir) -> list[str]:
         """Copy the finished statistics of ``source`` (a run with the same
         :meth:`RunConfig.stats_key`) instead of collecting them again; returns the tasks copied."""

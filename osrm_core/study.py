@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from osrm_core.atomic import write_json, write_text
 from osrm_core.init import INIT_METHODS, OSRM_METHODS
+from osrm_core.lock import DirLock
 from osrm_core.runs import (
     ConfigError,
     MergeSettings,
@@ -191,8 +192,15 @@ def run_study(study: StudyConfig, out: str | Path, *, progress: Progress | None 
 
     Variants whose statistics settings match (same seed and samples) share one collection.
     ``tasks`` (optional) are used by every variant instead of loading the base's task entries.
+    The study directory is locked meanwhile (:class:`osrm_core.lock.DirLock`; a second writer
+    gets :class:`osrm_core.lock.LockedError`), and each variant's run directory too.
     """
-    out = Path(out)
+    with DirLock(out):
+        return _run_study(study, Path(out), progress, on_stage, tasks)
+
+
+def _run_study(study: StudyConfig, out: Path, progress: Progress | None,
+               on_stage: Callable[[str], None] | None, tasks) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     config_path = out / "study.yaml"
     text = yaml.safe_dump(study.model_dump(mode="json"), sort_keys=False)
