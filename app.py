@@ -23,6 +23,7 @@ from app_common import (
     open_run,
     open_uploaded_run,
     progress_callbacks,
+    run_problems,
     run_summary,
     runs_root,
     safe_name,
@@ -420,7 +421,12 @@ with tab_summary:
         except ConfigError as err:
             st.error(str(err))
             config = None
-        manifest = run.manifest()
+        for problem in run_problems(run):
+            st.error(f"Damaged file in this run: {problem}")
+        try:
+            manifest = run.manifest()
+        except ValueError:  # named above
+            manifest = {"stages": {}}
         stages = manifest.get("stages", {})
         st.subheader(f"Run {config.name if config else run.path.name}")
         c1, c2, c3, c4 = st.columns(4)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import hashlib
 import json
 import platform
 import shutil
@@ -46,6 +45,7 @@ from osrm_core.distributed import (
 )
 from osrm_core.init import INIT_METHODS, OSRM_METHODS, init_lora, rest_moment, task_subspaces
 from osrm_core.lock import DirLock
+from osrm_core.runcheck import file_hash, read_manifest, read_result_table, read_summary
 from osrm_core.stats import FeatureStats, collect_feature_stats, write_feature_stats
 from osrm_core.train import TrainConfig, adapter_of, finetune, save_adapter
 
@@ -250,14 +250,6 @@ def demo_config(quick: bool = False) -> RunConfig:
 # --------------------------------------------------------------------------- run directory
 
 
-def _sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
-
-
 class RunDir:
     """A run directory: its config, manifest and files."""
 
@@ -297,12 +289,7 @@ class RunDir:
         return RunConfig.from_yaml(self.config_path)
 
     def manifest(self) -> dict:
-        if not self.manifest_path.is_file():
-            return {"stages": {}}
-        try:
-            return json.loads(self.manifest_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            raise ConfigError(f"{self.manifest_path}: damaged manifest") from None
+        return read_manifest(self.manifest_path) if self.manifest_path.is_file() else {"stages": {}}
 
     def is_done(self, key: str) -> bool:
         return self.manifest()["stages"].get(key, {}).get("status") == "done"
@@ -313,7 +300,7 @@ class RunDir:
             "status": "done",
             "seconds": round(seconds, 3),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "files": {str(f.relative_to(self.path)): _sha(f) for f in files if f.is_file()},
+            "files": {str(f.relative_to(self.path)): file_hash(f) for f in files if f.is_file()},
         }
         write_json(self.manifest_path, manifest)
 
@@ -376,12 +363,14 @@ class RunDir:
         return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
 
     def read_csv(self, name: str) -> pd.DataFrame | None:
+        """``results/<name>``, checked (:class:`osrm_core.runcheck.RunFileError` if damaged), or None."""
         p = self.result_path(name)
-        return pd.read_csv(p) if p.is_file() else None
+        return read_result_table(p, name) if p.is_file() else None
 
     def summary(self) -> dict | None:
+        """``results/summary.json``, checked, or None."""
         p = self.result_path("summary.json")
-        return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else None
+        return read_summary(p) if p.is_file() else None
 
 
 def write_csv(path: Path, df: pd.DataFrame) -> None:

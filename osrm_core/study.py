@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from osrm_core.atomic import write_json, write_text
 from osrm_core.init import INIT_METHODS, OSRM_METHODS
 from osrm_core.lock import DirLock
+from osrm_core.runcheck import read_csv_checked
 from osrm_core.runs import (
     ConfigError,
     MergeSettings,
@@ -248,8 +249,9 @@ def find_studies(run_path: str | Path) -> list[Path]:
 
 
 def load_study_tables(path: str | Path) -> dict[str, pd.DataFrame]:
-    """The CSV tables a study's report was built from, by name."""
-    return {p.stem: pd.read_csv(p) for p in sorted((Path(path) / "tables").glob("*.csv"))}
+    """The CSV tables a study's report was built from, by name (RunFileError names a damaged one)."""
+    return {p.stem: read_csv_checked(p, f"{Path(path).name}/tables/{p.name}")
+            for p in sorted((Path(path) / "tables").glob("*.csv"))}
 
 
 def pairwise_loss(pipeline: Pipeline, lam: float) -> pd.DataFrame:
