@@ -18,6 +18,7 @@ from app_common import (
     ArchiveError,
     close_run,
     current_run,
+    download,
     init_state,
     list_runs,
     open_run,
@@ -479,11 +480,4 @@ with tab_summary:
                     diff = (norm["osrm"] - norm["standard"]).rename("osrm - standard")
                     st.markdown("**OSRM minus standard**, best normalized average per method")
                     show_table(pd.concat([norm, diff], axis=1).reset_index(), "osrm_vs_standard", "home_diff")
-        st.download_button(
-            "Download this run (zip)",
-            data=lambda: zip_directory(run.path),
-            file_name=f"{run.path.name}.zip",
-            mime="application/zip",
-            key="home_run_download",
-            on_click="ignore",
-        )
+        download("Download this run (zip)", lambda: zip_directory(run.path), run.path.name, "zip", "home_run_download")

@@ -25,12 +25,12 @@ from __future__ import annotations
 import copy
 import io
 import os
-import re
 import secrets
 import tempfile
 import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -39,6 +39,7 @@ import streamlit as st
 from osrm_core.adapters import Adapter, load_adapter
 from osrm_core.archive import ArchiveError, find_root_with, safe_extract_zip  # noqa: F401 (app.py uses it)
 from osrm_core.data import DataError, Split, TaskData, from_dataframes
+from osrm_core.downloads import MIME_TYPES, escaped_figure, safe_csv, safe_file_name, safe_name
 from osrm_core.runcheck import RunFileError, is_run_file, read_result_table, validate_run_dir
 from osrm_core.runs import ConfigError, RunConfig, RunDir, build_summary
 from osrm_core.viz import figure_html, group_label
@@ -354,32 +355,31 @@ def fresh_model(name: str | None = None):
 # --------------------------------------------------------------------------- display
 
 
-def show_figure(fig, name: str, key: str) -> None:
-    """An interactive plotly chart and a button that downloads it as standalone HTML."""
-    st.plotly_chart(
-        fig, key=f"{key}_chart", config={"displaylogo": False, "toImageButtonOptions": {"filename": name}}
-    )
+def download(label: str, data: Callable[[], bytes | str], name: str, kind: Literal["csv", "html", "zip"],
+             key: str) -> None:
+    """The one download button of the app: the file name made safe
+    (:func:`osrm_core.downloads.safe_file_name`), the MIME type of ``kind``; ``data`` is built
+    only when the button is pressed."""
     st.download_button(
-        "Download figure (HTML)",
-        data=lambda: figure_html(fig),
-        file_name=f"{safe_name(name, 'figure')}.html",
-        mime="text/html",
-        key=f"{key}_html",
-        on_click="ignore",
+        label, data=data, file_name=safe_file_name(name, kind), mime=MIME_TYPES[kind], key=key, on_click="ignore"
     )
+
+
+def show_figure(fig, name: str, key: str) -> None:
+    """An interactive plotly chart and a button that downloads it as standalone HTML; user text
+    in it (task names ...) is escaped, so it shows as text (:func:`osrm_core.downloads.escaped_figure`)."""
+    fig = escaped_figure(fig)
+    st.plotly_chart(
+        fig, key=f"{key}_chart", config={"displaylogo": False, "toImageButtonOptions": {"filename": safe_name(name, "figure")}}
+    )
+    download("Download figure (HTML)", lambda: figure_html(fig), name, "html", f"{key}_html")
 
 
 def show_table(df: pd.DataFrame, name: str, key: str, **kwargs) -> None:
-    """A table and a button that downloads it as CSV."""
+    """A table and a button that downloads it as CSV, formula-leading cells neutralized
+    (:func:`osrm_core.downloads.safe_csv`)."""
     st.dataframe(df, hide_index=True, **kwargs)
-    st.download_button(
-        "Download table (CSV)",
-        data=lambda: df.to_csv(index=False),
-        file_name=f"{safe_name(name, 'table')}.csv",
-        mime="text/csv",
-        key=f"{key}_csv",
-        on_click="ignore",
-    )
+    download("Download table (CSV)", lambda: safe_csv(df), name, "csv", f"{key}_csv")
 
 
 # --------------------------------------------------------------------------- zips
@@ -406,12 +406,6 @@ def open_uploaded_run(data: bytes, filename: str) -> RunDir:
 
 
 # --------------------------------------------------------------------------- tasks and adapters
-
-
-def safe_name(text: str, default: str = "task") -> str:
-    """``text`` reduced to letters, digits, ``_`` and ``-`` (a valid task or file name)."""
-    name = re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_")
-    return name or default
 
 
 def save_task_dir(task: TaskData, directory: str | Path) -> Path:

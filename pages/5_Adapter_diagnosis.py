@@ -13,6 +13,7 @@ from app_common import (
     base_model,
     current_run,
     diagnose,
+    download,
     init_state,
     merged_adapter,
     quick_sweep,
@@ -295,14 +296,9 @@ show_figure(
 show_table(kept, "posthoc_energy_kept", "diag_kept_table")
 cols = st.columns(min(len(names), 4))
 for i, n in enumerate(names):
-    cols[i % len(cols)].download_button(
-        f"Projected adapter {n} (zip)",
-        data=lambda n=n: adapter_zip(result["projected"][n], f"{n}_posthoc_osrm"),
-        file_name=f"{n}_posthoc_osrm.zip",
-        mime="application/zip",
-        key=f"diag_proj_dl_{n}",
-        on_click="ignore",
-    )
+    with cols[i % len(cols)]:
+        download(f"Projected adapter {n} (zip)", lambda n=n: adapter_zip(result["projected"][n], f"{n}_posthoc_osrm"),
+                 f"{n}_posthoc_osrm", "zip", f"diag_proj_dl_{n}")
 
 # --------------------------------------------------------------------------- suggested merge
 
@@ -405,11 +401,5 @@ if built is not None and built["key"] == key:
         f"{built['name']}: worst relative error of the rank-{int(built['table']['rank'].iloc[0])} "
         f"factorization {built['table']['relative_error'].max():.2e}"
     )
-    st.download_button(
-        "Download merged adapter (zip)",
-        data=lambda: adapter_zip(built["adapter"], built["name"]),
-        file_name=f"{built['name']}.zip",
-        mime="application/zip",
-        key="diag_merged_dl",
-        on_click="ignore",
-    )
+    download("Download merged adapter (zip)", lambda: adapter_zip(built["adapter"], built["name"]), built["name"], "zip",
+             "diag_merged_dl")
