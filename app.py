@@ -38,6 +38,7 @@ from app_common import (
 from osrm_core.data import DataError, from_dataframes, parse_task_spec, read_table
 from osrm_core.demo import DEMO_TASKS
 from osrm_core.init import INIT_METHODS
+from osrm_core.lock import DirLock
 from osrm_core.merge import MERGE_METHODS
 from osrm_core.runs import ConfigError, RunConfig, demo_config, run_experiment
 from osrm_core.viz import summary_figure, summary_tables
@@ -389,18 +390,19 @@ with tab_new:
         "Run the pipeline", type="primary", key="home_run", disabled=config is None or bool(task_errors)
     )
     if start and config is not None:
-        tasks = None
-        if own_tasks:
-            # The pipeline gets every task as data; uploaded ones are saved so the config's spec
-            # can load them again (resume, command line).
-            for task in own_tasks:
-                save_task_dir(task, out_dir / "data" / task.name)
-            tasks = [parse_task_spec(f"demo:{k}", name=k, seed=config.seed) for k in demo_keys] + own_tasks
         n_stages = 2 + 2 * len(config.inits)
         with st.status(f"Running {config.name} ...", expanded=True) as status:
             progress, on_stage = progress_callbacks(status, n_stages)
             try:
-                run_experiment(config, out_dir, progress=progress, on_stage=on_stage, tasks=tasks)
+                with DirLock(out_dir):  # the task files too: another writer stops before any file
+                    tasks = None
+                    if own_tasks:
+                        # The pipeline gets every task as data; uploaded ones are saved so the
+                        # config's spec can load them again (resume, command line).
+                        for task in own_tasks:
+                            save_task_dir(task, out_dir / "data" / task.name)
+                        tasks = [parse_task_spec(f"demo:{k}", name=k, seed=config.seed) for k in demo_keys] + own_tasks
+                    run_experiment(config, out_dir, progress=progress, on_stage=on_stage, tasks=tasks)
             except (ValueError, OSError, RuntimeError) as err:
                 status.update(label=f"The run stopped: {err}", state="error")
                 st.error(str(err))

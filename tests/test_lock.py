@@ -172,3 +172,25 @@ def test_two_concurrent_runs_on_one_directory(tmp_path, tiny_model_dir):
     assert alone.returncode == 0, alone_err
     assert _fingerprint(out) == _fingerprint(tmp_path / "alone")
     assert "results/summary.json" in _fingerprint(out)
+
+
+def test_the_app_refuses_to_run_into_a_directory_another_writer_holds(tmp_path, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.delenv("OSRM_RUN_DIR", raising=False)
+    monkeypatch.setenv("OSRM_RUNS_ROOT", str(tmp_path))
+    out = tmp_path / "busy"
+    proc = _holder_process(out)  # e.g. `osrm run` from a terminal
+    try:
+        at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "app.py"), default_timeout=120).run()
+        at.multiselect(key="home_demo_tasks").set_value(["sentiment", "topic"])
+        at.text_input(key="home_name").set_value("busy")
+        at.run()
+        at.button(key="home_run").click().run()
+    finally:
+        _kill(proc)
+    assert not at.exception, [e.value for e in at.exception]
+    errors = [str(e.value) for e in at.error]
+    assert len(errors) == 1 and errors[0].startswith(f"{str(out)!r} is being written by another process: "
+                                                     f"process {proc.pid} on host "), errors
+    assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]  # nothing written
