@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -194,3 +195,12 @@ def test_the_app_refuses_to_run_into_a_directory_another_writer_holds(tmp_path, 
     assert len(errors) == 1 and errors[0].startswith(f"{str(out)!r} is being written by another process: "
                                                      f"process {proc.pid} on host "), errors
     assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]  # nothing written
+
+
+def test_a_study_directory_has_one_writer(tmp_path):
+    from osrm_core.study import quick_study_config, run_study
+
+    with DirLock(tmp_path / "study"), ThreadPoolExecutor(1) as other:  # another session's thread
+        failed = other.submit(run_study, quick_study_config(), tmp_path / "study").exception()
+    assert isinstance(failed, LockedError) and "is being written by another session of this app" in str(failed)
+    assert sorted(p.name for p in (tmp_path / "study").iterdir()) == [LOCK_NAME]  # nothing written
