@@ -3,7 +3,7 @@ readers that show them: every file a page reads is parsed and checked here, and 
 gives one line that names it (``results/sweep_osrm.csv: column 'score' is missing``).
 
 :func:`validate_run_dir` checks a whole run at once; :func:`read_result_table` and
-:func:`read_summary` are the checked readers that :class:`osrm_core.runs.RunDir` uses.
+:func:`read_summary` are the checked readers that :class:`osrm_core.rundir.RunDir` uses.
 """
 
 from __future__ import annotations
@@ -187,7 +187,7 @@ def validate_run_dir(path: str | Path) -> list[str]:
     weights, finite values) and the tables of its studies.
     """
     from osrm_core.adapters import read_adapter_dir
-    from osrm_core.runs import RunConfig
+    from osrm_core.settings import RunConfig
     from osrm_core.stats import FeatureStats
 
     root = Path(path)
