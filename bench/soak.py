@@ -1,129 +1,145 @@
-"""Soak: the app under load, on this machine only (no network, no server port).
+"""Soak: the app under load, on this machine only (127.0.0.1, nothing else reached).
 
-``--sessions`` Streamlit sessions (``streamlit.testing.v1.AppTest``, each in its own thread, all
-in this process, so they share the app's caches as the sessions of one server do) open a
-finished run, half of them by its path and half by uploading it zipped, then switch between
-the home page and the pages at random until ``--minutes`` have passed; every tenth step a
-session opens the run again (the uploaders upload it again). Counted: page views, exceptions
-and error boxes (a finished, whole run shows none). Measured: this process's resident memory
-(RSS) after a warm-up that opened every page once (models and caches loaded), half-way, and at
-the end after the sessions were dropped; the caches are bounded (``max_entries``), so the end
-must not grow beyond what one more round of cache entries holds.
+Starts ``streamlit run app.py`` on a free local port with a finished run opened for every new
+session (``OSRM_RUN_DIR``), then drives ``--sessions`` browser sessions at once (headless
+Chromium through playwright, one browser context each) until ``--minutes`` have passed: each
+session switches between the pages by the sidebar's links at random, and every tenth step loads
+a page by its address instead, which starts a new server session that opens the run again.
+Counted: page views, exception boxes and error boxes (a finished, whole run shows none).
+Measured: the server's resident memory (RSS) after a warm-up that opened every page once
+(model and caches loaded), half-way, and at the end after every session was closed; the caches
+are bounded (``max_entries``), so the end must not grow beyond them.
 
     nice -n 10 python -m bench.soak --sessions 8 --minutes 3 --json bench/results/soak.json
 
 The run is ``--run PATH``, or the one of ``bench/bench_app.py`` (``OSRM_BENCH_RUN``, else the
-app tests' small run, built once in the temporary folder).
+app tests' small run, built once in the temporary folder). Needs Chromium at /usr/bin/chromium.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
-import io
+import asyncio
 import json
+import os
 import random
+import socket
+import subprocess
 import sys
-import threading
+import tempfile
 import time
-import warnings
-import zipfile
+import urllib.request
 from pathlib import Path
 
 import psutil
 
 from bench._common import ROOT, Context
-from bench.bench_app import PAGES as APP_PAGES
 from bench.bench_app import finished_run
 
-PAGES = [*APP_PAGES, "pages/7_Study.py"]
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run"]
+#: Sidebar title and address of every page (``st.navigation`` names them after their files).
+PAGES = {"Home": ""} | {
+    p.stem.split("_", 1)[1].replace("_", " "): p.stem.split("_", 1)[1] for p in sorted((ROOT / "pages").glob("[1-9]_*.py"))
+}
+SETTLED = '[data-testid="stApp"][data-test-script-state="notRunning"]'
 
 
-def zipped(run: Path) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-        for p in sorted(run.rglob("*")):
-            if p.is_file():
-                zf.write(p, p.relative_to(run.parent).as_posix())
-    return buf.getvalue()
+def start_server(run: Path, runs_root: Path, log) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OSRM_RUN_DIR": str(run), "OSRM_RUNS_ROOT": str(runs_root),
+           "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true", "--server.port", str(port),
+         "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
+                if r.read().strip() == b"ok":
+                    return proc, url
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            raise RuntimeError("streamlit did not start")
+        time.sleep(0.5)
 
 
-def rss_mib() -> float:
-    gc.collect()
-    return psutil.Process().memory_info().rss / 2**20
+def rss_mib(proc: subprocess.Popen) -> float:
+    return psutil.Process(proc.pid).memory_info().rss / 2**20
 
 
 class Session:
-    """One browser session: an AppTest that opens the run and wanders over the pages."""
+    """One browser session wandering over the pages; counts views and what went wrong."""
 
-    def __init__(self, k: int, run: Path, data: bytes) -> None:
-        from streamlit.testing.v1 import AppTest
-
-        self.k, self.run, self.data = k, run, data
-        self.rng = random.Random(k)
-        self.at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=300)
+    def __init__(self, k: int, url: str) -> None:
+        self.k, self.url, self.rng = k, url, random.Random(k)
         self.views, self.problems = 0, []
 
-    def check(self, page: str) -> None:
+    async def settle(self, page) -> None:
+        await asyncio.sleep(0.5)  # let the rerun start before waiting for its end
+        await page.wait_for_selector(SETTLED, timeout=300_000)
         self.views += 1
-        for e in self.at.exception:
-            self.problems.append(f"session {self.k} {page}: exception {e.value}")
-        for e in self.at.error:
-            self.problems.append(f"session {self.k} {page}: error {e.value}")
+        for kind in ("stException", "stAlertContentError"):
+            for text in await page.locator(f'[data-testid="{kind}"]').all_inner_texts():
+                self.problems.append(f"session {self.k} {page.url}: {kind}: {text.strip()[:200]}")
 
-    def open_run(self) -> None:
-        self.at.switch_page("app.py")
-        if self.k % 2:
-            self.at.run()
-            self.at.file_uploader(key="home_run_zip").upload(f"run{self.views}.zip", self.data, "application/zip")
+    async def visit(self, page, title: str, *, fresh: bool) -> None:
+        if fresh:  # a new server session, which opens the run again
+            await page.goto(f"{self.url}/{PAGES[title]}", timeout=300_000)
         else:
-            self.at.session_state["run_path"] = str(self.run)
-        self.at.run()
-        self.check("open")
+            await page.locator('[data-testid="stSidebarNavLink"]', has_text=title).first.click(timeout=300_000)
+        await self.settle(page)
 
-    def step(self) -> None:
-        if self.views % 10 == 0:
-            self.open_run()
-            return
-        page = self.rng.choice(PAGES)
-        self.at.switch_page(page).run()
-        self.check(page)
-
-    def loop(self, until: float) -> None:
+    async def loop(self, browser, until: float) -> None:
+        context = await browser.new_context(viewport={"width": 1200, "height": 900})
+        page = await context.new_page()
         try:
+            await self.visit(page, "Home", fresh=True)
             while time.monotonic() < until:
-                self.step()
-        except Exception as err:  # a failure of the harness or the app: counted, never hidden
-            self.problems.append(f"session {self.k}: {type(err).__name__}: {err}")
+                await self.visit(page, self.rng.choice(list(PAGES)), fresh=self.views % 10 == 9)
+        except Exception as err:  # a timeout or a crash: counted, never hidden
+            self.problems.append(f"session {self.k}: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
+        finally:
+            await context.close()
 
 
-def soak(run: Path, sessions: int, minutes: float, log=print) -> dict:
-    data = zipped(run)
-    warm = Session(-1, run, data)
-    warm.open_run()
-    for page in PAGES:
-        warm.at.switch_page(page).run()
-        warm.check(page)
-    rss = {"after warm-up": rss_mib()}
-    log(f"warm-up done ({len(warm.problems)} problems); RSS {rss['after warm-up']:.0f} MiB")
-    start = time.monotonic()
-    until = start + 60 * minutes
-    group = [Session(k, run, data) for k in range(sessions)]
-    threads = [threading.Thread(target=s.loop, args=(until,), name=f"session-{s.k}") for s in group]
-    for t in threads:
-        t.start()
-    time.sleep(30 * minutes)
-    rss["half-way"] = rss_mib()
-    log(f"half-way: {sum(s.views for s in group)} page views; RSS {rss['half-way']:.0f} MiB")
-    for t in threads:
-        t.join()
-    seconds = time.monotonic() - start
+async def drive(url: str, server: subprocess.Popen, sessions: int, minutes: float, log) -> dict:
+    from playwright.async_api import async_playwright
+
+    rss = {}
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        warm = Session(-1, url)  # every page once
+        context = await browser.new_context()
+        page = await context.new_page()
+        await warm.visit(page, "Home", fresh=True)
+        for title in PAGES:
+            await warm.visit(page, title, fresh=False)
+        await context.close()
+        rss["after warm-up"] = rss_mib(server)
+        log(f"warm-up: {warm.views} views, {len(warm.problems)} problems; server RSS {rss['after warm-up']:.0f} MiB")
+        start = time.monotonic()
+        group = [Session(k, url) for k in range(sessions)]
+        tasks = [asyncio.create_task(s.loop(browser, start + 60 * minutes)) for s in group]
+        await asyncio.sleep(30 * minutes)
+        rss["half-way"] = rss_mib(server)
+        log(f"half-way: {sum(s.views for s in group)} views; server RSS {rss['half-way']:.0f} MiB")
+        await asyncio.gather(*tasks)
+        seconds = time.monotonic() - start
+        await browser.close()
+    await asyncio.sleep(10)  # the server drops closed sessions
+    rss["end, sessions closed"] = rss_mib(server)
     problems = warm.problems + [p for s in group for p in s.problems]
-    views = sum(s.views for s in group)
-    del group, threads, warm
-    rss["end, sessions dropped"] = rss_mib()
-    return {"sessions": sessions, "minutes": round(seconds / 60, 2), "page_views": views,
-            "errors": len(problems), "problems": problems[:20], "rss_mib": {k: round(v, 1) for k, v in rss.items()}}
+    return {"sessions": sessions, "minutes": round(seconds / 60, 2), "page_views": sum(s.views for s in group),
+            "errors": len(problems), "problems": problems[:20],
+            "server_rss_mib": {k: round(v, 1) for k, v in rss.items()}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,9 +149,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run", type=Path, default=None, help="a finished run (default: the app tests' small run)")
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
     args = parser.parse_args(argv)
-    warnings.simplefilter("ignore")
     run = (args.run or finished_run(Context())).resolve()
-    result = soak(run, args.sessions, args.minutes, log=lambda m: print(m, file=sys.stderr, flush=True))
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    with tempfile.TemporaryDirectory(prefix="osrm-soak-") as tmp, open(Path(tmp) / "server.log", "w") as server_log:
+        server, url = start_server(run, Path(tmp) / "runs", server_log)
+        try:
+            result = asyncio.run(drive(url, server, args.sessions, args.minutes, log))
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:
