@@ -15,6 +15,7 @@ import pandas as pd
 import streamlit as st
 
 from osrm_core.pipeline import build_summary
+from osrm_core.runcheck import RunFileError, is_run_file, read_result_table, validate_run_dir
 from osrm_core.rundir import RunDir
 from osrm_core.settings import ConfigError
 from osrm_core.viz import group_label
@@ -26,15 +27,41 @@ def _mtime(path: Path) -> float:
     return path.stat().st_mtime if path.exists() else 0.0
 
 
+def run_problems(run: RunDir) -> list[str]:
+    """Every damaged file of the run, one line each (:func:`osrm_core.runcheck.validate_run_dir`),
+    checked again only when a file changes."""
+    files = tuple(
+        (str(p), s.st_size, s.st_mtime_ns)
+        for p in sorted(run.path.rglob("*"))
+        if is_run_file(p) and p.is_file() and (s := p.stat())
+    )
+    return _run_problems(str(run.path), files)
+
+
+@st.cache_data(show_spinner="Checking the run's files ...", max_entries=32)
+def _run_problems(path: str, files: tuple) -> list[str]:
+    return validate_run_dir(path)
+
+
+def stop_on_damage(err: ValueError) -> None:
+    """A damaged file of the open run: say which and why, and end the page there."""
+    st.error(f"This page cannot be shown: {err}")
+    st.stop()
+
+
 @st.cache_data(show_spinner=False, max_entries=128)
-def _read_csv(path: str, mtime: float) -> pd.DataFrame:
-    return pd.read_csv(path)
+def _result_table(path: str, name: str, mtime: float) -> pd.DataFrame:
+    return read_result_table(path, name)
 
 
 def result_table(run: RunDir, name: str) -> pd.DataFrame | None:
-    """``results/<name>`` of the run as a DataFrame (cached by path and mtime), or None."""
+    """``results/<name>`` of the run as a DataFrame (checked; cached by path and mtime), or None.
+    A damaged table ends the page with an error that names it."""
     p = run.result_path(name)
-    return _read_csv(str(p), _mtime(p)).copy() if p.is_file() else None
+    try:
+        return _result_table(str(p), name, _mtime(p)).copy() if p.is_file() else None
+    except RunFileError as err:
+        stop_on_damage(err)
 
 
 def sweep_table(run: RunDir) -> pd.DataFrame | None:
@@ -48,23 +75,24 @@ def sweep_table(run: RunDir) -> pd.DataFrame | None:
     paths.sort(key=lambda p: order.index(p.stem[6:]) if p.stem[6:] in order else len(order))
     frames = []
     for p in paths:
-        df = _read_csv(str(p), _mtime(p))
+        df = result_table(run, p.name)
         if not df.empty:
             frames.append(df)
     return pd.concat(frames, ignore_index=True) if frames else None
 
 
 def run_summary(run: RunDir) -> dict | None:
-    """The run's summary.json, or one built from the sweep tables present so far."""
-    summary = run.summary()
-    if summary is not None:
-        return summary
+    """The run's summary.json, or one built from the sweep tables present so far; None when
+    there are none or they are damaged (:func:`run_problems` names the file)."""
     try:
+        summary = run.summary()
+        if summary is not None:
+            return summary
         config = run.config()
-    except ConfigError:
+        inits = [i for i in config.inits if run.result_path(f"sweep_{i}.csv").is_file()]
+        return build_summary(run, [t.name for t in config.tasks], inits) if inits else None
+    except ValueError:  # ConfigError, RunFileError
         return None
-    inits = [i for i in config.inits if run.result_path(f"sweep_{i}.csv").is_file()]
-    return build_summary(run, [t.name for t in config.tasks], inits) if inits else None
 
 
 def _stats_mtime(run: RunDir) -> float:
@@ -106,7 +134,10 @@ def run_spectra(run: RunDir, moment: str = "second_moment") -> dict:
     Returns ``{"groups": [(label, names)], "eigenvalues": {task: {label: array}},
     "effective_rank": DataFrame(task, layer, effective_rank, tokens)}``.
     """
-    return _spectra(str(run.path), _stats_mtime(run), moment)
+    try:
+        return _spectra(str(run.path), _stats_mtime(run), moment)
+    except ValueError as err:  # damaged statistics
+        stop_on_damage(err)
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
@@ -126,7 +157,10 @@ def rest_spectrum(run: RunDir, task: str, moment: str = "second_moment") -> dict
         weighting = run.config().osrm_weighting
     except ConfigError:
         weighting = "equal"
-    return _rest_spectrum(str(run.path), _stats_mtime(run), moment, task, weighting)
+    try:
+        return _rest_spectrum(str(run.path), _stats_mtime(run), moment, task, weighting)
+    except ValueError as err:  # damaged statistics
+        stop_on_damage(err)
 
 
 @st.cache_resource(show_spinner="Loading the base model ...", max_entries=2)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import re
 import tempfile
 import zipfile
 from collections.abc import Sequence
@@ -14,6 +13,8 @@ import pandas as pd
 
 from osrm_core.adapters import Adapter, load_adapter
 from osrm_core.data import DataError, Split, TaskData, from_dataframes
+from osrm_core.downloads import safe_name
+from osrm_core.runcheck import is_run_file
 
 
 def zip_directory(path: str | Path) -> bytes:
@@ -22,15 +23,9 @@ def zip_directory(path: str | Path) -> bytes:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
         for f in sorted(path.rglob("*")):
-            if f.is_file() and not f.name.endswith(".tmp"):
+            if f.is_file() and is_run_file(f):
                 zf.write(f, f.relative_to(path.parent).as_posix())
     return buf.getvalue()
-
-
-def safe_name(text: str, default: str = "task") -> str:
-    """``text`` reduced to letters, digits, ``_`` and ``-`` (a valid task or file name)."""
-    name = re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_")
-    return name or default
 
 
 def save_task_dir(task: TaskData, directory: str | Path) -> Path:

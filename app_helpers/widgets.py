@@ -1,46 +1,45 @@
-"""Reusable widgets: figure and table with their download buttons, the column picker, the layer
+"""Reusable widgets: the download button, figure and table with their downloads, the column picker, the layer
 selector and the progress of long work."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal
 
 import pandas as pd
 import streamlit as st
 
+from osrm_core.downloads import MIME_TYPES, escaped_figure, safe_csv, safe_file_name, safe_name
 from osrm_core.viz import figure_html, short_layer
-
-from .uploads import safe_name
 
 NONE = "(none)"
 
 
-def show_figure(fig, name: str, key: str) -> None:
-    """An interactive plotly chart and a button that downloads it as standalone HTML."""
-    st.plotly_chart(
-        fig, key=f"{key}_chart", config={"displaylogo": False, "toImageButtonOptions": {"filename": name}}
-    )
+def download(label: str, data: Callable[[], bytes | str], name: str, kind: Literal["csv", "html", "zip"],
+             key: str) -> None:
+    """The one download button of the app: the file name made safe
+    (:func:`osrm_core.downloads.safe_file_name`), the MIME type of ``kind``; ``data`` is built
+    only when the button is pressed."""
     st.download_button(
-        "Download figure (HTML)",
-        data=lambda: figure_html(fig),
-        file_name=f"{safe_name(name, 'figure')}.html",
-        mime="text/html",
-        key=f"{key}_html",
-        on_click="ignore",
+        label, data=data, file_name=safe_file_name(name, kind), mime=MIME_TYPES[kind], key=key, on_click="ignore"
     )
+
+
+def show_figure(fig, name: str, key: str) -> None:
+    """An interactive plotly chart and a button that downloads it as standalone HTML; user text
+    in it (task names ...) is escaped, so it shows as text (:func:`osrm_core.downloads.escaped_figure`)."""
+    fig = escaped_figure(fig)
+    st.plotly_chart(
+        fig, key=f"{key}_chart", config={"displaylogo": False, "toImageButtonOptions": {"filename": safe_name(name, "figure")}}
+    )
+    download("Download figure (HTML)", lambda: figure_html(fig), name, "html", f"{key}_html")
 
 
 def show_table(df: pd.DataFrame, name: str, key: str, **kwargs) -> None:
-    """A table and a button that downloads it as CSV."""
+    """A table and a button that downloads it as CSV, formula-leading cells neutralized
+    (:func:`osrm_core.downloads.safe_csv`)."""
     st.dataframe(df, hide_index=True, **kwargs)
-    st.download_button(
-        "Download table (CSV)",
-        data=lambda: df.to_csv(index=False),
-        file_name=f"{safe_name(name, 'table')}.csv",
-        mime="text/csv",
-        key=f"{key}_csv",
-        on_click="ignore",
-    )
+    download("Download table (CSV)", lambda: safe_csv(df), name, "csv", f"{key}_csv")
 
 
 def progress_callbacks(

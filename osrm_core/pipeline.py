@@ -10,9 +10,11 @@ an interrupted run resumes.
 from __future__ import annotations
 
 import copy
+import functools
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
@@ -31,6 +33,7 @@ from osrm_core.distributed import (
 )
 from osrm_core.evaluate import param_columns
 from osrm_core.inits import get_init, init_lora, rest_moment, task_subspaces
+from osrm_core.lock import DirLock
 from osrm_core.rundir import RunDir, write_csv
 from osrm_core.settings import STATS_SETTINGS, RunConfig, TaskEntry
 from osrm_core.stats import FeatureStats, collect_feature_stats, write_feature_stats
@@ -46,6 +49,17 @@ def _load_entry(entry: TaskEntry, seed: int) -> TaskData:
         return parse_task_spec(entry.spec, name=entry.name, seed=seed)
     columns = {"text": entry.text, "label": entry.label, "text_pair": entry.text_pair}
     return parse_task_spec(entry.spec, name=entry.name, seed=seed, **columns)
+
+
+def _holding_lock(method):
+    """Run a :class:`Pipeline` workflow holding its run directory's lock (:meth:`Pipeline.locked`)."""
+
+    @functools.wraps(method)
+    def locked_method(self, *args, **kwargs):
+        with self.locked():
+            return method(self, *args, **kwargs)
+
+    return locked_method
 
 
 class Pipeline:
@@ -102,7 +116,24 @@ class Pipeline:
         fresh.name_or_path_ = model.name_or_path_
         return fresh, tokenizer
 
+    @contextmanager
+    def locked(self) -> Iterator[Pipeline]:
+        """Hold the run directory's lock (:class:`osrm_core.lock.DirLock`) while writing it.
+
+        Every workflow below takes it (again, harmlessly, when the caller holds it already); a
+        second writer gets :class:`osrm_core.lock.LockedError` naming the holder. In a
+        data-parallel job rank 0 (the only writer) takes it and every rank stops if it is held.
+        """
+        lock = DirLock(self.run.path)
+        run_on_main(lock.acquire, f"locking {str(self.run.path)!r}")
+        try:
+            yield self
+        finally:
+            if is_main_process():
+                lock.release()
+
     # ---- stages
+    @_holding_lock
     def run_all(self) -> dict:
         """Every stage. In a data-parallel job (torchrun, accelerate launch) all ranks share the
         statistics and the fine-tuning; rank 0 alone writes the run directory, then runs the
@@ -118,11 +149,13 @@ class Pipeline:
         """Write the run directory's config and manifest (rank 0), or check an existing one matches."""
         run_on_main(lambda: self.run.create(self.config), "creating the run directory")
 
+    @_holding_lock
     def collect_stats(self) -> dict[str, FeatureStats]:
         """The statistics stage alone (``osrm stats``): every task's statistics on rank 0."""
         self.create()
         return self.stage_stats()
 
+    @_holding_lock
     def write_inits(self) -> dict[str, list[str]]:
         """Each init's initialized, untrained adapter per task in ``<run>/init/<init>/<task>``
         (``osrm init``). The statistics are collected data-parallel when launched so; the
@@ -141,6 +174,7 @@ class Pipeline:
                 written.setdefault(init, []).append(str(out))
         return written
 
+    @_holding_lock
     def train_adapters(self) -> dict[str, dict[str, float]]:
         """Statistics and fine-tuning for every init (``osrm train``): the test score per init and
         task on rank 0 (the other ranks of a data-parallel job get an empty dict). Every rank
@@ -156,6 +190,7 @@ class Pipeline:
             for init in self.config.inits
         }
 
+    @_holding_lock
     def reuse_stats(self, source: RunDir) -> list[str]:
         """Copy the finished statistics of ``source`` (a run with the same
         :meth:`RunConfig.stats_key`) instead of collecting them again; returns the tasks copied."""

@@ -14,7 +14,6 @@ done, so an interrupted run resumes where it stopped.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 import time
@@ -25,16 +24,9 @@ import torch
 
 from osrm_core.adapters import Adapter, read_adapter_dir
 from osrm_core.atomic import atomic_path, write_json, write_text
+from osrm_core.runcheck import file_hash, read_manifest, read_result_table, read_summary
 from osrm_core.settings import ConfigError, RunConfig
 from osrm_core.stats import FeatureStats
-
-
-def _sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
 
 
 class RunDir:
@@ -76,12 +68,7 @@ class RunDir:
         return RunConfig.from_yaml(self.config_path)
 
     def manifest(self) -> dict:
-        if not self.manifest_path.is_file():
-            return {"stages": {}}
-        try:
-            return json.loads(self.manifest_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            raise ConfigError(f"{self.manifest_path}: damaged manifest") from None
+        return read_manifest(self.manifest_path) if self.manifest_path.is_file() else {"stages": {}}
 
     def is_done(self, key: str) -> bool:
         return self.manifest()["stages"].get(key, {}).get("status") == "done"
@@ -92,7 +79,7 @@ class RunDir:
             "status": "done",
             "seconds": round(seconds, 3),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "files": {str(f.relative_to(self.path)): _sha(f) for f in files if f.is_file()},
+            "files": {str(f.relative_to(self.path)): file_hash(f) for f in files if f.is_file()},
         }
         write_json(self.manifest_path, manifest)
 
@@ -131,7 +118,8 @@ class RunDir:
         """Delete the half-written temporary files (``.NAME.XXXX.tmp``, see
         :func:`osrm_core.atomic.atomic_path`) that a killed process leaves behind.
 
-        Called when a run resumes; one process writes a run directory at a time.
+        Called when a run resumes, under the run's lock (:meth:`osrm_core.pipeline.Pipeline.locked`):
+        no other writer can be half-way through a file.
         """
         removed = [p for p in self.path.rglob(".*.tmp") if p.is_file()]
         for p in removed:
@@ -154,12 +142,14 @@ class RunDir:
         return json.loads((self.adapter_path(init, task) / "train.json").read_text(encoding="utf-8"))
 
     def read_csv(self, name: str) -> pd.DataFrame | None:
+        """``results/<name>``, checked (:class:`osrm_core.runcheck.RunFileError` if damaged), or None."""
         p = self.result_path(name)
-        return pd.read_csv(p) if p.is_file() else None
+        return read_result_table(p, name) if p.is_file() else None
 
     def summary(self) -> dict | None:
+        """``results/summary.json``, checked, or None."""
         p = self.result_path("summary.json")
-        return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else None
+        return read_summary(p) if p.is_file() else None
 
 
 def write_csv(path: Path, df: pd.DataFrame) -> None:

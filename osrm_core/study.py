@@ -31,7 +31,9 @@ from osrm_core import viz
 from osrm_core.atomic import write_json, write_text
 from osrm_core.constraints import check_constraint
 from osrm_core.inits import OSRM_METHODS
+from osrm_core.lock import DirLock
 from osrm_core.pipeline import Pipeline
+from osrm_core.runcheck import read_csv_checked
 from osrm_core.rundir import RunDir, write_csv
 from osrm_core.settings import (
     ConfigError,
@@ -209,8 +211,15 @@ def run_study(study: StudyConfig, out: str | Path, *, progress: Progress | None 
 
     Variants whose statistics settings match (same seed and samples) share one collection.
     ``tasks`` (optional) are used by every variant instead of loading the base's task entries.
+    The study directory is locked meanwhile (:class:`osrm_core.lock.DirLock`; a second writer
+    gets :class:`osrm_core.lock.LockedError`), and each variant's run directory too.
     """
-    out = Path(out)
+    with DirLock(out):
+        return _run_study(study, Path(out), progress, on_stage, tasks)
+
+
+def _run_study(study: StudyConfig, out: Path, progress: Progress | None,
+               on_stage: Callable[[str], None] | None, tasks) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     config_path = out / "study.yaml"
     text = yaml.safe_dump(study.model_dump(mode="json"), sort_keys=False)
@@ -258,8 +267,9 @@ def find_studies(run_path: str | Path) -> list[Path]:
 
 
 def load_study_tables(path: str | Path) -> dict[str, pd.DataFrame]:
-    """The CSV tables a study's report was built from, by name."""
-    return {p.stem: pd.read_csv(p) for p in sorted((Path(path) / "tables").glob("*.csv"))}
+    """The CSV tables a study's report was built from, by name (RunFileError names a damaged one)."""
+    return {p.stem: read_csv_checked(p, f"{Path(path).name}/tables/{p.name}")
+            for p in sorted((Path(path) / "tables").glob("*.csv"))}
 
 
 def pairwise_loss(pipeline: Pipeline, lam: float) -> pd.DataFrame:

@@ -13,10 +13,12 @@ from app_helpers import (
     ArchiveError,
     column_picker,
     current_run,
+    download,
     list_runs,
     open_run,
     open_uploaded_run,
     progress_callbacks,
+    run_problems,
     run_summary,
     runs_root,
     safe_name,
@@ -31,6 +33,7 @@ from osrm_core.constraints import CONSTRAINTS
 from osrm_core.data import DataError, from_dataframes, read_table
 from osrm_core.demo import DEMO_TASKS
 from osrm_core.inits import INITS
+from osrm_core.lock import DirLock
 from osrm_core.merge import MERGE_METHODS, all_param_specs
 from osrm_core.pipeline import run_experiment
 from osrm_core.settings import ConfigError, RunConfig, demo_config, parse_values
@@ -365,18 +368,19 @@ with tab_new:
         "Run the pipeline", type="primary", key="home_run", disabled=config is None or bool(task_errors)
     )
     if start and config is not None:
-        tasks = None
-        if own_tasks:
-            # The pipeline gets every task as data; uploaded ones are saved so the config's spec
-            # can load them again (resume, command line).
-            for task in own_tasks:
-                save_task_dir(task, out_dir / "data" / task.name)
-            tasks = [parse_task_spec(f"demo:{k}", name=k, seed=config.seed) for k in demo_keys] + own_tasks
         n_stages = 2 + 2 * len(config.inits)
         with st.status(f"Running {config.name} ...", expanded=True) as status:
             progress, on_stage = progress_callbacks(status, n_stages)
             try:
-                run_experiment(config, out_dir, progress=progress, on_stage=on_stage, tasks=tasks)
+                with DirLock(out_dir):  # the task files too: another writer stops before any file
+                    tasks = None
+                    if own_tasks:
+                        # The pipeline gets every task as data; uploaded ones are saved so the
+                        # config's spec can load them again (resume, command line).
+                        for task in own_tasks:
+                            save_task_dir(task, out_dir / "data" / task.name)
+                        tasks = [parse_task_spec(f"demo:{k}", name=k, seed=config.seed) for k in demo_keys] + own_tasks
+                    run_experiment(config, out_dir, progress=progress, on_stage=on_stage, tasks=tasks)
             except (ValueError, OSError, RuntimeError) as err:
                 status.update(label=f"The run stopped: {err}", state="error")
                 st.error(str(err))
@@ -398,7 +402,12 @@ with tab_summary:
         except ConfigError as err:
             st.error(str(err))
             config = None
-        manifest = run.manifest()
+        for problem in run_problems(run):
+            st.error(f"Damaged file in this run: {problem}")
+        try:
+            manifest = run.manifest()
+        except ValueError:  # named above
+            manifest = {"stages": {}}
         stages = manifest.get("stages", {})
         st.subheader(f"Run {config.name if config else run.path.name}")
         c1, c2, c3, c4 = st.columns(4)
@@ -451,11 +460,4 @@ with tab_summary:
                     diff = (norm["osrm"] - norm["standard"]).rename("osrm - standard")
                     st.markdown("**OSRM minus standard**, best normalized average per method")
                     show_table(pd.concat([norm, diff], axis=1).reset_index(), "osrm_vs_standard", "home_diff")
-        st.download_button(
-            "Download this run (zip)",
-            data=lambda: zip_directory(run.path),
-            file_name=f"{run.path.name}.zip",
-            mime="application/zip",
-            key="home_run_download",
-            on_click="ignore",
-        )
+        download("Download this run (zip)", lambda: zip_directory(run.path), run.path.name, "zip", "home_run_download")

@@ -12,6 +12,7 @@ from app_helpers import (
     base_model,
     column_picker,
     current_run,
+    download,
     fresh_model,
     layer_selector,
     merge_param_widgets,
@@ -275,14 +276,9 @@ show_figure(
 show_table(kept, "posthoc_energy_kept", "diag_kept_table")
 cols = st.columns(min(len(names), 4))
 for i, n in enumerate(names):
-    cols[i % len(cols)].download_button(
-        f"Projected adapter {n} (zip)",
-        data=lambda n=n: adapter_zip(result["projected"][n], f"{n}_posthoc_osrm"),
-        file_name=f"{n}_posthoc_osrm.zip",
-        mime="application/zip",
-        key=f"diag_proj_dl_{n}",
-        on_click="ignore",
-    )
+    with cols[i % len(cols)]:
+        download(f"Projected adapter {n} (zip)", lambda n=n: adapter_zip(result["projected"][n], f"{n}_posthoc_osrm"),
+                 f"{n}_posthoc_osrm", "zip", f"diag_proj_dl_{n}")
 
 # --------------------------------------------------------------------------- suggested merge
 
@@ -382,11 +378,4 @@ if st.button("Build the merged adapter", key="diag_merge_button"):
         st.error(str(err))
 built = ss.get("diag_merged")
 if built is not None and built["key"] == key:
-    st.download_button(
-        "Download merged adapter (zip)",
-        data=built["zip"],
-        file_name=f"{built['name']}.zip",
-        mime="application/zip",
-        key="diag_merged_dl",
-        on_click="ignore",
-    )
+    download("Download merged adapter (zip)", lambda: built["zip"], built["name"], "zip", "diag_merged_dl")

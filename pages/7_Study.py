@@ -11,6 +11,7 @@ from app_helpers import (
     shared_config_problem,
     show_figure,
     show_table,
+    stop_on_damage,
 )
 from osrm_core.study import find_studies, load_study_tables, quick_study_config, run_study, seed_mean_curves
 from osrm_core.viz import study_curve_figure
@@ -50,8 +51,11 @@ if not studies:
     st.info("This run has no study yet: run the quick study above, or `osrm study` from the command line.")
     st.stop()
 chosen = st.selectbox("Study", studies, format_func=lambda p: p.name, key="study_pick")
-tables = load_study_tables(chosen)
-report = (chosen / "report.md").read_text(encoding="utf-8")
+try:
+    tables = load_study_tables(chosen)
+    report = (chosen / "report.md").read_text(encoding="utf-8")
+except (ValueError, OSError) as err:  # a damaged table or report (UnicodeDecodeError is a ValueError)
+    stop_on_damage(err)
 findings = report.split("## Findings", 1)[-1].split("\n## ", 1)[0] if "## Findings" in report else ""
 if findings.strip():
     st.subheader("Findings")

@@ -43,6 +43,7 @@ from osrm_core.archive import ArchiveError, safe_extract_zip
 from osrm_core.data import MAX_DATA_BYTES, DataError, load_task, read_table
 from osrm_core.demo import demo_task
 from osrm_core.inits import init_lora, osrm_gen_subspace, osrm_subspace
+from osrm_core.lock import LOCK_NAME
 from osrm_core.spectra import symmetric_eigh
 from osrm_core.stats import FeatureStats, LayerStats, collect_feature_stats
 from osrm_core.train import adapter_of
@@ -971,7 +972,7 @@ def _assert_no_corrupt_file(out: Path) -> None:
             assert hashlib.sha256((out / rel).read_bytes()).hexdigest()[:16] == sha, rel
     for p in out.rglob("*"):
         if p.name.startswith("."):
-            assert p.name.endswith(".tmp")  # atomic writes' temporaries, never read
+            assert p.name.endswith(".tmp") or p.name == LOCK_NAME  # never read as results
         elif p.name == "adapter_config.json":
             read_adapter_dir(p.parent)
         elif p.suffix == ".json":
