@@ -296,7 +296,7 @@ def cmd_study(args) -> None:
         raise UsageError("give a study config file, or --quick for the small study on the demo tasks")
     study = quick_study_config() if args.config is None else StudyConfig.from_yaml(args.config)
     out = args.out or f"runs/{study.name}"
-    report = run_study(study, out, progress=_progress_bar(),
+    report = run_study(study, out, jobs=args.jobs, progress=_progress_bar(),
                        on_stage=lambda s: print(s, file=sys.stderr))
     _emit(args, {"report": str(report)}, f"report: {report}")
 
@@ -394,6 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("study", help="the evidence study: inits x constraints x seeds x ablations, with a report")
     p.add_argument("config", nargs="?", default=None, help="study YAML (base run config + what to vary)")
     p.add_argument("--quick", action="store_true", help="a small study on the demo tasks")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="variants run in this many processes, the CPU cores split between them (default 1)")
     p.add_argument("--out", default=None)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_study)

@@ -16,6 +16,7 @@ then answers the paper's questions in ``report.md`` with tables, figures and CSV
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import time
@@ -185,45 +186,116 @@ def variant_config(study: StudyConfig, v: dict) -> RunConfig:
 # --------------------------------------------------------------------------- running
 
 
-def run_study(study: StudyConfig, out: str | Path, *, progress: Progress | None = None,
+def run_study(study: StudyConfig, out: str | Path, *, jobs: int = 1, progress: Progress | None = None,
               on_stage: Callable[[str], None] | None = None, tasks=None) -> Path:
-    """Run (or resume) every variant of ``study`` under ``out/runs/`` and write the report.
+    """Run (or resume, or grow) every variant of ``study`` under ``out/runs/`` and write the report.
 
-    Variants whose statistics settings match (same seed and samples) share one collection.
-    ``tasks`` (optional) are used by every variant instead of loading the base's task entries.
+    A study directory grows: a config that adds seeds, inits, ablations, merge methods or
+    lambdas reuses the finished variants whose settings match (:func:`variant_hash`) and
+    computes only what is new (sweeps alone where only the merge settings changed); a config
+    that changes a finished variant's settings is refused, naming the variant, before anything
+    is written. Variants whose statistics settings match share one collection, made here
+    first; the rest of each variant (fine-tuning, sweeps, diagnostics) runs in ``jobs``
+    processes (see :mod:`osrm_core.parallel`). ``tasks`` (optional) are used by every variant
+    instead of loading the base's task entries.
     """
+    from osrm_core.parallel import run_parallel, threads_per_job
+
+    threads_per_job(jobs)  # a bad --jobs fails before any work
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    config_path = out / "study.yaml"
-    text = yaml.safe_dump(study.model_dump(mode="json"), sort_keys=False)
-    if config_path.is_file() and config_path.read_text(encoding="utf-8") != text:
-        raise ConfigError(f"study directory {str(out)!r} holds another study; use another --out")
-    write_text(config_path, text)
     todo = variants(study)
+    check_growth(study, out, todo)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / "study.yaml", yaml.safe_dump(study.model_dump(mode="json"), sort_keys=False))
+    stage = on_stage or (lambda s: None)
     timing = out / "timing.json"  # wall time of the variants, summed over resumed invocations
     spent = study_seconds(out)
     start = time.perf_counter()
     tasks_by_seed: dict[int, list] = {}  # a run loads (or generates, or splits) its tasks with its seed
     stats_runs: dict[str, RunDir] = {}  # variants that collect equal statistics share them
     for k, v in enumerate(todo):
-        name = variant_name(v)
-        if on_stage:
-            on_stage(f"variant {k + 1}/{len(todo)}: {name}")
-        pipeline = Pipeline(variant_config(study, v), out / "runs" / name, progress=progress,
+        stage(f"statistics {k + 1}/{len(todo)}: {variant_name(v)}")
+        pipeline = Pipeline(variant_config(study, v), out / "runs" / variant_name(v), progress=progress,
                             tasks=tasks or tasks_by_seed.get(v["seed"]))
+        _prepare_variant(pipeline)
         key = pipeline.config.stats_key()
         if key in stats_runs:
             pipeline.reuse_stats(stats_runs[key])
-        pipeline.run_all()
-        stats_runs.setdefault(key, pipeline.run)
+        else:
+            pipeline.stage_stats()
+            stats_runs[key] = pipeline.run
         tasks_by_seed.setdefault(v["seed"], pipeline.tasks())
-        if v["group"] == "main":
-            pairwise_loss(pipeline, study.pair_lambda)
+    left = [v for v in todo if not _variant_done(study, out, v)]
+    items = [(study, out, v, tasks or tasks_by_seed[v["seed"]], progress if jobs == 1 else None) for v in left]
+
+    def done(k: int, name: str) -> None:
         write_json(timing, {"seconds": round(spent + time.perf_counter() - start, 1)})
-    if on_stage:
-        on_stage("report")
+        stage(f"variant {k + 1}/{len(left)} done: {name}")
+
+    run_parallel(_run_variant, items, jobs, on_done=done)
+    write_json(timing, {"seconds": round(spent + time.perf_counter() - start, 1)})
+    stage("report")
     write_report(study, out)
     return out / "report.md"
+
+
+def variant_hash(config: RunConfig) -> str:
+    """Hash of the settings that define a variant's statistics and adapters: its whole run
+    config but its name and merge settings (a merge setting changes only the sweeps)."""
+    settings = json.dumps(config.model_dump(mode="json", exclude={"name", "merge"}), sort_keys=True)
+    return hashlib.sha256(settings.encode()).hexdigest()[:16]
+
+
+def check_growth(study: StudyConfig, out: Path, todo: list[dict]) -> None:
+    """Refuse a study config that changes the settings of a variant already in ``out``."""
+    for v in todo:
+        run = RunDir(out / "runs" / variant_name(v))
+        if not run.exists():
+            continue
+        stored = run.path / "variant.json"
+        old = json.loads(stored.read_text(encoding="utf-8"))["hash"] if stored.is_file() else variant_hash(run.config())
+        new = variant_config(study, v)
+        if old != variant_hash(new):
+            before, after = _flat(run.config().model_dump(mode="json")), _flat(new.model_dump(mode="json"))
+            changed = [k for k in sorted(set(before) | set(after))
+                       if before.get(k) != after.get(k) and k != "name" and not k.startswith("merge.")]
+            raise ConfigError(
+                f"study directory {str(out)!r}: variant {variant_name(v)!r} was run with other settings "
+                f"({', '.join(changed) or 'settings hash'} changed); only seeds, inits, ablations, merge "
+                "methods and lambdas can be added to a study: use another --out"
+            )
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, x in d.items():
+        out.update(_flat(x, f"{prefix}{k}.") if isinstance(x, dict) else {f"{prefix}{k}": x})
+    return out
+
+
+def _prepare_variant(pipeline: Pipeline) -> None:
+    """Create the variant's run directory, or take the study's merge settings into it."""
+    if pipeline.run.exists():
+        pipeline.run.take_merge_settings(pipeline.config)
+    pipeline.run.create(pipeline.config)
+    write_json(pipeline.run.path / "variant.json", {"hash": variant_hash(pipeline.config)})
+
+
+def _variant_done(study: StudyConfig, out: Path, v: dict) -> bool:
+    run = RunDir(out / "runs" / variant_name(v))
+    pairwise = run.read_csv("pairwise.csv")
+    pairs_ok = v["group"] != "main" or (pairwise is not None and (pairwise["lambda"] == study.pair_lambda).all())
+    return run.manifest().get("status") == "done" and pairs_ok
+
+
+def _run_variant(item: tuple) -> str:
+    """Fine-tune, sweep and diagnose one variant whose statistics are in place (a worker's unit)."""
+    study, out, v, tasks, progress = item
+    pipeline = Pipeline(variant_config(study, v), out / "runs" / variant_name(v), progress=progress, tasks=tasks)
+    pipeline.run_all()
+    if v["group"] == "main":
+        pairwise_loss(pipeline, study.pair_lambda)
+    return variant_name(v)
 
 
 def study_seconds(out: str | Path) -> float:
@@ -252,7 +324,9 @@ def pairwise_loss(pipeline: Pipeline, lam: float) -> pd.DataFrame:
     run = pipeline.run
     path = run.result_path("pairwise.csv")
     if path.is_file():
-        return pd.read_csv(path)
+        done = pd.read_csv(path)
+        if "lambda" in done and (done["lambda"] == lam).all():
+            return done
     init = pipeline.config.inits[0]
     adapters = run.load_adapters(init)
     model, tok = pipeline.base_model()
@@ -264,7 +338,7 @@ def pairwise_loss(pipeline: Pipeline, lam: float) -> pd.DataFrame:
     for i, j in itertools.permutations(names, 2):
         engine.apply(merge_deltas([adapters[i].deltas(), adapters[j].deltas()], "task_arithmetic"), lam)
         merged = engine.evaluate([i])[i]
-        rows.append({"data": i, "adapter": j, "single": single[i], "merged": merged, "loss": single[i] - merged})
+        rows.append({"data": i, "adapter": j, "lambda": lam, "single": single[i], "merged": merged, "loss": single[i] - merged})
     engine.restore()
     df = pd.DataFrame(rows)
     write_csv(path, df)
