@@ -148,7 +148,7 @@ def cmd_run(args) -> None:
     config = RunConfig.from_yaml(args.config)
     out = args.out or f"runs/{config.name}"
     _join(config)
-    summary = run_experiment(config, out, progress=_progress_bar())
+    summary = run_experiment(config, out, progress=_progress_bar(), jobs=args.jobs)
     if summary:  # the other ranks of a data-parallel job return an empty summary
         _emit(args, {"run_dir": out, **summary}, f"run directory: {out}\n" + _summary_text(summary))
 
@@ -349,6 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run or resume an experiment from a config.yaml")
     p.add_argument("config")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="fine-tune the adapters (inits x tasks) in this many processes, the CPU cores split between them")
     p.add_argument("--out", default=None)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_run)

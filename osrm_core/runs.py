@@ -466,12 +466,21 @@ class Pipeline:
         return fresh, tokenizer
 
     # ---- stages
-    def run_all(self) -> dict:
+    def run_all(self, jobs: int = 1) -> dict:
         """Every stage. In a data-parallel job (torchrun, accelerate launch) all ranks share the
         statistics and the fine-tuning; rank 0 alone writes the run directory, then runs the
-        sweeps, diagnostics and summary while the other ranks return an empty dict."""
+        sweeps, diagnostics and summary while the other ranks return an empty dict. Otherwise
+        ``jobs > 1`` fine-tunes the adapters (one per init and task) in that many processes."""
+        from osrm_core.parallel import threads_per_job
+
+        threads_per_job(jobs)
+        if jobs > 1 and dist_info().active:
+            raise ValueError("jobs > 1 splits one machine's cores between processes; a data-parallel "
+                             "job (torchrun, accelerate launch) already has one per device: drop --jobs")
         run_on_main(lambda: self.run.create(self.config), "creating the run directory")
         self.stage_stats()
+        if jobs > 1:
+            self.train_parallel(jobs)
         for init in self.config.inits:
             self.stage_adapters(init)
         if not is_main_process():
@@ -569,6 +578,25 @@ class Pipeline:
                     key, time.perf_counter() - start, [out / "adapter_model.safetensors", out / "train.json"]
                 )
             barrier(f"writing the adapter {init}/{task.name}")
+
+    def train_parallel(self, jobs: int) -> None:
+        """Fine-tune the adapters not yet done in ``jobs`` processes (the statistics must be in
+        place); this process records each one in the manifest as it finishes."""
+        from osrm_core.parallel import run_parallel
+
+        units = [(self.config, self.run.path, self.tasks(), init, i)
+                 for init in self.config.inits for i, task in enumerate(self.tasks())
+                 if not self.run.is_done(f"adapters/{init}/{task.name}")]
+
+        def done(k: int, trained: tuple[str, str, float, dict]) -> None:
+            init, name, seconds, result = trained
+            out = self.run.adapter_path(init, name)
+            write_json(out / "train.json", result)
+            self.run.mark_done(f"adapters/{init}/{name}", seconds,
+                               [out / "adapter_model.safetensors", out / "train.json"])
+            self._tick(k + 1, len(units), f"fine-tuned {init}/{name}")
+
+        run_parallel(_train_unit, units, jobs, on_done=done)
 
     def all_stats(self) -> list[FeatureStats]:
         """Every task's statistics from the run directory, in task order."""
@@ -710,6 +738,14 @@ class Pipeline:
         return summary
 
 
+def _train_unit(unit: tuple) -> tuple[str, str, float, dict]:
+    """One adapter of :meth:`Pipeline.train_parallel`, in a worker process."""
+    config, path, tasks, init, index = unit
+    start = time.perf_counter()
+    result = Pipeline(config, path, tasks=tasks)._train_one(init, index, tasks[index])
+    return init, tasks[index].name, time.perf_counter() - start, result
+
+
 def init_adapters(pipeline: Pipeline, init: str) -> list[str]:
     """Write each task's initialized, untrained adapter to ``<run>/init/<init>/<task>``.
 
@@ -769,6 +805,8 @@ def run_experiment(
     progress: Progress | None = None,
     on_stage: Callable[[str], None] | None = None,
     tasks: list[TaskData] | None = None,
+    jobs: int = 1,
 ) -> dict:
-    """Run (or resume) the whole experiment of ``config`` in ``out``; returns the summary."""
-    return Pipeline(config, out, progress=progress, on_stage=on_stage, tasks=tasks).run_all()
+    """Run (or resume) the whole experiment of ``config`` in ``out``; returns the summary.
+    ``jobs`` processes fine-tune the adapters (see :meth:`Pipeline.run_all`)."""
+    return Pipeline(config, out, progress=progress, on_stage=on_stage, tasks=tasks).run_all(jobs)

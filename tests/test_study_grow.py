@@ -1,4 +1,4 @@
-"""Studies that grow and studies run in several processes: finished variants are reused, only
+"""Studies that grow, and studies and runs in several processes: finished variants are reused, only
 what is new is computed, a changed variant is refused by name, and ``jobs=2`` gives the same
 files as one process."""
 
@@ -122,3 +122,20 @@ def test_cli_bad_jobs_exits_2(tmp_path, jobs) -> None:
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith("error:") and "jobs" in proc.stderr and len(proc.stderr.splitlines()) == 1
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.slow
+def test_run_with_two_jobs_gives_the_files_of_one_process(tiny_model_dir, tmp_path, tasks) -> None:
+    from osrm_core.runs import run_experiment
+
+    config = tiny_config(tiny_model_dir, train={"steps": 8, "batch_size": 8, "lr": 5e-2, "warmup_ratio": 0.0})
+    one = run_experiment(config, tmp_path / "one", tasks=tasks)
+    two = run_experiment(config, tmp_path / "two", tasks=tasks, jobs=2)
+    assert one == two
+    runs = [RunDir(tmp_path / d) for d in ("one", "two")]
+    for init in config.inits:
+        pd.testing.assert_frame_equal(runs[0].read_csv(f"sweep_{init}.csv"), runs[1].read_csv(f"sweep_{init}.csv"))
+        for task in TASKS:
+            path = f"adapters/{init}/{task}/adapter_model.safetensors"
+            assert (runs[0].path / path).read_bytes() == (runs[1].path / path).read_bytes()
+            assert runs[1].is_done(f"adapters/{init}/{task}")
