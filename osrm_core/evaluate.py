@@ -151,6 +151,7 @@ class SweepEngine:
         self.w0 = {n: weight_as_linear(m).detach().clone() for n, m in self.layers.items()}
         self.head_names = head_module_names(model)
         self.original_heads = {h: getattr(model, h) for h in self.head_names}
+        self.tokenizer, self.batch_size, self.max_length = tokenizer, batch_size, max_length
         self.tasks: dict[str, _TaskEval] = {}
         for task in tasks:
             test = task.test.head(max_test)
@@ -191,13 +192,18 @@ class SweepEngine:
         out = {}
         for name in names or list(self.tasks):
             te = self.tasks[name]
-            for h, module in te.heads.items():
-                setattr(self.model, h, module)
-            start = time.perf_counter()
-            pred = predict(self.model, None, te.test, batches=te.batches, order=te.order)
-            self.forward_seconds += time.perf_counter() - start
-            out[name] = score(te.task.metric, te.test.label, pred)
+            out[name] = score(te.task.metric, te.test.label, self.predict(name, te.batches, te.order))
         return out
+
+    def predict(self, name: str, batches: list[dict[str, torch.Tensor]], order: np.ndarray) -> np.ndarray:
+        """Task ``name``'s predicted labels for ``batches`` (see :func:`tokenize_for_eval`) on the
+        model as it is now, with that task's head."""
+        for h, module in self.tasks[name].heads.items():
+            setattr(self.model, h, module)
+        start = time.perf_counter()
+        pred = predict(self.model, None, self.tasks[name].test, batches=batches, order=order)
+        self.forward_seconds += time.perf_counter() - start
+        return pred
 
     def single_task_scores(self) -> dict[str, float]:
         """Each task with only its own adapter (the reference for normalized scores)."""
