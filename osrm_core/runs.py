@@ -97,6 +97,7 @@ class TrainSettings(BaseModel):
     max_grad_norm: float = Field(1.0, gt=0)
     constraint: Literal["none", "freeze_A", "project", "penalty"] = "none"
     penalty_beta: float = Field(1e-3, ge=0)
+    length_group: int = Field(16, ge=1, description="batches drawn together and grouped by length (1: off)")
 
 
 class MergeSettings(BaseModel):
@@ -214,6 +215,7 @@ class RunConfig(BaseModel):
             seed=self.seed if seed is None else seed,
             constraint=t.constraint,
             penalty_beta=t.penalty_beta,
+            length_group=t.length_group,
             max_test=self.max_test,
         )
 
