@@ -179,6 +179,11 @@ class RunConfig(BaseModel):
 
     @model_validator(mode="after")
     def _tasks(self) -> RunConfig:
+        if self.train.constraint == "project":
+            others = [i for i in self.inits if i not in OSRM_METHODS]
+            if others:
+                raise ValueError(f"train.constraint 'project' keeps A in the OSRM subspace, which init "
+                                 f"{others[0]!r} has not; use it with {', '.join(OSRM_METHODS)} only")
         names = [t.name for t in self.tasks]
         if len(names) < 2:
             raise ValueError("at least two tasks are needed to merge")
@@ -655,9 +660,6 @@ class Pipeline:
         peft_model, tok, subspaces = self._init_one(init, index, task, all_stats)
         initial = adapter_of(peft_model) if init == "pissa" else None
         train_cfg = cfg.train_config()
-        if init not in OSRM_METHODS and train_cfg.constraint in ("project", "penalty", "freeze_A"):
-            # Constraints refer to the OSRM subspace; baselines train unconstrained for comparison.
-            train_cfg.constraint = "none"
         penalty_moments = None
         if train_cfg.constraint == "penalty":
             stats = all_stats if all_stats is not None else self.all_stats()

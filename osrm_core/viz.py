@@ -882,6 +882,17 @@ def figure_html(fig: go.Figure) -> str:
 # --------------------------------------------------------------------------- study
 
 
+def arm_label(row, table: pd.DataFrame | None = None) -> str:
+    """``init (constraint, rRANK, lr LR)`` of a study table row; rank and learning rate appear
+    when they vary in ``table`` (all of the row's when no table is given)."""
+    parts = [row["constraint"]] if row.get("constraint", "none") != "none" else []
+    for col, fmt in (("rank", "r{:g}"), ("lr", "lr {:g}")):
+        varies = table is None or (col in table and table[col].nunique(dropna=False) > 1)
+        if col in row and not pd.isna(row[col]) and varies:
+            parts.append(fmt.format(row[col]))
+    return f"{row['init']} ({', '.join(parts)})" if parts else str(row["init"])
+
+
 def study_curve_figure(curves: pd.DataFrame, *, title: str = "") -> go.Figure:
     """Normalized average against lambda per init (and constraint), mean over seeds with a band
     of one standard deviation.
@@ -889,9 +900,10 @@ def study_curve_figure(curves: pd.DataFrame, *, title: str = "") -> go.Figure:
     ``curves`` has columns ``init, constraint, lambda, mean, std``.
     """
     fig = go.Figure()
-    for k, ((init, constraint), g) in enumerate(curves.groupby(["init", "constraint"], sort=False)):
+    arms = [c for c in ("init", "constraint", "rank", "lr") if c in curves]
+    for k, (_, g) in enumerate(curves.groupby(arms, sort=False, dropna=False)):
         g = g.sort_values("lambda")
-        label = init if constraint == "none" else f"{init} ({constraint})"
+        init, constraint, label = g["init"].iloc[0], g["constraint"].iloc[0], arm_label(g.iloc[0], curves)
         color = color_of(init, k)
         std = g["std"].fillna(0.0)
         fig.add_trace(go.Scatter(

@@ -229,6 +229,7 @@ def test_run_config_validation(tiny_model_dir, tmp_path) -> None:
         ({"merge": {"lambdas": [0.0]}}, "lambdas"),
         ({"train": {"steps": 0}}, "train.steps"),
         ({"bogus": 1}, "bogus"),
+        ({"train": {"constraint": "project"}}, "constraint 'project' keeps A in the OSRM subspace, which init 'standard'"),
     ]
     for change, match in cases:
         with pytest.raises(ConfigError, match=match):
@@ -259,3 +260,26 @@ def test_a_task_with_more_labels_than_the_saved_head(tiny_model_dir, tiny_tasks_
     )
     summary = run_experiment(config, tmp_path / "three", tasks=[tiny_tasks_2[0], three])
     assert set(summary["results"]["standard"]["single"]) == {"sentiment", "three"}
+
+
+def test_freeze_A_applies_to_every_init(tiny_model_dir, tiny_tasks_2, tmp_path) -> None:
+    """A frozen random A (LoRA-FA) is a control of the study: the constraint is not dropped for
+    inits without a subspace, and the saved A equals the initial one."""
+    from osrm_core.adapters import read_adapter_dir
+    from osrm_core.runs import Pipeline
+
+    config = tiny_config(tiny_model_dir, inits=["standard"], train=TrainSettings(
+        steps=5, batch_size=8, lr=5e-2, warmup_ratio=0.0, constraint="freeze_A"))
+    pipeline = Pipeline(config, tmp_path / "run", tasks=tiny_tasks_2)
+    pipeline.run.create(config)
+    pipeline.stage_stats()
+    pipeline.stage_adapters("standard")
+    from osrm_core.runs import init_adapters
+
+    init_adapters(pipeline, "standard")
+    for task in TASKS:
+        trained = read_adapter_dir(pipeline.run.adapter_path("standard", task))
+        initial = read_adapter_dir(pipeline.run.path / "init" / "standard" / task)
+        for name, layer in trained.layers.items():
+            np.testing.assert_array_equal(layer.A.numpy(), initial.layers[name].A.numpy())
+            assert layer.B.abs().sum() > 0

@@ -15,6 +15,7 @@ from test_pipeline import TASKS, _word_task, tiny_config
 from osrm_core.runs import RunDir
 from osrm_core.study import (
     StudyConfig,
+    VariantSpec,
     curve_metrics,
     find_studies,
     load_study_tables,
@@ -54,6 +55,22 @@ def test_variants_cover_the_grid_once(tiny_model_dir) -> None:
     assert {v["a_lr_scale"] for v in vs if v["init"] == "osrm"} == {1.0, 3.0}
     assert all(v["seed"] == 0 for v in vs if v["group"] != "main")
     assert all(v["constraint"] == "none" for v in vs if v["init"] == "standard")
+
+
+def test_extra_variants_run_with_every_seed(tiny_model_dir) -> None:
+    study = tiny_study(tiny_model_dir).model_copy(update={"variants": [
+        VariantSpec(init="standard", constraint="freeze_A", rank=4, lr=0.1),
+        VariantSpec(init="osrm", constraint="freeze_A", rank=4)]})
+    extra = [v for v in variants(study) if v["group"] == "main" and v["rank"] == 4]
+    assert sorted((v["init"], v["constraint"], v["lr"], v["seed"]) for v in extra) == [
+        ("osrm", "freeze_A", 5e-2, 0), ("osrm", "freeze_A", 5e-2, 1),
+        ("standard", "freeze_A", 0.1, 0), ("standard", "freeze_A", 0.1, 1)]
+    config = variant_config(study, extra[0])
+    assert (config.rank, config.train.constraint) == (4, "freeze_A")
+    names = [variant_name(v, study.base.train.lr) for v in extra]
+    assert "standard-freeze_A-n12-r4-a1-lr0.1-s0" in names and "osrm-freeze_A-n12-r4-a1-s0" in names
+    with pytest.raises(ValueError, match="unknown constraint 'frozen'"):
+        VariantSpec(init="standard", constraint="frozen")
 
 
 def test_ablations_run_for_the_chosen_inits_and_methods(tiny_model_dir) -> None:
@@ -192,6 +209,8 @@ def test_resumed_study_does_no_work(study_dir, tiny_model_dir, monkeypatch) -> N
         ("base: [", "not valid YAML"),
         ("inits: [standard]\n", "base"),
         ("base: {tasks: [{name: a, spec: demo:sentiment}, {name: b, spec: demo:topic}]}\ninits: [bogus]\n", "unknown init 'bogus'"),
+        ("base: {tasks: [{name: a, spec: demo:sentiment}, {name: b, spec: demo:topic}]}\ninits: []\n",
+         "at least one init in inits or one entry in variants"),
     ],
 )
 def test_cli_study_bad_config_exits_2(tmp_path, content, message) -> None:
