@@ -7,6 +7,7 @@ runs that task's test set: no model is reloaded and no PEFT model is rebuilt per
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from collections.abc import Callable, Sequence
@@ -21,6 +22,7 @@ from torch import nn
 from osrm_core.adapters import Adapter
 from osrm_core.batching import iter_batches, move_batch
 from osrm_core.data import Split, TaskData
+from osrm_core.embed_cache import EmbeddingCache
 from osrm_core.models import decoder_position_ids, head_module_names, weight_as_linear
 from osrm_core.stats import FeatureStats
 
@@ -124,6 +126,9 @@ class SweepEngine:
         Each task's fine-tuned adapter (for its head and its single-task delta).
     max_test : int, optional
         Test examples per task.
+    cache_embeddings : bool
+        Compute the embeddings' output of each test batch once per sweep when no adapter
+        changes the embeddings (see :mod:`osrm_core.embed_cache`).
     """
 
     def __init__(
@@ -136,6 +141,7 @@ class SweepEngine:
         max_test: int | None = None,
         batch_size: int = 64,
         max_length: int = 128,
+        cache_embeddings: bool = True,
     ) -> None:
         missing = [t.name for t in tasks if t.name not in adapters]
         if missing:
@@ -158,6 +164,7 @@ class SweepEngine:
             batches, order = tokenize_for_eval(tokenizer, test, batch_size, max_length)
             self.tasks[task.name] = _TaskEval(task, test, batches, order, self._heads(adapters[task.name]))
         self.forward_seconds = 0.0
+        self.embeddings = EmbeddingCache(model, layer_names) if cache_embeddings else None
 
     def _heads(self, adapter: Adapter) -> dict[str, nn.Module]:
         heads = {}
@@ -201,7 +208,8 @@ class SweepEngine:
         for h, module in self.tasks[name].heads.items():
             setattr(self.model, h, module)
         start = time.perf_counter()
-        pred = predict(self.model, None, self.tasks[name].test, batches=batches, order=order)
+        with self.embeddings.replay(batches) if self.embeddings else contextlib.nullcontext():
+            pred = predict(self.model, None, self.tasks[name].test, batches=batches, order=order)
         self.forward_seconds += time.perf_counter() - start
         return pred
 
