@@ -33,8 +33,8 @@ def study_yaml(seeds: list[int]) -> dict:
         "tasks": [{"name": k, "spec": f"demo:{k}"} for k in ("sentiment", "topic")],
         "samples": 32,
         "max_length": 48,
-        "max_test": 64,
-        "train": {"steps": 40, "batch_size": 16, "lr": 2e-3, "head_lr": 1e-2},
+        "max_test": 32,
+        "train": {"steps": 20, "batch_size": 16, "lr": 2e-3, "head_lr": 1e-2},
         "merge": {"methods": ["task_arithmetic"], "lambdas": [0.5, 1.0]},
     }
     return {"name": "bench-study", "base": base, "inits": INITS, "constraints": ["none"], "seeds": seeds,
@@ -79,7 +79,7 @@ def study_row(ctx: Context) -> Row:
         baseline=median(samples["one_process"]),
         repeats=pairs,
         detail=(f"osrm study on 2 cores: {variants} variants ({', '.join(INITS)} x seeds {seeds}), default MiniLM, "
-                "demo sentiment + topic, 40 steps, rank 8, 64 test examples, task arithmetic at 2 lambdas; "
+                "demo sentiment + topic, 20 steps, rank 8, 32 test examples, task arithmetic at 2 lambdas; "
                 "whole command (start-up, statistics, report) timed"),
         command=ctx.cmd("7"),
         samples=rounded(samples, 2),
