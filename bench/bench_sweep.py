@@ -37,7 +37,7 @@ def _settings(ctx: Context) -> dict:
 def make_adapters(base, tasks, seed: int = 0):
     """One random rank-8 adapter and head per task, as :class:`osrm_core.adapters.Adapter`."""
     from osrm_core.adapters import Adapter, LoraWeights
-    from osrm_core.init import lora_config
+    from osrm_core.inits import lora_config
     from osrm_core.models import find_target_layers
 
     gen = torch.Generator().manual_seed(seed)
@@ -132,10 +132,11 @@ def _search_tasks():
 def search_row(ctx: Context) -> Row:
     """Train one adapter per task (short), then the full grid and the search on the same engine."""
     from osrm_core.evaluate import SweepEngine
-    from osrm_core.init import init_lora
+    from osrm_core.inits import init_lora
     from osrm_core.models import load_base_model
     from osrm_core.search import search_best
-    from osrm_core.train import TrainConfig, adapter_of, finetune
+    from osrm_core.settings import TrainSettings
+    from osrm_core.train import adapter_of, finetune
 
     steps, max_test = (60, 180) if ctx.quick else (200, 450)
     base, tok = ctx.base_model()
@@ -144,8 +145,8 @@ def search_row(ctx: Context) -> Row:
     for task in tasks:
         ctx.log(f"2c training {task.name} ({steps} steps)")
         model = init_lora(load_base_model(num_labels=task.num_labels)[0], "standard", rank=RANK, alpha=ALPHA, seed=0)
-        finetune(model, tok, task, TrainConfig(steps=steps, batch_size=16, lr=2e-3, head_lr=1e-2, max_length=64,
-                                              seed=0, max_test=16))
+        finetune(model, tok, task, TrainSettings(steps=steps, batch_size=16, lr=2e-3, head_lr=1e-2),
+                 max_length=64, seed=0, max_test=16)
         adapters[task.name] = adapter_of(model)
     engine = SweepEngine(copy.deepcopy(base), tok, tasks, adapters, max_test=max_test, max_length=64)
     single = engine.single_task_scores()

@@ -24,7 +24,6 @@ after it) and, for ``Trainer``, ``on_train_begin`` to ``on_train_end``. Goal: ou
 from __future__ import annotations
 
 import copy
-import dataclasses
 import tempfile
 import time
 
@@ -65,19 +64,18 @@ def train_rows(ctx: Context) -> list[Row]:
         TrainingArguments,
     )
 
-    from osrm_core.init import init_lora
-    from osrm_core.train import TrainConfig, finetune, training_batches
+    from osrm_core.inits import init_lora
+    from osrm_core.settings import TrainSettings
+    from osrm_core.train import finetune, training_batches
 
     s = _settings(ctx)
     steps = s["steps"]
     base, tok = ctx.base_model()
     task, data = _task(steps)
-    plain = TrainConfig(
-        steps=steps, batch_size=BATCH_SIZE, lr=LR, max_length=MAX_LENGTH, seed=0, max_test=10, length_group=1
-    )
-    grouped = dataclasses.replace(plain, length_group=GROUP)
+    plain = TrainSettings(steps=steps, batch_size=BATCH_SIZE, lr=LR, length_group=1)
+    grouped = plain.model_copy(update={"length_group": GROUP})
 
-    order = [int(i) for idx in training_batches(tok, task.train, plain) for i in idx]
+    order = [int(i) for idx in training_batches(tok, task.train, plain, max_length=MAX_LENGTH, seed=0) for i in idx]
     examples = []
     for i in order:
         pair = None if task.train.text_pair is None else task.train.text_pair[i]
@@ -99,9 +97,9 @@ def train_rows(ctx: Context) -> list[Row]:
 
     seen: dict[str, list[int]] = {"ours": [], "grouped": []}
 
-    def ours(config: TrainConfig, side: str) -> float:
+    def ours(config: TrainSettings, side: str) -> float:
         model = init_lora(copy.deepcopy(base), "standard", rank=8, alpha=16, seed=0)
-        result = finetune(model, tok, task, config)
+        result = finetune(model, tok, task, config, max_length=MAX_LENGTH, seed=0, max_test=10)
         seen[side].append(result.tokens)
         return result.tokens / result.seconds
 
@@ -124,7 +122,7 @@ def train_rows(ctx: Context) -> list[Row]:
                 disable_tqdm=True,
                 dataloader_num_workers=0,
                 use_cpu=not torch.cuda.is_available(),
-                seed=plain.seed,
+                seed=0,
             )
             hf = InOrder(
                 model=model, args=args, train_dataset=examples, data_collator=collator, callbacks=[clock]

@@ -14,7 +14,9 @@ import json
 from pathlib import Path
 
 from osrm_core.atomic import write_json
-from osrm_core.runs import ConfigError, Pipeline, RunConfig, RunDir
+from osrm_core.pipeline import Pipeline
+from osrm_core.rundir import RunDir
+from osrm_core.settings import ConfigError, RunConfig
 
 
 def variant_hash(config: RunConfig) -> str:

@@ -29,16 +29,16 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from osrm_core import viz
 from osrm_core.atomic import write_json, write_text
+from osrm_core.constraints import get_constraint
 from osrm_core.growth import check_growth, prepare_run
-from osrm_core.init import INIT_METHODS, OSRM_METHODS
-from osrm_core.runs import (
+from osrm_core.inits import OSRM_METHODS, get_init
+from osrm_core.pipeline import Pipeline
+from osrm_core.rundir import RunDir, write_csv
+from osrm_core.settings import (
     MergeSettings,
-    Pipeline,
     RunConfig,
-    RunDir,
     read_yaml,
     validate_settings,
-    write_csv,
 )
 
 Progress = Callable[[int, int, str], None]
@@ -60,18 +60,12 @@ class VariantSpec(BaseModel):
     @field_validator("init")
     @classmethod
     def _init(cls, v: str) -> str:
-        if v not in INIT_METHODS:
-            raise ValueError(f"unknown init {v!r}; allowed: {', '.join(INIT_METHODS)}")
-        return v
+        return get_init(v).name
 
     @field_validator("constraint")
     @classmethod
     def _constraint(cls, v: str) -> str:
-        from osrm_core.train import CONSTRAINTS
-
-        if v not in CONSTRAINTS:
-            raise ValueError(f"unknown constraint {v!r}; allowed: {', '.join(CONSTRAINTS)}")
-        return v
+        return get_constraint(v).name
 
 
 class StudyConfig(BaseModel):
@@ -97,19 +91,15 @@ class StudyConfig(BaseModel):
     @field_validator("inits")
     @classmethod
     def _inits(cls, v: list[str]) -> list[str]:
-        bad = [m for m in v if m not in INIT_METHODS]
-        if bad:
-            raise ValueError(f"unknown init {bad[0]!r}; allowed: {', '.join(INIT_METHODS)}")
+        for m in v:
+            get_init(m)
         return v
 
     @field_validator("constraints")
     @classmethod
     def _constraints(cls, v: list[str]) -> list[str]:
-        from osrm_core.train import CONSTRAINTS
-
-        bad = [c for c in v if c not in CONSTRAINTS]
-        if bad:
-            raise ValueError(f"unknown constraint {bad[0]!r}; allowed: {', '.join(CONSTRAINTS)}")
+        for c in v:
+            get_constraint(c)
         return v or ["none"]
 
     @field_validator("ablation_methods")
@@ -138,7 +128,7 @@ def quick_study_config(base: RunConfig | None = None) -> StudyConfig:
 
     A hint, not evidence: the full study varies seeds, ranks and the learning rate of A.
     """
-    from osrm_core.runs import demo_config
+    from osrm_core.settings import demo_config
 
     steps = 40
     if base is None:
@@ -317,7 +307,6 @@ def load_study_tables(path: str | Path) -> dict[str, pd.DataFrame]:
 
 def pairwise_loss(pipeline: Pipeline, lam: float) -> pd.DataFrame:
     """Measured loss of task i when merged with task j alone (task arithmetic at ``lam``)."""
-    from osrm_core.evaluate import SweepEngine
     from osrm_core.merge import merge_deltas
 
     run = pipeline.run
@@ -326,11 +315,8 @@ def pairwise_loss(pipeline: Pipeline, lam: float) -> pd.DataFrame:
         done = pd.read_csv(path)
         if "lambda" in done and (done["lambda"] == lam).all():
             return done
-    init = pipeline.config.inits[0]
-    adapters = run.load_adapters(init)
-    model, tok = pipeline.base_model()
-    engine = SweepEngine(model, tok, pipeline.tasks(), adapters, max_test=pipeline.config.max_test,
-                         max_length=pipeline.config.max_length)
+    engine = pipeline.sweep_engine(pipeline.config.inits[0])
+    adapters = engine.adapters
     single = engine.single_task_scores()
     rows = []
     names = list(adapters)
@@ -526,17 +512,22 @@ def findings(tables: dict[str, pd.DataFrame]) -> list[str]:
     return lines
 
 
+def curves_page(curves: pd.DataFrame, title: str) -> str:
+    """One HTML page with the normalized average vs lambda of every method (mean over seeds)."""
+    figs = {
+        method: viz.study_curve_figure(mean, title=f"{method}: normalized average vs lambda")
+        for method, mean in seed_mean_curves(curves).groupby("method")
+    }
+    return viz.figures_page(figs, title=f"Study {title}: merge curves")
+
+
 def write_report(study: StudyConfig, out: str | Path) -> Path:
     """Write ``report.md``, the tables as CSV and the figures as HTML into ``out``."""
     out = Path(out)
     tables = analyse(_collect(study, out))
     for name, df in tables.items():
         write_csv(out / "tables" / f"{name}.csv", df)
-    figs = {}
-    for method, mean in seed_mean_curves(tables["curves"]).groupby("method"):
-        figs[f"curve_{method}"] = viz.study_curve_figure(mean, title=f"{method}: normalized average vs lambda")
-    for name, fig in figs.items():
-        write_text(out / "figures" / f"{name}.html", fig.to_html(include_plotlyjs="cdn", full_html=True))
+    write_text(out / "figures" / "curves.html", curves_page(tables["curves"], study.name))
     base = study.base
     seconds = study_seconds(out)
     lines = [
@@ -558,7 +549,7 @@ def write_report(study: StudyConfig, out: str | Path) -> Path:
         "## 1. Multi-task normalized score after merging",
         _md(tables["q1_merged"]),
         "",
-        "Figures: " + ", ".join(f"[{n}](figures/{n}.html)" for n in figs),
+        "Figure: [normalized average vs lambda, per method](figures/curves.html)",
         "",
         "## 2. Single-task scores (before merging)",
         _md(tables["q2_single"]),

@@ -12,7 +12,9 @@ import pytest
 from test_pipeline import TASKS, _word_task, tiny_config
 
 from osrm_core.parallel import threads_per_job
-from osrm_core.runs import ConfigError, Pipeline, RunDir
+from osrm_core.pipeline import Pipeline
+from osrm_core.rundir import RunDir
+from osrm_core.settings import ConfigError
 from osrm_core.study import StudyConfig, run_study, variant_name, variants
 
 
@@ -33,13 +35,13 @@ def tasks():
 def trainings(monkeypatch) -> list[str]:
     """The run directories of every adapter trained from now on."""
     seen: list[str] = []
-    train_one = Pipeline._train_one
+    train_adapter = Pipeline.train_adapter
 
     def counting(self, init, index, task, *args):
         seen.append(self.run.path.name)
-        return train_one(self, init, index, task, *args)
+        return train_adapter(self, init, index, task, *args)
 
-    monkeypatch.setattr(Pipeline, "_train_one", counting)
+    monkeypatch.setattr(Pipeline, "train_adapter", counting)
     return seen
 
 
@@ -126,7 +128,7 @@ def test_cli_bad_jobs_exits_2(tmp_path, jobs) -> None:
 
 @pytest.mark.slow
 def test_run_with_two_jobs_gives_the_files_of_one_process(tiny_model_dir, tmp_path, tasks) -> None:
-    from osrm_core.runs import run_experiment
+    from osrm_core.pipeline import run_experiment
 
     config = tiny_config(tiny_model_dir, train={"steps": 8, "batch_size": 8, "lr": 5e-2, "warmup_ratio": 0.0})
     one = run_experiment(config, tmp_path / "one", tasks=tasks)

@@ -1,8 +1,9 @@
 """One report over the two long-training study folders that ran side by side.
 
-    python reports/long-training/combine.py ../runs/long-training ../runs/long-training-controls
+    python reports/long-training/combine.py ../runs/long-training ../runs/long-training-controls \
+        ../runs/long-training-osrm-gen
 
-Links every finished variant of both folders into ``../runs/long-training-all/runs`` and writes
+Links every finished variant (a run with its summary) of both folders into ``../runs/long-training-all/runs`` and writes
 the study report over all of them there, then copies ``report.md``, ``tables/``, ``figures/`` and
 the wall times into this folder.
 """
@@ -30,7 +31,7 @@ def main(folders: list[str]) -> None:
     for folder in folders:
         for run in sorted((Path(folder) / "runs").iterdir()):
             link = out / "runs" / run.name
-            if not link.exists():
+            if (run / "results" / "summary.json").is_file() and not link.exists():
                 link.symlink_to(run.resolve(), target_is_directory=True)
     seconds = {str(f): study_seconds(f) for f in folders}
     (out / "timing.json").write_text(json.dumps({"seconds": round(sum(seconds.values()), 1)}))
