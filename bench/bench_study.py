@@ -1,6 +1,7 @@
 """Item 7: a study in two processes against one process with two threads.
 
-The same small study (default MiniLM, two demo tasks, four inits, short training) is run twice
+The same small study (default MiniLM, two demo tasks, two inits in the quick run and four
+inits x two seeds in the full one, short training) is run twice
 by the command line, each in a fresh output folder, on the same two cores (``taskset`` to CPUs
 0 and 1 when the machine has more): once as one process with two torch threads
 (``OMP_NUM_THREADS=2``), once with ``--jobs 2`` (two worker processes with one thread each;
@@ -27,17 +28,17 @@ from bench._common import ROOT, Context, Row, median, paired_ratio, rounded
 INITS = ["standard", "osrm", "osrm_gen", "osrm_mean"]
 
 
-def study_yaml(seeds: list[int]) -> dict:
+def study_yaml(inits: list[str], seeds: list[int], steps: int) -> dict:
     base = {
         "name": "bench-study",
         "tasks": [{"name": k, "spec": f"demo:{k}"} for k in ("sentiment", "topic")],
         "samples": 32,
         "max_length": 48,
         "max_test": 32,
-        "train": {"steps": 20, "batch_size": 16, "lr": 2e-3, "head_lr": 1e-2},
+        "train": {"steps": steps, "batch_size": 16, "lr": 2e-3, "head_lr": 1e-2},
         "merge": {"methods": ["task_arithmetic"], "lambdas": [0.5, 1.0]},
     }
-    return {"name": "bench-study", "base": base, "inits": INITS, "constraints": ["none"], "seeds": seeds,
+    return {"name": "bench-study", "base": base, "inits": inits, "constraints": ["none"], "seeds": seeds,
             "sample_sizes": [32], "ranks": [8], "a_lr_scales": [1.0]}
 
 
@@ -57,18 +58,18 @@ def _run(config: Path, out: Path, jobs: int) -> float:
 
 
 def study_row(ctx: Context) -> Row:
-    seeds = [0] if ctx.quick else [0, 1]
+    inits, seeds, steps = (INITS[:2], [0], 10) if ctx.quick else (INITS, [0, 1], 20)
     pairs = 1 if ctx.quick else 2
     samples: dict[str, list[float]] = {"one_process": [], "jobs2": []}
     with tempfile.TemporaryDirectory(prefix="osrm-bench-study-") as tmp:
         config = Path(tmp) / "study.yaml"
-        config.write_text(yaml.safe_dump(study_yaml(seeds), sort_keys=False))
+        config.write_text(yaml.safe_dump(study_yaml(inits, seeds, steps), sort_keys=False))
         for k in range(pairs):
             order = [("one_process", 1), ("jobs2", 2)]
             for side, jobs in order if k % 2 == 0 else order[::-1]:
                 ctx.log(f"7 study, {side}")
                 samples[side].append(_run(config, Path(tmp) / f"{side}-{k}", jobs))
-    variants = len(INITS) * len(seeds)
+    variants = len(inits) * len(seeds)
     return Row(
         "7",
         "study: 1 process x 2 threads / --jobs 2 (wall time)",
@@ -78,8 +79,8 @@ def study_row(ctx: Context) -> Row:
         ours=median(samples["jobs2"]),
         baseline=median(samples["one_process"]),
         repeats=pairs,
-        detail=(f"osrm study on 2 cores: {variants} variants ({', '.join(INITS)} x seeds {seeds}), default MiniLM, "
-                "demo sentiment + topic, 20 steps, rank 8, 32 test examples, task arithmetic at 2 lambdas; "
+        detail=(f"osrm study on 2 cores: {variants} variants ({', '.join(inits)} x seeds {seeds}), default MiniLM, "
+                f"demo sentiment + topic, {steps} steps, rank 8, 32 test examples, task arithmetic at 2 lambdas; "
                 "whole command (start-up, statistics, report) timed"),
         command=ctx.cmd("7"),
         samples=rounded(samples, 2),
