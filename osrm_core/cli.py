@@ -153,7 +153,7 @@ def cmd_run(args) -> None:
     config = RunConfig.from_yaml(args.config)
     out = args.out or f"runs/{config.name}"
     _join(config)
-    summary = run_experiment(config, out, progress=_progress_bar())
+    summary = run_experiment(config, out, progress=_progress_bar(), jobs=args.jobs)
     if summary:  # the other ranks of a data-parallel job return an empty summary
         _emit(args, {"run_dir": out, **summary}, f"run directory: {out}\n" + _summary_text(summary))
 
@@ -317,7 +317,7 @@ def cmd_study(args) -> None:
         raise UsageError("give a study config file, or --quick for the small study on the demo tasks")
     study = quick_study_config() if args.config is None else StudyConfig.from_yaml(args.config)
     out = args.out or f"runs/{study.name}"
-    report = run_study(study, out, progress=_progress_bar(),
+    report = run_study(study, out, jobs=args.jobs, progress=_progress_bar(),
                        on_stage=lambda s: print(s, file=sys.stderr))
     _emit(args, {"report": str(report)}, f"report: {report}")
 
@@ -374,6 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run or resume an experiment from a config.yaml")
     p.add_argument("config")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="fine-tune the adapters (inits x tasks) in this many processes, the CPU cores split between them")
     out_and_json(p)
     p.set_defaults(func=cmd_run)
 
@@ -425,6 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("study", help="the evidence study: inits x constraints x seeds x ablations, with a report")
     p.add_argument("config", nargs="?", default=None, help="study YAML (base run config + what to vary)")
     p.add_argument("--quick", action="store_true", help="a small study on the demo tasks")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="variants run in this many processes, the CPU cores split between them (default 1)")
     out_and_json(p)
     p.set_defaults(func=cmd_study)
 

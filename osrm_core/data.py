@@ -67,6 +67,11 @@ class Split:
         pair = None if self.text_pair is None else self.text_pair[:n]
         return Split(self.text[:n], self.label[:n], pair)
 
+    def take(self, indices: np.ndarray) -> Split:
+        """The examples at ``indices``, in that order."""
+        pair = None if self.text_pair is None else [self.text_pair[i] for i in indices]
+        return Split([self.text[i] for i in indices], self.label[indices], pair)
+
 
 @dataclass
 class TaskData:

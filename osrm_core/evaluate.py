@@ -7,6 +7,7 @@ runs that task's test set: no model is reloaded and no PEFT model is rebuilt per
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import time
@@ -22,6 +23,7 @@ from torch import nn
 from osrm_core.adapters import Adapter
 from osrm_core.batching import iter_batches, move_batch
 from osrm_core.data import Split, TaskData
+from osrm_core.embed_cache import EmbeddingCache
 from osrm_core.models import decoder_position_ids, head_module_names, weight_as_linear
 from osrm_core.stats import FeatureStats
 
@@ -125,6 +127,9 @@ class SweepEngine:
         Each task's fine-tuned adapter (for its head and its single-task delta).
     max_test : int, optional
         Test examples per task.
+    cache_embeddings : bool
+        Compute the embeddings' output of each test batch once per sweep when no adapter
+        changes the embeddings (see :mod:`osrm_core.embed_cache`).
     """
 
     def __init__(
@@ -137,6 +142,7 @@ class SweepEngine:
         max_test: int | None = None,
         batch_size: int = 64,
         max_length: int = 128,
+        cache_embeddings: bool = True,
     ) -> None:
         missing = [t.name for t in tasks if t.name not in adapters]
         if missing:
@@ -152,12 +158,14 @@ class SweepEngine:
         self.w0 = {n: weight_as_linear(m).detach().clone() for n, m in self.layers.items()}
         self.head_names = head_module_names(model)
         self.original_heads = {h: getattr(model, h) for h in self.head_names}
+        self.tokenizer, self.batch_size, self.max_length = tokenizer, batch_size, max_length
         self.tasks: dict[str, _TaskEval] = {}
         for task in tasks:
             test = task.test.head(max_test)
             batches, order = tokenize_for_eval(tokenizer, test, batch_size, max_length)
             self.tasks[task.name] = _TaskEval(task, test, batches, order, self._heads(adapters[task.name]))
         self.forward_seconds = 0.0
+        self.embeddings = EmbeddingCache(model, layer_names) if cache_embeddings else None
 
     def _heads(self, adapter: Adapter) -> dict[str, nn.Module]:
         heads = {}
@@ -192,13 +200,19 @@ class SweepEngine:
         out = {}
         for name in names or list(self.tasks):
             te = self.tasks[name]
-            for h, module in te.heads.items():
-                setattr(self.model, h, module)
-            start = time.perf_counter()
-            pred = predict(self.model, None, te.test, batches=te.batches, order=te.order)
-            self.forward_seconds += time.perf_counter() - start
-            out[name] = score(te.task.metric, te.test.label, pred)
+            out[name] = score(te.task.metric, te.test.label, self.predict(name, te.batches, te.order))
         return out
+
+    def predict(self, name: str, batches: list[dict[str, torch.Tensor]], order: np.ndarray) -> np.ndarray:
+        """Task ``name``'s predicted labels for ``batches`` (see :func:`tokenize_for_eval`) on the
+        model as it is now, with that task's head."""
+        for h, module in self.tasks[name].heads.items():
+            setattr(self.model, h, module)
+        start = time.perf_counter()
+        with self.embeddings.replay(batches) if self.embeddings else contextlib.nullcontext():
+            pred = predict(self.model, None, self.tasks[name].test, batches=batches, order=order)
+        self.forward_seconds += time.perf_counter() - start
+        return pred
 
     def single_task_scores(self) -> dict[str, float]:
         """Each task with only its own adapter (the reference for normalized scores)."""

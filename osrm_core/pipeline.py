@@ -134,11 +134,12 @@ class Pipeline:
 
     # ---- stages
     @_holding_lock
-    def run_all(self) -> dict:
+    def run_all(self, jobs: int = 1) -> dict:
         """Every stage. In a data-parallel job (torchrun, accelerate launch) all ranks share the
         statistics and the fine-tuning; rank 0 alone writes the run directory, then runs the
-        sweeps, diagnostics and summary while the other ranks return an empty dict."""
-        if not self.train_adapters():
+        sweeps, diagnostics and summary while the other ranks return an empty dict. Otherwise
+        ``jobs > 1`` fine-tunes the adapters (one per init and task) in that many processes."""
+        if not self.train_adapters(jobs):
             return {}
         for init in self.config.inits:
             self.stage_sweep(init)
@@ -175,12 +176,21 @@ class Pipeline:
         return written
 
     @_holding_lock
-    def train_adapters(self) -> dict[str, dict[str, float]]:
+    def train_adapters(self, jobs: int = 1) -> dict[str, dict[str, float]]:
         """Statistics and fine-tuning for every init (``osrm train``): the test score per init and
         task on rank 0 (the other ranks of a data-parallel job get an empty dict). Every rank
-        takes part in the statistics and the fine-tuning."""
+        takes part in the statistics and the fine-tuning. ``jobs > 1`` (one process only)
+        fine-tunes in that many processes, see :meth:`train_parallel`."""
+        from osrm_core.parallel import threads_per_job
+
+        threads_per_job(jobs)
+        if jobs > 1 and dist_info().active:
+            raise ValueError("jobs > 1 splits one machine's cores between processes; a data-parallel "
+                             "job (torchrun, accelerate launch) already has one per device: drop --jobs")
         self.create()
         self.stage_stats()
+        if jobs > 1:
+            self.train_parallel(jobs)
         for init in self.config.inits:
             self.stage_adapters(init)
         if not is_main_process():
@@ -279,6 +289,25 @@ class Pipeline:
                     key, time.perf_counter() - start, [out / "adapter_model.safetensors", out / "train.json"]
                 )
             barrier(f"writing the adapter {init}/{task.name}")
+
+    def train_parallel(self, jobs: int) -> None:
+        """Fine-tune the adapters not yet done in ``jobs`` processes (the statistics must be in
+        place); this process records each one in the manifest as it finishes."""
+        from osrm_core.parallel import run_parallel
+
+        units = [(self.config, self.run.path, self.tasks(), init, i)
+                 for init in self.config.inits for i, task in enumerate(self.tasks())
+                 if not self.run.is_done(f"adapters/{init}/{task.name}")]
+
+        def done(k: int, trained: tuple[str, str, float, dict]) -> None:
+            init, name, seconds, result = trained
+            out = self.run.adapter_path(init, name)
+            write_json(out / "train.json", result)
+            self.run.mark_done(f"adapters/{init}/{name}", seconds,
+                               [out / "adapter_model.safetensors", out / "train.json"])
+            self._tick(k + 1, len(units), f"fine-tuned {init}/{name}")
+
+        run_parallel(_train_unit, units, jobs, on_done=done)
 
     def all_stats(self) -> list[FeatureStats]:
         """Every task's statistics from the run directory, in task order."""
@@ -452,7 +481,16 @@ def build_summary(run: RunDir, task_names: list[str], inits: list[str]) -> dict:
     return out
 
 
-def run_experiment(config: RunConfig, out: str | Path, **options) -> dict:
+def _train_unit(unit: tuple) -> tuple[str, str, float, dict]:
+    """One adapter of :meth:`Pipeline.train_parallel`, in a worker process."""
+    config, path, tasks, init, index = unit
+    start = time.perf_counter()
+    result = Pipeline(config, path, tasks=tasks).train_adapter(init, index, tasks[index])
+    return init, tasks[index].name, time.perf_counter() - start, result
+
+
+def run_experiment(config: RunConfig, out: str | Path, *, jobs: int = 1, **options) -> dict:
     """Run (or resume) the whole experiment of ``config`` in ``out``; returns the summary.
-    ``options``: those of :class:`Pipeline` (``progress``, ``on_stage``, ``tasks``)."""
-    return Pipeline(config, out, **options).run_all()
+    ``options``: those of :class:`Pipeline` (``progress``, ``on_stage``, ``tasks``); ``jobs``
+    processes fine-tune the adapters (see :meth:`Pipeline.run_all`)."""
+    return Pipeline(config, out, **options).run_all(jobs)

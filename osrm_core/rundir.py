@@ -114,6 +114,21 @@ class RunDir:
             },
         )
 
+    def take_merge_settings(self, config: RunConfig) -> bool:
+        """Adopt ``config``'s merge settings (methods, lambdas, densities) in a run that is
+        otherwise the same, so that only its sweeps are computed again; returns whether they changed."""
+        old = self.config()
+        if old.model_dump(exclude={"merge"}) != config.model_dump(exclude={"merge"}):
+            raise ConfigError(f"run directory {str(self.path)!r} holds a run with other settings than merging")
+        if old.merge == config.merge:
+            return False
+        manifest = self.manifest()
+        manifest["stages"] = {k: v for k, v in manifest["stages"].items() if not k.startswith("sweep/")}
+        manifest.pop("status", None)
+        write_json(self.manifest_path, manifest)
+        write_text(self.config_path, config.to_yaml())
+        return True
+
     def remove_partial_files(self) -> list[Path]:
         """Delete the half-written temporary files (``.NAME.XXXX.tmp``, see
         :func:`osrm_core.atomic.atomic_path`) that a killed process leaves behind.

@@ -75,7 +75,9 @@ class TrainSettings(BaseModel):
     ``lr`` is the learning rate of the LoRA matrices, ``head_lr`` that of the classification
     head (default ``lr``), ``a_lr_scale`` multiplies ``lr`` for the A matrices (makes up for a
     low-energy subspace); ``constraint`` keeps A in its subspace during training and
-    ``penalty_beta`` weighs the ``penalty`` constraint.
+    ``penalty_beta`` weighs the ``penalty`` constraint. ``length_group`` batches are drawn
+    together, sorted by length and cut again (less padding; 1 takes the examples as drawn, see
+    :func:`osrm_core.train.training_batches`).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -90,6 +92,7 @@ class TrainSettings(BaseModel):
     constraint: ConstraintName = Field("none", description="training constraint: " + ", ".join(CONSTRAINTS))
     penalty_beta: float = Field(1e-3, ge=0)
     eval_batch_size: int = Field(64, ge=1)
+    length_group: int = Field(16, ge=1, description="batches drawn together and grouped by length (1: off)")
 
 
 class MergeSettings(BaseModel):

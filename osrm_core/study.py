@@ -30,13 +30,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from osrm_core import viz
 from osrm_core.atomic import write_json, write_text
 from osrm_core.constraints import check_constraint
+from osrm_core.growth import check_growth, prepare_run
 from osrm_core.inits import OSRM_METHODS
 from osrm_core.lock import DirLock
 from osrm_core.pipeline import Pipeline
 from osrm_core.runcheck import read_csv_checked
 from osrm_core.rundir import RunDir, write_csv
 from osrm_core.settings import (
-    ConfigError,
     ConstraintName,
     InitName,
     MergeSettings,
@@ -205,28 +205,37 @@ def variant_config(study: StudyConfig, v: dict) -> RunConfig:
 # --------------------------------------------------------------------------- running
 
 
-def run_study(study: StudyConfig, out: str | Path, *, progress: Progress | None = None,
+def run_study(study: StudyConfig, out: str | Path, *, jobs: int = 1, progress: Progress | None = None,
               on_stage: Callable[[str], None] | None = None, tasks=None) -> Path:
-    """Run (or resume) every variant of ``study`` under ``out/runs/`` and write the report.
+    """Run (or resume, or grow) every variant of ``study`` under ``out/runs/`` and write the report.
 
-    Variants whose statistics settings match (same seed and samples) share one collection.
-    ``tasks`` (optional) are used by every variant instead of loading the base's task entries.
-    The study directory is locked meanwhile (:class:`osrm_core.lock.DirLock`; a second writer
-    gets :class:`osrm_core.lock.LockedError`), and each variant's run directory too.
+    A study directory grows: a config that adds seeds, inits, ablations, merge methods or
+    lambdas reuses the finished variants whose settings match and
+    computes only what is new (sweeps alone where only the merge settings changed); a config
+    that changes a finished variant's settings is refused, naming the variant, before anything
+    is written. Variants whose statistics settings match share one collection, made here
+    first; the rest of each variant (fine-tuning, sweeps, diagnostics) runs in ``jobs``
+    processes (see :mod:`osrm_core.parallel`). ``tasks`` (optional) are used by every variant
+    instead of loading the base's task entries. The study directory is locked meanwhile
+    (:class:`osrm_core.lock.DirLock`; a second writer gets :class:`osrm_core.lock.LockedError`),
+    and each variant's run directory too.
     """
+    from osrm_core.parallel import threads_per_job
+
+    threads_per_job(jobs)  # a bad --jobs fails before any work
     with DirLock(out):
-        return _run_study(study, Path(out), progress, on_stage, tasks)
+        return _run_study(study, Path(out), jobs, progress, on_stage, tasks)
 
 
-def _run_study(study: StudyConfig, out: Path, progress: Progress | None,
+def _run_study(study: StudyConfig, out: Path, jobs: int, progress: Progress | None,
                on_stage: Callable[[str], None] | None, tasks) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    config_path = out / "study.yaml"
-    text = yaml.safe_dump(study.model_dump(mode="json"), sort_keys=False)
-    if config_path.is_file() and config_path.read_text(encoding="utf-8") != text:
-        raise ConfigError(f"study directory {str(out)!r} holds another study; use another --out")
-    write_text(config_path, text)
+    from osrm_core.parallel import run_parallel
+
     todo = variants(study)
+    check_growth(out, [(variant_name(v, study.base.train.lr), variant_config(study, v)) for v in todo])
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / "study.yaml", yaml.safe_dump(study.model_dump(mode="json"), sort_keys=False))
+    stage = on_stage or (lambda s: None)
     timing = out / "timing.json"  # wall time of the variants, summed over resumed invocations
     spent = study_seconds(out)
     start = time.perf_counter()
@@ -234,23 +243,47 @@ def _run_study(study: StudyConfig, out: Path, progress: Progress | None,
     stats_runs: dict[str, RunDir] = {}  # variants that collect equal statistics share them
     for k, v in enumerate(todo):
         name = variant_name(v, study.base.train.lr)
-        if on_stage:
-            on_stage(f"variant {k + 1}/{len(todo)}: {name}")
+        stage(f"statistics {k + 1}/{len(todo)}: {name}")
         pipeline = Pipeline(variant_config(study, v), out / "runs" / name, progress=progress,
                             tasks=tasks or tasks_by_seed.get(v["seed"]))
+        prepare_run(pipeline)
         key = pipeline.config.stats_key()
         if key in stats_runs:
             pipeline.reuse_stats(stats_runs[key])
-        pipeline.run_all()
-        stats_runs.setdefault(key, pipeline.run)
+        else:
+            pipeline.stage_stats()
+            stats_runs[key] = pipeline.run
         tasks_by_seed.setdefault(v["seed"], pipeline.tasks())
-        if v["group"] == "main":
-            pairwise_loss(pipeline, study.pair_lambda)
+    left = [v for v in todo if not _variant_done(study, out, v)]
+    items = [(study, out, v, tasks or tasks_by_seed[v["seed"]], progress if jobs == 1 else None) for v in left]
+
+    def done(k: int, name: str) -> None:
         write_json(timing, {"seconds": round(spent + time.perf_counter() - start, 1)})
-    if on_stage:
-        on_stage("report")
+        stage(f"variant {k + 1}/{len(left)} done: {name}")
+
+    run_parallel(_run_variant, items, jobs, on_done=done)
+    write_json(timing, {"seconds": round(spent + time.perf_counter() - start, 1)})
+    stage("report")
     write_report(study, out)
     return out / "report.md"
+
+
+def _variant_done(study: StudyConfig, out: Path, v: dict) -> bool:
+    run = RunDir(out / "runs" / variant_name(v, study.base.train.lr))
+    pairwise = run.read_csv("pairwise.csv")
+    pairs_ok = v["group"] != "main" or (pairwise is not None and (pairwise["lambda"] == study.pair_lambda).all())
+    return run.manifest().get("status") == "done" and pairs_ok
+
+
+def _run_variant(item: tuple) -> str:
+    """Fine-tune, sweep and diagnose one variant whose statistics are in place (a worker's unit)."""
+    study, out, v, tasks, progress = item
+    name = variant_name(v, study.base.train.lr)
+    pipeline = Pipeline(variant_config(study, v), out / "runs" / name, progress=progress, tasks=tasks)
+    pipeline.run_all()
+    if v["group"] == "main":
+        pairwise_loss(pipeline, study.pair_lambda)
+    return name
 
 
 def study_seconds(out: str | Path) -> float:
@@ -279,7 +312,9 @@ def pairwise_loss(pipeline: Pipeline, lam: float) -> pd.DataFrame:
     run = pipeline.run
     path = run.result_path("pairwise.csv")
     if path.is_file():
-        return pd.read_csv(path)
+        done = pd.read_csv(path)
+        if "lambda" in done and (done["lambda"] == lam).all():
+            return done
     engine = pipeline.sweep_engine(pipeline.config.inits[0])
     adapters = engine.adapters
     single = engine.single_task_scores()
@@ -288,7 +323,7 @@ def pairwise_loss(pipeline: Pipeline, lam: float) -> pd.DataFrame:
     for i, j in itertools.permutations(names, 2):
         engine.apply(merge_deltas([adapters[i].deltas(), adapters[j].deltas()], "task_arithmetic"), lam)
         merged = engine.evaluate([i])[i]
-        rows.append({"data": i, "adapter": j, "single": single[i], "merged": merged, "loss": single[i] - merged})
+        rows.append({"data": i, "adapter": j, "lambda": lam, "single": single[i], "merged": merged, "loss": single[i] - merged})
     engine.restore()
     df = pd.DataFrame(rows)
     write_csv(path, df)

@@ -9,7 +9,7 @@ during training: ``freeze_A``, ``project`` (A projected back after every step) o
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from osrm_core.adapters import Adapter, LoraWeights, lora_from_model, write_adapter
-from osrm_core.batching import iter_batches, move_batch
+from osrm_core.batching import iter_batches, length_order, move_batch
 from osrm_core.constraints import get_constraint
 from osrm_core.data import TaskData
 from osrm_core.evaluate import evaluate_model
@@ -56,6 +56,29 @@ def _lr_lambda(steps: int, warmup: int) -> Callable[[int], float]:
         return max(0.0, (steps - step) / max(1, steps - warmup))
 
     return f
+
+
+def training_batches(tokenizer, split, config: TrainSettings, *, max_length: int, seed: int) -> Iterator[np.ndarray]:
+    """The example indices of each of ``config.steps`` batches, repeatable from ``seed``.
+
+    Examples are drawn from seeded permutations of ``split``; ``config.length_group`` batches
+    at a time are sorted by tokenized length (stable), cut into batches, and those batches
+    taken in a seeded random order: batches of similar lengths pad less, and every example of
+    the permutation is still used once per epoch.
+    """
+    rng = np.random.default_rng(seed)
+    n, size = len(split), config.batch_size
+    order = np.empty(0, dtype=np.int64)
+    for first in range(0, config.steps, config.length_group):
+        count = min(config.length_group, config.steps - first)
+        while len(order) < count * size:
+            order = np.concatenate([order, rng.permutation(n)])
+        pool, order = order[: count * size], order[count * size :]
+        if count > 1:
+            pool = pool[length_order(tokenizer, split, pool, max_length)]
+            yield from (pool[k * size : (k + 1) * size] for k in rng.permutation(count))
+        else:
+            yield pool
 
 
 def finetune(
@@ -159,9 +182,7 @@ def finetune(
         model, step_optimizer = accelerator.prepare(peft_model, optimizer)
     trainable = [p for g in groups for p in g["params"]]
 
-    rng = np.random.default_rng(seed)
-    n = len(task.train)
-    order = np.empty(0, dtype=np.int64)
+    batches = training_batches(tokenizer, task.train, config, max_length=max_length, seed=seed)
     result = TrainResult(task.name, task.metric, float("nan"))
     start = time.perf_counter()
     peft_model.train()
@@ -169,9 +190,7 @@ def finetune(
         # Every rank draws the same batches (same numpy seed); dropout differs per rank.
         torch.manual_seed(seed + (info.rank if parallel else 0))
         for step in range(config.steps):
-            if len(order) < config.batch_size:
-                order = np.concatenate([order, rng.permutation(n)])
-            idx, order = order[: config.batch_size], order[config.batch_size :]
+            idx = next(batches)
             local = idx[info.rank :: info.world] if parallel else idx
             batch = next(
                 iter_batches(

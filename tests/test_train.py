@@ -16,7 +16,7 @@ from osrm_core.batching import iter_batches
 from osrm_core.data import Split, TaskData
 from osrm_core.inits import init_lora
 from osrm_core.settings import TrainSettings
-from osrm_core.train import adapter_of, finetune, save_adapter
+from osrm_core.train import adapter_of, finetune, save_adapter, training_batches
 
 RANK = 2
 #: Settings under which the tiny random BERT learns the easy task in a fraction of a second.
@@ -176,6 +176,7 @@ def test_penalty_lowers_the_energy_in_the_others_subspace(
         ("max_grad_norm", 0.0),
         ("penalty_beta", -1e-3),
         ("constraint", "orthogonal"),
+        ("length_group", 0),
     ],
 )
 def test_train_config_rejects(field, value) -> None:
@@ -208,3 +209,42 @@ def test_pissa_adapter_reproduces_the_model_on_the_original_base(
         atol=1e-5,
         rtol=1e-4,
     )
+
+
+def _varied_split(n: int) -> Split:
+    """Examples of 1 to 12 words: lengths that padding makes expensive."""
+    rng = np.random.default_rng(1)
+    return Split([" ".join(["good"] * int(k)) for k in rng.integers(1, 13, n)], np.arange(n) % 2)
+
+
+def _padding(tokenizer, split: Split, batches: list[np.ndarray]) -> int:
+    lengths = np.array([len(x) for x in tokenizer(split.text, truncation=True, max_length=16)["input_ids"]])
+    return int(sum(lengths[b].max() * len(b) - lengths[b].sum() for b in batches))
+
+
+def test_length_groups_pad_less_and_keep_each_epoch(tokenizer) -> None:
+    split = _varied_split(64)
+    grouped = TrainSettings(steps=8, batch_size=8, length_group=8)
+    plain = TrainSettings(steps=8, batch_size=8, length_group=1)
+    a = list(training_batches(tokenizer, split, grouped, max_length=16, seed=3))
+    b = list(training_batches(tokenizer, split, plain, max_length=16, seed=3))
+    again = training_batches(tokenizer, split, grouped, max_length=16, seed=3)
+    assert [x.tolist() for x in a] == [x.tolist() for x in again]
+    assert sorted(np.concatenate(a).tolist()) == list(range(64))  # one epoch, each example once
+    assert _padding(tokenizer, split, a) < _padding(tokenizer, split, b) / 3
+    # length_group=1 draws the batches of the plain loop: slices of seeded permutations
+    rng = np.random.default_rng(3)
+    perm = rng.permutation(64)
+    assert [x.tolist() for x in b] == [perm[k * 8 : (k + 1) * 8].tolist() for k in range(8)]
+
+
+def test_length_groups_train_repeatably(make_tiny_model, tokenizer) -> None:
+    task = TaskData("varied", _varied_split(48), _varied_split(16), ["a", "b"])
+    config = TrainSettings(**{**FAST, "steps": 12, "length_group": 4})
+    runs = []
+    for _ in range(2):
+        model = init_lora(make_tiny_model(), "standard", rank=RANK, alpha=4, seed=0)
+        runs.append((finetune(model, tokenizer, task, config, max_length=16).losses, _a(model)))
+    assert runs[0][0] == runs[1][0]
+    for name in runs[0][1]:
+        assert torch.equal(runs[0][1][name], runs[1][1][name])

@@ -1,0 +1,143 @@
+"""Studies that grow, and studies and runs in several processes: finished variants are reused, only
+what is new is computed, a changed variant is refused by name, and ``jobs=2`` gives the same
+files as one process."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+from test_pipeline import TASKS, _word_task, tiny_config
+
+from osrm_core.parallel import threads_per_job
+from osrm_core.pipeline import Pipeline
+from osrm_core.rundir import RunDir
+from osrm_core.settings import ConfigError
+from osrm_core.study import StudyConfig, run_study, variant_name, variants
+
+
+def small_study(model_dir, **changes) -> StudyConfig:
+    base = tiny_config(model_dir, train={"steps": 8, "batch_size": 8, "lr": 5e-2, "warmup_ratio": 0.0},
+                       merge={"methods": ["task_arithmetic"], "lambdas": [0.5, 1.0]})
+    settings = dict(name="grow", base=base, inits=["standard"], constraints=["none"], seeds=[0],
+                    sample_sizes=[base.samples], ranks=[base.rank], a_lr_scales=[1.0])
+    return StudyConfig(**{**settings, **changes})
+
+
+@pytest.fixture
+def tasks():
+    return [_word_task(t, seed) for seed, t in enumerate(TASKS)]
+
+
+@pytest.fixture
+def trainings(monkeypatch) -> list[str]:
+    """The run directories of every adapter trained from now on."""
+    seen: list[str] = []
+    train_adapter = Pipeline.train_adapter
+
+    def counting(self, init, index, task, *args):
+        seen.append(self.run.path.name)
+        return train_adapter(self, init, index, task, *args)
+
+    monkeypatch.setattr(Pipeline, "train_adapter", counting)
+    return seen
+
+
+def test_growing_by_one_seed_trains_only_that_seed(tiny_model_dir, tmp_path, tasks, trainings) -> None:
+    out = tmp_path / "study"
+    run_study(small_study(tiny_model_dir), out, tasks=tasks)
+    assert trainings == ["standard-none-n12-r2-a1-s0"] * len(TASKS)
+    first = RunDir(out / "runs" / "standard-none-n12-r2-a1-s0")
+    before = first.manifest()
+    trainings.clear()
+    grown = small_study(tiny_model_dir, seeds=[0, 1])
+    run_study(grown, out, tasks=tasks)
+    assert trainings == ["standard-none-n12-r2-a1-s1"] * len(TASKS)
+    assert first.manifest()["stages"] == before["stages"]  # the finished variant was not touched
+    q1 = pd.read_csv(out / "tables" / "q1_merged.csv")
+    assert (q1["seeds"] == 2).all()
+
+
+def test_adding_lambdas_and_methods_recomputes_only_the_sweeps(tiny_model_dir, tmp_path, tasks, trainings) -> None:
+    out = tmp_path / "study"
+    run_study(small_study(tiny_model_dir), out, tasks=tasks)
+    run = RunDir(out / "runs" / "standard-none-n12-r2-a1-s0")
+    stats_before = {k: v for k, v in run.manifest()["stages"].items() if not k.startswith("sweep/")}
+    trainings.clear()
+    study = small_study(tiny_model_dir)
+    merge = study.base.merge.model_copy(update={"methods": ["task_arithmetic", "ties"], "lambdas": [0.5, 1.0, 1.5]})
+    grown = study.model_copy(update={"base": study.base.model_copy(update={"merge": merge})})
+    run_study(grown, out, tasks=tasks)
+    assert trainings == []
+    stages = run.manifest()["stages"]
+    assert {k: v for k, v in stages.items() if not k.startswith("sweep/")} == stats_before
+    sweep = run.read_csv("sweep_standard.csv")
+    assert set(sweep["method"]) == {"task_arithmetic", "ties"} and set(sweep["lambda"]) == {0.5, 1.0, 1.5}
+    assert run.config().merge == merge
+
+
+def test_changing_a_finished_variant_is_refused_by_name(tiny_model_dir, tmp_path, tasks) -> None:
+    out = tmp_path / "study"
+    run_study(small_study(tiny_model_dir), out, tasks=tasks)
+    saved = (out / "study.yaml").read_text()
+    study = small_study(tiny_model_dir, seeds=[0, 1])
+    changed = study.model_copy(update={"base": study.base.model_copy(
+        update={"train": study.base.train.model_copy(update={"steps": 9})})})
+    with pytest.raises(ConfigError, match=r"variant 'standard-none-n12-r2-a1-s0' was run with other settings "
+                                          r"\(train.steps changed\)"):
+        run_study(changed, out, tasks=tasks)
+    assert (out / "study.yaml").read_text() == saved  # refused before anything was written
+    assert not (out / "runs" / "standard-none-n12-r2-a1-s1").exists()
+
+
+@pytest.mark.slow
+def test_two_jobs_give_the_files_of_one_process(tiny_model_dir, tmp_path, tasks) -> None:
+    study = small_study(tiny_model_dir, inits=["standard", "osrm"])
+    assert len(variants(study)) == 2
+    run_study(study, tmp_path / "one", tasks=tasks)
+    run_study(study, tmp_path / "two", tasks=tasks, jobs=2)
+    for v in variants(study):
+        runs = [RunDir(tmp_path / d / "runs" / variant_name(v)) for d in ("one", "two")]
+        for name in (f"sweep_{v['init']}.csv", "pairwise.csv", "interference.csv"):
+            pd.testing.assert_frame_equal(runs[0].read_csv(name), runs[1].read_csv(name))
+        for task in TASKS:
+            path = f"adapters/{v['init']}/{task}/adapter_model.safetensors"
+            assert (runs[0].path / path).read_bytes() == (runs[1].path / path).read_bytes()
+
+
+def test_jobs_split_the_cores() -> None:
+    assert threads_per_job(2, cores=2) == 1
+    assert threads_per_job(2, cores=16) == 8
+    assert threads_per_job(3, cores=16) == 5
+    with pytest.raises(ValueError, match="jobs=3 is more than the 2 CPU cores"):
+        threads_per_job(3, cores=2)
+    with pytest.raises(ValueError, match="jobs must be an integer >= 1, got 0"):
+        threads_per_job(0, cores=2)
+
+
+@pytest.mark.parametrize("jobs", ["0", "100000"])
+def test_cli_bad_jobs_exits_2(tmp_path, jobs) -> None:
+    proc = subprocess.run([sys.executable, "-m", "osrm_core.cli", "study", "--quick", "--jobs", jobs,
+                           "--out", str(tmp_path / "s")], capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error:") and "jobs" in proc.stderr and len(proc.stderr.splitlines()) == 1
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.slow
+def test_run_with_two_jobs_gives_the_files_of_one_process(tiny_model_dir, tmp_path, tasks) -> None:
+    from osrm_core.pipeline import run_experiment
+
+    config = tiny_config(tiny_model_dir, train={"steps": 8, "batch_size": 8, "lr": 5e-2, "warmup_ratio": 0.0})
+    one = run_experiment(config, tmp_path / "one", tasks=tasks)
+    two = run_experiment(config, tmp_path / "two", tasks=tasks, jobs=2)
+    assert one == two
+    runs = [RunDir(tmp_path / d) for d in ("one", "two")]
+    for init in config.inits:
+        pd.testing.assert_frame_equal(runs[0].read_csv(f"sweep_{init}.csv"), runs[1].read_csv(f"sweep_{init}.csv"))
+        for task in TASKS:
+            path = f"adapters/{init}/{task}/adapter_model.safetensors"
+            assert (runs[0].path / path).read_bytes() == (runs[1].path / path).read_bytes()
+            assert runs[1].is_done(f"adapters/{init}/{task}")
