@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from osrm_core.data import DataError
+from osrm_core.data import METRICS, DataError
 from osrm_core.runs import DEFAULT_LAMBDAS, ConfigError, RunConfig, RunDir, TaskEntry
 
 EXAMPLES = """examples:
@@ -66,10 +66,14 @@ def _config_from_args(args, name: str = "run") -> RunConfig:
     tasks = _pairs(args.task, "--task")
     if len(tasks) < 2:
         raise UsageError("give at least two tasks with --task NAME=SPEC")
+    metrics = _pairs(getattr(args, "metric", None), "--metric")
+    unknown = sorted(set(metrics) - set(tasks))
+    if unknown:
+        raise UsageError(f"--metric {unknown[0]}=...: no --task of that name; tasks are {sorted(tasks)}")
     data = {
         "name": name,
         "model": args.model,
-        "tasks": [TaskEntry(name=n, spec=s).model_dump() for n, s in tasks.items()],
+        "tasks": [TaskEntry(name=n, spec=s, metric=metrics.get(n)).model_dump() for n, s in tasks.items()],
         "rank": args.rank,
         "samples": args.samples,
         "seed": args.seed,
@@ -187,6 +191,7 @@ def cmd_init(args) -> None:
 
 def cmd_train(args) -> None:
     pipeline = _pipeline(args, "train")
+    pipeline.trainable_tasks()  # before the statistics
     pipeline.stage_stats()
     results = {}
     for init in pipeline.config.inits:
@@ -199,80 +204,98 @@ def cmd_train(args) -> None:
     _emit(args, {"test_scores": results}, "\n".join(f"{i} {t}: {s:.4f}" for i, r in results.items() for t, s in r.items()))
 
 
-def _load_adapters(args, model=None):
+def _load_adapters(args) -> dict:
+    """The ``--adapter`` folders and zips, read safely (checked against a base model later)."""
     from osrm_core.adapters import load_adapter
 
     specs = _pairs(args.adapter, "--adapter")
     if len(specs) < 2:
         raise UsageError("give at least two adapters with --adapter NAME=DIR_OR_ZIP")
-    return {n: load_adapter(p, model, allow_pickle=getattr(args, "allow_pickle", False)) for n, p in specs.items()}
+    return {n: load_adapter(p, allow_pickle=getattr(args, "allow_pickle", False), name=n) for n, p in specs.items()}
 
 
 def _load_tasks(args, required: bool = True):
     from osrm_core.data import parse_task_spec
 
     specs = _pairs(args.task, "--task")
+    metrics = _pairs(getattr(args, "metric", None), "--metric")
+    unknown = sorted(set(metrics) - set(specs))
+    if unknown:
+        raise UsageError(f"--metric {unknown[0]}=...: no --task of that name; tasks are {sorted(specs)}")
     if required and not specs:
         raise UsageError("give task data with --task NAME=SPEC (one per adapter, same names)")
-    return [parse_task_spec(s, name=n, seed=args.seed) for n, s in specs.items()]
+    return [parse_task_spec(s, name=n, seed=args.seed, metric=metrics.get(n)) for n, s in specs.items()]
+
+
+def _union_stats(args, model, tok, adapters, tasks=None):
+    """Feature statistics of the tasks over the union of the adapters' layers."""
+    from osrm_core.adapters import union_layers
+    from osrm_core.workflows import task_stats
+
+    return task_stats(model, tok, tasks or _load_tasks(args), samples=args.samples,
+                      max_length=args.max_length, target_modules=list(union_layers(adapters)))
 
 
 def cmd_merge(args) -> None:
     from osrm_core.export import merge_adapters, write_merged_adapter, write_merged_model
-    from osrm_core.models import load_base_model
+    from osrm_core.workflows import load_base_for
 
     if not args.out:
         raise UsageError("--out DIR is required")
-    model = tok = None
+    adapters = _load_adapters(args)
+    model = tok = stats = None
     if args.full or args.method == "regmean":
-        model, tok = load_base_model(args.model)
-    adapters = _load_adapters(args, model)
-    stats = None
+        model, tok = load_base_for(adapters, args.model)
     if args.method == "regmean":
-        from osrm_core.workflows import task_stats
-
-        stats = task_stats(model, tok, _load_tasks(args), samples=args.samples,
-                           target_modules=sorted(next(iter(adapters.values())).layers))
+        stats = _union_stats(args, model, tok, adapters)
     params = {"density": args.density} if args.density is not None else {}
     merged = merge_adapters(adapters, args.method, lam=args.lam, stats=stats, seed=args.seed, **params)
     if args.full:
         path = write_merged_model(model, tok, merged, args.out)
-    else:
-        path = write_merged_adapter(args.out, merged, adapters, rank=args.out_rank)
-    _emit(args, {"out": str(path), "layers": len(merged)}, f"merged {len(adapters)} adapters -> {path}")
+        _emit(args, {"out": str(path), "layers": len(merged)}, f"merged {len(adapters)} adapters -> {path} (full weights)")
+        return
+    path, table = write_merged_adapter(args.out, merged, adapters, rank=args.out_rank)
+    size = (path / "adapter_model.safetensors").stat().st_size
+    rank, error = int(table["rank"].iloc[0]), float(table["relative_error"].max())
+    how = "exact" if args.out_rank is None else f"truncated by SVD, largest relative error {error:.3g}"
+    payload = {"out": str(path), "layers": len(merged), "rank": rank, "bytes": size,
+               "max_relative_error": error, "errors": table.to_dict(orient="records")}
+    _emit(args, payload, f"merged {len(adapters)} adapters -> {path}\n"
+          f"rank {rank} on {len(merged)} layers ({how}); adapter_model.safetensors {size / 2**20:.2f} MiB")
 
 
 def cmd_sweep(args) -> None:
-    from osrm_core.models import load_base_model
+    from osrm_core.evaluate import best_points
     from osrm_core.runs import write_csv
-    from osrm_core.workflows import sweep_adapters, task_stats
+    from osrm_core.workflows import load_base_for, sweep_adapters
 
-    model, tok = load_base_model(args.model)
-    adapters = _load_adapters(args, model)
+    adapters = _load_adapters(args)
+    model, tok = load_base_for(adapters, args.model)
     tasks = _load_tasks(args)
-    stats = None
-    if "regmean" in args.methods:
-        stats = task_stats(model, tok, tasks, samples=args.samples,
-                           target_modules=sorted(next(iter(adapters.values())).layers))
+    stats = _union_stats(args, model, tok, adapters, tasks) if "regmean" in args.methods else None
     df = sweep_adapters(model, tok, adapters, tasks, methods=args.methods, lambdas=args.lambdas,
                         densities=args.densities, stats=stats, max_test=args.max_test,
-                        seed=args.seed, progress=_progress_bar())
+                        max_length=args.max_length, seed=args.seed, progress=_progress_bar())
     if args.out:
         write_csv(Path(args.out) / "sweep.csv", df)
-    from osrm_core.evaluate import best_points
-
     best = best_points(df)
-    _emit(args, {"sweep": df.to_dict(orient="records"), "best": best.to_dict(orient="records")}, best.to_string(index=False))
+    per_task = df.pivot_table(index=["method", "density", "lambda"], columns="task", values="score", dropna=False)
+    single = df.groupby("task")[["metric", "single"]].first()
+    lines = ["single-task: " + ", ".join(f"{t} {r.metric}={r.single:.4g}" for t, r in single.iterrows()),
+             "", "per-task scores of the merge:", per_task.to_string(float_format=lambda x: f"{x:.4g}"),
+             "", "best point per method (normalized = merged / single, averaged over tasks):",
+             best.to_string(index=False)]
+    _emit(args, {"sweep": df.to_dict(orient="records"), "best": best.to_dict(orient="records")}, "\n".join(lines))
 
 
 def cmd_diagnose(args) -> None:
-    from osrm_core.models import load_base_model
-    from osrm_core.workflows import diagnose_adapters
+    from osrm_core.workflows import diagnose_adapters, load_base_for
 
-    model, tok = load_base_model(args.model)
-    adapters = _load_adapters(args, model)
+    adapters = _load_adapters(args)
+    model, tok = load_base_for(adapters, args.model)
     tasks = _load_tasks(args)
-    result = diagnose_adapters(model, tok, adapters, tasks, samples=args.samples, rank=args.rank)
+    result = diagnose_adapters(model, tok, adapters, tasks, samples=args.samples, max_length=args.max_length,
+                               rank=args.rank)
     result.pop("stats")
     if args.out:
         from osrm_core.runs import write_csv
@@ -280,7 +303,9 @@ def cmd_diagnose(args) -> None:
         for name, df in result.items():
             write_csv(Path(args.out) / f"{name}.csv", df.reset_index() if name == "matrix" else df)
     payload = {k: (v.reset_index() if k == "matrix" else v).to_dict(orient="records") for k, v in result.items()}
-    text = ["input interference sum_l E||A_j h_i||^2 (rows: adapter j, columns: data i)",
+    text = ["layers each adapter covers",
+            result["coverage"].to_string(index=False),
+            "", "input interference sum_l E||A_j h_i||^2 (rows: adapter j, columns: data i)",
             result["matrix"].to_string(float_format=lambda x: f"{x:.4g}"),
             "", "post-hoc OSRM energy kept (mean over layers)",
             result["posthoc"].groupby("adapter")["energy_kept"].mean().to_string(float_format=lambda x: f"{x:.3f}"),
@@ -315,6 +340,9 @@ def cmd_show(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from osrm_core.init import INIT_METHODS
+    from osrm_core.merge import MERGE_METHODS
+
     parser = argparse.ArgumentParser(
         prog="osrm", description="OSRM workbench: LoRA interference, OSRM init, merging.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -330,7 +358,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--model", default=None, help="Hugging Face id or path (default: packaged MiniLM)")
         if tasks:
             p.add_argument("--task", action="append", metavar="NAME=SPEC",
-                           help="CSV/JSONL file, folder with train/test, demo:KEY or hf:DATASET[/CONFIG]:SPLIT")
+                           help="CSV/JSONL/TXT file (no label column: unlabeled texts), folder with "
+                                "train/test, demo:KEY or hf:DATASET[/CONFIG]:SPLIT")
+            p.add_argument("--metric", action="append", metavar="NAME=METRIC",
+                           help=f"a task's metric, one of {', '.join(METRICS)} (default accuracy; "
+                                "loss for unlabeled texts and causal LMs)")
         if adapters:
             p.add_argument("--adapter", action="append", metavar="NAME=PATH", help="PEFT adapter folder or zip")
             p.add_argument("--allow-pickle", action="store_true", help="also load pickled adapter_model.bin")
@@ -361,7 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  ("train", cmd_train, "initialize and fine-tune an adapter per task")):
         p = sub.add_parser(name, help=helptext)
         common(p)
-        p.add_argument("--init", action="append", choices=["standard", "osrm", "osrm_mean", "osrm_gen", "eva", "pissa"])
+        p.add_argument("--init", action="append", choices=INIT_METHODS,
+                       help=f"initialization, repeatable: {', '.join(INIT_METHODS)}")
         if name == "train":
             p.add_argument("--steps", type=int)
             p.add_argument("--lr", type=float)
@@ -371,7 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("merge", help="merge adapters into one adapter (or full weights)")
     common(p, adapters=True)
-    p.add_argument("--method", default="task_arithmetic")
+    p.add_argument("--method", default="task_arithmetic", choices=MERGE_METHODS, metavar="METHOD",
+                   help=f"merge method: {', '.join(MERGE_METHODS)} (default task_arithmetic)")
     p.add_argument("--lambda", dest="lam", type=float, default=1.0)
     p.add_argument("--density", type=float, default=None)
     p.add_argument("--out-rank", type=int, default=None, help="truncate the merged adapter to this rank")
@@ -380,7 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sweep", help="merged scores of adapters over lambda (and density)")
     common(p, adapters=True)
-    p.add_argument("--methods", nargs="+", default=["task_arithmetic", "ties"])
+    p.add_argument("--methods", nargs="+", default=["task_arithmetic", "ties"], choices=MERGE_METHODS,
+                   metavar="METHOD", help=f"merge methods: {', '.join(MERGE_METHODS)} (default task_arithmetic ties)")
     p.add_argument("--lambdas", nargs="+", type=float, default=DEFAULT_LAMBDAS)
     p.add_argument("--densities", nargs="+", type=float, default=[0.5])
     p.add_argument("--max-test", type=int, default=None)

@@ -84,6 +84,9 @@ class TaskEntry(BaseModel):
     text: str = "text"
     label: str = "label"
     text_pair: str | None = None
+    metric: Literal["accuracy", "mcc", "f1", "loss"] | None = Field(
+        None, description="how the task is scored (default accuracy; loss for unlabeled texts)"
+    )
 
 
 class TrainSettings(BaseModel):
@@ -391,9 +394,9 @@ def write_csv(path: Path, df: pd.DataFrame) -> None:
 def _load_entry(entry: TaskEntry, seed: int) -> TaskData:
     """The task a config entry names; column names apply to files only."""
     if entry.spec.startswith(("demo:", "hf:")):
-        return parse_task_spec(entry.spec, name=entry.name, seed=seed)
+        return parse_task_spec(entry.spec, name=entry.name, seed=seed, metric=entry.metric)
     columns = {"text": entry.text, "label": entry.label, "text_pair": entry.text_pair}
-    return parse_task_spec(entry.spec, name=entry.name, seed=seed, **columns)
+    return parse_task_spec(entry.spec, name=entry.name, seed=seed, metric=entry.metric, **columns)
 
 
 class Pipeline:
@@ -451,10 +454,22 @@ class Pipeline:
         return fresh, tokenizer
 
     # ---- stages
+    def trainable_tasks(self) -> list[TaskData]:
+        """The tasks, all labelled (else ValueError): fine-tuning and sweeps need labels."""
+        tasks = self.tasks()
+        unlabeled = [t.name for t in tasks if not t.labeled]
+        if unlabeled:
+            raise ValueError(
+                f"task {unlabeled[0]!r} has no labels; fine-tuning needs labelled data (plain texts serve "
+                "osrm stats and osrm diagnose)"
+            )
+        return tasks
+
     def run_all(self) -> dict:
         """Every stage. In a data-parallel job (torchrun, accelerate launch) all ranks share the
         statistics and the fine-tuning; rank 0 alone writes the run directory, then runs the
         sweeps, diagnostics and summary while the other ranks return an empty dict."""
+        self.trainable_tasks()  # before any work
         run_on_main(lambda: self.run.create(self.config), "creating the run directory")
         self.stage_stats()
         for init in self.config.inits:
@@ -540,7 +555,7 @@ class Pipeline:
     def stage_adapters(self, init: str) -> None:
         """Initialize and fine-tune one adapter per task (data-parallel when launched so)."""
         self.on_stage(f"fine-tuning ({init})")
-        tasks = self.tasks()
+        tasks = self.trainable_tasks()
         for i, task in enumerate(tasks):
             key = f"adapters/{init}/{task.name}"
             out = self.run.adapter_path(init, task.name)

@@ -160,6 +160,11 @@ def finetune(
     from osrm_core.distributed import all_reduce_sum, dist_info
 
     config = config or TrainConfig()
+    if not task.labeled:
+        raise ValueError(
+            f"task {task.name!r} has no labels; fine-tuning a classifier needs labelled data "
+            "(plain texts serve statistics, diagnosis and causal-LM scoring)"
+        )
     layers = _lora_layers(peft_model)
     if not layers:
         raise ValueError("peft_model has no LoRA layers; build it with osrm_core.init_lora")
@@ -296,7 +301,7 @@ def finetune(
         del model, step_optimizer
     peft_model.eval()
     result.seconds = time.perf_counter() - start
-    if parallel:
+    if parallel and task.metric != "loss":
         result.test_score = _evaluate_sharded(peft_model, tokenizer, task, config)
     else:
         result.test_score = evaluate_model(

@@ -9,11 +9,54 @@ from collections.abc import Callable, Sequence
 
 import pandas as pd
 
-from osrm_core.adapters import Adapter, check_against_model
+from osrm_core.adapters import Adapter, check_against_model, union_layers
 from osrm_core.data import TaskData
 from osrm_core.stats import FeatureStats, collect_feature_stats
 
 Progress = Callable[[int, int, str], None]
+
+
+def is_causal_lm_set(adapters: dict[str, Adapter]) -> bool:
+    """Whether adapters belong on a causal LM (``task_type: CAUSAL_LM``); mixing kinds is refused."""
+    kinds = {a.task_type == "CAUSAL_LM" for a in adapters.values()}
+    if len(kinds) > 1:
+        causal = sorted(n for n, a in adapters.items() if a.task_type == "CAUSAL_LM")
+        raise ValueError(
+            f"adapters {causal} have task_type CAUSAL_LM and the others not; merge adapters of one kind of model"
+        )
+    return kinds == {True}
+
+
+def load_base_for(adapters: dict[str, Adapter], model_name: str | None = None, **kwargs):
+    """The base model the adapters belong on (a causal LM for ``task_type: CAUSAL_LM``, else a
+    classifier) and its tokenizer; every adapter is checked against it."""
+    from osrm_core.models import load_base_model
+
+    model, tokenizer = load_base_model(model_name, causal_lm=is_causal_lm_set(adapters), **kwargs)
+    for name, adapter in adapters.items():
+        check_against_model(adapter, model, where=name)
+    return model, tokenizer
+
+
+def coverage_table(adapters: dict[str, Adapter]) -> pd.DataFrame:
+    """Which of the union of adapted layers each adapter covers.
+
+    Columns ``adapter, layers, of_union, missing`` (``missing``: short names of the layers the
+    adapter has no weights for, e.g. ``key`` x6, empty when it covers all).
+    """
+    union = union_layers(adapters)
+    rows = []
+    for name, adapter in adapters.items():
+        missing = [layer for layer in union if layer not in adapter.layers]
+        counts: dict[str, int] = {}
+        for layer in missing:
+            short = layer.rsplit(".", 1)[-1]
+            counts[short] = counts.get(short, 0) + 1
+        rows.append({
+            "adapter": name, "layers": len(adapter.layers), "of_union": len(union),
+            "missing": ", ".join(f"{k} x{v}" for k, v in counts.items()),
+        })
+    return pd.DataFrame(rows)
 
 
 def task_stats(model, tokenizer, tasks: Sequence[TaskData], *, samples: int = 100, max_length: int = 128,
@@ -41,9 +84,12 @@ def diagnose_adapters(
     """Interference, principal angles, own-task energy and post-hoc OSRM energy for adapters.
 
     ``adapters`` and ``tasks`` are matched by name (every adapter needs the task of the same
-    name). Returns DataFrames ``interference``, ``matrix`` (input energy summed over layers),
-    ``angles``, ``own_energy`` and ``posthoc`` (energy each adapter keeps when projected on
-    its OSRM subspace of rank ``rank``, default the adapter's rank).
+    name). Adapters may cover different layers: statistics are collected for the union, and
+    each adapter contributes where it has weights (whatever the order of ``adapters``).
+    Returns DataFrames ``interference``, ``matrix`` (input energy summed over layers),
+    ``angles``, ``own_energy``, ``posthoc`` (energy each adapter keeps when projected on
+    its OSRM subspace of rank ``rank``, default the adapter's rank) and ``coverage`` (which
+    layers each adapter covers, :func:`coverage_table`). Tasks need no labels.
     """
     from osrm_core.diagnostics import (
         angle_table,
@@ -62,7 +108,7 @@ def diagnose_adapters(
         raise ValueError(f"adapter {missing[0]!r} has no task data of the same name; tasks are {sorted(by_name)}")
     for name, adapter in adapters.items():
         check_against_model(adapter, model, where=name)
-    layers = sorted(next(iter(adapters.values())).layers)
+    layers = list(union_layers(adapters))
     order = list(adapters)
     stats = task_stats(model, tokenizer, [by_name[n] for n in order], samples=samples,
                        max_length=max_length, target_modules=layers)
@@ -75,6 +121,7 @@ def diagnose_adapters(
         "angles": angle_table(stats, k=min(8, next(iter(stats.values())).layers[layers[0]].d), adapters=adapters),
         "own_energy": own_energy_table(adapters, stats),
         "posthoc": posthoc,
+        "coverage": coverage_table(adapters),
         "stats": stats,
     }
 

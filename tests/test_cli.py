@@ -111,10 +111,19 @@ BAD_INPUTS = {
         lambda f, m: ["stats", "--task", "demo:sentiment", "--task", "b=demo:topic", "--out", f["root"] / "t"],
         "NAME=VALUE",
     ),
-    "csv without label column": (
-        lambda f, m: ["stats", "--model", m, "--task", f"a={f['no_label']}", "--task", f"b={f['sentiment']}",
-                      "--out", f["root"] / "nl"],
-        "column 'label'",
+    "training on texts without labels": (
+        lambda f, m: ["train", "--model", m, "--task", f"a={f['no_label']}", "--task", f"b={f['sentiment']}",
+                      "--steps", "1", "--samples", "4", "--out", f["root"] / "nl"],
+        "task 'a' has no labels; fine-tuning needs labelled data",
+    ),
+    "sweep on texts without labels": (
+        lambda f, m: ["sweep", "--model", m, *_adapter_args(f), "--task", f"sentiment={f['no_label']}",
+                      "--task", f"paraphrase={f['paraphrase']}"],
+        "task 'sentiment' has no labels, so a classifier cannot be scored on it",
+    ),
+    "metric of an unknown task": (
+        lambda f, m: ["sweep", "--model", m, *_adapter_args(f), *_task_args(f), "--metric", "nope=mcc"],
+        "--metric nope=...: no --task of that name",
     ),
     "missing adapter": (
         lambda f, m: ["merge", "--adapter", f"sentiment={f['root'] / 'nowhere'}", "--adapter",
@@ -203,6 +212,11 @@ def test_help(jobs) -> None:
     assert result.stdout.startswith("usage: osrm")
     for command in ("demo", "run", "stats", "train", "merge", "sweep", "diagnose", "show"):
         assert command in result.stdout
+    from osrm_core.init import INIT_METHODS
+    from osrm_core.merge import MERGE_METHODS
+
+    merge_help, train_help = osrm("merge", "--help").stdout, osrm("train", "--help").stdout
+    assert all(m in merge_help for m in MERGE_METHODS) and all(i in train_help for i in INIT_METHODS)
 
 
 def test_stats(jobs, files) -> None:
@@ -224,6 +238,8 @@ def test_merge(jobs, files) -> None:
     result = jobs["merge"].result()
     _ok(result)
     assert str(out) in result.stdout
+    size = (out / "adapter_model.safetensors").stat().st_size
+    assert f"rank 4 on {len(TINY_TARGETS)} layers (exact); adapter_model.safetensors {size / 2**20:.2f} MiB" in result.stdout
     written = read_adapter_dir(out)
     adapters = {k: read_adapter_dir(files[f"adapter_{k}"]) for k in TASKS}
     expected = merge_adapters(adapters, "ties", lam=0.7)
@@ -237,7 +253,7 @@ def test_diagnose_json(jobs) -> None:
     result = jobs["diagnose"].result()
     _ok(result)
     payload = json.loads(result.stdout)
-    assert set(payload) == {"interference", "matrix", "angles", "own_energy", "posthoc"}
+    assert set(payload) == {"interference", "matrix", "angles", "own_energy", "posthoc", "coverage"}
     assert all(payload[key] for key in payload)
     assert {row["adapter"] for row in payload["posthoc"]} == set(TASKS)
 

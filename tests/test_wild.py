@@ -1,0 +1,190 @@
+"""Adapters from the wild: every LoRA layout that plain peft writes (rank and alpha patterns,
+rsLoRA, lora_bias, modules_to_save beyond the classifier, adapters on other layers than the
+others) is read as peft reads it, diagnosed and merged over the union of layers, scored as
+peft's own model scores it, and the merged adapter loads back in plain peft."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from osrm_core.adapters import AdapterError, load_adapter, union_layers
+from osrm_core.demo import demo_task
+from osrm_core.evaluate import SweepEngine, evaluate_model
+from osrm_core.export import merge_adapters, merge_inputs, write_merged_adapter
+from osrm_core.merge import MERGE_METHODS, merge_deltas
+from osrm_core.workflows import diagnose_adapters, task_stats
+
+#: The peft configurations of adapters met in the wild (each on the tiny BERT, SEQ_CLS).
+KINDS = {
+    "rank_pattern": dict(r=8, lora_alpha=16, target_modules=["query", "value"],
+                         rank_pattern={r"layer\.[0-1]\..*query": 4}, alpha_pattern={"value": 32}),
+    "rslora": dict(r=4, lora_alpha=8, target_modules=["query", "value"], use_rslora=True),
+    "lora_bias": dict(r=4, lora_alpha=8, target_modules=["query", "value"], lora_bias=True),
+    "pooler": dict(r=4, lora_alpha=8, target_modules=["query", "value"], modules_to_save=["pooler"]),
+    "qkv": dict(r=4, lora_alpha=8, target_modules=["query", "key", "value"]),
+}
+
+
+@pytest.fixture(scope="module")
+def tasks():
+    return [demo_task("sentiment", n_train=12, n_test=16), demo_task("paraphrase", n_train=12, n_test=16)]
+
+
+def _peft_adapter(make_tiny_model, kind: str, seed: int):
+    """A peft model of ``kind`` with random (non-zero) LoRA B, biases and trained modules."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(make_tiny_model(num_labels=2), LoraConfig(task_type="SEQ_CLS", **KINDS[kind]))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad and "lora_A" not in name:
+                p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.3)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def wild(make_tiny_model, tmp_path_factory):
+    """``{kind: (peft model, folder it was saved to)}``."""
+    root = tmp_path_factory.mktemp("wild")
+    out = {}
+    for seed, kind in enumerate(KINDS):
+        model = _peft_adapter(make_tiny_model, kind, seed)
+        model.save_pretrained(root / kind)
+        out[kind] = (model, root / kind)
+    return out
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_layers_match_peft_get_delta_weight(wild, tiny_model, kind) -> None:
+    peft_model, folder = wild[kind]
+    adapter = load_adapter(folder, tiny_model)
+    modules = {n: m for n, m in peft_model.get_base_model().named_modules() if hasattr(m, "get_delta_weight")}
+    assert sorted(adapter.layers) == sorted(modules)
+    for name, lw in adapter.layers.items():
+        module = modules[name]
+        assert_close(lw.delta, module.get_delta_weight("default"), rtol=1e-12, atol=1e-12)
+        assert lw.rank == module.r["default"] and lw.scale == pytest.approx(module.scaling["default"])
+        peft_bias = module.lora_B["default"].bias
+        if peft_bias is None:
+            assert lw.bias is None
+        else:  # peft's merge moves the bias by lora_B.bias * scaling
+            assert_close(lw.bias_delta, peft_bias * module.scaling["default"])
+    if kind == "rank_pattern":  # the regular-expression key of rank_pattern, as peft matches it
+        assert {lw.rank for n, lw in adapter.layers.items() if n.endswith("query")} == {4}
+    if kind == "pooler":
+        assert {"bert.pooler.dense.weight", "bert.pooler.dense.bias", "classifier.weight"} <= set(adapter.head)
+
+
+def test_dora_and_embedding_lora_are_refused(make_tiny_model, tmp_path) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    get_peft_model(make_tiny_model(), LoraConfig(r=2, target_modules=["query"], use_dora=True)).save_pretrained(
+        tmp_path / "dora")
+    with pytest.raises(AdapterError, match=r"dora: a DoRA adapter \(use_dora: true\); only plain LoRA is supported"):
+        load_adapter(tmp_path / "dora")
+    get_peft_model(make_tiny_model(), LoraConfig(r=2, target_modules=["word_embeddings"])).save_pretrained(
+        tmp_path / "emb")
+    with pytest.raises(AdapterError, match="emb: tensor '.*lora_embedding_A' is not supported: only LoRA on linear"):
+        load_adapter(tmp_path / "emb")
+
+
+def test_rank_pattern_keys_are_bounded(wild, tmp_path) -> None:
+    import shutil
+
+    shutil.copytree(wild["rslora"][1], tmp_path / "a")
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    config["rank_pattern"] = {"(a+)+" * 200: 4}
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(AdapterError, match="field 'rank_pattern' has a key of 1000 characters; at most 500"):
+        load_adapter(tmp_path / "a")
+
+
+def test_diagnosis_over_the_union_is_order_independent(wild, tiny_model, tokenizer, tasks) -> None:
+    qv = load_adapter(wild["rslora"][1], tiny_model)
+    qkv = load_adapter(wild["qkv"][1], tiny_model)
+    first = diagnose_adapters(tiny_model, tokenizer, {"sentiment": qkv, "paraphrase": qv}, tasks, samples=8)
+    second = diagnose_adapters(tiny_model, tokenizer, {"paraphrase": qv, "sentiment": qkv}, tasks, samples=8)
+    assert_close(torch.tensor(first["matrix"].sort_index().sort_index(axis=1).to_numpy()),
+                 torch.tensor(second["matrix"].sort_index().sort_index(axis=1).to_numpy()))
+    cov = first["coverage"].set_index("adapter")
+    assert cov.loc["sentiment", "layers"] == 6 and cov.loc["paraphrase", "layers"] == 4
+    assert cov.loc["paraphrase", "missing"] == "key x2" and cov.loc["sentiment", "missing"] == ""
+    assert first["interference"].groupby("adapter")["layer"].nunique().to_dict() == {"paraphrase": 4, "sentiment": 6}
+
+
+def test_merges_over_the_union_for_every_method(wild, tiny_model, tokenizer, tasks) -> None:
+    peft_qv, _ = wild["lora_bias"]
+    peft_qkv, _ = wild["qkv"]
+    adapters = {"sentiment": load_adapter(wild["qkv"][1], tiny_model),
+                "paraphrase": load_adapter(wild["lora_bias"][1], tiny_model)}
+    union = union_layers(adapters)
+    stats = task_stats(tiny_model, tokenizer, tasks, samples=8, target_modules=list(union))
+    # task arithmetic against peft's own deltas: the sum where each adapter has weights
+    merged = merge_adapters(adapters, "task_arithmetic", lam=0.5)
+    for name in union:
+        expected = torch.zeros_like(merged[name])
+        for peft_model in (peft_qv, peft_qkv):
+            module = dict(peft_model.get_base_model().named_modules()).get(name)
+            if module is not None and hasattr(module, "get_delta_weight"):
+                expected[:, :32] += module.get_delta_weight("default").float()
+                if module.lora_B["default"].bias is not None:
+                    expected[:, 32] += (module.lora_B["default"].bias * module.scaling["default"]).float()
+        assert_close(merged[name], 0.5 * expected, rtol=1e-5, atol=1e-6)
+    # every method runs on the union, each adapter contributing zero where it has no weights
+    deltas, grams = merge_inputs(adapters, stats)
+    for method in MERGE_METHODS:
+        out = merge_adapters(adapters, method, lam=0.7, stats=stats)
+        assert sorted(out) == sorted(union)
+        assert_close(out, merge_deltas(deltas, method, lam=0.7, grams=grams))
+        assert out["bert.encoder.layer.0.attention.self.key"].shape == (32, 32)
+        assert out["bert.encoder.layer.0.attention.self.query"].shape == (32, 33)  # bias column
+
+
+def test_sweep_scores_each_adapter_as_peft_does(wild, make_tiny_model, tokenizer, tasks) -> None:
+    """Single-task scores of the engine (in-place weights, bias shifts, swapped pooler and head)
+    equal those of peft's own model, for a loss (to many digits) and for accuracy."""
+    kinds = {"sentiment": "lora_bias", "paraphrase": "pooler"}
+    base = make_tiny_model(num_labels=2)
+    adapters = {t: load_adapter(wild[k][1], base) for t, k in kinds.items()}
+    for metric in ("loss", "accuracy"):
+        scored = [t.__class__(**{**t.__dict__, "metric": metric}) for t in tasks]
+        engine = SweepEngine(base, tokenizer, scored, adapters)
+        try:
+            single = engine.single_task_scores()
+        finally:
+            engine.restore()
+        for task in scored:
+            assert single[task.name] == pytest.approx(evaluate_model(wild[kinds[task.name]][0], tokenizer, task),
+                                                      rel=1e-9)
+    # restore() gave the base model back: no parameter of it changed
+    fresh = make_tiny_model(num_labels=2)
+    for (name, p), q in zip(base.named_parameters(), fresh.parameters(), strict=True):
+        assert torch.equal(p, q), name
+
+
+def test_merged_adapter_with_bias_loads_in_plain_peft(wild, make_tiny_model, tokenizer, tasks, tmp_path) -> None:
+    from peft import PeftModel
+
+    base = make_tiny_model(num_labels=2)
+    adapters = {"sentiment": load_adapter(wild["qkv"][1], base), "paraphrase": load_adapter(wild["lora_bias"][1], base)}
+    merged = merge_adapters(adapters, "ties", lam=0.8, density=0.5)
+    out, table = write_merged_adapter(tmp_path / "m", merged, adapters)
+    assert (table["relative_error"] < 1e-5).all()
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["lora_bias"] is True and config["task_type"] is None
+    engine = SweepEngine(make_tiny_model(num_labels=2), tokenizer, tasks, adapters)
+    engine.apply(merged)
+    engine._set_params(engine.tasks["paraphrase"].params)
+    batch = tokenizer(tasks[1].test.text[:4], padding=True, return_tensors="pt")
+    expected = engine.model(**batch).logits
+    loaded = PeftModel.from_pretrained(make_tiny_model(num_labels=2), str(out)).eval()
+    from safetensors.torch import load_file
+
+    head = load_file(str(out / "heads" / "paraphrase.safetensors"))
+    loaded.get_base_model().load_state_dict({k: v.double() for k, v in head.items()}, strict=False)
+    assert_close(loaded(**batch).logits, expected, rtol=1e-5, atol=1e-5)
