@@ -7,15 +7,15 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from app_common import (
-    adapter_rank,
+from app_helpers import (
     adapter_zip,
     base_model,
+    column_picker,
     current_run,
-    diagnose,
-    init_state,
-    merged_adapter,
-    quick_sweep,
+    fresh_model,
+    layer_selector,
+    merge_param_widgets,
+    merged_adapter_zip,
     read_uploaded_adapters,
     shared_mode,
     show_figure,
@@ -27,9 +27,8 @@ from app_common import (
 from osrm_core.adapters import num_labels_of
 from osrm_core.data import DataError, read_table
 from osrm_core.demo import DEMO_TASKS, demo_task
-from osrm_core.merge import MERGE_METHODS, get_merge_method
-from osrm_core.models import weight_as_linear
-from osrm_core.runs import ConfigError
+from osrm_core.merge import MERGE_METHODS
+from osrm_core.settings import ConfigError
 from osrm_core.viz import (
     INTERFERENCE_VALUES,
     SUM_OVER_LAYERS,
@@ -44,9 +43,8 @@ from osrm_core.viz import (
     sweep_curves,
     sweep_figure,
 )
+from osrm_core.workflows import adapter_rank, diagnose_adapters, sweep_adapters
 
-st.set_page_config(page_title="Adapter diagnosis · OSRM", layout="wide")
-init_state()
 st.title("Adapter diagnosis")
 st.markdown(
     "Upload LoRA adapters trained on one base model, and a few sample texts of each adapter's "
@@ -55,7 +53,6 @@ st.markdown(
     "`B = ΔW A⁺` onto each task's OSRM subspace with the share of `ΔW` it keeps. With labels, a "
     "quick sweep suggests a merge method and λ. Nothing you upload leaves your session."
 )
-NONE = "(none)"
 ss = st.session_state
 
 # --------------------------------------------------------------------------- base model and adapters
@@ -168,22 +165,11 @@ for tab, n in zip(st.tabs(names), names):
                 continue
             cols = [str(c) for c in df.columns]
             c1, c2 = st.columns(2)
-            text_col = c1.selectbox(
-                "Text column",
-                cols,
-                index=cols.index("text") if "text" in cols else 0,
-                key=f"diag_text_col_{n}",
-            )
-            label_opts = [NONE, *cols]
-            label_col = c2.selectbox(
-                "Label column",
-                label_opts,
-                index=label_opts.index("label") if "label" in label_opts else 0,
-                key=f"diag_label_col_{n}",
-            )
+            text_col = column_picker("Text column", cols, "text", f"diag_text_col_{n}", where=c1)
+            label_col = column_picker("Label column", cols, "label", f"diag_label_col_{n}", optional=True, where=c2)
             st.dataframe(df.head(5), hide_index=True)
             texts[n] = df[text_col].astype(str).tolist()
-            if label_col != NONE:
+            if label_col is not None:
                 labels[n] = df[label_col].tolist()
         else:
             raw = st.text_area(f"Texts of {n}, one per line", key=f"diag_texts_{n}", height=150)
@@ -211,9 +197,8 @@ for _, notes in collected.values():
         )
 key = signature + str(hash((int(max_length), *(tuple(texts[n]) for n in names))))
 if ss.get("diag_result", {}).get("key") != key:
-    w0 = {name: weight_as_linear(model.get_submodule(name)).detach() for name in layers}
     with st.spinner("Interference, angles and post-hoc OSRM ..."):
-        ss["diag_result"] = {"key": key, **diagnose(adapters, stats, w0)}
+        ss["diag_result"] = {"key": key, **diagnose_adapters(model, adapters, stats)}
 result = ss["diag_result"]
 
 # --------------------------------------------------------------------------- interference
@@ -226,12 +211,7 @@ value = c1.selectbox(
     format_func=INTERFERENCE_VALUES.get,
     key="diag_value",
 )
-layer = c2.selectbox(
-    "Layer",
-    [SUM_OVER_LAYERS, *layers],
-    key="diag_layer",
-    format_func=lambda x: x if x == SUM_OVER_LAYERS else f"{short_layer(x)} ({x})",
-)
+layer = layer_selector(list(layers), "diag_layer", first=SUM_OVER_LAYERS, where=c2)
 log = c3.checkbox("log colour scale", value=True, key="diag_log")
 table = result["interference"]
 where = "summed over layers" if layer == SUM_OVER_LAYERS else short_layer(layer)
@@ -288,7 +268,7 @@ st.markdown(
     "show `‖ΔW A⁺A‖ / ‖ΔW‖`, the share kept; a low share means the adapter needs directions the "
     "other tasks use, and fine-tuning again from the projection is advised."
 )
-kept = result["kept"]
+kept = result["posthoc"]
 show_figure(
     energy_kept_figure(kept, title="Energy kept by the projection"), "posthoc_energy_kept", "diag_kept"
 )
@@ -305,6 +285,18 @@ for i, n in enumerate(names):
     )
 
 # --------------------------------------------------------------------------- suggested merge
+
+
+def prefill_merge_form(best: pd.Series) -> None:
+    """Put the suggested merge (a row of the sweep's best points) into the merge form below."""
+    ss["diag_merge_source"] = best["init"]
+    ss["diag_merge_method"] = best["method"]
+    ss["diag_merge_lambda"] = float(best["lambda"])
+    if "density" in best and pd.notna(best["density"]):
+        ss["diag_merge_density"] = float(best["density"])
+
+
+ss.setdefault("diag_merge_lambda", 1.0)
 
 st.subheader("Suggested merge")
 unlabelled = [n for n in names if labels.get(n) is None]
@@ -338,21 +330,29 @@ if st.button("Run a quick sweep", key="diag_sweep_button"):
         if both:
             sets["posthoc_osrm"] = result["projected"]
         with st.spinner("Sweeping ..."):
-            df = quick_sweep(model_name, tasks, sets, methods, lambdas, stats, max_length=int(max_length))
-        ss["diag_sweep"] = {"key": key, "df": df}
+            sweep_model, _ = fresh_model(model_name)
+            df = pd.concat(
+                [
+                    sweep_adapters(sweep_model, tokenizer, chosen, tasks, methods=methods, lambdas=lambdas,
+                                   stats=stats, max_length=int(max_length)).assign(init=label)
+                    for label, chosen in sets.items()
+                ],
+                ignore_index=True,
+            )
+        best = sweep_best(sweep_curves(df)).sort_values("normalized", ascending=False)
+        ss["diag_sweep"] = {"key": key, "df": df, "best": best}
+        prefill_merge_form(best.iloc[0])
     except (DataError, ValueError) as err:
         st.error(str(err))
 sweep = ss.get("diag_sweep")
-suggested = None
 if sweep is not None and sweep["key"] == key:
     df = sweep["df"]
     show_figure(
         sweep_figure(df, title="Quick sweep on the sample texts"), "diagnosis_sweep", "diag_sweep_fig"
     )
-    best = sweep_best(sweep_curves(df)).sort_values("normalized", ascending=False)
+    best = sweep["best"]
     show_table(best, "diagnosis_sweep_best", "diag_sweep_best")
     top = best.iloc[0]
-    suggested = top
     density = "" if pd.isna(top.get("density")) else f", density {top['density']:g}"
     st.success(
         f"Suggested: **{top['method']}** with λ = {top['lambda']:g}{density} on the {top['init']} adapters "
@@ -363,51 +363,27 @@ if sweep is not None and sweep["key"] == key:
 
 st.subheader("Download a merged adapter")
 st.caption(
-    "One PEFT LoRA adapter with the merged ΔW of every layer (rank Σ r_i); each task keeps its own head."
+    "One PEFT LoRA adapter with the merged ΔW of every layer (exact: the rank it needs); each "
+    "task's head is written under heads/. Loads with plain `PeftModel.from_pretrained` on the base model."
 )
-c1, c2, c3, c4 = st.columns(4)
-all_methods = list(MERGE_METHODS)
-default_method = suggested["method"] if suggested is not None else "task_arithmetic"
-source = c1.radio(
-    "Adapters",
-    ["uploaded", "posthoc_osrm"],
-    format_func=titles.get,
-    key="diag_merge_source",
-    index=1 if suggested is not None and suggested["init"] == "posthoc_osrm" else 0,
-)
-method = c2.selectbox("Method", all_methods, index=all_methods.index(default_method), key="diag_merge_method")
-lam = c3.number_input(
-    "λ",
-    0.01,
-    10.0,
-    float(suggested["lambda"]) if suggested is not None else 1.0,
-    step=0.05,
-    key="diag_merge_lambda",
-)
-params = {}
-if get_merge_method(method).uses_density:
-    params["density"] = c4.number_input("density", 0.01, 1.0, 0.5, step=0.05, key="diag_merge_density")
+c1, c2, c3 = st.columns(3)
+source = c1.radio("Adapters", ["uploaded", "posthoc_osrm"], format_func=titles.get, key="diag_merge_source")
+method = c2.selectbox("Method", list(MERGE_METHODS), key="diag_merge_method")
+lam = c3.number_input("λ", 0.01, 10.0, step=0.05, key="diag_merge_lambda")
+params = merge_param_widgets(method, "diag_merge")
 if st.button("Build the merged adapter", key="diag_merge_button"):
     chosen = adapters if source == "uploaded" else result["projected"]
+    name = f"merged_{method}_{source}"
     try:
-        merged, errors_table = merged_adapter(chosen, method, float(lam), stats, **params)
-        ss["diag_merged"] = {
-            "key": key,
-            "adapter": merged,
-            "table": errors_table,
-            "name": f"merged_{method}_{source}",
-        }
+        ss["diag_merged"] = {"key": key, "name": name,
+                             "zip": merged_adapter_zip(chosen, name, method, lam=float(lam), stats=stats, **params)}
     except ValueError as err:
         st.error(str(err))
 built = ss.get("diag_merged")
 if built is not None and built["key"] == key:
-    st.caption(
-        f"{built['name']}: worst relative error of the rank-{int(built['table']['rank'].iloc[0])} "
-        f"factorization {built['table']['relative_error'].max():.2e}"
-    )
     st.download_button(
         "Download merged adapter (zip)",
-        data=lambda: adapter_zip(built["adapter"], built["name"]),
+        data=built["zip"],
         file_name=f"{built['name']}.zip",
         mime="application/zip",
         key="diag_merged_dl",

@@ -18,7 +18,7 @@ import torch
 from torch.testing import assert_close
 
 from osrm_core.adapters import load_adapter
-from osrm_core.data import parse_task_spec
+from osrm_core.task_spec import parse_task_spec
 from osrm_core.evaluate import SweepEngine, best_points
 from osrm_core.workflows import load_base_for
 

@@ -16,8 +16,9 @@ from conftest import TINY_TARGETS
 
 from osrm_core.adapters import LoraWeights, read_adapter_dir, write_adapter
 from osrm_core.demo import demo_task
-from osrm_core.init import init_lora
-from osrm_core.runs import RunConfig, RunDir
+from osrm_core.inits import init_lora
+from osrm_core.rundir import RunDir
+from osrm_core.settings import RunConfig
 from osrm_core.train import adapter_of, save_adapter
 
 TASKS = ("sentiment", "paraphrase")
@@ -212,11 +213,11 @@ def test_help(jobs) -> None:
     assert result.stdout.startswith("usage: osrm")
     for command in ("demo", "run", "stats", "train", "merge", "sweep", "diagnose", "show"):
         assert command in result.stdout
-    from osrm_core.init import INIT_METHODS
+    from osrm_core.inits import INITS
     from osrm_core.merge import MERGE_METHODS
 
     merge_help, train_help = osrm("merge", "--help").stdout, osrm("train", "--help").stdout
-    assert all(m in merge_help for m in MERGE_METHODS) and all(i in train_help for i in INIT_METHODS)
+    assert all(m in merge_help for m in MERGE_METHODS) and all(i in train_help for i in INITS)
 
 
 def test_stats(jobs, files) -> None:
@@ -258,12 +259,12 @@ def test_diagnose_json(jobs) -> None:
     assert {row["adapter"] for row in payload["posthoc"]} == set(TASKS)
 
 
-def test_diagnose_rank_defaults_to_the_adapters_rank() -> None:
+def test_diagnose_posthoc_rank_defaults_to_the_adapters_rank() -> None:
     from osrm_core.cli import build_parser
 
     parser = build_parser()
-    assert parser.parse_args(["diagnose"]).rank is None
-    assert parser.parse_args(["diagnose", "--rank", "4"]).rank == 4
+    assert parser.parse_args(["diagnose"]).posthoc_rank is None
+    assert parser.parse_args(["diagnose", "--posthoc-rank", "4"]).posthoc_rank == 4
     assert parser.parse_args(["stats"]).rank == 8
 
 
