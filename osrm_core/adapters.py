@@ -6,8 +6,10 @@ Everything here uses the ``nn.Linear`` convention: ``A`` is (r, d_in), ``B`` is 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +70,10 @@ class Adapter:
     layers: dict[str, LoraWeights]
     head: dict[str, torch.Tensor]
     config: dict
+    #: Where it was read from (a path, or ``hf:OWNER/REPO@REVISION``) and the SHA-256 of its
+    #: weights file; empty for adapters made in memory.
+    source: str = ""
+    sha256: str = ""
 
     def deltas(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
         """``Delta_W`` per layer, shape (d_out, d_in)."""
@@ -212,7 +218,10 @@ def read_adapter_dir(path: str | Path, *, allow_pickle: bool = False, where: str
             raise AdapterError(f"{where}: adapter_model.bin does not hold a dict of named tensors")
     else:
         raise AdapterError(f"{where}: no adapter_model.safetensors")
-    return adapter_from_state(state, config, where=where)
+    adapter = adapter_from_state(state, config, where=where)
+    weights_file = weights if weights.is_file() else path / "adapter_model.bin"
+    adapter.sha256 = hashlib.sha256(weights_file.read_bytes()).hexdigest()
+    return adapter
 
 
 def _is_number(x) -> bool:
@@ -460,6 +469,38 @@ def write_adapter(
 
 # --------------------------------------------------------------------------- safe loading
 
+#: ``hf:OWNER/REPO[@REVISION]``: an adapter on the Hugging Face Hub.
+HUB_SPEC = re.compile(r"hf:(?P<repo>[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95})(?:@(?P<revision>[\w./-]{1,200}))?")
+
+
+def download_hub_adapter(spec: str) -> Path:
+    """The local folder of a Hub adapter ``hf:OWNER/REPO[@REVISION]``, fetched through
+    ``huggingface_hub`` (its cache; ``HF_HUB_OFFLINE=1`` uses the cache alone). Only
+    ``adapter_config.json`` and ``*.safetensors`` are fetched: never a pickle.
+
+    Raises
+    ------
+    AdapterError
+        For a malformed spec, or when the adapter cannot be fetched (offline, unknown repo):
+        one line.
+    """
+    match = HUB_SPEC.fullmatch(spec)
+    if match is None:
+        raise AdapterError(f"adapter {spec!r}: a Hub adapter is hf:OWNER/REPO or hf:OWNER/REPO@REVISION")
+    from huggingface_hub import snapshot_download
+
+    repo, revision = match["repo"], match["revision"]
+    try:
+        folder = snapshot_download(repo, revision=revision, allow_patterns=["adapter_config.json", "*.safetensors"])
+    except Exception as err:  # offline, unknown repo or revision, network: the hub's message says which
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise AdapterError(
+            f"adapter {spec!r} cannot be fetched from the Hugging Face Hub ({type(err).__name__}: {first}); "
+            "without network, download it where there is one or give a local folder"
+        ) from None
+    return Path(folder)
+
+
 def load_adapter(
     path: str | Path,
     base_model: nn.Module | None = None,
@@ -467,9 +508,10 @@ def load_adapter(
     allow_pickle: bool = False,
     name: str | None = None,
 ) -> Adapter:
-    """Load a PEFT LoRA adapter from a folder or a zip, safely; check it against ``base_model``.
+    """Load a PEFT LoRA adapter from a folder, a zip or the Hub, safely; check it against ``base_model``.
 
     The one entry point for adapters from elsewhere (the command line and the app's uploads).
+    ``path`` is a folder, a zip, or ``hf:OWNER/REPO[@REVISION]`` (:func:`download_hub_adapter`).
     Safetensors only unless ``allow_pickle`` (then ``torch.load(weights_only=True)``); a zip is
     checked before extraction (:func:`osrm_core.archive.safe_extract_zip`) and extracted into a
     private temporary folder that is removed afterwards; ``adapter_config.json`` is validated,
@@ -484,23 +526,28 @@ def load_adapter(
     import tempfile
     import zipfile
 
-    path = Path(path)
-    where = name or path.name
-    if not path.exists():
-        raise AdapterError(f"adapter {str(path)!r} does not exist")
-    if path.is_dir():
-        adapter = read_adapter_dir(path, allow_pickle=allow_pickle, where=where)
-    elif path.suffix.lower() == ".zip" or zipfile.is_zipfile(path):
-        from osrm_core.archive import ArchiveError, find_root_with, safe_extract_zip
-
-        with tempfile.TemporaryDirectory(prefix="osrm-adapter-") as tmp:
-            try:
-                root = find_root_with(safe_extract_zip(path, tmp), "adapter_config.json")
-            except ArchiveError as err:
-                raise AdapterError(f"{where}: {err}") from None
-            adapter = read_adapter_dir(root, allow_pickle=allow_pickle, where=where)
+    if isinstance(path, str) and path.startswith("hf:"):
+        adapter = read_adapter_dir(download_hub_adapter(path), where=name or path)
+        adapter.source = path
     else:
-        raise AdapterError(f"{where}: must be a PEFT adapter folder or a .zip of one")
+        path = Path(path)
+        where = name or path.name
+        if not path.exists():
+            raise AdapterError(f"adapter {str(path)!r} does not exist")
+        if path.is_dir():
+            adapter = read_adapter_dir(path, allow_pickle=allow_pickle, where=where)
+        elif path.suffix.lower() == ".zip" or zipfile.is_zipfile(path):
+            from osrm_core.archive import ArchiveError, find_root_with, safe_extract_zip
+
+            with tempfile.TemporaryDirectory(prefix="osrm-adapter-") as tmp:
+                try:
+                    root = find_root_with(safe_extract_zip(path, tmp), "adapter_config.json")
+                except ArchiveError as err:
+                    raise AdapterError(f"{where}: {err}") from None
+                adapter = read_adapter_dir(root, allow_pickle=allow_pickle, where=where)
+        else:
+            raise AdapterError(f"{where}: must be a PEFT adapter folder or a .zip of one")
+        adapter.source = str(path)
     if base_model is not None:
-        check_against_model(adapter, base_model, where=where)
+        check_against_model(adapter, base_model, where=name or adapter.source)
     return adapter

@@ -150,6 +150,55 @@ def write_merged_adapter(
     return out, table
 
 
+def write_model_card(
+    folder: str | Path,
+    adapters: dict[str, Adapter],
+    *,
+    method: str,
+    lam: float,
+    params: dict | None = None,
+    scores: dict[str, float] | None = None,
+) -> Path:
+    """Write ``README.md``, the Hub model card of a merged adapter: metadata (``library_name:
+    peft``, ``base_model``, ``tags: [merge, osrm]``), the merge (method, lambda, parameters such
+    as the density), the source adapters (name, path or Hub id, SHA-256 of the weights), the
+    measured scores when given, and how to load it and each task's head with plain peft."""
+    import yaml
+
+    folder = Path(folder)
+    first = next(iter(adapters.values()))
+    base = first.config.get("base_model_name_or_path")
+    causal = first.task_type == "CAUSAL_LM"
+    meta = {"library_name": "peft", "tags": ["merge", "osrm", "lora"]}
+    if base:
+        meta["base_model"] = base
+    lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "",
+             f"# Merged LoRA adapter: {', '.join(adapters)}", "",
+             f"Written by the OSRM workbench: `{method}` with lambda = {lam:g}"
+             + "".join(f", {k} = {v}" for k, v in (params or {}).items()) + ".", "",
+             "## Source adapters", "", "| task | source | sha256 of the weights |", "|---|---|---|"]
+    lines += [f"| {n} | {a.source or '(in memory)'} | {a.sha256 or '-'} |" for n, a in adapters.items()]
+    if scores:
+        lines += ["", "## Measured scores", "", "| task | score |", "|---|---|"]
+        lines += [f"| {n} | {v:.4f} |" for n, v in scores.items()]
+    auto = "AutoModelForCausalLM" if causal else "AutoModelForSequenceClassification"
+    lines += ["", "## Loading it with plain peft", "", "```python",
+              "from peft import PeftModel", f"from transformers import {auto}", "",
+              f"base = {auto}.from_pretrained({base or 'BASE_MODEL'!r}"
+              + ("" if causal else ", num_labels=K") + ")",
+              "model = PeftModel.from_pretrained(base, 'THIS_FOLDER')"]
+    heads = [n for n, a in adapters.items() if a.head]
+    if heads:
+        lines += ["", "# each task keeps its own head (and any module it trained in full):",
+                  "from safetensors.torch import load_file",
+                  f"model.get_base_model().load_state_dict(load_file('THIS_FOLDER/heads/{heads[0]}.safetensors'),"
+                  " strict=False)"]
+    lines += ["```", ""]
+    path = folder / "README.md"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
 def write_merged_model(model: nn.Module, tokenizer, merged: dict[str, torch.Tensor], path: str | Path) -> Path:
     """Add the merged deltas to a copy of ``model``'s weights and ``save_pretrained`` it."""
     import copy

@@ -204,6 +204,7 @@ def build_merged_adapter(
     stats: dict[str, FeatureStats] | None = None,
     rank: int | None = None,
     seed: int = 0,
+    scores: dict[str, float] | None = None,
     **params,
 ) -> tuple[Path, pd.DataFrame]:
     """Merge ``adapters`` (over the union of their layers) and write one PEFT LoRA adapter
@@ -214,13 +215,17 @@ def build_merged_adapter(
     no ``modules_to_save`` and ``task_type`` null (kept for ``CAUSAL_LM``), so plain
     ``PeftModel.from_pretrained`` loads it on the base model; each task's head is written to
     ``heads/<task>.safetensors``. Methods that need Gram matrices (``needs_gram``) take them
-    from ``stats``. Returns the folder and the per-layer factorization table (rank, relative
-    error, see :func:`osrm_core.export.factor_merged`).
+    from ``stats``. A ``README.md`` model card documents it
+    (:func:`osrm_core.export.write_model_card`, with ``scores`` when measured). Returns the
+    folder and the per-layer factorization table (rank, relative error, see
+    :func:`osrm_core.export.factor_merged`).
     """
-    from osrm_core.export import merge_adapters, write_merged_adapter
+    from osrm_core.export import merge_adapters, write_merged_adapter, write_model_card
 
     merged = merge_adapters(adapters, method, lam=lam, stats=stats, seed=seed, **params)
-    return write_merged_adapter(out, merged, adapters, rank=rank)
+    path, table = write_merged_adapter(out, merged, adapters, rank=rank)
+    write_model_card(path, adapters, method=method, lam=lam, params=params, scores=scores)
+    return path, table
 
 
 def real_model_comparison(model, tokenizer, *, rank: int = 8, n_samples: int = 32, seed: int = 0,

@@ -38,6 +38,7 @@ from osrm_core.viz import (
     interference_heatmap,
     interference_view,
     matrix_range,
+    metric_label,
     short_layer,
     sweep_best,
     sweep_curves,
@@ -339,7 +340,8 @@ if st.button("Run a quick sweep", key="diag_sweep_button"):
                 ],
                 ignore_index=True,
             )
-        best = sweep_best(sweep_curves(df)).sort_values("normalized", ascending=False)
+        lower = metric_label(df)[1]
+        best = sweep_best(sweep_curves(df), lower_is_better=lower).sort_values("normalized", ascending=lower)
         ss["diag_sweep"] = {"key": key, "df": df, "best": best}
         prefill_merge_form(best.iloc[0])
     except (DataError, ValueError) as err:

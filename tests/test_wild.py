@@ -191,3 +191,76 @@ def test_merged_adapter_with_bias_loads_in_plain_peft(wild, make_tiny_model, tok
     head = load_file(str(out / "heads" / "paraphrase.safetensors"))
     loaded.get_base_model().load_state_dict({k: v.double() for k, v in head.items()}, strict=False)
     assert_close(loaded(**batch).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_metric_mcc_is_scored_written_and_labelled(wild, make_tiny_model, tokenizer, tasks) -> None:
+    """A task entry's ``metric: mcc`` reaches the sweep's rows (``results/sweep_*.csv`` are
+    these rows) and the plot's axis; the score is sklearn's MCC of the model's predictions."""
+    from sklearn.metrics import matthews_corrcoef
+
+    from osrm_core.evaluate import predict
+    from osrm_core.settings import TaskEntry
+    from osrm_core.viz import sweep_figure
+
+    assert TaskEntry(name="s", spec="demo:sentiment", metric="mcc").metric == "mcc"
+    with pytest.raises(ValueError, match="metric"):
+        TaskEntry(name="s", spec="demo:sentiment", metric="auc")
+    scored = [t.__class__(**{**t.__dict__, "metric": "mcc"}) for t in tasks]
+    base = make_tiny_model(num_labels=2)
+    adapters = {"sentiment": load_adapter(wild["rslora"][1], base), "paraphrase": load_adapter(wild["pooler"][1], base)}
+    engine = SweepEngine(base, tokenizer, scored, adapters)
+    try:
+        df = engine.sweep(["task_arithmetic"], [1.0])
+        engine.apply(merge_adapters(adapters, "task_arithmetic"))
+        engine._set_params(engine.tasks["sentiment"].params)
+        pred = predict(base, tokenizer, scored[0].test)
+    finally:
+        engine.restore()
+    assert set(df.metric) == {"mcc"} and "perplexity" not in df.columns
+    row = df[df.task == "sentiment"].iloc[0]
+    assert row.score == pytest.approx(matthews_corrcoef(scored[0].test.label, pred))
+    assert "mcc" in sweep_figure(df.assign(init="x"), y="score", task="sentiment").layout.yaxis.title.text
+
+
+@pytest.mark.slow
+def test_hub_adapters_from_a_local_cache_offline(wild, tmp_path) -> None:
+    """``--adapter NAME=hf:OWNER/REPO[@REVISION]`` through huggingface_hub's cache, offline; a
+    repo not in the cache is one error line; a pickle beside the safetensors is not read. The
+    merged folder's model card names the sources and their hashes."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from osrm_core.adapters import read_adapter_dir
+
+    hub = tmp_path / "hf" / "hub"
+    for repo, kind, commit in (("someone--qv", "rslora", "a" * 40), ("someone--bias", "lora_bias", "b" * 40)):
+        snapshot = hub / f"models--{repo}" / "snapshots" / commit
+        shutil.copytree(wild[kind][1], snapshot)
+        (snapshot / "adapter_model.bin").write_bytes(b"not to be read")
+        (hub / f"models--{repo}" / "refs").mkdir()
+        (hub / f"models--{repo}" / "refs" / "main").write_text(commit)
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("HF_HUB_CACHE", None)
+
+    def osrm(*args):
+        return subprocess.run([sys.executable, "-m", "osrm_core.cli", *map(str, args)], capture_output=True,
+                              text=True, env=env, timeout=300)
+
+    ok = osrm("merge", "--adapter", "a=hf:someone/qv", "--adapter", f"b=hf:someone/bias@{'b' * 40}",
+              "--out", tmp_path / "merged")
+    assert ok.returncode == 0, ok.stderr
+    card = (tmp_path / "merged" / "README.md").read_text()
+    assert "library_name: peft" in card and "- merge" in card and "- osrm" in card
+    assert "hf:someone/qv" in card and f"hf:someone/bias@{'b' * 40}" in card
+    expected = {"a": read_adapter_dir(wild["rslora"][1]), "b": read_adapter_dir(wild["lora_bias"][1])}
+    assert expected["a"].sha256 in card and expected["b"].sha256 in card
+    written = read_adapter_dir(tmp_path / "merged")
+    for name, delta in merge_adapters(expected, "task_arithmetic").items():
+        assert_close(written.layers[name].delta, delta[:, :32], atol=1e-5, rtol=0)
+    missing = osrm("merge", "--adapter", "a=hf:someone/qv", "--adapter", "b=hf:nobody/nothing",
+                   "--out", tmp_path / "m2")
+    errors = [line for line in missing.stderr.splitlines() if line.startswith("error:")]
+    assert missing.returncode == 2 and len(errors) == 1 and "Traceback" not in missing.stderr
+    assert "'hf:nobody/nothing' cannot be fetched from the Hugging Face Hub" in errors[0]
