@@ -18,8 +18,8 @@ import torch
 from torch.testing import assert_close
 
 from osrm_core.adapters import load_adapter
-from osrm_core.task_spec import parse_task_spec
 from osrm_core.evaluate import SweepEngine, best_points
+from osrm_core.task_spec import parse_task_spec
 from osrm_core.workflows import load_base_for
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
