@@ -264,3 +264,18 @@ def test_hub_adapters_from_a_local_cache_offline(wild, tmp_path) -> None:
     errors = [line for line in missing.stderr.splitlines() if line.startswith("error:")]
     assert missing.returncode == 2 and len(errors) == 1 and "Traceback" not in missing.stderr
     assert "'hf:nobody/nothing' cannot be fetched from the Hugging Face Hub" in errors[0]
+
+
+def test_truncation_error_is_the_svd_tail(wild, tiny_model) -> None:
+    """``--out-rank`` reports ``||Delta - B A|| / ||Delta||``: for the best rank-k
+    approximation, the norm of the dropped singular values over all of them."""
+    from osrm_core.export import factor_merged
+
+    adapters = {"a": load_adapter(wild["qkv"][1], tiny_model), "b": load_adapter(wild["rslora"][1], tiny_model)}
+    merged = merge_adapters(adapters, "task_arithmetic")
+    layers, table = factor_merged(merged, rank=2)
+    for row in table.itertuples():
+        s = torch.linalg.svdvals(merged[row.layer].double())
+        assert row.rank == 2 and layers[row.layer].rank == 2
+        assert row.relative_error == pytest.approx(float(s[2:].norm() / s.norm()), rel=1e-6)
+    assert (factor_merged(merged)[1]["relative_error"] < 1e-6).all()
