@@ -45,7 +45,14 @@ from osrm_core.viz import (
     sweep_curves,
     sweep_figure,
 )
-from osrm_core.workflows import adapter_rank, coverage_table, diagnose_adapters, sweep_adapters
+from osrm_core.workflows import (
+    adapter_rank,
+    coverage_table,
+    diagnose_adapters,
+    is_causal_lm_set,
+    load_base_for,
+    sweep_adapters,
+)
 
 st.title("Adapter diagnosis")
 st.markdown(
@@ -117,6 +124,11 @@ if len(adapters) < 2:
     st.info("Upload two or more LoRA adapters for the base model above to diagnose them.")
     st.stop()
 names = list(adapters)
+try:
+    causal = is_causal_lm_set(adapters)  # a causal LM scores each task by the token loss of its texts
+except ValueError as err:
+    st.error(str(err))
+    st.stop()
 coverage = coverage_table(adapters).set_index("adapter")
 st.dataframe(
     [
@@ -308,9 +320,11 @@ def prefill_merge_form(best: pd.Series) -> None:
 ss.setdefault("diag_merge_lambda", 1.0)
 
 st.subheader("Suggested merge")
-unlabelled = [n for n in names if labels.get(n) is None]
+unlabelled = [] if causal else [n for n in names if labels.get(n) is None]
 if unlabelled:
     st.caption(f"A sweep needs labels for every task; without labels: {', '.join(unlabelled)}.")
+elif causal:
+    st.caption("Causal-LM adapters: each task is scored by the mean token loss of its texts (lower is better).")
 c1, c2, c3 = st.columns(3)
 methods = c1.multiselect(
     "Methods", list(MERGE_METHODS), default=["task_arithmetic", "ties"], key="diag_methods"
@@ -328,7 +342,7 @@ if st.button("Run a quick sweep", key="diag_sweep_button"):
             raise DataError("choose at least one merge method")
         tasks = []
         for n in names:
-            task = text_task(n, texts[n], labels[n])
+            task = text_task(n, texts[n], None if causal else labels[n])
             classes = num_labels_of(adapters[n])
             if classes is not None and task.num_labels > classes:
                 raise DataError(
@@ -339,7 +353,7 @@ if st.button("Run a quick sweep", key="diag_sweep_button"):
         if both:
             sets["posthoc_osrm"] = result["projected"]
         with st.spinner("Sweeping ..."):
-            sweep_model, _ = fresh_model(model_name)
+            sweep_model, _ = load_base_for(adapters, model_name) if causal else fresh_model(model_name)
             df = pd.concat(
                 [
                     sweep_adapters(sweep_model, tokenizer, chosen, tasks, methods=methods, lambdas=lambdas,

@@ -170,3 +170,34 @@ def test_cli_diagnose_sweep_merge(llama) -> None:
     assert_close(loaded(input_ids=ids).logits, expected(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
     auto = AutoPeftModelForCausalLM.from_pretrained(str(root / "merged")).eval()
     assert_close(auto(input_ids=ids).logits, expected(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_app_diagnosis_page_sweeps_causal_lm_adapters(llama, tmp_path, monkeypatch) -> None:
+    """The Adapter diagnosis page: two LLaMA CAUSAL_LM adapters on other layers (zips made from
+    peft's folders), plain texts; diagnosis over the union, and a loss-scored quick sweep."""
+    from pathlib import Path
+
+    from streamlit.testing.v1 import AppTest
+
+    from app_helpers import zip_directory
+
+    monkeypatch.delenv("OSRM_RUN_DIR", raising=False)
+    monkeypatch.setenv("OSRM_RUNS_ROOT", str(tmp_path / "runs"))
+    at = AppTest.from_file(str(Path(__file__).parents[1] / "app.py"), default_timeout=300).run()
+    at.switch_page("pages/5_Adapter_diagnosis.py").run()
+    at.text_input(key="diag_model").set_value(str(llama["base"])).run()
+    up = at.file_uploader(key="diag_files")
+    for name, folder in llama["adapters"].items():
+        up.upload(f"{name}.zip", zip_directory(folder), "application/zip")
+    at.run()
+    for name in llama["adapters"]:
+        at.text_area(key=f"diag_texts_{name}").set_value("\n".join(TEXTS[name]))
+    at.run()
+    assert not at.exception and not at.error, [e.value for e in [*at.exception, *at.error]]
+    assert any("union" in c.value for c in at.caption)
+    at.text_input(key="diag_lambdas").set_value("0.5, 1.0")
+    at.button(key="diag_sweep_button").click().run()
+    assert not at.exception and not at.error, [e.value for e in [*at.exception, *at.error]]
+    df = at.session_state["diag_sweep"]["df"]
+    assert set(df["metric"]) == {"loss"} and set(df["lambda"]) == {0.5, 1.0}
