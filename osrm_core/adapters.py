@@ -527,7 +527,8 @@ def load_adapter(
     import zipfile
 
     if isinstance(path, str) and path.startswith("hf:"):
-        adapter = read_adapter_dir(download_hub_adapter(path), where=name or path)
+        where = name or path
+        adapter = read_adapter_dir(download_hub_adapter(path), where=where)
         adapter.source = path
     else:
         path = Path(path)
@@ -549,5 +550,5 @@ def load_adapter(
             raise AdapterError(f"{where}: must be a PEFT adapter folder or a .zip of one")
         adapter.source = str(path)
     if base_model is not None:
-        check_against_model(adapter, base_model, where=name or adapter.source)
+        check_against_model(adapter, base_model, where=where)
     return adapter

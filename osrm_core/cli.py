@@ -199,7 +199,7 @@ def _load_adapters(args) -> dict:
     specs = _pairs(args.adapter, "--adapter")
     if len(specs) < 2:
         raise UsageError("give at least two adapters with --adapter NAME=DIR_OR_ZIP")
-    return {n: load_adapter(p, allow_pickle=getattr(args, "allow_pickle", False), name=n) for n, p in specs.items()}
+    return {n: load_adapter(p, allow_pickle=getattr(args, "allow_pickle", False)) for n, p in specs.items()}
 
 
 def _load_tasks(args, required: bool = True):
