@@ -37,6 +37,7 @@ from .state import (
 from .uploads import (
     adapter_zip,
     merged_adapter_zip,
+    read_hub_adapters,
     read_uploaded_adapters,
     safe_name,
     save_task_dir,
@@ -75,6 +76,7 @@ __all__ = [
     "open_run",
     "open_uploaded_run",
     "progress_callbacks",
+    "read_hub_adapters",
     "read_uploaded_adapters",
     "real_model_comparison",
     "require_run",

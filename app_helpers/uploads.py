@@ -8,7 +8,6 @@ import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from osrm_core.adapters import Adapter, load_adapter
@@ -44,8 +43,8 @@ def save_task_dir(task: TaskData, directory: str | Path) -> Path:
 def text_task(name: str, texts: Sequence[str], labels: Sequence | None = None) -> TaskData:
     """A task made of sample texts, for statistics (and for a sweep when ``labels`` are given).
 
-    The texts serve as both splits. Without labels, placeholder labels are set: such a task is
-    only good for feature statistics.
+    The texts serve as both splits. Without labels the task is unlabeled (metric ``loss``):
+    good for statistics and diagnosis, and for a sweep on a causal LM only.
     """
     texts = [str(t) for t in texts]
     keep = [i for i, t in enumerate(texts) if t.strip()]
@@ -53,9 +52,8 @@ def text_task(name: str, texts: Sequence[str], labels: Sequence | None = None) -
         raise DataError(f"task {name!r}: give at least 2 sample texts")
     texts = [texts[i] for i in keep]
     if labels is None:
-        y = np.arange(len(texts)) % 2
-        split = Split(texts, y)
-        return TaskData(name, split, split, ["unlabelled_a", "unlabelled_b"], source="sample texts")
+        split = Split(texts, None)
+        return TaskData(name, split, split, [], metric="loss", source="sample texts")
     labels = [labels[i] for i in keep]
     df = pd.DataFrame({"text": texts, "label": labels})
     return from_dataframes(name, df, df.copy(), text="text", label="label")
@@ -132,6 +130,28 @@ def read_uploaded_adapters(
     return adapters, errors
 
 
+def read_hub_adapters(lines: str, model) -> tuple[dict[str, Adapter], list[str]]:
+    """Adapters named ``NAME=hf:OWNER/REPO[@REVISION]``, one per line, fetched and checked by
+    :func:`osrm_core.adapters.load_adapter`. Returns adapters by name and one message per line
+    that could not be used."""
+    from osrm_core.adapters import AdapterError
+
+    adapters: dict[str, Adapter] = {}
+    errors: list[str] = []
+    for line in (x.strip() for x in lines.splitlines()):
+        if not line:
+            continue
+        name, sep, spec = line.partition("=")
+        if not sep or not name.strip() or not spec.strip().startswith("hf:"):
+            errors.append(f"{line!r}: write NAME=hf:OWNER/REPO or NAME=hf:OWNER/REPO@REVISION")
+            continue
+        try:
+            adapters[safe_name(name.strip(), "adapter")] = load_adapter(spec.strip(), model, name=name.strip())
+        except AdapterError as err:
+            errors.append(str(err))
+    return adapters, errors
+
+
 def uploads_signature(files: Sequence, *extra: str) -> str:
     """A digest of uploaded files (names and bytes) and extra strings, to key session caches."""
     import hashlib
@@ -162,4 +182,5 @@ def merged_adapter_zip(adapters: dict[str, Adapter], name: str, method: str, **o
     from osrm_core.workflows import build_merged_adapter
 
     with tempfile.TemporaryDirectory(prefix="osrm-out-") as tmp:
-        return zip_directory(build_merged_adapter(adapters, Path(tmp) / safe_name(name, "merged"), method, **options))
+        folder, _ = build_merged_adapter(adapters, Path(tmp) / safe_name(name, "merged"), method, **options)
+        return zip_directory(folder)

@@ -6,8 +6,10 @@ Everything here uses the ``nn.Linear`` convention: ``A`` is (r, d_in), ``B`` is 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,11 +35,14 @@ class LoraWeights:
     B : tensor of shape (d_out, r)
     scale : float
         ``lora_alpha / r`` (or ``/ sqrt(r)`` for rsLoRA).
+    bias : tensor of shape (d_out,) or None
+        ``lora_B``'s bias of a ``lora_bias`` adapter; the layer's bias moves by ``scale * bias``.
     """
 
     A: torch.Tensor
     B: torch.Tensor
     scale: float
+    bias: torch.Tensor | None = None
 
     @property
     def rank(self) -> int:
@@ -47,6 +52,11 @@ class LoraWeights:
     def delta(self) -> torch.Tensor:
         """``Delta_W = scale * B @ A``, shape (d_out, d_in)."""
         return self.scale * (self.B @ self.A)
+
+    @property
+    def bias_delta(self) -> torch.Tensor | None:
+        """The shift of the layer's bias, ``scale * bias``, shape (d_out,), or None."""
+        return None if self.bias is None else self.scale * self.bias
 
 
 @dataclass
@@ -60,10 +70,72 @@ class Adapter:
     layers: dict[str, LoraWeights]
     head: dict[str, torch.Tensor]
     config: dict
+    #: Where it was read from (a path, or ``hf:OWNER/REPO@REVISION``) and the SHA-256 of its
+    #: weights file; empty for adapters made in memory.
+    source: str = ""
+    sha256: str = ""
 
     def deltas(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
         """``Delta_W`` per layer, shape (d_out, d_in)."""
         return {n: lw.delta.to(dtype) for n, lw in self.layers.items()}
+
+    @property
+    def task_type(self) -> str | None:
+        """peft's ``task_type`` (``SEQ_CLS``, ``CAUSAL_LM``, ...), or None."""
+        return self.config.get("task_type")
+
+
+def union_layers(adapters: dict[str, Adapter]) -> dict[str, tuple[int, int]]:
+    """Every layer that some adapter adapts, sorted, with its shape ``(d_out, d_in)``.
+
+    Adapters may cover different layers (one on query/key/value, another on query/value);
+    a layer's shape must agree between the adapters that have it.
+    """
+    shapes: dict[str, tuple[int, int]] = {}
+    owner: dict[str, str] = {}
+    for name, adapter in adapters.items():
+        for layer, lw in adapter.layers.items():
+            shape = (lw.B.shape[0], lw.A.shape[1])
+            if layer in shapes and shapes[layer] != shape:
+                raise ValueError(
+                    f"size mismatch for layer {layer!r}: adapter {name!r} is {shape[0]}x{shape[1]}, adapter "
+                    f"{owner[layer]!r} is {shapes[layer][0]}x{shapes[layer][1]} (adapters of other base models?)"
+                )
+            shapes.setdefault(layer, shape)
+            owner.setdefault(layer, name)
+    return dict(sorted(shapes.items()))
+
+
+def aligned_deltas(adapters: dict[str, Adapter]) -> list[dict[str, torch.Tensor]]:
+    """Each adapter's ``Delta_W`` over the union of layers, zero where it has no weights.
+
+    At a layer where some adapter has a ``lora_bias``, the bias shift is a last column:
+    the delta is ``[Delta_W | scale * bias]`` of shape (d_out, d_in + 1), the weight of the
+    input ``[h; 1]``, so every merge method treats the bias as one more input (see
+    :func:`split_bias`). Returns a list in the adapters' order of dicts layer -> tensor.
+    """
+    shapes = union_layers(adapters)
+    with_bias = {n for a in adapters.values() for n, lw in a.layers.items() if lw.bias is not None}
+    out = []
+    for adapter in adapters.values():
+        deltas = {}
+        for n, (d_out, d_in) in shapes.items():
+            lw = adapter.layers.get(n)
+            delta = torch.zeros(d_out, d_in) if lw is None else lw.delta.float()
+            if n in with_bias:
+                shift = None if lw is None else lw.bias_delta
+                column = torch.zeros(d_out) if shift is None else shift.float()
+                delta = torch.cat([delta, column[:, None]], 1)
+            deltas[n] = delta
+        out.append(deltas)
+    return out
+
+
+def split_bias(delta: torch.Tensor, d_in: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(Delta_W, bias shift)`` of a delta from :func:`aligned_deltas` (shift None without one)."""
+    if delta.shape[1] == d_in + 1:
+        return delta[:, :d_in], delta[:, d_in]
+    return delta, None
 
 
 def lora_from_model(peft_model, adapter_name: str = "default") -> Adapter:
@@ -72,10 +144,12 @@ def lora_from_model(peft_model, adapter_name: str = "default") -> Adapter:
     layers: dict[str, LoraWeights] = {}
     for name, module in base.named_modules():
         if hasattr(module, "lora_A") and adapter_name in getattr(module, "lora_A", {}):
+            bias = module.lora_B[adapter_name].bias
             layers[name] = LoraWeights(
                 module.lora_A[adapter_name].weight.detach().clone(),
                 module.lora_B[adapter_name].weight.detach().clone(),
                 float(module.scaling[adapter_name]),
+                None if bias is None else bias.detach().clone(),
             )
     from peft import get_peft_model_state_dict
 
@@ -91,6 +165,11 @@ def lora_from_model(peft_model, adapter_name: str = "default") -> Adapter:
 def _scale(config: dict, layer: str, rank: int) -> float:
     alpha = _pattern_value(config.get("alpha_pattern"), layer, config.get("lora_alpha", 8))
     return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+
+
+#: Longest ``rank_pattern``/``alpha_pattern`` key accepted: peft evaluates the keys as regular
+#: expressions, and a long hostile one could take exponential time.
+MAX_PATTERN_CHARS = 500
 
 
 def read_adapter_dir(path: str | Path, *, allow_pickle: bool = False, where: str | None = None) -> Adapter:
@@ -139,7 +218,10 @@ def read_adapter_dir(path: str | Path, *, allow_pickle: bool = False, where: str
             raise AdapterError(f"{where}: adapter_model.bin does not hold a dict of named tensors")
     else:
         raise AdapterError(f"{where}: no adapter_model.safetensors")
-    return adapter_from_state(state, config, where=where)
+    adapter = adapter_from_state(state, config, where=where)
+    weights_file = weights if weights.is_file() else path / "adapter_model.bin"
+    adapter.sha256 = hashlib.sha256(weights_file.read_bytes()).hexdigest()
+    return adapter
 
 
 def _is_number(x) -> bool:
@@ -195,15 +277,24 @@ def check_adapter_config(config, where: str = "adapter") -> None:
             raise AdapterError(
                 f"{where}: adapter_config.json field {field_name!r} must map module names to {kind}"
             )
+        too_long = [k for k in pattern if len(k) > MAX_PATTERN_CHARS] if isinstance(pattern, dict) else []
+        if too_long:
+            raise AdapterError(
+                f"{where}: adapter_config.json field {field_name!r} has a key of {len(too_long[0])} characters; "
+                f"at most {MAX_PATTERN_CHARS} are allowed"
+            )
     if config.get("use_dora"):
         raise AdapterError(f"{where}: a DoRA adapter (use_dora: true); only plain LoRA is supported")
 
 
 def _pattern_value(pattern: dict | None, layer: str, default):
-    for key, value in (pattern or {}).items():
-        if layer == key or layer.endswith("." + key):
-            return value
-    return default
+    """The value of ``layer`` in a ``rank_pattern``/``alpha_pattern``, matched by peft's own rule
+    (``peft.utils.other.get_pattern_key``: a key is a regular expression for the name's end)."""
+    from peft.utils.other import get_pattern_key
+
+    if not pattern:
+        return default
+    return pattern.get(get_pattern_key(pattern.keys(), layer), default)
 
 
 def _targets_layer(targets, layer: str) -> bool:
@@ -220,6 +311,7 @@ def adapter_from_state(state: dict[str, torch.Tensor], config: dict, where: str 
     """Assemble an :class:`Adapter` from a PEFT state dict and its config dict."""
     a_parts: dict[str, torch.Tensor] = {}
     b_parts: dict[str, torch.Tensor] = {}
+    biases: dict[str, torch.Tensor] = {}
     head: dict[str, torch.Tensor] = {}
     for key, tensor in state.items():
         if not torch.is_floating_point(tensor):
@@ -227,12 +319,20 @@ def adapter_from_state(state: dict[str, torch.Tensor], config: dict, where: str 
         if not torch.isfinite(tensor).all():
             raise AdapterError(f"{where}: tensor {key!r} has NaN or Inf values")
         name = key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
-        for marker, parts in ((".lora_A.", a_parts), (".lora_B.", b_parts)):
-            if marker in name:
-                parts[name.split(marker)[0]] = tensor
-                break
-        else:
-            head[name.replace(".modules_to_save.default", "")] = tensor
+        layer, _, kind = name.rpartition(".")
+        if layer.endswith(".lora_A") and kind == "weight":
+            a_parts[layer[: -len(".lora_A")]] = tensor
+        elif layer.endswith(".lora_B") and kind == "weight":
+            b_parts[layer[: -len(".lora_B")]] = tensor
+        elif layer.endswith(".lora_B") and kind == "bias":
+            biases[layer[: -len(".lora_B")]] = tensor
+        elif "lora_" in name:
+            raise AdapterError(
+                f"{where}: tensor {key!r} is not supported: only LoRA on linear layers "
+                "(lora_A/lora_B weights, lora_B bias) can be read"
+            )
+        else:  # modules_to_save: the head, or any other module trained in full
+            head[name.replace(".modules_to_save.default", "").replace(".modules_to_save", "")] = tensor
     if not a_parts:
         raise AdapterError(f"{where}: no LoRA weights (lora_A/lora_B) found")
     layers: dict[str, LoraWeights] = {}
@@ -257,7 +357,14 @@ def adapter_from_state(state: dict[str, torch.Tensor], config: dict, where: str 
             raise AdapterError(
                 f"{where}: layer {name!r} is not in adapter_config.json's target_modules {config['target_modules']!r}"
             )
-        layers[name] = LoraWeights(a, b, _scale(config, name, a.shape[0]))
+        bias = biases.pop(name, None)
+        if bias is not None and tuple(bias.shape) != (b.shape[0],):
+            raise AdapterError(
+                f"{where}: size mismatch for layer {name!r}: lora_B bias {tuple(bias.shape)}, lora_B {tuple(b.shape)}"
+            )
+        layers[name] = LoraWeights(a, b, _scale(config, name, a.shape[0]), bias)
+    if biases:
+        raise AdapterError(f"{where}: layer {next(iter(biases))!r} has a lora_B bias but no lora_B weight")
     return Adapter(layers, head, config)
 
 
@@ -285,6 +392,11 @@ def check_against_model(adapter: Adapter, model: nn.Module, where: str = "adapte
             raise AdapterError(
                 f"{where}: size mismatch for layer {name!r}: adapter is {lw.B.shape[0]}x{lw.A.shape[1]},"
                 f" the base model's layer is {d_out}x{d_in} ({hint})"
+            )
+        if lw.bias is not None and getattr(module, "bias", None) is None:
+            raise AdapterError(
+                f"{where}: layer {name!r} has a lora_B bias (lora_bias: true) but the base model's layer "
+                "has no bias; peft refuses this too"
             )
     params = dict(model.named_parameters())
     for key, tensor in adapter.head.items():
@@ -328,9 +440,13 @@ def write_adapter(
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     state = {}
+    lora_bias = any(lw.bias is not None for lw in layers.values())
     for name, lw in layers.items():
         state[f"{PEFT_PREFIX}{name}.lora_A.weight"] = lw.A.detach().float().cpu().contiguous()
         state[f"{PEFT_PREFIX}{name}.lora_B.weight"] = lw.B.detach().float().cpu().contiguous()
+        if lora_bias:  # peft's lora_bias is one switch for all layers
+            bias = lw.B.new_zeros(lw.B.shape[0]) if lw.bias is None else lw.bias
+            state[f"{PEFT_PREFIX}{name}.lora_B.bias"] = bias.detach().float().cpu().contiguous()
     for key, tensor in (head or {}).items():
         state[f"{PEFT_PREFIX}{key}"] = tensor.detach().float().cpu().contiguous()
     config = dict(config)
@@ -342,6 +458,7 @@ def write_adapter(
         alpha_pattern={},
         target_modules=sorted(layers),
         init_lora_weights=True,
+        lora_bias=lora_bias,
     )
     config.pop("eva_config", None)
     with atomic_path(path / "adapter_model.safetensors") as tmp:
@@ -352,6 +469,38 @@ def write_adapter(
 
 # --------------------------------------------------------------------------- safe loading
 
+#: ``hf:OWNER/REPO[@REVISION]``: an adapter on the Hugging Face Hub.
+HUB_SPEC = re.compile(r"hf:(?P<repo>[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95})(?:@(?P<revision>[\w./-]{1,200}))?")
+
+
+def download_hub_adapter(spec: str) -> Path:
+    """The local folder of a Hub adapter ``hf:OWNER/REPO[@REVISION]``, fetched through
+    ``huggingface_hub`` (its cache; ``HF_HUB_OFFLINE=1`` uses the cache alone). Only
+    ``adapter_config.json`` and ``*.safetensors`` are fetched: never a pickle.
+
+    Raises
+    ------
+    AdapterError
+        For a malformed spec, or when the adapter cannot be fetched (offline, unknown repo):
+        one line.
+    """
+    match = HUB_SPEC.fullmatch(spec)
+    if match is None:
+        raise AdapterError(f"adapter {spec!r}: a Hub adapter is hf:OWNER/REPO or hf:OWNER/REPO@REVISION")
+    from huggingface_hub import snapshot_download
+
+    repo, revision = match["repo"], match["revision"]
+    try:
+        folder = snapshot_download(repo, revision=revision, allow_patterns=["adapter_config.json", "*.safetensors"])
+    except Exception as err:  # offline, unknown repo or revision, network: the hub's message says which
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise AdapterError(
+            f"adapter {spec!r} cannot be fetched from the Hugging Face Hub ({type(err).__name__}: {first}); "
+            "without network, download it where there is one or give a local folder"
+        ) from None
+    return Path(folder)
+
+
 def load_adapter(
     path: str | Path,
     base_model: nn.Module | None = None,
@@ -359,9 +508,10 @@ def load_adapter(
     allow_pickle: bool = False,
     name: str | None = None,
 ) -> Adapter:
-    """Load a PEFT LoRA adapter from a folder or a zip, safely; check it against ``base_model``.
+    """Load a PEFT LoRA adapter from a folder, a zip or the Hub, safely; check it against ``base_model``.
 
     The one entry point for adapters from elsewhere (the command line and the app's uploads).
+    ``path`` is a folder, a zip, or ``hf:OWNER/REPO[@REVISION]`` (:func:`download_hub_adapter`).
     Safetensors only unless ``allow_pickle`` (then ``torch.load(weights_only=True)``); a zip is
     checked before extraction (:func:`osrm_core.archive.safe_extract_zip`) and extracted into a
     private temporary folder that is removed afterwards; ``adapter_config.json`` is validated,
@@ -376,23 +526,29 @@ def load_adapter(
     import tempfile
     import zipfile
 
-    path = Path(path)
-    where = name or path.name
-    if not path.exists():
-        raise AdapterError(f"adapter {str(path)!r} does not exist")
-    if path.is_dir():
-        adapter = read_adapter_dir(path, allow_pickle=allow_pickle, where=where)
-    elif path.suffix.lower() == ".zip" or zipfile.is_zipfile(path):
-        from osrm_core.archive import ArchiveError, find_root_with, safe_extract_zip
-
-        with tempfile.TemporaryDirectory(prefix="osrm-adapter-") as tmp:
-            try:
-                root = find_root_with(safe_extract_zip(path, tmp), "adapter_config.json")
-            except ArchiveError as err:
-                raise AdapterError(f"{where}: {err}") from None
-            adapter = read_adapter_dir(root, allow_pickle=allow_pickle, where=where)
+    if isinstance(path, str) and path.startswith("hf:"):
+        where = name or path
+        adapter = read_adapter_dir(download_hub_adapter(path), where=where)
+        adapter.source = path
     else:
-        raise AdapterError(f"{where}: must be a PEFT adapter folder or a .zip of one")
+        path = Path(path)
+        where = name or path.name
+        if not path.exists():
+            raise AdapterError(f"adapter {str(path)!r} does not exist")
+        if path.is_dir():
+            adapter = read_adapter_dir(path, allow_pickle=allow_pickle, where=where)
+        elif path.suffix.lower() == ".zip" or zipfile.is_zipfile(path):
+            from osrm_core.archive import ArchiveError, find_root_with, safe_extract_zip
+
+            with tempfile.TemporaryDirectory(prefix="osrm-adapter-") as tmp:
+                try:
+                    root = find_root_with(safe_extract_zip(path, tmp), "adapter_config.json")
+                except ArchiveError as err:
+                    raise AdapterError(f"{where}: {err}") from None
+                adapter = read_adapter_dir(root, allow_pickle=allow_pickle, where=where)
+        else:
+            raise AdapterError(f"{where}: must be a PEFT adapter folder or a .zip of one")
+        adapter.source = str(path)
     if base_model is not None:
         check_against_model(adapter, base_model, where=where)
     return adapter

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from osrm_core.constraints import CONSTRAINTS
-from osrm_core.data import DataError
+from osrm_core.data import METRICS, DataError
 from osrm_core.inits import INITS
 from osrm_core.merge import all_param_specs
 from osrm_core.rundir import RunDir, write_csv
@@ -70,10 +70,14 @@ def _config_from_args(args, name: str = "run") -> RunConfig:
     tasks = _pairs(args.task, "--task")
     if len(tasks) < 2:
         raise UsageError("give at least two tasks with --task NAME=SPEC")
+    metrics = _pairs(getattr(args, "metric", None), "--metric")
+    unknown = sorted(set(metrics) - set(tasks))
+    if unknown:
+        raise UsageError(f"--metric {unknown[0]}=...: no --task of that name; tasks are {sorted(tasks)}")
     data = {
         "name": name,
         "model": args.model,
-        "tasks": [TaskEntry(name=n, spec=s).model_dump() for n, s in tasks.items()],
+        "tasks": [TaskEntry(name=n, spec=s, metric=metrics.get(n)).model_dump() for n, s in tasks.items()],
         "rank": args.rank,
         "samples": args.samples,
         "seed": args.seed,
@@ -188,52 +192,69 @@ def cmd_train(args) -> None:
     _emit(args, {"test_scores": results}, "\n".join(f"{i} {t}: {s:.4f}" for i, r in results.items() for t, s in r.items()))
 
 
-def _load_adapters(args, model=None):
+def _load_adapters(args) -> dict:
+    """The ``--adapter`` folders and zips, read safely (checked against a base model later)."""
     from osrm_core.adapters import load_adapter
 
     specs = _pairs(args.adapter, "--adapter")
     if len(specs) < 2:
         raise UsageError("give at least two adapters with --adapter NAME=DIR_OR_ZIP")
-    return {n: load_adapter(p, model, allow_pickle=getattr(args, "allow_pickle", False)) for n, p in specs.items()}
+    return {n: load_adapter(p, allow_pickle=getattr(args, "allow_pickle", False)) for n, p in specs.items()}
 
 
 def _load_tasks(args, required: bool = True):
     from osrm_core.task_spec import parse_task_spec
 
     specs = _pairs(args.task, "--task")
+    metrics = _pairs(getattr(args, "metric", None), "--metric")
+    unknown = sorted(set(metrics) - set(specs))
+    if unknown:
+        raise UsageError(f"--metric {unknown[0]}=...: no --task of that name; tasks are {sorted(specs)}")
     if required and not specs:
         raise UsageError("give task data with --task NAME=SPEC (one per adapter, same names)")
-    return [parse_task_spec(s, name=n, seed=args.seed) for n, s in specs.items()]
+    return [parse_task_spec(s, name=n, seed=args.seed, metric=metrics.get(n)) for n, s in specs.items()]
 
 
 def cmd_merge(args) -> None:
     from osrm_core.export import merge_adapters, write_merged_model
-    from osrm_core.models import load_base_model
-    from osrm_core.workflows import build_merged_adapter
+    from osrm_core.merge import get_merge_method
+    from osrm_core.workflows import build_merged_adapter, load_base_for, merge_scores
 
     if not args.out:
         raise UsageError("--out DIR is required")
-    from osrm_core.merge import get_merge_method
-
-    needs_gram = get_merge_method(args.method).needs_gram
     params = _merge_params(args)
-    if args.task and not needs_gram:
-        raise UsageError(f"--task is used by merge methods that need the tasks' statistics (regmean), not by {args.method!r}")
+    needs_gram = get_merge_method(args.method).needs_gram
+    adapters = _load_adapters(args)
     model = tok = None
-    if args.full or needs_gram or args.model is not None:  # with --model, the adapters are checked against it
-        model, tok = load_base_model(args.model)
-    adapters = _load_adapters(args, model)
+    if args.full or args.task or needs_gram or args.model is not None:  # with --model, the adapters are checked
+        model, tok = load_base_for(adapters, args.model)
     stats = _gram_stats(args, model, tok, adapters, [args.method])
+    if args.full and args.out_rank is not None:
+        raise UsageError("--out-rank truncates a merged adapter; --full writes whole weights: give one of them")
+    scores, cols = None, ["task", "metric", "score", "single", "normalized"]
+    if args.task:  # measured, for the model card and the summary
+        scores = merge_scores(model, tok, adapters, _load_tasks(args), args.method, lam=args.lam, stats=stats,
+                              max_test=args.max_test, max_length=args.max_length, seed=args.seed, **params)[cols]
     if args.full:
-        if args.out_rank is not None:
-            raise UsageError("--out-rank truncates a merged adapter; --full writes whole weights: give one of them")
         merged = merge_adapters(adapters, args.method, lam=args.lam, stats=stats, seed=args.seed, **params)
         path = write_merged_model(model, tok, merged, args.out)
+        payload = {"out": str(path), "layers": len(merged)}
+        text = f"merged {len(adapters)} adapters -> {path} (full weights)"
     else:
-        path = build_merged_adapter(adapters, args.out, args.method, lam=args.lam, stats=stats,
-                                    rank=args.out_rank, seed=args.seed, **params)
-    _emit(args, {"out": str(path), "layers": len(adapters[next(iter(adapters))].layers)},
-          f"merged {len(adapters)} adapters -> {path}")
+        path, table = build_merged_adapter(adapters, args.out, args.method, lam=args.lam, stats=stats,
+                                           rank=args.out_rank, seed=args.seed, scores=scores, **params)
+        size = (path / "adapter_model.safetensors").stat().st_size
+        rank, error = int(table["rank"].iloc[0]), float(table["relative_error"].max())
+        how = "exact" if args.out_rank is None else f"truncated by SVD, largest relative error {error:.3g}"
+        payload = {"out": str(path), "layers": len(table), "rank": rank, "bytes": size,
+                   "max_relative_error": error, "errors": table.to_dict(orient="records")}
+        text = (f"merged {len(adapters)} adapters -> {path}\n"
+                f"rank {rank} on {len(table)} layers ({how}); adapter_model.safetensors {size / 2**20:.2f} MiB")
+    if scores is not None:
+        payload["scores"] = scores.to_dict(orient="records")
+        text += ("\nmeasured (score: merged; single: the task's own adapter alone):\n"
+                 + scores.to_string(index=False, float_format=lambda x: f"{x:.4g}"))
+    _emit(args, payload, text)
 
 
 def _merge_params(args) -> dict:
@@ -259,21 +280,22 @@ def _grid(values: list[str] | None) -> dict[str, list]:
 
 def _gram_stats(args, model, tok, adapters, methods):
     """The tasks' statistics when one of ``methods`` needs Gram matrices (RegMean), else None."""
+    from osrm_core.adapters import union_layers
     from osrm_core.merge import get_merge_method
     from osrm_core.workflows import task_stats
 
     if not any(get_merge_method(m).needs_gram for m in methods):
         return None
     return task_stats(model, tok, _load_tasks(args), samples=args.samples, max_length=args.max_length,
-                      target_modules=sorted(next(iter(adapters.values())).layers), seed=args.seed)
+                      target_modules=list(union_layers(adapters)), seed=args.seed)
 
 
 def cmd_sweep(args) -> None:
-    from osrm_core.models import load_base_model
-    from osrm_core.workflows import sweep_adapters
+    from osrm_core.evaluate import best_points
+    from osrm_core.workflows import load_base_for, sweep_adapters
 
-    model, tok = load_base_model(args.model)
-    adapters = _load_adapters(args, model)
+    adapters = _load_adapters(args)
+    model, tok = load_base_for(adapters, args.model)
     tasks = _load_tasks(args)
     stats = _gram_stats(args, model, tok, adapters, args.methods)
     df = sweep_adapters(model, tok, adapters, tasks, methods=args.methods, lambdas=args.lambdas,
@@ -281,27 +303,33 @@ def cmd_sweep(args) -> None:
                         max_length=args.max_length, seed=args.seed, progress=_progress_bar())
     if args.out:
         write_csv(Path(args.out) / "sweep.csv", df)
-    from osrm_core.evaluate import best_points
-
     best = best_points(df)
-    _emit(args, {"sweep": df.to_dict(orient="records"), "best": best.to_dict(orient="records")}, best.to_string(index=False))
+    per_task = df.pivot_table(index=["method", "density", "lambda"], columns="task", values="score", dropna=False)
+    single = df.groupby("task")[["metric", "single"]].first()
+    lines = ["single-task: " + ", ".join(f"{t} {r.metric}={r.single:.4g}" for t, r in single.iterrows()),
+             "", "per-task scores of the merge:", per_task.to_string(float_format=lambda x: f"{x:.4g}"),
+             "", "best point per method (normalized = merged / single, averaged over tasks):",
+             best.to_string(index=False)]
+    _emit(args, {"sweep": df.to_dict(orient="records"), "best": best.to_dict(orient="records")}, "\n".join(lines))
 
 
 def cmd_diagnose(args) -> None:
-    from osrm_core.models import load_base_model
-    from osrm_core.workflows import diagnose_adapters, task_stats
+    from osrm_core.adapters import union_layers
+    from osrm_core.workflows import diagnose_adapters, load_base_for, task_stats
 
-    model, tok = load_base_model(args.model)
-    adapters = _load_adapters(args, model)
+    adapters = _load_adapters(args)
+    model, tok = load_base_for(adapters, args.model)
     stats = task_stats(model, tok, _load_tasks(args), samples=args.samples, max_length=args.max_length,
-                       target_modules=sorted(next(iter(adapters.values())).layers), seed=args.seed)
+                       target_modules=list(union_layers(adapters)), seed=args.seed)
     result = diagnose_adapters(model, adapters, stats, posthoc_rank=args.posthoc_rank)
     result.pop("projected")
     if args.out:
         for name, df in result.items():
             write_csv(Path(args.out) / f"{name}.csv", df.reset_index() if name == "matrix" else df)
     payload = {k: (v.reset_index() if k == "matrix" else v).to_dict(orient="records") for k, v in result.items()}
-    text = ["input interference sum_l E||A_j h_i||^2 (rows: adapter j, columns: data i)",
+    text = ["layers each adapter covers",
+            result["coverage"].to_string(index=False),
+            "", "input interference sum_l E||A_j h_i||^2 (rows: adapter j, columns: data i)",
             result["matrix"].to_string(float_format=lambda x: f"{x:.4g}"),
             "", "post-hoc OSRM energy kept (mean over layers)",
             result["posthoc"].groupby("adapter")["energy_kept"].mean().to_string(float_format=lambda x: f"{x:.3f}"),
@@ -336,6 +364,8 @@ def cmd_show(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from osrm_core.merge import MERGE_METHODS
+
     parser = argparse.ArgumentParser(
         prog="osrm", description="OSRM workbench: LoRA interference, OSRM init, merging.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -351,7 +381,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--model", default=None, help="Hugging Face id or path (default: packaged MiniLM)")
         if tasks:
             p.add_argument("--task", action="append", metavar="NAME=SPEC",
-                           help="CSV/JSONL file, folder with train/test, demo:KEY or hf:DATASET[/CONFIG]:SPLIT")
+                           help="CSV/JSONL/TXT file (no label column: unlabeled texts), folder with "
+                                "train/test, demo:KEY or hf:DATASET[/CONFIG]:SPLIT")
+            p.add_argument("--metric", action="append", metavar="NAME=METRIC",
+                           help=f"a task's metric, one of {', '.join(METRICS)} (default accuracy; "
+                                "loss for unlabeled texts and causal LMs)")
         if adapters:
             p.add_argument("--adapter", action="append", metavar="NAME=PATH", help="PEFT adapter folder or zip")
             p.add_argument("--allow-pickle", action="store_true", help="also load pickled adapter_model.bin")
@@ -387,7 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  ("train", cmd_train, "initialize and fine-tune an adapter per task")):
         p = sub.add_parser(name, help=helptext)
         common(p)
-        p.add_argument("--init", action="append", choices=list(INITS))
+        p.add_argument("--init", action="append", choices=list(INITS),
+                       help=f"initialization, repeatable: {', '.join(INITS)}")
         if name == "train":
             p.add_argument("--steps", type=int)
             p.add_argument("--lr", type=float)
@@ -397,19 +432,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("merge", help="merge adapters into one adapter (or full weights)")
     common(p, adapters=True, lora_rank=False)
-    p.add_argument("--method", default="task_arithmetic")
+    p.add_argument("--method", default="task_arithmetic", choices=list(MERGE_METHODS), metavar="METHOD",
+                   help=f"merge method: {', '.join(MERGE_METHODS)} (default task_arithmetic)")
     p.add_argument("--lambda", dest="lam", type=float, default=1.0)
     for spec in all_param_specs().values():  # each method's parameters, from its dataclass
         p.add_argument(f"--{spec.name.replace('_', '-')}", dest=f"param_{spec.name}", default=None,
                        type=float if spec.choices is None else str, choices=spec.choices,
                        help=f"{spec.help} (default {spec.default})")
     p.add_argument("--out-rank", type=int, default=None, help="truncate the merged adapter to this rank")
+    p.add_argument("--max-test", type=int, default=None,
+                   help="test examples per --task when scoring the merge (all by default)")
     p.add_argument("--full", action="store_true", help="write full merged model weights")
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("sweep", help="merged scores of adapters over lambda (and density)")
     common(p, adapters=True, lora_rank=False)
-    p.add_argument("--methods", nargs="+", default=["task_arithmetic", "ties"])
+    p.add_argument("--methods", nargs="+", default=["task_arithmetic", "ties"], choices=list(MERGE_METHODS),
+                   metavar="METHOD", help=f"merge methods: {', '.join(MERGE_METHODS)} (default task_arithmetic ties)")
     p.add_argument("--lambdas", nargs="+", type=float, default=DEFAULT_LAMBDAS)
     p.add_argument("--densities", nargs="+", type=float, default=[0.5])
     p.add_argument("--param", action="append", metavar="NAME=V1,V2",

@@ -2,7 +2,9 @@
 
 A task is a text classification problem with a train and a test split. Each split holds the
 texts, an optional second text per example (sentence-pair tasks) and integer labels in
-``0..K-1``. The metric says how the task is scored (see :mod:`osrm_core.evaluate`).
+``0..K-1``, or no labels at all: an unlabeled task (a CSV/JSONL with only a text column, or a
+``.txt`` file with one sample per line) serves statistics and diagnosis, and is scored by the
+token loss of a causal LM. The metric says how the task is scored (see :mod:`osrm_core.evaluate`).
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-Metric = Literal["accuracy", "mcc", "f1"]
-METRICS: tuple[str, ...] = ("accuracy", "mcc", "f1")
+Metric = Literal["accuracy", "mcc", "f1", "loss"]
+METRICS: tuple[str, ...] = ("accuracy", "mcc", "f1", "loss")
 
 #: Uploads and files larger than this are refused (bytes).
 MAX_DATA_BYTES = 50 * 1024 * 1024
@@ -39,18 +41,20 @@ class Split:
     Attributes
     ----------
     text : list of str, length n
-    label : numpy array of int64, shape (n,)
+    label : numpy array of int64, shape (n,), or None
+        None for unlabeled texts.
     text_pair : list of str or None
         The second sentence of sentence-pair tasks, or None for single-sentence tasks.
     """
 
     text: list[str]
-    label: np.ndarray
+    label: np.ndarray | None
     text_pair: list[str] | None = None
 
     def __post_init__(self) -> None:
-        self.label = np.asarray(self.label, dtype=np.int64)
-        if len(self.text) != len(self.label):
+        if self.label is not None:
+            self.label = np.asarray(self.label, dtype=np.int64)
+        if self.label is not None and len(self.text) != len(self.label):
             raise DataError(f"text and label differ in length: {len(self.text)} != {len(self.label)}")
         if self.text_pair is not None and len(self.text_pair) != len(self.text):
             raise DataError(
@@ -65,7 +69,7 @@ class Split:
         if n is None or n >= len(self):
             return self
         pair = None if self.text_pair is None else self.text_pair[:n]
-        return Split(self.text[:n], self.label[:n], pair)
+        return Split(self.text[:n], None if self.label is None else self.label[:n], pair)
 
     def take(self, indices: np.ndarray) -> Split:
         """The examples at ``indices``, in that order."""
@@ -83,8 +87,10 @@ class TaskData:
         Short identifier, used in file names (letters, digits, ``_`` and ``-``).
     train, test : Split
     label_names : list of str
-        ``label_names[k]`` names label ``k``; ``num_labels == len(label_names)``.
-    metric : {"accuracy", "mcc", "f1"}
+        ``label_names[k]`` names label ``k``; ``num_labels == len(label_names)``; empty for an
+        unlabeled task.
+    metric : {"accuracy", "mcc", "f1", "loss"}
+        ``loss`` is the only metric of an unlabeled task.
     description : str
     """
 
@@ -107,6 +113,19 @@ class TaskData:
             raise DataError(f"task {self.name!r} has no training examples")
         if len(self.test) == 0:
             raise DataError(f"task {self.name!r} has no test examples")
+        if (self.train.label is None) != (self.test.label is None):
+            raise DataError(f"task {self.name!r}: labels must be in both splits or neither")
+        if (self.train.text_pair is None) != (self.test.text_pair is None):
+            raise DataError(f"task {self.name!r}: text_pair must be in both splits or neither")
+        if not self.labeled:
+            if self.metric != "loss":
+                raise DataError(
+                    f"task {self.name!r} has no labels, so its metric cannot be {self.metric!r}; "
+                    "an unlabeled task is scored by 'loss' (the token loss of a causal LM)"
+                )
+            if self.label_names:
+                raise DataError(f"task {self.name!r} has label names but no labels")
+            return
         k = len(self.label_names)
         if k < 2:
             raise DataError(f"task {self.name!r} needs at least 2 label names, got {k}")
@@ -116,14 +135,17 @@ class TaskData:
                 raise DataError(
                     f"task {self.name!r} {split_name} has label {int(bad[0])} outside 0..{k - 1}"
                 )
-            if (split.text_pair is None) != (self.train.text_pair is None):
-                raise DataError(f"task {self.name!r}: text_pair must be in both splits or neither")
         if np.unique(self.train.label).size < 2:
             raise DataError(f"task {self.name!r} train split has only one class")
 
     @property
     def num_labels(self) -> int:
         return len(self.label_names)
+
+    @property
+    def labeled(self) -> bool:
+        """False for a task of plain texts (statistics, diagnosis, causal-LM loss only)."""
+        return self.train.label is not None
 
     @property
     def is_pair(self) -> bool:
@@ -134,8 +156,8 @@ class TaskData:
 
 
 def _split_from_frame(
-    df: pd.DataFrame, *, text: str, label: str, text_pair: str | None, where: str
-) -> tuple[list[str], np.ndarray, list[str] | None]:
+    df: pd.DataFrame, *, text: str, label: str | None, text_pair: str | None, where: str
+) -> tuple[list[str], np.ndarray | None, list[str] | None]:
     for role, column in (("text", text), ("label", label), ("text_pair", text_pair)):
         if column is not None and column not in df.columns:
             raise DataError(
@@ -158,6 +180,8 @@ def _split_from_frame(
         )
         texts = texts.str.slice(0, MAX_TEXT_CHARS)
         pairs = None if pairs is None else pairs.str.slice(0, MAX_TEXT_CHARS)
+    if label is None:
+        return texts.tolist(), None, None if pairs is None else pairs.tolist()
     labels = df[label]
     empty = labels.isna() | labels.map(lambda x: isinstance(x, str) and not x.strip())
     if empty.any():
@@ -240,7 +264,7 @@ def from_dataframes(
     test: pd.DataFrame | None = None,
     *,
     text: str = "text",
-    label: str = "label",
+    label: str | None = "label",
     text_pair: str | None = None,
     label_names: list[str] | None = None,
     metric: Metric = "accuracy",
@@ -255,6 +279,8 @@ def from_dataframes(
         ``test`` None splits ``train`` with ``test_fraction`` (shuffled with ``seed``).
     text, label, text_pair : str
         Column names. ``text_pair`` None autodetects a ``text_pair`` column that is not all empty.
+        Without a column named ``label`` (the default name) the task is unlabeled (metric
+        ``loss``); a label column named otherwise must exist.
     label_names : list of str, optional
         Names for labels 0..K-1. Labels that are strings are mapped in sorted order.
     """
@@ -269,13 +295,19 @@ def from_dataframes(
     if text_pair is None and "text_pair" in train.columns:
         if (train["text_pair"].fillna("").astype(str).str.strip() != "").any():
             text_pair = "text_pair"
+    if label == "label" and label not in train.columns and text in train.columns:
+        label = None  # plain texts: an unlabeled task
+        metric = "loss"
     # Columns are checked first: duplicated(subset=[]) on a frame without them fails obscurely.
     tr = _split_from_frame(train, text=text, label=label, text_pair=text_pair, where=f"{name} train")
     te = _split_from_frame(test, text=text, label=label, text_pair=text_pair, where=f"{name} test")
     dup = train.duplicated(subset=[c for c in (text, text_pair) if c is not None]).sum()
     if dup:
         warnings.warn(f"task {name!r}: {int(dup)} duplicate training rows", stacklevel=2)
-    y_train, y_test, names = _encode_labels(tr[1], te[1], label_names, where=name)
+    if label is None:
+        y_train, y_test, names = None, None, []
+    else:
+        y_train, y_test, names = _encode_labels(tr[1], te[1], label_names, where=name)
     return TaskData(
         name=name,
         train=Split(tr[0], y_train, tr[2]),
@@ -285,8 +317,9 @@ def from_dataframes(
     )
 
 
-def read_table(source: str | Path | bytes, *, fmt: Literal["csv", "jsonl"] | None = None) -> pd.DataFrame:
-    """Read a CSV or JSONL file (path or raw bytes) into a DataFrame of strings and numbers.
+def read_table(source: str | Path | bytes, *, fmt: Literal["csv", "jsonl", "txt"] | None = None) -> pd.DataFrame:
+    """Read a CSV or JSONL file (path or raw bytes) into a DataFrame of strings and numbers, or a
+    ``.txt`` file (one sample per line, blank lines skipped) into one ``text`` column.
 
     Raises :class:`DataError` for files that are too large, not UTF-8, empty or malformed.
     """
@@ -301,13 +334,13 @@ def read_table(source: str | Path | bytes, *, fmt: Literal["csv", "jsonl"] | Non
         raw, label = path.read_bytes(), path.name
         if fmt is None:
             suffix = path.suffix.lower()
-            fmt = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}.get(suffix)
+            fmt = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".txt": "txt"}.get(suffix)
             if fmt is None:
-                raise DataError(f"data file {path.name!r}: unknown type {suffix!r}; use .csv or .jsonl")
+                raise DataError(f"data file {path.name!r}: unknown type {suffix!r}; use .csv, .jsonl or .txt")
     if len(raw) > MAX_DATA_BYTES:
         raise DataError(f"{label}: larger than {MAX_DATA_BYTES >> 20} MiB")
-    if fmt not in ("csv", "jsonl"):
-        raise DataError(f"{label}: format {fmt!r} is unknown; use 'csv' or 'jsonl'")
+    if fmt not in ("csv", "jsonl", "txt"):
+        raise DataError(f"{label}: format {fmt!r} is unknown; use 'csv', 'jsonl' or 'txt'")
     try:
         content = raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
@@ -315,7 +348,9 @@ def read_table(source: str | Path | bytes, *, fmt: Literal["csv", "jsonl"] | Non
     if not content.strip():
         raise DataError(f"{label}: the file is empty")
     try:
-        if fmt == "csv":
+        if fmt == "txt":
+            df = pd.DataFrame({"text": [line for line in content.splitlines() if line.strip()]})
+        elif fmt == "csv":
             df = pd.read_csv(io.StringIO(content), keep_default_na=False, dtype=str)
         else:
             rows = []
@@ -346,10 +381,10 @@ def load_task(
     train: str | Path | bytes,
     test: str | Path | bytes | None = None,
     *,
-    fmt: Literal["csv", "jsonl"] | None = None,
+    fmt: Literal["csv", "jsonl", "txt"] | None = None,
     **kwargs,
 ) -> TaskData:
-    """Load a task from CSV or JSONL files (paths or bytes); see :func:`from_dataframes`."""
+    """Load a task from CSV, JSONL or TXT files (paths or bytes); see :func:`from_dataframes`."""
     train_df = read_table(train, fmt=fmt)
     test_df = None if test is None else read_table(test, fmt=fmt)
     task = from_dataframes(name, train_df, test_df, **kwargs)
@@ -358,13 +393,13 @@ def load_task(
 
 
 def load_task_dir(name: str, directory: str | Path, **kwargs) -> TaskData:
-    """Load ``directory/train.{csv,jsonl}`` and ``directory/test.{csv,jsonl}``."""
+    """Load ``directory/train.{csv,jsonl,txt}`` and ``directory/test.{csv,jsonl,txt}``."""
     directory = Path(directory)
-    for ext in ("csv", "jsonl"):
+    for ext in ("csv", "jsonl", "txt"):
         if (directory / f"train.{ext}").is_file():
             test = directory / f"test.{ext}"
             return load_task(name, directory / f"train.{ext}", test if test.is_file() else None, **kwargs)
-    raise DataError(f"task directory {str(directory)!r} has no train.csv or train.jsonl")
+    raise DataError(f"task directory {str(directory)!r} has no train.csv, train.jsonl or train.txt")
 
 
 def load_hf_task(

@@ -8,8 +8,8 @@ runs that task's test set: no model is reloaded and no PEFT model is rebuilt per
 from __future__ import annotations
 
 import contextlib
-import copy
 import itertools
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -17,17 +17,22 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 from torch import nn
 
-from osrm_core.adapters import Adapter
+from osrm_core.adapters import Adapter, split_bias, union_layers
 from osrm_core.batching import iter_batches, move_batch
 from osrm_core.data import Split, TaskData
 from osrm_core.embed_cache import EmbeddingCache
-from osrm_core.models import decoder_position_ids, head_module_names, weight_as_linear
+from osrm_core.models import decoder_position_ids, is_causal_lm, weight_as_linear
 from osrm_core.stats import FeatureStats
 
 Progress = Callable[[int, int, str], None]
+
+
+#: Metrics where a lower value is better; their normalized score is merged / single all the same.
+LOWER_IS_BETTER = frozenset({"loss"})
 
 
 def score(metric: str, y_true: np.ndarray, y_pred: np.ndarray) -> float:
@@ -39,7 +44,53 @@ def score(metric: str, y_true: np.ndarray, y_pred: np.ndarray) -> float:
     if metric == "f1":
         binary = max(int(np.max(y_true)), int(np.max(y_pred))) <= 1
         return float(f1_score(y_true, y_pred, average="binary" if binary else "macro", zero_division=0))
-    raise ValueError(f"metric {metric!r} is unknown: allowed are accuracy, mcc, f1")
+    raise ValueError(f"metric {metric!r} is unknown: allowed are accuracy, mcc, f1, loss")
+
+
+def task_metric(task: TaskData, model: nn.Module) -> str:
+    """How ``task`` is scored on ``model``: a causal LM by its mean token loss, a classifier by
+    the task's metric (which needs labels)."""
+    if is_causal_lm(model):
+        return "loss"
+    if not task.labeled:
+        raise ValueError(
+            f"task {task.name!r} has no labels, so a classifier cannot be scored on it; give labelled "
+            "data, or adapters of a causal LM (scored by the token loss of plain texts)"
+        )
+    return task.metric
+
+
+@torch.no_grad()
+def mean_loss(model: nn.Module, split: Split, batches: list[dict[str, torch.Tensor]], order: np.ndarray) -> float:
+    """Mean loss per token (causal LM: next-token cross-entropy over real tokens) or per example
+    (classifier: cross-entropy of the label), over all of ``batches``."""
+    device = next(model.parameters()).device
+    total, count, seen = 0.0, 0, 0
+    causal = is_causal_lm(model)
+    for batch in batches:
+        logits = model(**move_batch(decoder_position_ids(batch, model), device)).logits.float()
+        if causal:
+            ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device).bool()
+            valid = mask[:, 1:] & mask[:, :-1]
+            nll = F.cross_entropy(logits[:, :-1][valid], ids[:, 1:][valid], reduction="sum")
+            total, count = total + float(nll), count + int(valid.sum())
+        else:
+            labels = torch.as_tensor(split.label[order[seen : seen + len(logits)]], device=device)
+            total, count = total + float(F.cross_entropy(logits, labels, reduction="sum")), count + len(labels)
+        seen += len(batch["input_ids"])
+    if count == 0:
+        raise ValueError("no tokens to score: every text is one token or empty")
+    return total / count
+
+
+def split_score(
+    model: nn.Module, metric: str, split: Split, batches: list[dict[str, torch.Tensor]], order: np.ndarray
+) -> float:
+    """The one place a task is scored: ``metric`` of ``model`` on ``split`` (tokenized as
+    ``batches`` in ``order``, see :func:`tokenize_for_eval`)."""
+    if metric == "loss":
+        return mean_loss(model, split, batches, order)
+    return score(metric, split.label, predict(model, None, split, batches=batches, order=order))
 
 
 @torch.no_grad()
@@ -90,15 +141,16 @@ def evaluate_model(
     max_length: int = 128,
     max_test: int | None = None,
 ) -> float:
-    """The task's metric on its test split (first ``max_test`` examples)."""
+    """The task's metric on its test split (first ``max_test`` examples), see :func:`task_metric`."""
     was_training = model.training
     model.eval()
     test = task.test.head(max_test)
+    metric = task_metric(task, model)
     try:
-        pred = predict(model, tokenizer, test, batch_size=batch_size, max_length=max_length)
+        batches, order = tokenize_for_eval(tokenizer, test, batch_size, max_length)
+        return split_score(model, metric, test, batches, order)
     finally:
         model.train(was_training)
-    return score(task.metric, test.label, pred)
 
 
 # --------------------------------------------------------------------------- sweep engine
@@ -107,10 +159,11 @@ def evaluate_model(
 @dataclass
 class _TaskEval:
     task: TaskData
+    metric: str
     test: Split
     batches: list[dict[str, torch.Tensor]]
     order: np.ndarray
-    heads: dict[str, nn.Module]
+    params: dict[str, nn.Parameter]
 
 
 class SweepEngine:
@@ -124,7 +177,10 @@ class SweepEngine:
     tokenizer
     tasks : list of TaskData
     adapters : dict of task name to Adapter
-        Each task's fine-tuned adapter (for its head and its single-task delta).
+        Each task's fine-tuned adapter (for its head and its single-task delta). Adapters may
+        cover different layers: the engine works on the union, zero where one has no weights.
+        A task's head is every module its adapter trained in full (``modules_to_save``),
+        swapped in while that task is scored.
     max_test : int, optional
         Test examples per task.
     cache_embeddings : bool
@@ -144,81 +200,96 @@ class SweepEngine:
         max_length: int = 128,
         cache_embeddings: bool = True,
     ) -> None:
+        from osrm_core.export import merge_inputs
+
         missing = [t.name for t in tasks if t.name not in adapters]
         if missing:
             raise ValueError(f"no adapter for task {missing[0]!r}")
         self.model = model.eval()
         self.device = next(model.parameters()).device
         self.adapters = adapters
-        layer_names = sorted(next(iter(adapters.values())).layers)
-        for name, ad in adapters.items():
-            if sorted(ad.layers) != layer_names:
-                raise ValueError(f"adapter {name!r} adapts other layers than the first adapter")
-        self.layers = {n: model.get_submodule(n) for n in layer_names}
+        self.layers = {n: model.get_submodule(n) for n in union_layers(adapters)}
         self.w0 = {n: weight_as_linear(m).detach().clone() for n, m in self.layers.items()}
-        self.head_names = head_module_names(model)
-        self.original_heads = {h: getattr(model, h) for h in self.head_names}
+        self.b0 = {n: m.bias.detach().clone() for n, m in self.layers.items() if getattr(m, "bias", None) is not None}
+        self.single_deltas = dict(zip(adapters, merge_inputs(adapters)[0], strict=True))
+        self.original_params = {
+            key: model.get_parameter(key) for ad in adapters.values() for key in ad.head
+        }
         self.tokenizer, self.batch_size, self.max_length = tokenizer, batch_size, max_length
         self.tasks: dict[str, _TaskEval] = {}
         for task in tasks:
             test = task.test.head(max_test)
             batches, order = tokenize_for_eval(tokenizer, test, batch_size, max_length)
-            self.tasks[task.name] = _TaskEval(task, test, batches, order, self._heads(adapters[task.name]))
+            params = {
+                key: nn.Parameter(t.to(self.device, self.original_params[key].dtype), requires_grad=False)
+                for key, t in adapters[task.name].head.items()
+            }
+            self.tasks[task.name] = _TaskEval(task, task_metric(task, model), test, batches, order, params)
         self.forward_seconds = 0.0
-        self.embeddings = EmbeddingCache(model, layer_names) if cache_embeddings else None
+        changed = [*self.layers, *self.original_params]  # no replay if an adapter changes the embeddings
+        self.embeddings = EmbeddingCache(model, changed) if cache_embeddings else None
 
-    def _heads(self, adapter: Adapter) -> dict[str, nn.Module]:
-        heads = {}
-        for h in self.head_names:
-            module = copy.deepcopy(self.original_heads[h])
-            for key, tensor in adapter.head.items():
-                if key.startswith(h + "."):
-                    owner_name, _, pname = key[len(h) + 1 :].rpartition(".")
-                    owner = module.get_submodule(owner_name) if owner_name else module
-                    setattr(owner, pname, nn.Parameter(tensor.to(self.device), requires_grad=False))
-            heads[h] = module.to(self.device).eval()
-        return heads
+    def _set_params(self, params: dict[str, nn.Parameter]) -> None:
+        """Put a task's head (and other fully trained modules) in place; the base model's elsewhere."""
+        for key, original in self.original_params.items():
+            owner_name, _, pname = key.rpartition(".")
+            owner = self.model.get_submodule(owner_name) if owner_name else self.model
+            setattr(owner, pname, params.get(key, original))
 
     @torch.no_grad()
     def apply(self, deltas: dict[str, torch.Tensor] | None, lam: float = 1.0) -> None:
-        """Set each adapted layer's weight to ``W0 + lam * delta`` (``W0`` without deltas)."""
+        """Set each adapted layer's weight to ``W0 + lam * delta`` (``W0`` without deltas); a
+        delta with a bias column (:func:`osrm_core.adapters.split_bias`) moves the bias too."""
         for name, module in self.layers.items():
             w = weight_as_linear(module)
             if deltas is None:
                 w.copy_(self.w0[name])
-            else:
-                w.copy_(self.w0[name] + lam * deltas[name].to(w.device, w.dtype))
+                if name in self.b0:
+                    module.bias.copy_(self.b0[name])
+                continue
+            delta, shift = split_bias(deltas[name], w.shape[1])
+            w.copy_(self.w0[name] + lam * delta.to(w.device, w.dtype))
+            if name in self.b0:
+                bias = self.b0[name] if shift is None else self.b0[name] + lam * shift.to(w.device, w.dtype)
+                module.bias.copy_(bias)
 
     def restore(self) -> None:
         """Put the base weights and heads back."""
         self.apply(None)
-        for h, module in self.original_heads.items():
-            setattr(self.model, h, module)
+        self._set_params({})
 
     def evaluate(self, names: Sequence[str] | None = None) -> dict[str, float]:
-        """Each task's metric on the model as it is now, with that task's head."""
+        """Each task's score (:func:`split_score`) on the model as it is now, with its own head."""
         out = {}
         for name in names or list(self.tasks):
             te = self.tasks[name]
-            out[name] = score(te.task.metric, te.test.label, self.predict(name, te.batches, te.order))
+            with self._task_forward(name, te.batches):
+                out[name] = split_score(self.model, te.metric, te.test, te.batches, te.order)
         return out
 
     def predict(self, name: str, batches: list[dict[str, torch.Tensor]], order: np.ndarray) -> np.ndarray:
         """Task ``name``'s predicted labels for ``batches`` (see :func:`tokenize_for_eval`) on the
         model as it is now, with that task's head."""
-        for h, module in self.tasks[name].heads.items():
-            setattr(self.model, h, module)
+        with self._task_forward(name, batches):
+            return predict(self.model, None, self.tasks[name].test, batches=batches, order=order)
+
+    @contextlib.contextmanager
+    def _task_forward(self, name: str, batches: list[dict[str, torch.Tensor]]):
+        """Forward passes of task ``name`` over ``batches``: its head in place, the embeddings'
+        outputs replayed (:mod:`osrm_core.embed_cache`), the time counted in ``forward_seconds``."""
+        self._set_params(self.tasks[name].params)
         start = time.perf_counter()
-        with self.embeddings.replay(batches) if self.embeddings else contextlib.nullcontext():
-            pred = predict(self.model, None, self.tasks[name].test, batches=batches, order=order)
-        self.forward_seconds += time.perf_counter() - start
-        return pred
+        try:
+            with self.embeddings.replay(batches) if self.embeddings else contextlib.nullcontext():
+                yield
+        finally:
+            self.forward_seconds += time.perf_counter() - start
 
     def single_task_scores(self) -> dict[str, float]:
         """Each task with only its own adapter (the reference for normalized scores)."""
         out = {}
         for name in self.tasks:
-            self.apply(self.adapters[name].deltas())
+            self.apply(self.single_deltas[name])
             out.update(self.evaluate([name]))
         self.apply(None)
         return out
@@ -245,7 +316,8 @@ class SweepEngine:
         Returns
         -------
         DataFrame with columns ``method, density, <each parameter of params>, lambda, task,
-        score, single, normalized`` (a parameter a method does not have is empty).
+        metric, score, single, normalized`` (and ``perplexity`` where a task is scored by loss,
+        see :func:`score_columns`; a parameter a method does not have is empty).
         """
         from osrm_core.merge import get_merge_method, merge_deltas
 
@@ -254,12 +326,11 @@ class SweepEngine:
         bad = [x for x in lambdas if not 0 < x <= 10]
         if bad:
             raise ValueError(f"lambda {bad[0]} is not allowed: lambdas must be in (0, 10]")
+        from osrm_core.export import merge_inputs
+
         single = single or self.single_task_scores()
         names = list(self.tasks)
-        deltas = [self.adapters[n].deltas() for n in names]
-        grams = None
-        if stats is not None:
-            grams = [{layer: stats[n].layers[layer].gram for layer in self.layers} for n in names]
+        deltas, grams = merge_inputs({n: self.adapters[n] for n in names}, stats)
         grid = {"density": list(densities), **(params or {})}
         plan = []
         for method in methods:
@@ -277,18 +348,9 @@ class SweepEngine:
                 self.apply(merged, lam)
                 scores = self.evaluate()
                 for n in names:
-                    ref = single[n]
                     rows.append(
-                        {
-                            "method": method,
-                            **columns,
-                            **chosen,
-                            "lambda": float(lam),
-                            "task": n,
-                            "score": scores[n],
-                            "single": ref,
-                            "normalized": scores[n] / ref if ref > 0 else float("nan"),
-                        }
+                        {"method": method, **columns, **chosen, "lambda": float(lam), "task": n,
+                         **score_columns(self.tasks[n].metric, scores[n], single[n])}
                     )
                 done += 1
                 if progress:
@@ -304,12 +366,42 @@ def param_columns(sweep: pd.DataFrame) -> list[str]:
     return [c for c in all_param_specs() if c in sweep.columns]
 
 
+def score_columns(metric: str, merged: float, single: float) -> dict:
+    """A result row's score columns: ``metric, score, single, normalized`` (merged / single,
+    for a loss too, where lower is better) and, for a loss, the ``perplexity`` ``exp(loss)``."""
+    row = {
+        "metric": metric,
+        "score": merged,
+        "single": single,
+        "normalized": merged / single if single > 0 else float("nan"),
+    }
+    if metric in LOWER_IS_BETTER:
+        row["perplexity"] = math.exp(min(merged, 700.0))
+    return row
+
+
 def best_points(sweep: pd.DataFrame) -> pd.DataFrame:
-    """Per method, the (parameters, lambda) with the best normalized average over tasks."""
+    """Per method, the (parameters, lambda) with the best normalized average over tasks: the
+    highest, or the lowest where every task is scored by a loss. Tasks scored by a loss and by
+    a classification metric cannot be averaged together (ValueError)."""
+    lower = _lower_is_better(sweep)
     avg = (
         sweep.groupby(["method", *param_columns(sweep), "lambda"], dropna=False)["normalized"]
         .mean()
         .reset_index(name="normalized_avg")
     )
-    idx = avg.groupby("method")["normalized_avg"].idxmax()
+    grouped = avg.groupby("method")["normalized_avg"]
+    idx = grouped.idxmin() if lower else grouped.idxmax()
     return avg.loc[idx].reset_index(drop=True)
+
+
+def _lower_is_better(results: pd.DataFrame) -> bool:
+    if "metric" not in results.columns:
+        return False
+    kinds = {m in LOWER_IS_BETTER for m in results["metric"].unique()}
+    if len(kinds) > 1:
+        raise ValueError(
+            "tasks scored by a loss (lower is better) and by accuracy/mcc/f1 cannot be averaged "
+            "together; sweep them separately"
+        )
+    return kinds == {True}

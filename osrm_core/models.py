@@ -77,8 +77,9 @@ def load_base_model(
     device: Device = "cpu",
     device_map: str | None = None,
     seed: int = 0,
+    causal_lm: bool = False,
 ) -> tuple[nn.Module, object]:
-    """Load a sequence-classification model and its tokenizer.
+    """Load a sequence-classification model (or, with ``causal_lm``, a causal LM) and its tokenizer.
 
     Parameters
     ----------
@@ -94,13 +95,16 @@ def load_base_model(
         Passed to ``from_pretrained`` (``"auto"`` spreads a large model over devices).
     seed : int
         Seeds the new head's random initialization (in a forked RNG).
+    causal_lm : bool
+        Load the model with its language-modeling head (``AutoModelForCausalLM``), for
+        adapters of ``task_type: CAUSAL_LM``; ``num_labels`` is then unused.
 
     Returns
     -------
     (model, tokenizer)
         The model is in eval mode; the tokenizer has a padding token.
     """
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     if not isinstance(num_labels, int) or num_labels < 2:
@@ -114,7 +118,7 @@ def load_base_model(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             tokenizer = AutoTokenizer.from_pretrained(str(source))
-            kwargs = {"num_labels": num_labels, "ignore_mismatched_sizes": True}
+            kwargs = {} if causal_lm else {"num_labels": num_labels, "ignore_mismatched_sizes": True}
             if dtype is not None:
                 kwargs["dtype"] = dtype
             if device_map is not None:
@@ -122,7 +126,8 @@ def load_base_model(
             # A new head is drawn from a fixed seed, so every load (and a resumed run) gets the same one.
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
-                model = AutoModelForSequenceClassification.from_pretrained(str(source), **kwargs)
+                auto = AutoModelForCausalLM if causal_lm else AutoModelForSequenceClassification
+                model = auto.from_pretrained(str(source), **kwargs)
     except OSError as err:
         first = str(err).splitlines()[0]
         raise ValueError(f"cannot load model {str(source)!r}: {first}") from None
@@ -222,6 +227,11 @@ def weight_as_linear(module: nn.Module) -> torch.Tensor:
 def head_module_names(model: nn.Module) -> list[str]:
     """Names of the classification head modules present on ``model`` (``classifier``/``score``)."""
     return [n for n in HEAD_MODULES if hasattr(model, n)]
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    """True for a model with a language-modeling head (``...ForCausalLM``, GPT-2's ``LMHeadModel``)."""
+    return type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
 
 
 def model_type(model: nn.Module) -> str | None:

@@ -46,9 +46,9 @@ Progress = Callable[[int, int, str], None]
 def _load_entry(entry: TaskEntry, seed: int) -> TaskData:
     """The task a config entry names; column names apply to files only."""
     if entry.spec.startswith(("demo:", "hf:")):
-        return parse_task_spec(entry.spec, name=entry.name, seed=seed)
+        return parse_task_spec(entry.spec, name=entry.name, seed=seed, metric=entry.metric)
     columns = {"text": entry.text, "label": entry.label, "text_pair": entry.text_pair}
-    return parse_task_spec(entry.spec, name=entry.name, seed=seed, **columns)
+    return parse_task_spec(entry.spec, name=entry.name, seed=seed, metric=entry.metric, **columns)
 
 
 def _holding_lock(method):
@@ -133,6 +133,17 @@ class Pipeline:
                 lock.release()
 
     # ---- stages
+    def trainable_tasks(self) -> list[TaskData]:
+        """The tasks, all labelled (else ValueError): fine-tuning and sweeps need labels."""
+        tasks = self.tasks()
+        unlabeled = [t.name for t in tasks if not t.labeled]
+        if unlabeled:
+            raise ValueError(
+                f"task {unlabeled[0]!r} has no labels; fine-tuning needs labelled data (plain texts serve "
+                "osrm stats and osrm diagnose)"
+            )
+        return tasks
+
     @_holding_lock
     def run_all(self, jobs: int = 1) -> dict:
         """Every stage. In a data-parallel job (torchrun, accelerate launch) all ranks share the
@@ -184,6 +195,7 @@ class Pipeline:
         from osrm_core.parallel import threads_per_job
 
         threads_per_job(jobs)
+        self.trainable_tasks()  # before any work
         if jobs > 1 and dist_info().active:
             raise ValueError("jobs > 1 splits one machine's cores between processes; a data-parallel "
                              "job (torchrun, accelerate launch) already has one per device: drop --jobs")
@@ -275,7 +287,7 @@ class Pipeline:
     def stage_adapters(self, init: str) -> None:
         """Initialize and fine-tune one adapter per task (data-parallel when launched so)."""
         self.on_stage(f"fine-tuning ({init})")
-        tasks = self.tasks()
+        tasks = self.trainable_tasks()
         for i, task in enumerate(tasks):
             key = f"adapters/{init}/{task.name}"
             out = self.run.adapter_path(init, task.name)

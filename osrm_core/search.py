@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from osrm_core.evaluate import SweepEngine, score, tokenize_for_eval
+from osrm_core.evaluate import LOWER_IS_BETTER, SweepEngine, score, tokenize_for_eval
 from osrm_core.stats import FeatureStats
 
 
@@ -93,6 +93,7 @@ def search_best(
     seed : int
         Draws each task's order of test examples (and seeds DARE's dropping).
     """
+    from osrm_core.export import merge_inputs
     from osrm_core.merge import get_merge_method, merge_deltas
 
     if not lambdas or any(not 0 < x <= 10 for x in lambdas):
@@ -105,10 +106,13 @@ def search_best(
     merge = get_merge_method(method, **params)
     if merge.needs_gram and stats is None:
         raise ValueError(f"merge method {method!r} needs the tasks' feature statistics")
+    loss_scored = [n for n, te in engine.tasks.items() if te.metric in LOWER_IS_BETTER]
+    if loss_scored:
+        raise ValueError(f"task {loss_scored[0]!r} is scored by its loss; the adaptive search ranks points by "
+                         "predicted labels (accuracy, mcc, f1): sweep the full grid instead")
     single = single or engine.single_task_scores()
     names = list(engine.tasks)
-    deltas = [engine.adapters[n].deltas() for n in names]
-    grams = None if stats is None else [{layer: stats[n].layers[layer].gram for layer in engine.layers} for n in names]
+    deltas, grams = merge_inputs({n: engine.adapters[n] for n in names}, stats)
     grid_densities = list(densities) if merge.uses_density else [None]
     merged = {d: merge_deltas(deltas, method, lam=1.0, grams=grams, seed=seed,
                               **(params if d is None else {**params, "density": d})) for d in grid_densities}
@@ -142,7 +146,7 @@ def search_best(
                     examples += len(label)
                 labels = np.concatenate([x[0] for x in seen[point][n]])
                 preds = np.concatenate([x[1] for x in seen[point][n]])
-                task_scores[n] = score(engine.tasks[n].task.metric, labels, preds)
+                task_scores[n] = score(engine.tasks[n].metric, labels, preds)
             norm = [task_scores[n] / single[n] if single[n] > 0 else float("nan") for n in names]
             avg = float(np.nanmean(norm)) if not np.all(np.isnan(norm)) else float("-inf")
             results.append((avg, point, task_scores))

@@ -66,6 +66,9 @@ class TaskEntry(BaseModel):
     text: str = "text"
     label: str = "label"
     text_pair: str | None = None
+    metric: Literal["accuracy", "mcc", "f1", "loss"] | None = Field(
+        None, description="how the task is scored (default accuracy; loss for unlabeled texts)"
+    )
 
 
 

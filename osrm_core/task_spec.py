@@ -1,20 +1,31 @@
 """Task specs, the one way tasks are named on the command line and in configs: ``demo:KEY``
 (built-in synthetic tasks), ``hf:DATASET[/CONFIG]:SPLIT``, a folder with ``train.csv`` and
-``test.csv``, or one CSV/JSONL file (split 80/20)."""
+``test.csv``, or one CSV/JSONL/TXT file (split 80/20; without a label column, plain texts)."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
-from osrm_core.data import DataError, TaskData, load_hf_task, load_task, load_task_dir
+from osrm_core.data import METRICS, DataError, Metric, TaskData, load_hf_task, load_task, load_task_dir
 from osrm_core.demo import demo_task
 
 
-def parse_task_spec(spec: str, name: str | None = None, **kwargs) -> TaskData:
+def parse_task_spec(spec: str, name: str | None = None, *, metric: Metric | None = None, **kwargs) -> TaskData:
     """Resolve a task spec: ``demo:KEY``, ``hf:DATASET[/CONFIG]:SPLIT``, a directory or a file.
 
     A file is split into train and test; a directory holds ``train.csv``/``test.csv``.
+    ``metric`` replaces the task's default metric (accuracy; loss for unlabeled texts).
     """
+    task = _resolve(spec, name, **kwargs)
+    if metric is None or metric == task.metric:
+        return task
+    if metric not in METRICS:
+        raise DataError(f"metric {metric!r} of task {task.name!r} is unknown: allowed are {', '.join(METRICS)}")
+    return dataclasses.replace(task, metric=metric)
+
+
+def _resolve(spec: str, name: str | None = None, **kwargs) -> TaskData:
     if spec.startswith("demo:"):
         key = spec[5:]
         task = demo_task(key, **{k: v for k, v in kwargs.items() if k == "seed"})

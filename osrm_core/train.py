@@ -133,6 +133,11 @@ def finetune(
     config = config or TrainSettings()
     if not isinstance(max_length, int) or max_length < 2:
         raise ValueError(f"max_length={max_length!r} is not allowed: must be an integer >= 2")
+    if not task.labeled:
+        raise ValueError(
+            f"task {task.name!r} has no labels; fine-tuning a classifier needs labelled data "
+            "(plain texts serve statistics, diagnosis and causal-LM scoring)"
+        )
     layers = _lora_layers(peft_model)
     if not layers:
         raise ValueError("peft_model has no LoRA layers; build it with osrm_core.init_lora")
@@ -237,7 +242,7 @@ def finetune(
         del model, step_optimizer
     peft_model.eval()
     result.seconds = time.perf_counter() - start
-    if parallel:
+    if parallel and task.metric != "loss":
         result.test_score = _evaluate_sharded(peft_model, tokenizer, task, config.eval_batch_size, max_length, max_test)
     else:
         result.test_score = evaluate_model(

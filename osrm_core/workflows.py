@@ -20,11 +20,54 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from osrm_core.adapters import Adapter, check_against_model
+from osrm_core.adapters import Adapter, check_against_model, union_layers
 from osrm_core.data import TaskData
 from osrm_core.stats import FeatureStats, collect_feature_stats
 
 Progress = Callable[[int, int, str], None]
+
+
+def is_causal_lm_set(adapters: dict[str, Adapter]) -> bool:
+    """Whether adapters belong on a causal LM (``task_type: CAUSAL_LM``); mixing kinds is refused."""
+    kinds = {a.task_type == "CAUSAL_LM" for a in adapters.values()}
+    if len(kinds) > 1:
+        causal = sorted(n for n, a in adapters.items() if a.task_type == "CAUSAL_LM")
+        raise ValueError(
+            f"adapters {causal} have task_type CAUSAL_LM and the others not; merge adapters of one kind of model"
+        )
+    return kinds == {True}
+
+
+def load_base_for(adapters: dict[str, Adapter], model_name: str | None = None, **kwargs):
+    """The base model the adapters belong on (a causal LM for ``task_type: CAUSAL_LM``, else a
+    classifier) and its tokenizer; every adapter is checked against it."""
+    from osrm_core.models import load_base_model
+
+    model, tokenizer = load_base_model(model_name, causal_lm=is_causal_lm_set(adapters), **kwargs)
+    for name, adapter in adapters.items():
+        check_against_model(adapter, model, where=name)
+    return model, tokenizer
+
+
+def coverage_table(adapters: dict[str, Adapter]) -> pd.DataFrame:
+    """Which of the union of adapted layers each adapter covers.
+
+    Columns ``adapter, layers, of_union, missing`` (``missing``: short names of the layers the
+    adapter has no weights for, e.g. ``key x6``; empty when it covers all).
+    """
+    union = union_layers(adapters)
+    rows = []
+    for name, adapter in adapters.items():
+        counts: dict[str, int] = {}
+        for layer in union:
+            if layer not in adapter.layers:
+                short = layer.rsplit(".", 1)[-1]
+                counts[short] = counts.get(short, 0) + 1
+        rows.append({
+            "adapter": name, "layers": len(adapter.layers), "of_union": len(union),
+            "missing": ", ".join(f"{k} x{v}" for k, v in counts.items()),
+        })
+    return pd.DataFrame(rows)
 
 
 def task_stats(model, tokenizer, tasks: Sequence[TaskData], *, samples: int | None = 100, max_length: int = 128,
@@ -58,10 +101,11 @@ def diagnose_adapters(
     model : nn.Module
         The base model the adapters were trained on (its weights give ``W0``).
     adapters : dict of task name to Adapter
-        At least two, all adapting the same layers.
+        At least two. They may cover different layers: the diagnosis is over the union, each
+        adapter contributing where it has weights (whatever the order of ``adapters``).
     stats : dict of task name to FeatureStats
-        Every adapter's task (same name), collected at the adapters' layers
-        (:func:`task_stats`).
+        Every adapter's task (same name), collected at the union of the adapters' layers
+        (:func:`task_stats`); tasks need no labels.
     posthoc_rank : int, optional
         Rank of the OSRM subspace each adapter is projected on (default: its own rank).
 
@@ -73,7 +117,8 @@ def diagnose_adapters(
         uploaded adapters summed over layers: rows adapter j, columns data i), ``angles``
         (data-data and adapter-data, same ``init`` column; subspaces of the smallest adapter
         rank), ``own_energy``, ``posthoc`` (energy kept per adapter and layer) and
-        ``projected`` (the post-hoc OSRM adapters).
+        ``projected`` (the post-hoc OSRM adapters) and ``coverage`` (which layers each adapter
+        covers, :func:`coverage_table`).
     """
     from osrm_core.diagnostics import (
         angle_rank,
@@ -95,8 +140,7 @@ def diagnose_adapters(
     for name, adapter in adapters.items():
         check_against_model(adapter, model, where=name)
     stats = {n: stats[n] for n in adapters}
-    layers = sorted(next(iter(adapters.values())).layers)
-    w0 = {n: weight_as_linear(model.get_submodule(n)).detach() for n in layers}
+    w0 = {n: weight_as_linear(model.get_submodule(n)).detach() for n in union_layers(adapters)}
     projected, kept = posthoc_osrm_adapters(adapters, stats, posthoc_rank)
     uploaded = interference_table(adapters, stats, w0)
     k = angle_rank(adapters)
@@ -117,6 +161,7 @@ def diagnose_adapters(
         "own_energy": own_energy_table(adapters, stats),
         "posthoc": kept[["adapter", "layer", "energy_kept"]],
         "projected": projected,
+        "coverage": coverage_table(adapters),
     }
 
 
@@ -152,6 +197,31 @@ def sweep_adapters(
         engine.restore()
 
 
+def merge_scores(
+    model,
+    tokenizer,
+    adapters: dict[str, Adapter],
+    tasks: Sequence[TaskData],
+    method: str,
+    *,
+    lam: float,
+    stats: dict[str, FeatureStats] | None = None,
+    max_test: int | None = None,
+    max_length: int = 128,
+    seed: int = 0,
+    **params,
+) -> pd.DataFrame:
+    """Each task's score with the merge of ``adapters`` by ``method`` at ``lam`` (``params``: the
+    method's, defaults for the rest): one row per task with the columns of :func:`sweep_adapters`
+    (``metric, score, single, normalized``), as a merged adapter's model card reports them."""
+    from osrm_core.merge import get_merge_method
+
+    chosen = get_merge_method(method, **params)
+    grid = {spec.name: [getattr(chosen, spec.name)] for spec in chosen.param_specs()}
+    return sweep_adapters(model, tokenizer, adapters, tasks, methods=[method], lambdas=[lam], params=grid,
+                          stats=stats, max_test=max_test, max_length=max_length, seed=seed)
+
+
 def build_merged_adapter(
     adapters: dict[str, Adapter],
     out: str | Path,
@@ -161,20 +231,29 @@ def build_merged_adapter(
     stats: dict[str, FeatureStats] | None = None,
     rank: int | None = None,
     seed: int = 0,
+    scores: pd.DataFrame | None = None,
     **params,
-) -> Path:
-    """Merge ``adapters`` and write one PEFT LoRA adapter folder at ``out``.
+) -> tuple[Path, pd.DataFrame]:
+    """Merge ``adapters`` (over the union of their layers) and write one PEFT LoRA adapter
+    folder at ``out``.
 
     The adapter holds ``lam * merge(Delta_W_1..T)`` per layer, exactly (``rank`` None: the
     largest numerical rank over layers) or truncated by SVD to ``rank``; its config has
-    ``task_type`` null and no ``modules_to_save``, so plain ``PeftModel.from_pretrained`` loads
-    it on the base model; each task's head is written to ``heads/<task>.safetensors``.
-    Methods that need Gram matrices (``needs_gram``) take them from ``stats``.
+    no ``modules_to_save`` and ``task_type`` null (kept for ``CAUSAL_LM``), so plain
+    ``PeftModel.from_pretrained`` loads it on the base model; each task's head is written to
+    ``heads/<task>.safetensors``. Methods that need Gram matrices (``needs_gram``) take them
+    from ``stats``. A ``README.md`` model card documents it
+    (:func:`osrm_core.export.write_model_card`, with ``scores`` when measured, see
+    :func:`merge_scores`). Returns the
+    folder and the per-layer factorization table (rank, relative error, see
+    :func:`osrm_core.export.factor_merged`).
     """
-    from osrm_core.export import merge_adapters, write_merged_adapter
+    from osrm_core.export import merge_adapters, write_merged_adapter, write_model_card
 
     merged = merge_adapters(adapters, method, lam=lam, stats=stats, seed=seed, **params)
-    return write_merged_adapter(out, merged, adapters, rank=rank)
+    path, table = write_merged_adapter(out, merged, adapters, rank=rank)
+    write_model_card(path, adapters, method=method, lam=lam, params=params, scores=scores)
+    return path, table
 
 
 def real_model_comparison(model, tokenizer, *, rank: int = 8, n_samples: int = 32, seed: int = 0,

@@ -30,7 +30,7 @@ from app_helpers import (
     zip_directory,
 )
 from osrm_core.constraints import CONSTRAINTS
-from osrm_core.data import DataError, from_dataframes, read_table
+from osrm_core.data import METRICS, DataError, from_dataframes, read_table
 from osrm_core.demo import DEMO_TASKS
 from osrm_core.inits import INITS
 from osrm_core.lock import DirLock
@@ -185,7 +185,8 @@ def uploaded_tasks(seed: int) -> tuple[list, list[str]]:
             label = column_picker("Label column", cols, "label" if "label" in cols else cols[-1],
                                   f"home_up_label_{i}", where=c3)
             pair = column_picker("Second text (pairs)", cols, "text_pair", f"home_up_pair_{i}", optional=True, where=c4)
-            metric = c5.selectbox("Metric", ["accuracy", "mcc", "f1"], key=f"home_up_metric_{i}")
+            metric = c5.selectbox("Metric", METRICS, key=f"home_up_metric_{i}",
+                                  help="how the task is scored: loss is the cross-entropy (lower is better)")
             try:
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
@@ -317,6 +318,7 @@ with tab_new:
                     "text": "text",
                     "label": "label",
                     "text_pair": "text_pair" if task.is_pair else None,
+                    "metric": task.metric,
                 }
             )
         targets = [t.strip() for t in ss.home_targets.split(",") if t.strip()] or None

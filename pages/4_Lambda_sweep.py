@@ -6,7 +6,7 @@ from __future__ import annotations
 import streamlit as st
 
 from app_helpers import require_run, show_figure, show_table, sweep_table
-from osrm_core.viz import sweep_best, sweep_curves, sweep_figure
+from osrm_core.viz import metric_label, sweep_best, sweep_curves, sweep_figure
 
 st.title("Lambda sweep")
 run = require_run()
@@ -53,8 +53,9 @@ fig = sweep_figure(rows, task=task_arg, y=y, density=density, title=f"{y} vs lam
 show_figure(fig, f"sweep_{y}_{task}", "sw_fig")
 
 curves = sweep_curves(rows, task=task_arg, y=y, density=density)
-st.subheader("Best point per init and method")
-show_table(sweep_best(curves, y), f"sweep_best_{y}_{task}", "sw_best")
+metric, lower = metric_label(rows, task_arg)
+st.subheader(f"Best point per init and method ({metric}, {'lowest' if lower else 'highest'} {y})")
+show_table(sweep_best(curves, y, lower_is_better=lower), f"sweep_best_{y}_{task}", "sw_best")
 with st.expander("Curves (table)"):
     show_table(curves, f"sweep_curves_{y}_{task}", "sw_curves")
 with st.expander("Full sweep (every task and grid point)"):

@@ -17,6 +17,7 @@ from app_helpers import (
     layer_selector,
     merge_param_widgets,
     merged_adapter_zip,
+    read_hub_adapters,
     read_uploaded_adapters,
     shared_mode,
     show_figure,
@@ -25,7 +26,7 @@ from app_helpers import (
     texts_feature_stats,
     uploads_signature,
 )
-from osrm_core.adapters import num_labels_of
+from osrm_core.adapters import num_labels_of, union_layers
 from osrm_core.data import DataError, read_table
 from osrm_core.demo import DEMO_TASKS, demo_task
 from osrm_core.merge import MERGE_METHODS
@@ -39,12 +40,20 @@ from osrm_core.viz import (
     interference_heatmap,
     interference_view,
     matrix_range,
+    metric_label,
     short_layer,
     sweep_best,
     sweep_curves,
     sweep_figure,
 )
-from osrm_core.workflows import adapter_rank, diagnose_adapters, sweep_adapters
+from osrm_core.workflows import (
+    adapter_rank,
+    coverage_table,
+    diagnose_adapters,
+    is_causal_lm_set,
+    load_base_for,
+    sweep_adapters,
+)
 
 st.title("Adapter diagnosis")
 st.markdown(
@@ -95,9 +104,19 @@ if any(f.name.lower() in ("adapter_config.json", "adapter_model.safetensors") fo
     loose_name = st.text_input(
         "Task name of the adapter given as two files", "adapter", key="diag_loose_name"
     )
-signature = uploads_signature(files, model_name or "", loose_name)
+hub_lines = ""
+if not shared_mode():  # a shared deployment fetches nothing on a visitor's behalf
+    hub_lines = st.text_area(
+        "Adapters on the Hugging Face Hub: NAME=hf:OWNER/REPO or NAME=hf:OWNER/REPO@REVISION, one per line "
+        "(adapter_config.json and safetensors only)",
+        key="diag_hub",
+        height=70,
+    )
+signature = uploads_signature(files, model_name or "", loose_name) + hub_lines
 if ss.get("diag_read", {}).get("signature") != signature:
     adapters, errors = read_uploaded_adapters(files, model, loose_name)
+    hub_adapters, hub_errors = read_hub_adapters(hub_lines, model)
+    adapters, errors = {**adapters, **hub_adapters}, errors + hub_errors
     ss["diag_read"] = {"signature": signature, "adapters": adapters, "errors": errors}
 adapters, errors = ss["diag_read"]["adapters"], ss["diag_read"]["errors"]
 for message in errors:
@@ -105,21 +124,20 @@ for message in errors:
 if len(adapters) < 2:
     st.info("Upload two or more LoRA adapters for the base model above to diagnose them.")
     st.stop()
-layer_sets = {n: sorted(a.layers) for n, a in adapters.items()}
-first = next(iter(layer_sets.values()))
-odd = [n for n, layers in layer_sets.items() if layers != first]
-if odd:
-    st.error(
-        f"Adapter {odd[0]!r} adapts other layers than {next(iter(adapters))!r}; all must adapt the same layers."
-    )
-    st.stop()
 names = list(adapters)
+try:
+    causal = is_causal_lm_set(adapters)  # a causal LM scores each task by the token loss of its texts
+except ValueError as err:
+    st.error(str(err))
+    st.stop()
+coverage = coverage_table(adapters).set_index("adapter")
 st.dataframe(
     [
         {
             "adapter": n,
             "rank": adapter_rank(a),
             "layers": len(a.layers),
+            "missing layers": coverage.loc[n, "missing"],
             "scale": next(iter(a.layers.values())).scale,
             "head classes": num_labels_of(a),
         }
@@ -127,6 +145,9 @@ st.dataframe(
     ],
     hide_index=True,
 )
+if (coverage["missing"] != "").any():
+    st.caption("The adapters cover different layers: the diagnosis and merges use the union, each adapter "
+               "contributing where it has weights (zero elsewhere).")
 
 # --------------------------------------------------------------------------- sample texts
 
@@ -182,7 +203,7 @@ if missing:
     st.info(f"Give at least 2 sample texts for: {', '.join(missing)}.")
     st.stop()
 
-layers = tuple(first)
+layers = tuple(union_layers(adapters))
 try:
     collected = {
         n: texts_feature_stats(model_name, n, tuple(texts[n]), layers, int(max_length)) for n in names
@@ -296,9 +317,11 @@ def prefill_merge_form(best: pd.Series) -> None:
 ss.setdefault("diag_merge_lambda", 1.0)
 
 st.subheader("Suggested merge")
-unlabelled = [n for n in names if labels.get(n) is None]
+unlabelled = [] if causal else [n for n in names if labels.get(n) is None]
 if unlabelled:
     st.caption(f"A sweep needs labels for every task; without labels: {', '.join(unlabelled)}.")
+elif causal:
+    st.caption("Causal-LM adapters: each task is scored by the mean token loss of its texts (lower is better).")
 c1, c2, c3 = st.columns(3)
 methods = c1.multiselect(
     "Methods", list(MERGE_METHODS), default=["task_arithmetic", "ties"], key="diag_methods"
@@ -316,7 +339,7 @@ if st.button("Run a quick sweep", key="diag_sweep_button"):
             raise DataError("choose at least one merge method")
         tasks = []
         for n in names:
-            task = text_task(n, texts[n], labels[n])
+            task = text_task(n, texts[n], None if causal else labels[n])
             classes = num_labels_of(adapters[n])
             if classes is not None and task.num_labels > classes:
                 raise DataError(
@@ -327,7 +350,7 @@ if st.button("Run a quick sweep", key="diag_sweep_button"):
         if both:
             sets["posthoc_osrm"] = result["projected"]
         with st.spinner("Sweeping ..."):
-            sweep_model, _ = fresh_model(model_name)
+            sweep_model, _ = load_base_for(adapters, model_name) if causal else fresh_model(model_name)
             df = pd.concat(
                 [
                     sweep_adapters(sweep_model, tokenizer, chosen, tasks, methods=methods, lambdas=lambdas,
@@ -336,7 +359,8 @@ if st.button("Run a quick sweep", key="diag_sweep_button"):
                 ],
                 ignore_index=True,
             )
-        best = sweep_best(sweep_curves(df)).sort_values("normalized", ascending=False)
+        lower = metric_label(df)[1]
+        best = sweep_best(sweep_curves(df), lower_is_better=lower).sort_values("normalized", ascending=lower)
         ss["diag_sweep"] = {"key": key, "df": df, "best": best}
         prefill_merge_form(best.iloc[0])
     except (DataError, ValueError) as err:

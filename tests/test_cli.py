@@ -112,10 +112,19 @@ BAD_INPUTS = {
         lambda f, m: ["stats", "--task", "demo:sentiment", "--task", "b=demo:topic", "--out", f["root"] / "t"],
         "NAME=VALUE",
     ),
-    "csv without label column": (
-        lambda f, m: ["stats", "--model", m, "--task", f"a={f['no_label']}", "--task", f"b={f['sentiment']}",
-                      "--out", f["root"] / "nl"],
-        "column 'label'",
+    "training on texts without labels": (
+        lambda f, m: ["train", "--model", m, "--task", f"a={f['no_label']}", "--task", f"b={f['sentiment']}",
+                      "--steps", "1", "--samples", "4", "--out", f["root"] / "nl"],
+        "task 'a' has no labels; fine-tuning needs labelled data",
+    ),
+    "sweep on texts without labels": (
+        lambda f, m: ["sweep", "--model", m, *_adapter_args(f), "--task", f"sentiment={f['no_label']}",
+                      "--task", f"paraphrase={f['paraphrase']}"],
+        "task 'sentiment' has no labels, so a classifier cannot be scored on it",
+    ),
+    "metric of an unknown task": (
+        lambda f, m: ["sweep", "--model", m, *_adapter_args(f), *_task_args(f), "--metric", "nope=mcc"],
+        "--metric nope=...: no --task of that name",
     ),
     "missing adapter": (
         lambda f, m: ["merge", "--adapter", f"sentiment={f['root'] / 'nowhere'}", "--adapter",
@@ -129,10 +138,6 @@ BAD_INPUTS = {
     "pickled adapter": (
         lambda f, m: ["merge", *_adapter_args(f, a="adapter_pickled"), "--out", f["root"] / "m1"],
         "pickle",
-    ),
-    "task data a merge does not use": (
-        lambda f, m: ["merge", *_adapter_args(f), *_task_args(f), "--out", f["root"] / "m2"],
-        "--task is used by merge methods that need the tasks' statistics (regmean)",
     ),
     "post-hoc rank 0": (
         lambda f, m: ["diagnose", *_adapter_args(f), *_task_args(f), "--posthoc-rank", "0"],
@@ -188,6 +193,10 @@ def jobs(files, tiny_model_dir):
     futures["merge"] = pool.submit(
         osrm, "merge", *_adapter_args(files), "--method", "ties", "--lambda", 0.7, "--out", root / "merged"
     )
+    futures["merge_scored"] = pool.submit(
+        osrm, "merge", "--model", m, *_adapter_args(files), *_task_args(files), "--lambda", 0.7,
+        "--out", root / "merged-scored", "--json",
+    )
     futures["help"] = pool.submit(osrm, "--help")
     for case, (make_args, _) in BAD_INPUTS.items():
         futures[case] = pool.submit(osrm, *make_args(files, m))
@@ -212,6 +221,11 @@ def test_help(jobs) -> None:
     assert result.stdout.startswith("usage: osrm")
     for command in ("demo", "run", "stats", "train", "merge", "sweep", "diagnose", "show"):
         assert command in result.stdout
+    from osrm_core.inits import INITS
+    from osrm_core.merge import MERGE_METHODS
+
+    merge_help, train_help = osrm("merge", "--help").stdout, osrm("train", "--help").stdout
+    assert all(m in merge_help for m in MERGE_METHODS) and all(i in train_help for i in INITS)
 
 
 def test_stats(jobs, files) -> None:
@@ -234,6 +248,9 @@ def test_merge(jobs, files) -> None:
     _ok(result)
     assert str(out) in result.stdout
     written = read_adapter_dir(out)
+    size, rank = (out / "adapter_model.safetensors").stat().st_size, next(iter(written.layers.values())).rank
+    assert f"rank {rank} on {len(TINY_TARGETS)} layers (exact); adapter_model.safetensors {size / 2**20:.2f} MiB" \
+        in result.stdout
     adapters = {k: read_adapter_dir(files[f"adapter_{k}"]) for k in TASKS}
     expected = merge_adapters(adapters, "ties", lam=0.7)
     for name, delta in expected.items():
@@ -242,11 +259,41 @@ def test_merge(jobs, files) -> None:
         assert (out / "heads" / f"{key}.safetensors").is_file()
 
 
+def test_merge_with_tasks_reports_scores_plain_peft_reproduces(jobs, files, tiny_model_dir) -> None:
+    """``osrm merge --task`` measures the merge on each task, prints the scores and writes them
+    into the model card; the merged folder loaded with plain peft on the base, with a task's
+    head from ``heads/``, scores exactly that."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from osrm_core.evaluate import evaluate_model
+    from osrm_core.task_spec import parse_task_spec
+
+    out = files["root"] / "merged-scored"
+    result = jobs["merge_scored"].result()
+    _ok(result)
+    scores = {r["task"]: r for r in json.loads(result.stdout)["scores"]}
+    assert sorted(scores) == sorted(TASKS)
+    card = (out / "README.md").read_text()
+    assert "## Measured scores" in card
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    for key in TASKS:
+        row = scores[key]
+        assert row["metric"] == "accuracy" and row["normalized"] == pytest.approx(row["score"] / row["single"])
+        assert f"| {key} | accuracy | {row['score']:.4f} | {row['single']:.4f} |" in card
+        base = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir)
+        model = PeftModel.from_pretrained(base, str(out)).eval()
+        model.get_base_model().load_state_dict(load_file(str(out / "heads" / f"{key}.safetensors")), strict=False)
+        task = parse_task_spec(str(files[key]), name=key, seed=0)
+        assert evaluate_model(model, tokenizer, task) == pytest.approx(row["score"])
+
+
 def test_diagnose_json(jobs) -> None:
     result = jobs["diagnose"].result()
     _ok(result)
     payload = json.loads(result.stdout)
-    assert set(payload) == {"interference", "matrix", "angles", "own_energy", "posthoc"}
+    assert set(payload) == {"interference", "matrix", "angles", "own_energy", "posthoc", "coverage"}
     assert all(payload[key] for key in payload)
     assert {row["adapter"] for row in payload["posthoc"]} == set(TASKS)
 

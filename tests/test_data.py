@@ -167,7 +167,7 @@ def test_empty_file(tmp_path) -> None:
 @pytest.mark.parametrize(
     ("data", "fmt", "message"),
     [
-        (CSV, None, "format None is unknown; use 'csv' or 'jsonl'"),
+        (CSV, None, "format None is unknown; use 'csv', 'jsonl' or 'txt'"),
         (b'{"text": "a", "label": 0}\n[1, 2]\n', "jsonl", "line 2 is not a JSON object"),
         (b'{"text": "a", "label": 0\n', "jsonl", "cannot parse as JSONL"),
         (b"text,label\n", "csv", "no rows"),
@@ -183,9 +183,9 @@ def test_read_rejects(data: bytes, fmt, message: str) -> None:
 def test_read_table_paths(tmp_path) -> None:
     with pytest.raises(ValueError, match="does not exist"):
         read_table(tmp_path / "nope.csv")
-    odd = tmp_path / "data.txt"
-    odd.write_text("text,label\na,0\n", encoding="utf-8")
-    with pytest.raises(ValueError, match=r"unknown type '\.txt'; use \.csv or \.jsonl"):
+    odd = tmp_path / "data.tsv"
+    odd.write_text("text\tlabel\na\t0\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"unknown type '\.tsv'; use \.csv, \.jsonl or \.txt"):
         read_table(odd)
     with pytest.raises(ValueError, match="test_fraction must be in"):
         load_task("t", CSV, fmt="csv", test_fraction=1.5)
@@ -237,3 +237,42 @@ def test_iter_batches_sorted_and_pairs(tokenizer, tiny_tasks) -> None:
         next(iter_batches(tokenizer, pairs, batch_size=0))
     with pytest.raises(ValueError, match="max_length must be >= 2, got 1"):
         next(iter_batches(tokenizer, pairs, max_length=1))
+
+
+# --------------------------------------------------------------------------- unlabeled texts
+
+
+@pytest.mark.parametrize(
+    "name, content",
+    [
+        ("plain.txt", "first sample\n\nsecond one, with a comma\nthird\nfourth\nfifth\n"),
+        ("plain.csv", "text\nfirst sample\n\"second one, with a comma\"\nthird\nfourth\nfifth\n"),
+        ("plain.jsonl", "".join(f'{{"text": "{t}"}}\n' for t in
+                                ["first sample", "second one, with a comma", "third", "fourth", "fifth"])),
+    ],
+)
+def test_unlabeled_texts_are_a_task(tmp_path, name, content) -> None:
+    path = tmp_path / name
+    path.write_text(content, encoding="utf-8")
+    task = parse_task_spec(str(path), name="u")
+    assert not task.labeled and task.metric == "loss" and task.num_labels == 0
+    texts = sorted(task.train.text + task.test.text)
+    assert texts == sorted(["first sample", "second one, with a comma", "third", "fourth", "fifth"])
+    assert task.train.label is None and task.test.head(1).label is None
+
+
+def test_unlabeled_task_refuses_a_classification_metric(tmp_path) -> None:
+    path = tmp_path / "plain.txt"
+    path.write_text("a\nb\nc\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="task 'u' has no labels, so its metric cannot be 'mcc'"):
+        parse_task_spec(str(path), name="u", metric="mcc")
+    with pytest.raises(ValueError, match="column 'target' for label not found"):
+        load_task("u", b"text\na\nb\nc\n", fmt="csv", label="target")
+
+
+def test_metric_of_a_task_spec() -> None:
+    task = parse_task_spec("demo:sentiment", name="s", metric="mcc")
+    assert task.metric == "mcc" and task.name == "s"
+    assert parse_task_spec("demo:sentiment", metric="loss").metric == "loss"
+    with pytest.raises(ValueError, match="metric 'auc' of task 's' is unknown: allowed are accuracy, mcc, f1, loss"):
+        parse_task_spec("demo:sentiment", name="s", metric="auc")

@@ -367,8 +367,8 @@ DATA_CASES: list[tuple[str, Callable[[Path], object], str | re.Pattern]] = [
     ("header only", lambda p: load_task("t", b"text,label\n", fmt="csv"), "upload: no rows"),
     ("misnamed text column", lambda p: load_task("t", GOOD.replace("text,", "sentence,").encode(), fmt="csv"),
      "t train: column 'text' for text not found; columns are ['sentence', 'label']"),
-    ("missing label column", lambda p: load_task("t", b"text\na\nb\nc\n", fmt="csv"),
-     "t train: column 'label' for label not found; columns are ['text']"),
+    ("missing label column named otherwise", lambda p: load_task("t", b"text\na\nb\nc\n", fmt="csv", label="y"),
+     "t train: column 'y' for label not found; columns are ['text']"),
     ("text column all blank", lambda p: load_task("t", b"text,label\n ,0\n ,1\n ,0\n", fmt="csv"),
      "t train: column 'text' is empty"),
     ("one class only", lambda p: load_task("t", _csv([("a", 1), ("b", 1), ("c", 1), ("d", 1)]), fmt="csv"),
@@ -413,7 +413,7 @@ DATA_CASES: list[tuple[str, Callable[[Path], object], str | re.Pattern]] = [
     ("file over the size cap", lambda p: read_table(_sparse(p / "big.csv", MAX_DATA_BYTES + 1)),
      "data file 'big.csv' is larger than 50 MiB"),
     ("unknown file type", lambda p: read_table(_file(p / "data.xlsx", b"PK")),
-     "data file 'data.xlsx': unknown type '.xlsx'; use .csv or .jsonl"),
+     "data file 'data.xlsx': unknown type '.xlsx'; use .csv, .jsonl or .txt"),
 ]
 
 

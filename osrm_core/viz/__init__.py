@@ -40,6 +40,7 @@ from .spectra import (
 )
 from .sweep import (
     arm_label,
+    metric_label,
     study_curve_figure,
     summary_figure,
     summary_tables,
@@ -79,6 +80,7 @@ __all__ = [
     "study_curve_figure",
     "summary_figure",
     "summary_tables",
+    "metric_label",
     "sweep_best",
     "sweep_curves",
     "sweep_figure",

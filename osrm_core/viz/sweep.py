@@ -38,10 +38,24 @@ def sweep_curves(
     return out.sort_values(keys, kind="stable").reset_index(drop=True)
 
 
-def sweep_best(curves: pd.DataFrame, y: str = "normalized") -> pd.DataFrame:
-    """Per init and method, the row of :func:`sweep_curves` with the highest ``y``."""
-    idx = curves.groupby(["init", "method"], sort=False)[y].idxmax().dropna()
+def sweep_best(curves: pd.DataFrame, y: str = "normalized", *, lower_is_better: bool = False) -> pd.DataFrame:
+    """Per init and method, the row of :func:`sweep_curves` with the highest ``y`` (the lowest
+    with ``lower_is_better``: tasks scored by a loss)."""
+    grouped = curves.groupby(["init", "method"], sort=False)[y]
+    idx = (grouped.idxmin() if lower_is_better else grouped.idxmax()).dropna()
     return curves.loc[idx.astype(int)].reset_index(drop=True)
+
+
+def metric_label(sweep: pd.DataFrame, task: str | None = None) -> tuple[str, bool]:
+    """The metrics of a sweep's rows (of ``task``, or all) as a label, e.g. ``"mcc"`` or
+    ``"accuracy, f1"``, and whether lower is better (all scored by a loss)."""
+    from osrm_core.evaluate import LOWER_IS_BETTER
+
+    if "metric" not in sweep.columns:
+        return "score", False
+    rows = sweep if task is None else sweep[sweep["task"] == task]
+    metrics = _unique(rows["metric"])
+    return ", ".join(map(str, metrics)), bool(metrics) and all(m in LOWER_IS_BETTER for m in metrics)
 
 
 def sweep_figure(
@@ -66,6 +80,7 @@ def sweep_figure(
         The density shown for TIES/DARE.
     """
     curves = sweep_curves(sweep, task=task, y=y, density=density)
+    metric, lower = metric_label(sweep, task)
     methods = _unique(curves["method"])
     inits = _unique(curves["init"])
     # Colour says the init (standard vs OSRM, the comparison that matters), dash and marker the method.
@@ -87,7 +102,7 @@ def sweep_figure(
                 hovertemplate=f"{name}<br>lambda = %{{x:g}}<br>{y} = %{{y:.4f}}<extra></extra>",
             )
         )
-    best = sweep_best(curves, y)
+    best = sweep_best(curves, y, lower_is_better=lower)
     for _, row in best.iterrows():
         init, method = row["init"], row["method"]
         name = f"{method} ({init})" if init else str(method)
@@ -106,7 +121,8 @@ def sweep_figure(
     if y == "normalized":
         fig.add_hline(y=1.0, line_dash="dot", line_color="grey", annotation_text="single-task")
     what = "average over tasks" if task is None else task
-    fig.update_yaxes(title=f"{'normalized score' if y == 'normalized' else 'score'} ({what})")
+    better = "lower is better" if lower else "higher is better"
+    fig.update_yaxes(title=f"{'normalized ' if y == 'normalized' else ''}{metric} ({what}; {better})")
     fig.update_xaxes(title="lambda")
     return _finish(fig, title)
 
