@@ -186,18 +186,24 @@ class SweepEngine:
         for h, module in self.original_heads.items():
             setattr(self.model, h, module)
 
-    def evaluate(self, names: Sequence[str] | None = None) -> dict[str, float]:
-        """Each task's metric on the model as it is now, with that task's head."""
+    def predictions(self, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """Each task's predicted labels on the model as it is now, with that task's head."""
         out = {}
         for name in names or list(self.tasks):
             te = self.tasks[name]
             for h, module in te.heads.items():
                 setattr(self.model, h, module)
             start = time.perf_counter()
-            pred = predict(self.model, None, te.test, batches=te.batches, order=te.order)
+            out[name] = predict(self.model, None, te.test, batches=te.batches, order=te.order)
             self.forward_seconds += time.perf_counter() - start
-            out[name] = score(te.task.metric, te.test.label, pred)
         return out
+
+    def evaluate(self, names: Sequence[str] | None = None) -> dict[str, float]:
+        """Each task's metric on the model as it is now, with that task's head."""
+        return {
+            name: score(self.tasks[name].task.metric, self.tasks[name].test.label, pred)
+            for name, pred in self.predictions(names).items()
+        }
 
     def single_task_scores(self) -> dict[str, float]:
         """Each task with only its own adapter (the reference for normalized scores)."""
