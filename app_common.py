@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import io
+import json
 import os
 import re
 import secrets
@@ -623,29 +624,21 @@ def diagnose(adapters: dict[str, Adapter], stats: dict, base_weights: dict) -> d
     return {"interference": interference, "angles": angles, "kept": kept_table, "projected": projected}
 
 
-def quick_sweep(
+def merge_advice(
     model_name: str | None,
     tasks: list[TaskData],
-    adapter_sets: dict[str, dict[str, Adapter]],
-    methods: list[str],
-    lambdas: list[float],
-    stats: dict,
-    max_length: int = 64,
-) -> pd.DataFrame:
-    """Merge sweeps of one or more sets of adapters on labelled sample texts (column ``init``)."""
-    from osrm_core.evaluate import SweepEngine
+    adapters: dict[str, Adapter],
+    *,
+    progress: Callable[[int, int, str], None] | None = None,
+    on_stage: Callable[[str], None] | None = None,
+    **settings,
+):
+    """:func:`osrm_core.advise.advise` on a fresh copy of the base model (the search writes
+    merged weights into the model in place)."""
+    from osrm_core.advise import advise
 
     model, tokenizer = fresh_model(model_name)
-    frames = []
-    for label, adapters in adapter_sets.items():
-        engine = SweepEngine(model, tokenizer, tasks, adapters, max_length=max_length)
-        try:
-            df = engine.sweep(methods, lambdas, stats=stats)
-        finally:
-            engine.restore()
-        frames.append(df.assign(init=label))
-    df = pd.concat(frames, ignore_index=True)
-    return df[["init", *[c for c in df.columns if c != "init"]]]
+    return advise(model, tokenizer, adapters, tasks, progress=progress, on_stage=on_stage, **settings)
 
 
 def adapter_zip(adapter: Adapter, name: str) -> bytes:
@@ -658,35 +651,22 @@ def adapter_zip(adapter: Adapter, name: str) -> bytes:
         return zip_directory(folder)
 
 
-def merged_adapter(
-    adapters: dict[str, Adapter], method: str, lam: float, stats: dict | None = None, **params
-) -> tuple[Adapter, pd.DataFrame]:
-    """One LoRA adapter carrying ``lam * merge(Delta_W_1..T)``, factored per layer at the rank
-    ``sum_i r_i`` (exact for task arithmetic; TIES/DARE results are truncated to that rank).
+def merged_adapter_zip(
+    adapters: dict[str, Adapter],
+    name: str,
+    method: str,
+    *,
+    lam: float = 1.0,
+    weights: Sequence[float] | None = None,
+    stats: dict | None = None,
+    **params,
+) -> tuple[bytes, int]:
+    """A zip of the merged adapter (one PEFT LoRA adapter with the exact merged ``Delta_W``,
+    each task's head under ``heads/``) and its rank, by :mod:`osrm_core.export`."""
+    from osrm_core.export import merge_adapters, write_merged_adapter
 
-    Returns the adapter (no head: every task keeps its own) and, per layer, the relative error
-    ``||Delta_W - B A|| / ||Delta_W||`` of the factorization.
-    """
-    import torch
-
-    from osrm_core.adapters import LoraWeights
-    from osrm_core.merge import get_merge_method, low_rank_factors, merge_deltas
-
-    names = list(adapters)
-    grams = None
-    if get_merge_method(method, **params).needs_gram:
-        if stats is None:
-            raise ValueError(f"merge method {method!r} needs the tasks' feature statistics")
-        grams = [{layer: stats[n].layers[layer].gram for layer in adapters[n].layers} for n in names]
-    merged = merge_deltas([adapters[n].deltas() for n in names], method, lam=lam, grams=grams, **params)
-    k = min(sum(adapter_rank(a) for a in adapters.values()), *(min(d.shape) for d in merged.values()))
-    layers, rows = {}, []
-    for layer, delta in merged.items():
-        B, A = low_rank_factors(delta, rank=k)
-        norm = float(torch.linalg.norm(delta))
-        err = float(torch.linalg.norm(delta - B @ A)) / norm if norm > 0 else 0.0
-        layers[layer] = LoraWeights(A, B, 1.0)
-        rows.append({"layer": layer, "rank": k, "relative_error": err})
-    config = dict(next(iter(adapters.values())).config)
-    config["modules_to_save"] = None
-    return Adapter(layers, {}, config), pd.DataFrame(rows)
+    merged = merge_adapters(adapters, method, lam=lam, weights=weights, stats=stats, **params)
+    with tempfile.TemporaryDirectory(prefix="osrm-out-") as tmp:
+        folder = write_merged_adapter(Path(tmp) / safe_name(name, "merged"), merged, adapters)
+        rank = json.loads((folder / "adapter_config.json").read_text())["r"]
+        return zip_directory(folder), int(rank)

@@ -58,7 +58,7 @@ def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, floa
 
 
 def score_interval(
-    metric: str, y_true: np.ndarray, y_pred: np.ndarray, *, seed: int = 0, resamples: int = 400
+    metric: str, y_true: np.ndarray, y_pred: np.ndarray, *, seed: int = 0, resamples: int = 200
 ) -> tuple[float, float]:
     """95% interval of a task's metric: Wilson for accuracy, a seeded percentile bootstrap for
     Matthews correlation and F1 (no closed form from the sample count alone)."""
@@ -208,7 +208,7 @@ class _Search:
 
         params = {} if density is None else {"density": density}
         scaled = [{k: w * d for k, d in delta.items()} for w, delta in zip(weights, self.deltas)]
-        return merge_deltas(scaled, method, lam=1.0, grams=self.grams, seed=self.seed, **params)
+        return merge_deltas(scaled, method, grams=self.grams, seed=self.seed, **params)
 
     def validation(self, method: str, density: float | None, weights: Sequence[float], merged=None) -> float:
         key = (method, density, tuple(round(w, 6) for w in weights))

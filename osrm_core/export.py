@@ -3,6 +3,7 @@ full merged weights. Each task keeps its own classification head, written beside
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -17,11 +18,15 @@ def merge_adapters(
     method: str = "task_arithmetic",
     *,
     lam: float = 1.0,
+    weights: Sequence[float] | None = None,
     stats: dict[str, FeatureStats] | None = None,
     seed: int = 0,
     **params,
 ) -> dict[str, torch.Tensor]:
     """Merge the adapters' ``Delta_W`` per layer with a registered merge method.
+
+    ``weights`` (one per adapter, >= 0) scale each adapter's delta before the merge, as the
+    merge advisor's per-adapter weights do; ``lam`` scales the result.
 
     Returns
     -------
@@ -32,6 +37,9 @@ def merge_adapters(
     if len(adapters) < 1:
         raise ValueError("merge_adapters needs at least one adapter")
     names = list(adapters)
+    weights = [1.0] * len(names) if weights is None else list(weights)
+    if len(weights) != len(names) or not all(isinstance(w, int | float) and 0 <= w < float("inf") for w in weights):
+        raise ValueError(f"weights {weights} must be {len(names)} finite numbers >= 0, one per adapter")
     layers = sorted(adapters[names[0]].layers)
     for n in names[1:]:
         if sorted(adapters[n].layers) != layers:
@@ -49,7 +57,7 @@ def merge_adapters(
         if stats is None or any(n not in stats for n in names):
             raise ValueError(f"merge method {method!r} needs the feature statistics of every task")
         grams = [{layer: stats[n].layers[layer].gram for layer in layers} for n in names]
-    deltas = [adapters[n].deltas() for n in names]
+    deltas = [{k: w * d for k, d in adapters[n].deltas().items()} for n, w in zip(names, weights)]
     return merge_deltas(deltas, method, lam=lam, grams=grams, seed=seed, **params)
 
 

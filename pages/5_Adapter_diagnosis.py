@@ -8,14 +8,14 @@ import pandas as pd
 import streamlit as st
 
 from app_common import (
-    adapter_rank,
     adapter_zip,
     base_model,
     current_run,
     diagnose,
     init_state,
-    merged_adapter,
-    quick_sweep,
+    merge_advice,
+    merged_adapter_zip,
+    progress_callbacks,
     read_uploaded_adapters,
     shared_mode,
     show_figure,
@@ -25,7 +25,8 @@ from app_common import (
     uploads_signature,
 )
 from osrm_core.adapters import num_labels_of
-from osrm_core.data import DataError, read_table
+from osrm_core.advise import ADVISE_LAMBDAS
+from osrm_core.data import MAX_DATA_BYTES, DataError, read_table
 from osrm_core.demo import DEMO_TASKS, demo_task
 from osrm_core.merge import MERGE_METHODS, get_merge_method
 from osrm_core.models import weight_as_linear
@@ -33,6 +34,7 @@ from osrm_core.runs import ConfigError
 from osrm_core.viz import (
     INTERFERENCE_VALUES,
     SUM_OVER_LAYERS,
+    advice_figure,
     angle_heatmap,
     angle_matrix,
     energy_kept_figure,
@@ -40,9 +42,6 @@ from osrm_core.viz import (
     interference_view,
     matrix_range,
     short_layer,
-    sweep_best,
-    sweep_curves,
-    sweep_figure,
 )
 
 st.set_page_config(page_title="Adapter diagnosis · OSRM", layout="wide")
@@ -52,8 +51,9 @@ st.markdown(
     "Upload LoRA adapters trained on one base model, and a few sample texts of each adapter's "
     "task. The statistics of the texts give the exact interference `E‖A_j h_i‖²` of every "
     "adapter on every task, the principal angles, and the post-hoc OSRM projection "
-    "`B = ΔW A⁺` onto each task's OSRM subspace with the share of `ΔW` it keeps. With labels, a "
-    "quick sweep suggests a merge method and λ. Nothing you upload leaves your session."
+    "`B = ΔW A⁺` onto each task's OSRM subspace with the share of `ΔW` it keeps. With labels, the "
+    "merge advisor recommends a method, λ and a weight per adapter, and builds that merged adapter. "
+    "Nothing you upload leaves your session."
 )
 NONE = "(none)"
 ss = st.session_state
@@ -116,19 +116,38 @@ if odd:
     )
     st.stop()
 names = list(adapters)
+
+
+def span(values) -> str:
+    low, high = min(values), max(values)
+    return f"{low:g}" if low == high else f"{low:g}–{high:g}"
+
+
 st.dataframe(
     [
         {
             "adapter": n,
-            "rank": adapter_rank(a),
+            "rank": span([lw.rank for lw in a.layers.values()]),
             "layers": len(a.layers),
-            "scale": next(iter(a.layers.values())).scale,
+            "scale": span([round(lw.scale, 4) for lw in a.layers.values()]),
             "head classes": num_labels_of(a),
         }
         for n, a in adapters.items()
     ],
     hide_index=True,
 )
+with st.expander("Rank and scale of every layer"):
+    show_table(
+        pd.DataFrame(
+            [
+                {"adapter": n, "layer": layer, "rank": lw.rank, "scale": lw.scale}
+                for n, a in adapters.items()
+                for layer, lw in sorted(a.layers.items())
+            ]
+        ),
+        "adapter_layers",
+        "diag_layers_table",
+    )
 
 # --------------------------------------------------------------------------- sample texts
 
@@ -157,7 +176,7 @@ texts: dict[str, list[str]] = {}
 labels: dict[str, list | None] = {}
 for tab, n in zip(st.tabs(names), names):
     with tab:
-        csv = st.file_uploader(f"CSV of {n}", key=f"diag_csv_{n}")
+        csv = st.file_uploader(f"CSV of {n}", key=f"diag_csv_{n}", max_upload_size=MAX_DATA_BYTES >> 20)
         labels[n] = None
         if csv is not None:
             try:
@@ -304,110 +323,125 @@ for i, n in enumerate(names):
         on_click="ignore",
     )
 
-# --------------------------------------------------------------------------- suggested merge
+# --------------------------------------------------------------------------- merge advice
 
-st.subheader("Suggested merge")
+st.subheader("Merge advice")
+st.markdown(
+    "The advisor splits each task's labelled texts into a **validation** share, on which it "
+    "searches the merge method, density, λ and then a weight per adapter, and a **held-out** "
+    "share, on which it reports every candidate with a 95% interval. Absolute scores come "
+    "first: a normalized score (merged / single) looks good when the single-task score is "
+    "poor. The recommended settings fill the merge form below."
+)
 unlabelled = [n for n in names if labels.get(n) is None]
 if unlabelled:
-    st.caption(f"A sweep needs labels for every task; without labels: {', '.join(unlabelled)}.")
+    st.caption(f"Advice needs labels for every task; without labels: {', '.join(unlabelled)}.")
 c1, c2, c3 = st.columns(3)
 methods = c1.multiselect(
     "Methods", list(MERGE_METHODS), default=["task_arithmetic", "ties"], key="diag_methods"
 )
-grid = c2.text_input("Lambda grid", "0.2, 0.4, 0.6, 0.8, 1.0", key="diag_lambdas")
-both = c3.checkbox("Also sweep the post-hoc OSRM adapters", value=True, key="diag_sweep_both")
-if st.button("Run a quick sweep", key="diag_sweep_button"):
+grid = c2.text_input("Lambda grid", ", ".join(f"{x:g}" for x in ADVISE_LAMBDAS), key="diag_lambdas")
+budget = c3.number_input(
+    "Evaluations for per-adapter weights", 0, 500, 30, step=10, key="diag_budget",
+    help="Each evaluation scores every task's validation texts once",
+)
+if st.button("Get merge advice", key="diag_advise_button", type="primary"):
     try:
         lambdas = [float(x) for x in grid.split(",") if x.strip()]
         if unlabelled:
             raise DataError(
-                f"task {unlabelled[0]!r} has no labels: upload a CSV with a label column for every task to sweep"
+                f"task {unlabelled[0]!r} has no labels: upload a CSV with a label column for every task"
             )
-        if not methods:
-            raise DataError("choose at least one merge method")
-        tasks = []
-        for n in names:
-            task = text_task(n, texts[n], labels[n])
-            classes = num_labels_of(adapters[n])
-            if classes is not None and task.num_labels > classes:
-                raise DataError(
-                    f"task {n!r}: labels 0..{task.num_labels - 1} but the adapter's head has {classes} classes"
-                )
-            tasks.append(task)
-        sets = {"uploaded": adapters}
-        if both:
-            sets["posthoc_osrm"] = result["projected"]
-        with st.spinner("Sweeping ..."):
-            df = quick_sweep(model_name, tasks, sets, methods, lambdas, stats, max_length=int(max_length))
-        ss["diag_sweep"] = {"key": key, "df": df}
+        tasks = [text_task(n, texts[n], labels[n]) for n in names]
+        with st.status("Searching ...", expanded=True) as status:
+            progress, on_stage = progress_callbacks(status, n_stages=5)
+            advice = merge_advice(
+                model_name, tasks, adapters, methods=methods, lambdas=lambdas, budget=int(budget),
+                max_length=int(max_length), progress=progress, on_stage=on_stage,
+            )
+            status.update(
+                label=f"Advice ready: {advice.evaluations} evaluations in {advice.seconds:.1f} s",
+                state="complete",
+            )
+        ss["diag_advice"] = {"key": key, "advice": advice}
+        rec = advice.recommended
+        # Pre-fill the merge form (its widgets are drawn below, later in this run).
+        ss["diag_merge_source"] = "uploaded"
+        ss["diag_merge_method"] = rec["method"]
+        ss["diag_merge_lambda"] = 1.0
+        ss["diag_merge_weights"] = ", ".join(f"{w:g}" for w in rec["weights"])
+        if rec["density"] is not None:
+            ss["diag_merge_density"] = rec["density"]
     except (DataError, ValueError) as err:
         st.error(str(err))
-sweep = ss.get("diag_sweep")
-suggested = None
-if sweep is not None and sweep["key"] == key:
-    df = sweep["df"]
-    show_figure(
-        sweep_figure(df, title="Quick sweep on the sample texts"), "diagnosis_sweep", "diag_sweep_fig"
+advised = ss.get("diag_advice")
+if advised is not None and advised["key"] == key:
+    advice = advised["advice"]
+    summary = advice.summary.assign(recommended=advice.summary["candidate"] == advice.recommended["candidate"])
+    st.success(f"Recommended: {advice.reason}")
+    c1, c2 = st.columns(2)
+    with c1:
+        show_figure(
+            advice_figure(summary, y="score", title="Held-out score (absolute)"), "advice_score", "diag_adv_score"
+        )
+    with c2:
+        show_figure(
+            advice_figure(summary, y="normalized", title="Held-out score / single-task score"),
+            "advice_normalized",
+            "diag_adv_norm",
+        )
+    show_table(
+        summary.sort_values("score", ascending=False)[
+            ["method", "density", "weights", "origin", "validation", "score", "low", "high", "normalized"]
+        ],
+        "advice_candidates",
+        "diag_adv_table",
     )
-    best = sweep_best(sweep_curves(df)).sort_values("normalized", ascending=False)
-    show_table(best, "diagnosis_sweep_best", "diag_sweep_best")
-    top = best.iloc[0]
-    suggested = top
-    density = "" if pd.isna(top.get("density")) else f", density {top['density']:g}"
-    st.success(
-        f"Suggested: **{top['method']}** with λ = {top['lambda']:g}{density} on the {top['init']} adapters "
-        f"(normalized score {top['normalized']:.3f} on the sample texts)."
+    st.caption(
+        f"{advice.evaluations} evaluations in {advice.seconds:.1f} s. Held-out texts per task: "
+        + ", ".join(f"{n} {len(s['heldout'])}" for n, s in advice.shares.items())
+        + ". Single-task scores (held-out): "
+        + ", ".join(
+            f"{r.task} {r.score:.3f}" for r in advice.single[advice.single["share"] == "heldout"].itertuples()
+        )
     )
 
 # --------------------------------------------------------------------------- merged adapter
 
-st.subheader("Download a merged adapter")
+st.subheader("Build a merged adapter")
 st.caption(
-    "One PEFT LoRA adapter with the merged ΔW of every layer (rank Σ r_i); each task keeps its own head."
+    "One PEFT LoRA adapter with the exact merged ΔW of every layer; each task's head is under "
+    "heads/. Adapter i enters the merge as w_i ΔW_i and λ scales the result."
 )
-c1, c2, c3, c4 = st.columns(4)
-all_methods = list(MERGE_METHODS)
-default_method = suggested["method"] if suggested is not None else "task_arithmetic"
-source = c1.radio(
-    "Adapters",
-    ["uploaded", "posthoc_osrm"],
-    format_func=titles.get,
-    key="diag_merge_source",
-    index=1 if suggested is not None and suggested["init"] == "posthoc_osrm" else 0,
-)
-method = c2.selectbox("Method", all_methods, index=all_methods.index(default_method), key="diag_merge_method")
-lam = c3.number_input(
-    "λ",
-    0.01,
-    10.0,
-    float(suggested["lambda"]) if suggested is not None else 1.0,
-    step=0.05,
-    key="diag_merge_lambda",
-)
+for widget, default in (
+    ("diag_merge_lambda", 1.0),
+    ("diag_merge_weights", ", ".join(["1"] * len(names))),
+    ("diag_merge_density", 0.5),
+):
+    ss.setdefault(widget, default)
+c1, c2, c3, c4, c5 = st.columns(5)
+source = c1.radio("Adapters", ["uploaded", "posthoc_osrm"], format_func=titles.get, key="diag_merge_source")
+method = c2.selectbox("Method", list(MERGE_METHODS), key="diag_merge_method")
+lam = c3.number_input("λ", 0.01, 10.0, step=0.05, key="diag_merge_lambda")
+weights_text = c4.text_input(f"Weights ({', '.join(names)})", key="diag_merge_weights")
 params = {}
 if get_merge_method(method).uses_density:
-    params["density"] = c4.number_input("density", 0.01, 1.0, 0.5, step=0.05, key="diag_merge_density")
+    params["density"] = c5.number_input("density", min_value=0.01, max_value=1.0, step=0.05, key="diag_merge_density")
 if st.button("Build the merged adapter", key="diag_merge_button"):
     chosen = adapters if source == "uploaded" else result["projected"]
     try:
-        merged, errors_table = merged_adapter(chosen, method, float(lam), stats, **params)
-        ss["diag_merged"] = {
-            "key": key,
-            "adapter": merged,
-            "table": errors_table,
-            "name": f"merged_{method}_{source}",
-        }
+        weights = [float(x) for x in weights_text.split(",") if x.strip()]
+        name = f"merged_{method}_{source}"
+        data, rank = merged_adapter_zip(chosen, name, method, lam=float(lam), weights=weights, stats=stats, **params)
+        ss["diag_merged"] = {"key": key, "zip": data, "rank": rank, "name": name}
     except ValueError as err:
         st.error(str(err))
 built = ss.get("diag_merged")
 if built is not None and built["key"] == key:
-    st.caption(
-        f"{built['name']}: worst relative error of the rank-{int(built['table']['rank'].iloc[0])} "
-        f"factorization {built['table']['relative_error'].max():.2e}"
-    )
+    st.caption(f"{built['name']}: rank {built['rank']}, exact; heads of {', '.join(names)} under heads/.")
     st.download_button(
         "Download merged adapter (zip)",
-        data=lambda: adapter_zip(built["adapter"], built["name"]),
+        data=built["zip"],
         file_name=f"{built['name']}.zip",
         mime="application/zip",
         key="diag_merged_dl",

@@ -151,6 +151,7 @@ def test_advise_rejects_bad_input(advised, make_tiny_model, tokenizer) -> None:
         advise(model, tokenizer, swapped, tasks)
 
 
+@pytest.mark.slow
 def test_cli_advise_on_plain_peft_adapters(peft_files, tiny_model_dir, tmp_path) -> None:
     args = [sys.executable, "-m", "osrm_core.cli", "advise", "--model", str(tiny_model_dir), "--json",
             "--out", str(tmp_path / "adv"), "--lambdas", "0.5", "1.0", "--densities", "0.5", "--budget", "4",
