@@ -65,7 +65,7 @@ def time_page(run: Path, page: str) -> dict[str, float]:
     import streamlit as st
     from streamlit.testing.v1 import AppTest
 
-    from app_common import zip_directory
+    from app_helpers import zip_directory
 
     st.cache_data.clear()
     st.cache_resource.clear()

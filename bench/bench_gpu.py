@@ -111,7 +111,7 @@ def _synthetic_model(width: int, device):
 def stats_and_eigh(device, width: int, tokens: int, tok) -> dict:
     import torch
 
-    from osrm_core.init import osrm_subspace
+    from osrm_core.inits import osrm_subspace
     from osrm_core.spectra import symmetric_eigh
     from osrm_core.stats import collect_feature_stats
 
@@ -130,7 +130,7 @@ def stats_and_eigh(device, width: int, tokens: int, tok) -> dict:
     # The hot path alone: the same batches, tokenized and on the device beforehand, through the
     # model with the collector's hooks and without; the difference is the accumulation.
     from osrm_core.batching import iter_batches
-    from osrm_core.stats import _Collector
+    from osrm_core.stats.collect import _Collector
 
     batches = [
         {k: v.to(device) for k, v in b.items()}
@@ -176,16 +176,17 @@ def finetune_rate(device, steps: int, base, tok) -> dict:
     import copy
 
     from osrm_core.demo import demo_task
-    from osrm_core.init import init_lora
-    from osrm_core.train import TrainConfig, finetune
+    from osrm_core.inits import init_lora
+    from osrm_core.settings import TrainSettings
+    from osrm_core.train import finetune
 
     task = demo_task("paraphrase", seed=0, n_train=max(64, steps * 32), n_test=10)
     model = init_lora(copy.deepcopy(base).to(device), "standard", rank=8, alpha=16, seed=0)
-    warm = TrainConfig(steps=1, batch_size=32, max_length=128, lr=1e-3, max_test=10)
-    finetune(model, tok, task, warm)
-    config = TrainConfig(steps=steps, batch_size=32, max_length=128, lr=1e-3, max_test=10)
+    warm = TrainSettings(steps=1, batch_size=32, lr=1e-3)
+    finetune(model, tok, task, warm, max_length=128, max_test=10)
+    config = TrainSettings(steps=steps, batch_size=32, lr=1e-3)
     _sync(device)
-    result = finetune(model, tok, task, config)
+    result = finetune(model, tok, task, config, max_length=128, max_test=10)
     params = sum(p.numel() for n, p in base.named_parameters() if "embeddings" not in n)
     return {
         "steps": steps,

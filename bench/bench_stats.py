@@ -143,7 +143,7 @@ def stats_overhead(ctx: Context) -> Row:
 def osrm_vs_eva(ctx: Context) -> Row:
     """1b: OSRM initialization (statistics + eigh + init_lora) / peft's EVA initialization."""
     from osrm_core.batching import iter_batches
-    from osrm_core.init import init_lora
+    from osrm_core.inits import init_lora
     from osrm_core.stats import collect_feature_stats, select_samples
 
     s = _settings(ctx)

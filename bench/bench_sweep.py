@@ -40,7 +40,7 @@ def _settings(ctx: Context) -> dict:
 def make_adapters(base, tasks, seed: int = 0):
     """One random rank-8 adapter and head per task, as :class:`osrm_core.adapters.Adapter`."""
     from osrm_core.adapters import Adapter, LoraWeights
-    from osrm_core.init import lora_config
+    from osrm_core.inits import lora_config
     from osrm_core.models import find_target_layers
 
     gen = torch.Generator().manual_seed(seed)

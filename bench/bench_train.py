@@ -59,18 +59,17 @@ def train_row(ctx: Context) -> Row:
     )
 
     from osrm_core.demo import demo_task
-    from osrm_core.init import init_lora
-    from osrm_core.train import TrainConfig, finetune
+    from osrm_core.inits import init_lora
+    from osrm_core.settings import TrainSettings
+    from osrm_core.train import finetune
 
     s = _settings(ctx)
     steps = s["steps"]
     base, tok = ctx.base_model()
     task = demo_task("sentiment", seed=0, n_train=max(200, steps * BATCH_SIZE), n_test=10)
-    config = TrainConfig(
-        steps=steps, batch_size=BATCH_SIZE, lr=LR, max_length=MAX_LENGTH, seed=0, max_test=10
-    )
+    config = TrainSettings(steps=steps, batch_size=BATCH_SIZE, lr=LR)
 
-    order = our_order(len(task.train), steps, BATCH_SIZE, config.seed)
+    order = our_order(len(task.train), steps, BATCH_SIZE, 0)
     examples = []
     for i in order:
         pair = None if task.train.text_pair is None else task.train.text_pair[i]
@@ -94,7 +93,7 @@ def train_row(ctx: Context) -> Row:
 
     def ours() -> float:
         model = init_lora(copy.deepcopy(base), "standard", rank=8, alpha=16, seed=0)
-        result = finetune(model, tok, task, config)
+        result = finetune(model, tok, task, config, max_length=MAX_LENGTH, seed=0, max_test=10)
         seen["ours"].append(result.tokens)
         return result.tokens / result.seconds
 
@@ -117,7 +116,7 @@ def train_row(ctx: Context) -> Row:
                 disable_tqdm=True,
                 dataloader_num_workers=0,
                 use_cpu=not torch.cuda.is_available(),
-                seed=config.seed,
+                seed=0,
             )
             hf = InOrder(
                 model=model, args=args, train_dataset=examples, data_collator=collator, callbacks=[clock]

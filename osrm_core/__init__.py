@@ -11,7 +11,7 @@ from osrm_core.adapters import (
     lora_from_model,
     read_adapter_dir,
 )
-from osrm_core.data import DataError, Split, TaskData, from_dataframes, load_task, parse_task_spec
+from osrm_core.data import DataError, Split, TaskData, from_dataframes, load_task
 from osrm_core.demo import DEMO_TASKS, demo_task, demo_tasks
 from osrm_core.diagnostics import (
     angle_table,
@@ -23,7 +23,7 @@ from osrm_core.diagnostics import (
     summed_interference,
 )
 from osrm_core.distributed import DistributedError, dist_info, init_distributed
-from osrm_core.init import (
+from osrm_core.inits import (
     INIT_METHODS,
     init_lora,
     osrm_gen_subspace,
@@ -34,6 +34,7 @@ from osrm_core.init import (
 from osrm_core.models import find_target_layers, load_base_model, resolve_device
 from osrm_core.spectra import Spectrum, feature_spectra, symmetric_eigh
 from osrm_core.stats import FeatureStats, LayerStats, collect_feature_stats, write_feature_stats
+from osrm_core.task_spec import parse_task_spec
 
 __version__ = "0.1.0"
 

@@ -13,8 +13,12 @@ import sys
 from pathlib import Path
 
 from osrm_core.advise import ADVISE_DENSITIES, ADVISE_LAMBDAS
+from osrm_core.constraints import CONSTRAINTS
 from osrm_core.data import DataError
-from osrm_core.runs import DEFAULT_LAMBDAS, ConfigError, RunConfig, RunDir, TaskEntry
+from osrm_core.inits import INITS
+from osrm_core.merge import all_param_specs
+from osrm_core.rundir import RunDir, write_csv
+from osrm_core.settings import DEFAULT_LAMBDAS, ConfigError, RunConfig, TaskEntry
 
 EXAMPLES = """examples:
   osrm demo --quick --json
@@ -134,7 +138,8 @@ def _summary_text(summary: dict) -> str:
 
 
 def cmd_demo(args) -> None:
-    from osrm_core.runs import demo_config, run_experiment
+    from osrm_core.pipeline import run_experiment
+    from osrm_core.settings import demo_config
 
     config = demo_config(quick=args.quick)
     out = args.out or f"runs/{config.name}"
@@ -145,7 +150,7 @@ def cmd_demo(args) -> None:
 
 
 def cmd_run(args) -> None:
-    from osrm_core.runs import run_experiment
+    from osrm_core.pipeline import run_experiment
 
     config = RunConfig.from_yaml(args.config)
     out = args.out or f"runs/{config.name}"
@@ -156,22 +161,18 @@ def cmd_run(args) -> None:
 
 
 def _pipeline(args, name: str):
-    from osrm_core.runs import Pipeline
+    from osrm_core.pipeline import Pipeline
 
     if not args.out:
         raise UsageError("--out DIR is required")
     config = _config_from_args(args, name)
     _join(config)
-    pipeline = Pipeline(config, args.out, progress=_progress_bar())
-    from osrm_core.distributed import run_on_main
-
-    run_on_main(lambda: pipeline.run.create(config), "creating the run directory")
-    return pipeline
+    return Pipeline(config, args.out, progress=_progress_bar())
 
 
 def cmd_stats(args) -> None:
     pipeline = _pipeline(args, "stats")
-    stats = pipeline.stage_stats()
+    stats = pipeline.collect_stats()
     payload = {
         name: {"path": str(pipeline.run.stats_path(name)), "tokens": s.count, "layers": len(s.layers)}
         for name, s in stats.items()
@@ -180,24 +181,12 @@ def cmd_stats(args) -> None:
 
 
 def cmd_init(args) -> None:
-    from osrm_core.runs import init_adapters
-
-    pipeline = _pipeline(args, "init")
-    written = {init: init_adapters(pipeline, init) for init in pipeline.config.inits}
+    written = _pipeline(args, "init").write_inits()
     _emit(args, {"adapters": written}, "\n".join(f"{i}: {p}" for i, ps in written.items() for p in ps))
 
 
 def cmd_train(args) -> None:
-    pipeline = _pipeline(args, "train")
-    pipeline.stage_stats()
-    results = {}
-    for init in pipeline.config.inits:
-        pipeline.stage_adapters(init)
-        if _launch_rank()[0] != 0:
-            continue
-        for task in pipeline.config.tasks:
-            path = pipeline.run.adapter_path(init, task.name) / "train.json"
-            results.setdefault(init, {})[task.name] = json.loads(path.read_text())["test_score"]
+    results = _pipeline(args, "train").train_adapters()
     _emit(args, {"test_scores": results}, "\n".join(f"{i} {t}: {s:.4f}" for i, r in results.items() for t, s in r.items()))
 
 
@@ -211,7 +200,7 @@ def _load_adapters(args, model=None):
 
 
 def _load_tasks(args, required: bool = True):
-    from osrm_core.data import parse_task_spec
+    from osrm_core.task_spec import parse_task_spec
 
     specs = _pairs(args.task, "--task")
     if required and not specs:
@@ -220,45 +209,68 @@ def _load_tasks(args, required: bool = True):
 
 
 def cmd_merge(args) -> None:
-    from osrm_core.export import merge_adapters, write_merged_adapter, write_merged_model
+    from osrm_core.export import merge_adapters, write_merged_model
     from osrm_core.models import load_base_model
+    from osrm_core.workflows import build_merged_adapter
 
     if not args.out:
         raise UsageError("--out DIR is required")
+    from osrm_core.merge import get_merge_method
+
+    needs_gram = get_merge_method(args.method).needs_gram
+    params = _merge_params(args)
     model = tok = None
-    if args.full or args.method == "regmean":
+    if args.full or needs_gram:
         model, tok = load_base_model(args.model)
     adapters = _load_adapters(args, model)
-    stats = None
-    if args.method == "regmean":
-        from osrm_core.workflows import task_stats
-
-        stats = task_stats(model, tok, _load_tasks(args), samples=args.samples,
-                           target_modules=sorted(next(iter(adapters.values())).layers))
-    params = {"density": args.density} if args.density is not None else {}
-    merged = merge_adapters(adapters, args.method, lam=args.lam, stats=stats, seed=args.seed, **params)
+    stats = _gram_stats(args, model, tok, adapters, [args.method])
     if args.full:
+        if args.out_rank is not None:
+            raise UsageError("--out-rank truncates a merged adapter; --full writes whole weights: give one of them")
+        merged = merge_adapters(adapters, args.method, lam=args.lam, stats=stats, seed=args.seed, **params)
         path = write_merged_model(model, tok, merged, args.out)
     else:
-        path = write_merged_adapter(args.out, merged, adapters, rank=args.out_rank)
-    _emit(args, {"out": str(path), "layers": len(merged)}, f"merged {len(adapters)} adapters -> {path}")
+        path = build_merged_adapter(adapters, args.out, args.method, lam=args.lam, stats=stats,
+                                    rank=args.out_rank, seed=args.seed, **params)
+    _emit(args, {"out": str(path), "layers": len(adapters[next(iter(adapters))].layers)},
+          f"merged {len(adapters)} adapters -> {path}")
+
+
+def _merge_params(args) -> dict:
+    """The merge method's parameters given as flags; a flag of another method is refused."""
+    from osrm_core.merge import MERGE_METHODS
+
+    given = {k[6:]: v for k, v in vars(args).items() if k.startswith("param_") and v is not None}
+    allowed = [p.name for p in MERGE_METHODS[args.method].param_specs()]
+    for name in given:
+        if name not in allowed:
+            raise UsageError(f"--{name.replace('_', '-')} is not a parameter of merge method {args.method!r}; "
+                             f"its parameters: {', '.join(allowed) or 'none'}")
+    return given
+
+
+def _gram_stats(args, model, tok, adapters, methods):
+    """The tasks' statistics when one of ``methods`` needs Gram matrices (RegMean), else None."""
+    from osrm_core.merge import get_merge_method
+    from osrm_core.workflows import task_stats
+
+    if not any(get_merge_method(m).needs_gram for m in methods):
+        return None
+    return task_stats(model, tok, _load_tasks(args), samples=args.samples, max_length=args.max_length,
+                      target_modules=sorted(next(iter(adapters.values())).layers), seed=args.seed)
 
 
 def cmd_sweep(args) -> None:
     from osrm_core.models import load_base_model
-    from osrm_core.runs import write_csv
-    from osrm_core.workflows import sweep_adapters, task_stats
+    from osrm_core.workflows import sweep_adapters
 
     model, tok = load_base_model(args.model)
     adapters = _load_adapters(args, model)
     tasks = _load_tasks(args)
-    stats = None
-    if "regmean" in args.methods:
-        stats = task_stats(model, tok, tasks, samples=args.samples,
-                           target_modules=sorted(next(iter(adapters.values())).layers))
+    stats = _gram_stats(args, model, tok, adapters, args.methods)
     df = sweep_adapters(model, tok, adapters, tasks, methods=args.methods, lambdas=args.lambdas,
                         densities=args.densities, stats=stats, max_test=args.max_test,
-                        seed=args.seed, progress=_progress_bar())
+                        max_length=args.max_length, seed=args.seed, progress=_progress_bar())
     if args.out:
         write_csv(Path(args.out) / "sweep.csv", df)
     from osrm_core.evaluate import best_points
@@ -269,16 +281,15 @@ def cmd_sweep(args) -> None:
 
 def cmd_diagnose(args) -> None:
     from osrm_core.models import load_base_model
-    from osrm_core.workflows import diagnose_adapters
+    from osrm_core.workflows import diagnose_adapters, task_stats
 
     model, tok = load_base_model(args.model)
     adapters = _load_adapters(args, model)
-    tasks = _load_tasks(args)
-    result = diagnose_adapters(model, tok, adapters, tasks, samples=args.samples, rank=args.rank)
-    result.pop("stats")
+    stats = task_stats(model, tok, _load_tasks(args), samples=args.samples, max_length=args.max_length,
+                       target_modules=sorted(next(iter(adapters.values())).layers), seed=args.seed)
+    result = diagnose_adapters(model, adapters, stats, posthoc_rank=args.posthoc_rank)
+    result.pop("projected")
     if args.out:
-        from osrm_core.runs import write_csv
-
         for name, df in result.items():
             write_csv(Path(args.out) / f"{name}.csv", df.reset_index() if name == "matrix" else df)
     payload = {k: (v.reset_index() if k == "matrix" else v).to_dict(orient="records") for k, v in result.items()}
@@ -347,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def common(p, *, tasks=True, adapters=False):
+    def common(p, *, tasks=True, adapters=False, lora_rank=True):
         p.add_argument("--model", default=None, help="Hugging Face id or path (default: packaged MiniLM)")
         if tasks:
             p.add_argument("--task", action="append", metavar="NAME=SPEC",
@@ -356,22 +367,25 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--adapter", action="append", metavar="NAME=PATH", help="PEFT adapter folder or zip")
             p.add_argument("--allow-pickle", action="store_true", help="also load pickled adapter_model.bin")
         p.add_argument("--samples", type=int, default=100, help="samples per task for statistics")
-        p.add_argument("--rank", type=int, default=8)
+        if lora_rank:
+            p.add_argument("--rank", type=int, default=8, help="LoRA rank of the adapters")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--max-length", type=int, default=128)
         p.add_argument("--out", default=None, help="output (run) directory")
         p.add_argument("--json", action="store_true", help="machine-readable summary on stdout")
 
+    def out_and_json(p) -> None:
+        p.add_argument("--out", default=None)
+        p.add_argument("--json", action="store_true")
+
     p = sub.add_parser("demo", help="the whole pipeline on the embedded default")
     p.add_argument("--quick", action="store_true", help="small settings (minutes)")
-    p.add_argument("--out", default=None)
-    p.add_argument("--json", action="store_true")
+    out_and_json(p)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("run", help="run or resume an experiment from a config.yaml")
     p.add_argument("config")
-    p.add_argument("--out", default=None)
-    p.add_argument("--json", action="store_true")
+    out_and_json(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("stats", help="collect feature statistics (DIR/stats/NAME.safetensors)")
@@ -382,25 +396,28 @@ def build_parser() -> argparse.ArgumentParser:
                                  ("train", cmd_train, "initialize and fine-tune an adapter per task")):
         p = sub.add_parser(name, help=helptext)
         common(p)
-        p.add_argument("--init", action="append", choices=["standard", "osrm", "osrm_mean", "osrm_gen", "eva", "pissa"])
+        p.add_argument("--init", action="append", choices=list(INITS))
         if name == "train":
             p.add_argument("--steps", type=int)
             p.add_argument("--lr", type=float)
             p.add_argument("--batch-size", type=int)
-            p.add_argument("--constraint", choices=["none", "freeze_A", "project", "penalty"])
+            p.add_argument("--constraint", choices=list(CONSTRAINTS))
         p.set_defaults(func=func)
 
     p = sub.add_parser("merge", help="merge adapters into one adapter (or full weights)")
-    common(p, adapters=True)
+    common(p, adapters=True, lora_rank=False)
     p.add_argument("--method", default="task_arithmetic")
     p.add_argument("--lambda", dest="lam", type=float, default=1.0)
-    p.add_argument("--density", type=float, default=None)
+    for spec in all_param_specs().values():  # each method's parameters, from its dataclass
+        p.add_argument(f"--{spec.name.replace('_', '-')}", dest=f"param_{spec.name}", default=None,
+                       type=float if spec.choices is None else str, choices=spec.choices,
+                       help=f"{spec.help} (default {spec.default})")
     p.add_argument("--out-rank", type=int, default=None, help="truncate the merged adapter to this rank")
     p.add_argument("--full", action="store_true", help="write full merged model weights")
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("sweep", help="merged scores of adapters over lambda (and density)")
-    common(p, adapters=True)
+    common(p, adapters=True, lora_rank=False)
     p.add_argument("--methods", nargs="+", default=["task_arithmetic", "ties"])
     p.add_argument("--lambdas", nargs="+", type=float, default=DEFAULT_LAMBDAS)
     p.add_argument("--densities", nargs="+", type=float, default=[0.5])
@@ -408,12 +425,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("diagnose", help="interference, angles, own-energy for given adapters")
-    common(p, adapters=True)
-    # --rank is the post-hoc OSRM rank here; by default each adapter's own rank.
-    p.set_defaults(func=cmd_diagnose, rank=None)
+    common(p, adapters=True, lora_rank=False)
+    p.add_argument("--posthoc-rank", type=int, default=None,
+                   help="rank of the post-hoc OSRM subspaces (default: each adapter's own rank)")
+    p.set_defaults(func=cmd_diagnose)
 
     p = sub.add_parser("advise", help="search method, lambda, density and per-adapter weights; write the advised adapter")
-    common(p, adapters=True)
+    common(p, adapters=True, lora_rank=False)
     p.add_argument("--methods", nargs="+", default=["task_arithmetic", "ties"])
     p.add_argument("--lambdas", nargs="+", type=float, default=list(ADVISE_LAMBDAS))
     p.add_argument("--densities", nargs="+", type=float, default=list(ADVISE_DENSITIES))
@@ -425,8 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("study", help="the evidence study: inits x constraints x seeds x ablations, with a report")
     p.add_argument("config", nargs="?", default=None, help="study YAML (base run config + what to vary)")
     p.add_argument("--quick", action="store_true", help="a small study on the demo tasks")
-    p.add_argument("--out", default=None)
-    p.add_argument("--json", action="store_true")
+    out_and_json(p)
     p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("show", help="print the summary of a run directory")
@@ -444,9 +461,12 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "rank", None) is not None and args.rank < 1:
-        print(f"error: --rank must be >= 1, got {args.rank}", file=sys.stderr)
-        return 2
+    for flag in ("rank", "posthoc_rank", "out_rank", "samples", "max_length"):
+        value = getattr(args, flag, None)
+        if value is not None and value < (2 if flag == "max_length" else 1):
+            dashed = flag.replace("_", "-")
+            print(f"error: --{dashed} must be >= {2 if flag == 'max_length' else 1}, got {value}", file=sys.stderr)
+            return 2
     if args.dist_timeout is not None:
         if not args.dist_timeout > 0:
             print(f"error: --dist-timeout must be > 0 seconds, got {args.dist_timeout:g}", file=sys.stderr)

@@ -165,6 +165,12 @@ def task_subspace(stats: FeatureStats, layer: str, k: int) -> torch.Tensor:
     return symmetric_eigh(stats.layers[layer].second_moment).largest(k).T
 
 
+def angle_rank(adapters: dict[str, Adapter]) -> int:
+    """The one size of the subspaces whose angles are compared: the smallest adapter rank (data
+    subspaces of the top-k eigenvectors and adapter row spaces then have the same dimension)."""
+    return min(max(lw.rank for lw in a.layers.values()) for a in adapters.values())
+
+
 def angle_table(
     stats: dict[str, FeatureStats],
     k: int = 8,
@@ -275,7 +281,7 @@ def posthoc_osrm_adapters(
     ``rank`` None uses each adapter's own (largest) rank. Returns the projected adapters and a
     table ``layer, energy_kept, adapter``.
     """
-    from osrm_core.init import osrm_subspace
+    from osrm_core.inits import osrm_subspace
 
     missing = [n for n in adapters if n not in stats]
     if missing:

@@ -223,7 +223,6 @@ class SweepEngine:
         stats: dict[str, FeatureStats] | None = None,
         single: dict[str, float] | None = None,
         seed: int = 0,
-        method_params: dict[str, dict] | None = None,
         progress: Progress | None = None,
     ) -> pd.DataFrame:
         """Merged scores over methods, densities (where a method uses one) and ``lambdas``.
@@ -249,8 +248,8 @@ class SweepEngine:
             grams = [{layer: stats[n].layers[layer].gram for layer in self.layers} for n in names]
         plan = []
         for method in methods:
-            params = dict((method_params or {}).get(method, {}))
-            cls = get_merge_method(method, **params)
+            params: dict = {}
+            cls = get_merge_method(method)
             if cls.needs_gram and grams is None:
                 raise ValueError(f"merge method {method!r} needs the tasks' feature statistics")
             for density in densities if cls.uses_density else [None]:

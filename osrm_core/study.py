@@ -27,22 +27,45 @@ import pandas as pd
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from osrm_core import viz
 from osrm_core.atomic import write_json, write_text
-from osrm_core.init import INIT_METHODS, OSRM_METHODS
-from osrm_core.runs import (
+from osrm_core.constraints import get_constraint
+from osrm_core.inits import OSRM_METHODS, get_init
+from osrm_core.pipeline import Pipeline
+from osrm_core.rundir import RunDir, write_csv
+from osrm_core.settings import (
     ConfigError,
     MergeSettings,
-    Pipeline,
     RunConfig,
-    RunDir,
     read_yaml,
     validate_settings,
-    write_csv,
 )
 
 Progress = Callable[[int, int, str], None]
 COMPARED_GROUPS = ("main", "constraint")  # the variants of table 1 and the curves
 UNLEARNED = 0.1  # a single-task score below this (MCC or F1 near 0) makes normalized scores explode
+
+
+class VariantSpec(BaseModel):
+    """An extra variant of the main comparison (run with every seed): an init with its own
+    constraint, rank, learning rate or learning-rate scale of A; unset fields take the base's."""
+
+    model_config = ConfigDict(extra="forbid")
+    init: str
+    constraint: str = "none"
+    rank: int | None = Field(None, ge=1)
+    lr: float | None = Field(None, gt=0)
+    a_lr_scale: float | None = Field(None, ge=0)
+
+    @field_validator("init")
+    @classmethod
+    def _init(cls, v: str) -> str:
+        return get_init(v).name
+
+    @field_validator("constraint")
+    @classmethod
+    def _constraint(cls, v: str) -> str:
+        return get_constraint(v).name
 
 
 class StudyConfig(BaseModel):
@@ -62,23 +85,21 @@ class StudyConfig(BaseModel):
     ablation_methods: list[str] | None = Field(
         None, description="merge methods of the one-seed ablation runs (default: the base's)")
     pair_lambda: float = Field(1.0, gt=0, description="lambda of the pairwise merges for question 6")
+    variants: list[VariantSpec] = Field(
+        default_factory=list, description="extra variants of the main comparison, each run with every seed")
 
     @field_validator("inits")
     @classmethod
     def _inits(cls, v: list[str]) -> list[str]:
-        bad = [m for m in v if m not in INIT_METHODS]
-        if bad or not v:
-            raise ValueError(f"unknown init {bad[0] if bad else None!r}; allowed: {', '.join(INIT_METHODS)}")
+        for m in v:
+            get_init(m)
         return v
 
     @field_validator("constraints")
     @classmethod
     def _constraints(cls, v: list[str]) -> list[str]:
-        from osrm_core.train import CONSTRAINTS
-
-        bad = [c for c in v if c not in CONSTRAINTS]
-        if bad:
-            raise ValueError(f"unknown constraint {bad[0]!r}; allowed: {', '.join(CONSTRAINTS)}")
+        for c in v:
+            get_constraint(c)
         return v or ["none"]
 
     @field_validator("ablation_methods")
@@ -88,6 +109,8 @@ class StudyConfig(BaseModel):
 
     @model_validator(mode="after")
     def _ablation_inits_in_inits(self) -> StudyConfig:
+        if not self.inits and not self.variants:
+            raise ValueError("a study needs at least one init in inits or one entry in variants")
         allowed = [i for i in self.inits if i in OSRM_METHODS]
         for init in self.ablation_inits or []:
             if init not in allowed:
@@ -105,7 +128,7 @@ def quick_study_config(base: RunConfig | None = None) -> StudyConfig:
 
     A hint, not evidence: the full study varies seeds, ranks and the learning rate of A.
     """
-    from osrm_core.runs import demo_config
+    from osrm_core.settings import demo_config
 
     steps = 40
     if base is None:
@@ -137,8 +160,12 @@ def variants(study: StudyConfig) -> list[dict]:
     constraint other than none), ``samples``, ``a_lr_scale`` and ``rank`` (rank also for standard).
     """
     base = study.base
-    main = dict(samples=base.samples, rank=base.rank, a_lr_scale=base.train.a_lr_scale, constraint="none")
+    main = dict(samples=base.samples, rank=base.rank, a_lr_scale=base.train.a_lr_scale, constraint="none",
+                lr=base.train.lr)
     out = [dict(main, init=init, seed=seed, group="main") for init, seed in itertools.product(study.inits, study.seeds)]
+    for spec, seed in itertools.product(study.variants, study.seeds):
+        change = {k: x for k, x in spec.model_dump().items() if x is not None}
+        out.append(dict(main, **change, seed=seed, group="main"))
     ablation_inits = study.ablation_inits or [i for i in study.inits if i in OSRM_METHODS]
 
     def ablation(init: str, group: str, **change) -> dict:
@@ -152,26 +179,29 @@ def variants(study: StudyConfig) -> list[dict]:
     out += [ablation(init, "rank", rank=r) for r in study.ranks for init in rank_inits]
     seen, unique = set(), []
     for v in out:
-        key = variant_name(v)
+        key = variant_name(v, study.base.train.lr)
         if key not in seen:
             seen.add(key)
             unique.append(v)
     return unique
 
 
-def variant_name(v: dict) -> str:
-    return f"{v['init']}-{v['constraint']}-n{v['samples']}-r{v['rank']}-a{v['a_lr_scale']:g}-s{v['seed']}"
+def variant_name(v: dict, base_lr: float | None = None) -> str:
+    """``init-constraint-nSAMPLES-rRANK-aSCALE[-lrLR]-sSEED``; the learning rate appears when it
+    differs from the base's (``base_lr``)."""
+    lr = f"-lr{v['lr']:g}" if base_lr is not None and v.get("lr", base_lr) != base_lr else ""
+    return f"{v['init']}-{v['constraint']}-n{v['samples']}-r{v['rank']}-a{v['a_lr_scale']:g}{lr}-s{v['seed']}"
 
 
 def variant_config(study: StudyConfig, v: dict) -> RunConfig:
     base = study.base
-    train = base.train.model_copy(update={"constraint": v["constraint"], "a_lr_scale": v["a_lr_scale"]})
+    train = base.train.model_copy(update={"constraint": v["constraint"], "a_lr_scale": v["a_lr_scale"], "lr": v["lr"]})
     merge = base.merge
     if v["group"] != "main" and study.ablation_methods:
         merge = merge.model_copy(update={"methods": study.ablation_methods})
     return base.model_copy(
         update={
-            "name": variant_name(v),
+            "name": variant_name(v, study.base.train.lr),
             "inits": [v["init"]],
             "seed": v["seed"],
             "samples": v["samples"],
@@ -206,7 +236,7 @@ def run_study(study: StudyConfig, out: str | Path, *, progress: Progress | None 
     tasks_by_seed: dict[int, list] = {}  # a run loads (or generates, or splits) its tasks with its seed
     stats_runs: dict[str, RunDir] = {}  # variants that collect equal statistics share them
     for k, v in enumerate(todo):
-        name = variant_name(v)
+        name = variant_name(v, study.base.train.lr)
         if on_stage:
             on_stage(f"variant {k + 1}/{len(todo)}: {name}")
         pipeline = Pipeline(variant_config(study, v), out / "runs" / name, progress=progress,
@@ -246,18 +276,14 @@ def load_study_tables(path: str | Path) -> dict[str, pd.DataFrame]:
 
 def pairwise_loss(pipeline: Pipeline, lam: float) -> pd.DataFrame:
     """Measured loss of task i when merged with task j alone (task arithmetic at ``lam``)."""
-    from osrm_core.evaluate import SweepEngine
     from osrm_core.merge import merge_deltas
 
     run = pipeline.run
     path = run.result_path("pairwise.csv")
     if path.is_file():
         return pd.read_csv(path)
-    init = pipeline.config.inits[0]
-    adapters = run.load_adapters(init)
-    model, tok = pipeline.base_model()
-    engine = SweepEngine(model, tok, pipeline.tasks(), adapters, max_test=pipeline.config.max_test,
-                         max_length=pipeline.config.max_length)
+    engine = pipeline.sweep_engine(pipeline.config.inits[0])
+    adapters = engine.adapters
     single = engine.single_task_scores()
     rows = []
     names = list(adapters)
@@ -277,9 +303,9 @@ def pairwise_loss(pipeline: Pipeline, lam: float) -> pd.DataFrame:
 def _collect(study: StudyConfig, out: Path) -> dict[str, pd.DataFrame]:
     sweeps, singles, inter, own, pairs = [], [], [], [], []
     for v in variants(study):
-        run = RunDir(out / "runs" / variant_name(v))
-        tags = {k: v[k] for k in ("init", "constraint", "seed", "samples", "rank", "a_lr_scale", "group")}
-        tags["variant"] = variant_name(v)
+        run = RunDir(out / "runs" / variant_name(v, study.base.train.lr))
+        tags = {k: v[k] for k in ("init", "constraint", "seed", "samples", "rank", "a_lr_scale", "lr", "group")}
+        tags["variant"] = variant_name(v, study.base.train.lr)
         sweep = run.read_csv(f"sweep_{v['init']}.csv")
         if sweep is None:
             continue
@@ -316,7 +342,8 @@ def curve_metrics(curve: pd.DataFrame) -> dict:
 def analyse(frames: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
     """The tables of the report, from the collected frames."""
     sweep, single = frames["sweep"], frames["single"]
-    keys = ["variant", "group", "init", "constraint", "seed", "samples", "rank", "a_lr_scale", "method", "density"]
+    keys = ["variant", "group", "init", "constraint", "seed", "samples", "rank", "a_lr_scale", "lr", "method",
+            "density"]
     curves = (sweep.groupby([*keys, "lambda"], dropna=False)
               .agg(normalized_avg=("normalized", "mean"), merged_avg=("score", "mean")).reset_index())
     per_run = pd.DataFrame([
@@ -326,13 +353,14 @@ def analyse(frames: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
     # Best density per (variant, method) for TIES/DARE.
     per_run = per_run.sort_values("best").groupby(keys[:-1], dropna=False).tail(1)
     main = per_run[per_run["group"].isin(COMPARED_GROUPS)]
-    q1 = (main.groupby(["init", "constraint", "method"])
+    q1 = (main.groupby(["init", "constraint", "rank", "lr", "method"])
           .agg(normalized_best_mean=("best", "mean"), normalized_best_std=("best", "std"),
-               merged_avg_mean=("merged_at_best", "mean"), best_lambda=("best_lambda", "median"),
+               merged_avg_mean=("merged_at_best", "mean"), merged_avg_std=("merged_at_best", "std"),
+               best_lambda=("best_lambda", "median"),
                auc_mean=("auc", "mean"), width_2pt=("width_2pt", "mean"), seeds=("seed", "nunique"))
           .reset_index())
     main_single = single[single["group"].isin(COMPARED_GROUPS)]
-    q2 = (main_single.groupby(["init", "constraint", "task"])["score"].agg(["mean", "std"]).reset_index())
+    q2 = (main_single.groupby(["init", "constraint", "rank", "lr", "task"])["score"].agg(["mean", "std"]).reset_index())
     def ablation(group: str, col: str) -> pd.DataFrame:
         """Best normalized average of the first seed against ``col``, for the methods the group ran."""
         ran = per_run[per_run["group"] == group]
@@ -370,7 +398,7 @@ def analyse(frames: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
 def seed_mean_curves(curves: pd.DataFrame) -> pd.DataFrame:
     """Normalized average vs lambda of the compared variants: mean and std over seeds."""
     compared = curves[curves["group"].isin(COMPARED_GROUPS)]
-    return (compared.groupby(["method", "init", "constraint", "lambda"])["normalized_avg"]
+    return (compared.groupby(["method", "init", "constraint", "rank", "lr", "lambda"])["normalized_avg"]
             .agg(["mean", "std"]).reset_index())
 
 
@@ -387,14 +415,22 @@ def _md(df: pd.DataFrame, digits: int = 3) -> str:
     return "\n".join([header, sep, *rows])
 
 
+def _reference(df: pd.DataFrame) -> pd.DataFrame:
+    """The standard-init rows without a constraint at the lowest rank (plain LoRA): the baseline."""
+    ref = df[(df["init"] == "standard") & (df["constraint"] == "none")]
+    return ref[ref["rank"] == ref["rank"].min()] if "rank" in ref and not ref.empty else ref
+
+
 def findings(tables: dict[str, pd.DataFrame]) -> list[str]:
-    """Plain statements computed from the tables: each init against standard, per method."""
+    """Plain statements computed from the tables: each variant against plain standard LoRA, per
+    method, by normalized and by plain merged score."""
     q1 = tables["q1_merged"]
     lines = []
-    ref = q1[(q1["init"] == "standard") & (q1["constraint"] == "none")].set_index("method")
+    ref_rows = _reference(q1)
+    ref = ref_rows.set_index("method")
     if ref.empty:
         return ["- No standard-init baseline in this study; compare the inits in table 1."]
-    for _, row in q1[q1["init"] != "standard"].iterrows():
+    for _, row in q1.drop(index=ref_rows.index).iterrows():
         if row["method"] not in ref.index:
             continue
         base = ref.loc[row["method"]]
@@ -403,12 +439,16 @@ def findings(tables: dict[str, pd.DataFrame]) -> list[str]:
         verdict = "better than" if diff > 0 else "worse than"
         if not np.isnan(spread) and abs(diff) <= spread:
             verdict = "within the seed spread of"
+        merged = f"{row['merged_avg_mean']:.3f} vs {base['merged_avg_mean']:.3f}"
+        if "merged_avg_std" in row and row["seeds"] > 1:
+            merged = (f"{row['merged_avg_mean']:.3f} ± {row['merged_avg_std']:.3f} vs "
+                      f"{base['merged_avg_mean']:.3f} ± {base['merged_avg_std']:.3f}")
         lines.append(
-            f"- {row['init']} ({row['constraint']}), {row['method']}: best normalized average "
+            f"- {viz.arm_label(row, q1)}, {row['method']}: best normalized average "
             f"{row['normalized_best_mean']:.3f} vs standard {base['normalized_best_mean']:.3f} "
             f"({diff:+.3f}; {verdict} standard{'; one seed' if row['seeds'] == 1 else ''}; "
-            f"AUC {row['auc_mean']:.3f} vs {base['auc_mean']:.3f}; merged score there "
-            f"{row['merged_avg_mean']:.3f} vs {base['merged_avg_mean']:.3f})."
+            f"AUC {row['auc_mean']:.3f} vs {base['auc_mean']:.3f}; plain merged score there {merged}, "
+            f"{100 * (row['merged_avg_mean'] - base['merged_avg_mean']):+.1f} points)."
         )
     curves = tables.get("curves")
     if curves is not None and not curves.empty:
@@ -427,30 +467,34 @@ def findings(tables: dict[str, pd.DataFrame]) -> list[str]:
             f"{', '.join(sorted(set(g['init'])))} (lowest {g['mean'].min():.3f}); its normalized scores "
             "divide by that, so compare the plain merged scores (`merged_avg_mean`) instead."
         )
-    single = tables["q2_single"].groupby(["init", "constraint"])["mean"].mean()
-    if ("standard", "none") in single.index:
-        for (init, constraint), value in single.items():
-            if init != "standard":
-                lines.append(
-                    f"- Single-task mean score of {init} ({constraint}): {value:.3f} vs standard "
-                    f"{single[('standard', 'none')]:.3f}."
-                )
+    q2 = tables["q2_single"]
+    arms = [c for c in ("init", "constraint", "rank", "lr") if c in q2]
+    single = q2.groupby(arms, dropna=False)["mean"].mean().reset_index()
+    ref_single = _reference(single)
+    if not ref_single.empty:
+        base = ref_single["mean"].iloc[0]
+        for _, row in single.drop(index=ref_single.index).iterrows():
+            lines.append(f"- Single-task mean score of {viz.arm_label(row, single)}: {row['mean']:.3f} vs standard {base:.3f} "
+                         f"({100 * (row['mean'] - base):+.1f} points).")
     return lines
+
+
+def curves_page(curves: pd.DataFrame, title: str) -> str:
+    """One HTML page with the normalized average vs lambda of every method (mean over seeds)."""
+    figs = {
+        method: viz.study_curve_figure(mean, title=f"{method}: normalized average vs lambda")
+        for method, mean in seed_mean_curves(curves).groupby("method")
+    }
+    return viz.figures_page(figs, title=f"Study {title}: merge curves")
 
 
 def write_report(study: StudyConfig, out: str | Path) -> Path:
     """Write ``report.md``, the tables as CSV and the figures as HTML into ``out``."""
-    from osrm_core import viz
-
     out = Path(out)
     tables = analyse(_collect(study, out))
     for name, df in tables.items():
         write_csv(out / "tables" / f"{name}.csv", df)
-    figs = {}
-    for method, mean in seed_mean_curves(tables["curves"]).groupby("method"):
-        figs[f"curve_{method}"] = viz.study_curve_figure(mean, title=f"{method}: normalized average vs lambda")
-    for name, fig in figs.items():
-        write_text(out / "figures" / f"{name}.html", fig.to_html(include_plotlyjs="cdn", full_html=True))
+    write_text(out / "figures" / "curves.html", curves_page(tables["curves"], study.name))
     base = study.base
     seconds = study_seconds(out)
     lines = [
@@ -472,7 +516,7 @@ def write_report(study: StudyConfig, out: str | Path) -> Path:
         "## 1. Multi-task normalized score after merging",
         _md(tables["q1_merged"]),
         "",
-        "Figures: " + ", ".join(f"[{n}](figures/{n}.html)" for n in figs),
+        "Figure: [normalized average vs lambda, per method](figures/curves.html)",
         "",
         "## 2. Single-task scores (before merging)",
         _md(tables["q2_single"]),

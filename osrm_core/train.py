@@ -12,82 +12,19 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
 
 from osrm_core.adapters import Adapter, LoraWeights, lora_from_model, write_adapter
 from osrm_core.batching import iter_batches, move_batch
+from osrm_core.constraints import get_constraint
 from osrm_core.data import TaskData
 from osrm_core.evaluate import evaluate_model
 from osrm_core.models import decoder_position_ids
+from osrm_core.settings import TrainSettings
 
-Constraint = Literal["none", "freeze_A", "project", "penalty"]
-CONSTRAINTS: tuple[str, ...] = ("none", "freeze_A", "project", "penalty")
 Progress = Callable[[int, int, str], None]
-
-
-@dataclass
-class TrainConfig:
-    """Fine-tuning settings.
-
-    Attributes
-    ----------
-    steps : int
-        Optimizer steps.
-    batch_size : int
-    lr : float
-        Learning rate of the LoRA matrices.
-    head_lr : float or None
-        Learning rate of the classification head (default: ``lr``).
-    a_lr_scale : float
-        Multiplies ``lr`` for the A matrices (makes up for a low-energy subspace).
-    weight_decay, warmup_ratio, max_grad_norm : float
-    max_length : int
-        Tokens per example (longer ones are truncated).
-    seed : int
-        Seeds data order and dropout; the same seed repeats a run exactly on the same device.
-    constraint : {"none", "freeze_A", "project", "penalty"}
-    penalty_beta : float
-        Weight of the ``penalty`` constraint.
-    """
-
-    steps: int = 200
-    batch_size: int = 16
-    lr: float = 5e-4
-    head_lr: float | None = None
-    a_lr_scale: float = 1.0
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.06
-    max_grad_norm: float = 1.0
-    max_length: int = 128
-    seed: int = 0
-    constraint: Constraint = "none"
-    penalty_beta: float = 1e-3
-    eval_batch_size: int = 64
-    max_test: int | None = None
-
-    def __post_init__(self) -> None:
-        checks = [
-            ("steps", self.steps >= 1, ">= 1"),
-            ("batch_size", self.batch_size >= 1, ">= 1"),
-            ("lr", self.lr > 0, "> 0"),
-            ("head_lr", self.head_lr is None or self.head_lr > 0, "> 0 or None"),
-            ("a_lr_scale", self.a_lr_scale >= 0, ">= 0"),
-            ("weight_decay", self.weight_decay >= 0, ">= 0"),
-            ("warmup_ratio", 0 <= self.warmup_ratio < 1, "in [0, 1)"),
-            ("max_grad_norm", self.max_grad_norm > 0, "> 0"),
-            ("max_length", self.max_length >= 2, ">= 2"),
-            ("penalty_beta", self.penalty_beta >= 0, ">= 0"),
-        ]
-        for name, ok, allowed in checks:
-            if not ok:
-                raise ValueError(f"{name}={getattr(self, name)!r} is not allowed: must be {allowed}")
-        if self.constraint not in CONSTRAINTS:
-            raise ValueError(
-                f"constraint={self.constraint!r} is unknown: allowed are {', '.join(CONSTRAINTS)}"
-            )
 
 
 @dataclass
@@ -125,17 +62,28 @@ def finetune(
     peft_model,
     tokenizer,
     task: TaskData,
-    config: TrainConfig | None = None,
+    config: TrainSettings | None = None,
     *,
+    max_length: int = 128,
+    seed: int = 0,
+    max_test: int | None = None,
     subspaces: dict[str, torch.Tensor] | None = None,
     penalty_moments: dict[str, torch.Tensor] | None = None,
     distributed: bool | None = None,
     progress: Progress | None = None,
 ) -> TrainResult:
-    """Fine-tune ``peft_model`` (from :func:`osrm_core.init.init_lora`) on ``task`` in place.
+    """Fine-tune ``peft_model`` (from :func:`osrm_core.inits.init_lora`) on ``task`` in place.
 
     Parameters
     ----------
+    config : TrainSettings, optional
+        The fine-tuning settings (default: ``TrainSettings()``).
+    max_length : int
+        Tokens per example (longer ones are truncated), in training and scoring.
+    seed : int
+        Seeds data order and dropout; the same seed repeats a run exactly on the same device.
+    max_test : int, optional
+        Score on this many test examples at most.
     subspaces : dict of layer to tensor (k, d_in), optional
         Needed by ``constraint="project"``: A's rows are kept in this row space.
     penalty_moments : dict of layer to tensor (d_in, d_in), optional
@@ -152,14 +100,16 @@ def finetune(
     Returns
     -------
     TrainResult
-        With the score on the task's test split (``config.max_test`` examples at most); the
+        With the score on the task's test split (``max_test`` examples at most); the
         same on every rank.
     """
     import torch.distributed as dist
 
     from osrm_core.distributed import all_reduce_sum, dist_info
 
-    config = config or TrainConfig()
+    config = config or TrainSettings()
+    if not isinstance(max_length, int) or max_length < 2:
+        raise ValueError(f"max_length={max_length!r} is not allowed: must be an integer >= 2")
     layers = _lora_layers(peft_model)
     if not layers:
         raise ValueError("peft_model has no LoRA layers; build it with osrm_core.init_lora")
@@ -175,27 +125,7 @@ def finetune(
             f"batch_size={config.batch_size} is smaller than the {info.world} processes: each needs "
             "at least one example per step"
         )
-    projectors = {}
-    if config.constraint == "project":
-        if subspaces is None:
-            raise ValueError("constraint='project' needs subspaces (the OSRM A per layer)")
-        for name in layers:
-            if name not in subspaces:
-                raise ValueError(f"constraint='project': no subspace for layer {name!r}")
-            a = layers[name].lora_A["default"].weight
-            u = subspaces[name].to(device=a.device, dtype=torch.float64)
-            q = torch.linalg.qr(u.T).Q
-            projectors[name] = q @ q.T
-    penalties = {}
-    if config.constraint == "penalty":
-        if penalty_moments is None:
-            raise ValueError("constraint='penalty' needs penalty_moments (the others' second moment)")
-        for name in layers:
-            if name not in penalty_moments:
-                raise ValueError(f"constraint='penalty': no second moment for layer {name!r}")
-            a = layers[name].lora_A["default"].weight
-            S = penalty_moments[name].to(device=a.device, dtype=a.dtype)
-            penalties[name] = S / (torch.trace(S) / S.shape[0]).clamp_min(1e-12)
+    constraint = get_constraint(config.constraint).prepare(layers, subspaces, penalty_moments)
     device = next(peft_model.parameters()).device
 
     a_params, b_params, head_params = [], [], []
@@ -208,7 +138,7 @@ def finetune(
             b_params.append(p)
         else:
             head_params.append(p)
-    if config.constraint == "freeze_A":
+    if not constraint.constraint.trains_a:
         for p in a_params:
             p.requires_grad_(False)
         a_params = []
@@ -228,7 +158,7 @@ def finetune(
         model, step_optimizer = accelerator.prepare(peft_model, optimizer)
     trainable = [p for g in groups for p in g["params"]]
 
-    rng = np.random.default_rng(config.seed)
+    rng = np.random.default_rng(seed)
     n = len(task.train)
     order = np.empty(0, dtype=np.int64)
     result = TrainResult(task.name, task.metric, float("nan"))
@@ -236,7 +166,7 @@ def finetune(
     peft_model.train()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         # Every rank draws the same batches (same numpy seed); dropout differs per rank.
-        torch.manual_seed(config.seed + (info.rank if parallel else 0))
+        torch.manual_seed(seed + (info.rank if parallel else 0))
         for step in range(config.steps):
             if len(order) < config.batch_size:
                 order = np.concatenate([order, rng.permutation(n)])
@@ -244,17 +174,12 @@ def finetune(
             local = idx[info.rank :: info.world] if parallel else idx
             batch = next(
                 iter_batches(
-                    tokenizer, task.train, batch_size=len(local), max_length=config.max_length, indices=local
+                    tokenizer, task.train, batch_size=len(local), max_length=max_length, indices=local
                 )
             )
             batch = move_batch(decoder_position_ids(batch, peft_model), device)
             loss = model(**batch).loss
-            reg = None
-            if penalties:
-                reg = sum(
-                    ((layers[n_].lora_A["default"].weight @ S) * layers[n_].lora_A["default"].weight).sum()
-                    for n_, S in penalties.items()
-                )
+            reg = constraint.loss()
             tokens = int(batch["attention_mask"].sum())
             if parallel:
                 # DDP averages gradients over ranks: weigh each rank's mean loss by its share of
@@ -282,11 +207,7 @@ def finetune(
                 torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
             step_optimizer.step()
             scheduler.step()
-            if projectors:
-                with torch.no_grad():
-                    for name, P in projectors.items():
-                        a = layers[name].lora_A["default"].weight
-                        a.copy_((a.double() @ P).to(a.dtype))
+            constraint.after_step()
             result.losses.append(logged)
             result.tokens += tokens
             if progress:
@@ -297,15 +218,15 @@ def finetune(
     peft_model.eval()
     result.seconds = time.perf_counter() - start
     if parallel:
-        result.test_score = _evaluate_sharded(peft_model, tokenizer, task, config)
+        result.test_score = _evaluate_sharded(peft_model, tokenizer, task, config.eval_batch_size, max_length, max_test)
     else:
         result.test_score = evaluate_model(
             peft_model,
             tokenizer,
             task,
             batch_size=config.eval_batch_size,
-            max_length=config.max_length,
-            max_test=config.max_test,
+            max_length=max_length,
+            max_test=max_test,
         )
     return result
 
@@ -329,14 +250,15 @@ def _accelerator(device: torch.device, world: int):
     return accelerator
 
 
-def _evaluate_sharded(peft_model, tokenizer, task: TaskData, config: TrainConfig) -> float:
+def _evaluate_sharded(peft_model, tokenizer, task: TaskData, batch_size: int, max_length: int,
+                      max_test: int | None) -> float:
     """The test score with each rank predicting every ``world``-th example (same on all ranks)."""
     from osrm_core.data import Split
     from osrm_core.distributed import all_gather_object, dist_info
     from osrm_core.evaluate import predict, score
 
     info = dist_info()
-    test = task.test.head(config.max_test)
+    test = task.test.head(max_test)
     mine = np.arange(info.rank, len(test), info.world)
     part = Split(
         [test.text[i] for i in mine],
@@ -344,7 +266,7 @@ def _evaluate_sharded(peft_model, tokenizer, task: TaskData, config: TrainConfig
         None if test.text_pair is None else [test.text_pair[i] for i in mine],
     )
     pred = (
-        predict(peft_model, tokenizer, part, batch_size=config.eval_batch_size, max_length=config.max_length)
+        predict(peft_model, tokenizer, part, batch_size=batch_size, max_length=max_length)
         if len(mine)
         else np.empty(0, dtype=np.int64)
     )

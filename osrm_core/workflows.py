@@ -1,13 +1,26 @@
-"""Workflows on adapters that already exist (no run directory): diagnosis and merge sweeps.
+"""One function per workflow on adapters that already exist (no run directory), called alike by
+the command line, the app and notebooks:
 
-Used by ``osrm diagnose``/``osrm sweep`` and the app's adapter diagnosis page.
+* :func:`task_stats` — feature statistics of tasks (or sample texts) at the adapters' layers;
+* :func:`diagnose_adapters` — interference, principal angles, own-task energy and post-hoc
+  OSRM of uploaded adapters (``osrm diagnose``, the Adapter diagnosis page);
+* :func:`sweep_adapters` — merged scores over a grid on labelled data (``osrm sweep``, the
+  page's quick sweep);
+* :func:`osrm_core.advise.advise` — the merge advisor (``osrm advise``, the page's advice):
+  method, lambda, density and per-adapter weights searched on sample texts;
+* :func:`build_merged_adapter` — one PEFT adapter with the merged ``Delta_W`` and every task's
+  head under ``heads/`` (``osrm merge``, the page's download);
+* :func:`real_model_comparison` — the Learn page's OSRM-vs-random comparison on the packaged
+  model and the demo tasks.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import pandas as pd
+import torch
 
 from osrm_core.adapters import Adapter, check_against_model
 from osrm_core.data import TaskData
@@ -16,9 +29,9 @@ from osrm_core.stats import FeatureStats, collect_feature_stats
 Progress = Callable[[int, int, str], None]
 
 
-def task_stats(model, tokenizer, tasks: Sequence[TaskData], *, samples: int = 100, max_length: int = 128,
+def task_stats(model, tokenizer, tasks: Sequence[TaskData], *, samples: int | None = 100, max_length: int = 128,
                target_modules: list[str] | None = None, seed: int = 0) -> dict[str, FeatureStats]:
-    """Feature statistics of each task at the given layers of ``model``."""
+    """Feature statistics of each task at the given layers of ``model`` (``samples`` None: all)."""
     return {
         t.name: collect_feature_stats(
             model, tokenizer, t, max_samples=samples, max_length=max_length,
@@ -28,24 +41,44 @@ def task_stats(model, tokenizer, tasks: Sequence[TaskData], *, samples: int = 10
     }
 
 
+def adapter_rank(adapter: Adapter) -> int:
+    """The largest LoRA rank over the adapter's layers."""
+    return max(lw.rank for lw in adapter.layers.values())
+
+
 def diagnose_adapters(
     model,
-    tokenizer,
     adapters: dict[str, Adapter],
-    tasks: Sequence[TaskData],
+    stats: dict[str, FeatureStats],
     *,
-    samples: int = 100,
-    max_length: int = 128,
-    rank: int | None = None,
-) -> dict[str, pd.DataFrame]:
-    """Interference, principal angles, own-task energy and post-hoc OSRM energy for adapters.
+    posthoc_rank: int | None = None,
+) -> dict[str, pd.DataFrame | dict[str, Adapter]]:
+    """Interference, principal angles, own-task energy and post-hoc OSRM for existing adapters.
 
-    ``adapters`` and ``tasks`` are matched by name (every adapter needs the task of the same
-    name). Returns DataFrames ``interference``, ``matrix`` (input energy summed over layers),
-    ``angles``, ``own_energy`` and ``posthoc`` (energy each adapter keeps when projected on
-    its OSRM subspace of rank ``rank``, default the adapter's rank).
+    Parameters
+    ----------
+    model : nn.Module
+        The base model the adapters were trained on (its weights give ``W0``).
+    adapters : dict of task name to Adapter
+        At least two, all adapting the same layers.
+    stats : dict of task name to FeatureStats
+        Every adapter's task (same name), collected at the adapters' layers
+        (:func:`task_stats`).
+    posthoc_rank : int, optional
+        Rank of the OSRM subspace each adapter is projected on (default: its own rank).
+
+    Returns
+    -------
+    dict
+        ``interference`` (per layer, for the adapters as uploaded and after post-hoc OSRM:
+        column ``init`` = ``uploaded`` / ``posthoc_osrm``), ``matrix`` (input energy of the
+        uploaded adapters summed over layers: rows adapter j, columns data i), ``angles``
+        (data-data and adapter-data, same ``init`` column; subspaces of the smallest adapter
+        rank), ``own_energy``, ``posthoc`` (energy kept per adapter and layer) and
+        ``projected`` (the post-hoc OSRM adapters).
     """
     from osrm_core.diagnostics import (
+        angle_rank,
         angle_table,
         interference_matrix,
         interference_table,
@@ -56,26 +89,36 @@ def diagnose_adapters(
 
     if len(adapters) < 2:
         raise ValueError(f"diagnosis needs at least two adapters, got {len(adapters)}")
-    by_name = {t.name: t for t in tasks}
-    missing = [a for a in adapters if a not in by_name]
+    missing = [a for a in adapters if a not in stats]
     if missing:
-        raise ValueError(f"adapter {missing[0]!r} has no task data of the same name; tasks are {sorted(by_name)}")
+        raise ValueError(f"adapter {missing[0]!r} has no task data of the same name; tasks are {sorted(stats)}")
+    if posthoc_rank is not None and posthoc_rank < 1:
+        raise ValueError(f"posthoc_rank must be >= 1, got {posthoc_rank}")
     for name, adapter in adapters.items():
         check_against_model(adapter, model, where=name)
+    stats = {n: stats[n] for n in adapters}
     layers = sorted(next(iter(adapters.values())).layers)
-    order = list(adapters)
-    stats = task_stats(model, tokenizer, [by_name[n] for n in order], samples=samples,
-                       max_length=max_length, target_modules=layers)
     w0 = {n: weight_as_linear(model.get_submodule(n)).detach() for n in layers}
-    table = interference_table(adapters, stats, w0)
-    _, posthoc = posthoc_osrm_adapters(adapters, stats, rank)
+    projected, kept = posthoc_osrm_adapters(adapters, stats, posthoc_rank)
+    uploaded = interference_table(adapters, stats, w0)
+    k = angle_rank(adapters)
+    angles = pd.concat(
+        [
+            angle_table(stats, k=k, adapters=adapters).assign(init="uploaded"),
+            angle_table(stats, k=k, adapters=projected).query("kind == 'adapter-data'").assign(init="posthoc_osrm"),
+        ],
+        ignore_index=True,
+    )
     return {
-        "interference": table,
-        "matrix": interference_matrix(table),
-        "angles": angle_table(stats, k=min(8, next(iter(stats.values())).layers[layers[0]].d), adapters=adapters),
+        "interference": pd.concat(
+            [uploaded.assign(init="uploaded"), interference_table(projected, stats, w0).assign(init="posthoc_osrm")],
+            ignore_index=True,
+        ),
+        "matrix": interference_matrix(uploaded),
+        "angles": angles,
         "own_energy": own_energy_table(adapters, stats),
-        "posthoc": posthoc,
-        "stats": stats,
+        "posthoc": kept[["adapter", "layer", "energy_kept"]],
+        "projected": projected,
     }
 
 
@@ -94,7 +137,10 @@ def sweep_adapters(
     seed: int = 0,
     progress: Progress | None = None,
 ) -> pd.DataFrame:
-    """Merged scores of existing adapters over a grid (see :class:`osrm_core.evaluate.SweepEngine`)."""
+    """Merged scores of existing adapters over a grid (see :class:`osrm_core.evaluate.SweepEngine`).
+
+    ``model`` is changed in place during the sweep and restored afterwards.
+    """
     from osrm_core.evaluate import SweepEngine
 
     for name, adapter in adapters.items():
@@ -104,3 +150,61 @@ def sweep_adapters(
         return engine.sweep(methods, lambdas, densities=densities, stats=stats, seed=seed, progress=progress)
     finally:
         engine.restore()
+
+
+def build_merged_adapter(
+    adapters: dict[str, Adapter],
+    out: str | Path,
+    method: str = "task_arithmetic",
+    *,
+    lam: float = 1.0,
+    weights: Sequence[float] | None = None,
+    stats: dict[str, FeatureStats] | None = None,
+    rank: int | None = None,
+    seed: int = 0,
+    **params,
+) -> Path:
+    """Merge ``adapters`` and write one PEFT LoRA adapter folder at ``out``.
+
+    The adapter holds ``lam * merge(Delta_W_1..T)`` per layer, exactly (``rank`` None: the
+    largest numerical rank over layers) or truncated by SVD to ``rank``; its config has
+    ``task_type`` null and no ``modules_to_save``, so plain ``PeftModel.from_pretrained`` loads
+    it on the base model; each task's head is written to ``heads/<task>.safetensors``.
+    Methods that need Gram matrices (``needs_gram``) take them from ``stats``; ``weights``
+    (one per adapter, e.g. the merge advisor's) scale each ``Delta_W_i`` before the merge.
+    """
+    from osrm_core.export import merge_adapters, write_merged_adapter
+
+    merged = merge_adapters(adapters, method, lam=lam, weights=weights, stats=stats, seed=seed, **params)
+    return write_merged_adapter(out, merged, adapters, rank=rank)
+
+
+def real_model_comparison(model, tokenizer, *, rank: int = 8, n_samples: int = 32, seed: int = 0,
+                          max_length: int = 64) -> pd.DataFrame:
+    """On the demo tasks: per task and input, the other tasks' energy ``sum_j E||A h_j||^2``
+    seen by OSRM's A and by a random orthonormal A of the same rank.
+
+    Returns a DataFrame with columns ``task, layer, osrm, random, ratio`` (one row per input
+    that layers share: query and value read the same hidden states).
+    """
+    from osrm_core.demo import demo_tasks
+    from osrm_core.diagnostics import summed_interference
+    from osrm_core.inits import osrm_subspace
+
+    tasks = demo_tasks(seed=seed, n_train=max(n_samples, 10), n_test=10)
+    stats = list(task_stats(model, tokenizer, tasks, samples=n_samples, max_length=max_length, seed=seed).values())
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for i, task in enumerate(tasks):
+        others = stats[:i] + stats[i + 1 :]
+        firsts = [g[0] for g in stats[i].groups()]
+        osrm = {n: a for n, a in osrm_subspace(others, rank).items() if n in firsts}
+        rand = {n: torch.linalg.qr(torch.randn(a.shape[1], rank, generator=generator, dtype=torch.float64))[0].T
+                for n, a in osrm.items()}
+        got, ref = summed_interference(osrm, others), summed_interference(rand, others)
+        rows += [
+            {"task": task.name, "layer": n, "osrm": got[n], "random": ref[n],
+             "ratio": got[n] / ref[n] if ref[n] > 0 else float("nan")}
+            for n in firsts
+        ]
+    return pd.DataFrame(rows)

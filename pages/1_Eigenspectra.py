@@ -6,11 +6,9 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from app_common import init_state, require_run, rest_spectrum, run_spectra, show_figure, show_table
+from app_helpers import require_run, rest_spectrum, run_spectra, show_figure, show_table
 from osrm_core.viz import cumulative_energy_figure, effective_rank_heatmap, eigenspectrum_figure
 
-st.set_page_config(page_title="Eigenspectra · OSRM", layout="wide")
-init_state()
 st.title("Eigenspectra")
 run = require_run()
 if not any((run.path / "stats").glob("*.safetensors")):

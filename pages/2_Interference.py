@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app_common import init_state, require_run, result_table, show_figure, show_table
+from app_helpers import layer_selector, require_run, result_table, show_figure, show_table
 from osrm_core.viz import (
     INTERFERENCE_VALUES,
     SUM_OVER_LAYERS,
@@ -17,8 +17,6 @@ from osrm_core.viz import (
     short_layer,
 )
 
-st.set_page_config(page_title="Interference · OSRM", layout="wide")
-init_state()
 st.title("Interference")
 run = require_run()
 table = result_table(run, "interference.csv")
@@ -38,12 +36,7 @@ inits = list(dict.fromkeys(table["init"]))
 layers = list(dict.fromkeys(table["layer"]))
 c1, c2, c3 = st.columns([2, 2, 1])
 value = c1.selectbox("Value", list(INTERFERENCE_VALUES), format_func=INTERFERENCE_VALUES.get, key="int_value")
-layer = c2.selectbox(
-    "Layer",
-    [SUM_OVER_LAYERS, *layers],
-    key="int_layer",
-    format_func=lambda n: n if n == SUM_OVER_LAYERS else f"{short_layer(n)} ({n})",
-)
+layer = layer_selector(layers, "int_layer", first=SUM_OVER_LAYERS, where=c2)
 log = c3.checkbox("log colour scale", value=True, key="int_log")
 shown = st.multiselect(
     "Inits side by side",

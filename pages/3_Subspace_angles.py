@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app_common import init_state, require_run, result_table, show_figure, show_table
+from app_helpers import layer_selector, require_run, result_table, show_figure, show_table
 from osrm_core.viz import angle_figure, angle_heatmap, angle_matrix, short_layer
 
-st.set_page_config(page_title="Subspace angles · OSRM", layout="wide")
-init_state()
 st.title("Subspace angles")
 run = require_run()
 table = result_table(run, "angles.csv")
@@ -30,12 +28,7 @@ stat = c1.radio(
     "Statistic", list(stats_labels), format_func=stats_labels.get, horizontal=True, key="ang_stat"
 )
 layers = list(dict.fromkeys(table["layer"]))
-layer = c2.selectbox(
-    "Layer (heatmaps)",
-    [MEAN, *layers],
-    key="ang_layer",
-    format_func=lambda n: n if n == MEAN else f"{short_layer(n)} ({n})",
-)
+layer = layer_selector(layers, "ang_layer", label="Layer (heatmaps)", first=MEAN, where=c2)
 where = MEAN if layer == MEAN else short_layer(layer)
 kinds = set(table["kind"])
 

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app_common import init_state, require_run, show_figure, show_table, sweep_table
+from app_helpers import require_run, show_figure, show_table, sweep_table
 from osrm_core.viz import sweep_best, sweep_curves, sweep_figure
 
-st.set_page_config(page_title="Lambda sweep · OSRM", layout="wide")
-init_state()
 st.title("Lambda sweep")
 run = require_run()
 sweep = sweep_table(run)

@@ -1,19 +1,20 @@
 """Diagnose adapters you already have: upload two or more PEFT LoRA adapters and a few texts
-per task, see their interference and angles, project them post hoc onto OSRM subspaces, get a
-suggested merge, and download the merged adapter."""
+per task, see their interference and angles, project them post hoc onto OSRM subspaces, get
+merge advice (method, lambda, per-adapter weights) and download the merged adapter."""
 
 from __future__ import annotations
 
 import pandas as pd
 import streamlit as st
 
-from app_common import (
+from app_helpers import (
     adapter_zip,
     base_model,
+    column_picker,
     current_run,
-    diagnose,
-    init_state,
-    merge_advice,
+    fresh_model,
+    layer_selector,
+    merge_param_widgets,
     merged_adapter_zip,
     progress_callbacks,
     read_uploaded_adapters,
@@ -25,12 +26,11 @@ from app_common import (
     uploads_signature,
 )
 from osrm_core.adapters import num_labels_of
-from osrm_core.advise import ADVISE_LAMBDAS
+from osrm_core.advise import ADVISE_LAMBDAS, advise
 from osrm_core.data import MAX_DATA_BYTES, DataError, read_table
 from osrm_core.demo import DEMO_TASKS, demo_task
-from osrm_core.merge import MERGE_METHODS, get_merge_method
-from osrm_core.models import weight_as_linear
-from osrm_core.runs import ConfigError
+from osrm_core.merge import MERGE_METHODS
+from osrm_core.settings import ConfigError
 from osrm_core.viz import (
     INTERFERENCE_VALUES,
     SUM_OVER_LAYERS,
@@ -43,9 +43,8 @@ from osrm_core.viz import (
     matrix_range,
     short_layer,
 )
+from osrm_core.workflows import diagnose_adapters
 
-st.set_page_config(page_title="Adapter diagnosis · OSRM", layout="wide")
-init_state()
 st.title("Adapter diagnosis")
 st.markdown(
     "Upload LoRA adapters trained on one base model, and a few sample texts of each adapter's "
@@ -55,7 +54,6 @@ st.markdown(
     "merge advisor recommends a method, λ and a weight per adapter, and builds that merged adapter. "
     "Nothing you upload leaves your session."
 )
-NONE = "(none)"
 ss = st.session_state
 
 # --------------------------------------------------------------------------- base model and adapters
@@ -187,22 +185,11 @@ for tab, n in zip(st.tabs(names), names):
                 continue
             cols = [str(c) for c in df.columns]
             c1, c2 = st.columns(2)
-            text_col = c1.selectbox(
-                "Text column",
-                cols,
-                index=cols.index("text") if "text" in cols else 0,
-                key=f"diag_text_col_{n}",
-            )
-            label_opts = [NONE, *cols]
-            label_col = c2.selectbox(
-                "Label column",
-                label_opts,
-                index=label_opts.index("label") if "label" in label_opts else 0,
-                key=f"diag_label_col_{n}",
-            )
+            text_col = column_picker("Text column", cols, "text", f"diag_text_col_{n}", where=c1)
+            label_col = column_picker("Label column", cols, "label", f"diag_label_col_{n}", optional=True, where=c2)
             st.dataframe(df.head(5), hide_index=True)
             texts[n] = df[text_col].astype(str).tolist()
-            if label_col != NONE:
+            if label_col is not None:
                 labels[n] = df[label_col].tolist()
         else:
             raw = st.text_area(f"Texts of {n}, one per line", key=f"diag_texts_{n}", height=150)
@@ -230,9 +217,8 @@ for _, notes in collected.values():
         )
 key = signature + str(hash((int(max_length), *(tuple(texts[n]) for n in names))))
 if ss.get("diag_result", {}).get("key") != key:
-    w0 = {name: weight_as_linear(model.get_submodule(name)).detach() for name in layers}
     with st.spinner("Interference, angles and post-hoc OSRM ..."):
-        ss["diag_result"] = {"key": key, **diagnose(adapters, stats, w0)}
+        ss["diag_result"] = {"key": key, **diagnose_adapters(model, adapters, stats)}
 result = ss["diag_result"]
 
 # --------------------------------------------------------------------------- interference
@@ -245,12 +231,7 @@ value = c1.selectbox(
     format_func=INTERFERENCE_VALUES.get,
     key="diag_value",
 )
-layer = c2.selectbox(
-    "Layer",
-    [SUM_OVER_LAYERS, *layers],
-    key="diag_layer",
-    format_func=lambda x: x if x == SUM_OVER_LAYERS else f"{short_layer(x)} ({x})",
-)
+layer = layer_selector(list(layers), "diag_layer", first=SUM_OVER_LAYERS, where=c2)
 log = c3.checkbox("log colour scale", value=True, key="diag_log")
 table = result["interference"]
 where = "summed over layers" if layer == SUM_OVER_LAYERS else short_layer(layer)
@@ -307,7 +288,7 @@ st.markdown(
     "show `‖ΔW A⁺A‖ / ‖ΔW‖`, the share kept; a low share means the adapter needs directions the "
     "other tasks use, and fine-tuning again from the projection is advised."
 )
-kept = result["kept"]
+kept = result["posthoc"]
 show_figure(
     energy_kept_figure(kept, title="Energy kept by the projection"), "posthoc_energy_kept", "diag_kept"
 )
@@ -324,6 +305,14 @@ for i, n in enumerate(names):
     )
 
 # --------------------------------------------------------------------------- merge advice
+
+
+def numbers(text: str, what: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise DataError(f"{what} {text!r}: give numbers separated by commas") from None
+
 
 st.subheader("Merge advice")
 st.markdown(
@@ -347,7 +336,7 @@ budget = c3.number_input(
 )
 if st.button("Get merge advice", key="diag_advise_button", type="primary"):
     try:
-        lambdas = [float(x) for x in grid.split(",") if x.strip()]
+        lambdas = numbers(grid, "lambda grid")
         if unlabelled:
             raise DataError(
                 f"task {unlabelled[0]!r} has no labels: upload a CSV with a label column for every task"
@@ -355,8 +344,9 @@ if st.button("Get merge advice", key="diag_advise_button", type="primary"):
         tasks = [text_task(n, texts[n], labels[n]) for n in names]
         with st.status("Searching ...", expanded=True) as status:
             progress, on_stage = progress_callbacks(status, n_stages=5)
-            advice = merge_advice(
-                model_name, tasks, adapters, methods=methods, lambdas=lambdas, budget=int(budget),
+            search_model, _ = fresh_model(model_name)  # the search writes merged weights in place
+            advice = advise(
+                search_model, tokenizer, adapters, tasks, methods=methods, lambdas=lambdas, budget=int(budget),
                 max_length=int(max_length), progress=progress, on_stage=on_stage,
             )
             status.update(
@@ -410,35 +400,29 @@ if advised is not None and advised["key"] == key:
 
 st.subheader("Build a merged adapter")
 st.caption(
-    "One PEFT LoRA adapter with the exact merged ΔW of every layer; each task's head is under "
-    "heads/. Adapter i enters the merge as w_i ΔW_i and λ scales the result."
+    "One PEFT LoRA adapter with the merged ΔW of every layer (exact: the rank it needs); each "
+    "task's head is written under heads/. Loads with plain `PeftModel.from_pretrained` on the base model. "
+    "Adapter i enters the merge as w_i ΔW_i and λ scales the result."
 )
-for widget, default in (
-    ("diag_merge_lambda", 1.0),
-    ("diag_merge_weights", ", ".join(["1"] * len(names))),
-    ("diag_merge_density", 0.5),
-):
-    ss.setdefault(widget, default)
-c1, c2, c3, c4, c5 = st.columns(5)
+ss.setdefault("diag_merge_lambda", 1.0)
+ss.setdefault("diag_merge_weights", ", ".join(["1"] * len(names)))
+c1, c2, c3, c4 = st.columns(4)
 source = c1.radio("Adapters", ["uploaded", "posthoc_osrm"], format_func=titles.get, key="diag_merge_source")
 method = c2.selectbox("Method", list(MERGE_METHODS), key="diag_merge_method")
 lam = c3.number_input("λ", 0.01, 10.0, step=0.05, key="diag_merge_lambda")
 weights_text = c4.text_input(f"Weights ({', '.join(names)})", key="diag_merge_weights")
-params = {}
-if get_merge_method(method).uses_density:
-    params["density"] = c5.number_input("density", min_value=0.01, max_value=1.0, step=0.05, key="diag_merge_density")
+params = merge_param_widgets(method, "diag_merge")
 if st.button("Build the merged adapter", key="diag_merge_button"):
     chosen = adapters if source == "uploaded" else result["projected"]
+    name = f"merged_{method}_{source}"
     try:
-        weights = [float(x) for x in weights_text.split(",") if x.strip()]
-        name = f"merged_{method}_{source}"
-        data, rank = merged_adapter_zip(chosen, name, method, lam=float(lam), weights=weights, stats=stats, **params)
-        ss["diag_merged"] = {"key": key, "zip": data, "rank": rank, "name": name}
+        weights = numbers(weights_text, "weights")
+        ss["diag_merged"] = {"key": key, "name": name, "zip": merged_adapter_zip(
+            chosen, name, method, lam=float(lam), weights=weights, stats=stats, **params)}
     except ValueError as err:
         st.error(str(err))
 built = ss.get("diag_merged")
 if built is not None and built["key"] == key:
-    st.caption(f"{built['name']}: rank {built['rank']}, exact; heads of {', '.join(names)} under heads/.")
     st.download_button(
         "Download merged adapter (zip)",
         data=built["zip"],

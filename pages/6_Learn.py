@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app_common import init_state, real_model_comparison, show_figure, show_table
-from osrm_core.viz import layer_ratio_figure, toy_adapters, toy_figure, toy_moments, toy_samples, toy_table
+from app_helpers import real_model_comparison, show_figure, show_table
+from osrm_core.toy import toy_adapters, toy_moments, toy_samples, toy_table
+from osrm_core.viz import layer_ratio_figure, toy_figure
 
-st.set_page_config(page_title="Learn · OSRM", layout="wide")
-init_state()
 st.title("Learn: interference and OSRM")
 
 st.markdown(

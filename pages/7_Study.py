@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app_common import (
-    init_state,
+from app_helpers import (
     progress_callbacks,
     require_run,
     shared_config_problem,
@@ -16,8 +15,6 @@ from app_common import (
 from osrm_core.study import find_studies, load_study_tables, quick_study_config, run_study, seed_mean_curves
 from osrm_core.viz import study_curve_figure
 
-st.set_page_config(page_title="Study · OSRM", layout="wide")
-init_state()
 st.title("Study")
 run = require_run()
 st.markdown(

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from osrm_core.demo import demo_task
-from osrm_core.runs import MergeSettings, RunConfig, TaskEntry, TrainSettings, run_experiment
+from osrm_core.pipeline import run_experiment
+from osrm_core.settings import MergeSettings, RunConfig, TaskEntry, TrainSettings
 
 #: Demo tasks of the small run.
 SMALL_TASKS = ("sentiment", "topic", "question")

@@ -47,7 +47,7 @@ def peft_files(tmp_path_factory, make_tiny_model):
 
 @pytest.fixture(scope="module")
 def advised(peft_files, make_tiny_model, tokenizer, tmp_path_factory):
-    from osrm_core.data import parse_task_spec
+    from osrm_core.task_spec import parse_task_spec
 
     model = make_tiny_model(seed=0, dtype=torch.float32)
     adapters = {k: load_adapter(peft_files[f"adapter_{k}"], model) for k in TASKS}

@@ -16,8 +16,9 @@ from conftest import TINY_TARGETS
 
 from osrm_core.adapters import LoraWeights, read_adapter_dir, write_adapter
 from osrm_core.demo import demo_task
-from osrm_core.init import init_lora
-from osrm_core.runs import RunConfig, RunDir
+from osrm_core.inits import init_lora
+from osrm_core.rundir import RunDir
+from osrm_core.settings import RunConfig
 from osrm_core.train import adapter_of, save_adapter
 
 TASKS = ("sentiment", "paraphrase")
@@ -242,12 +243,12 @@ def test_diagnose_json(jobs) -> None:
     assert {row["adapter"] for row in payload["posthoc"]} == set(TASKS)
 
 
-def test_diagnose_rank_defaults_to_the_adapters_rank() -> None:
+def test_diagnose_posthoc_rank_defaults_to_the_adapters_rank() -> None:
     from osrm_core.cli import build_parser
 
     parser = build_parser()
-    assert parser.parse_args(["diagnose"]).rank is None
-    assert parser.parse_args(["diagnose", "--rank", "4"]).rank == 4
+    assert parser.parse_args(["diagnose"]).posthoc_rank is None
+    assert parser.parse_args(["diagnose", "--posthoc-rank", "4"]).posthoc_rank == 4
     assert parser.parse_args(["stats"]).rank == 8
 
 

@@ -17,9 +17,9 @@ from osrm_core.data import (
     from_dataframes,
     load_task,
     load_task_dir,
-    parse_task_spec,
     read_table,
 )
+from osrm_core.task_spec import parse_task_spec
 
 CSV = b"text,label\nthe film was great,1\nawful plot,0\nloved it,1\nboring and slow,0\n"
 

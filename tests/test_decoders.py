@@ -16,7 +16,7 @@ from osrm_core.batching import iter_batches
 from osrm_core.demo import demo_tasks
 from osrm_core.diagnostics import input_interference, interference_table, output_shift
 from osrm_core.export import merge_adapters, write_merged_model
-from osrm_core.init import init_lora, osrm_subspace
+from osrm_core.inits import init_lora, osrm_subspace
 from osrm_core.models import (
     TargetLayer,
     decoder_position_ids,
@@ -24,8 +24,9 @@ from osrm_core.models import (
     load_base_model,
     weight_as_linear,
 )
+from osrm_core.settings import TrainSettings
 from osrm_core.stats import collect_feature_stats
-from osrm_core.train import TrainConfig, adapter_of, finetune, save_adapter
+from osrm_core.train import adapter_of, finetune, save_adapter
 
 HIDDEN = 32
 MAX_LENGTH = 24
@@ -249,7 +250,7 @@ def test_osrm_init_training_merging_and_exact_interference(arch, make_decoder, w
             assert layer.lora_B["default"].weight.abs().max() == 0
         result = finetune(
             peft_model, tok, task,
-            TrainConfig(steps=4, batch_size=8, lr=2e-2, max_length=MAX_LENGTH, warmup_ratio=0.0),
+            TrainSettings(steps=4, batch_size=8, lr=2e-2, warmup_ratio=0.0), max_length=MAX_LENGTH,
         )
         assert len(result.losses) == 4 and np.isfinite(result.losses).all() and 0 <= result.test_score <= 1
         adapters[task.name], models[task.name] = adapter_of(peft_model), peft_model

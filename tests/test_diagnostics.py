@@ -26,7 +26,7 @@ from osrm_core.diagnostics import (
     row_space,
     summed_interference,
 )
-from osrm_core.init import init_lora, osrm_subspace
+from osrm_core.inits import init_lora, osrm_subspace
 from osrm_core.spectra import symmetric_eigh
 from osrm_core.stats import collect_feature_stats
 

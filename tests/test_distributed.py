@@ -22,7 +22,7 @@ import torch
 from torch.testing import assert_close
 
 #: Fine-tuning used on both sides: an odd global batch, so the two ranks get 4 and 3 examples.
-TRAIN = dict(steps=5, batch_size=7, lr=2e-2, max_length=16, warmup_ratio=0.0)
+TRAIN = dict(steps=5, batch_size=7, lr=2e-2, warmup_ratio=0.0)
 RANK = 2
 
 
@@ -69,9 +69,10 @@ def _tasks():
 def _compute(out: Path, tag: str) -> None:
     """The work both sides do: statistics (all samples, one sample, one layer per pass), an
     adapter fine-tuned a few steps. Distributed when a process group is up."""
-    from osrm_core.init import init_lora
+    from osrm_core.inits import init_lora
+    from osrm_core.settings import TrainSettings
     from osrm_core.stats import collect_feature_stats
-    from osrm_core.train import TrainConfig, adapter_of, finetune, save_adapter
+    from osrm_core.train import adapter_of, finetune, save_adapter
 
     tok, tasks = _tokenizer(), _tasks()
     model = _bert()
@@ -85,7 +86,7 @@ def _compute(out: Path, tag: str) -> None:
     # peft's standard init: OSRM's first row is LayerNorm's null direction (A h = 0 up to
     # rounding), which Adam turns into noise-driven updates that no two runs share exactly.
     peft_model = init_lora(_bert(seed=1), "standard", rank=RANK, alpha=4, seed=3)
-    result = finetune(peft_model, tok, tasks[0], TrainConfig(**TRAIN))
+    result = finetune(peft_model, tok, tasks[0], TrainSettings(**TRAIN), max_length=16)
     save_adapter(adapter_of(peft_model), out / f"{tag}-adapter")
     (out / f"{tag}-result.json").write_text(json.dumps(result.to_dict()))
 
@@ -171,7 +172,7 @@ def two_and_one(tmp_path_factory) -> Path:
 
 
 def test_distributed_statistics_equal_one_process(two_and_one) -> None:
-    from osrm_core.init import osrm_mean_subspace, osrm_subspace
+    from osrm_core.inits import osrm_mean_subspace, osrm_subspace
     from osrm_core.stats import FeatureStats
 
     out = two_and_one
@@ -250,7 +251,7 @@ def test_osrm_run_under_torchrun_matches_one_process(tmp_path) -> None:
     from osrm_core.cli import main
     from osrm_core.demo import demo_task
     from osrm_core.diagnostics import quadratic_trace
-    from osrm_core.runs import RunDir
+    from osrm_core.rundir import RunDir
 
     model_dir = tmp_path / "model"
     _bert().float().save_pretrained(model_dir)
@@ -307,8 +308,9 @@ def test_osrm_run_under_torchrun_matches_one_process(tmp_path) -> None:
 
 def test_without_a_process_group(tmp_path) -> None:
     from osrm_core.distributed import dist_info, init_distributed, run_on_main
+    from osrm_core.settings import TrainSettings
     from osrm_core.stats import collect_feature_stats
-    from osrm_core.train import TrainConfig, finetune
+    from osrm_core.train import finetune
 
     assert dist_info().world == 1 and not dist_info().active
     assert init_distributed() == dist_info()  # not launched: nothing to join
@@ -322,10 +324,10 @@ def test_without_a_process_group(tmp_path) -> None:
         collect_feature_stats(_bert(), tok, task, shard=(2, 2))
     with pytest.raises(ValueError, match="layers_per_pass must be a positive integer or None, got 0"):
         collect_feature_stats(_bert(), tok, task, layers_per_pass=0)
-    from osrm_core.init import init_lora
+    from osrm_core.inits import init_lora
 
     with pytest.raises(ValueError, match="distributed=True needs an initialized"):
-        finetune(init_lora(_bert(), "standard", rank=RANK), tok, task, TrainConfig(steps=1), distributed=True)
+        finetune(init_lora(_bert(), "standard", rank=RANK), tok, task, TrainSettings(steps=1), distributed=True)
 
 
 def test_launch_environment_is_checked(monkeypatch) -> None:

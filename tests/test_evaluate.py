@@ -18,7 +18,7 @@ from osrm_core.batching import iter_batches
 from osrm_core.demo import demo_task
 from osrm_core.evaluate import SweepEngine, best_points, evaluate_model, predict, score
 from osrm_core.export import merge_adapters, write_merged_adapter
-from osrm_core.init import init_lora
+from osrm_core.inits import init_lora
 from osrm_core.merge import merge_deltas
 from osrm_core.train import adapter_of
 

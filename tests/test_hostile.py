@@ -42,7 +42,7 @@ from osrm_core.adapters import PEFT_PREFIX, AdapterError, write_adapter
 from osrm_core.archive import ArchiveError, safe_extract_zip
 from osrm_core.data import MAX_DATA_BYTES, DataError, load_task, read_table
 from osrm_core.demo import demo_task
-from osrm_core.init import init_lora, osrm_gen_subspace, osrm_subspace
+from osrm_core.inits import init_lora, osrm_gen_subspace, osrm_subspace
 from osrm_core.spectra import symmetric_eigh
 from osrm_core.stats import FeatureStats, LayerStats, collect_feature_stats
 from osrm_core.train import adapter_of
@@ -762,7 +762,7 @@ def test_random_zips_through_load_adapter(base, good_parts, members, with_config
 
 def _minilm_adapter_zips(default_model, seed: int, tmp: Path) -> tuple[dict[str, bytes], dict]:
     """Two MiniLM adapters (named x and y) with random B from ``seed``, as zips, and their B at Q."""
-    from app_common import zip_directory
+    from app_helpers import zip_directory
 
     model, _ = default_model
     out, bs = {}, {}
@@ -781,7 +781,7 @@ def _minilm_adapter_zips(default_model, seed: int, tmp: Path) -> tuple[dict[str,
 
 
 def _run_zip(name: str, model: str | None = None) -> bytes:
-    from osrm_core.runs import RunConfig, TaskEntry
+    from osrm_core.settings import RunConfig, TaskEntry
 
     config = RunConfig(name=name, model=model, tasks=[TaskEntry(name=k, spec=f"demo:{k}") for k in ("sentiment", "topic")])
     return zip_bytes({f"{name}/config.yaml": config.to_yaml().encode(), f"{name}/manifest.json": b'{"stages": {}}'})

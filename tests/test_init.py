@@ -1,4 +1,4 @@
-"""Tests for LoRA initialization (:mod:`osrm_core.init`): OSRM subspaces against naive float64
+"""Tests for LoRA initialization (:mod:`osrm_core.inits`): OSRM subspaces against naive float64
 references and Ky Fan's bound, and ``init_lora`` for every method."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from conftest import TINY_TARGETS
 from osrm_core.batching import iter_batches
 from osrm_core.demo import demo_tasks
 from osrm_core.diagnostics import quadratic_trace, summed_interference
-from osrm_core.init import (
+from osrm_core.inits import (
     INIT_METHODS,
     init_lora,
     osrm_gen_subspace,
@@ -286,7 +286,7 @@ def test_mismatched_layers_between_tasks(tiny_stats) -> None:
 
 def test_init_lora_rejects(make_tiny_model, tiny_stats) -> None:
     with pytest.raises(
-        ValueError, match="method 'lora-ga' is unknown: allowed are standard, osrm, osrm_mean"
+        ValueError, match="unknown init 'lora-ga'; allowed: standard, osrm, osrm_mean"
     ):
         init_lora(make_tiny_model(), "lora-ga")
     with pytest.raises(ValueError, match="method 'osrm' needs subspaces, or other_stats"):

@@ -70,7 +70,7 @@ def test_find_target_layers_on_tiny_bert(tiny_model) -> None:
 
 
 def test_find_target_layers_through_peft(make_tiny_model) -> None:
-    from osrm_core.init import init_lora
+    from osrm_core.inits import init_lora
 
     peft_model = init_lora(make_tiny_model(seed=5), "standard", rank=2)
     base = peft_model.get_base_model()

@@ -1,4 +1,4 @@
-"""Tests of osrm_core.runs: the end-to-end experiment on a tiny saved model, its run directory,
+"""Tests of osrm_core.pipeline, settings and rundir: the end-to-end experiment on a tiny saved model, its run directory,
 and resuming: an interrupted or partly deleted run gives the same results as one straight run."""
 
 from __future__ import annotations
@@ -12,15 +12,9 @@ import pytest
 import yaml
 
 from osrm_core.data import Split, TaskData
-from osrm_core.runs import (
-    ConfigError,
-    MergeSettings,
-    RunConfig,
-    RunDir,
-    TaskEntry,
-    TrainSettings,
-    run_experiment,
-)
+from osrm_core.pipeline import run_experiment
+from osrm_core.rundir import RunDir
+from osrm_core.settings import ConfigError, MergeSettings, RunConfig, TaskEntry, TrainSettings
 from osrm_core.stats import FeatureStats
 
 TASKS = ("sentiment", "topic")
@@ -187,7 +181,7 @@ def test_missing_result_files_are_written_again(reference_run, tiny_model_dir, t
 def test_a_finished_run_does_no_work_again(reference_run, tiny_model_dir, tiny_tasks_2, tmp_path, monkeypatch) -> None:
     import osrm_core.evaluate
     import osrm_core.models
-    import osrm_core.runs
+    import osrm_core.pipeline
 
     reference, summary, _ = reference_run
     out = tmp_path / "again"
@@ -197,9 +191,9 @@ def test_a_finished_run_does_no_work_again(reference_run, tiny_model_dir, tiny_t
         raise AssertionError("a finished run must not compute anything again")
 
     for module, name in (
-        (osrm_core.runs, "finetune"),
-        (osrm_core.runs, "collect_feature_stats"),
-        (osrm_core.runs, "init_lora"),
+        (osrm_core.pipeline, "finetune"),
+        (osrm_core.pipeline, "collect_feature_stats"),
+        (osrm_core.pipeline, "init_lora"),
         (osrm_core.models, "load_base_model"),
         (osrm_core.evaluate, "SweepEngine"),
     ):
@@ -229,6 +223,7 @@ def test_run_config_validation(tiny_model_dir, tmp_path) -> None:
         ({"merge": {"lambdas": [0.0]}}, "lambdas"),
         ({"train": {"steps": 0}}, "train.steps"),
         ({"bogus": 1}, "bogus"),
+        ({"train": {"constraint": "project"}}, "constraint 'project' keeps A in the OSRM subspace, which init 'standard'"),
     ]
     for change, match in cases:
         with pytest.raises(ConfigError, match=match):
@@ -259,3 +254,22 @@ def test_a_task_with_more_labels_than_the_saved_head(tiny_model_dir, tiny_tasks_
     )
     summary = run_experiment(config, tmp_path / "three", tasks=[tiny_tasks_2[0], three])
     assert set(summary["results"]["standard"]["single"]) == {"sentiment", "three"}
+
+
+def test_freeze_A_applies_to_every_init(tiny_model_dir, tiny_tasks_2, tmp_path) -> None:
+    """A frozen random A (LoRA-FA) is a control of the study: the constraint is not dropped for
+    inits without a subspace, and the saved A equals the initial one."""
+    from osrm_core.adapters import read_adapter_dir
+    from osrm_core.pipeline import Pipeline
+
+    config = tiny_config(tiny_model_dir, inits=["standard"], train=TrainSettings(
+        steps=5, batch_size=8, lr=5e-2, warmup_ratio=0.0, constraint="freeze_A"))
+    pipeline = Pipeline(config, tmp_path / "run", tasks=tiny_tasks_2)
+    pipeline.train_adapters()
+    pipeline.write_inits()
+    for task in TASKS:
+        trained = read_adapter_dir(pipeline.run.adapter_path("standard", task))
+        initial = read_adapter_dir(pipeline.run.path / "init" / "standard" / task)
+        for name, layer in trained.layers.items():
+            np.testing.assert_array_equal(layer.A.numpy(), initial.layers[name].A.numpy())
+            assert layer.B.abs().sum() > 0

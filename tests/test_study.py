@@ -12,9 +12,10 @@ import pandas as pd
 import pytest
 from test_pipeline import TASKS, _word_task, tiny_config
 
-from osrm_core.runs import RunDir
+from osrm_core.rundir import RunDir
 from osrm_core.study import (
     StudyConfig,
+    VariantSpec,
     curve_metrics,
     find_studies,
     load_study_tables,
@@ -54,6 +55,22 @@ def test_variants_cover_the_grid_once(tiny_model_dir) -> None:
     assert {v["a_lr_scale"] for v in vs if v["init"] == "osrm"} == {1.0, 3.0}
     assert all(v["seed"] == 0 for v in vs if v["group"] != "main")
     assert all(v["constraint"] == "none" for v in vs if v["init"] == "standard")
+
+
+def test_extra_variants_run_with_every_seed(tiny_model_dir) -> None:
+    study = tiny_study(tiny_model_dir).model_copy(update={"variants": [
+        VariantSpec(init="standard", constraint="freeze_A", rank=4, lr=0.1),
+        VariantSpec(init="osrm", constraint="freeze_A", rank=4)]})
+    extra = [v for v in variants(study) if v["group"] == "main" and v["rank"] == 4]
+    assert sorted((v["init"], v["constraint"], v["lr"], v["seed"]) for v in extra) == [
+        ("osrm", "freeze_A", 5e-2, 0), ("osrm", "freeze_A", 5e-2, 1),
+        ("standard", "freeze_A", 0.1, 0), ("standard", "freeze_A", 0.1, 1)]
+    config = variant_config(study, extra[0])
+    assert (config.rank, config.train.constraint) == (4, "freeze_A")
+    names = [variant_name(v, study.base.train.lr) for v in extra]
+    assert "standard-freeze_A-n12-r4-a1-lr0.1-s0" in names and "osrm-freeze_A-n12-r4-a1-s0" in names
+    with pytest.raises(ValueError, match="unknown constraint 'frozen'"):
+        VariantSpec(init="standard", constraint="frozen")
 
 
 def test_ablations_run_for_the_chosen_inits_and_methods(tiny_model_dir) -> None:
@@ -118,7 +135,7 @@ def test_study_writes_report_and_tables(study_dir) -> None:
     assert set(tables["q4_samples"]["method"]) == {"task_arithmetic"}
     sweep = RunDir(study_dir / "runs" / "osrm-none-n6-r2-a1-s0").read_csv("sweep_osrm.csv")
     assert set(sweep["method"]) == {"task_arithmetic"}
-    assert list((study_dir / "figures").glob("curve_*.html"))
+    assert (study_dir / "figures" / "curves.html").read_text().count("plotly-graph-div") >= 2
     assert find_studies(study_dir) == [study_dir]
 
 
@@ -146,7 +163,7 @@ def test_report_states_the_wall_time_of_all_invocations(study_dir) -> None:
 
 def test_freeze_a_keeps_osrm_subspace(study_dir) -> None:
     """With A frozen the trained adapter's A is still the OSRM init."""
-    from osrm_core.init import osrm_subspace
+    from osrm_core.inits import osrm_subspace
 
     run = RunDir(study_dir / "runs" / "osrm-freeze_A-n12-r2-a1-s0")
     stats = run.load_stats()
@@ -158,7 +175,7 @@ def test_freeze_a_keeps_osrm_subspace(study_dir) -> None:
 
 
 def test_variants_with_equal_statistics_settings_share_them(study_dir, tiny_model_dir) -> None:
-    from osrm_core.runs import Pipeline
+    from osrm_core.pipeline import Pipeline
 
     first, second = (RunDir(study_dir / "runs" / n) for n in ("standard-none-n12-r2-a1-s0", "osrm-none-n12-r2-a1-s0"))
     for task in TASKS:
@@ -176,7 +193,7 @@ def test_pairwise_losses_are_measured(study_dir) -> None:
 
 
 def test_resumed_study_does_no_work(study_dir, tiny_model_dir, monkeypatch) -> None:
-    import osrm_core.runs as runs
+    import osrm_core.pipeline as runs
 
     def fail(*a, **k):
         raise AssertionError("a finished study must not train again")
@@ -192,6 +209,8 @@ def test_resumed_study_does_no_work(study_dir, tiny_model_dir, monkeypatch) -> N
         ("base: [", "not valid YAML"),
         ("inits: [standard]\n", "base"),
         ("base: {tasks: [{name: a, spec: demo:sentiment}, {name: b, spec: demo:topic}]}\ninits: [bogus]\n", "unknown init 'bogus'"),
+        ("base: {tasks: [{name: a, spec: demo:sentiment}, {name: b, spec: demo:topic}]}\ninits: []\n",
+         "at least one init in inits or one entry in variants"),
     ],
 )
 def test_cli_study_bad_config_exits_2(tmp_path, content, message) -> None:

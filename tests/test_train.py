@@ -14,12 +14,14 @@ from torch.testing import assert_close
 from osrm_core.adapters import lora_from_model
 from osrm_core.batching import iter_batches
 from osrm_core.data import Split, TaskData
-from osrm_core.init import init_lora
-from osrm_core.train import TrainConfig, adapter_of, finetune, save_adapter
+from osrm_core.inits import init_lora
+from osrm_core.settings import TrainSettings
+from osrm_core.train import adapter_of, finetune, save_adapter
 
 RANK = 2
 #: Settings under which the tiny random BERT learns the easy task in a fraction of a second.
-FAST = dict(steps=40, batch_size=8, lr=5e-2, max_length=16, warmup_ratio=0.0)
+FAST = dict(steps=40, batch_size=8, lr=5e-2, warmup_ratio=0.0)
+MAX_LENGTH = 16
 
 _WORDS = {0: ["awful", "terrible", "bad", "horrible"], 1: ["great", "excellent", "good", "wonderful"]}
 
@@ -56,7 +58,7 @@ def test_finetune_lowers_the_loss(make_tiny_model, tokenizer, easy_task) -> None
     model = init_lora(make_tiny_model(), "standard", rank=RANK, alpha=4)
     before = _full_loss(model, tokenizer, easy_task.train)
     steps = []
-    result = finetune(model, tokenizer, easy_task, TrainConfig(**FAST),
+    result = finetune(model, tokenizer, easy_task, TrainSettings(**FAST), max_length=MAX_LENGTH,
                       progress=lambda s, t, m: steps.append((s, t)))
     after = _full_loss(model, tokenizer, easy_task.train)
     assert after < 0.5 * before
@@ -67,11 +69,11 @@ def test_finetune_lowers_the_loss(make_tiny_model, tokenizer, easy_task) -> None
 
 
 def test_same_seed_same_adapter_and_score(make_tiny_model, tokenizer, easy_task) -> None:
-    config = TrainConfig(**{**FAST, "steps": 10}, seed=3)
+    config = TrainSettings(**{**FAST, "steps": 10})
     runs = []
     for _ in range(2):
         model = init_lora(make_tiny_model(), "standard", rank=RANK, alpha=4, seed=1)
-        result = finetune(model, tokenizer, easy_task, config)
+        result = finetune(model, tokenizer, easy_task, config, max_length=MAX_LENGTH, seed=3)
         runs.append((adapter_of(model), result))
     (a1, r1), (a2, r2) = runs
     for name in a1.layers:
@@ -82,7 +84,7 @@ def test_same_seed_same_adapter_and_score(make_tiny_model, tokenizer, easy_task)
     assert r1.losses == r2.losses and r1.test_score == r2.test_score
     # Another seed takes another path.
     model = init_lora(make_tiny_model(), "standard", rank=RANK, alpha=4, seed=1)
-    r3 = finetune(model, tokenizer, easy_task, TrainConfig(**{**FAST, "steps": 10}, seed=4))
+    r3 = finetune(model, tokenizer, easy_task, TrainSettings(**{**FAST, "steps": 10}), max_length=MAX_LENGTH, seed=4)
     assert r3.losses != r1.losses
 
 
@@ -90,7 +92,7 @@ def test_saved_adapter_loads_with_plain_peft(make_tiny_model, tokenizer, easy_ta
     from peft import PeftModel
 
     model = init_lora(make_tiny_model(), "standard", rank=RANK, alpha=4)
-    finetune(model, tokenizer, easy_task, TrainConfig(**{**FAST, "steps": 10}))
+    finetune(model, tokenizer, easy_task, TrainSettings(**{**FAST, "steps": 10}), max_length=MAX_LENGTH)
     out = save_adapter(adapter_of(model), tmp_path / "easy")
     assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
     config = json.loads((out / "adapter_config.json").read_text())
@@ -106,7 +108,7 @@ def test_saved_adapter_loads_with_plain_peft(make_tiny_model, tokenizer, easy_ta
 def test_freeze_a_leaves_a_unchanged(make_tiny_model, tokenizer, easy_task) -> None:
     model = init_lora(make_tiny_model(), "standard", rank=RANK, alpha=4)
     a0 = _a(model)
-    finetune(model, tokenizer, easy_task, TrainConfig(**{**FAST, "steps": 10}, constraint="freeze_A"))
+    finetune(model, tokenizer, easy_task, TrainSettings(**{**FAST, "steps": 10}, constraint="freeze_A"), max_length=MAX_LENGTH)
     after = lora_from_model(model)
     for name, lw in after.layers.items():
         assert torch.equal(lw.A, a0[name])
@@ -119,7 +121,7 @@ def test_project_keeps_a_in_the_subspace(make_tiny_model, tokenizer, easy_task, 
     model = init_lora(make_tiny_model(), "osrm", rank=RANK, alpha=4,
                       subspaces={n: u[:RANK] for n, u in subspaces.items()})
     a0 = _a(model)
-    finetune(model, tokenizer, easy_task, TrainConfig(**{**FAST, "steps": 10}, constraint="project"),
+    finetune(model, tokenizer, easy_task, TrainSettings(**{**FAST, "steps": 10}, constraint="project"), max_length=MAX_LENGTH,
              subspaces=subspaces)
     for name, a in _a(model).items():
         u = subspaces[name]
@@ -130,11 +132,11 @@ def test_project_keeps_a_in_the_subspace(make_tiny_model, tokenizer, easy_task, 
 def test_project_and_penalty_need_their_inputs(make_tiny_model, tokenizer, easy_task) -> None:
     model = init_lora(make_tiny_model(), "standard", rank=RANK, alpha=4)
     with pytest.raises(ValueError, match="subspaces"):
-        finetune(model, tokenizer, easy_task, TrainConfig(steps=1, constraint="project"))
+        finetune(model, tokenizer, easy_task, TrainSettings(steps=1, constraint="project"))
     with pytest.raises(ValueError, match="penalty_moments"):
-        finetune(model, tokenizer, easy_task, TrainConfig(steps=1, constraint="penalty"))
+        finetune(model, tokenizer, easy_task, TrainSettings(steps=1, constraint="penalty"))
     with pytest.raises(ValueError, match="no LoRA layers"):
-        finetune(make_tiny_model(), tokenizer, easy_task, TrainConfig(steps=1))
+        finetune(make_tiny_model(), tokenizer, easy_task, TrainSettings(steps=1))
 
 
 def test_penalty_lowers_the_energy_in_the_others_subspace(
@@ -154,7 +156,7 @@ def test_penalty_lowers_the_energy_in_the_others_subspace(
         model = init_lora(make_tiny_model(), "standard", rank=RANK, alpha=4)
         start = energy(model)
         finetune(model, tokenizer, easy_task,
-                 TrainConfig(**{**FAST, "steps": 20}, constraint=constraint, penalty_beta=1.0),
+                 TrainSettings(**{**FAST, "steps": 20}, constraint=constraint, penalty_beta=1.0), max_length=MAX_LENGTH,
                  penalty_moments=moments)
         results[constraint] = energy(model)
     assert results["penalty"] < 0.5 * results["none"]
@@ -172,14 +174,13 @@ def test_penalty_lowers_the_energy_in_the_others_subspace(
         ("weight_decay", -1.0),
         ("warmup_ratio", 1.0),
         ("max_grad_norm", 0.0),
-        ("max_length", 1),
         ("penalty_beta", -1e-3),
         ("constraint", "orthogonal"),
     ],
 )
 def test_train_config_rejects(field, value) -> None:
     with pytest.raises(ValueError, match=field):
-        TrainConfig(**{field: value})
+        TrainSettings(**{field: value})
 
 
 def test_pissa_adapter_reproduces_the_model_on_the_original_base(
@@ -194,7 +195,7 @@ def test_pissa_adapter_reproduces_the_model_on_the_original_base(
     name = TINY_TARGETS[0]
     # PiSSA moved the principal part of W0 into the adapter: the base weight is a residual now.
     assert not torch.allclose(base.get_submodule(name).base_layer.weight, original.get_submodule(name).weight)
-    finetune(model, tokenizer, easy_task, TrainConfig(**{**FAST, "steps": 10}))
+    finetune(model, tokenizer, easy_task, TrainSettings(**{**FAST, "steps": 10}), max_length=MAX_LENGTH)
 
     saved = adapter_of(model, initial)
     assert saved.layers[name].rank == 2 * RANK

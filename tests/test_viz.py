@@ -7,7 +7,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import pytest
 
-from osrm_core import viz
+from osrm_core import toy, viz
 
 TASKS = ["a", "b", "c"]
 LAYERS = [f"bert.encoder.layer.{i}.attention.self.{k}" for i in range(2) for k in ("query", "value")]
@@ -298,28 +298,28 @@ def test_energy_kept_and_layer_ratio_figures():
 
 
 def test_toy_osrm_direction_avoids_the_other_task():
-    moments = viz.toy_moments(2, angle_deg=90, spread=0.1, dim=2)
-    A = viz.toy_adapters(moments, target=1, rank=1, seed=0)
+    moments = toy.toy_moments(2, angle_deg=90, spread=0.1, dim=2)
+    A = toy.toy_adapters(moments, target=1, rank=1, seed=0)
     # Task 0 lies along x; OSRM for task 1 reads along y, where task 0 has std 0.1.
     np.testing.assert_allclose(np.abs(A["osrm"]), [[0.0, 1.0]], atol=1e-12)
-    osrm = viz.toy_interference(A["osrm"], moments)
-    rand = viz.toy_interference(A["standard"], moments)
+    osrm = toy.toy_interference(A["osrm"], moments)
+    rand = toy.toy_interference(A["standard"], moments)
     assert osrm[0] == pytest.approx(0.1) and osrm[0] <= rand[0]
     np.testing.assert_allclose(A["standard"] @ A["standard"].T, [[1.0]])
-    table = viz.toy_table(A, moments, ["t1", "t2"], target=1)
+    table = toy.toy_table(A, moments, ["t1", "t2"], target=1)
     assert table.loc[1, "other tasks"] == pytest.approx(0.1)
     with pytest.raises(ValueError, match="rank"):
-        viz.toy_adapters(moments, 0, rank=2)
+        toy.toy_adapters(moments, 0, rank=2)
     with pytest.raises(ValueError, match="dim"):
-        viz.toy_moments(2, 30, 0.2, dim=4)
+        toy.toy_moments(2, 30, 0.2, dim=4)
 
 
 @pytest.mark.parametrize(("dim", "rank"), [(2, 1), (3, 1), (3, 2)])
 def test_toy_figure_2d_and_3d(dim, rank):
-    moments = viz.toy_moments(3, 45, 0.3, dim)
-    clouds = dict(zip(["t1", "t2", "t3"], viz.toy_samples(moments, n=20, seed=0)))
+    moments = toy.toy_moments(3, 45, 0.3, dim)
+    clouds = dict(zip(["t1", "t2", "t3"], toy.toy_samples(moments, n=20, seed=0)))
     assert all(c.shape == (20, dim) for c in clouds.values())
-    A = viz.toy_adapters(moments, 2, rank)
+    A = toy.toy_adapters(moments, 2, rank)
     fig = viz.toy_figure(clouds, {"standard A": A["standard"], "OSRM A": A["osrm"]})
     types = [t.type for t in fig.data]
     if dim == 2:

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import MergeMethod, MergeParams, check_real
+from .base import MergeMethod, MergeParams, ParamSpec, check_real
 from .dare import DareLinear, DareTies
 from .factor import low_rank_factors, stack_lora_factors
 from .knots import KnotsTA, KnotsTies
@@ -38,6 +38,8 @@ __all__ = [
     "MERGE_METHODS",
     "MergeMethod",
     "MergeParams",
+    "ParamSpec",
+    "all_param_specs",
     "get_merge_method",
     "low_rank_factors",
     "merge_deltas",
@@ -49,6 +51,16 @@ MERGE_METHODS: dict[str, type[MergeMethod]] = {
     cls.name: cls
     for cls in (TaskArithmetic, Ties, DareLinear, DareTies, RegMean, KnotsTA, KnotsTies)
 }
+
+
+def all_param_specs() -> dict[str, ParamSpec]:
+    """Every parameter of the registered methods, by name (methods that share one, e.g.
+    ``density``, share its flag on the command line and its widget)."""
+    out: dict[str, ParamSpec] = {}
+    for cls in MERGE_METHODS.values():
+        for spec in cls.param_specs():
+            out.setdefault(spec.name, spec)
+    return out
 
 
 def get_merge_method(name: str, **params: Any) -> MergeMethod:

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import math
 import numbers
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -55,12 +56,26 @@ def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
     return value
 
 
+@dataclass(frozen=True)
+class ParamSpec:
+    """One parameter of a merge method: ``choices`` for a string option, ``range`` (low, high)
+    for a number (from the field's ``metadata["range"]``)."""
+
+    name: str
+    default: Any
+    help: str
+    choices: tuple[str, ...] | None = None
+    range: tuple[float, float] | None = None
+
+
 @dataclass
 class MergeParams:
     """Parameters of a merge method (none here).
 
-    Subclasses add dataclass fields with a default and ``metadata={"help": ...}`` and check
-    them in ``__post_init__`` (calling ``super().__post_init__()``).
+    Subclasses add dataclass fields with a default and ``metadata={"help": ..., "range": (low,
+    high)}`` (a ``Literal`` type for string options) and check them in ``__post_init__``
+    (calling ``super().__post_init__()``); the command line, the config and the app's widgets
+    are built from them (:meth:`MergeMethod.param_specs`).
     """
 
     def __post_init__(self) -> None:
@@ -113,9 +128,15 @@ class MergeMethod:
         self.params = self.params_type(**params)
 
     @classmethod
-    def param_help(cls) -> dict[str, tuple[Any, str]]:
-        """Map each parameter name to ``(default, help text)``, e.g. to build widgets."""
-        return {f.name: (f.default, f.metadata.get("help", "")) for f in fields(cls.params_type)}
+    def param_specs(cls) -> list[ParamSpec]:
+        """The method's parameters with default, help, and choices or range: what the command
+        line's flags, the config's sweep grid and the app's widgets are built from."""
+        hints = typing.get_type_hints(cls.params_type)
+        out = []
+        for f in fields(cls.params_type):
+            choices = typing.get_args(hints[f.name]) if typing.get_origin(hints[f.name]) is Literal else None
+            out.append(ParamSpec(f.name, f.default, f.metadata.get("help", ""), choices, f.metadata.get("range")))
+        return out
 
     def __repr__(self) -> str:
         args = ", ".join(f"{f.name}={getattr(self.params, f.name)!r}" for f in fields(self.params))

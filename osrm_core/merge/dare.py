@@ -32,7 +32,8 @@ class DareParams(MergeParams):
         default=0.5,
         metadata={
             "help": "probability of keeping each entry, in (0, 1]; kept entries are divided by "
-            "it (drop rate p = 1 - density)"
+            "it (drop rate p = 1 - density)",
+            "range": (0.01, 1.0),
         },
     )
 

@@ -37,7 +37,8 @@ class RegMeanParams(MergeParams):
         default=0.9,
         metadata={
             "help": "scale of the off-diagonal Gram entries, in [0, 1]: 1 is exact RegMean, "
-            "0 keeps only the diagonal (a per-input-feature weighted mean)"
+            "0 keeps only the diagonal (a per-input-feature weighted mean)",
+            "range": (0.0, 1.0),
         },
     )
 

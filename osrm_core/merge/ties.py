@@ -36,7 +36,8 @@ class TiesParams(MergeParams):
         default=0.5,
         metadata={
             "help": "fraction of each task's entries kept, the largest in magnitude, in (0, 1]; "
-            "0.5 by default because LoRA deltas are low-rank and dense"
+            "0.5 by default because LoRA deltas are low-rank and dense",
+            "range": (0.01, 1.0),
         },
     )
     majority_sign_method: SignMethod = field(

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from osrm_core.evaluate import SweepEngine
-from osrm_core.runs import Pipeline, RunDir
+from osrm_core.pipeline import Pipeline
+from osrm_core.rundir import RunDir
 from osrm_core.study import StudyConfig, variant_config, variant_name, variants
 
 LAMBDAS = [1.0, 1.5, 2.0, 3.0, 4.0]
@@ -27,9 +27,7 @@ def main(study_dir: Path) -> pd.DataFrame:
     for v in (v for v in variants(study) if v["group"] == "main"):
         run = RunDir(study_dir / "runs" / variant_name(v))
         pipeline = Pipeline(variant_config(study, v), run.path)
-        model, tok = pipeline.base_model()
-        engine = SweepEngine(model, tok, pipeline.tasks(), run.load_adapters(v["init"]),
-                             max_test=study.base.max_test, max_length=study.base.max_length)
+        engine = pipeline.sweep_engine(v["init"])
         df = engine.sweep(METHODS, LAMBDAS, densities=study.base.merge.densities, stats=run.load_stats(),
                           seed=v["seed"])
         curve = df.groupby(["method", "lambda"]).agg(normalized=("normalized", "mean"), merged=("score", "mean"))

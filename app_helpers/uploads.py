@@ -1,0 +1,170 @@
+"""Uploaded files: zips of runs and adapters, task files, sample texts, and zips to download."""
+
+from __future__ import annotations
+
+import io
+import re
+import tempfile
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from osrm_core.adapters import Adapter, load_adapter
+from osrm_core.data import DataError, Split, TaskData, from_dataframes
+
+
+def zip_directory(path: str | Path) -> bytes:
+    """A zip (bytes) of every file under ``path``, with paths relative to its parent."""
+    path = Path(path)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for f in sorted(path.rglob("*")):
+            if f.is_file() and not f.name.endswith(".tmp"):
+                zf.write(f, f.relative_to(path.parent).as_posix())
+    return buf.getvalue()
+
+
+def safe_name(text: str, default: str = "task") -> str:
+    """``text`` reduced to letters, digits, ``_`` and ``-`` (a valid task or file name)."""
+    name = re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_")
+    return name or default
+
+
+def save_task_dir(task: TaskData, directory: str | Path) -> Path:
+    """Write a task as ``train.csv``/``test.csv`` (columns text[, text_pair], label as names)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for split_name, split in (("train", task.train), ("test", task.test)):
+        df = pd.DataFrame({"text": split.text})
+        if split.text_pair is not None:
+            df["text_pair"] = split.text_pair
+        df["label"] = [task.label_names[int(y)] for y in split.label]
+        df.to_csv(directory / f"{split_name}.csv", index=False)
+    return directory
+
+
+def text_task(name: str, texts: Sequence[str], labels: Sequence | None = None) -> TaskData:
+    """A task made of sample texts, for statistics (and for a sweep when ``labels`` are given).
+
+    The texts serve as both splits. Without labels, placeholder labels are set: such a task is
+    only good for feature statistics.
+    """
+    texts = [str(t) for t in texts]
+    keep = [i for i, t in enumerate(texts) if t.strip()]
+    if len(keep) < 2:
+        raise DataError(f"task {name!r}: give at least 2 sample texts")
+    texts = [texts[i] for i in keep]
+    if labels is None:
+        y = np.arange(len(texts)) % 2
+        split = Split(texts, y)
+        return TaskData(name, split, split, ["unlabelled_a", "unlabelled_b"], source="sample texts")
+    labels = [labels[i] for i in keep]
+    df = pd.DataFrame({"text": texts, "label": labels})
+    return from_dataframes(name, df, df.copy(), text="text", label="label")
+
+
+def read_uploaded_adapters(
+    files: Sequence, model, loose_name: str = "adapter"
+) -> tuple[dict[str, Adapter], list[str]]:
+    """Read uploaded PEFT LoRA adapters with :func:`osrm_core.adapters.load_adapter` (zip
+    checks, safetensors only, config validated, every tensor checked against ``model``).
+
+    Parameters
+    ----------
+    files : sequence of uploaded files (``.name`` and ``.getvalue()``)
+        A ``.zip`` of an adapter folder per adapter, or one loose pair of
+        ``adapter_config.json`` + ``adapter_model.safetensors``.
+    model : nn.Module
+        The base model the adapters must fit.
+    loose_name : str
+        Name of the adapter given as a loose pair.
+
+    Returns
+    -------
+    (adapters, errors)
+        Adapters by name, and one message per upload that could not be used.
+    """
+    adapters: dict[str, Adapter] = {}
+    errors: list[str] = []
+    loose: dict[str, list[bytes]] = {}
+
+    def add(name: str, adapter: Adapter) -> None:
+        key, n = safe_name(name, "adapter"), 2
+        while key in adapters:
+            key, n = f"{safe_name(name, 'adapter')}_{n}", n + 1
+        adapters[key] = adapter
+
+    for f in files:
+        name = f.name
+        lower = name.lower()
+        if lower.endswith(".zip"):
+            try:
+                # A private folder, removed at once: the upload is a file only while it is read.
+                with tempfile.TemporaryDirectory(prefix="osrm-upload-") as tmp:
+                    path = Path(tmp) / "upload.zip"
+                    path.write_bytes(f.getvalue())
+                    add(Path(name).stem, load_adapter(path, model, name=name))
+            except (ValueError, OSError) as err:
+                errors.append(str(err))
+        elif lower in ("adapter_config.json", "adapter_model.safetensors"):
+            loose.setdefault(lower, []).append(f.getvalue())
+        else:
+            errors.append(
+                f"{name}: not an adapter file; upload a .zip of a PEFT adapter folder, or "
+                "adapter_config.json together with adapter_model.safetensors"
+            )
+    if loose:
+        if any(len(v) > 1 for v in loose.values()):
+            errors.append(
+                "several adapter_config.json or adapter_model.safetensors: upload each further adapter as a zip"
+            )
+        elif len(loose) < 2:
+            missing = {"adapter_config.json", "adapter_model.safetensors"} - set(loose)
+            errors.append(
+                f"{next(iter(loose))} needs {missing.pop()} beside it (or upload the adapter as a zip)"
+            )
+        else:
+            try:
+                with tempfile.TemporaryDirectory(prefix="osrm-upload-") as tmp:
+                    for fname, (data,) in loose.items():
+                        (Path(tmp) / fname).write_bytes(data)
+                    add(loose_name, load_adapter(tmp, model, name=loose_name))
+            except (ValueError, OSError) as err:
+                errors.append(str(err))
+    return adapters, errors
+
+
+def uploads_signature(files: Sequence, *extra: str) -> str:
+    """A digest of uploaded files (names and bytes) and extra strings, to key session caches."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        h.update(hashlib.sha256(f.getvalue()).digest())
+    for e in extra:
+        h.update(b"\x00" + e.encode())
+    return h.hexdigest()
+
+
+def adapter_zip(adapter: Adapter, name: str) -> bytes:
+    """A zip of ``adapter`` written as a PEFT adapter folder ``name/``."""
+    from osrm_core.adapters import write_adapter
+
+    with tempfile.TemporaryDirectory(prefix="osrm-out-") as tmp:
+        folder = Path(tmp) / safe_name(name, "adapter")
+        write_adapter(folder, adapter.layers, adapter.config, head=adapter.head)
+        return zip_directory(folder)
+
+
+def merged_adapter_zip(adapters: dict[str, Adapter], name: str, method: str, **options) -> bytes:
+    """A zip of the merged adapter folder ``name/`` that
+    :func:`osrm_core.workflows.build_merged_adapter` writes (``options``: ``lam``, ``stats``,
+    the method's parameters)."""
+    from osrm_core.workflows import build_merged_adapter
+
+    with tempfile.TemporaryDirectory(prefix="osrm-out-") as tmp:
+        return zip_directory(build_merged_adapter(adapters, Path(tmp) / safe_name(name, "merged"), method, **options))

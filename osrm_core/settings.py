@@ -1,0 +1,196 @@
+"""The settings schema: what a run asks for, validated at the edge (YAML or a dict).
+
+``RunConfig`` is written as ``config.yaml`` by the app and the command line alike;
+``TrainSettings`` is the one model of the fine-tuning settings (:func:`osrm_core.train.finetune`
+takes it as it is); ``MergeSettings`` the merge sweep. Every problem is one
+:class:`ConfigError` line naming the field.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from osrm_core.constraints import CONSTRAINTS, check_constraint, get_constraint
+from osrm_core.inits import get_init
+
+DEFAULT_LAMBDAS = [round(0.1 * i, 1) for i in range(1, 11)]
+
+class ConfigError(ValueError):
+    """The run configuration is invalid; the message names the field."""
+
+
+def read_yaml(path: str | Path, what: str) -> tuple[object, str]:
+    """The parsed YAML of ``path`` and its file name (for messages); ConfigError if unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} {str(path)!r} does not exist")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8")), path.name
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path.name}: not valid YAML ({str(err).splitlines()[0]})") from None
+
+
+def validate_settings(cls: type[BaseModel], data, where: str):
+    """``cls.model_validate(data)`` with the first problem as a one-line ConfigError naming the field."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: must be a mapping of settings")
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        e = err.errors()[0]
+        loc = ".".join(str(x) for x in e["loc"]) or "config"
+        raise ConfigError(f"{where}: {loc}: {e['msg']}") from None
+
+
+class TaskEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(description="task name, used in file names")
+    spec: str = Field(description="demo:KEY, a CSV/JSONL file, a folder with train/test, or hf:DATASET")
+    text: str = "text"
+    label: str = "label"
+    text_pair: str | None = None
+
+
+
+class TrainSettings(BaseModel):
+    """Fine-tuning settings (the ``train:`` section of a run config).
+
+    ``lr`` is the learning rate of the LoRA matrices, ``head_lr`` that of the classification
+    head (default ``lr``), ``a_lr_scale`` multiplies ``lr`` for the A matrices (makes up for a
+    low-energy subspace); ``constraint`` keeps A in its subspace during training and
+    ``penalty_beta`` weighs the ``penalty`` constraint.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    steps: int = Field(200, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(5e-4, gt=0)
+    head_lr: float | None = Field(None, gt=0)
+    a_lr_scale: float = Field(1.0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.06, ge=0, lt=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    constraint: str = Field("none", description="training constraint: " + ", ".join(CONSTRAINTS))
+    penalty_beta: float = Field(1e-3, ge=0)
+    eval_batch_size: int = Field(64, ge=1)
+
+    @field_validator("constraint")
+    @classmethod
+    def _constraint(cls, v: str) -> str:
+        return get_constraint(v).name
+
+
+class MergeSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    methods: list[str] = Field(default_factory=lambda: ["task_arithmetic", "ties"])
+    lambdas: list[float] = Field(default_factory=lambda: list(DEFAULT_LAMBDAS))
+    densities: list[float] = Field(default_factory=lambda: [0.5])
+
+    @field_validator("methods")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        from osrm_core.merge import MERGE_METHODS
+
+        for m in v:
+            if m not in MERGE_METHODS:
+                raise ValueError(f"unknown merge method {m!r}; known: {', '.join(MERGE_METHODS)}")
+        if not v:
+            raise ValueError("at least one merge method is needed")
+        return v
+
+    @field_validator("lambdas", "densities")
+    @classmethod
+    def _grid(cls, v: list[float], info) -> list[float]:
+        high = 10 if info.field_name == "lambdas" else 1
+        if not v or any(not 0 < x <= high for x in v):
+            raise ValueError(f"{info.field_name} must be a non-empty list of numbers in (0, {high}]")
+        return v
+
+
+STATS_SETTINGS = ("model", "tasks", "samples", "max_length", "seed", "target_modules", "stats_dtype",
+                  "layers_per_pass")
+
+
+class RunConfig(BaseModel):
+    """A whole experiment; written as ``config.yaml`` (the app and the command line share it)."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = "run"
+    model: str | None = Field(None, description="Hugging Face id or local path; None: packaged MiniLM")
+    tasks: list[TaskEntry]
+    rank: int = Field(8, ge=1)
+    alpha: float = Field(16, gt=0)
+    target_modules: list[str] | None = None
+    samples: int = Field(100, ge=1, description="examples per task for the feature statistics")
+    max_length: int = Field(128, ge=2)
+    max_test: int | None = Field(None, ge=1)
+    inits: list[str] = Field(default_factory=lambda: ["standard", "osrm"])
+    a_scale: float = Field(1.0, gt=0)
+    osrm_weighting: Literal["equal", "tokens"] = "equal"
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    merge: MergeSettings = Field(default_factory=MergeSettings)
+    seed: int = 0
+    device: str = "cpu"
+    device_map: str | None = Field(
+        None, description="'auto' spreads a model too large for one device over all of them"
+    )
+    stats_dtype: Literal["float64", "float32"] = Field(
+        "float64", description="accumulation dtype of the feature statistics (float32 halves their memory)"
+    )
+    layers_per_pass: int | None = Field(
+        None, ge=1, description="collect statistics this many layer inputs per pass, each written to disk when done"
+    )
+
+    @field_validator("inits")
+    @classmethod
+    def _inits(cls, v: list[str]) -> list[str]:
+        for m in v:
+            get_init(m)
+        if not v:
+            raise ValueError("at least one init is needed")
+        return v
+
+    @model_validator(mode="after")
+    def _tasks(self) -> RunConfig:
+        names = [t.name for t in self.tasks]
+        if len(names) < 2:
+            raise ValueError("at least two tasks are needed to merge")
+        if len(set(names)) != len(names):
+            raise ValueError(f"task names must be unique, got {names}")
+        check_constraint(self.train.constraint, self.inits)
+        return self
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> RunConfig:
+        return cls.validate_dict(*read_yaml(path, "config file"))
+
+    @classmethod
+    def validate_dict(cls, data, where: str = "config") -> RunConfig:
+        return validate_settings(cls, data, where)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def stats_key(self) -> str:
+        """The settings the feature statistics depend on: runs with equal keys collect equal ones."""
+        return json.dumps(self.model_dump(mode="json", include=set(STATS_SETTINGS)), sort_keys=True)
+
+
+def demo_config(quick: bool = False) -> RunConfig:
+    """The embedded default: packaged MiniLM and the four built-in demo tasks."""
+    from osrm_core.demo import DEMO_TASKS
+
+    tasks = [TaskEntry(name=k, spec=f"demo:{k}") for k in DEMO_TASKS]
+    if quick:
+        name, samples, max_length, steps = "demo-quick", 64, 48, 80
+        merge = MergeSettings(methods=["task_arithmetic", "ties"], lambdas=[0.3, 0.5, 0.7, 1.0])
+    else:
+        name, samples, max_length, steps = "demo", 100, 64, 200
+        merge = MergeSettings(methods=["task_arithmetic", "ties", "dare_linear", "regmean", "knots_ta"])
+    return RunConfig(name=name, tasks=tasks, samples=samples, max_length=max_length, max_test=200,
+                     train=TrainSettings(steps=steps, batch_size=16, lr=2e-3, head_lr=1e-2), merge=merge)

@@ -1,0 +1,142 @@
+"""Eigenspectra figures: eigenvalues per task and layer input, cumulative energy, effective rank."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+from .common import _finish, _task_colors, _unique
+
+
+def _desc(values) -> np.ndarray:
+    v = np.asarray(values, dtype=np.float64).ravel()
+    return np.sort(v)[::-1]
+
+
+def eigenspectrum_figure(
+    spectra: Mapping[str, np.ndarray], rank: int | None = None, *, title: str = ""
+) -> go.Figure:
+    """Eigenvalues (descending, log scale) of one or more second moments.
+
+    Parameters
+    ----------
+    spectra : mapping of name to array of shape (d,)
+        Eigenvalues in any order (sorted here, largest first).
+    rank : int, optional
+        Mark the ``rank`` smallest eigenvalues: the directions OSRM gives an adapter whose
+        *other* tasks have this spectrum.
+    """
+    fig = go.Figure()
+    colors = _task_colors(list(spectra))
+    floor = None
+    for name, values in spectra.items():
+        lam = _desc(values)
+        if lam.size == 0:
+            continue
+        tiny = max(float(lam.max()), 1e-300) * 1e-16
+        floor = tiny if floor is None else min(floor, tiny)
+        y = np.clip(lam, tiny, None)
+        x = np.arange(1, lam.size + 1)
+        fig.add_trace(
+            go.Scatter(
+                x=x,
+                y=y,
+                mode="lines",
+                name=name,
+                legendgroup=name,
+                line=dict(color=colors[name]),
+                customdata=lam,
+                hovertemplate=f"{name}<br>k = %{{x}}<br>eigenvalue = %{{customdata:.4g}}<extra></extra>",
+            )
+        )
+        if rank:
+            r = min(int(rank), lam.size)
+            fig.add_trace(
+                go.Scatter(
+                    x=x[-r:],
+                    y=y[-r:],
+                    mode="markers",
+                    name=f"{name}: {r} smallest",
+                    legendgroup=name,
+                    showlegend=False,
+                    marker=dict(color=colors[name], size=7, symbol="diamond"),
+                    customdata=lam[-r:],
+                    hovertemplate=(
+                        f"{name}, OSRM direction<br>k = %{{x}}<br>eigenvalue = %{{customdata:.4g}}<extra></extra>"
+                    ),
+                )
+            )
+    if rank and fig.data:
+        d = max(len(t.x) for t in fig.data)
+        r = min(int(rank), d)
+        fig.add_vrect(
+            x0=d - r + 0.5,
+            x1=d + 0.5,
+            fillcolor="#EF553B",
+            opacity=0.12,
+            line_width=0,
+            annotation_text=f"{r} smallest (OSRM)",
+            annotation_position="top left",
+        )
+    fig.update_yaxes(type="log", title="eigenvalue (log scale)", exponentformat="power")
+    fig.update_xaxes(title="index k (largest first)")
+    return _finish(fig, title)
+
+
+def cumulative_energy_figure(
+    spectra: Mapping[str, np.ndarray], levels: Sequence[float] = (0.9, 0.99), *, title: str = ""
+) -> go.Figure:
+    """Share of the trace in the top-k eigenvalues against k, with reference levels."""
+    fig = go.Figure()
+    colors = _task_colors(list(spectra))
+    for name, values in spectra.items():
+        lam = np.clip(_desc(values), 0, None)
+        if lam.size == 0:
+            continue
+        cum = np.cumsum(lam) / max(lam.sum(), np.finfo(float).tiny)
+        fig.add_trace(
+            go.Scatter(
+                x=np.arange(1, lam.size + 1),
+                y=cum,
+                mode="lines",
+                name=name,
+                line=dict(color=colors[name]),
+                hovertemplate=f"{name}<br>top %{{x}} directions<br>energy share = %{{y:.3f}}<extra></extra>",
+            )
+        )
+    for level in levels:
+        fig.add_hline(y=level, line_dash="dot", line_color="grey", annotation_text=f"{level:.0%}")
+    fig.update_yaxes(title="cumulative energy share", range=[0, 1.02])
+    fig.update_xaxes(title="number of top directions k", type="log")
+    return _finish(fig, title)
+
+
+def effective_rank_heatmap(table: pd.DataFrame, *, title: str = "") -> go.Figure:
+    """Heatmap of the effective rank, layers (rows) by tasks (columns).
+
+    ``table`` has columns ``task, layer, effective_rank`` (``layer`` a label, in row order).
+    """
+    for col in ("task", "layer", "effective_rank"):
+        if col not in table.columns:
+            raise ValueError(f"table needs a column {col!r}; columns are {list(table.columns)}")
+    layers, tasks = _unique(table["layer"]), _unique(table["task"])
+    m = table.pivot_table(index="layer", columns="task", values="effective_rank", aggfunc="mean")
+    m = m.reindex(index=layers, columns=tasks)
+    fig = go.Figure(
+        go.Heatmap(
+            z=m.to_numpy(),
+            x=tasks,
+            y=layers,
+            colorscale="Viridis",
+            colorbar=dict(title="eff. rank"),
+            text=np.round(m.to_numpy(), 1),
+            texttemplate="%{text}",
+            hovertemplate="task %{x}<br>layer %{y}<br>effective rank %{z:.2f}<extra></extra>",
+        )
+    )
+    fig.update_yaxes(autorange="reversed", title="layer")
+    fig.update_xaxes(title="task", side="top")
+    return _finish(fig, title, height=max(300, 40 * len(layers) + 120))
