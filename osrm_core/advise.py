@@ -151,6 +151,9 @@ class Advice:
         Into the pooled samples of each task (see :func:`split_samples`).
     merged : dict of layer to tensor (d_out, d_in)
         The recommended merge's ``Delta_W``.
+    layers : DataFrame
+        Per-layer verdicts (:func:`osrm_core.diagnostics.layer_verdicts`) from the statistics of
+        the validation share; :func:`layer_notes` says them in words.
     """
 
     names: list[str]
@@ -164,6 +167,7 @@ class Advice:
     shares: dict[str, dict[str, list[int]]] = field(repr=False)
     settings: dict = field(default_factory=dict)
     merged: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    layers: pd.DataFrame = field(default_factory=pd.DataFrame, repr=False)
 
     def to_dict(self) -> dict:
         def records(df: pd.DataFrame) -> list[dict]:
@@ -179,6 +183,8 @@ class Advice:
             "evaluations": self.evaluations,
             "seconds": round(self.seconds, 2),
             "shares": self.shares,
+            "layers": records(self.layers),
+            "layer_notes": layer_notes(self.layers) if len(self.layers) else [],
             "settings": self.settings,
         }
 
@@ -189,6 +195,59 @@ def weights_label(weights: Sequence[float]) -> str:
 
 def _method_label(method: str, density: float | None) -> str:
     return method + ("" if density is None or pd.isna(density) else f" (density {density:g})")
+
+
+# --------------------------------------------------------------------------- per-layer verdicts
+
+
+def adapter_layer_verdicts(model, adapters: dict[str, Adapter], stats: dict) -> pd.DataFrame:
+    """:func:`osrm_core.diagnostics.layer_verdicts` of the adapters against their tasks' statistics."""
+    from osrm_core.diagnostics import interference_table, layer_verdicts, posthoc_osrm_adapters
+    from osrm_core.models import weight_as_linear
+
+    layers = sorted(next(iter(adapters.values())).layers)
+    w0 = {n: weight_as_linear(model.get_submodule(n)).detach() for n in layers}
+    projected, kept = posthoc_osrm_adapters(adapters, stats)
+    table = pd.concat(
+        [interference_table(adapters, stats, w0).assign(init="uploaded"),
+         interference_table(projected, stats, w0).assign(init="posthoc_osrm")],
+        ignore_index=True,
+    )
+    return layer_verdicts(table, kept)
+
+
+def layer_notes(verdicts: pd.DataFrame) -> list[str]:
+    """One plain sentence per layer group (the adapted layers of one block), ranked by the
+    interference they carry, from :func:`osrm_core.diagnostics.layer_verdicts`."""
+    from osrm_core.viz.common import short_layer
+
+    block = verdicts["layer"].map(lambda n: short_layer(n).split(".")[0])
+    notes = []
+    for name, part in verdicts.groupby(block, sort=False):
+        total, own = float(part["cross_shift"].sum()), float(part["own_shift"].sum())
+        removed = 1 - float(part["cross_shift_posthoc"].sum()) / total if total > 0 else 0.0
+        kept = float(part["kept_by_posthoc"].mean())
+        top = part.iloc[0]  # verdicts come most interference first
+        layers = ", ".join(short_layer(n).split(".")[-1] for n in part["layer"])
+        if own <= 0:
+            notes.append((total, f"{name} ({layers}): the adapters do not change this block."))
+            continue
+        if total / own < 0.05:
+            verdict = "little to fix here"
+        elif removed >= 0.5 and kept >= 0.5:
+            verdict = "projecting is worth it here"
+        elif removed >= 0.5:
+            verdict = "it would remove the interference but also most of what the adapters learned here"
+        else:
+            verdict = "projection would not help much here"
+        notes.append((total, (
+            f"{name} ({layers}): the other tasks' adapters shift each task's outputs by {total:.2%} of their "
+            f"energy in all ({total / own:.2f}x the wanted change), mostly {top['top_adapter']} on "
+            f"{top['top_data']} ({top['top_share']:.0%} at {short_layer(top['layer'])}); post-hoc OSRM would "
+            f"remove {removed:.0%} of it and keep {kept:.0%} of the adapters' ΔW: {verdict}."
+        )))
+    ranked = sorted(notes, key=lambda x: -x[0])
+    return [f"{k}. {text}" for k, (_, text) in enumerate(ranked, start=1)]
 
 
 # --------------------------------------------------------------------------- search
@@ -320,15 +379,14 @@ def advise(
         held_tasks.append(h)
         shares[n] = idx
     layers = sorted(adapters[names[0]].layers)
+    on_stage("per-layer verdicts")
+    from osrm_core.workflows import task_stats
+
+    stats = task_stats(model, tokenizer, val_tasks, samples=None, max_length=max_length, target_modules=layers)
+    verdicts = adapter_layer_verdicts(model, adapters, stats)
     grams = None
     if any(get_merge_method(m).needs_gram for m in methods):
-        from osrm_core.stats import collect_feature_stats
-
-        grams = []
-        for t in val_tasks:
-            stats = collect_feature_stats(model, tokenizer, t, target_modules=layers, max_samples=None,
-                                          max_length=max_length)
-            grams.append({layer: stats.layers[layer].gram for layer in layers})
+        grams = [{layer: stats[n].layers[layer].gram for layer in layers} for n in names]
     plan = []
     for method in methods:
         for density in densities if get_merge_method(method).uses_density else [None]:
@@ -425,7 +483,7 @@ def advise(
     return Advice(
         names=names, candidates=table, summary=summary, single=single_df, recommended=recommended,
         reason=_reason(summary, chosen), evaluations=done["n"], seconds=time.perf_counter() - start_time,
-        shares=shares, merged=merged,
+        shares=shares, merged=merged, layers=verdicts,
         settings={"methods": list(methods), "lambdas": [float(x) for x in lambdas],
                   "densities": [float(x) for x in densities], "budget": budget, "refine": refine,
                   "holdout": holdout, "max_samples": max_samples, "max_length": max_length, "seed": seed},
@@ -493,6 +551,11 @@ def advice_markdown(advice: Advice) -> str:
         "tasks, with a 95% interval (Wilson per task for accuracy, bootstrap otherwise); `normalized`",
         "divides by each adapter alone. `validation` is the search objective.", "",
         _md(table), "", "## Single-task scores", "", _md(single), "",
+        "## Interference per layer", "",
+        "Exact, from the statistics of the validation texts; ranked by the summed relative output",
+        "shift of every adapter on the other tasks' inputs.", "",
+        *[f"{note}  " for note in layer_notes(advice.layers)], "",
+        _md(advice.layers), "",
     ]
     return "\n".join(lines)
 

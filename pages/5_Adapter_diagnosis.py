@@ -26,9 +26,10 @@ from app_helpers import (
     uploads_signature,
 )
 from osrm_core.adapters import num_labels_of
-from osrm_core.advise import ADVISE_LAMBDAS, advise
+from osrm_core.advise import ADVISE_LAMBDAS, advise, layer_notes
 from osrm_core.data import MAX_DATA_BYTES, DataError, read_table
 from osrm_core.demo import DEMO_TASKS, demo_task
+from osrm_core.diagnostics import layer_verdicts
 from osrm_core.merge import MERGE_METHODS
 from osrm_core.settings import ConfigError
 from osrm_core.viz import (
@@ -304,6 +305,19 @@ for i, n in enumerate(names):
         on_click="ignore",
     )
 
+# --------------------------------------------------------------------------- per-layer verdicts
+
+st.subheader("Per-layer verdicts")
+st.caption(
+    "Per block, ranked: how much the adapters shift the other tasks' outputs (exact, from the "
+    "statistics), which adapter on which task dominates, and what post-hoc OSRM would remove at "
+    "what cost in ΔW."
+)
+verdicts = layer_verdicts(result["interference"], result["posthoc"])
+st.markdown("\n".join(f"{note}" for note in layer_notes(verdicts)))
+with st.expander("Per-layer table"):
+    show_table(verdicts, "layer_verdicts", "diag_verdicts_table")
+
 # --------------------------------------------------------------------------- merge advice
 
 
@@ -343,7 +357,7 @@ if st.button("Get merge advice", key="diag_advise_button", type="primary"):
             )
         tasks = [text_task(n, texts[n], labels[n]) for n in names]
         with st.status("Searching ...", expanded=True) as status:
-            progress, on_stage = progress_callbacks(status, n_stages=5)
+            progress, on_stage = progress_callbacks(status, n_stages=6)
             search_model, _ = fresh_model(model_name)  # the search writes merged weights in place
             advice = advise(
                 search_model, tokenizer, adapters, tasks, methods=methods, lambdas=lambdas, budget=int(budget),

@@ -166,3 +166,44 @@ def test_cli_advise_on_plain_peft_adapters(peft_files, tiny_model_dir, tmp_path)
     assert json.loads((tmp_path / "adv" / "advice.json").read_text())["reason"] == payload["reason"]
     bad = subprocess.run([*args, "--budget", "-3"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error:") and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_layer_verdicts_sum_rank_and_name_the_dominant_pair() -> None:
+    from osrm_core.diagnostics import layer_verdicts
+
+    rows = []
+    # layer "x.1.q": b on a carries 3 of 4 units of cross shift; layer "x.0.q": 1 unit in all.
+    for layer, ab, ba, after in (("x.0.q", 0.5, 0.5, 0.1), ("x.1.q", 3.0, 1.0, 3.0)):
+        for init in ("uploaded", "posthoc_osrm"):
+            for adapter, data, shift in (("a", "a", 2.0), ("b", "b", 2.0), ("a", "b", ba), ("b", "a", ab)):
+                if init == "posthoc_osrm" and adapter != data:
+                    shift = after / 2
+                rows.append({"layer": layer, "adapter": adapter, "data": data, "input_energy": 4.0 * shift,
+                             "relative_shift": shift, "init": init})
+    kept = pd.DataFrame({"adapter": ["a", "b"] * 2, "layer": ["x.0.q"] * 2 + ["x.1.q"] * 2,
+                         "energy_kept": [0.8, 0.6, 0.2, 0.4]})
+    v = layer_verdicts(pd.DataFrame(rows), kept)
+    assert list(v["layer"]) == ["x.1.q", "x.0.q"] and list(v["rank"]) == [1, 2]
+    top = v.iloc[0]
+    assert top["cross_shift"] == pytest.approx(4.0) and top["own_shift"] == pytest.approx(4.0)
+    assert (top["top_adapter"], top["top_data"], top["top_share"]) == ("b", "a", pytest.approx(0.75))
+    assert top["top_input_norm"] == pytest.approx(np.sqrt(12.0))
+    assert top["removed_by_posthoc"] == pytest.approx(0.25) and top["kept_by_posthoc"] == pytest.approx(0.3)
+    low = v.iloc[1]
+    assert low["removed_by_posthoc"] == pytest.approx(0.9) and low["kept_by_posthoc"] == pytest.approx(0.7)
+    with pytest.raises(ValueError, match="interference needs columns"):
+        layer_verdicts(pd.DataFrame(rows).drop(columns="init"), kept)
+
+    from osrm_core.advise import layer_notes
+
+    notes = layer_notes(v)
+    assert notes[0].startswith("1. L1 (q):") and "mostly b on a (75% at L1.q)" in notes[0]
+    assert "remove 90% of it and keep 70%" in notes[1] and notes[1].endswith("projecting is worth it here.")
+
+
+def test_advice_has_a_verdict_per_layer(advised) -> None:
+    advice = advised["advice"]
+    assert len(advice.layers) == 4 and set(advice.layers["rank"]) == {1, 2, 3, 4}
+    saved = json.loads((advised["out"] / "advice.json").read_text())
+    assert len(saved["layer_notes"]) == 2 and saved["layer_notes"][0].startswith("1. L")
+    assert "## Interference per layer" in (advised["out"] / "advice.md").read_text()
