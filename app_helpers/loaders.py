@@ -54,6 +54,17 @@ def sweep_table(run: RunDir) -> pd.DataFrame | None:
     return pd.concat(frames, ignore_index=True) if frames else None
 
 
+def drift_table(run: RunDir) -> pd.DataFrame | None:
+    """Every ``adapters/<init>/<task>/drift.csv`` of the run (interference during fine-tuning),
+    with columns ``init`` and ``adapter`` added; None when there are none."""
+    frames = []
+    for p in sorted((run.path / "adapters").glob("*/*/drift.csv")):
+        df = _read_csv(str(p), _mtime(p))
+        if not df.empty:
+            frames.append(df.assign(init=p.parent.parent.name, adapter=p.parent.name))
+    return pd.concat(frames, ignore_index=True) if frames else None
+
+
 def run_summary(run: RunDir) -> dict | None:
     """The run's summary.json, or one built from the sweep tables present so far."""
     summary = run.summary()

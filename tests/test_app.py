@@ -307,6 +307,15 @@ def test_interference_layer_select_changes_the_heatmaps(small_run):
     own = figure(at, "int_own_chart")
     assert own["layout"]["yaxis"]["type"] == "log"
     assert len([t for t in own["data"]]) == 2 * len(SMALL_TASKS)
+    # Interference during fine-tuning: per adapter, its energy on every task's inputs.
+    drift = figure(at, "int_drift_chart")
+    assert len(drift["data"]) == len(SMALL_TASKS) ** 2
+    assert sum(t["line"]["dash"] == "solid" for t in drift["data"]) == len(SMALL_TASKS)
+    box = at.selectbox(key="int_drift_init")
+    assert set(box.options) == {"standard", "osrm"}
+    box.set_value(next(o for o in box.options if o != box.value)).run()
+    assert_clean(at)
+    assert figure(at, "int_drift_chart")["data"][0]["y"] != drift["data"][0]["y"]
 
 
 def test_angles_page_layer_and_statistic(small_run):
