@@ -8,6 +8,7 @@ from osrm_core.archive import ArchiveError
 
 from .loaders import (
     base_model,
+    drift_table,
     fresh_model,
     real_model_comparison,
     rest_spectrum,
@@ -64,6 +65,7 @@ __all__ = [
     "adapter_zip",
     "base_model",
     "close_run",
+    "drift_table",
     "column_picker",
     "current_run",
     "download",

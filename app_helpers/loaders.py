@@ -15,7 +15,13 @@ import pandas as pd
 import streamlit as st
 
 from osrm_core.pipeline import build_summary
-from osrm_core.runcheck import RunFileError, is_run_file, read_result_table, validate_run_dir
+from osrm_core.runcheck import (
+    RunFileError,
+    is_run_file,
+    read_csv_checked,
+    read_result_table,
+    validate_run_dir,
+)
 from osrm_core.rundir import RunDir
 from osrm_core.settings import ConfigError
 from osrm_core.viz import group_label
@@ -78,6 +84,26 @@ def sweep_table(run: RunDir) -> pd.DataFrame | None:
         df = result_table(run, p.name)
         if not df.empty:
             frames.append(df)
+    return pd.concat(frames, ignore_index=True) if frames else None
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def _drift_csv(path: str, rel: str, mtime: float) -> pd.DataFrame:
+    return read_csv_checked(path, rel)
+
+
+def drift_table(run: RunDir) -> pd.DataFrame | None:
+    """Every ``adapters/<init>/<task>/drift.csv`` of the run (interference during fine-tuning),
+    with columns ``init`` and ``adapter`` added; None when there are none. A damaged file ends
+    the page with an error that names it."""
+    frames = []
+    for p in sorted((run.path / "adapters").glob("*/*/drift.csv")):
+        try:
+            df = _drift_csv(str(p), str(p.relative_to(run.path)), _mtime(p)).copy()
+        except RunFileError as err:
+            stop_on_damage(err)
+        if not df.empty:
+            frames.append(df.assign(init=p.parent.parent.name, adapter=p.parent.name))
     return pd.concat(frames, ignore_index=True) if frames else None
 
 

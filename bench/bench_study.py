@@ -67,11 +67,11 @@ def study_row(ctx: Context) -> Row:
         for k in range(pairs):
             order = [("one_process", 1), ("jobs2", 2)]
             for side, jobs in order if k % 2 == 0 else order[::-1]:
-                ctx.log(f"7 study, {side}")
+                ctx.log(f"8 study, {side}")
                 samples[side].append(_run(config, Path(tmp) / f"{side}-{k}", jobs))
     variants = len(inits) * len(seeds)
     return Row(
-        "7",
+        "8",
         "study: 1 process x 2 threads / --jobs 2 (wall time)",
         paired_ratio(samples["one_process"], samples["jobs2"]),
         ">=",
@@ -82,13 +82,13 @@ def study_row(ctx: Context) -> Row:
         detail=(f"osrm study on 2 cores: {variants} variants ({', '.join(inits)} x seeds {seeds}), default MiniLM, "
                 f"demo sentiment + topic, {steps} steps, rank 8, 32 test examples, task arithmetic at 2 lambdas; "
                 "whole command (start-up, statistics, report) timed"),
-        command=ctx.cmd("7"),
+        command=ctx.cmd("8"),
         samples=rounded(samples, 2),
     )
 
 
 def run(ctx: Context, items: set[str]) -> list[Row]:
-    if "7" not in items:
+    if "8" not in items:
         return []
-    ctx.log("7 study in two processes")
+    ctx.log("8 study in two processes")
     return [study_row(ctx)]

@@ -32,7 +32,8 @@ ITEMS = {
     "4": ["4a", "4b"],
     "5": ["5"],
     "6": ["6"],
-    "7": ["7"],
+    "7": ["7a", "7b"],
+    "8": ["8"],
 }
 ALL = [i for parts in ITEMS.values() for i in parts]
 #: The module that measures each item (item 6 runs on a GPU: bench/gpu.sh).
@@ -42,7 +43,8 @@ MODULES = {
     "bench_train": ["3", "3b"],
     "bench_memory": ["4a", "4b"],
     "bench_app": ["5"],
-    "bench_study": ["7"],
+    "bench_advise": ["7a", "7b"],
+    "bench_study": ["8"],
 }
 
 
@@ -99,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON to PATH")
     parser.add_argument(
-        "--items", help="comma-separated items: 1..7 or 1a,1b,2b,2c,3,3b,4a,4b,5,6,7 (default all)"
+        "--items", help="comma-separated items: 1..8 or 1a,1b,2b,2c,3,3b,4a,4b,5,6,7a,7b,8 (default all)"
     )
     parser.add_argument(
         "--repeats", type=int, default=3, help="repeats of each measurement (>= 3; default 3)"

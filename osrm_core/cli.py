@@ -12,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+from osrm_core.advise import ADVISE_DENSITIES, ADVISE_LAMBDAS
 from osrm_core.constraints import CONSTRAINTS
 from osrm_core.data import METRICS, DataError
 from osrm_core.inits import INITS
@@ -27,6 +28,7 @@ EXAMPLES = """examples:
   osrm merge --adapter a=runs/mine/adapters/osrm/a --adapter b=runs/mine/adapters/osrm/b \\
       --method ties --lambda 0.7 --out merged/
   osrm diagnose --adapter a=adA.zip --adapter b=adB/ --task a=a.csv --task b=b.csv --json
+  osrm advise --adapter a=adA/ --adapter b=adB/ --task a=a.csv --task b=b.csv --out advice/
 """
 
 
@@ -338,6 +340,25 @@ def cmd_diagnose(args) -> None:
     _emit(args, payload, "\n".join(text))
 
 
+def cmd_advise(args) -> None:
+    from osrm_core.advise import advise, write_advice
+    from osrm_core.workflows import load_base_for
+
+    if not args.out:
+        raise UsageError("--out DIR is required (the advice and the recommended adapter go there)")
+    adapters = _load_adapters(args)
+    model, tok = load_base_for(adapters, args.model)
+    advice = advise(model, tok, adapters, _load_tasks(args), methods=args.methods, lambdas=args.lambdas,
+                    densities=args.densities, budget=args.budget, holdout=args.holdout,
+                    max_samples=args.samples, max_length=args.max_length, seed=args.seed,
+                    progress=_progress_bar(), on_stage=lambda s: print(s, file=sys.stderr))
+    out = write_advice(advice, adapters, args.out)
+    cols = ["method", "density", "weights", "validation", "score", "low", "high", "normalized"]
+    text = [advice.summary.sort_values("score", ascending=False)[cols].to_string(index=False, float_format="%.3f"),
+            "", f"recommended: {advice.reason}", f"advice and adapter: {out}"]
+    _emit(args, {"out": str(out), **advice.to_dict()}, "\n".join(text))
+
+
 def cmd_study(args) -> None:
     from osrm_core.study import StudyConfig, quick_study_config, run_study
 
@@ -462,6 +483,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--posthoc-rank", type=int, default=None,
                    help="rank of the post-hoc OSRM subspaces (default: each adapter's own rank)")
     p.set_defaults(func=cmd_diagnose)
+
+    p = sub.add_parser("advise", help="search method, lambda, density and per-adapter weights; write the advised adapter")
+    common(p, adapters=True, lora_rank=False)
+    p.add_argument("--methods", nargs="+", default=["task_arithmetic", "ties"])
+    p.add_argument("--lambdas", nargs="+", type=float, default=list(ADVISE_LAMBDAS))
+    p.add_argument("--densities", nargs="+", type=float, default=list(ADVISE_DENSITIES))
+    p.add_argument("--budget", type=int, default=40, help="validation evaluations for the per-adapter weights")
+    p.add_argument("--holdout", type=float, default=0.5, help="share of each task's samples held out from the search")
+    # --samples: sample texts used per task (a seeded subset of the task's examples).
+    p.set_defaults(func=cmd_advise)
 
     p = sub.add_parser("study", help="the evidence study: inits x constraints x seeds x ablations, with a report")
     p.add_argument("config", nargs="?", default=None, help="study YAML (base run config + what to vary)")

@@ -293,3 +293,57 @@ def posthoc_osrm_adapters(
         projected[name], table = posthoc_osrm(adapter, osrm_subspace(others, r))
         kept.append(table.assign(adapter=name))
     return projected, pd.concat(kept, ignore_index=True)
+
+
+def layer_verdicts(interference: pd.DataFrame, kept: pd.DataFrame) -> pd.DataFrame:
+    """Per layer: how much the adapters interfere with the other tasks, which pair dominates,
+    and what post-hoc OSRM would remove at what cost.
+
+    Parameters
+    ----------
+    interference : DataFrame
+        :func:`interference_table` rows (with ``relative_shift``) of the adapters as they are,
+        and of their post-hoc OSRM projections, told apart by a column ``init``
+        (``uploaded`` / ``posthoc_osrm``), as :func:`osrm_core.workflows.diagnose_adapters` gives.
+    kept : DataFrame
+        ``adapter, layer, energy_kept`` of the projection (:func:`posthoc_osrm_adapters`).
+
+    Returns
+    -------
+    DataFrame, one row per layer, most interference first: ``layer``; ``cross_shift`` (sum over
+    pairs j != i of adapter j's relative output shift ``E||s_j B_j A_j h_i||^2 / E||W0 h_i||^2``
+    on task i's inputs); ``own_shift`` (the same for j == i, the wanted change); ``cross_to_own``;
+    ``top_adapter``, ``top_data``, ``top_share`` (the largest pair and its share of
+    ``cross_shift``); ``top_input_norm`` (that pair's exact RMS ``||A_j h_i||``);
+    ``cross_shift_posthoc`` and ``removed_by_posthoc`` (``1 - after / before``); ``kept_by_posthoc``
+    (mean over adapters of ``||Delta_W A^+ A|| / ||Delta_W||``); ``rank`` (1 = most interference).
+    """
+    need = {"layer", "adapter", "data", "input_energy", "relative_shift", "init"}
+    if not need <= set(interference.columns):
+        raise ValueError(f"interference needs columns {sorted(need)}, got {list(interference.columns)}")
+    rows = []
+    for layer, part in interference.groupby("layer", sort=False):
+        before = part[part["init"] == "uploaded"]
+        cross = before[before["adapter"] != before["data"]]
+        if cross.empty:
+            raise ValueError(f"layer {layer!r}: no pair of different adapter and task to compare")
+        after = part[(part["init"] == "posthoc_osrm") & (part["adapter"] != part["data"])]
+        top = cross.loc[cross["relative_shift"].idxmax()]
+        total = float(cross["relative_shift"].sum())
+        own = float(before.loc[before["adapter"] == before["data"], "relative_shift"].sum())
+        posthoc = float(after["relative_shift"].sum())
+        rows.append({
+            "layer": layer,
+            "cross_shift": total,
+            "own_shift": own,
+            "cross_to_own": total / own if own > 0 else math.nan,
+            "top_adapter": top["adapter"],
+            "top_data": top["data"],
+            "top_share": float(top["relative_shift"]) / total if total > 0 else math.nan,
+            "top_input_norm": math.sqrt(max(float(top["input_energy"]), 0.0)),
+            "cross_shift_posthoc": posthoc,
+            "removed_by_posthoc": 1 - posthoc / total if total > 0 else math.nan,
+            "kept_by_posthoc": float(kept.loc[kept["layer"] == layer, "energy_kept"].mean()),
+        })
+    out = pd.DataFrame(rows).sort_values("cross_shift", ascending=False, kind="stable").reset_index(drop=True)
+    return out.assign(rank=np.arange(1, len(out) + 1))

@@ -267,6 +267,11 @@ class SweepEngine:
                 out[name] = split_score(self.model, te.metric, te.test, te.batches, te.order)
         return out
 
+    def predictions(self, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """Each task's predicted labels on its test examples, on the model as it is now."""
+        return {name: self.predict(name, self.tasks[name].batches, self.tasks[name].order)
+                for name in names or list(self.tasks)}
+
     def predict(self, name: str, batches: list[dict[str, torch.Tensor]], order: np.ndarray) -> np.ndarray:
         """Task ``name``'s predicted labels for ``batches`` (see :func:`tokenize_for_eval`) on the
         model as it is now, with that task's head."""

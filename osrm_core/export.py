@@ -3,6 +3,7 @@ full merged weights. Each task keeps its own classification head, written beside
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -47,6 +48,7 @@ def merge_adapters(
     method: str = "task_arithmetic",
     *,
     lam: float = 1.0,
+    weights: Sequence[float] | None = None,
     stats: dict[str, FeatureStats] | None = None,
     seed: int = 0,
     **params,
@@ -54,7 +56,8 @@ def merge_adapters(
     """Merge the adapters' ``Delta_W`` per layer with a registered merge method.
 
     Adapters may cover different layers: the merge is over the union, each adapter contributing
-    zero where it has no weights.
+    zero where it has no weights. ``weights`` (one per adapter, >= 0) scale each adapter's delta
+    before the merge, as the merge advisor's per-adapter weights do; ``lam`` scales the result.
 
     Returns
     -------
@@ -65,9 +68,15 @@ def merge_adapters(
 
     if len(adapters) < 1:
         raise ValueError("merge_adapters needs at least one adapter")
+    weights = [1.0] * len(adapters) if weights is None else list(weights)
+    if len(weights) != len(adapters) or not all(
+        isinstance(w, int | float) and 0 <= w < float("inf") for w in weights
+    ):
+        raise ValueError(f"weights {weights} must be {len(adapters)} finite numbers >= 0, one per adapter")
     if get_merge_method(method, **params).needs_gram and stats is None:
         raise ValueError(f"merge method {method!r} needs the feature statistics of every task")
     deltas, grams = merge_inputs(adapters, stats)
+    deltas = [{k: w * d for k, d in task.items()} for task, w in zip(deltas, weights, strict=True)]
     return merge_deltas(deltas, method, lam=lam, grams=grams, seed=seed, **params)
 
 

@@ -378,16 +378,18 @@ class Pipeline:
         cfg = self.config
         peft_model, tok, subspaces = self.init_adapter(init, index, task, all_stats)
         initial = adapter_of(peft_model) if get_init(init).moves_base else None
+        stats = all_stats if all_stats is not None else self.all_stats()
         penalty_moments = None
         if get_constraint(cfg.train.constraint).needs_moments:
-            stats = all_stats if all_stats is not None else self.all_stats()
             penalty_moments = rest_moment([s for j, s in enumerate(stats) if j != index])
         result = finetune(peft_model, tok, task, cfg.train, max_length=cfg.max_length, seed=cfg.seed,
                           max_test=cfg.max_test, subspaces=subspaces, penalty_moments=penalty_moments,
-                          progress=self.progress)
+                          drift_stats={t.name: s for t, s in zip(self.tasks(), stats)}, progress=self.progress)
         if is_main_process():
-            save_adapter(adapter_of(peft_model, initial), self.run.adapter_path(init, task.name))
-        return {**result.to_dict(), "init": init, "losses": result.losses[-20:]}
+            out = save_adapter(adapter_of(peft_model, initial), self.run.adapter_path(init, task.name))
+            write_csv(out / "drift.csv", pd.DataFrame(result.drift))
+        summary = {k: v for k, v in result.to_dict().items() if k != "drift"}
+        return {**summary, "init": init, "losses": result.losses[-20:]}
 
     def sweep_engine(self, init: str):
         """A :class:`~osrm_core.evaluate.SweepEngine` on the base model with ``init``'s adapters,

@@ -23,6 +23,7 @@ from osrm_core.data import TaskData
 from osrm_core.evaluate import evaluate_model
 from osrm_core.models import decoder_position_ids
 from osrm_core.settings import TrainSettings
+from osrm_core.stats import FeatureStats
 
 Progress = Callable[[int, int, str], None]
 
@@ -37,6 +38,7 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
     tokens: int = 0
+    drift: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -92,6 +94,8 @@ def finetune(
     max_test: int | None = None,
     subspaces: dict[str, torch.Tensor] | None = None,
     penalty_moments: dict[str, torch.Tensor] | None = None,
+    drift_stats: dict[str, FeatureStats] | None = None,
+    drift_every: int | None = None,
     distributed: bool | None = None,
     progress: Progress | None = None,
 ) -> TrainResult:
@@ -111,6 +115,12 @@ def finetune(
         Needed by ``constraint="project"``: A's rows are kept in this row space.
     penalty_moments : dict of layer to tensor (d_in, d_in), optional
         Needed by ``constraint="penalty"``: the other tasks' second moment per layer.
+    drift_stats : dict of task name to FeatureStats, optional
+        Record, before the first step, every ``drift_every`` steps (default ``steps // 20``,
+        at least 1) and after the last, the adapter's exact energy on each task's inputs
+        summed over layers (``TrainResult.drift``: ``step, data, input_energy``
+        ``= sum_l tr(A S A^T)``, ``output_shift`` ``= sum_l tr(Delta_W S Delta_W^T)``, ``own``):
+        its own-task energy and its interference on the other tasks as it trains.
     distributed : bool, optional
         Data-parallel training through accelerate (DDP: gradients all-reduced). Every process
         draws the same global batch of ``config.batch_size`` examples and takes every
@@ -153,6 +163,9 @@ def finetune(
             f"batch_size={config.batch_size} is smaller than the {info.world} processes: each needs "
             "at least one example per step"
         )
+    if drift_every is not None and (not isinstance(drift_every, int) or drift_every < 1):
+        raise ValueError(f"drift_every={drift_every!r} is not allowed: must be an integer >= 1")
+    every = drift_every or max(1, config.steps // 20)
     constraint = get_constraint(config.constraint)
     active = constraint.prepare(layers, subspaces, penalty_moments)  # checks what it needs first
     device = next(peft_model.parameters()).device
@@ -190,6 +203,8 @@ def finetune(
     batches = training_batches(tokenizer, task.train, config, max_length=max_length, seed=seed)
     result = TrainResult(task.name, task.metric, float("nan"))
     start = time.perf_counter()
+    if drift_stats:
+        result.drift += _drift(peft_model, task.name, drift_stats, 0)
     peft_model.train()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         # Every rank draws the same batches (same numpy seed); dropout differs per rank.
@@ -235,6 +250,8 @@ def finetune(
             active.after_step()
             result.losses.append(logged)
             result.tokens += tokens
+            if drift_stats and ((step + 1) % every == 0 or step + 1 == config.steps):
+                result.drift += _drift(peft_model, task.name, drift_stats, step + 1)
             if progress:
                 progress(step + 1, config.steps, f"fine-tuning {task.name}")
     if accelerator is not None:
@@ -254,6 +271,20 @@ def finetune(
             max_test=max_test,
         )
     return result
+
+
+@torch.no_grad()
+def _drift(peft_model, name: str, stats: dict[str, FeatureStats], step: int) -> list[dict]:
+    """The adapter's energy on every task's inputs now, summed over layers (one row per task)."""
+    from osrm_core.diagnostics import interference_table
+
+    table = interference_table({name: lora_from_model(peft_model)}, stats)
+    sums = table.groupby("data", sort=False)[["input_energy", "output_shift"]].sum()
+    return [
+        {"step": step, "data": data, "input_energy": float(row.input_energy),
+         "output_shift": float(row.output_shift), "own": data == name}
+        for data, row in sums.iterrows()
+    ]
 
 
 def _accelerator(device: torch.device, world: int):

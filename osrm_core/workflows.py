@@ -6,6 +6,8 @@ the command line, the app and notebooks:
   OSRM of uploaded adapters (``osrm diagnose``, the Adapter diagnosis page);
 * :func:`sweep_adapters` — merged scores over a grid on labelled data (``osrm sweep``, the
   page's quick sweep);
+* :func:`osrm_core.advise.advise` — the merge advisor (``osrm advise``, the page's advice):
+  method, lambda, density and per-adapter weights searched on sample texts;
 * :func:`build_merged_adapter` — one PEFT adapter with the merged ``Delta_W`` and every task's
   head under ``heads/`` (``osrm merge``, the page's download);
 * :func:`real_model_comparison` — the Learn page's OSRM-vs-random comparison on the packaged
@@ -228,6 +230,7 @@ def build_merged_adapter(
     method: str = "task_arithmetic",
     *,
     lam: float = 1.0,
+    weights: Sequence[float] | None = None,
     stats: dict[str, FeatureStats] | None = None,
     rank: int | None = None,
     seed: int = 0,
@@ -242,17 +245,18 @@ def build_merged_adapter(
     no ``modules_to_save`` and ``task_type`` null (kept for ``CAUSAL_LM``), so plain
     ``PeftModel.from_pretrained`` loads it on the base model; each task's head is written to
     ``heads/<task>.safetensors``. Methods that need Gram matrices (``needs_gram``) take them
-    from ``stats``. A ``README.md`` model card documents it
+    from ``stats``; ``weights`` (one per adapter, e.g. the merge advisor's) scale each
+    ``Delta_W_i`` before the merge. A ``README.md`` model card documents it
     (:func:`osrm_core.export.write_model_card`, with ``scores`` when measured, see
-    :func:`merge_scores`). Returns the
-    folder and the per-layer factorization table (rank, relative error, see
-    :func:`osrm_core.export.factor_merged`).
+    :func:`merge_scores`). Returns the folder and the per-layer factorization table (rank,
+    relative error, see :func:`osrm_core.export.factor_merged`).
     """
     from osrm_core.export import merge_adapters, write_merged_adapter, write_model_card
 
-    merged = merge_adapters(adapters, method, lam=lam, stats=stats, seed=seed, **params)
+    merged = merge_adapters(adapters, method, lam=lam, weights=weights, stats=stats, seed=seed, **params)
     path, table = write_merged_adapter(out, merged, adapters, rank=rank)
-    write_model_card(path, adapters, method=method, lam=lam, params=params, scores=scores)
+    shown = params if weights is None else {**params, "weights": list(weights)}
+    write_model_card(path, adapters, method=method, lam=lam, params=shown, scores=scores)
     return path, table
 
 

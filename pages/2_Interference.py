@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app_helpers import layer_selector, require_run, result_table, show_figure, show_table
+from app_helpers import drift_table, layer_selector, require_run, result_table, show_figure, show_table
 from osrm_core.viz import (
     INTERFERENCE_VALUES,
     SUM_OVER_LAYERS,
+    drift_figure,
     interference_heatmap,
     interference_view,
     matrix_range,
@@ -89,6 +90,33 @@ else:
             own_energy_figure(own_shown, title="Own-task energy share / random"), "own_energy", "int_own"
         )
         show_table(own_shown, "own_energy", "int_own_table")
+
+st.subheader("During fine-tuning")
+st.markdown(
+    "Each adapter's exact energy on every task's inputs as it trains, from the stored statistics "
+    "(recorded every few steps): its own task (solid) against the others' (dotted). An adapter "
+    "whose dotted curves rise is drifting into the other tasks' subspace."
+)
+drift = drift_table(run)
+if drift is None:
+    st.info("No adapters/<init>/<task>/drift.csv in this run (runs made before this was recorded).")
+else:
+    c1, c2 = st.columns(2)
+    drift_init = c1.selectbox("Init", list(dict.fromkeys(drift["init"])), key="int_drift_init")
+    drift_value = c2.radio(
+        "Value",
+        ["input_energy", "output_shift"],
+        format_func={"input_energy": "input energy tr(A S Aᵀ)", "output_shift": "output shift tr(ΔW S ΔWᵀ)"}.get,
+        horizontal=True,
+        key="int_drift_value",
+    )
+    shown = drift[drift["init"] == drift_init]
+    show_figure(
+        drift_figure(shown, y=drift_value, title=f"Energy on each task's inputs during fine-tuning ({drift_init})"),
+        f"drift_{drift_init}",
+        "int_drift",
+    )
+    show_table(shown, f"drift_{drift_init}", "int_drift_table")
 
 with st.expander("Full interference table"):
     show_table(table, "interference", "int_full")

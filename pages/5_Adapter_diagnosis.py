@@ -1,6 +1,6 @@
 """Diagnose adapters you already have: upload two or more PEFT LoRA adapters and a few texts
-per task, see their interference and angles, project them post hoc onto OSRM subspaces, get a
-suggested merge, and download the merged adapter."""
+per task, see their interference and angles, project them post hoc onto OSRM subspaces, get
+merge advice (method, lambda, per-adapter weights) and download the merged adapter."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from app_helpers import (
     layer_selector,
     merge_param_widgets,
     merged_adapter_zip,
+    progress_callbacks,
     read_hub_adapters,
     read_uploaded_adapters,
     shared_mode,
@@ -27,27 +28,28 @@ from app_helpers import (
     uploads_signature,
 )
 from osrm_core.adapters import num_labels_of, union_layers
-from osrm_core.data import DataError, read_table
+from osrm_core.advise import ADVISE_LAMBDAS, advise, layer_notes
+from osrm_core.data import MAX_DATA_BYTES, DataError, read_table
 from osrm_core.demo import DEMO_TASKS, demo_task
+from osrm_core.diagnostics import layer_verdicts
 from osrm_core.merge import MERGE_METHODS
 from osrm_core.settings import ConfigError
 from osrm_core.viz import (
     INTERFERENCE_VALUES,
     SUM_OVER_LAYERS,
+    advice_figure,
     angle_heatmap,
     angle_matrix,
     energy_kept_figure,
     interference_heatmap,
     interference_view,
     matrix_range,
-    metric_label,
     short_layer,
     sweep_best,
     sweep_curves,
     sweep_figure,
 )
 from osrm_core.workflows import (
-    adapter_rank,
     coverage_table,
     diagnose_adapters,
     is_causal_lm_set,
@@ -60,8 +62,9 @@ st.markdown(
     "Upload LoRA adapters trained on one base model, and a few sample texts of each adapter's "
     "task. The statistics of the texts give the exact interference `E‖A_j h_i‖²` of every "
     "adapter on every task, the principal angles, and the post-hoc OSRM projection "
-    "`B = ΔW A⁺` onto each task's OSRM subspace with the share of `ΔW` it keeps. With labels, a "
-    "quick sweep suggests a merge method and λ. Nothing you upload leaves your session."
+    "`B = ΔW A⁺` onto each task's OSRM subspace with the share of `ΔW` it keeps. With labels, the "
+    "merge advisor recommends a method, λ and a weight per adapter, and builds that merged adapter. "
+    "Nothing you upload leaves your session."
 )
 ss = st.session_state
 
@@ -131,14 +134,21 @@ except ValueError as err:
     st.error(str(err))
     st.stop()
 coverage = coverage_table(adapters).set_index("adapter")
+
+
+def span(values) -> str:
+    low, high = min(values), max(values)
+    return f"{low:g}" if low == high else f"{low:g}–{high:g}"
+
+
 st.dataframe(
     [
         {
             "adapter": n,
-            "rank": adapter_rank(a),
+            "rank": span([lw.rank for lw in a.layers.values()]),
             "layers": len(a.layers),
             "missing layers": coverage.loc[n, "missing"],
-            "scale": next(iter(a.layers.values())).scale,
+            "scale": span([round(lw.scale, 4) for lw in a.layers.values()]),
             "head classes": num_labels_of(a),
         }
         for n, a in adapters.items()
@@ -148,6 +158,18 @@ st.dataframe(
 if (coverage["missing"] != "").any():
     st.caption("The adapters cover different layers: the diagnosis and merges use the union, each adapter "
                "contributing where it has weights (zero elsewhere).")
+with st.expander("Rank and scale of every layer"):
+    show_table(
+        pd.DataFrame(
+            [
+                {"adapter": n, "layer": layer, "rank": lw.rank, "scale": lw.scale}
+                for n, a in adapters.items()
+                for layer, lw in sorted(a.layers.items())
+            ]
+        ),
+        "adapter_layers",
+        "diag_layers_table",
+    )
 
 # --------------------------------------------------------------------------- sample texts
 
@@ -176,7 +198,7 @@ texts: dict[str, list[str]] = {}
 labels: dict[str, list | None] = {}
 for tab, n in zip(st.tabs(names), names):
     with tab:
-        csv = st.file_uploader(f"CSV of {n}", key=f"diag_csv_{n}")
+        csv = st.file_uploader(f"CSV of {n}", key=f"diag_csv_{n}", max_upload_size=MAX_DATA_BYTES >> 20)
         labels[n] = None
         if csv is not None:
             try:
@@ -301,103 +323,186 @@ for i, n in enumerate(names):
         download(f"Projected adapter {n} (zip)", lambda n=n: adapter_zip(result["projected"][n], f"{n}_posthoc_osrm"),
                  f"{n}_posthoc_osrm", "zip", f"diag_proj_dl_{n}")
 
-# --------------------------------------------------------------------------- suggested merge
+# --------------------------------------------------------------------------- per-layer verdicts
+
+st.subheader("Per-layer verdicts")
+st.caption(
+    "Per block, ranked: how much the adapters shift the other tasks' outputs (exact, from the "
+    "statistics), which adapter on which task dominates, and what post-hoc OSRM would remove at "
+    "what cost in ΔW."
+)
+verdicts = layer_verdicts(result["interference"], result["posthoc"])
+st.markdown("\n".join(f"{note}" for note in layer_notes(verdicts)))
+with st.expander("Per-layer table"):
+    show_table(verdicts, "layer_verdicts", "diag_verdicts_table")
+
+# --------------------------------------------------------------------------- merge advice
 
 
-def prefill_merge_form(best: pd.Series) -> None:
-    """Put the suggested merge (a row of the sweep's best points) into the merge form below."""
-    ss["diag_merge_source"] = best["init"]
-    ss["diag_merge_method"] = best["method"]
-    ss["diag_merge_lambda"] = float(best["lambda"])
-    for spec in MERGE_METHODS[best["method"]].param_specs():  # the widgets of merge_param_widgets
-        if spec.name in best and pd.notna(best[spec.name]):
-            ss[f"diag_merge_{spec.name}"] = best[spec.name]
+def numbers(text: str, what: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise DataError(f"{what} {text!r}: give numbers separated by commas") from None
 
 
-ss.setdefault("diag_merge_lambda", 1.0)
+def prefill_merge_form(method: str, lam: float, weights: list[float], params: dict, source: str = "uploaded") -> None:
+    """Put a recommended merge into the merge form below (its widgets are drawn later in this run)."""
+    ss["diag_merge_source"] = source
+    ss["diag_merge_method"] = method
+    ss["diag_merge_lambda"] = float(lam)
+    ss["diag_merge_weights"] = ", ".join(f"{w:g}" for w in weights)
+    for spec in MERGE_METHODS[method].param_specs():  # the widgets of merge_param_widgets
+        if params.get(spec.name) is not None and not pd.isna(params[spec.name]):
+            ss[f"diag_merge_{spec.name}"] = params[spec.name]
 
-st.subheader("Suggested merge")
-unlabelled = [] if causal else [n for n in names if labels.get(n) is None]
-if unlabelled:
-    st.caption(f"A sweep needs labels for every task; without labels: {', '.join(unlabelled)}.")
-elif causal:
-    st.caption("Causal-LM adapters: each task is scored by the mean token loss of its texts (lower is better).")
+
+def loss_sweep(methods: list[str], lambdas: list[float], both: bool) -> None:
+    """Causal-LM adapters: a sweep scored by each task's token loss picks the method and λ."""
+    tasks = [text_task(n, texts[n], None) for n in names]
+    sets = {"uploaded": adapters, **({"posthoc_osrm": result["projected"]} if both else {})}
+    with st.spinner("Sweeping ..."):
+        sweep_model, _ = load_base_for(adapters, model_name)
+        df = pd.concat(
+            [sweep_adapters(sweep_model, tokenizer, chosen, tasks, methods=methods, lambdas=lambdas, stats=stats,
+                            max_length=int(max_length)).assign(init=label) for label, chosen in sets.items()],
+            ignore_index=True,
+        )
+    best = sweep_best(sweep_curves(df), lower_is_better=True).sort_values("normalized")
+    ss["diag_sweep"] = {"key": key, "df": df, "best": best}
+    top = best.iloc[0]
+    prefill_merge_form(top["method"], top["lambda"], [1.0] * len(names), top.to_dict(), source=top["init"])
+
+
+def advise_merge(methods: list[str], lambdas: list[float], budget: int) -> None:
+    """Classifiers: the merge advisor on labelled texts (validation search, held-out report)."""
+    tasks = [text_task(n, texts[n], labels[n]) for n in names]
+    with st.status("Searching ...", expanded=True) as status:
+        progress, on_stage = progress_callbacks(status, n_stages=6)
+        search_model, _ = fresh_model(model_name)  # the search writes merged weights in place
+        advice = advise(
+            search_model, tokenizer, adapters, tasks, methods=methods, lambdas=lambdas, budget=budget,
+            max_length=int(max_length), progress=progress, on_stage=on_stage,
+        )
+        status.update(label=f"Advice ready: {advice.evaluations} evaluations in {advice.seconds:.1f} s",
+                      state="complete")
+    ss["diag_advice"] = {"key": key, "advice": advice}
+    rec = advice.recommended
+    prefill_merge_form(rec["method"], 1.0, rec["weights"], {"density": rec["density"]})
+
+
+st.subheader("Merge advice")
+unlabelled = []
+if causal:
+    st.markdown(
+        "Causal-LM adapters: each task is scored by the mean token loss of its texts (lower is "
+        "better). A sweep over the λ grid picks the method and λ (the advisor's held-out "
+        "intervals need labels); the best point fills the merge form below."
+    )
+else:
+    st.markdown(
+        "The advisor splits each task's labelled texts into a **validation** share, on which it "
+        "searches the merge method, density, λ and then a weight per adapter, and a **held-out** "
+        "share, on which it reports every candidate with a 95% interval. Absolute scores come "
+        "first: a normalized score (merged / single) looks good when the single-task score is "
+        "poor. The recommended settings fill the merge form below."
+    )
+    unlabelled = [n for n in names if labels.get(n) is None]
+    if unlabelled:
+        st.caption(f"Advice needs labels for every task; without labels: {', '.join(unlabelled)}.")
 c1, c2, c3 = st.columns(3)
 methods = c1.multiselect(
     "Methods", list(MERGE_METHODS), default=["task_arithmetic", "ties"], key="diag_methods"
 )
-grid = c2.text_input("Lambda grid", "0.2, 0.4, 0.6, 0.8, 1.0", key="diag_lambdas")
-both = c3.checkbox("Also sweep the post-hoc OSRM adapters", value=True, key="diag_sweep_both")
-if st.button("Run a quick sweep", key="diag_sweep_button"):
+grid = c2.text_input("Lambda grid", ", ".join(f"{x:g}" for x in ADVISE_LAMBDAS), key="diag_lambdas")
+if causal:
+    both = c3.checkbox("Also sweep the post-hoc OSRM adapters", value=True, key="diag_sweep_both")
+else:
+    budget = c3.number_input(
+        "Evaluations for per-adapter weights", 0, 500, 30, step=10, key="diag_budget",
+        help="Each evaluation scores every task's validation texts once",
+    )
+if st.button("Run a loss sweep" if causal else "Get merge advice", key="diag_advise_button", type="primary"):
     try:
-        lambdas = [float(x) for x in grid.split(",") if x.strip()]
+        lambdas = numbers(grid, "lambda grid")
         if unlabelled:
             raise DataError(
-                f"task {unlabelled[0]!r} has no labels: upload a CSV with a label column for every task to sweep"
+                f"task {unlabelled[0]!r} has no labels: upload a CSV with a label column for every task"
             )
         if not methods:
             raise DataError("choose at least one merge method")
-        tasks = []
-        for n in names:
-            task = text_task(n, texts[n], None if causal else labels[n])
-            classes = num_labels_of(adapters[n])
-            if classes is not None and task.num_labels > classes:
-                raise DataError(
-                    f"task {n!r}: labels 0..{task.num_labels - 1} but the adapter's head has {classes} classes"
-                )
-            tasks.append(task)
-        sets = {"uploaded": adapters}
-        if both:
-            sets["posthoc_osrm"] = result["projected"]
-        with st.spinner("Sweeping ..."):
-            sweep_model, _ = load_base_for(adapters, model_name) if causal else fresh_model(model_name)
-            df = pd.concat(
-                [
-                    sweep_adapters(sweep_model, tokenizer, chosen, tasks, methods=methods, lambdas=lambdas,
-                                   stats=stats, max_length=int(max_length)).assign(init=label)
-                    for label, chosen in sets.items()
-                ],
-                ignore_index=True,
-            )
-        lower = metric_label(df)[1]
-        best = sweep_best(sweep_curves(df), lower_is_better=lower).sort_values("normalized", ascending=lower)
-        ss["diag_sweep"] = {"key": key, "df": df, "best": best}
-        prefill_merge_form(best.iloc[0])
+        if causal:
+            loss_sweep(methods, lambdas, both)
+        else:
+            advise_merge(methods, lambdas, int(budget))
     except (DataError, ValueError) as err:
         st.error(str(err))
 sweep = ss.get("diag_sweep")
-if sweep is not None and sweep["key"] == key:
-    df = sweep["df"]
-    show_figure(
-        sweep_figure(df, title="Quick sweep on the sample texts"), "diagnosis_sweep", "diag_sweep_fig"
-    )
-    best = sweep["best"]
-    show_table(best, "diagnosis_sweep_best", "diag_sweep_best")
-    top = best.iloc[0]
+if causal and sweep is not None and sweep["key"] == key:
+    show_figure(sweep_figure(sweep["df"], title="Loss sweep on the sample texts"), "diagnosis_sweep",
+                "diag_sweep_fig")
+    show_table(sweep["best"], "diagnosis_sweep_best", "diag_sweep_best")
+    top = sweep["best"].iloc[0]
     density = "" if pd.isna(top.get("density")) else f", density {top['density']:g}"
     st.success(
         f"Suggested: **{top['method']}** with λ = {top['lambda']:g}{density} on the {top['init']} adapters "
-        f"(normalized score {top['normalized']:.3f} on the sample texts)."
+        f"(merged loss / single loss {top['normalized']:.3f} on the sample texts, averaged over tasks)."
+    )
+advised = ss.get("diag_advice")
+if advised is not None and advised["key"] == key:
+    advice = advised["advice"]
+    summary = advice.summary.assign(recommended=advice.summary["candidate"] == advice.recommended["candidate"])
+    st.success(f"Recommended: {advice.reason}")
+    c1, c2 = st.columns(2)
+    with c1:
+        show_figure(
+            advice_figure(summary, y="score", title="Held-out score (absolute)"), "advice_score", "diag_adv_score"
+        )
+    with c2:
+        show_figure(
+            advice_figure(summary, y="normalized", title="Held-out score / single-task score"),
+            "advice_normalized",
+            "diag_adv_norm",
+        )
+    show_table(
+        summary.sort_values("score", ascending=False)[
+            ["method", "density", "weights", "origin", "validation", "score", "low", "high", "normalized"]
+        ],
+        "advice_candidates",
+        "diag_adv_table",
+    )
+    st.caption(
+        f"{advice.evaluations} evaluations in {advice.seconds:.1f} s. Held-out texts per task: "
+        + ", ".join(f"{n} {len(s['heldout'])}" for n, s in advice.shares.items())
+        + ". Single-task scores (held-out): "
+        + ", ".join(
+            f"{r.task} {r.score:.3f}" for r in advice.single[advice.single["share"] == "heldout"].itertuples()
+        )
     )
 
 # --------------------------------------------------------------------------- merged adapter
 
-st.subheader("Download a merged adapter")
+st.subheader("Build a merged adapter")
 st.caption(
     "One PEFT LoRA adapter with the merged ΔW of every layer (exact: the rank it needs); each "
-    "task's head is written under heads/. Loads with plain `PeftModel.from_pretrained` on the base model."
+    "task's head is written under heads/. Loads with plain `PeftModel.from_pretrained` on the base model. "
+    "Adapter i enters the merge as w_i ΔW_i and λ scales the result."
 )
-c1, c2, c3 = st.columns(3)
+ss.setdefault("diag_merge_lambda", 1.0)
+ss.setdefault("diag_merge_weights", ", ".join(["1"] * len(names)))
+c1, c2, c3, c4 = st.columns(4)
 source = c1.radio("Adapters", ["uploaded", "posthoc_osrm"], format_func=titles.get, key="diag_merge_source")
 method = c2.selectbox("Method", list(MERGE_METHODS), key="diag_merge_method")
 lam = c3.number_input("λ", 0.01, 10.0, step=0.05, key="diag_merge_lambda")
+weights_text = c4.text_input(f"Weights ({', '.join(names)})", key="diag_merge_weights")
 params = merge_param_widgets(method, "diag_merge")
 if st.button("Build the merged adapter", key="diag_merge_button"):
     chosen = adapters if source == "uploaded" else result["projected"]
     name = f"merged_{method}_{source}"
     try:
-        ss["diag_merged"] = {"key": key, "name": name,
-                             "zip": merged_adapter_zip(chosen, name, method, lam=float(lam), stats=stats, **params)}
+        weights = numbers(weights_text, "weights")
+        ss["diag_merged"] = {"key": key, "name": name, "zip": merged_adapter_zip(
+            chosen, name, method, lam=float(lam), weights=weights, stats=stats, **params)}
     except ValueError as err:
         st.error(str(err))
 built = ss.get("diag_merged")

@@ -307,6 +307,15 @@ def test_interference_layer_select_changes_the_heatmaps(small_run):
     own = figure(at, "int_own_chart")
     assert own["layout"]["yaxis"]["type"] == "log"
     assert len([t for t in own["data"]]) == 2 * len(SMALL_TASKS)
+    # Interference during fine-tuning: per adapter, its energy on every task's inputs.
+    drift = figure(at, "int_drift_chart")
+    assert len(drift["data"]) == len(SMALL_TASKS) ** 2
+    assert sum(t["line"]["dash"] == "solid" for t in drift["data"]) == len(SMALL_TASKS)
+    box = at.selectbox(key="int_drift_init")
+    assert set(box.options) == {"standard", "osrm"}
+    box.set_value(next(o for o in box.options if o != box.value)).run()
+    assert_clean(at)
+    assert figure(at, "int_drift_chart")["data"][0]["y"] != drift["data"][0]["y"]
 
 
 def test_angles_page_layer_and_statistic(small_run):
@@ -417,8 +426,8 @@ def test_diagnosis_of_uploaded_adapters(small_run):
     # The layer select drives the heatmaps.
     at.selectbox(key="diag_layer").set_value(LAYER.format(2, "query")).run()
     assert figure(at, "diag_heat_uploaded_chart")["data"][0]["customdata"] != up_fig["data"][0]["customdata"]
-    # A sweep without labels is refused with a message.
-    at.button(key="diag_sweep_button").click().run()
+    # Advice without labels is refused with a message.
+    at.button(key="diag_advise_button").click().run()
     assert_clean(at)
     assert any("has no labels" in e for e in errors(at))
     # A merged adapter can be built and downloaded: a zip of a folder that plain peft loads
@@ -433,34 +442,52 @@ def test_diagnosis_of_uploaded_adapters(small_run):
     assert {f"merged_task_arithmetic_uploaded/heads/{t}.safetensors" for t in ("sentiment", "topic")} <= set(names)
 
 
-def test_diagnosis_sweep_with_labelled_csvs_suggests_a_merge(small_run):
+def test_diagnosis_advice_with_labelled_csvs_fills_the_merge_form(small_run):
     at = _diagnosis_with_two_adapters(small_run, init="osrm")
     at.file_uploader(key="diag_csv_sentiment").upload("s.csv", _csv("sentiment"), "text/csv")
     at.file_uploader(key="diag_csv_topic").upload("t.csv", _csv("topic", with_label=False), "text/csv")
     at.run()
     assert_clean(at)
     assert at.selectbox(key="diag_label_col_topic").value == "(none)"
-    at.button(key="diag_sweep_button").click().run()
+    at.button(key="diag_advise_button").click().run()
     assert any("'topic' has no labels" in e for e in errors(at))  # CSV without a label column
 
     at.file_uploader(key="diag_csv_topic").clear().upload("t.csv", _csv("topic"), "text/csv")
     at.text_input(key="diag_lambdas").set_value("0.5, 1.0")
+    at.number_input(key="diag_budget").set_value(2)
     at.run()
     at.selectbox(key="diag_label_col_topic").set_value("label").run()
-    at.button(key="diag_sweep_button").click().run()
+    at.button(key="diag_advise_button").click().run()
     assert_clean(at)
     assert not errors(at)
-    assert any("Suggested:" in s.value for s in at.success)
-    df = at.session_state["diag_sweep"]["df"]
-    assert set(df["init"]) == {"uploaded", "posthoc_osrm"} and set(df["lambda"]) == {0.5, 1.0}
-    assert any(str(t["name"]).startswith("best") for t in figure(at, "diag_sweep_fig_chart")["data"])
-    # The suggested merge fills the merge form.
-    top = at.session_state["diag_sweep"]["best"].iloc[0]
-    assert at.radio(key="diag_merge_source").value == top["init"]
-    assert at.selectbox(key="diag_merge_method").value == top["method"]
-    assert at.number_input(key="diag_merge_lambda").value == pytest.approx(top["lambda"])
-    if pd.notna(top["density"]):
-        assert at.number_input(key="diag_merge_density").value == pytest.approx(top["density"])
+    assert any(s.value.startswith("Recommended:") for s in at.success)
+    advice = at.session_state["diag_advice"]["advice"]
+    assert (advice.summary["origin"] == "grid").sum() == 2 * (1 + 3)  # TA, and TIES at 3 densities
+    score_fig = figure(at, "diag_adv_score_chart")
+    assert score_fig["data"] and any(t.get("error_y") for t in score_fig["data"])
+    assert figure(at, "diag_adv_norm_chart")["data"]
+    # The recommendation fills the merge form.
+    rec = advice.recommended
+    assert at.selectbox(key="diag_merge_method").value == rec["method"]
+    assert at.text_input(key="diag_merge_weights").value == ", ".join(f"{w:g}" for w in rec["weights"])
+    if rec["density"] is not None:
+        assert at.number_input(key="diag_merge_density").value == pytest.approx(rec["density"])
+    at.button(key="diag_merge_button").click().run()
+    assert_clean(at)
+    assert at.session_state["diag_merged"]["name"] == f"merged_{rec['method']}_uploaded"
+    # Bad weights: one error line, the page keeps working.
+    at.text_input(key="diag_merge_weights").set_value("1, x").run()
+    at.button(key="diag_merge_button").click().run()
+    assert_clean(at)
+    assert any(e.startswith("weights '1, x': give numbers") for e in errors(at))
+
+
+def test_diagnosis_adapter_table_shows_every_layer(small_run):
+    at = _diagnosis_with_two_adapters(small_run)
+    frames = [d.value for d in at.dataframe]
+    per_layer = next(f for f in frames if "layer" in f.columns and "scale" in f.columns)
+    assert len(per_layer) == 2 * 12 and set(per_layer["rank"]) == {4}
+    assert at.file_uploader(key="diag_csv_sentiment").proto.max_upload_size_mb == 50
 
 
 def test_diagnosis_bad_uploads_give_errors_and_the_page_keeps_working(small_run, make_tiny_model, tmp_path):

@@ -175,3 +175,60 @@ def test_layer_select_redraws_the_interference_heatmap(server, browser):
         page.screenshot(path=str(ARTIFACTS / "2_interference_layer.png"), full_page=True)
     finally:
         page.close()
+
+
+def test_merge_advice_in_chromium(server, browser, small_run, tmp_path):
+    """Upload two adapters and labelled sample texts, get the advice with a progress bar, build
+    and download the recommended merged adapter."""
+    import zipfile
+
+    import pandas as pd
+
+    from app_helpers import zip_directory
+    from osrm_core.demo import demo_task
+
+    zips, csvs = [], {}
+    for task in ("sentiment", "topic"):
+        z = tmp_path / f"{task}.zip"
+        z.write_bytes(zip_directory(small_run / "adapters" / "standard" / task))
+        zips.append(str(z))
+        t = demo_task(task, n_train=24, n_test=10)
+        csvs[task] = tmp_path / f"{task}.csv"
+        pd.DataFrame({"text": t.train.text, "label": t.train.label}).to_csv(csvs[task], index=False)
+    page = browser.new_page(viewport={"width": 1400, "height": 2400}, accept_downloads=True)
+    try:
+        page.goto(f"{server}/Adapter_diagnosis", wait_until="domcontentloaded")
+        page.wait_for_selector("text=Upload two or more LoRA adapters", timeout=120_000)
+        inputs = page.locator('[data-testid="stFileUploaderDropzoneInput"]')
+        inputs.first.set_input_files(zips)
+        page.wait_for_selector("text=Sample texts per task", timeout=120_000)
+        _wait_until_idle(page)
+        for k, task in enumerate(("sentiment", "topic"), start=1):
+            page.get_by_role("tab", name=task).click()
+            inputs.nth(k).set_input_files(str(csvs[task]))
+            _wait_until_idle(page, 180_000)
+        page.wait_for_selector(".js-plotly-plot .main-svg", timeout=120_000)
+        page.screenshot(path=str(ARTIFACTS / "advice_1_uploaded.png"), full_page=True)
+
+        page.get_by_role("button", name="Get merge advice").click()
+        page.wait_for_selector('[data-testid="stProgress"]', state="attached", timeout=60_000)
+        page.wait_for_selector("text=Recommended:", timeout=300_000)
+        _wait_until_idle(page, 180_000)
+        assert page.locator("text=Advice ready:").count() >= 1
+        page.screenshot(path=str(ARTIFACTS / "advice_2_recommended.png"), full_page=True)
+
+        page.get_by_role("button", name="Build the merged adapter").click()
+        button = page.get_by_role("button", name="Download merged adapter (zip)")
+        button.wait_for(timeout=120_000)
+        _wait_until_idle(page)
+        with page.expect_download(timeout=60_000) as info:
+            button.click()
+        saved = ARTIFACTS / info.value.suggested_filename
+        info.value.save_as(str(saved))
+        names = zipfile.ZipFile(saved).namelist()
+        assert any(n.endswith("heads/sentiment.safetensors") for n in names), names
+        assert any(n.endswith("adapter_model.safetensors") for n in names), names
+        page.screenshot(path=str(ARTIFACTS / "advice_3_built.png"), full_page=True)
+        assert page.locator('[data-testid="stException"]').count() == 0
+    finally:
+        page.close()

@@ -197,7 +197,13 @@ def test_app_diagnosis_page_sweeps_causal_lm_adapters(llama, tmp_path, monkeypat
     assert not at.exception and not at.error, [e.value for e in [*at.exception, *at.error]]
     assert any("union" in c.value for c in at.caption)
     at.text_input(key="diag_lambdas").set_value("0.5, 1.0")
-    at.button(key="diag_sweep_button").click().run()
+    at.button(key="diag_advise_button").click().run()
     assert not at.exception and not at.error, [e.value for e in [*at.exception, *at.error]]
     df = at.session_state["diag_sweep"]["df"]
     assert set(df["metric"]) == {"loss"} and set(df["lambda"]) == {0.5, 1.0}
+    best = at.session_state["diag_sweep"]["best"].iloc[0]  # lowest merged / single loss
+    assert at.session_state["diag_merge_lambda"] == best["lambda"]
+    assert at.session_state["diag_merge_method"] == best["method"]
+    at.button(key="diag_merge_button").click().run()
+    assert not at.exception and not at.error, [e.value for e in [*at.exception, *at.error]]
+    assert at.session_state["diag_merged"]["zip"][:2] == b"PK"

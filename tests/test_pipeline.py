@@ -106,6 +106,9 @@ def test_run_writes_the_run_directory(reference_run, tiny_model_dir) -> None:
             for name in ("adapter_config.json", "adapter_model.safetensors", "train.json"):
                 assert (folder / name).is_file(), folder / name
             assert json.loads((folder / "adapter_config.json").read_text())["r"] == 2
+            drift = pd.read_csv(folder / "drift.csv")  # interference during fine-tuning
+            assert set(drift["data"]) == set(TASKS) and drift["step"].min() == 0
+            assert set(drift.loc[drift["own"], "data"]) == {task}
     for name in RESULT_CSVS:
         assert len(pd.read_csv(out / "results" / name)) > 0, name
     sweep = pd.read_csv(out / "results" / "sweep_osrm.csv")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from conftest import TINY_TARGETS
@@ -248,3 +249,29 @@ def test_length_groups_train_repeatably(make_tiny_model, tokenizer) -> None:
     assert runs[0][0] == runs[1][0]
     for name in runs[0][1]:
         assert torch.equal(runs[0][1][name], runs[1][1][name])
+
+
+def test_drift_records_exact_energy_on_every_task(make_tiny_model, tokenizer, easy_task, tiny_stats, tiny_tasks) -> None:
+    from osrm_core.stats import collect_feature_stats
+
+    model = init_lora(make_tiny_model(), "standard", rank=RANK, alpha=4)
+    stats = {"easy": collect_feature_stats(model.get_base_model(), tokenizer, easy_task, max_samples=None,
+                                           max_length=MAX_LENGTH),
+             tiny_tasks[1].name: tiny_stats[1]}
+    initial = lora_from_model(model)
+    result = finetune(model, tokenizer, easy_task, TrainSettings(**{**FAST, "steps": 10}), max_length=MAX_LENGTH,
+                      drift_stats=stats, drift_every=4)
+    drift = pd.DataFrame(result.drift)
+    assert sorted(set(drift["step"])) == [0, 4, 8, 10] and len(drift) == 8
+    assert set(drift.loc[drift["own"], "data"]) == {"easy"}
+    for data, st in stats.items():  # naive float64 reference at step 0 (before any update) and at the end
+        for step, adapter in ((0, initial), (10, lora_from_model(model))):
+            want = sum(float(torch.trace(lw.A.double() @ st.layers[n].second_moment @ lw.A.double().T))
+                       for n, lw in adapter.layers.items())
+            got = drift[(drift["step"] == step) & (drift["data"] == data)]["input_energy"].item()
+            assert got == pytest.approx(want, rel=1e-9)
+    # B starts at zero: no output shift before training, some after.
+    assert (drift.loc[drift["step"] == 0, "output_shift"] == 0).all()
+    assert (drift.loc[drift["step"] == 10, "output_shift"] > 0).all()
+    with pytest.raises(ValueError, match="drift_every=0"):
+        finetune(model, tokenizer, easy_task, TrainSettings(**{**FAST, "steps": 1}), drift_stats=stats, drift_every=0)

@@ -1,7 +1,8 @@
 """Figure builders: plain functions that take tables or arrays and return plotly figures (no
 Streamlit here), plus the small table reshaping the figures need. One module per page topic:
 :mod:`.spectra`, :mod:`.interference` (and angles), :mod:`.sweep` (and summaries, studies),
-:mod:`.toy` (the Learn page); :mod:`.common` holds the fixed colours and layout.
+:mod:`.toy` (the Learn page), :mod:`.advice` (the merge advisor); :mod:`.common` holds the
+fixed colours and layout.
 
 Every figure carries hover values; colours are fixed per init (from the init registry) and per
 task so that the same thing has the same colour on every page.
@@ -9,6 +10,7 @@ task so that the same thing has the same colour on every page.
 
 from __future__ import annotations
 
+from .advice import advice_figure
 from .common import (
     INIT_COLORS,
     INIT_DASH,
@@ -25,6 +27,7 @@ from .interference import (
     angle_figure,
     angle_heatmap,
     angle_matrix,
+    drift_figure,
     energy_kept_figure,
     interference_heatmap,
     interference_view,
@@ -53,6 +56,7 @@ from .toy import (
 )
 
 __all__ = [
+    "advice_figure",
     "arm_label",
     "INIT_COLORS",
     "INIT_DASH",
@@ -64,6 +68,7 @@ __all__ = [
     "angle_matrix",
     "color_of",
     "cumulative_energy_figure",
+    "drift_figure",
     "effective_rank_heatmap",
     "eigenspectrum_figure",
     "energy_kept_figure",

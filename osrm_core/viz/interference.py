@@ -313,3 +313,37 @@ def layer_ratio_figure(table: pd.DataFrame, *, title: str = "") -> go.Figure:
     fig.update_yaxes(type="log", title="Σ_j E||A h_j||²: OSRM / random (log)")
     fig.update_xaxes(title="layer", categoryorder="array", categoryarray=[short_layer(n) for n in layers])
     return _finish(fig, title)
+
+
+def drift_figure(drift: pd.DataFrame, *, y: str = "input_energy", title: str = "") -> go.Figure:
+    """Interference during fine-tuning: each adapter's energy on every task's inputs against the
+    training step, one panel per adapter; its own task solid, the other tasks dotted.
+
+    ``drift`` has columns ``adapter, step, data, own`` and ``y`` (``input_energy`` =
+    ``sum_l tr(A S A^T)`` or ``output_shift``), for one init.
+    """
+    from plotly.subplots import make_subplots
+
+    if y not in ("input_energy", "output_shift"):
+        raise ValueError(f"y must be 'input_energy' or 'output_shift', got {y!r}")
+    adapters = _unique(drift["adapter"])
+    colors = _task_colors(_unique(drift["data"]))
+    fig = make_subplots(rows=1, cols=len(adapters), subplot_titles=[f"adapter {a}" for a in adapters],
+                        shared_yaxes=True)
+    for col, adapter in enumerate(adapters, start=1):
+        part = drift[drift["adapter"] == adapter]
+        for data, g in part.groupby("data", sort=False):
+            own = bool(g["own"].iloc[0])
+            fig.add_trace(
+                go.Scatter(
+                    x=g["step"], y=g[y], mode="lines+markers", name=f"{data}{' (own)' if own else ''}",
+                    legendgroup=str(data), showlegend=col == 1,
+                    line=dict(color=colors[data], dash="solid" if own else "dot", width=3 if own else 2),
+                    hovertemplate=f"adapter {adapter} on {data}<br>step %{{x}}<br>{y} = %{{y:.4g}}<extra></extra>",
+                ),
+                row=1, col=col,
+            )
+        fig.update_xaxes(title="step", row=1, col=col)
+    label = "Σ_l tr(A S A^T)" if y == "input_energy" else "Σ_l tr(ΔW S ΔW^T)"
+    fig.update_yaxes(title=f"energy on the task's inputs, {label}", row=1, col=1)
+    return _finish(fig, title)

@@ -1,0 +1,579 @@
+"""The merge advisor: from adapters and labelled sample texts to a recommended merge.
+
+The samples of each task are split (stratified, seeded) into a validation share, on which the
+search runs, and a held-out share, on which every candidate is reported. The search covers the
+merge method, its density, one global lambda (a grid) and then per-adapter weights (coordinate
+search from the best grid points, as LoraHub searches its weights) within an evaluation
+budget. Every merge method here is positively homogeneous (``merge(c Delta) = c merge(Delta)``),
+so a candidate is (method, density, weights): adapter ``i``'s delta enters the merge as
+``w_i Delta_W_i``, and one global lambda is ``w_i = lambda`` for all ``i``.
+
+All scoring goes through :class:`osrm_core.evaluate.SweepEngine` (one in-place model).
+
+References
+----------
+Huang et al., "LoraHub: Efficient Cross-Task Generalization via Dynamic LoRA Composition",
+COLM 2024, arXiv:2307.13269 (gradient-free search of per-adapter weights on a few examples).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from osrm_core.adapters import Adapter, check_against_model, num_labels_of, union_layers
+from osrm_core.data import Split, TaskData
+from osrm_core.evaluate import SweepEngine, score
+from osrm_core.models import is_causal_lm
+
+Progress = Callable[[int, int, str], None]
+
+#: Lambdas of the grid stage (1.0 is kept: task arithmetic at lambda 1 is the usual default).
+ADVISE_LAMBDAS = (0.3, 0.5, 0.7, 1.0, 1.3)
+#: Densities tried for methods that trim or drop (TIES, DARE).
+ADVISE_DENSITIES = (0.3, 0.5, 0.7)
+#: z of a two-sided 95% interval.
+Z95 = 1.959964
+
+
+# --------------------------------------------------------------------------- intervals
+
+
+def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval of a proportion ``successes / n`` (95% by default)."""
+    if n <= 0:
+        raise ValueError(f"n must be positive, got {n}")
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def score_interval(
+    metric: str, y_true: np.ndarray, y_pred: np.ndarray, *, seed: int = 0, resamples: int = 200
+) -> tuple[float, float]:
+    """95% interval of a task's metric: Wilson for accuracy, a seeded percentile bootstrap for
+    Matthews correlation and F1 (no closed form from the sample count alone)."""
+    n = len(y_true)
+    if metric == "accuracy":
+        return wilson_interval(int((y_true == y_pred).sum()), n)
+    rng = np.random.default_rng(seed)
+    draws = [score(metric, y_true[idx], y_pred[idx]) for idx in rng.integers(0, n, size=(resamples, n))]
+    lo, hi = np.percentile(draws, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+# --------------------------------------------------------------------------- samples
+
+
+def _pooled(task: TaskData) -> Split:
+    """All sample texts of a task: one split when train and test are the same texts."""
+    if task.train is task.test:
+        return task.test
+    a, b = task.train, task.test
+    pair = None if a.text_pair is None else a.text_pair + b.text_pair
+    return Split(a.text + b.text, np.concatenate([a.label, b.label]), pair)
+
+
+def _subset(split: Split, idx: np.ndarray) -> Split:
+    pair = None if split.text_pair is None else [split.text_pair[i] for i in idx]
+    return Split([split.text[i] for i in idx], split.label[idx], pair)
+
+
+def split_samples(
+    task: TaskData, holdout: float = 0.5, *, max_samples: int | None = None, seed: int = 0
+) -> tuple[TaskData, TaskData, dict[str, list[int]]]:
+    """Stratified, seeded split of a task's samples into a validation and a held-out share.
+
+    Every class with at least two samples puts at least one in each share. Returns the two
+    shares as tasks (train = test = the share) and the sample indices of each (into the pooled
+    samples: train then test, or the one split when they are the same).
+    """
+    if not 0 < holdout < 1:
+        raise ValueError(f"holdout is {holdout}; it must be in (0, 1)")
+    pooled = _pooled(task)
+    rng = np.random.default_rng(seed)
+    idx = np.arange(len(pooled))
+    if max_samples is not None and max_samples < len(idx):
+        idx = np.sort(rng.choice(idx, size=max_samples, replace=False))
+    val, held = [], []
+    for label in np.unique(pooled.label[idx]):
+        members = rng.permutation(idx[pooled.label[idx] == label])
+        k = int(round(holdout * len(members)))
+        if len(members) >= 2:
+            k = min(max(k, 1), len(members) - 1)
+        held += members[:k].tolist()
+        val += members[k:].tolist()
+    shares = []
+    for name, chosen in (("validation", sorted(val)), ("held-out", sorted(held))):
+        labels = pooled.label[chosen]
+        if len(chosen) < 2 or np.unique(labels).size < 2:
+            raise ValueError(
+                f"task {task.name!r}: the {name} share has {len(chosen)} samples of "
+                f"{np.unique(labels).size} class(es); give at least 2 samples of each of 2 classes"
+            )
+        part = _subset(pooled, np.asarray(chosen))
+        shares.append(TaskData(task.name, part, part, task.label_names, task.metric, source="sample texts"))
+    return shares[0], shares[1], {"validation": sorted(val), "heldout": sorted(held)}
+
+
+# --------------------------------------------------------------------------- result
+
+
+@dataclass
+class Advice:
+    """What :func:`advise` found.
+
+    Attributes
+    ----------
+    candidates : DataFrame
+        One row per candidate and task: ``candidate, method, density, weights, origin,
+        validation, task, metric, n, score, low, high, single, normalized`` (held-out share; ``validation``
+        is the candidate's mean validation score, the search objective).
+    summary : DataFrame
+        One row per candidate: mean held-out score with its 95% interval, mean normalized score,
+        validation score.
+    single : DataFrame
+        Single-task scores per task on each share (``task, share, score``).
+    recommended : dict
+        The chosen candidate (method, density, weights, held-out scores).
+    reason : str
+        One sentence with numbers saying why.
+    shares : dict of task to {"validation": indices, "heldout": indices}
+        Into the pooled samples of each task (see :func:`split_samples`).
+    merged : dict of layer to tensor (d_out, d_in)
+        The recommended merge's ``Delta_W``.
+    layers : DataFrame
+        Per-layer verdicts (:func:`osrm_core.diagnostics.layer_verdicts`) from the statistics of
+        the validation share; :func:`layer_notes` says them in words.
+    """
+
+    names: list[str]
+    candidates: pd.DataFrame
+    summary: pd.DataFrame
+    single: pd.DataFrame
+    recommended: dict
+    reason: str
+    evaluations: int
+    seconds: float
+    shares: dict[str, dict[str, list[int]]] = field(repr=False)
+    settings: dict = field(default_factory=dict)
+    merged: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    layers: pd.DataFrame = field(default_factory=pd.DataFrame, repr=False)
+
+    def to_dict(self) -> dict:
+        def records(df: pd.DataFrame) -> list[dict]:
+            return json.loads(df.to_json(orient="records"))
+
+        return {
+            "adapters": self.names,
+            "recommended": self.recommended,
+            "reason": self.reason,
+            "summary": records(self.summary),
+            "candidates": records(self.candidates),
+            "single": records(self.single),
+            "evaluations": self.evaluations,
+            "seconds": round(self.seconds, 2),
+            "shares": self.shares,
+            "layers": records(self.layers),
+            "layer_notes": layer_notes(self.layers) if len(self.layers) else [],
+            "settings": self.settings,
+        }
+
+
+def weights_label(weights: Sequence[float]) -> str:
+    return "/".join(f"{w:.2g}" for w in weights)
+
+
+def _method_label(method: str, density: float | None) -> str:
+    return method + ("" if density is None or pd.isna(density) else f" (density {density:g})")
+
+
+# --------------------------------------------------------------------------- per-layer verdicts
+
+
+def adapter_layer_verdicts(model, adapters: dict[str, Adapter], stats: dict) -> pd.DataFrame:
+    """:func:`osrm_core.diagnostics.layer_verdicts` of the adapters against their tasks' statistics."""
+    from osrm_core.diagnostics import layer_verdicts
+    from osrm_core.workflows import diagnose_adapters
+
+    diagnosis = diagnose_adapters(model, adapters, stats)
+    return layer_verdicts(diagnosis["interference"], diagnosis["posthoc"])
+
+
+def layer_notes(verdicts: pd.DataFrame) -> list[str]:
+    """One plain sentence per layer group (the adapted layers of one block), ranked by the
+    interference they carry, from :func:`osrm_core.diagnostics.layer_verdicts`."""
+    from osrm_core.viz.common import short_layer
+
+    block = verdicts["layer"].map(lambda n: short_layer(n).split(".")[0])
+    notes = []
+    for name, part in verdicts.groupby(block, sort=False):
+        total, own = float(part["cross_shift"].sum()), float(part["own_shift"].sum())
+        removed = 1 - float(part["cross_shift_posthoc"].sum()) / total if total > 0 else 0.0
+        kept = float(part["kept_by_posthoc"].mean())
+        top = part.iloc[0]  # verdicts come most interference first
+        layers = ", ".join(short_layer(n).split(".")[-1] for n in part["layer"])
+        if own <= 0:
+            notes.append((total, f"{name} ({layers}): the adapters do not change this block."))
+            continue
+        if total / own < 0.05:
+            verdict = "little to fix here"
+        elif removed >= 0.5 and kept >= 0.5:
+            verdict = "projecting is worth it here"
+        elif removed >= 0.5:
+            verdict = "it would remove the interference but also most of what the adapters learned here"
+        else:
+            verdict = "projection would not help much here"
+        notes.append((total, (
+            f"{name} ({layers}): the other tasks' adapters shift each task's outputs by {total:.2%} of their "
+            f"energy in all ({total / own:.2f}x the wanted change), mostly {top['top_adapter']} on "
+            f"{top['top_data']} ({top['top_share']:.0%} at {short_layer(top['layer'])}); post-hoc OSRM would "
+            f"remove {removed:.0%} of it and keep {kept:.0%} of the adapters' ΔW: {verdict}."
+        )))
+    ranked = sorted(notes, key=lambda x: -x[0])
+    return [f"{k}. {text}" for k, (_, text) in enumerate(ranked, start=1)]
+
+
+# --------------------------------------------------------------------------- search
+
+
+class _Search:
+    """Candidates scored on the validation engine, every call counted."""
+
+    def __init__(self, engine: SweepEngine, names: list[str], deltas, grams, seed: int, report) -> None:
+        self.engine, self.names, self.deltas, self.grams, self.seed = engine, names, deltas, grams, seed
+        self.report = report
+        self.evaluations = 0
+        self.cache: dict[tuple, float] = {}
+
+    def merged(self, method: str, density: float | None, weights: Sequence[float]) -> dict[str, torch.Tensor]:
+        from osrm_core.merge import merge_deltas
+
+        params = {} if density is None else {"density": density}
+        scaled = [{k: w * d for k, d in delta.items()} for w, delta in zip(weights, self.deltas)]
+        return merge_deltas(scaled, method, grams=self.grams, seed=self.seed, **params)
+
+    def validation(self, method: str, density: float | None, weights: Sequence[float], merged=None) -> float:
+        key = (method, density, tuple(round(w, 6) for w in weights))
+        if key not in self.cache:
+            self.engine.apply(merged if merged is not None else self.merged(method, density, weights))
+            self.cache[key] = float(np.mean(list(self.engine.evaluate().values())))
+            self.evaluations += 1
+            self.report(f"{_method_label(method, density)} weights {weights_label(weights)}")
+        return self.cache[key]
+
+    def coordinate(self, method: str, density: float | None, start: list[float], budget: int) -> list[float]:
+        """Coordinate search on the per-adapter weights: try each weight up and down by a step,
+        keep any gain, halve the step when none helps, stop at ``budget`` new evaluations."""
+        best_w, best = list(start), self.validation(method, density, start)
+        step, spent = 0.25 * max(float(np.mean(start)), 0.1), self.evaluations
+        while self.evaluations - spent < budget and step >= 0.03:
+            improved = False
+            for i in range(len(best_w)):
+                for sign in (1, -1):
+                    trial = list(best_w)
+                    trial[i] = round(max(0.0, trial[i] + sign * step), 4)
+                    if self.evaluations - spent >= budget:
+                        return best_w
+                    got = self.validation(method, density, trial)
+                    if got > best + 1e-9:
+                        best_w, best, improved = trial, got, True
+                        break
+            if not improved:
+                step /= 2
+        return best_w
+
+
+def advise(
+    model,
+    tokenizer,
+    adapters: dict[str, Adapter],
+    tasks: Sequence[TaskData],
+    *,
+    methods: Sequence[str] = ("task_arithmetic", "ties"),
+    lambdas: Sequence[float] = ADVISE_LAMBDAS,
+    densities: Sequence[float] = ADVISE_DENSITIES,
+    budget: int = 40,
+    refine: int = 2,
+    holdout: float = 0.5,
+    max_samples: int | None = None,
+    max_length: int = 128,
+    seed: int = 0,
+    progress: Progress | None = None,
+    on_stage: Callable[[str], None] | None = None,
+) -> Advice:
+    """Search merge method, density, lambda and per-adapter weights on a validation share of
+    labelled sample texts and report every candidate on the held-out share.
+
+    Parameters
+    ----------
+    model, tokenizer
+        The base model (not a PEFT model) the adapters were trained on; restored on return.
+    adapters : dict of task name to Adapter
+        Each with the classification head of its task.
+    tasks : sequence of TaskData
+        Labelled samples per adapter (same names); train and test splits are pooled.
+    methods : merge method names (registry names; RegMean uses statistics of the validation share)
+    lambdas, densities : grids of the first stage
+    budget : int
+        Validation evaluations for the per-adapter weight search, shared by the ``refine`` best
+        grid points (one evaluation scores every task once).
+    holdout : float in (0, 1)
+        Share of each task's samples held out from the search, for the report.
+    max_samples : int, optional
+        At most this many samples per task (a seeded subset).
+
+    Returns
+    -------
+    Advice
+    """
+    from osrm_core.merge import get_merge_method
+
+    start_time = time.perf_counter()
+    on_stage = on_stage or (lambda s: None)
+    names = list(adapters)
+    by_name = {t.name: t for t in tasks}
+    if len(names) < 2:
+        raise ValueError(f"advise needs at least two adapters, got {len(names)}")
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        raise ValueError(f"adapter {missing[0]!r} has no sample texts of the same name; tasks are {sorted(by_name)}")
+    if not methods:
+        raise ValueError("methods is empty: give at least one merge method")
+    for method in methods:
+        get_merge_method(method)
+    bad = [x for x in [*lambdas, *densities] if not 0 < x <= 10]
+    if not lambdas or bad:
+        raise ValueError(f"lambdas must be a non-empty list in (0, 10] and densities in (0, 1]; got {bad}")
+    if not isinstance(budget, int) or budget < 0:
+        raise ValueError(f"budget is {budget!r}; it must be an integer >= 0")
+    if is_causal_lm(model):
+        raise ValueError("the merge advisor scores predicted labels; adapters of a causal LM are scored by "
+                         "their token loss: sweep them instead (osrm sweep, or the page's loss sweep)")
+    for name, adapter in adapters.items():
+        check_against_model(adapter, model, where=name)
+        if not by_name[name].labeled:
+            raise ValueError(f"task {name!r} has no labels; the merge advisor needs labelled samples of every task")
+        classes = num_labels_of(adapter)
+        if classes is not None and by_name[name].num_labels > classes:
+            raise ValueError(
+                f"task {name!r}: labels 0..{by_name[name].num_labels - 1} but the adapter's head has {classes} classes"
+            )
+
+    on_stage("splitting the samples")
+    val_tasks, held_tasks, shares = [], [], {}
+    for n in names:
+        v, h, idx = split_samples(by_name[n], holdout, max_samples=max_samples, seed=seed)
+        val_tasks.append(v)
+        held_tasks.append(h)
+        shares[n] = idx
+    on_stage("per-layer verdicts")
+    from osrm_core.export import merge_inputs
+    from osrm_core.workflows import task_stats
+
+    stats = task_stats(model, tokenizer, val_tasks, samples=None, max_length=max_length,
+                       target_modules=list(union_layers(adapters)))
+    verdicts = adapter_layer_verdicts(model, adapters, stats)
+    needs_gram = any(get_merge_method(m).needs_gram for m in methods)
+    deltas, grams = merge_inputs(adapters, stats if needs_gram else None)
+    plan = []
+    for method in methods:
+        for density in densities if get_merge_method(method).uses_density else [None]:
+            plan.append((method, density))
+    n_grid = len(plan) * len(lambdas)
+    total = {"n": 2 * len(names) + n_grid + budget + n_grid + refine}
+    done = {"n": 0}
+
+    def report(message: str) -> None:
+        done["n"] += 1
+        if progress:
+            progress(done["n"], total["n"], f"evaluation {done['n']}: {message}")
+
+    val_engine = SweepEngine(model, tokenizer, val_tasks, adapters, max_length=max_length)
+    held_engine = SweepEngine(model, tokenizer, held_tasks, adapters, max_length=max_length)
+    try:
+        on_stage("single-task scores")
+        single = {}
+        for share, engine in (("validation", val_engine), ("heldout", held_engine)):
+            for n in names:
+                engine.apply(engine.single_deltas[n])
+                single[(n, share)] = engine.evaluate([n])[n]
+                report(f"single-task {n} ({share})")
+        search = _Search(val_engine, names, deltas, grams, seed, report)
+
+        on_stage("grid on the validation share")
+        grid = []
+        for method, density in plan:
+            unit = search.merged(method, density, [1.0] * len(names))
+            for lam in lambdas:
+                weights = [float(lam)] * len(names)
+                got = search.validation(method, density, weights, {k: lam * d for k, d in unit.items()})
+                grid.append({"method": method, "density": density, "weights": weights, "origin": "grid",
+                             "validation": got})
+
+        on_stage("per-adapter weights on the validation share")
+        best_per_config: dict[tuple, dict] = {}
+        for c in grid:
+            key = (c["method"], c["density"])
+            if key not in best_per_config or c["validation"] > best_per_config[key]["validation"]:
+                best_per_config[key] = c
+        starts = sorted(best_per_config.values(), key=lambda c: -c["validation"])[:refine]
+        searched = []
+        for i, c in enumerate(starts):
+            share = budget // len(starts) + (1 if i < budget % len(starts) else 0) if starts else 0
+            weights = search.coordinate(c["method"], c["density"], c["weights"], share)
+            if weights != c["weights"]:
+                searched.append({**c, "weights": weights, "origin": "weights",
+                                 "validation": search.validation(c["method"], c["density"], weights)})
+        total["n"] = done["n"] + len(grid) + len(searched)
+
+        on_stage("held-out scores")
+        candidates = grid + searched
+        rows = []
+        for k, c in enumerate(candidates):
+            held_engine.apply(search.merged(c["method"], c["density"], c["weights"]))
+            preds = held_engine.predictions()
+            report(f"held-out {_method_label(c['method'], c['density'])} weights {weights_label(c['weights'])}")
+            for n, t in zip(names, held_tasks):
+                got = score(t.metric, t.test.label, preds[n])
+                low, high = score_interval(t.metric, t.test.label, preds[n], seed=seed)
+                ref = single[(n, "heldout")]
+                rows.append({"candidate": k, "method": c["method"], "density": c["density"],
+                             "weights": weights_label(c["weights"]), "origin": c["origin"],
+                             "validation": c["validation"], "task": n, "metric": t.metric, "n": len(t.test), "score": got,
+                             "low": low, "high": high, "single": ref,
+                             "normalized": got / ref if ref > 0 else float("nan")})
+        table = pd.DataFrame(rows)
+        summary = _summarize(table)
+        chosen = _choose(summary)
+        best = candidates[int(chosen["candidate"])]
+        merged = search.merged(best["method"], best["density"], best["weights"])
+    finally:
+        val_engine.restore()
+        held_engine.restore()
+
+    recommended = {
+        "method": chosen["method"],
+        "density": None if pd.isna(chosen["density"]) else float(chosen["density"]),
+        "weights": best["weights"],
+        "candidate": int(chosen["candidate"]),
+        "validation": float(chosen["validation"]),
+        "heldout": float(chosen["score"]),
+        "heldout_low": float(chosen["low"]),
+        "heldout_high": float(chosen["high"]),
+        "heldout_per_task": {
+            r.task: float(r.score) for r in table[table["candidate"] == chosen["candidate"]].itertuples()
+        },
+    }
+    single_df = pd.DataFrame(
+        [{"task": n, "share": share, "score": s} for (n, share), s in single.items()]
+    )
+    on_stage("done")
+    return Advice(
+        names=names, candidates=table, summary=summary, single=single_df, recommended=recommended,
+        reason=_reason(summary, chosen), evaluations=done["n"], seconds=time.perf_counter() - start_time,
+        shares=shares, merged=merged, layers=verdicts,
+        settings={"methods": list(methods), "lambdas": [float(x) for x in lambdas],
+                  "densities": [float(x) for x in densities], "budget": budget, "refine": refine,
+                  "holdout": holdout, "max_samples": max_samples, "max_length": max_length, "seed": seed},
+    )
+
+
+def _summarize(table: pd.DataFrame) -> pd.DataFrame:
+    """Per candidate: mean held-out score, its 95% interval (per-task half-widths combined as
+    independent normal errors), mean normalized score and the validation score."""
+    rows = []
+    for k, part in table.groupby("candidate", sort=True):
+        half = np.sqrt((((part["high"] - part["low"]) / 2) ** 2).sum()) / len(part)
+        mean = float(part["score"].mean())
+        first = part.iloc[0]
+        rows.append({"candidate": k, "method": first["method"], "density": first["density"],
+                     "weights": first["weights"], "origin": first["origin"],
+                     "validation": first["validation"], "score": mean, "low": mean - half, "high": mean + half,
+                     "normalized": float(part["normalized"].mean())})
+    return pd.DataFrame(rows)
+
+
+def _choose(summary: pd.DataFrame) -> pd.Series:
+    """The best validation score; among equals, a grid point (one lambda) before searched
+    weights, then the earlier candidate."""
+    ranked = summary.assign(_grid=summary["origin"] != "grid").sort_values(
+        ["validation", "_grid", "candidate"], ascending=[False, True, True]
+    )
+    return ranked.iloc[0].drop("_grid")
+
+
+def _reason(summary: pd.DataFrame, chosen: pd.Series) -> str:
+    what = _method_label(chosen["method"], chosen["density"])
+    if chosen["origin"] == "grid":
+        what += f", lambda {chosen['weights'].split('/')[0]}"
+    else:
+        what += f", weights {chosen['weights']}"
+    ta = summary[(summary["method"] == "task_arithmetic") & (summary["origin"] == "grid")]
+    held = f"{chosen['score']:.3f} [{chosen['low']:.3f}, {chosen['high']:.3f}]"
+    if ta.empty:
+        return f"{what}: the best validation score ({chosen['validation']:.3f}); held-out {held}."
+    ref = ta.sort_values(["validation", "candidate"], ascending=[False, True]).iloc[0]
+    if int(ref["candidate"]) == int(chosen["candidate"]):
+        return (f"{what}: the best validation score ({chosen['validation']:.3f}) of every candidate; "
+                f"held-out {held}.")
+    gain = 100 * (chosen["score"] - ref["score"])
+    return (f"{what}: {gain:+.1f} points over the best single lambda of task arithmetic "
+            f"(lambda {ref['weights'].split('/')[0]}, {ref['score']:.3f}) on held-out texts; held-out {held}.")
+
+
+# --------------------------------------------------------------------------- output
+
+
+def advice_markdown(advice: Advice) -> str:
+    """The advice as a short Markdown report."""
+    from osrm_core.study import _md
+
+    cols = ["method", "density", "weights", "origin", "validation", "score", "low", "high", "normalized"]
+    table = advice.summary.sort_values("score", ascending=False)[cols]
+    single = advice.single.pivot_table(index="task", columns="share", values="score").reset_index()
+    lines = [
+        "# Merge advice", "",
+        f"Adapters: {', '.join(advice.names)}. {advice.evaluations} evaluations in {advice.seconds:.1f} s.", "",
+        f"**Recommended**: {advice.reason}", "",
+        "Scores are each task's metric on the held-out share (never seen by the search), averaged over",
+        "tasks, with a 95% interval (Wilson per task for accuracy, bootstrap otherwise); `normalized`",
+        "divides by each adapter alone. `validation` is the search objective.", "",
+        _md(table), "", "## Single-task scores", "", _md(single), "",
+        "## Interference per layer", "",
+        "Exact, from the statistics of the validation texts; ranked by the summed relative output",
+        "shift of every adapter on the other tasks' inputs.", "",
+        *[f"{note}  " for note in layer_notes(advice.layers)], "",
+        _md(advice.layers), "",
+    ]
+    return "\n".join(lines)
+
+
+def write_advice(advice: Advice, adapters: dict[str, Adapter], out: str | Path) -> Path:
+    """Write ``advice.json``, ``advice.md`` and the recommended merged adapter (``adapter/``,
+    loadable by plain peft, each task's head under ``adapter/heads/``, its model card with the
+    held-out scores)."""
+    from osrm_core.atomic import write_json, write_text
+    from osrm_core.export import write_merged_adapter, write_model_card
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path, _ = write_merged_adapter(out / "adapter", advice.merged, adapters)
+    rec = advice.recommended
+    params = {"weights": list(rec["weights"]), **({} if rec["density"] is None else {"density": rec["density"]})}
+    held = advice.candidates[advice.candidates["candidate"] == rec["candidate"]]
+    write_model_card(path, adapters, method=rec["method"], lam=1.0, params=params,
+                     scores=held[["task", "metric", "score", "single", "normalized"]])
+    write_json(out / "advice.json", advice.to_dict())
+    write_text(out / "advice.md", advice_markdown(advice))
+    return out

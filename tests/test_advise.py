@@ -1,0 +1,209 @@
+"""Tests of the merge advisor (osrm_core.advise and ``osrm advise``) on adapters made by plain
+peft for the tiny model: splits, intervals, the search, and the written adapter loaded back by
+plain peft scoring what advice.json says."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from osrm_core.adapters import load_adapter
+from osrm_core.advise import advise, score_interval, split_samples, wilson_interval, write_advice
+from osrm_core.data import Split
+from osrm_core.demo import demo_task
+
+TASKS = {"sentiment": 2, "topic": 4}
+
+
+@pytest.fixture(scope="module")
+def peft_files(tmp_path_factory, make_tiny_model):
+    """Per task: a CSV of 24 labelled texts and a LoRA adapter saved by plain peft (random B
+    and head, so each adapter changes the model)."""
+    from peft import LoraConfig, get_peft_model
+
+    root = tmp_path_factory.mktemp("advise")
+    out = {}
+    for seed, (key, classes) in enumerate(TASKS.items()):
+        task = demo_task(key, n_train=24, n_test=10)
+        pd.DataFrame({"text": task.train.text, "label": task.train.label}).to_csv(root / f"{key}.csv", index=False)
+        out[f"csv_{key}"] = root / f"{key}.csv"
+        config = LoraConfig(task_type="SEQ_CLS", r=2, lora_alpha=4, target_modules=["query", "value"])
+        model = get_peft_model(make_tiny_model(seed=0, num_labels=classes, dtype=torch.float32), config)
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if ".lora_B." in name or "classifier" in name:
+                    p.copy_(torch.randn(p.shape, generator=gen))
+        model.save_pretrained(root / "adapters" / key)
+        out[f"adapter_{key}"] = root / "adapters" / key
+    return out
+
+
+@pytest.fixture(scope="module")
+def advised(peft_files, make_tiny_model, tokenizer, tmp_path_factory):
+    from osrm_core.task_spec import parse_task_spec
+
+    model = make_tiny_model(seed=0, dtype=torch.float32)
+    adapters = {k: load_adapter(peft_files[f"adapter_{k}"], model) for k in TASKS}
+    tasks = [parse_task_spec(str(peft_files[f"csv_{k}"]), name=k) for k in TASKS]
+    calls, stages = [], []
+    advice = advise(model, tokenizer, adapters, tasks, lambdas=(0.5, 1.0), densities=(0.5,), budget=6,
+                    max_length=32, progress=lambda *a: calls.append(a), on_stage=stages.append)
+    out = write_advice(advice, adapters, tmp_path_factory.mktemp("advice"))
+    return {"advice": advice, "adapters": adapters, "tasks": tasks, "calls": calls, "stages": stages, "out": out}
+
+
+def test_wilson_interval_matches_the_formula() -> None:
+    lo, hi = wilson_interval(15, 20)
+    p, n, z = 0.75, 20, 1.959964
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    assert (lo, hi) == pytest.approx((centre - half, centre + half))
+    assert wilson_interval(0, 5)[0] == 0.0 and wilson_interval(5, 5)[1] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="n must be positive"):
+        wilson_interval(0, 0)
+
+
+def test_score_interval_bootstrap_covers_the_score() -> None:
+    y = np.array([0, 1] * 20)
+    pred = y.copy()
+    pred[:6] = 1 - pred[:6]
+    lo, hi = score_interval("mcc", y, pred)
+    assert lo < 0.7 < hi and score_interval("mcc", y, pred) == (lo, hi)  # seeded
+
+
+def test_split_samples_is_stratified_seeded_and_disjoint() -> None:
+    task = demo_task("topic", n_train=30, n_test=10)
+    v, h, idx = split_samples(task, 0.5, seed=3)
+    assert set(idx["validation"]).isdisjoint(idx["heldout"])
+    assert len(idx["validation"]) + len(idx["heldout"]) == 40
+    assert set(v.test.label) == set(h.test.label) == set(range(task.num_labels))
+    assert split_samples(task, 0.5, seed=3)[2] == idx and split_samples(task, 0.5, seed=4)[2] != idx
+    assert len(sum(split_samples(task, 0.5, max_samples=12)[2].values(), [])) == 12
+    with pytest.raises(ValueError, match="holdout is 1.5"):
+        split_samples(task, 1.5)
+    from osrm_core.data import TaskData
+
+    split = Split(["a", "b", "c"], np.array([0, 0, 1]))
+    one = TaskData("one", split, split, ["x", "y"])
+    with pytest.raises(ValueError, match="share has"):
+        split_samples(one, 0.5)
+
+
+def test_advice_covers_every_candidate_with_intervals(advised) -> None:
+    advice = advised["advice"]
+    summary = advice.summary
+    # 2 lambdas x (task arithmetic + TIES at one density) on the grid, plus searched weights.
+    assert (summary["origin"] == "grid").sum() == 4
+    assert ((summary["low"] <= summary["score"]) & (summary["score"] <= summary["high"])).all()
+    table = advice.candidates
+    assert set(table["task"]) == set(TASKS) and (table["n"] == 12).all()
+    assert np.allclose(table["normalized"], table["score"] / table["single"])
+    rec = advice.recommended
+    assert rec["validation"] == summary["validation"].max()
+    assert len(rec["weights"]) == 2 and rec["method"] in ("task_arithmetic", "ties")
+    assert "held-out" in advice.reason and f"{rec['heldout']:.3f}" in advice.reason
+    assert advice.evaluations == advised["calls"][-1][0] == advised["calls"][-1][1]
+    assert advised["stages"][0] == "splitting the samples" and advised["stages"][-1] == "done"
+
+
+def test_advised_adapter_loads_in_plain_peft_and_scores_what_advice_json_says(advised, make_tiny_model, tokenizer):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from osrm_core.advise import _pooled
+    from osrm_core.evaluate import predict, score
+
+    out = advised["out"]
+    saved = json.loads((out / "advice.json").read_text())
+    assert (out / "advice.md").read_text().startswith("# Merge advice")
+    for task in advised["tasks"]:
+        base = make_tiny_model(seed=0, num_labels=TASKS[task.name], dtype=torch.float32)
+        head = load_file(str(out / "adapter" / "heads" / f"{task.name}.safetensors"))
+        base.load_state_dict(head, strict=False)
+        model = PeftModel.from_pretrained(base, str(out / "adapter")).eval()
+        held = saved["shares"][task.name]["heldout"]
+        pooled = _pooled(task)
+        split = Split([pooled.text[i] for i in held], pooled.label[held])
+        got = score(task.metric, split.label, predict(model, tokenizer, split, max_length=32))
+        assert got == pytest.approx(saved["recommended"]["heldout_per_task"][task.name])
+
+
+def test_advise_rejects_bad_input(advised, make_tiny_model, tokenizer) -> None:
+    model = make_tiny_model(seed=0, dtype=torch.float32)
+    adapters, tasks = advised["adapters"], advised["tasks"]
+    with pytest.raises(ValueError, match="at least two adapters"):
+        advise(model, tokenizer, {"topic": adapters["topic"]}, tasks)
+    with pytest.raises(ValueError, match="unknown merge method 'avg'"):
+        advise(model, tokenizer, adapters, tasks, methods=["avg"])
+    with pytest.raises(ValueError, match="no sample texts"):
+        advise(model, tokenizer, adapters, tasks[:1])
+    with pytest.raises(ValueError, match="budget"):
+        advise(model, tokenizer, adapters, tasks, budget=-1)
+    swapped = {"sentiment": adapters["sentiment"], "topic": adapters["sentiment"]}
+    with pytest.raises(ValueError, match="head has 2 classes"):
+        advise(model, tokenizer, swapped, tasks)
+
+
+@pytest.mark.slow
+def test_cli_advise_on_plain_peft_adapters(peft_files, tiny_model_dir, tmp_path) -> None:
+    args = [sys.executable, "-m", "osrm_core.cli", "advise", "--model", str(tiny_model_dir), "--json",
+            "--out", str(tmp_path / "adv"), "--lambdas", "0.5", "1.0", "--densities", "0.5", "--budget", "4",
+            "--max-length", "32"]
+    for k in TASKS:
+        args += ["--adapter", f"{k}={peft_files[f'adapter_{k}']}", "--task", f"{k}={peft_files[f'csv_{k}']}"]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    payload = json.loads(result.stdout)
+    assert payload["recommended"]["method"] in ("task_arithmetic", "ties")
+    assert (tmp_path / "adv" / "adapter" / "adapter_model.safetensors").is_file()
+    assert json.loads((tmp_path / "adv" / "advice.json").read_text())["reason"] == payload["reason"]
+    bad = subprocess.run([*args, "--budget", "-3"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("error:") and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_layer_verdicts_sum_rank_and_name_the_dominant_pair() -> None:
+    from osrm_core.diagnostics import layer_verdicts
+
+    rows = []
+    # layer "x.1.q": b on a carries 3 of 4 units of cross shift; layer "x.0.q": 1 unit in all.
+    for layer, ab, ba, after in (("x.0.q", 0.5, 0.5, 0.1), ("x.1.q", 3.0, 1.0, 3.0)):
+        for init in ("uploaded", "posthoc_osrm"):
+            for adapter, data, shift in (("a", "a", 2.0), ("b", "b", 2.0), ("a", "b", ba), ("b", "a", ab)):
+                if init == "posthoc_osrm" and adapter != data:
+                    shift = after / 2
+                rows.append({"layer": layer, "adapter": adapter, "data": data, "input_energy": 4.0 * shift,
+                             "relative_shift": shift, "init": init})
+    kept = pd.DataFrame({"adapter": ["a", "b"] * 2, "layer": ["x.0.q"] * 2 + ["x.1.q"] * 2,
+                         "energy_kept": [0.8, 0.6, 0.2, 0.4]})
+    v = layer_verdicts(pd.DataFrame(rows), kept)
+    assert list(v["layer"]) == ["x.1.q", "x.0.q"] and list(v["rank"]) == [1, 2]
+    top = v.iloc[0]
+    assert top["cross_shift"] == pytest.approx(4.0) and top["own_shift"] == pytest.approx(4.0)
+    assert (top["top_adapter"], top["top_data"], top["top_share"]) == ("b", "a", pytest.approx(0.75))
+    assert top["top_input_norm"] == pytest.approx(np.sqrt(12.0))
+    assert top["removed_by_posthoc"] == pytest.approx(0.25) and top["kept_by_posthoc"] == pytest.approx(0.3)
+    low = v.iloc[1]
+    assert low["removed_by_posthoc"] == pytest.approx(0.9) and low["kept_by_posthoc"] == pytest.approx(0.7)
+    with pytest.raises(ValueError, match="interference needs columns"):
+        layer_verdicts(pd.DataFrame(rows).drop(columns="init"), kept)
+
+    from osrm_core.advise import layer_notes
+
+    notes = layer_notes(v)
+    assert notes[0].startswith("1. L1 (q):") and "mostly b on a (75% at L1.q)" in notes[0]
+    assert "remove 90% of it and keep 70%" in notes[1] and notes[1].endswith("projecting is worth it here.")
+
+
+def test_advice_has_a_verdict_per_layer(advised) -> None:
+    advice = advised["advice"]
+    assert len(advice.layers) == 4 and set(advice.layers["rank"]) == {1, 2, 3, 4}
+    saved = json.loads((advised["out"] / "advice.json").read_text())
+    assert len(saved["layer_notes"]) == 2 and saved["layer_notes"][0].startswith("1. L")
+    assert "## Interference per layer" in (advised["out"] / "advice.md").read_text()
