@@ -269,7 +269,9 @@ class Pipeline:
             def compute() -> dict[str, torch.Tensor]:
                 stats = all_stats if all_stats is not None else self.all_stats()
                 devices = layer_devices(model, list(stats[index].layers))
-                sub = task_subspaces(init, stats, index, cfg.rank, weighting=cfg.osrm_weighting, device=devices)
+                options = {key: getattr(cfg, field) for key, field in spec.config_options}
+                sub = task_subspaces(init, stats, index, cfg.rank, weighting=cfg.osrm_weighting, device=devices,
+                                     **options)
                 return {n: a.cpu() for n, a in sub.items()} if dist_info().active else sub
 
             subspaces = run_on_main(compute, f"OSRM subspaces of {task.name!r}")
@@ -301,10 +303,13 @@ class Pipeline:
         cfg = self.config
         peft_model, tok, subspaces = self.init_adapter(init, index, task, all_stats)
         initial = adapter_of(peft_model) if get_init(init).moves_base else None
-        penalty_moments = None
-        if get_constraint(cfg.train.constraint).needs_moments:
+        penalty_moments = own_moments = None
+        constraint = get_constraint(cfg.train.constraint)
+        if constraint.needs_moments:
             stats = all_stats if all_stats is not None else self.all_stats()
             penalty_moments = rest_moment([s for j, s in enumerate(stats) if j != index])
+            if constraint.needs_own_moment:
+                own_moments = {n: layer.second_moment for n, layer in stats[index].layers.items()}
         result = finetune(
             peft_model,
             tok,
@@ -315,6 +320,7 @@ class Pipeline:
             max_test=cfg.max_test,
             subspaces=subspaces,
             penalty_moments=penalty_moments,
+            own_moments=own_moments,
             progress=self.progress,
         )
         if is_main_process():

@@ -69,6 +69,7 @@ def finetune(
     max_test: int | None = None,
     subspaces: dict[str, torch.Tensor] | None = None,
     penalty_moments: dict[str, torch.Tensor] | None = None,
+    own_moments: dict[str, torch.Tensor] | None = None,
     distributed: bool | None = None,
     progress: Progress | None = None,
 ) -> TrainResult:
@@ -87,7 +88,10 @@ def finetune(
     subspaces : dict of layer to tensor (k, d_in), optional
         Needed by ``constraint="project"``: A's rows are kept in this row space.
     penalty_moments : dict of layer to tensor (d_in, d_in), optional
-        Needed by ``constraint="penalty"``: the other tasks' second moment per layer.
+        Needed by ``constraint="penalty"`` and ``"penalty_ratio"``: the other tasks' second
+        moment per layer.
+    own_moments : dict of layer to tensor (d_in, d_in), optional
+        Needed by ``constraint="penalty_ratio"``: the task's own second moment per layer.
     distributed : bool, optional
         Data-parallel training through accelerate (DDP: gradients all-reduced). Every process
         draws the same global batch of ``config.batch_size`` examples and takes every
@@ -125,7 +129,7 @@ def finetune(
             f"batch_size={config.batch_size} is smaller than the {info.world} processes: each needs "
             "at least one example per step"
         )
-    constraint = get_constraint(config.constraint).prepare(layers, subspaces, penalty_moments)
+    constraint = get_constraint(config.constraint).prepare(layers, subspaces, penalty_moments, own_moments)
     device = next(peft_model.parameters()).device
 
     a_params, b_params, head_params = [], [], []
