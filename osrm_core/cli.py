@@ -87,8 +87,10 @@ def _config_from_args(args, name: str = "run") -> RunConfig:
     }
     if getattr(args, "init", None):
         data["inits"] = args.init
+    if getattr(args, "osrm_gen_eps", None) is not None:
+        data["osrm_gen_eps"] = args.osrm_gen_eps
     train = {}
-    for key in ("steps", "lr", "batch_size", "constraint"):
+    for key in ("steps", "lr", "batch_size", "constraint", "penalty_beta"):
         if getattr(args, key, None) is not None:
             train[key] = getattr(args, key)
     if train:
@@ -449,6 +451,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--lr", type=float)
             p.add_argument("--batch-size", type=int)
             p.add_argument("--constraint", choices=list(CONSTRAINTS))
+            p.add_argument("--penalty-beta", type=float, help="weight of the penalty constraints")
+        p.add_argument("--osrm-gen-eps", type=float, help="osrm_gen's trade-off eps (default 0.01)")
         p.set_defaults(func=func)
 
     p = sub.add_parser("merge", help="merge adapters into one adapter (or full weights)")

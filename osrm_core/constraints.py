@@ -6,6 +6,10 @@
   the subspace (an init of the OSRM family).
 * ``penalty`` — adds ``beta * sum_l tr(A_l S_l A_l^T) / mean_eig(S_l)`` to the loss, with
   ``S_l`` the other tasks' second moment at layer ``l``; needs the other tasks' statistics.
+* ``penalty_ratio`` — adds ``beta * sum_l tr(A_l S_l A_l^T) / tr(A_l O_l A_l^T)`` (each moment
+  divided by its mean eigenvalue), with ``O_l`` the task's own second moment: the others' energy
+  per unit of the task's own, the quantity ``osrm_gen`` minimizes at init, kept low during
+  training without pulling A towards zero (the ratio does not change with A's scale).
 
 :func:`osrm_core.train.finetune` calls :meth:`Constraint.prepare` once, then
 :meth:`ActiveConstraint.loss` every step and :meth:`ActiveConstraint.after_step` after it.
@@ -30,6 +34,8 @@ class Constraint:
         Needs the init's subspace per layer (only inits of the OSRM family have one).
     needs_moments : bool
         Needs the other tasks' second moment per layer.
+    needs_own_moment : bool
+        Needs the task's own second moment per layer too.
     trains_a : bool
         Whether A is trained at all.
     """
@@ -38,20 +44,25 @@ class Constraint:
     description: str
     needs_subspace: bool = False
     needs_moments: bool = False
+    needs_own_moment: bool = False
     trains_a: bool = True
 
-    def prepare(self, layers: dict[str, torch.nn.Module], subspaces=None, moments=None) -> ActiveConstraint:
+    def prepare(self, layers: dict[str, torch.nn.Module], subspaces=None, moments=None,
+                own_moments=None) -> ActiveConstraint:
         """The per-layer matrices this constraint uses during training, checked against ``layers``
         (the LoRA layers by name).
 
-        ``subspaces``: dict layer -> tensor (k, d_in); ``moments``: dict layer -> (d_in, d_in).
+        ``subspaces``: dict layer -> tensor (k, d_in); ``moments`` (the other tasks') and
+        ``own_moments`` (the task's own): dict layer -> (d_in, d_in).
         """
-        projectors = penalties = {}
+        projectors = penalties = own = {}
         if self.needs_subspace:
             projectors = _per_layer(self, layers, subspaces, "subspaces", "subspace", _projector)
         if self.needs_moments:
             penalties = _per_layer(self, layers, moments, "penalty_moments", "second moment", _normalized)
-        return ActiveConstraint(self, layers, projectors, penalties)
+        if self.needs_own_moment:
+            own = _per_layer(self, layers, own_moments, "own_moments", "own second moment", _normalized)
+        return ActiveConstraint(self, layers, projectors, penalties, own)
 
 
 def _projector(u: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -83,13 +94,21 @@ class ActiveConstraint:
     layers: dict[str, torch.nn.Module]
     projectors: dict[str, torch.Tensor] = field(default_factory=dict)
     penalties: dict[str, torch.Tensor] = field(default_factory=dict)
+    own: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def loss(self) -> torch.Tensor | None:
-        """The penalty's unweighted ``sum_l tr(A_l S_l A_l^T)``, or None."""
+        """The penalty's unweighted ``sum_l tr(A_l S_l A_l^T)`` (divided by ``tr(A_l O_l A_l^T)``
+        when the constraint has the task's own moments), or None."""
         if not self.penalties:
             return None
         weights = {n: self.layers[n].lora_A["default"].weight for n in self.penalties}
-        return sum(((weights[n] @ s) * weights[n]).sum() for n, s in self.penalties.items())
+
+        def energy(n: str, s: torch.Tensor) -> torch.Tensor:
+            return ((weights[n] @ s) * weights[n]).sum()
+
+        if self.own:
+            return sum(energy(n, s) / energy(n, self.own[n]).clamp_min(1e-12) for n, s in self.penalties.items())
+        return sum(energy(n, s) for n, s in self.penalties.items())
 
     @torch.no_grad()
     def after_step(self) -> None:
@@ -105,6 +124,8 @@ CONSTRAINTS: dict[str, Constraint] = {
         Constraint("freeze_A", "A stays at its init", trains_a=False),
         Constraint("project", "A is projected back onto the init's subspace after every step", needs_subspace=True),
         Constraint("penalty", "beta * tr(A S_rest A^T) added to the loss", needs_moments=True),
+        Constraint("penalty_ratio", "beta * tr(A S_rest A^T) / tr(A S_own A^T) added to the loss",
+                   needs_moments=True, needs_own_moment=True),
     )
 }
 

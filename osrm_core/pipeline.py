@@ -346,7 +346,9 @@ class Pipeline:
             def compute() -> dict[str, torch.Tensor]:
                 stats = all_stats if all_stats is not None else self.all_stats()
                 devices = layer_devices(model, list(stats[index].layers))
-                sub = task_subspaces(init, stats, index, cfg.rank, weighting=cfg.osrm_weighting, device=devices)
+                options = {key: getattr(cfg, field) for key, field in spec.config_options}
+                sub = task_subspaces(init, stats, index, cfg.rank, weighting=cfg.osrm_weighting, device=devices,
+                                     **options)
                 return {n: a.cpu() for n, a in sub.items()} if dist_info().active else sub
 
             subspaces = run_on_main(compute, f"OSRM subspaces of {task.name!r}")
@@ -379,12 +381,16 @@ class Pipeline:
         peft_model, tok, subspaces = self.init_adapter(init, index, task, all_stats)
         initial = adapter_of(peft_model) if get_init(init).moves_base else None
         stats = all_stats if all_stats is not None else self.all_stats()
-        penalty_moments = None
-        if get_constraint(cfg.train.constraint).needs_moments:
+        penalty_moments = own_moments = None
+        constraint = get_constraint(cfg.train.constraint)
+        if constraint.needs_moments:
             penalty_moments = rest_moment([s for j, s in enumerate(stats) if j != index])
+            if constraint.needs_own_moment:
+                own_moments = {n: layer.second_moment for n, layer in stats[index].layers.items()}
         result = finetune(peft_model, tok, task, cfg.train, max_length=cfg.max_length, seed=cfg.seed,
                           max_test=cfg.max_test, subspaces=subspaces, penalty_moments=penalty_moments,
-                          drift_stats={t.name: s for t, s in zip(self.tasks(), stats)}, progress=self.progress)
+                          own_moments=own_moments, drift_stats={t.name: s for t, s in zip(self.tasks(), stats)},
+                          progress=self.progress)
         if is_main_process():
             out = save_adapter(adapter_of(peft_model, initial), self.run.adapter_path(init, task.name))
             write_csv(out / "drift.csv", pd.DataFrame(result.drift))

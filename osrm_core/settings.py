@@ -180,6 +180,10 @@ class RunConfig(BaseModel):
     inits: list[InitName] = Field(default_factory=lambda: ["standard", "osrm"])
     a_scale: float = Field(1.0, gt=0)
     osrm_weighting: Literal["equal", "tokens"] = "equal"
+    osrm_gen_eps: float = Field(
+        1e-2, gt=0, description="osrm_gen's trade-off: the others' moment plus eps times its mean eigenvalue "
+        "(small: fewer of the others' directions; large: more own-task energy)"
+    )
     train: TrainSettings = Field(default_factory=TrainSettings)
     merge: MergeSettings = Field(default_factory=MergeSettings)
     seed: int = 0

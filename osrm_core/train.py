@@ -94,6 +94,7 @@ def finetune(
     max_test: int | None = None,
     subspaces: dict[str, torch.Tensor] | None = None,
     penalty_moments: dict[str, torch.Tensor] | None = None,
+    own_moments: dict[str, torch.Tensor] | None = None,
     drift_stats: dict[str, FeatureStats] | None = None,
     drift_every: int | None = None,
     distributed: bool | None = None,
@@ -114,7 +115,10 @@ def finetune(
     subspaces : dict of layer to tensor (k, d_in), optional
         Needed by ``constraint="project"``: A's rows are kept in this row space.
     penalty_moments : dict of layer to tensor (d_in, d_in), optional
-        Needed by ``constraint="penalty"``: the other tasks' second moment per layer.
+        Needed by ``constraint="penalty"`` and ``"penalty_ratio"``: the other tasks' second
+        moment per layer.
+    own_moments : dict of layer to tensor (d_in, d_in), optional
+        Needed by ``constraint="penalty_ratio"``: the task's own second moment per layer.
     drift_stats : dict of task name to FeatureStats, optional
         Record, before the first step, every ``drift_every`` steps (default ``steps // 20``,
         at least 1) and after the last, the adapter's exact energy on each task's inputs
@@ -167,7 +171,7 @@ def finetune(
         raise ValueError(f"drift_every={drift_every!r} is not allowed: must be an integer >= 1")
     every = drift_every or max(1, config.steps // 20)
     constraint = get_constraint(config.constraint)
-    active = constraint.prepare(layers, subspaces, penalty_moments)  # checks what it needs first
+    active = constraint.prepare(layers, subspaces, penalty_moments, own_moments)  # checks what it needs first
     device = next(peft_model.parameters()).device
 
     a_params, b_params, head_params = [], [], []

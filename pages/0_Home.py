@@ -90,6 +90,8 @@ def apply_preset(config: RunConfig) -> None:
     ss.home_seed = config.seed
     ss.home_inits = list(config.inits)
     ss.home_constraint = config.train.constraint
+    ss.home_penalty_beta = config.train.penalty_beta
+    ss.home_osrm_gen_eps = config.osrm_gen_eps
     ss.home_weighting = config.osrm_weighting
     ss.home_device = config.device
 
@@ -298,7 +300,10 @@ with tab_new:
             format="%.1e",
             key="home_head_lr",
         )
-        for col, spec in zip((c2, c3, c1, c2, c3), OTHER_PARAMS):
+        c1.number_input("Penalty weight beta (penalty, penalty_ratio)", 0.0, 1e6, step=1e-3, format="%.1e",
+                        key="home_penalty_beta")
+        c2.number_input("osrm_gen trade-off eps", 1e-6, 1e6, step=1e-2, format="%.1e", key="home_osrm_gen_eps")
+        for col, spec in zip((c3, c1, c2, c3, c1), OTHER_PARAMS):
             col.text_input(f"Sweep {spec.name} (comma separated; empty: {spec.default})", key=f"home_param_{spec.name}",
                            help=spec.help)
 
@@ -335,6 +340,7 @@ with tab_new:
             max_test=int(ss.home_max_test) or None,
             inits=list(ss.home_inits),
             osrm_weighting=ss.home_weighting,
+            osrm_gen_eps=float(ss.home_osrm_gen_eps),
             seed=int(ss.home_seed),
             device=ss.home_device,
         )
@@ -344,6 +350,7 @@ with tab_new:
             lr=float(ss.home_lr),
             head_lr=float(ss.home_head_lr) or None,
             constraint=ss.home_constraint,
+            penalty_beta=float(ss.home_penalty_beta),
         )
         data["merge"].update(
             methods=list(ss.home_methods),

@@ -147,6 +147,16 @@ BAD_INPUTS = {
         lambda f, m: ["stats", "--task", "a=demo:sentiment", "--out", f["root"] / "one"],
         "at least two tasks",
     ),
+    "osrm_gen eps 0": (
+        lambda f, m: ["train", "--task", "a=demo:sentiment", "--task", "b=demo:topic", "--init", "osrm_gen",
+                      "--osrm-gen-eps", "0", "--out", f["root"] / "eps0"],
+        "osrm_gen_eps",
+    ),
+    "negative penalty weight": (
+        lambda f, m: ["train", "--task", "a=demo:sentiment", "--task", "b=demo:topic", "--constraint",
+                      "penalty_ratio", "--penalty-beta", "-1", "--out", f["root"] / "beta"],
+        "train.penalty_beta",
+    ),
 }
 
 

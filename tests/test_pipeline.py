@@ -276,3 +276,25 @@ def test_freeze_A_applies_to_every_init(tiny_model_dir, tiny_tasks_2, tmp_path) 
         for name, layer in trained.layers.items():
             np.testing.assert_array_equal(layer.A.numpy(), initial.layers[name].A.numpy())
             assert layer.B.abs().sum() > 0
+
+
+def test_osrm_gen_eps_reaches_the_init(tiny_model_dir, tiny_tasks_2, tmp_path) -> None:
+    """The run config's ``osrm_gen_eps`` is the trade-off of the subspace the pipeline builds."""
+    from torch.testing import assert_close
+
+    from osrm_core.inits import task_subspaces
+    from osrm_core.pipeline import Pipeline
+
+    subspaces = {}
+    for eps in (1e-3, 10.0):
+        config = tiny_config(tiny_model_dir, inits=["osrm_gen"], osrm_gen_eps=eps)
+        pipeline = Pipeline(config, tmp_path / f"eps{eps:g}", tasks=tiny_tasks_2)
+        stats = pipeline.collect_stats()
+        _, _, subspaces[eps] = pipeline.init_adapter("osrm_gen", 0, tiny_tasks_2[0])
+        expected = task_subspaces("osrm_gen", [stats[t] for t in TASKS], 0, config.rank, eps=eps)
+        for name, a in subspaces[eps].items():
+            assert_close(a, expected[name])
+    name = next(iter(subspaces[1e-3]))
+    assert not np.allclose(subspaces[1e-3][name].numpy(), subspaces[10.0][name].numpy())
+    with pytest.raises(ConfigError, match="osrm_gen_eps"):
+        RunConfig.validate_dict({**tiny_config(tiny_model_dir).model_dump(mode="json"), "osrm_gen_eps": 0})

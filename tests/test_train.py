@@ -136,6 +136,9 @@ def test_project_and_penalty_need_their_inputs(make_tiny_model, tokenizer, easy_
         finetune(model, tokenizer, easy_task, TrainSettings(steps=1, constraint="project"))
     with pytest.raises(ValueError, match="penalty_moments"):
         finetune(model, tokenizer, easy_task, TrainSettings(steps=1, constraint="penalty"))
+    with pytest.raises(ValueError, match="own_moments"):
+        finetune(model, tokenizer, easy_task, TrainSettings(steps=1, constraint="penalty_ratio"),
+                 penalty_moments={n: torch.eye(32, dtype=torch.float64) for n in _a(model)})
     with pytest.raises(ValueError, match="no LoRA layers"):
         finetune(make_tiny_model(), tokenizer, easy_task, TrainSettings(steps=1))
 
@@ -162,6 +165,59 @@ def test_penalty_lowers_the_energy_in_the_others_subspace(
         results[constraint] = energy(model)
     assert results["penalty"] < 0.5 * results["none"]
     assert results["penalty"] < start
+
+
+def _moments(gen, random_orthonormal, decay: tuple[float, float]) -> dict[str, torch.Tensor]:
+    out = {}
+    for name in TINY_TARGETS:
+        q = random_orthonormal(32, 32, gen)
+        out[name] = q.T @ torch.diag(torch.logspace(*decay, 32, dtype=torch.float64)) @ q
+    return out
+
+
+def test_penalty_ratio_matches_a_naive_reference(make_tiny_model, random_orthonormal) -> None:
+    from osrm_core.constraints import get_constraint
+    from osrm_core.train import _lora_layers
+
+    gen = torch.Generator().manual_seed(2)
+    rest, own = _moments(gen, random_orthonormal, (0, -3)), _moments(gen, random_orthonormal, (1, -1))
+    model = init_lora(make_tiny_model(), "standard", rank=RANK, alpha=4)
+    active = get_constraint("penalty_ratio").prepare(_lora_layers(model), moments=rest, own_moments=own)
+    expected = 0.0
+    for name, a in _a(model).items():
+        a = a.double()
+        r, o = rest[name] / (rest[name].trace() / 32), own[name] / (own[name].trace() / 32)
+        expected += float(torch.trace(a @ r @ a.T) / torch.trace(a @ o @ a.T))
+    assert_close(float(active.loss()), expected, rtol=1e-5, atol=0)
+    # the ratio does not change with A's scale: it cannot be lowered by shrinking A
+    with torch.no_grad():
+        for layer in _lora_layers(model).values():
+            layer.lora_A["default"].weight.mul_(3.0)
+    assert_close(float(active.loss()), expected, rtol=1e-5, atol=0)
+
+
+def test_penalty_ratio_moves_A_towards_own_energy_without_shrinking_it(
+    make_tiny_model, tokenizer, easy_task, random_orthonormal
+) -> None:
+    gen = torch.Generator().manual_seed(3)
+    rest, own = _moments(gen, random_orthonormal, (0, -3)), _moments(gen, random_orthonormal, (0, -3))
+
+    def ratio_and_norm(model) -> tuple[float, float]:
+        a = _a(model)
+        ratio = sum(float(torch.trace(x @ rest[n] @ x.T) / torch.trace(x @ own[n] @ x.T)) for n, x in a.items())
+        return ratio, sum(float(x.norm()) for x in a.values())
+
+    results = {}
+    for constraint in ("none", "penalty_ratio"):
+        model = init_lora(make_tiny_model(), "standard", rank=RANK, alpha=4)
+        start = ratio_and_norm(model)
+        finetune(model, tokenizer, easy_task,
+                 TrainSettings(**{**FAST, "steps": 20}, constraint=constraint, penalty_beta=1.0), max_length=MAX_LENGTH,
+                 penalty_moments=rest, own_moments=own)
+        results[constraint] = ratio_and_norm(model)
+    assert results["penalty_ratio"][0] < 0.5 * results["none"][0]
+    assert results["penalty_ratio"][0] < 0.5 * start[0]
+    assert results["penalty_ratio"][1] > 0.5 * start[1]  # A kept its size
 
 
 @pytest.mark.parametrize(

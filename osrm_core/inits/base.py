@@ -41,6 +41,9 @@ class InitMethod:
     moves_base : bool
         Whether the init changes the base weights (PiSSA): a saved adapter must then be
         expressed relative to the original base.
+    config_options : tuple of (keyword, field) pairs
+        Keyword arguments of ``subspace`` that a run config sets, each from its field of
+        :class:`~osrm_core.settings.RunConfig` (``("eps", "osrm_gen_eps")``).
     """
 
     name: str
@@ -51,6 +54,7 @@ class InitMethod:
     peft_init: object = True
     needs_data: bool = False
     moves_base: bool = False
+    config_options: tuple[tuple[str, str], ...] = ()
 
     @property
     def needs_stats(self) -> bool:

@@ -61,4 +61,5 @@ OSRM_GEN = InitMethod(
     "#AB63FA",
     subspace=osrm_gen_subspace,
     needs_own_stats=True,
+    config_options=(("eps", "osrm_gen_eps"),),
 )
