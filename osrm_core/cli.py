@@ -338,7 +338,15 @@ def cmd_diagnose(args) -> None:
             "", "post-hoc OSRM energy kept (mean over layers)",
             result["posthoc"].groupby("adapter")["energy_kept"].mean().to_string(float_format=lambda x: f"{x:.3f}"),
             "", "own-task energy share vs random (mean over layers)",
-            result["own_energy"].groupby("task")[["share", "random_share"]].mean().to_string(float_format=lambda x: f"{x:.4f}")]
+            result["own_energy"].groupby("task")[["share", "random_share"]].mean().to_string(float_format=lambda x: f"{x:.4f}"),
+            "", "data-free: share of adapter j's Delta W on the input directions of adapter i's (rows j, columns i;"
+            " mean over layers)",
+            result["sv_interference"].pivot_table(index="adapter", columns="data", values="sv_overlap")
+            .to_string(float_format=lambda x: f"{x:.4f}"),
+            "", "data-free: spectrum of the task-arithmetic merge against its parts (mean over layers; "
+            "retention 1 = nothing cancels)",
+            result["spectrum"][["nuclear_retention", "energy_ratio", "effective_rank_merged", "effective_rank_parts"]]
+            .mean().to_string(float_format=lambda x: f"{x:.4f}")]
     _emit(args, payload, "\n".join(text))
 
 

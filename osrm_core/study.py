@@ -46,7 +46,9 @@ from osrm_core.settings import (
 )
 
 Progress = Callable[[int, int, str], None]
-COMPARED_GROUPS = ("main", "constraint")  # the variants of table 1 and the curves
+COMPARED_GROUPS = ("main", "constraint")
+#: Pair signals set against the measured merge loss in question 6: data-aware (statistics) first.
+PAIR_SIGNALS = ("relative_shift", "sv_overlap", "spectral_loss")  # the variants of table 1 and the curves
 UNLEARNED = 0.1  # a single-task score below this (MCC or F1 near 0) makes normalized scores explode
 
 
@@ -334,7 +336,10 @@ def pairwise_loss(pipeline: Pipeline, lam: float) -> pd.DataFrame:
 
 
 def _collect(study: StudyConfig, out: Path) -> dict[str, pd.DataFrame]:
-    sweeps, singles, inter, own, pairs = [], [], [], [], []
+    from osrm_core.adapters import read_adapter_dir
+    from osrm_core.diagnostics import pair_signals
+
+    sweeps, singles, inter, own, pairs, signals = [], [], [], [], [], []
     for v in variants(study):
         run = RunDir(out / "runs" / variant_name(v, study.base.train.lr))
         tags = {k: v[k] for k in ("init", "constraint", "seed", "samples", "rank", "a_lr_scale", "lr", "group")}
@@ -350,9 +355,13 @@ def _collect(study: StudyConfig, out: Path) -> dict[str, pd.DataFrame]:
             df = run.read_csv(name)
             if df is not None:
                 bucket.append(df.drop(columns=["init"], errors="ignore").assign(**tags))
+        if run.read_csv("pairwise.csv") is not None:  # the data-free signals, from the adapters' weights
+            adapters = {d.name: read_adapter_dir(d) for d in sorted((run.path / "adapters" / v["init"]).iterdir())}
+            signals.append(pair_signals(adapters).assign(**tags))
     if not sweeps:
         raise ValueError(f"study {str(out)!r} has no finished variant yet")
-    frames = {"sweep": sweeps, "single": singles, "interference": inter, "own_energy": own, "pairwise": pairs}
+    frames = {"sweep": sweeps, "single": singles, "interference": inter, "own_energy": own, "pairwise": pairs,
+              "signals": signals}
     return {k: pd.concat(v, ignore_index=True) if v and isinstance(v[0], pd.DataFrame) else pd.DataFrame(v)
             for k, v in frames.items()}
 
@@ -411,14 +420,21 @@ def analyse(frames: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
         other = inter[~inter["own"]]
         by_pair = other.groupby(["variant", "adapter", "data"])["relative_shift"].sum().reset_index()
         merged = by_pair.merge(pairs[["variant", "adapter", "data", "loss"]], on=["variant", "adapter", "data"])
+        if not frames["signals"].empty:
+            merged = merged.merge(frames["signals"][["variant", "adapter", "data", "sv_overlap", "spectral_loss"]],
+                                  on=["variant", "adapter", "data"], how="left")
+        merged = merged.merge(per_run[["variant", "init"]].drop_duplicates(), on="variant")
         rows = []
-        for init, g in merged.merge(per_run[["variant", "init"]].drop_duplicates(), on="variant").groupby("init"):
-            rho, p = spearmanr(g["relative_shift"], g["loss"]) if len(g) > 2 else (np.nan, np.nan)
-            rows.append({"init": init, "scope": "summed over layers", "pairs": len(g), "spearman": rho, "p": p})
+        for signal in [c for c in PAIR_SIGNALS if c in merged]:
+            for init, g in [*merged.groupby("init"), ("all", merged)]:
+                rho, p = spearmanr(g[signal], g["loss"]) if len(g) > 2 else (np.nan, np.nan)
+                rows.append({"signal": signal, "init": init, "scope": "summed over layers", "pairs": len(g),
+                             "spearman": rho, "p": p})
         per_layer = other.merge(pairs[["variant", "adapter", "data", "loss"]], on=["variant", "adapter", "data"])
         for layer, g in per_layer.groupby("layer"):
             rho, p = spearmanr(g["relative_shift"], g["loss"]) if len(g) > 2 else (np.nan, np.nan)
-            rows.append({"init": "all", "scope": layer, "pairs": len(g), "spearman": rho, "p": p})
+            rows.append({"signal": "relative_shift", "init": "all", "scope": layer, "pairs": len(g),
+                         "spearman": rho, "p": p})
         tables["q6_prediction"] = pd.DataFrame(rows)
         tables["q6_pairs"] = merged
     own = frames["own_energy"]
@@ -568,9 +584,13 @@ def write_report(study: StudyConfig, out: str | Path) -> Path:
     if "q6_prediction" in tables:
         lines += [
             "## 6. Does exact interference predict the loss from merging?",
-            f"Spearman correlation between the relative output shift of adapter j on task i's data "
-            f"(from statistics) and the measured drop of task i when merged with j alone "
-            f"(task arithmetic, lambda {study.pair_lambda:g}).",
+            f"Spearman correlation (with its p-value) between a signal of the pair (adapter j, task i) "
+            f"and the measured drop of task i when merged with j alone (task arithmetic, lambda "
+            f"{study.pair_lambda:g}). Signals: `relative_shift`, the relative output shift of adapter j "
+            f"on task i's data from the statistics (data-aware; it is also the last point of the adapter's "
+            f"drift curve, so this row says whether drift predicts merge loss); `sv_overlap`, the share of "
+            f"adapter j's Delta W on the input directions of adapter i's (data-free); `spectral_loss`, "
+            f"1 - the nuclear-norm retention of the merge of the two (data-free).",
             _md(tables["q6_prediction"]),
             "",
         ]

@@ -119,16 +119,21 @@ def diagnose_adapters(
         uploaded adapters summed over layers: rows adapter j, columns data i), ``angles``
         (data-data and adapter-data, same ``init`` column; subspaces of the smallest adapter
         rank), ``own_energy``, ``posthoc`` (energy kept per adapter and layer) and
-        ``projected`` (the post-hoc OSRM adapters) and ``coverage`` (which layers each adapter
-        covers, :func:`coverage_table`).
+        ``projected`` (the post-hoc OSRM adapters), ``coverage`` (which layers each adapter
+        covers, :func:`coverage_table`), and the data-free signals: ``sv_interference``
+        (:func:`osrm_core.diagnostics.sv_interference_table`), ``spectra`` and ``spectrum``
+        (the task-arithmetic merge's spectrum against its parts' per layer,
+        :func:`osrm_core.diagnostics.merged_spectrum`).
     """
     from osrm_core.diagnostics import (
         angle_rank,
         angle_table,
         interference_matrix,
         interference_table,
+        merged_spectrum,
         own_energy_table,
         posthoc_osrm_adapters,
+        sv_interference_table,
     )
     from osrm_core.models import weight_as_linear
 
@@ -146,6 +151,7 @@ def diagnose_adapters(
     projected, kept = posthoc_osrm_adapters(adapters, stats, posthoc_rank)
     uploaded = interference_table(adapters, stats, w0)
     k = angle_rank(adapters)
+    spectra, spectrum = merged_spectrum(adapters)
     angles = pd.concat(
         [
             angle_table(stats, k=k, adapters=adapters).assign(init="uploaded"),
@@ -164,6 +170,9 @@ def diagnose_adapters(
         "posthoc": kept[["adapter", "layer", "energy_kept"]],
         "projected": projected,
         "coverage": coverage_table(adapters),
+        "sv_interference": sv_interference_table(adapters),
+        "spectra": spectra,
+        "spectrum": spectrum,
     }
 
 

@@ -44,6 +44,7 @@ from osrm_core.viz import (
     interference_heatmap,
     interference_view,
     matrix_range,
+    merged_spectrum_figure,
     short_layer,
     sweep_best,
     sweep_curves,
@@ -335,6 +336,34 @@ verdicts = layer_verdicts(result["interference"], result["posthoc"])
 st.markdown("\n".join(f"{note}" for note in layer_notes(verdicts)))
 with st.expander("Per-layer table"):
     show_table(verdicts, "layer_verdicts", "diag_verdicts_table")
+
+# --------------------------------------------------------------------------- data-free signals
+
+st.subheader("Data-free signals")
+st.caption(
+    "From the adapters' weights alone, no texts. Left: the share of adapter j's ΔW on the input "
+    "directions of adapter i's ΔW (its right singular vectors), the counterpart of the "
+    "interference above. Right: the singular values of the task-arithmetic merge against all "
+    "the parts' together: where the merged curve falls below, merging cancels directions "
+    "(nuclear-norm retention below 1). Which signal predicts the measured merge loss is tested "
+    "in the study report (question 6)."
+)
+overlap = result["sv_interference"]
+if layer != SUM_OVER_LAYERS:
+    overlap = overlap[overlap["layer"] == layer]
+c1, c2 = st.columns(2)
+with c1:
+    m = overlap.pivot_table(index="adapter", columns="data", values="sv_overlap", aggfunc="mean")
+    at = "mean over layers" if layer == SUM_OVER_LAYERS else where
+    show_figure(interference_heatmap(m, title=f"Singular-vector overlap, {at}", value_label="share of ΔW_j",
+                                     zmin=0.0, zmax=1.0),
+                f"diagnosis_sv_overlap_{at}", "diag_sv_overlap")
+with c2:
+    show_figure(merged_spectrum_figure(result["spectra"], None if layer == SUM_OVER_LAYERS else layer,
+                                       title=f"Merged spectrum vs parts, {where}"),
+                f"diagnosis_merged_spectrum_{where}", "diag_merged_spectrum")
+with st.expander("Spectrum per layer"):
+    show_table(result["spectrum"], "merged_spectrum", "diag_spectrum_table")
 
 # --------------------------------------------------------------------------- merge advice
 

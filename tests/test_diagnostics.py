@@ -337,3 +337,73 @@ def test_posthoc_osrm_adapters_projects_each_on_the_others_subspace(tiny_tasks, 
         np.testing.assert_allclose(got, table.energy_kept.to_numpy())
     with pytest.raises(ValueError, match="no statistics for adapter 'nobody'"):
         posthoc_osrm_adapters({"nobody": adapters[names[0]]}, stats)
+
+
+# --------------------------------------------------------------------------- data-free signals
+
+
+def test_sv_interference_matches_a_dense_svd() -> None:
+    """``||Delta_W_j V_i||^2 / ||Delta_W_j||^2`` with V_i from numpy's SVD of the dense delta
+    (rank RANK), per layer and ordered pair; an adapter with fewer layers contributes where it
+    has them."""
+    from osrm_core.diagnostics import sv_interference_table
+
+    adapters = {"a": _random_adapter(0), "b": _random_adapter(1, scale=0.5), "c": _random_adapter(2, rank=2)}
+    dropped = sorted(adapters["c"].layers)[0]
+    del adapters["c"].layers[dropped]
+    table = sv_interference_table(adapters).set_index(["layer", "adapter", "data"])
+    expected_rows = 0
+    for layer in TINY_TARGETS:
+        for j, i in [(j, i) for j in adapters for i in adapters if i != j]:
+            if layer not in adapters[i].layers or layer not in adapters[j].layers:
+                assert (layer, j, i) not in table.index
+                continue
+            expected_rows += 1
+            d_j = adapters[j].layers[layer].delta.numpy()
+            _, s, vt = np.linalg.svd(adapters[i].layers[layer].delta.numpy())
+            v_i = vt[: adapters[i].layers[layer].rank].T
+            want = np.linalg.norm(d_j @ v_i) ** 2 / np.linalg.norm(d_j) ** 2
+            assert table.loc[(layer, j, i), "sv_overlap"] == pytest.approx(want, rel=1e-9)
+            assert table.loc[(layer, j, i), "energy"] == pytest.approx(np.linalg.norm(d_j) ** 2, rel=1e-9)
+    assert len(table) == expected_rows
+    # An adapter reading exactly the other's input directions scores 1; orthogonal ones 0.
+    A = torch.eye(32, dtype=torch.float64)
+    same = {"x": Adapter({"l": LoraWeights(A[:4], torch.randn(16, 4, dtype=torch.float64), 1.0)}, {}, {}),
+            "y": Adapter({"l": LoraWeights(A[:4], torch.randn(16, 4, dtype=torch.float64), 1.0)}, {}, {}),
+            "z": Adapter({"l": LoraWeights(A[4:8], torch.randn(16, 4, dtype=torch.float64), 1.0)}, {}, {})}
+    t = sv_interference_table(same).set_index(["adapter", "data"])["sv_overlap"]
+    assert t[("x", "y")] == pytest.approx(1.0) and t[("z", "x")] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_merged_spectrum_matches_dense_svds() -> None:
+    """Singular values of the dense weighted sum and of each dense part (numpy), their nuclear
+    and Frobenius ratios; orthogonal parts retain everything."""
+    from osrm_core.diagnostics import merged_spectrum, pair_signals
+
+    adapters = {"a": _random_adapter(0), "b": _random_adapter(1, scale=0.5), "c": _random_adapter(2, rank=2)}
+    weights = [1.0, 0.7, 1.3]
+    spectra, summary = merged_spectrum(adapters, weights)
+    summary = summary.set_index("layer")
+    for layer in TINY_TARGETS:
+        dense = [w * adapters[n].layers[layer].delta.numpy() for n, w in zip(adapters, weights)]
+        merged = np.linalg.svd(sum(dense), compute_uv=False)
+        parts = np.sort(np.concatenate([np.linalg.svd(d, compute_uv=False)[: adapters[n].layers[layer].rank]
+                                        for n, d in zip(adapters, dense)]))[::-1]
+        got = spectra[spectra.layer == layer]
+        assert np.allclose(got[got.kind == "merged"]["sigma"], merged[: len(got[got.kind == "merged"])], rtol=1e-9)
+        assert np.allclose(got[got.kind == "parts"]["sigma"], parts, rtol=1e-9)
+        assert summary.loc[layer, "nuclear_retention"] == pytest.approx(merged.sum() / parts.sum(), rel=1e-9)
+        assert summary.loc[layer, "energy_ratio"] == pytest.approx((merged**2).sum() / (parts**2).sum(), rel=1e-9)
+        assert summary.loc[layer, "nuclear_retention"] <= 1 + 1e-12
+    # Parts in orthogonal row and column spaces: the merge keeps every singular value.
+    eye = torch.eye(32, dtype=torch.float64)
+    ortho = {"x": Adapter({"l": LoraWeights(eye[:4], eye[:, :4], 1.0)}, {}, {}),
+             "y": Adapter({"l": LoraWeights(eye[4:8], eye[:, 4:8], 2.0)}, {}, {})}
+    _, s = merged_spectrum(ortho)
+    assert s["nuclear_retention"].item() == pytest.approx(1.0) and s["energy_ratio"].item() == pytest.approx(1.0)
+    signals = pair_signals(ortho).set_index(["adapter", "data"])
+    assert signals.loc[("x", "y"), "spectral_loss"] == pytest.approx(0.0, abs=1e-12)
+    assert signals.loc[("x", "y"), "sv_overlap"] == pytest.approx(0.0, abs=1e-12)
+    # The same adapter twice: a pair that cancels nothing but overlaps fully.
+    twin = {"x": ortho["x"], "y": Adapter(dict(ortho["x"].layers), {}, {})}
+    assert pair_signals(twin)["sv_overlap"].tolist() == pytest.approx([1.0, 1.0])

@@ -139,6 +139,22 @@ def test_study_writes_report_and_tables(study_dir) -> None:
     assert set(sweep["method"]) == {"task_arithmetic"}
     assert (study_dir / "figures" / "curves.html").read_text().count("plotly-graph-div") >= 2
     assert find_studies(study_dir) == [study_dir]
+    q6 = tables["q6_prediction"]
+    assert set(q6["signal"]) == {"relative_shift", "sv_overlap", "spectral_loss"}
+    assert q6["p"].between(0, 1).any() and "p-value" in report
+
+
+def test_q6_data_free_signals_are_those_of_the_adapters(study_dir) -> None:
+    from osrm_core.diagnostics import pair_signals
+
+    pairs = load_study_tables(study_dir)["q6_pairs"]
+    name = "standard-none-n12-r2-a1-s0"
+    expected = pair_signals(RunDir(study_dir / "runs" / name).load_adapters("standard")).set_index(["adapter", "data"])
+    got = pairs[pairs["variant"] == name].set_index(["adapter", "data"])
+    assert len(got) == len(expected) > 0
+    for key, row in got.iterrows():
+        assert row["sv_overlap"] == pytest.approx(expected.loc[key, "sv_overlap"], rel=1e-6)
+        assert row["spectral_loss"] == pytest.approx(expected.loc[key, "spectral_loss"], rel=1e-6, abs=1e-12)
 
 
 def test_q1_is_the_mean_of_each_seeds_best(study_dir) -> None:

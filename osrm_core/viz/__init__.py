@@ -40,6 +40,7 @@ from .spectra import (
     cumulative_energy_figure,
     effective_rank_heatmap,
     eigenspectrum_figure,
+    merged_spectrum_figure,
 )
 from .sweep import (
     arm_label,
@@ -78,6 +79,7 @@ __all__ = [
     "interference_heatmap",
     "interference_view",
     "layer_ratio_figure",
+    "merged_spectrum_figure",
     "matrix_range",
     "off_diagonal_sum",
     "own_energy_figure",

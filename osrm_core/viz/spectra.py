@@ -140,3 +140,21 @@ def effective_rank_heatmap(table: pd.DataFrame, *, title: str = "") -> go.Figure
     fig.update_yaxes(autorange="reversed", title="layer")
     fig.update_xaxes(title="task", side="top")
     return _finish(fig, title, height=max(300, 40 * len(layers) + 120))
+
+
+def merged_spectrum_figure(spectra: pd.DataFrame, layer: str | None = None, *, title: str = "") -> go.Figure:
+    """Singular values of the task-arithmetic merge against its parts' (from
+    :func:`osrm_core.diagnostics.merged_spectrum`), at ``layer`` or summed over layers by index
+    (``layer`` None): where the merged curve falls below the parts', merging cancels directions."""
+    data = spectra if layer is None else spectra[spectra["layer"] == layer]
+    fig = go.Figure()
+    names = {"parts": "parts, each on its own (sorted together)", "merged": "merged (sum)"}
+    for kind, dash in (("parts", "dot"), ("merged", "solid")):
+        sigma = data[data["kind"] == kind].groupby("index")["sigma"].sum().sort_index()
+        fig.add_trace(go.Scatter(
+            x=sigma.index + 1, y=sigma.to_numpy(), mode="lines+markers", name=names[kind],
+            line=dict(dash=dash), hovertemplate=f"{names[kind]}<br>k = %{{x}}<br>σ = %{{y:.4g}}<extra></extra>",
+        ))
+    fig.update_yaxes(type="log", title="singular value (log scale)", exponentformat="power")
+    fig.update_xaxes(title="index k (largest first)")
+    return _finish(fig, title)
