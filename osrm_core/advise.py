@@ -31,7 +31,7 @@ import torch
 
 from osrm_core.adapters import Adapter, check_against_model, num_labels_of, union_layers
 from osrm_core.data import Split, TaskData
-from osrm_core.evaluate import SweepEngine, score
+from osrm_core.evaluate import LOWER_IS_BETTER, SweepEngine, score
 from osrm_core.models import is_causal_lm
 
 Progress = Callable[[int, int, str], None]
@@ -72,6 +72,16 @@ def score_interval(
     return float(lo), float(hi)
 
 
+def loss_interval(total: np.ndarray, units: np.ndarray, *, seed: int = 0, resamples: int = 200) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of a mean loss ``sum(total) / sum(units)`` over examples
+    (e.g. the token losses of each text, :func:`osrm_core.evaluate.example_losses`)."""
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(total), size=(resamples, len(total)))
+    draws = total[idx].sum(1) / np.maximum(units[idx].sum(1), 1)
+    lo, hi = np.percentile(draws, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
 # --------------------------------------------------------------------------- samples
 
 
@@ -81,12 +91,13 @@ def _pooled(task: TaskData) -> Split:
         return task.test
     a, b = task.train, task.test
     pair = None if a.text_pair is None else a.text_pair + b.text_pair
-    return Split(a.text + b.text, np.concatenate([a.label, b.label]), pair)
+    label = None if a.label is None else np.concatenate([a.label, b.label])
+    return Split(a.text + b.text, label, pair)
 
 
 def _subset(split: Split, idx: np.ndarray) -> Split:
     pair = None if split.text_pair is None else [split.text_pair[i] for i in idx]
-    return Split([split.text[i] for i in idx], split.label[idx], pair)
+    return Split([split.text[i] for i in idx], None if split.label is None else split.label[idx], pair)
 
 
 def split_samples(
@@ -105,9 +116,10 @@ def split_samples(
     idx = np.arange(len(pooled))
     if max_samples is not None and max_samples < len(idx):
         idx = np.sort(rng.choice(idx, size=max_samples, replace=False))
+    strata = pooled.label if task.labeled else np.zeros(len(pooled), dtype=np.int64)  # texts: one stratum
     val, held = [], []
-    for label in np.unique(pooled.label[idx]):
-        members = rng.permutation(idx[pooled.label[idx] == label])
+    for label in np.unique(strata[idx]):
+        members = rng.permutation(idx[strata[idx] == label])
         k = int(round(holdout * len(members)))
         if len(members) >= 2:
             k = min(max(k, 1), len(members) - 1)
@@ -115,11 +127,11 @@ def split_samples(
         val += members[k:].tolist()
     shares = []
     for name, chosen in (("validation", sorted(val)), ("held-out", sorted(held))):
-        labels = pooled.label[chosen]
-        if len(chosen) < 2 or np.unique(labels).size < 2:
+        if len(chosen) < 2 or (task.labeled and np.unique(strata[chosen]).size < 2):
             raise ValueError(
                 f"task {task.name!r}: the {name} share has {len(chosen)} samples of "
-                f"{np.unique(labels).size} class(es); give at least 2 samples of each of 2 classes"
+                f"{np.unique(strata[chosen]).size} class(es); give at least 2 samples"
+                + (" of each of 2 classes" if task.labeled else " in each share (4 texts or more)")
             )
         part = _subset(pooled, np.asarray(chosen))
         shares.append(TaskData(task.name, part, part, task.label_names, task.metric, source="sample texts"))
@@ -169,6 +181,11 @@ class Advice:
     settings: dict = field(default_factory=dict)
     merged: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     layers: pd.DataFrame = field(default_factory=pd.DataFrame, repr=False)
+
+    @property
+    def lower_is_better(self) -> bool:
+        """Whether the scores are losses (adapters of a causal LM): the best comes lowest."""
+        return bool(len(self.candidates)) and bool(self.candidates["metric"].isin(LOWER_IS_BETTER).all())
 
     def to_dict(self) -> dict:
         def records(df: pd.DataFrame) -> list[dict]:
@@ -250,8 +267,10 @@ def layer_notes(verdicts: pd.DataFrame) -> list[str]:
 class _Search:
     """Candidates scored on the validation engine, every call counted."""
 
-    def __init__(self, engine: SweepEngine, names: list[str], deltas, grams, seed: int, report) -> None:
+    def __init__(self, engine: SweepEngine, names: list[str], deltas, grams, seed: int, report,
+                 lower_is_better: bool = False) -> None:
         self.engine, self.names, self.deltas, self.grams, self.seed = engine, names, deltas, grams, seed
+        self.sign = -1.0 if lower_is_better else 1.0  # the objective is maximized: minus a loss
         self.report = report
         self.evaluations = 0
         self.cache: dict[tuple, float] = {}
@@ -267,7 +286,7 @@ class _Search:
         key = (method, density, tuple(round(w, 6) for w in weights))
         if key not in self.cache:
             self.engine.apply(merged if merged is not None else self.merged(method, density, weights))
-            self.cache[key] = float(np.mean(list(self.engine.evaluate().values())))
+            self.cache[key] = self.sign * float(np.mean(list(self.engine.evaluate().values())))
             self.evaluations += 1
             self.report(f"{_method_label(method, density)} weights {weights_label(weights)}")
         return self.cache[key]
@@ -357,13 +376,12 @@ def advise(
         raise ValueError(f"lambdas must be a non-empty list in (0, 10] and densities in (0, 1]; got {bad}")
     if not isinstance(budget, int) or budget < 0:
         raise ValueError(f"budget is {budget!r}; it must be an integer >= 0")
-    if is_causal_lm(model):
-        raise ValueError("the merge advisor scores predicted labels; adapters of a causal LM are scored by "
-                         "their token loss: sweep them instead (osrm sweep, or the page's loss sweep)")
+    lower = is_causal_lm(model)  # a causal LM: each task scored by the token loss of its texts
     for name, adapter in adapters.items():
         check_against_model(adapter, model, where=name)
-        if not by_name[name].labeled:
-            raise ValueError(f"task {name!r} has no labels; the merge advisor needs labelled samples of every task")
+        if not lower and not by_name[name].labeled:
+            raise ValueError(f"task {name!r} has no labels; the merge advisor needs labelled samples of every task "
+                             "(or adapters of a causal LM, scored by the token loss of plain texts)")
         classes = num_labels_of(adapter)
         if classes is not None and by_name[name].num_labels > classes:
             raise ValueError(
@@ -409,7 +427,7 @@ def advise(
                 engine.apply(engine.single_deltas[n])
                 single[(n, share)] = engine.evaluate([n])[n]
                 report(f"single-task {n} ({share})")
-        search = _Search(val_engine, names, deltas, grams, seed, report)
+        search = _Search(val_engine, names, deltas, grams, seed, report, lower_is_better=lower)
 
         on_stage("grid on the validation share")
         grid = []
@@ -442,16 +460,21 @@ def advise(
         rows = []
         for k, c in enumerate(candidates):
             held_engine.apply(search.merged(c["method"], c["density"], c["weights"]))
-            preds = held_engine.predictions()
+            preds = {} if lower else held_engine.predictions()
             report(f"held-out {_method_label(c['method'], c['density'])} weights {weights_label(c['weights'])}")
             for n, t in zip(names, held_tasks):
-                got = score(t.metric, t.test.label, preds[n])
-                low, high = score_interval(t.metric, t.test.label, preds[n], seed=seed)
+                if lower:
+                    losses, units = held_engine.example_losses(n)
+                    got = float(losses.sum() / units.sum())
+                    low, high = loss_interval(losses, units, seed=seed)
+                else:
+                    got = score(t.metric, t.test.label, preds[n])
+                    low, high = score_interval(t.metric, t.test.label, preds[n], seed=seed)
                 ref = single[(n, "heldout")]
                 rows.append({"candidate": k, "method": c["method"], "density": c["density"],
                              "weights": weights_label(c["weights"]), "origin": c["origin"],
-                             "validation": c["validation"], "task": n, "metric": t.metric, "n": len(t.test), "score": got,
-                             "low": low, "high": high, "single": ref,
+                             "validation": c["validation"], "task": n, "metric": held_engine.tasks[n].metric,
+                             "n": len(t.test), "score": got, "low": low, "high": high, "single": ref,
                              "normalized": got / ref if ref > 0 else float("nan")})
         table = pd.DataFrame(rows)
         summary = _summarize(table)
@@ -481,7 +504,7 @@ def advise(
     on_stage("done")
     return Advice(
         names=names, candidates=table, summary=summary, single=single_df, recommended=recommended,
-        reason=_reason(summary, chosen), evaluations=done["n"], seconds=time.perf_counter() - start_time,
+        reason=_reason(summary, chosen, lower), evaluations=done["n"], seconds=time.perf_counter() - start_time,
         shares=shares, merged=merged, layers=verdicts,
         settings={"methods": list(methods), "lambdas": [float(x) for x in lambdas],
                   "densities": [float(x) for x in densities], "budget": budget, "refine": refine,
@@ -513,23 +536,28 @@ def _choose(summary: pd.DataFrame) -> pd.Series:
     return ranked.iloc[0].drop("_grid")
 
 
-def _reason(summary: pd.DataFrame, chosen: pd.Series) -> str:
+def _reason(summary: pd.DataFrame, chosen: pd.Series, lower: bool = False) -> str:
     what = _method_label(chosen["method"], chosen["density"])
     if chosen["origin"] == "grid":
         what += f", lambda {chosen['weights'].split('/')[0]}"
     else:
         what += f", weights {chosen['weights']}"
     ta = summary[(summary["method"] == "task_arithmetic") & (summary["origin"] == "grid")]
-    held = f"{chosen['score']:.3f} [{chosen['low']:.3f}, {chosen['high']:.3f}]"
+    held = f"{'mean loss ' if lower else ''}{chosen['score']:.3f} [{chosen['low']:.3f}, {chosen['high']:.3f}]"
+    best = f"the best validation {'loss' if lower else 'score'} ({abs(chosen['validation']):.3f})"
     if ta.empty:
-        return f"{what}: the best validation score ({chosen['validation']:.3f}); held-out {held}."
+        return f"{what}: {best}; held-out {held}."
     ref = ta.sort_values(["validation", "candidate"], ascending=[False, True]).iloc[0]
     if int(ref["candidate"]) == int(chosen["candidate"]):
-        return (f"{what}: the best validation score ({chosen['validation']:.3f}) of every candidate; "
-                f"held-out {held}.")
+        return f"{what}: {best} of every candidate; held-out {held}."
+    lam = ref["weights"].split("/")[0]
+    if lower:
+        change = 100 * (chosen["score"] / ref["score"] - 1) if ref["score"] > 0 else float("nan")
+        return (f"{what}: held-out loss {change:+.1f}% against the best single lambda of task arithmetic "
+                f"(lambda {lam}, {ref['score']:.3f}); held-out {held}.")
     gain = 100 * (chosen["score"] - ref["score"])
     return (f"{what}: {gain:+.1f} points over the best single lambda of task arithmetic "
-            f"(lambda {ref['weights'].split('/')[0]}, {ref['score']:.3f}) on held-out texts; held-out {held}.")
+            f"(lambda {lam}, {ref['score']:.3f}) on held-out texts; held-out {held}.")
 
 
 # --------------------------------------------------------------------------- output
@@ -540,15 +568,16 @@ def advice_markdown(advice: Advice) -> str:
     from osrm_core.study import _md
 
     cols = ["method", "density", "weights", "origin", "validation", "score", "low", "high", "normalized"]
-    table = advice.summary.sort_values("score", ascending=False)[cols]
+    table = advice.summary.sort_values("score", ascending=advice.lower_is_better)[cols]
     single = advice.single.pivot_table(index="task", columns="share", values="score").reset_index()
     lines = [
         "# Merge advice", "",
         f"Adapters: {', '.join(advice.names)}. {advice.evaluations} evaluations in {advice.seconds:.1f} s.", "",
         f"**Recommended**: {advice.reason}", "",
         "Scores are each task's metric on the held-out share (never seen by the search), averaged over",
-        "tasks, with a 95% interval (Wilson per task for accuracy, bootstrap otherwise); `normalized`",
-        "divides by each adapter alone. `validation` is the search objective.", "",
+        "tasks, with a 95% interval (Wilson per task for accuracy, bootstrap otherwise); for adapters of",
+        "a causal LM the metric is the mean token loss (lower is better). `normalized` divides by each",
+        "adapter alone. `validation` is the search objective (higher is better: minus a loss).", "",
         _md(table), "", "## Single-task scores", "", _md(single), "",
         "## Interference per layer", "",
         "Exact, from the statistics of the validation texts; ranked by the summed relative output",

@@ -364,7 +364,7 @@ def cmd_advise(args) -> None:
                     progress=_progress_bar(), on_stage=lambda s: print(s, file=sys.stderr))
     out = write_advice(advice, adapters, args.out)
     cols = ["method", "density", "weights", "validation", "score", "low", "high", "normalized"]
-    text = [advice.summary.sort_values("score", ascending=False)[cols].to_string(index=False, float_format="%.3f"),
+    text = [advice.summary.sort_values("score", ascending=advice.lower_is_better)[cols].to_string(index=False, float_format="%.3f"),
             "", f"recommended: {advice.reason}", f"advice and adapter: {out}"]
     _emit(args, {"out": str(out), **advice.to_dict()}, "\n".join(text))
 

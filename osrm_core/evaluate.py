@@ -61,26 +61,40 @@ def task_metric(task: TaskData, model: nn.Module) -> str:
 
 
 @torch.no_grad()
-def mean_loss(model: nn.Module, split: Split, batches: list[dict[str, torch.Tensor]], order: np.ndarray) -> float:
-    """Mean loss per token (causal LM: next-token cross-entropy over real tokens) or per example
-    (classifier: cross-entropy of the label), over all of ``batches``."""
+def example_losses(
+    model: nn.Module, split: Split, batches: list[dict[str, torch.Tensor]], order: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per example of ``split`` (in the split's order): the summed loss and the number of units
+    it sums over. A causal LM: next-token cross-entropy over the real tokens of the text; a
+    classifier: the cross-entropy of the label (one unit)."""
     device = next(model.parameters()).device
-    total, count, seen = 0.0, 0, 0
     causal = is_causal_lm(model)
+    sums, counts, seen = [], [], 0
     for batch in batches:
         logits = model(**move_batch(decoder_position_ids(batch, model), device)).logits.float()
         if causal:
             ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device).bool()
             valid = mask[:, 1:] & mask[:, :-1]
-            nll = F.cross_entropy(logits[:, :-1][valid], ids[:, 1:][valid], reduction="sum")
-            total, count = total + float(nll), count + int(valid.sum())
+            nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none") * valid
+            sums.append(nll.sum(1).cpu())
+            counts.append(valid.sum(1).cpu())
         else:
             labels = torch.as_tensor(split.label[order[seen : seen + len(logits)]], device=device)
-            total, count = total + float(F.cross_entropy(logits, labels, reduction="sum")), count + len(labels)
+            sums.append(F.cross_entropy(logits, labels, reduction="none").cpu())
+            counts.append(torch.ones(len(labels), dtype=torch.long))
         seen += len(batch["input_ids"])
-    if count == 0:
+    total, units = np.empty(len(order)), np.empty(len(order), dtype=np.int64)
+    total[order], units[order] = torch.cat(sums).double().numpy(), torch.cat(counts).numpy()
+    return total, units
+
+
+def mean_loss(model: nn.Module, split: Split, batches: list[dict[str, torch.Tensor]], order: np.ndarray) -> float:
+    """Mean loss per token (causal LM: next-token cross-entropy over real tokens) or per example
+    (classifier: cross-entropy of the label), over all of ``batches`` (see :func:`example_losses`)."""
+    total, units = example_losses(model, split, batches, order)
+    if units.sum() == 0:
         raise ValueError("no tokens to score: every text is one token or empty")
-    return total / count
+    return float(total.sum() / units.sum())
 
 
 def split_score(
@@ -277,6 +291,13 @@ class SweepEngine:
         model as it is now, with that task's head."""
         with self._task_forward(name, batches):
             return predict(self.model, None, self.tasks[name].test, batches=batches, order=order)
+
+    def example_losses(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """Task ``name``'s per-example summed loss and unit count (:func:`example_losses`) on
+        its test examples, on the model as it is now."""
+        te = self.tasks[name]
+        with self._task_forward(name, te.batches):
+            return example_losses(self.model, te.test, te.batches, te.order)
 
     @contextlib.contextmanager
     def _task_forward(self, name: str, batches: list[dict[str, torch.Tensor]]):

@@ -46,16 +46,12 @@ from osrm_core.viz import (
     matrix_range,
     merged_spectrum_figure,
     short_layer,
-    sweep_best,
-    sweep_curves,
-    sweep_figure,
 )
 from osrm_core.workflows import (
     coverage_table,
     diagnose_adapters,
     is_causal_lm_set,
     load_base_for,
-    sweep_adapters,
 )
 
 st.title("Adapter diagnosis")
@@ -375,9 +371,9 @@ def numbers(text: str, what: str) -> list[float]:
         raise DataError(f"{what} {text!r}: give numbers separated by commas") from None
 
 
-def prefill_merge_form(method: str, lam: float, weights: list[float], params: dict, source: str = "uploaded") -> None:
+def prefill_merge_form(method: str, lam: float, weights: list[float], params: dict) -> None:
     """Put a recommended merge into the merge form below (its widgets are drawn later in this run)."""
-    ss["diag_merge_source"] = source
+    ss["diag_merge_source"] = "uploaded"
     ss["diag_merge_method"] = method
     ss["diag_merge_lambda"] = float(lam)
     ss["diag_merge_weights"] = ", ".join(f"{w:g}" for w in weights)
@@ -386,29 +382,13 @@ def prefill_merge_form(method: str, lam: float, weights: list[float], params: di
             ss[f"diag_merge_{spec.name}"] = params[spec.name]
 
 
-def loss_sweep(methods: list[str], lambdas: list[float], both: bool) -> None:
-    """Causal-LM adapters: a sweep scored by each task's token loss picks the method and λ."""
-    tasks = [text_task(n, texts[n], None) for n in names]
-    sets = {"uploaded": adapters, **({"posthoc_osrm": result["projected"]} if both else {})}
-    with st.spinner("Sweeping ..."):
-        sweep_model, _ = load_base_for(adapters, model_name)
-        df = pd.concat(
-            [sweep_adapters(sweep_model, tokenizer, chosen, tasks, methods=methods, lambdas=lambdas, stats=stats,
-                            max_length=int(max_length)).assign(init=label) for label, chosen in sets.items()],
-            ignore_index=True,
-        )
-    best = sweep_best(sweep_curves(df), lower_is_better=True).sort_values("normalized")
-    ss["diag_sweep"] = {"key": key, "df": df, "best": best}
-    top = best.iloc[0]
-    prefill_merge_form(top["method"], top["lambda"], [1.0] * len(names), top.to_dict(), source=top["init"])
-
-
 def advise_merge(methods: list[str], lambdas: list[float], budget: int) -> None:
-    """Classifiers: the merge advisor on labelled texts (validation search, held-out report)."""
-    tasks = [text_task(n, texts[n], labels[n]) for n in names]
+    """The merge advisor on the sample texts (validation search, held-out report)."""
+    tasks = [text_task(n, texts[n], None if causal else labels[n]) for n in names]
     with st.status("Searching ...", expanded=True) as status:
         progress, on_stage = progress_callbacks(status, n_stages=6)
-        search_model, _ = fresh_model(model_name)  # the search writes merged weights in place
+        # the search writes merged weights in place: a private model
+        search_model, _ = load_base_for(adapters, model_name) if causal else fresh_model(model_name)
         advice = advise(
             search_model, tokenizer, adapters, tasks, methods=methods, lambdas=lambdas, budget=budget,
             max_length=int(max_length), progress=progress, on_stage=on_stage,
@@ -421,37 +401,28 @@ def advise_merge(methods: list[str], lambdas: list[float], budget: int) -> None:
 
 
 st.subheader("Merge advice")
-unlabelled = []
-if causal:
-    st.markdown(
-        "Causal-LM adapters: each task is scored by the mean token loss of its texts (lower is "
-        "better). A sweep over the λ grid picks the method and λ (the advisor's held-out "
-        "intervals need labels); the best point fills the merge form below."
-    )
-else:
-    st.markdown(
-        "The advisor splits each task's labelled texts into a **validation** share, on which it "
-        "searches the merge method, density, λ and then a weight per adapter, and a **held-out** "
-        "share, on which it reports every candidate with a 95% interval. Absolute scores come "
-        "first: a normalized score (merged / single) looks good when the single-task score is "
-        "poor. The recommended settings fill the merge form below."
-    )
-    unlabelled = [n for n in names if labels.get(n) is None]
-    if unlabelled:
-        st.caption(f"Advice needs labels for every task; without labels: {', '.join(unlabelled)}.")
+st.markdown(
+    "The advisor splits each task's texts into a **validation** share, on which it searches the "
+    "merge method, density, λ and then a weight per adapter, and a **held-out** share, on which "
+    "it reports every candidate with a 95% interval. Absolute scores come first: a normalized "
+    "score (merged / single) looks good when the single-task score is poor. The recommended "
+    "settings fill the merge form below."
+    + (" Causal-LM adapters: each task is scored by the mean token loss of its texts (lower is better)."
+       if causal else "")
+)
+unlabelled = [] if causal else [n for n in names if labels.get(n) is None]
+if unlabelled:
+    st.caption(f"Advice needs labels for every task; without labels: {', '.join(unlabelled)}.")
 c1, c2, c3 = st.columns(3)
 methods = c1.multiselect(
     "Methods", list(MERGE_METHODS), default=["task_arithmetic", "ties"], key="diag_methods"
 )
 grid = c2.text_input("Lambda grid", ", ".join(f"{x:g}" for x in ADVISE_LAMBDAS), key="diag_lambdas")
-if causal:
-    both = c3.checkbox("Also sweep the post-hoc OSRM adapters", value=True, key="diag_sweep_both")
-else:
-    budget = c3.number_input(
-        "Evaluations for per-adapter weights", 0, 500, 30, step=10, key="diag_budget",
-        help="Each evaluation scores every task's validation texts once",
-    )
-if st.button("Run a loss sweep" if causal else "Get merge advice", key="diag_advise_button", type="primary"):
+budget = c3.number_input(
+    "Evaluations for per-adapter weights", 0, 500, 30, step=10, key="diag_budget",
+    help="Each evaluation scores every task's validation texts once",
+)
+if st.button("Get merge advice", key="diag_advise_button", type="primary"):
     try:
         lambdas = numbers(grid, "lambda grid")
         if unlabelled:
@@ -460,23 +431,9 @@ if st.button("Run a loss sweep" if causal else "Get merge advice", key="diag_adv
             )
         if not methods:
             raise DataError("choose at least one merge method")
-        if causal:
-            loss_sweep(methods, lambdas, both)
-        else:
-            advise_merge(methods, lambdas, int(budget))
+        advise_merge(methods, lambdas, int(budget))
     except (DataError, ValueError) as err:
         st.error(str(err))
-sweep = ss.get("diag_sweep")
-if causal and sweep is not None and sweep["key"] == key:
-    show_figure(sweep_figure(sweep["df"], title="Loss sweep on the sample texts"), "diagnosis_sweep",
-                "diag_sweep_fig")
-    show_table(sweep["best"], "diagnosis_sweep_best", "diag_sweep_best")
-    top = sweep["best"].iloc[0]
-    density = "" if pd.isna(top.get("density")) else f", density {top['density']:g}"
-    st.success(
-        f"Suggested: **{top['method']}** with λ = {top['lambda']:g}{density} on the {top['init']} adapters "
-        f"(merged loss / single loss {top['normalized']:.3f} on the sample texts, averaged over tasks)."
-    )
 advised = ss.get("diag_advice")
 if advised is not None and advised["key"] == key:
     advice = advised["advice"]
@@ -494,7 +451,7 @@ if advised is not None and advised["key"] == key:
             "diag_adv_norm",
         )
     show_table(
-        summary.sort_values("score", ascending=False)[
+        summary.sort_values("score", ascending=advice.lower_is_better)[
             ["method", "density", "weights", "origin", "validation", "score", "low", "high", "normalized"]
         ],
         "advice_candidates",

@@ -172,10 +172,45 @@ def test_cli_diagnose_sweep_merge(llama) -> None:
     assert_close(auto(input_ids=ids).logits, expected(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
 
 
+def test_advise_scores_held_out_texts_by_their_token_loss(llama) -> None:
+    """``advise`` on causal-LM adapters and plain texts: every candidate's held-out score is the
+    mean token loss of the merged model on the held-out texts (transformers' own loss, text by
+    text, recomputed here), lower is better, and the recommendation has the best validation loss."""
+    from transformers import AutoModelForCausalLM
+
+    from osrm_core.advise import advise, split_samples
+    from osrm_core.export import merge_adapters
+
+    adapters = {n: load_adapter(p) for n, p in llama["adapters"].items()}
+    model, tok = load_base_for(adapters, str(llama["base"]))
+    tasks = [parse_task_spec(str(p), name=n, seed=0) for n, p in llama["tasks"].items()]
+    advice = advise(model, tok, adapters, tasks, methods=["task_arithmetic"], lambdas=[0.5, 1.0], budget=2)
+    assert advice.lower_is_better and set(advice.candidates["metric"]) == {"loss"}
+    chosen = advice.summary.loc[advice.summary["validation"].idxmax()]
+    assert advice.recommended["candidate"] == chosen["candidate"]
+    rec = advice.recommended
+    merged = merge_adapters(adapters, rec["method"], weights=rec["weights"])
+    reference = AutoModelForCausalLM.from_pretrained(llama["base"]).eval()
+    with torch.no_grad():
+        for name, delta in merged.items():
+            reference.get_submodule(name).weight += delta
+    for task in tasks:
+        held = split_samples(task, seed=0)[1].test
+        total = count = 0.0
+        for text in held.text:
+            ids = tok(text, return_tensors="pt")["input_ids"]
+            with torch.no_grad():
+                loss = reference(input_ids=ids, labels=ids).loss  # mean over the text's next tokens
+            total, count = total + float(loss) * (ids.shape[1] - 1), count + ids.shape[1] - 1
+        assert advice.recommended["heldout_per_task"][task.name] == pytest.approx(total / count, rel=1e-4)
+    assert "held-out" in advice.reason
+
+
 @pytest.mark.slow
-def test_app_diagnosis_page_sweeps_causal_lm_adapters(llama, tmp_path, monkeypatch) -> None:
+def test_app_diagnosis_page_advises_causal_lm_adapters(llama, tmp_path, monkeypatch) -> None:
     """The Adapter diagnosis page: two LLaMA CAUSAL_LM adapters on other layers (zips made from
-    peft's folders), plain texts; diagnosis over the union, and a loss-scored quick sweep."""
+    peft's folders), plain texts; diagnosis over the union, loss-scored advice that fills the
+    merge form, and the merged adapter built."""
     from pathlib import Path
 
     from streamlit.testing.v1 import AppTest
@@ -197,13 +232,14 @@ def test_app_diagnosis_page_sweeps_causal_lm_adapters(llama, tmp_path, monkeypat
     assert not at.exception and not at.error, [e.value for e in [*at.exception, *at.error]]
     assert any("union" in c.value for c in at.caption)
     at.text_input(key="diag_lambdas").set_value("0.5, 1.0")
+    at.number_input(key="diag_budget").set_value(2)
     at.button(key="diag_advise_button").click().run()
     assert not at.exception and not at.error, [e.value for e in [*at.exception, *at.error]]
-    df = at.session_state["diag_sweep"]["df"]
-    assert set(df["metric"]) == {"loss"} and set(df["lambda"]) == {0.5, 1.0}
-    best = at.session_state["diag_sweep"]["best"].iloc[0]  # lowest merged / single loss
-    assert at.session_state["diag_merge_lambda"] == best["lambda"]
-    assert at.session_state["diag_merge_method"] == best["method"]
+    advice = at.session_state["diag_advice"]["advice"]
+    assert set(advice.candidates["metric"]) == {"loss"}
+    rec = advice.recommended
+    assert at.session_state["diag_merge_method"] == rec["method"]
+    assert at.session_state["diag_merge_weights"] == ", ".join(f"{w:g}" for w in rec["weights"])
     at.button(key="diag_merge_button").click().run()
     assert not at.exception and not at.error, [e.value for e in [*at.exception, *at.error]]
     assert at.session_state["diag_merged"]["zip"][:2] == b"PK"
