@@ -71,7 +71,8 @@ def example_losses(
     causal = is_causal_lm(model)
     sums, counts, seen = [], [], 0
     for batch in batches:
-        logits = model(**move_batch(decoder_position_ids(batch, model), device)).logits.float()
+        logits = model(**move_batch(decoder_position_ids(batch, model), device)).logits
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # half -> float32, float64 kept
         if causal:
             ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device).bool()
             valid = mask[:, 1:] & mask[:, :-1]

@@ -303,7 +303,8 @@ def test_diagnose_json(jobs) -> None:
     result = jobs["diagnose"].result()
     _ok(result)
     payload = json.loads(result.stdout)
-    assert set(payload) == {"interference", "matrix", "angles", "own_energy", "posthoc", "coverage"}
+    assert set(payload) == {"interference", "matrix", "angles", "own_energy", "posthoc", "coverage",
+                            "sv_interference", "spectra", "spectrum"}
     assert all(payload[key] for key in payload)
     assert {row["adapter"] for row in payload["posthoc"]} == set(TASKS)
 
