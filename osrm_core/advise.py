@@ -219,12 +219,19 @@ def _method_label(method: str, density: float | None) -> str:
 
 
 def adapter_layer_verdicts(model, adapters: dict[str, Adapter], stats: dict) -> pd.DataFrame:
-    """:func:`osrm_core.diagnostics.layer_verdicts` of the adapters against their tasks' statistics."""
-    from osrm_core.diagnostics import layer_verdicts
-    from osrm_core.workflows import diagnose_adapters
+    """:func:`osrm_core.diagnostics.layer_verdicts` of the adapters against their tasks' statistics
+    (over the union of their layers)."""
+    from osrm_core.diagnostics import interference_table, layer_verdicts, posthoc_osrm_adapters
+    from osrm_core.models import weight_as_linear
 
-    diagnosis = diagnose_adapters(model, adapters, stats)
-    return layer_verdicts(diagnosis["interference"], diagnosis["posthoc"])
+    w0 = {n: weight_as_linear(model.get_submodule(n)).detach() for n in union_layers(adapters)}
+    projected, kept = posthoc_osrm_adapters(adapters, stats)
+    table = pd.concat(
+        [interference_table(adapters, stats, w0).assign(init="uploaded"),
+         interference_table(projected, stats, w0).assign(init="posthoc_osrm")],
+        ignore_index=True,
+    )
+    return layer_verdicts(table, kept)
 
 
 def layer_notes(verdicts: pd.DataFrame) -> list[str]:
