@@ -423,17 +423,19 @@ def analyse(frames: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
         if not frames["signals"].empty:
             merged = merged.merge(frames["signals"][["variant", "adapter", "data", "sv_overlap", "spectral_loss"]],
                                   on=["variant", "adapter", "data"], how="left")
-        merged = merged.merge(per_run[["variant", "init"]].drop_duplicates(), on="variant")
+        arms = per_run[["variant", "init", "constraint", "rank", "lr"]].drop_duplicates("variant")
+        arms = arms.assign(arm=[viz.arm_label(r, arms) for _, r in arms.iterrows()])
+        merged = merged.merge(arms[["variant", "arm"]], on="variant")
         rows = []
         for signal in [c for c in PAIR_SIGNALS if c in merged]:
-            for init, g in [*merged.groupby("init"), ("all", merged)]:
+            for arm, g in [*merged.groupby("arm"), ("all", merged)]:
                 rho, p = spearmanr(g[signal], g["loss"]) if len(g) > 2 else (np.nan, np.nan)
-                rows.append({"signal": signal, "init": init, "scope": "summed over layers", "pairs": len(g),
+                rows.append({"signal": signal, "arm": arm, "scope": "summed over layers", "pairs": len(g),
                              "spearman": rho, "p": p})
         per_layer = other.merge(pairs[["variant", "adapter", "data", "loss"]], on=["variant", "adapter", "data"])
         for layer, g in per_layer.groupby("layer"):
             rho, p = spearmanr(g["relative_shift"], g["loss"]) if len(g) > 2 else (np.nan, np.nan)
-            rows.append({"signal": "relative_shift", "init": "all", "scope": layer, "pairs": len(g),
+            rows.append({"signal": "relative_shift", "arm": "all", "scope": layer, "pairs": len(g),
                          "spearman": rho, "p": p})
         tables["q6_prediction"] = pd.DataFrame(rows)
         tables["q6_pairs"] = merged
