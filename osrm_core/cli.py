@@ -232,12 +232,13 @@ def cmd_merge(args) -> None:
     model = tok = None
     if args.full or args.task or needs_gram or args.model is not None:  # with --model, the adapters are checked
         model, tok = load_base_for(adapters, args.model)
-    stats = _gram_stats(args, model, tok, adapters, [args.method])
+    tasks = _load_tasks(args, required=needs_gram)
+    stats = _gram_stats(args, model, tok, adapters, [args.method], tasks)
     if args.full and args.out_rank is not None:
         raise UsageError("--out-rank truncates a merged adapter; --full writes whole weights: give one of them")
     scores, cols = None, ["task", "metric", "score", "single", "normalized"]
-    if args.task:  # measured, for the model card and the summary
-        scores = merge_scores(model, tok, adapters, _load_tasks(args), args.method, lam=args.lam, stats=stats,
+    if tasks:  # measured, for the model card and the summary
+        scores = merge_scores(model, tok, adapters, tasks, args.method, lam=args.lam, stats=stats,
                               max_test=args.max_test, max_length=args.max_length, seed=args.seed, **params)[cols]
     if args.full:
         merged = merge_adapters(adapters, args.method, lam=args.lam, stats=stats, seed=args.seed, **params)
@@ -282,7 +283,7 @@ def _grid(values: list[str] | None) -> dict[str, list]:
     return validate_settings(MergeSettings, {"params": grid}, "--param").params
 
 
-def _gram_stats(args, model, tok, adapters, methods):
+def _gram_stats(args, model, tok, adapters, methods, tasks):
     """The tasks' statistics when one of ``methods`` needs Gram matrices (RegMean), else None."""
     from osrm_core.adapters import union_layers
     from osrm_core.merge import get_merge_method
@@ -290,7 +291,7 @@ def _gram_stats(args, model, tok, adapters, methods):
 
     if not any(get_merge_method(m).needs_gram for m in methods):
         return None
-    return task_stats(model, tok, _load_tasks(args), samples=args.samples, max_length=args.max_length,
+    return task_stats(model, tok, tasks, samples=args.samples, max_length=args.max_length,
                       target_modules=list(union_layers(adapters)), seed=args.seed)
 
 
@@ -301,7 +302,7 @@ def cmd_sweep(args) -> None:
     adapters = _load_adapters(args)
     model, tok = load_base_for(adapters, args.model)
     tasks = _load_tasks(args)
-    stats = _gram_stats(args, model, tok, adapters, args.methods)
+    stats = _gram_stats(args, model, tok, adapters, args.methods, tasks)
     df = sweep_adapters(model, tok, adapters, tasks, methods=args.methods, lambdas=args.lambdas,
                         densities=args.densities, params=_grid(args.param), stats=stats, max_test=args.max_test,
                         max_length=args.max_length, seed=args.seed, progress=_progress_bar())

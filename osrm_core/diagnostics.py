@@ -463,16 +463,18 @@ def pair_signals(adapters: dict[str, Adapter]) -> pd.DataFrame:
     energy-weighted over layers) and ``spectral_loss`` = ``1 - nuclear_retention`` of the merge
     of the two adapters (:func:`merged_spectrum`, nuclear norms summed over layers)."""
     table = sv_interference_table(adapters)
+    spectral_loss: dict[frozenset, float] = {}  # symmetric: once per unordered pair
     rows = []
     for (j, i), part in table.groupby(["adapter", "data"], sort=False):
+        pair = frozenset((i, j))
+        if pair not in spectral_loss:
+            nuclear = merged_spectrum({i: adapters[i], j: adapters[j]})[0].groupby("kind")["sigma"].sum()
+            spectral_loss[pair] = 1.0 - float(nuclear["merged"] / nuclear["parts"]) if nuclear["parts"] > 0 else 0.0
         energy = part["energy"].sum()
-        pair = {i: adapters[i], j: adapters[j]}
-        spectra, _ = merged_spectrum(pair)
-        nuclear = spectra.groupby("kind")["sigma"].sum()
         rows.append({
             "adapter": j,
             "data": i,
             "sv_overlap": float((part["sv_overlap"] * part["energy"]).sum() / energy) if energy > 0 else 0.0,
-            "spectral_loss": 1.0 - float(nuclear["merged"] / nuclear["parts"]) if nuclear["parts"] > 0 else 0.0,
+            "spectral_loss": spectral_loss[pair],
         })
     return pd.DataFrame(rows, columns=["adapter", "data", "sv_overlap", "spectral_loss"])

@@ -336,7 +336,6 @@ def pairwise_loss(pipeline: Pipeline, lam: float) -> pd.DataFrame:
 
 
 def _collect(study: StudyConfig, out: Path) -> dict[str, pd.DataFrame]:
-    from osrm_core.adapters import read_adapter_dir
     from osrm_core.diagnostics import pair_signals
 
     sweeps, singles, inter, own, pairs, signals = [], [], [], [], [], []
@@ -355,9 +354,8 @@ def _collect(study: StudyConfig, out: Path) -> dict[str, pd.DataFrame]:
             df = run.read_csv(name)
             if df is not None:
                 bucket.append(df.drop(columns=["init"], errors="ignore").assign(**tags))
-        if run.read_csv("pairwise.csv") is not None:  # the data-free signals, from the adapters' weights
-            adapters = {d.name: read_adapter_dir(d) for d in sorted((run.path / "adapters" / v["init"]).iterdir())}
-            signals.append(pair_signals(adapters).assign(**tags))
+        if run.result_path("pairwise.csv").is_file():  # the data-free signals, from the adapters' weights
+            signals.append(pair_signals(run.load_adapters(v["init"])).assign(**tags))
     if not sweeps:
         raise ValueError(f"study {str(out)!r} has no finished variant yet")
     frames = {"sweep": sweeps, "single": singles, "interference": inter, "own_energy": own, "pairwise": pairs,
