@@ -273,7 +273,8 @@ def _run_study(study: StudyConfig, out: Path, jobs: int, progress: Progress | No
 def _variant_done(study: StudyConfig, out: Path, v: dict) -> bool:
     run = RunDir(out / "runs" / variant_name(v, study.base.train.lr))
     pairwise = run.read_csv("pairwise.csv")
-    pairs_ok = v["group"] != "main" or (pairwise is not None and (pairwise["lambda"] == study.pair_lambda).all())
+    pairs_ok = v["group"] != "main" or (
+        pairwise is not None and "lambda" in pairwise and (pairwise["lambda"] == study.pair_lambda).all())
     return run.manifest().get("status") == "done" and pairs_ok
 
 

@@ -60,6 +60,20 @@ def test_growing_by_one_seed_trains_only_that_seed(tiny_model_dir, tmp_path, tas
     assert (q1["seeds"] == 2).all()
 
 
+def test_pairwise_table_of_an_older_version_is_measured_again(tiny_model_dir, tmp_path, tasks, trainings) -> None:
+    """Older versions wrote pairwise.csv without its lambda: growing such a study re-measures the
+    pairs of the finished variant (no KeyError) and trains only the new seed."""
+    out = tmp_path / "study"
+    run_study(small_study(tiny_model_dir), out, tasks=tasks)
+    first = RunDir(out / "runs" / "standard-none-n12-r2-a1-s0")
+    path = first.result_path("pairwise.csv")
+    pd.read_csv(path).drop(columns="lambda").to_csv(path, index=False)
+    trainings.clear()
+    run_study(small_study(tiny_model_dir, seeds=[0, 1]), out, tasks=tasks)
+    assert trainings == ["standard-none-n12-r2-a1-s1"] * len(TASKS)
+    assert (pd.read_csv(path)["lambda"] == 1.0).all()
+
+
 def test_adding_lambdas_and_methods_recomputes_only_the_sweeps(tiny_model_dir, tmp_path, tasks, trainings) -> None:
     out = tmp_path / "study"
     run_study(small_study(tiny_model_dir), out, tasks=tasks)
