@@ -1,7 +1,8 @@
 """The merge advisor: from adapters and labelled sample texts to a recommended merge.
 
 The samples of each task are split (stratified, seeded) into a validation share, on which the
-search runs, and a held-out share, on which every candidate is reported. The search covers the
+search runs, and a held-out share, on which the finalists are reported: the best grid point of
+each method and density, and the per-adapter weights the search found. The search covers the
 merge method, its density, one global lambda (a grid) and then per-adapter weights (coordinate
 search from the best grid points, as LoraHub searches its weights) within an evaluation
 budget. Every merge method here is positively homogeneous (``merge(c Delta) = c merge(Delta)``),
@@ -40,6 +41,9 @@ Progress = Callable[[int, int, str], None]
 ADVISE_LAMBDAS = (0.3, 0.5, 0.7, 1.0, 1.3)
 #: Densities tried for methods that trim or drop (TIES, DARE).
 ADVISE_DENSITIES = (0.3, 0.5, 0.7)
+#: Validation evaluations of the per-adapter weight search, and the grid points it starts from.
+ADVISE_BUDGET = 40
+ADVISE_REFINE = 2
 #: z of a two-sided 95% interval.
 Z95 = 1.959964
 
@@ -148,12 +152,17 @@ class Advice:
     Attributes
     ----------
     candidates : DataFrame
-        One row per candidate and task: ``candidate, method, density, weights, origin,
+        One row per finalist and task: ``candidate, method, density, weights, origin,
         validation, task, metric, n, score, low, high, single, normalized`` (held-out share; ``validation``
-        is the candidate's mean validation score, the search objective).
+        is the candidate's mean validation score, the search objective). The finalists are the
+        best grid point of each method and density (``origin`` ``grid``) and the weights the
+        search found from the best of them (``weights``).
     summary : DataFrame
-        One row per candidate: mean held-out score with its 95% interval, mean normalized score,
+        One row per finalist: mean held-out score with its 95% interval, mean normalized score,
         validation score.
+    search : DataFrame
+        Every validation evaluation of the search in order: ``evaluation, stage`` (``grid`` or
+        ``weights``), ``method, density, weights, validation`` (minus the loss for causal LMs).
     single : DataFrame
         Single-task scores per task on each share (``task, share, score``).
     recommended : dict
@@ -181,6 +190,7 @@ class Advice:
     settings: dict = field(default_factory=dict)
     merged: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     layers: pd.DataFrame = field(default_factory=pd.DataFrame, repr=False)
+    search: pd.DataFrame = field(default_factory=pd.DataFrame, repr=False)
 
     @property
     def lower_is_better(self) -> bool:
@@ -197,6 +207,7 @@ class Advice:
             "reason": self.reason,
             "summary": records(self.summary),
             "candidates": records(self.candidates),
+            "search": records(self.search),
             "single": records(self.single),
             "evaluations": self.evaluations,
             "seconds": round(self.seconds, 2),
@@ -272,7 +283,12 @@ def layer_notes(verdicts: pd.DataFrame) -> list[str]:
 
 
 class _Search:
-    """Candidates scored on the validation engine, every call counted."""
+    """Candidates scored on the validation engine, every call counted and logged.
+
+    TIES keeps each task's largest-magnitude entries, which a weight ``w_i >= 0`` does not
+    change (``trim(w Delta) = w trim(Delta)``): each adapter is trimmed once per density and the
+    weighted, trimmed deltas are merged at density 1, the same merge without trimming again for
+    every candidate of the weight search."""
 
     def __init__(self, engine: SweepEngine, names: list[str], deltas, grams, seed: int, report,
                  lower_is_better: bool = False) -> None:
@@ -281,20 +297,31 @@ class _Search:
         self.report = report
         self.evaluations = 0
         self.cache: dict[tuple, float] = {}
+        self.log: list[dict] = []  # every validation evaluation, in order
+        self.trimmed: dict[float, list[dict[str, torch.Tensor]]] = {}
 
     def merged(self, method: str, density: float | None, weights: Sequence[float]) -> dict[str, torch.Tensor]:
         from osrm_core.merge import merge_deltas
+        from osrm_core.merge.ties import trim_by_magnitude
 
-        params = {} if density is None else {"density": density}
-        scaled = [{k: w * d for k, d in delta.items()} for w, delta in zip(weights, self.deltas)]
+        deltas, params = self.deltas, ({} if density is None else {"density": density})
+        if method == "ties" and density is not None:
+            if density not in self.trimmed:
+                self.trimmed[density] = [{k: trim_by_magnitude(d, density) for k, d in delta.items()}
+                                         for delta in self.deltas]
+            deltas, params = self.trimmed[density], {"density": 1.0}
+        scaled = [{k: w * d for k, d in delta.items()} for w, delta in zip(weights, deltas)]
         return merge_deltas(scaled, method, grams=self.grams, seed=self.seed, **params)
 
-    def validation(self, method: str, density: float | None, weights: Sequence[float], merged=None) -> float:
+    def validation(self, method: str, density: float | None, weights: Sequence[float], merged=None,
+                   stage: str = "weights") -> float:
         key = (method, density, tuple(round(w, 6) for w in weights))
         if key not in self.cache:
             self.engine.apply(merged if merged is not None else self.merged(method, density, weights))
             self.cache[key] = self.sign * float(np.mean(list(self.engine.evaluate().values())))
             self.evaluations += 1
+            self.log.append({"evaluation": self.evaluations, "stage": stage, "method": method, "density": density,
+                             "weights": weights_label(weights), "validation": self.cache[key]})
             self.report(f"{_method_label(method, density)} weights {weights_label(weights)}")
         return self.cache[key]
 
@@ -329,8 +356,8 @@ def advise(
     methods: Sequence[str] = ("task_arithmetic", "ties"),
     lambdas: Sequence[float] = ADVISE_LAMBDAS,
     densities: Sequence[float] = ADVISE_DENSITIES,
-    budget: int = 40,
-    refine: int = 2,
+    budget: int = ADVISE_BUDGET,
+    refine: int = ADVISE_REFINE,
     holdout: float = 0.5,
     max_samples: int | None = None,
     max_length: int = 128,
@@ -339,7 +366,7 @@ def advise(
     on_stage: Callable[[str], None] | None = None,
 ) -> Advice:
     """Search merge method, density, lambda and per-adapter weights on a validation share of
-    labelled sample texts and report every candidate on the held-out share.
+    labelled sample texts and report the finalists on the held-out share.
 
     Parameters
     ----------
@@ -416,7 +443,7 @@ def advise(
         for density in densities if get_merge_method(method).uses_density else [None]:
             plan.append((method, density))
     n_grid = len(plan) * len(lambdas)
-    total = {"n": 2 * len(names) + n_grid + budget + n_grid + refine}
+    total = {"n": 2 * len(names) + n_grid + budget + len(plan) + refine}
     done = {"n": 0}
 
     def report(message: str) -> None:
@@ -442,7 +469,7 @@ def advise(
             unit = search.merged(method, density, [1.0] * len(names))
             for lam in lambdas:
                 weights = [float(lam)] * len(names)
-                got = search.validation(method, density, weights, {k: lam * d for k, d in unit.items()})
+                got = search.validation(method, density, weights, {k: lam * d for k, d in unit.items()}, stage="grid")
                 grid.append({"method": method, "density": density, "weights": weights, "origin": "grid",
                              "validation": got})
 
@@ -460,10 +487,10 @@ def advise(
             if weights != c["weights"]:
                 searched.append({**c, "weights": weights, "origin": "weights",
                                  "validation": search.validation(c["method"], c["density"], weights)})
-        total["n"] = done["n"] + len(grid) + len(searched)
+        candidates = [*best_per_config.values(), *searched]  # the finalists
+        total["n"] = done["n"] + len(candidates)
 
         on_stage("held-out scores")
-        candidates = grid + searched
         rows = []
         for k, c in enumerate(candidates):
             held_engine.apply(search.merged(c["method"], c["density"], c["weights"]))
@@ -512,7 +539,7 @@ def advise(
     return Advice(
         names=names, candidates=table, summary=summary, single=single_df, recommended=recommended,
         reason=_reason(summary, chosen, lower), evaluations=done["n"], seconds=time.perf_counter() - start_time,
-        shares=shares, merged=merged, layers=verdicts,
+        shares=shares, merged=merged, layers=verdicts, search=pd.DataFrame(search.log),
         settings={"methods": list(methods), "lambdas": [float(x) for x in lambdas],
                   "densities": [float(x) for x in densities], "budget": budget, "refine": refine,
                   "holdout": holdout, "max_samples": max_samples, "max_length": max_length, "seed": seed},
@@ -556,7 +583,7 @@ def _reason(summary: pd.DataFrame, chosen: pd.Series, lower: bool = False) -> st
         return f"{what}: {best}; held-out {held}."
     ref = ta.sort_values(["validation", "candidate"], ascending=[False, True]).iloc[0]
     if int(ref["candidate"]) == int(chosen["candidate"]):
-        return f"{what}: {best} of every candidate; held-out {held}."
+        return f"{what}: {best} of the search; held-out {held}."
     lam = ref["weights"].split("/")[0]
     if lower:
         change = 100 * (chosen["score"] / ref["score"] - 1) if ref["score"] > 0 else float("nan")
@@ -568,6 +595,20 @@ def _reason(summary: pd.DataFrame, chosen: pd.Series, lower: bool = False) -> st
 
 
 # --------------------------------------------------------------------------- output
+
+
+def grid_table(search: pd.DataFrame) -> pd.DataFrame:
+    """The grid stage of :attr:`Advice.search` as a table: one row per method and density, one
+    column per lambda, the validation score in the cells."""
+    grid = search[search["stage"] == "grid"] if len(search) else search
+    if not len(grid):
+        return pd.DataFrame()
+    grid = grid.assign(
+        config=[_method_label(m, d) for m, d in zip(grid["method"], grid["density"])],
+        lam=grid["weights"].str.split("/").str[0],
+    )
+    table = grid.pivot_table(index="config", columns="lam", values="validation", sort=False)
+    return table.rename_axis(columns=None).reset_index().rename(columns={"config": "method"})
 
 
 def advice_markdown(advice: Advice) -> str:
@@ -586,6 +627,11 @@ def advice_markdown(advice: Advice) -> str:
         "a causal LM the metric is the mean token loss (lower is better). `normalized` divides by each",
         "adapter alone. `validation` is the search objective (higher is better: minus a loss).", "",
         _md(table), "", "## Single-task scores", "", _md(single), "",
+        "## The search on the validation share", "",
+        f"Validation score of each grid point (rows: method and density; columns: lambda); then "
+        f"{int((advice.search['stage'] == 'weights').sum()) if len(advice.search) else 0} evaluations of "
+        "per-adapter weights.", "",
+        _md(grid_table(advice.search)), "",
         "## Interference per layer", "",
         "Exact, from the statistics of the validation texts; ranked by the summed relative output",
         "shift of every adapter on the other tasks' inputs.", "",

@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from osrm_core.advise import ADVISE_DENSITIES, ADVISE_LAMBDAS
+from osrm_core.advise import ADVISE_BUDGET, ADVISE_DENSITIES, ADVISE_LAMBDAS
 from osrm_core.constraints import CONSTRAINTS
 from osrm_core.data import METRICS, DataError
 from osrm_core.inits import INITS
@@ -502,7 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", default=["task_arithmetic", "ties"])
     p.add_argument("--lambdas", nargs="+", type=float, default=list(ADVISE_LAMBDAS))
     p.add_argument("--densities", nargs="+", type=float, default=list(ADVISE_DENSITIES))
-    p.add_argument("--budget", type=int, default=40, help="validation evaluations for the per-adapter weights")
+    p.add_argument("--budget", type=int, default=ADVISE_BUDGET, help="validation evaluations for the per-adapter weights")
     p.add_argument("--holdout", type=float, default=0.5, help="share of each task's samples held out from the search")
     # --samples: sample texts used per task (a seeded subset of the task's examples).
     p.set_defaults(func=cmd_advise)

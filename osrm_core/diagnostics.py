@@ -176,13 +176,29 @@ def angle_rank(adapters: dict[str, Adapter]) -> int:
     return min(max(lw.rank for lw in a.layers.values()) for a in adapters.values())
 
 
+def data_subspaces(stats: dict[str, FeatureStats], k: int) -> dict[tuple[str, str], torch.Tensor]:
+    """Each task's top-``k`` data subspace per layer (:func:`task_subspace`), keyed by ``(task,
+    layer)``; computed once per group of layers that share their inputs."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    bases = {}
+    for t, st in stats.items():
+        for g in st.groups():
+            basis = task_subspace(st, g[0], k)
+            for layer in g:
+                bases[(t, layer)] = basis
+    return bases
+
+
 def angle_table(
     stats: dict[str, FeatureStats],
     k: int = 8,
     adapters: dict[str, Adapter] | None = None,
+    bases: dict[tuple[str, str], torch.Tensor] | None = None,
 ) -> pd.DataFrame:
     """Principal angles per layer between task data subspaces (top-``k`` eigenvectors) and,
     with ``adapters``, between each adapter's row space (SVD of Delta_W) and each task's data.
+    ``bases``: the data subspaces when already computed (:func:`data_subspaces` with this ``k``).
 
     Returns
     -------
@@ -193,12 +209,7 @@ def angle_table(
         raise ValueError(f"k must be >= 1, got {k}")
     names = list(stats)
     layers = list(next(iter(stats.values())).layers)
-    bases = {}
-    for t in names:
-        for g in stats[t].groups():
-            basis = task_subspace(stats[t], g[0], k)
-            for layer in g:
-                bases[(t, layer)] = basis
+    bases = bases if bases is not None else data_subspaces(stats, k)
     rows = []
     for layer in layers:
         for x in range(len(names)):

@@ -128,6 +128,7 @@ def diagnose_adapters(
     from osrm_core.diagnostics import (
         angle_rank,
         angle_table,
+        data_subspaces,
         interference_matrix,
         interference_table,
         merged_spectrum,
@@ -151,11 +152,13 @@ def diagnose_adapters(
     projected, kept = posthoc_osrm_adapters(adapters, stats, posthoc_rank)
     uploaded = interference_table(adapters, stats, w0)
     k = angle_rank(adapters)
+    bases = data_subspaces(stats, k)
     spectra, spectrum = merged_spectrum(adapters)
     angles = pd.concat(
         [
-            angle_table(stats, k=k, adapters=adapters).assign(init="uploaded"),
-            angle_table(stats, k=k, adapters=projected).query("kind == 'adapter-data'").assign(init="posthoc_osrm"),
+            angle_table(stats, k=k, adapters=adapters, bases=bases).assign(init="uploaded"),
+            angle_table(stats, k=k, adapters=projected, bases=bases)
+            .query("kind == 'adapter-data'").assign(init="posthoc_osrm"),
         ],
         ignore_index=True,
     )

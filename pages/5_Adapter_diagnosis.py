@@ -28,7 +28,7 @@ from app_helpers import (
     uploads_signature,
 )
 from osrm_core.adapters import num_labels_of, union_layers
-from osrm_core.advise import ADVISE_LAMBDAS, advise, layer_notes
+from osrm_core.advise import ADVISE_BUDGET, ADVISE_LAMBDAS, advise, grid_table, layer_notes
 from osrm_core.data import MAX_DATA_BYTES, DataError, read_table
 from osrm_core.demo import DEMO_TASKS, demo_task
 from osrm_core.diagnostics import layer_verdicts
@@ -193,6 +193,8 @@ st.button(
 max_length = st.number_input("Max tokens per text", 8, 2048, 64, step=8, key="diag_max_length")
 texts: dict[str, list[str]] = {}
 labels: dict[str, list | None] = {}
+layers = tuple(union_layers(adapters))
+collected, failed = {}, []
 for tab, n in zip(st.tabs(names), names):
     with tab:
         csv = st.file_uploader(f"CSV of {n}", key=f"diag_csv_{n}", max_upload_size=MAX_DATA_BYTES >> 20)
@@ -216,19 +218,18 @@ for tab, n in zip(st.tabs(names), names):
             raw = st.text_area(f"Texts of {n}, one per line", key=f"diag_texts_{n}", height=150)
             texts[n] = [t for t in raw.splitlines() if t.strip()]
         st.caption(f"{len(texts[n])} texts" + (", labelled" if labels[n] is not None else ", no labels"))
+        if len(texts[n]) >= 2:  # statistics as soon as a task's texts arrive: the last upload waits for one task
+            try:
+                collected[n] = texts_feature_stats(model_name, n, tuple(texts[n]), layers, int(max_length))
+            except (DataError, ValueError) as err:
+                st.error(f"{n}: {err}")
+                failed.append(n)
 
 missing = [n for n in names if len(texts.get(n, [])) < 2]
 if missing:
     st.info(f"Give at least 2 sample texts for: {', '.join(missing)}.")
     st.stop()
-
-layers = tuple(union_layers(adapters))
-try:
-    collected = {
-        n: texts_feature_stats(model_name, n, tuple(texts[n]), layers, int(max_length)) for n in names
-    }
-except (DataError, ValueError) as err:
-    st.error(str(err))
+if failed:
     st.stop()
 stats = {n: c[0] for n, c in collected.items()}
 for _, notes in collected.values():
@@ -404,7 +405,8 @@ st.subheader("Merge advice")
 st.markdown(
     "The advisor splits each task's texts into a **validation** share, on which it searches the "
     "merge method, density, λ and then a weight per adapter, and a **held-out** share, on which "
-    "it reports every candidate with a 95% interval. Absolute scores come first: a normalized "
+    "it reports the finalists (the best λ of each method and density, and the weights found) with a "
+    "95% interval. Absolute scores come first: a normalized "
     "score (merged / single) looks good when the single-task score is poor. The recommended "
     "settings fill the merge form below."
     + (" Causal-LM adapters: each task is scored by the mean token loss of its texts (lower is better)."
@@ -419,7 +421,7 @@ methods = c1.multiselect(
 )
 grid = c2.text_input("Lambda grid", ", ".join(f"{x:g}" for x in ADVISE_LAMBDAS), key="diag_lambdas")
 budget = c3.number_input(
-    "Evaluations for per-adapter weights", 0, 500, 30, step=10, key="diag_budget",
+    "Evaluations for per-adapter weights", 0, 500, ADVISE_BUDGET, step=2, key="diag_budget",
     help="Each evaluation scores every task's validation texts once",
 )
 if st.button("Get merge advice", key="diag_advise_button", type="primary"):
@@ -457,6 +459,9 @@ if advised is not None and advised["key"] == key:
         "advice_candidates",
         "diag_adv_table",
     )
+    with st.expander("The search on the validation share"):
+        st.caption("Validation score of each grid point: rows are method and density, columns λ.")
+        show_table(grid_table(advice.search), "advice_grid", "diag_adv_grid")
     st.caption(
         f"{advice.evaluations} evaluations in {advice.seconds:.1f} s. Held-out texts per task: "
         + ", ".join(f"{n} {len(s['heldout'])}" for n, s in advice.shares.items())

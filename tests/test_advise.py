@@ -14,7 +14,16 @@ import pytest
 import torch
 
 from osrm_core.adapters import load_adapter
-from osrm_core.advise import advise, score_interval, split_samples, wilson_interval, write_advice
+from osrm_core.advise import (
+    _Search,
+    advice_markdown,
+    advise,
+    grid_table,
+    score_interval,
+    split_samples,
+    wilson_interval,
+    write_advice,
+)
 from osrm_core.data import Split
 from osrm_core.demo import demo_task
 
@@ -96,11 +105,23 @@ def test_split_samples_is_stratified_seeded_and_disjoint() -> None:
         split_samples(one, 0.5)
 
 
-def test_advice_covers_every_candidate_with_intervals(advised) -> None:
+def test_advice_reports_the_finalists_with_intervals(advised) -> None:
     advice = advised["advice"]
     summary = advice.summary
-    # 2 lambdas x (task arithmetic + TIES at one density) on the grid, plus searched weights.
-    assert (summary["origin"] == "grid").sum() == 4
+    # the grid: 2 lambdas x (task arithmetic + TIES at one density), every evaluation logged
+    search = advice.search
+    assert list(search["evaluation"]) == list(range(1, len(search) + 1))
+    grid = search[search["stage"] == "grid"]
+    assert len(grid) == 4 and (search["stage"] == "weights").sum() == len(search) - 4
+    # the finalists: the best grid point of each method and density, then the searched weights
+    assert (summary["origin"] == "grid").sum() == 2
+    for row in summary[summary["origin"] == "grid"].itertuples():
+        same = grid[(grid["method"] == row.method) & (grid["density"].fillna(-1) == (-1 if pd.isna(row.density) else row.density))]
+        assert row.validation == same["validation"].max() and row.weights in set(same["weights"])
+    assert set(summary["origin"]) <= {"grid", "weights"}
+    table = grid_table(search)
+    assert list(table["method"]) == ["task_arithmetic", "ties (density 0.5)"] and list(table.columns[1:]) == ["0.5", "1"]
+    assert "## The search on the validation share" in advice_markdown(advice)
     assert ((summary["low"] <= summary["score"]) & (summary["score"] <= summary["high"])).all()
     table = advice.candidates
     assert set(table["task"]) == set(TASKS) and (table["n"] == 12).all()
@@ -133,6 +154,25 @@ def test_advised_adapter_loads_in_plain_peft_and_scores_what_advice_json_says(ad
         split = Split([pooled.text[i] for i in held], pooled.label[held])
         got = score(task.metric, split.label, predict(model, tokenizer, split, max_length=32))
         assert got == pytest.approx(saved["recommended"]["heldout_per_task"][task.name])
+
+
+def test_weighted_ties_of_the_search_is_ties_of_the_weighted_deltas() -> None:
+    """The search trims each adapter once per density (trim(w Delta) = w trim(Delta) for w >= 0):
+    its merge equals TIES on the weighted deltas, computed naively in float64."""
+    from osrm_core.merge import merge_deltas
+
+    gen = torch.Generator().manual_seed(0)
+    deltas = [{"l.0": torch.randn(6, 5, generator=gen, dtype=torch.float64),
+               "l.1": torch.randn(4, 6, generator=gen, dtype=torch.float64)} for _ in range(3)]
+    search = _Search(None, ["a", "b", "c"], deltas, None, 0, lambda m: None)
+    for weights in ([1.0, 1.0, 1.0], [0.3, 1.7, 0.0], [2.0, 0.5, 1.25]):
+        for density in (0.3, 0.5, 1.0):
+            got = search.merged("ties", density, weights)
+            want = merge_deltas([{k: w * d for k, d in delta.items()} for w, delta in zip(weights, deltas)],
+                                "ties", density=density)
+            for layer in want:
+                torch.testing.assert_close(got[layer], want[layer], rtol=0, atol=1e-12)
+    assert set(search.trimmed) == {0.3, 0.5, 1.0}
 
 
 def test_advise_rejects_bad_input(advised, make_tiny_model, tokenizer) -> None:

@@ -462,7 +462,8 @@ def test_diagnosis_advice_with_labelled_csvs_fills_the_merge_form(small_run):
     assert not errors(at)
     assert any(s.value.startswith("Recommended:") for s in at.success)
     advice = at.session_state["diag_advice"]["advice"]
-    assert (advice.summary["origin"] == "grid").sum() == 2 * (1 + 3)  # TA, and TIES at 3 densities
+    assert (advice.summary["origin"] == "grid").sum() == 1 + 3  # finalists: TA, and TIES at 3 densities
+    assert len(advice.search[advice.search["stage"] == "grid"]) == 2 * (1 + 3)  # 2 lambdas each
     score_fig = figure(at, "diag_adv_score_chart")
     assert score_fig["data"] and any(t.get("error_y") for t in score_fig["data"])
     assert figure(at, "diag_adv_norm_chart")["data"]
