@@ -6,8 +6,9 @@
     and draws the interference heatmaps (the base model is already loaded by then: it was
     needed to read the adapters). Goal: <= 3 s.
 7b. The whole advice: :func:`osrm_core.advise.advise` with its defaults (task arithmetic and
-    TIES, five lambdas, three densities, 40 evaluations of per-adapter weights, every candidate
-    on the held-out share) on the same adapters and texts. Goal: <= 20 s.
+    TIES, five lambdas, three densities, ``ADVISE_BUDGET`` evaluations of per-adapter weights from
+    the best grid point, the finalists on the held-out share) on the same adapters and texts.
+    Goal: <= 20 s.
 
 Adapters are random rank-8 adapters on query/value with random heads (``bench_sweep``): the
 values do not change the cost. The texts are the demo tasks' (sentiment, topic, question).

@@ -42,8 +42,8 @@ ADVISE_LAMBDAS = (0.3, 0.5, 0.7, 1.0, 1.3)
 #: Densities tried for methods that trim or drop (TIES, DARE).
 ADVISE_DENSITIES = (0.3, 0.5, 0.7)
 #: Validation evaluations of the per-adapter weight search, and the grid points it starts from.
-ADVISE_BUDGET = 40
-ADVISE_REFINE = 2
+ADVISE_BUDGET = 8
+ADVISE_REFINE = 1
 #: z of a two-sided 95% interval.
 Z95 = 1.959964
 

@@ -58,6 +58,7 @@ def main() -> None:
     settings = [tuple(int(x) for x in s.split(",")) for s in args.settings]
 
     model, tok = load_base_model()
+    base = copy.deepcopy(model)  # each advice starts from a copy of the untouched base model
     adapters = {t: load_adapter(args.adapters / t, model) for t in args.tasks}
     full = [load_task_dir(t, DATA / t) for t in args.tasks]
     engine = SweepEngine(model, tok, full, adapters, max_test=args.max_test, max_length=args.max_length)
@@ -69,7 +70,7 @@ def main() -> None:
             samples = draw_samples(full, args.samples, seed)
             for budget, refine in settings:
                 start = time.perf_counter()
-                advice = advise(copy.deepcopy(model), tok, adapters, samples, methods=METHODS,
+                advice = advise(copy.deepcopy(base), tok, adapters, samples, methods=METHODS,
                                 max_length=args.max_length, seed=seed, budget=budget, refine=refine)
                 seconds = time.perf_counter() - start
                 engine.apply(advice.merged)
