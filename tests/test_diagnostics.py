@@ -407,3 +407,35 @@ def test_merged_spectrum_matches_dense_svds() -> None:
     # The same adapter twice: a pair that cancels nothing but overlaps fully.
     twin = {"x": ortho["x"], "y": Adapter(dict(ortho["x"].layers), {}, {})}
     assert pair_signals(twin)["sv_overlap"].tolist() == pytest.approx([1.0, 1.0])
+
+
+def test_posthoc_refit_keeps_a_in_the_subspace_and_refits_b(make_tiny_model, tokenizer) -> None:
+    """Post-hoc OSRM with a B-only re-fit: A ends equal to the OSRM subspace of the other task,
+    B starts from the projection (Delta_W A^+ / s) and moves, the head trains, the scale stays."""
+    from test_pipeline import _word_task
+
+    from osrm_core.settings import TrainSettings
+    from osrm_core.train import finetune
+    from osrm_core.workflows import posthoc_refit
+
+    own, other = _word_task("sentiment", 0), _word_task("topic", 1)
+    stats = {t.name: collect_feature_stats(make_tiny_model(seed=0, dtype=torch.float32), tokenizer, t,
+                                           target_modules=TINY_TARGETS, max_length=16) for t in (own, other)}
+    peft_model = init_lora(make_tiny_model(seed=0, dtype=torch.float32), "standard", rank=RANK, alpha=8,
+                           target_modules=TINY_TARGETS, seed=1)
+    finetune(peft_model, tokenizer, own, TrainSettings(steps=6, batch_size=8, lr=5e-2), max_length=16)
+    adapter = lora_from_model(peft_model)
+    subspace = osrm_subspace([stats["topic"]], RANK)
+    projected, _ = posthoc_osrm(adapter, subspace)
+
+    refit, result = posthoc_refit(make_tiny_model(seed=0, dtype=torch.float32), tokenizer, adapter, own,
+                                  [stats["topic"]], TrainSettings(steps=6, batch_size=8, lr=5e-2, warmup_ratio=0.0),
+                                  max_length=16)
+    assert 0.0 <= result.test_score <= 1.0
+    for name, lw in refit.layers.items():
+        assert lw.scale == adapter.layers[name].scale and lw.rank == RANK
+        torch.testing.assert_close(lw.A, subspace[name].to(lw.A.dtype), rtol=0, atol=1e-6)  # A never trained
+        assert not torch.allclose(lw.B, projected.layers[name].B.to(lw.B.dtype), atol=1e-4)  # B was re-fitted
+    assert not torch.equal(refit.head["classifier.weight"], adapter.head["classifier.weight"])
+    with pytest.raises(ValueError, match="at least one other task"):
+        posthoc_refit(make_tiny_model(seed=0, dtype=torch.float32), tokenizer, adapter, own, [], TrainSettings())
