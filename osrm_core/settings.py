@@ -244,3 +244,16 @@ def demo_config(quick: bool = False) -> RunConfig:
         merge = MergeSettings(methods=["task_arithmetic", "ties", "dare_linear", "regmean", "knots_ta"])
     return RunConfig(name=name, tasks=tasks, samples=samples, max_length=max_length, max_test=200,
                      train=TrainSettings(steps=steps, batch_size=16, lr=2e-3, head_lr=1e-2), merge=merge)
+
+
+def merge_ready_config() -> RunConfig:
+    """The recipe that merged best at full length (reports/long-training: three seeds, +8.2 points
+    of plain merged average over standard LoRA with task arithmetic and TIES): ``osrm_gen`` with
+    A frozen in its subspace at rank 32 (alpha 16, as in the study), 1,000 steps, on the four demo
+    tasks."""
+    demo = demo_config()
+    return demo.model_copy(update={
+        "name": "merge-ready", "inits": ["osrm_gen"], "rank": 32,
+        "train": demo.train.model_copy(update={"steps": 1000, "constraint": "freeze_A"}),
+        "merge": MergeSettings(methods=["task_arithmetic", "ties", "regmean"]),
+    })

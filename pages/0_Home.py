@@ -36,7 +36,7 @@ from osrm_core.inits import INITS
 from osrm_core.lock import DirLock
 from osrm_core.merge import MERGE_METHODS, all_param_specs
 from osrm_core.pipeline import run_experiment
-from osrm_core.settings import ConfigError, RunConfig, demo_config, parse_values
+from osrm_core.settings import ConfigError, RunConfig, demo_config, merge_ready_config, parse_values
 from osrm_core.task_spec import parse_task_spec
 from osrm_core.viz import summary_figure, summary_tables
 
@@ -218,7 +218,7 @@ def uploaded_tasks(seed: int) -> tuple[list, list[str]]:
 
 
 with tab_new:
-    p1, p2, _ = st.columns([1, 1, 3])
+    p1, p2, p3, _ = st.columns([1, 1, 1, 2])
     p1.button(
         "Quick preset",
         key="home_preset_quick",
@@ -232,6 +232,14 @@ with tab_new:
         on_click=apply_preset,
         args=(demo_config(),),
         help="demo_config(): four demo tasks, 200 steps, five merge methods",
+    )
+    p3.button(
+        "Merge-ready preset",
+        key="home_preset_merge_ready",
+        on_click=apply_preset,
+        args=(merge_ready_config(),),
+        help="merge_ready_config(): osrm_gen with A frozen at rank 32, 1,000 steps, the recipe that merged "
+             "best at full length (reports/long-training); about 20 minutes on a 2-core CPU",
     )
 
     st.subheader("Base model")

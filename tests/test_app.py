@@ -22,7 +22,7 @@ from streamlit.testing.v1 import AppTest
 from app_helpers import RUN_INFO, zip_directory
 from osrm_core.archive import ArchiveError, safe_extract_zip
 from osrm_core.demo import demo_task
-from osrm_core.settings import demo_config
+from osrm_core.settings import demo_config, merge_ready_config
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = str(ROOT / "app.py")
@@ -604,6 +604,13 @@ def test_presets_fill_the_settings():
     assert shown == {**full.model_dump(mode="json"), "name": shown["name"]}
     at.button(key="home_preset_quick").click().run()
     assert at.number_input(key="home_steps").value == quick.train.steps
+    ready = merge_ready_config()
+    at.button(key="home_preset_merge_ready").click().run()
+    assert_clean(at)
+    assert at.multiselect(key="home_inits").value == ["osrm_gen"] and at.number_input(key="home_rank").value == 32
+    assert at.selectbox(key="home_constraint").value == "freeze_A" and at.number_input(key="home_steps").value == 1000
+    shown = yaml.safe_load(at.code[0].value)
+    assert shown == {**ready.model_dump(mode="json"), "name": shown["name"]}
 
 
 # --------------------------------------------------------------------------- safe unzipping
