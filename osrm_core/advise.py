@@ -600,8 +600,8 @@ def _reason(summary: pd.DataFrame, chosen: pd.Series, lower: bool = False) -> st
 def grid_table(search: pd.DataFrame) -> pd.DataFrame:
     """The grid stage of :attr:`Advice.search` as a table: one row per method and density, one
     column per lambda, the validation score in the cells."""
-    grid = search[search["stage"] == "grid"] if len(search) else search
-    if not len(grid):
+    grid = search[search["stage"] == "grid"] if not search.empty else search
+    if grid.empty:
         return pd.DataFrame()
     grid = grid.assign(
         config=[_method_label(m, d) for m, d in zip(grid["method"], grid["density"])],

@@ -282,18 +282,17 @@ def posthoc_refit(
     scales = {lw.scale for lw in projected.layers.values()}
     if len(scales) != 1:
         raise ValueError(f"posthoc_refit needs one LoRA scale for every layer, got {sorted(scales)}")
-    missing = model.load_state_dict(projected.head, strict=False).unexpected_keys
-    if missing:
-        raise ValueError(f"the adapter's head does not fit the model: {missing[0]!r}")
+    unexpected = model.load_state_dict(projected.head, strict=False).unexpected_keys
+    if unexpected:
+        raise ValueError(f"the adapter's head does not fit the model: {unexpected[0]!r}")
+    # The OSRM init sets A to the subspace (the projection's A) and B to zero; B starts from the projection.
     peft_model = init_lora(model, "osrm", rank=r, alpha=scales.pop() * r, target_modules=list(adapter.layers),
                            subspaces={n: subspaces[n].to(torch.float32) for n in adapter.layers}, freeze_a=True,
                            seed=seed)
     base = peft_model.get_base_model()
     with torch.no_grad():
         for name, lw in projected.layers.items():
-            module = base.get_submodule(name)
-            module.lora_A["default"].weight.copy_(lw.A)
-            module.lora_B["default"].weight.copy_(lw.B)
+            base.get_submodule(name).lora_B["default"].weight.copy_(lw.B)
     result = finetune(peft_model, tokenizer, task, train.model_copy(update={"constraint": "freeze_A"}),
                       max_length=max_length, seed=seed, max_test=max_test)
     return lora_from_model(peft_model), result

@@ -437,5 +437,11 @@ def test_posthoc_refit_keeps_a_in_the_subspace_and_refits_b(make_tiny_model, tok
         torch.testing.assert_close(lw.A, subspace[name].to(lw.A.dtype), rtol=0, atol=1e-6)  # A never trained
         assert not torch.allclose(lw.B, projected.layers[name].B.to(lw.B.dtype), atol=1e-4)  # B was re-fitted
     assert not torch.equal(refit.head["classifier.weight"], adapter.head["classifier.weight"])
+    # With a vanishing learning rate the re-fit stays where it starts: at the projection's B.
+    still, _ = posthoc_refit(make_tiny_model(seed=0, dtype=torch.float32), tokenizer, adapter, own, [stats["topic"]],
+                             TrainSettings(steps=1, batch_size=8, lr=1e-12, head_lr=1e-12, warmup_ratio=0.0),
+                             max_length=16)
+    for name, lw in still.layers.items():
+        torch.testing.assert_close(lw.B, projected.layers[name].B.to(lw.B.dtype), rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="at least one other task"):
         posthoc_refit(make_tiny_model(seed=0, dtype=torch.float32), tokenizer, adapter, own, [], TrainSettings())
