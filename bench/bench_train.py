@@ -45,7 +45,7 @@ def _settings(ctx: Context) -> dict:
 
 
 def _task(steps: int):
-    from osrm_core.data import parse_task_spec
+    from osrm_core.task_spec import parse_task_spec
     from osrm_core.demo import demo_task
 
     if REAL_SST2.is_dir():
