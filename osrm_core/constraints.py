@@ -137,14 +137,15 @@ def get_constraint(name: str) -> Constraint:
     return CONSTRAINTS[name]
 
 
-def check_constraint(constraint: str, inits: list[str]) -> None:
-    """Refuse a constraint that needs what one of ``inits`` cannot give (one-line ValueError)."""
+def check_constraint(constraint: str, inits: list[str], field: str = "train.constraint") -> None:
+    """Refuse a constraint that needs what one of ``inits`` cannot give (one-line ValueError
+    naming ``field``, where the constraint was set)."""
     from osrm_core.inits import INITS, OSRM_METHODS
 
     needs = get_constraint(constraint)
     for init in inits:
         if needs.needs_subspace and not INITS[init].needs_stats:
             raise ValueError(
-                f"train.constraint {constraint!r} keeps A in the OSRM subspace, which init {init!r} has not; "
+                f"{field} {constraint!r} keeps A in the OSRM subspace, which init {init!r} has not; "
                 f"use it with {', '.join(OSRM_METHODS)} only"
             )

@@ -337,7 +337,7 @@ class Pipeline:
         """
         from osrm_core.models import layer_devices
 
-        cfg = self.config
+        cfg = self.config.for_init(init)
         spec = get_init(init)
         model, tok = self.base_model(task.num_labels)
         subspaces = None
@@ -377,7 +377,7 @@ class Pipeline:
     def train_adapter(self, init: str, index: int, task: TaskData, all_stats: list[FeatureStats] | None = None) -> dict:
         """Initialize and fine-tune task ``index``'s adapter, save it (rank 0); returns what
         ``train.json`` holds."""
-        cfg = self.config
+        cfg = self.config.for_init(init)
         peft_model, tok, subspaces = self.init_adapter(init, index, task, all_stats)
         initial = adapter_of(peft_model) if get_init(init).moves_base else None
         stats = all_stats if all_stats is not None else self.all_stats()

@@ -54,7 +54,7 @@ def validate_settings(cls: type[BaseModel], data, where: str):
         return cls.model_validate(data)
     except ValidationError as err:
         e = err.errors()[0]
-        loc = ".".join(str(x) for x in e["loc"])  # empty for a check of the whole config
+        loc = ".".join(str(x) for x in e["loc"] if x != "[key]")  # empty for a check of the whole config
         message = e["msg"].removeprefix("Value error, ")
         raise ConfigError(f"{where}: {loc}: {message}" if loc else f"{where}: {message}") from None
 
@@ -96,6 +96,19 @@ class TrainSettings(BaseModel):
     penalty_beta: float = Field(1e-3, ge=0)
     eval_batch_size: int = Field(64, ge=1)
     length_group: int = Field(16, ge=1, description="batches drawn together and grouped by length (1: off)")
+
+
+class InitSettings(BaseModel):
+    """One init's own settings in a run (``per_init:`` of a run config); unset fields take the
+    run's. A run can so compare recipes, e.g. standard LoRA at rank 8 against ``osrm_gen`` with
+    A frozen at rank 32 (see :meth:`RunConfig.for_init`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    rank: int | None = Field(None, ge=1)
+    alpha: float | None = Field(None, gt=0)
+    constraint: ConstraintName | None = None
+    lr: float | None = Field(None, gt=0)
+    a_lr_scale: float | None = Field(None, ge=0)
 
 
 class MergeSettings(BaseModel):
@@ -185,6 +198,9 @@ class RunConfig(BaseModel):
         "(small: fewer of the others' directions; large: more own-task energy)"
     )
     train: TrainSettings = Field(default_factory=TrainSettings)
+    per_init: dict[InitName, InitSettings] = Field(
+        default_factory=dict, description="settings of one init's adapters that differ from the run's, by init"
+    )
     merge: MergeSettings = Field(default_factory=MergeSettings)
     seed: int = 0
     device: str = "cpu"
@@ -212,8 +228,27 @@ class RunConfig(BaseModel):
             raise ValueError("at least two tasks are needed to merge")
         if len(set(names)) != len(names):
             raise ValueError(f"task names must be unique, got {names}")
-        check_constraint(self.train.constraint, self.inits)
+        for init in self.per_init:
+            if init not in self.inits:
+                raise ValueError(f"per_init.{init}: {init!r} is not one of the run's inits ({', '.join(self.inits)})")
+        for init in self.inits:
+            own = self.per_init.get(init)
+            field = f"per_init.{init}.constraint" if own and own.constraint else "train.constraint"
+            check_constraint(self.for_init(init).train.constraint, [init], field=field)
         return self
+
+    def for_init(self, init: str) -> RunConfig:
+        """The settings ``init``'s adapters are initialized and trained with: this run's, with
+        ``per_init[init]`` in place of the run's rank, alpha, constraint, lr and A's lr scale."""
+        own = self.per_init.get(init, InitSettings())
+        train = {k: v for k, v in own.model_dump(include={"constraint", "lr", "a_lr_scale"}).items() if v is not None}
+        return self.model_copy(update={
+            "inits": [init],
+            "per_init": {},
+            "rank": own.rank or self.rank,
+            "alpha": own.alpha or self.alpha,
+            "train": self.train.model_copy(update=train),
+        })
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> RunConfig:
@@ -231,8 +266,14 @@ class RunConfig(BaseModel):
         return json.dumps(self.model_dump(mode="json", include=set(STATS_SETTINGS)), sort_keys=True)
 
 
+#: The recipe that merged best at full length (reports/long-training, three seeds): osrm_gen with
+#: A frozen in its subspace at rank 32 (only B learns); the demo compares it with standard LoRA.
+MERGE_READY = ("osrm_gen", InitSettings(rank=32, constraint="freeze_A"))
+
+
 def demo_config(quick: bool = False) -> RunConfig:
-    """The embedded default: packaged MiniLM and the four built-in demo tasks."""
+    """The embedded default: packaged MiniLM and the four built-in demo tasks; standard LoRA
+    (rank 8) against the merge-ready recipe (:data:`MERGE_READY`)."""
     from osrm_core.demo import DEMO_TASKS
 
     tasks = [TaskEntry(name=k, spec=f"demo:{k}") for k in DEMO_TASKS]
@@ -242,18 +283,19 @@ def demo_config(quick: bool = False) -> RunConfig:
     else:
         name, samples, max_length, steps = "demo", 100, 64, 200
         merge = MergeSettings(methods=["task_arithmetic", "ties", "dare_linear", "regmean", "knots_ta"])
+    init, recipe = MERGE_READY
     return RunConfig(name=name, tasks=tasks, samples=samples, max_length=max_length, max_test=200,
+                     inits=["standard", init], per_init={init: recipe},
                      train=TrainSettings(steps=steps, batch_size=16, lr=2e-3, head_lr=1e-2), merge=merge)
 
 
 def merge_ready_config() -> RunConfig:
-    """The recipe that merged best at full length (reports/long-training: three seeds, +8.2 points
-    of plain merged average over standard LoRA with task arithmetic and TIES): ``osrm_gen`` with
-    A frozen in its subspace at rank 32 (alpha 16, as in the study), 1,000 steps, on the four demo
-    tasks."""
-    demo = demo_config()
+    """The merge-ready recipe alone (reports/long-training: three seeds, +8.2 points of plain
+    merged average over standard LoRA with task arithmetic and TIES) at the study's length:
+    1,000 steps on the four demo tasks."""
+    demo = demo_config().for_init(MERGE_READY[0])
     return demo.model_copy(update={
-        "name": "merge-ready", "inits": ["osrm_gen"], "rank": 32,
-        "train": demo.train.model_copy(update={"steps": 1000, "constraint": "freeze_A"}),
+        "name": "merge-ready",
+        "train": demo.train.model_copy(update={"steps": 1000}),
         "merge": MergeSettings(methods=["task_arithmetic", "ties", "regmean"]),
     })

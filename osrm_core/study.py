@@ -65,7 +65,7 @@ class VariantSpec(BaseModel):
 
     @model_validator(mode="after")
     def _constraint_fits_init(self) -> VariantSpec:
-        check_constraint(self.constraint, [self.init])
+        check_constraint(self.constraint, [self.init], field="constraint")
         return self
 
 
@@ -103,6 +103,9 @@ class StudyConfig(BaseModel):
     def _ablation_inits_in_inits(self) -> StudyConfig:
         if not self.inits and not self.variants:
             raise ValueError("a study needs at least one init in inits or one entry in variants")
+        if self.base.per_init:
+            raise ValueError("base.per_init: a study gives an init its own settings as an entry of variants "
+                             "(init, constraint, rank, lr, a_lr_scale)")
         allowed = [i for i in self.inits if i in OSRM_METHODS]
         for init in self.ablation_inits or []:
             if init not in allowed:
@@ -131,10 +134,15 @@ def quick_study_config(base: RunConfig | None = None) -> StudyConfig:
         steps = 60
     train = base.train.model_copy(update={"steps": min(base.train.steps, steps)})
     merge = base.merge.model_copy(update={"methods": ["task_arithmetic", "ties"], "lambdas": [0.3, 0.6, 1.0]})
-    base = base.model_copy(update={"train": train, "merge": merge, "max_test": min(base.max_test or 100, 100)})
+    # The run's per-init recipes (the demo's osrm_gen with A frozen at rank 32) become variants.
+    recipes = [VariantSpec(init=init, constraint=own.constraint or base.train.constraint, rank=own.rank, lr=own.lr,
+                           a_lr_scale=own.a_lr_scale) for init, own in base.per_init.items()]
+    base = base.model_copy(update={"train": train, "merge": merge, "max_test": min(base.max_test or 100, 100),
+                                   "per_init": {}})
     return StudyConfig(
         name="study-quick",
         base=base,
+        variants=recipes,
         inits=["standard", "osrm", "osrm_gen"],
         constraints=["none"],
         seeds=[base.seed],

@@ -63,6 +63,47 @@ def _numbers(text: str, field: str) -> list[float]:
 OTHER_PARAMS = [spec for spec in all_param_specs().values() if spec.name != "density"]
 
 
+#: An init's own settings (``per_init``), each a widget per selected init; empty takes the run's.
+PER_INIT_FIELDS = ("rank", "alpha", "constraint", "lr", "a_lr_scale")
+
+
+def _per_init_key(init: str, field: str) -> str:
+    return f"home_per_{init}_{field}"
+
+
+def per_init_widgets(inits: list[str]) -> None:
+    """One row of widgets per selected init: its rank, alpha, constraint, lr and lr scale of A.
+
+    The values live in ``home_per_init`` (by init), so an init taken out of the run and put back
+    gets its settings back (Streamlit forgets the state of a widget it did not draw)."""
+    ss = st.session_state
+    saved = ss.setdefault("home_per_init", {})
+    st.markdown("**Per-init settings** (empty: the run's; e.g. a higher rank with A frozen for osrm_gen)")
+    for init in inits:
+        for field in PER_INIT_FIELDS:
+            if _per_init_key(init, field) not in ss:
+                ss[_per_init_key(init, field)] = saved.get(init, {}).get(field)
+        c0, c1, c2, c3, c4, c5 = st.columns([1, 1, 1, 1.3, 1, 1])
+        c0.markdown(f"`{init}`")
+        c1.number_input("rank", 1, 256, value=None, step=1, key=_per_init_key(init, "rank"), placeholder="run's")
+        c2.number_input("alpha", 0.1, 1024.0, value=None, step=1.0, key=_per_init_key(init, "alpha"),
+                        placeholder="run's")
+        c3.selectbox("constraint", list(CONSTRAINTS), index=None, key=_per_init_key(init, "constraint"),
+                     placeholder="run's")
+        c4.number_input("learning rate", 1e-6, 1.0, value=None, step=1e-4, format="%.1e",
+                        key=_per_init_key(init, "lr"), placeholder="run's")
+        c5.number_input("lr scale of A", 0.0, 1000.0, value=None, step=0.5, key=_per_init_key(init, "a_lr_scale"),
+                        placeholder="run's")
+        saved[init] = {field: ss[_per_init_key(init, field)] for field in PER_INIT_FIELDS}
+
+
+def per_init_settings(inits: list[str]) -> dict[str, dict]:
+    """The per-init settings of the selected inits, without the empty ones."""
+    saved = st.session_state.get("home_per_init", {})
+    own = {init: {f: v for f, v in saved.get(init, {}).items() if v is not None} for init in inits}
+    return {init: values for init, values in own.items() if values}
+
+
 def apply_preset(config: RunConfig) -> None:
     """Put a config's values into the settings widgets (a button callback, before they draw)."""
     ss = st.session_state
@@ -90,6 +131,9 @@ def apply_preset(config: RunConfig) -> None:
     ss.home_seed = config.seed
     ss.home_inits = list(config.inits)
     ss.home_constraint = config.train.constraint
+    ss.home_per_init = {init: own.model_dump() for init, own in config.per_init.items()}
+    for key in [k for k in ss if str(k).startswith("home_per_") and k != "home_per_init"]:
+        del ss[key]  # the per-init widgets start again from home_per_init
     ss.home_penalty_beta = config.train.penalty_beta
     ss.home_osrm_gen_eps = config.osrm_gen_eps
     ss.home_weighting = config.osrm_weighting
@@ -314,6 +358,7 @@ with tab_new:
         for col, spec in zip((c3, c1, c2, c3, c1), OTHER_PARAMS):
             col.text_input(f"Sweep {spec.name} (comma separated; empty: {spec.default})", key=f"home_param_{spec.name}",
                            help=spec.help)
+        per_init_widgets(list(st.session_state.home_inits))
 
     run_name = safe_name(st.text_input("Run name", key="home_name"), "run")
     out_dir = runs_root() / run_name
@@ -347,6 +392,7 @@ with tab_new:
             max_length=int(ss.home_max_length),
             max_test=int(ss.home_max_test) or None,
             inits=list(ss.home_inits),
+            per_init=per_init_settings(list(ss.home_inits)),
             osrm_weighting=ss.home_weighting,
             osrm_gen_eps=float(ss.home_osrm_gen_eps),
             seed=int(ss.home_seed),
@@ -432,7 +478,9 @@ with tab_summary:
         c2.metric(
             "Inits", len(config.inits) if config else "?", help=", ".join(config.inits) if config else None
         )
-        c3.metric("Rank", config.rank if config else "?")
+        c3.metric("Rank", " / ".join(dict.fromkeys(str(config.for_init(i).rank) for i in config.inits))
+                  if config else "?",
+                  help=", ".join(f"{i}: {config.for_init(i).rank}" for i in config.inits) if config else None)
         c4.metric("Status", manifest.get("status", "unfinished"), help=f"{len(stages)} units of work done")
         if config:
             st.caption(
@@ -468,13 +516,14 @@ with tab_summary:
                 st.markdown("**Best merged point per method** (highest average normalized score over λ)")
                 show_table(best, "best_merged", "home_best")
                 show_figure(
-                    summary_figure(best, title="Best merged score per method: standard vs OSRM"),
+                    summary_figure(best, title="Best merged score per method and init"),
                     "best_merged",
                     "home_best_fig",
                 )
                 norm = best.pivot_table(index="method", columns="init", values="normalized_avg")
-                if {"standard", "osrm"} <= set(norm.columns):
-                    diff = (norm["osrm"] - norm["standard"]).rename("osrm - standard")
-                    st.markdown("**OSRM minus standard**, best normalized average per method")
-                    show_table(pd.concat([norm, diff], axis=1).reset_index(), "osrm_vs_standard", "home_diff")
+                others = [i for i in norm.columns if i != "standard"]
+                if "standard" in norm.columns and others:
+                    diffs = [(norm[i] - norm["standard"]).rename(f"{i} - standard") for i in others]
+                    st.markdown("**Each init minus standard**, best normalized average per method")
+                    show_table(pd.concat([norm, *diffs], axis=1).reset_index(), "inits_vs_standard", "home_diff")
         download("Download this run (zip)", lambda: zip_directory(run.path), run.path.name, "zip", "home_run_download")

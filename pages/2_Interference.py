@@ -42,7 +42,7 @@ log = c3.checkbox("log colour scale", value=True, key="int_log")
 shown = st.multiselect(
     "Inits side by side",
     inits,
-    default=[i for i in ("standard", "osrm") if i in inits] or inits[:2],
+    default=inits[:2],
     key="int_inits",
 )
 
@@ -58,10 +58,11 @@ for col, (init, m) in zip(cols, matrices.items()):
         )
         show_figure(fig, f"interference_{init}_{value}_{where}", f"int_heat_{init}")
         show_table(m.reset_index(), f"interference_{init}_{value}_{where}", f"int_tab_{init}")
-if {"standard", "osrm"} <= set(matrices):
-    ratio = off_diagonal_sum(matrices["osrm"]) / max(off_diagonal_sum(matrices["standard"]), 1e-300)
-    st.metric(
-        "Off-diagonal interference, OSRM / standard",
+compared = [i for i in matrices if i != "standard"] if "standard" in matrices else []
+for col, init in zip(st.columns(max(len(compared), 1)), compared):
+    ratio = off_diagonal_sum(matrices[init]) / max(off_diagonal_sum(matrices["standard"]), 1e-300)
+    col.metric(
+        f"Off-diagonal interference, {init} / standard",
         f"{ratio:.3g}",
         help=f"{label} summed over the off-diagonal cells ({where})",
     )

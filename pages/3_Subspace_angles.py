@@ -55,7 +55,7 @@ if "adapter-data" in kinds:
     shown = st.multiselect(
         "Inits side by side",
         inits,
-        default=[i for i in ("standard", "osrm") if i in inits] or inits[:2],
+        default=inits[:2],
         key="ang_inits",
     )
     cols = st.columns(max(len(shown), 1))

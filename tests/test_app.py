@@ -602,6 +602,10 @@ def test_presets_fill_the_settings():
     assert at.multiselect(key="home_methods").value == full.merge.methods
     shown = yaml.safe_load(at.code[0].value)
     assert shown == {**full.model_dump(mode="json"), "name": shown["name"]}
+    # The demo's per-init recipe is in its widgets: osrm_gen at rank 32 with A frozen, standard at the run's.
+    assert at.number_input(key="home_per_osrm_gen_rank").value == 32
+    assert at.selectbox(key="home_per_osrm_gen_constraint").value == "freeze_A"
+    assert at.number_input(key="home_per_standard_rank").value is None
     at.button(key="home_preset_quick").click().run()
     assert at.number_input(key="home_steps").value == quick.train.steps
     ready = merge_ready_config()
@@ -611,6 +615,28 @@ def test_presets_fill_the_settings():
     assert at.selectbox(key="home_constraint").value == "freeze_A" and at.number_input(key="home_steps").value == 1000
     shown = yaml.safe_load(at.code[0].value)
     assert shown == {**ready.model_dump(mode="json"), "name": shown["name"]}
+
+
+def test_per_init_settings_follow_the_selected_inits():
+    at = make_app().run()
+    at.number_input(key="home_per_standard_rank").set_value(4).run()
+    at.number_input(key="home_per_standard_lr").set_value(1e-3).run()
+    assert_clean(at)
+    shown = yaml.safe_load(at.code[0].value)
+    assert shown["per_init"] == {"standard": {"rank": 4, "alpha": None, "constraint": None, "lr": 1e-3,
+                                              "a_lr_scale": None},
+                                 "osrm_gen": {"rank": 32, "alpha": None, "constraint": "freeze_A", "lr": None,
+                                              "a_lr_scale": None}}
+    # An init taken out of the run takes its settings with it; they come back with it.
+    at.multiselect(key="home_inits").set_value(["standard"]).run()
+    assert_clean(at)
+    assert list(yaml.safe_load(at.code[0].value)["per_init"]) == ["standard"]
+    at.multiselect(key="home_inits").set_value(["standard", "osrm_gen"]).run()
+    assert yaml.safe_load(at.code[0].value)["per_init"]["osrm_gen"]["rank"] == 32
+    # A constraint that needs a subspace is refused for standard, naming the field.
+    at.selectbox(key="home_per_standard_constraint").set_value("project").run()
+    assert any("per_init.standard.constraint 'project'" in e for e in errors(at))
+    assert at.button(key="home_run").disabled
 
 
 # --------------------------------------------------------------------------- safe unzipping

@@ -227,10 +227,22 @@ def test_run_config_validation(tiny_model_dir, tmp_path) -> None:
         ({"train": {"steps": 0}}, "train.steps"),
         ({"bogus": 1}, "bogus"),
         ({"train": {"constraint": "project"}}, "constraint 'project' keeps A in the OSRM subspace, which init 'standard'"),
+        ({"per_init": {"osrm_gen": {"rank": 4}}}, r"per_init\.osrm_gen: 'osrm_gen' is not one of the run's inits"),
+        ({"per_init": {"lottery": {"rank": 4}}}, r"per_init\.lottery: unknown init 'lottery'"),
+        ({"per_init": {"osrm": {"rank": 0}}}, r"per_init\.osrm\.rank"),
+        ({"per_init": {"osrm": {"ranks": 4}}}, r"per_init\.osrm\.ranks: Extra inputs"),
+        ({"per_init": {"standard": {"constraint": "freeze_A"}, "osrm": {"constraint": "nope"}}},
+         r"per_init\.osrm\.constraint: .*unknown constraint 'nope'"),
+        ({"per_init": {"standard": {"constraint": "project"}}},
+         "per_init.standard.constraint 'project' keeps A in the OSRM subspace, which init 'standard'"),
+        # A run-wide constraint that one init cannot take is fine when that init sets its own.
     ]
     for change, match in cases:
         with pytest.raises(ConfigError, match=match):
             RunConfig.validate_dict({**data, **change})
+    ok = RunConfig.validate_dict({**data, "train": {**data["train"], "constraint": "project"},
+                                  "per_init": {"standard": {"constraint": "none"}}})
+    assert [ok.for_init(i).train.constraint for i in ok.inits] == ["none", "project"]
     with pytest.raises(ConfigError, match="mapping"):
         RunConfig.validate_dict([1, 2])
     bad = tmp_path / "bad.yaml"
@@ -298,3 +310,31 @@ def test_osrm_gen_eps_reaches_the_init(tiny_model_dir, tiny_tasks_2, tmp_path) -
     assert not np.allclose(subspaces[1e-3][name].numpy(), subspaces[10.0][name].numpy())
     with pytest.raises(ConfigError, match="osrm_gen_eps"):
         RunConfig.validate_dict({**tiny_config(tiny_model_dir).model_dump(mode="json"), "osrm_gen_eps": 0})
+
+
+def test_per_init_settings_give_each_init_its_own_recipe(tiny_model_dir, tiny_tasks_2, tmp_path) -> None:
+    """standard LoRA at the run's rank against osrm_gen with A frozen at a higher rank and its own
+    alpha, in one run: each init's adapters are initialized and trained with its own settings,
+    and both are swept and summarized."""
+    from torch.testing import assert_close
+
+    from osrm_core.adapters import read_adapter_dir
+    from osrm_core.inits import task_subspaces
+
+    config = tiny_config(tiny_model_dir, inits=["standard", "osrm_gen"], train=TrainSettings(
+        steps=5, batch_size=8, lr=5e-2, warmup_ratio=0.0),
+        per_init={"osrm_gen": {"rank": 4, "alpha": 2, "constraint": "freeze_A"}})
+    summary = run_experiment(config, tmp_path / "run", tasks=tiny_tasks_2)
+    assert set(summary["results"]) == {"standard", "osrm_gen"}
+    run = RunDir(tmp_path / "run")
+    stats = run.load_stats()
+    for i, task in enumerate(TASKS):
+        standard = read_adapter_dir(run.adapter_path("standard", task))
+        assert {(lw.rank, lw.scale) for lw in standard.layers.values()} == {(2, 2.0)}  # alpha 4 / rank 2
+        ours = read_adapter_dir(run.adapter_path("osrm_gen", task))
+        assert {(lw.rank, lw.scale) for lw in ours.layers.values()} == {(4, 0.5)}  # alpha 2 / rank 4
+        subspace = task_subspaces("osrm_gen", [stats[t] for t in TASKS], i, 4)
+        for name, layer in ours.layers.items():  # frozen: A is still the rank-4 subspace
+            assert_close(layer.A, subspace[name].to(layer.A.dtype), atol=1e-6, rtol=0)
+            assert layer.B.abs().sum() > 0
+    assert RunConfig.from_yaml(run.config_path) == config
