@@ -121,7 +121,8 @@ class StudyConfig(BaseModel):
 def quick_study_config(base: RunConfig | None = None) -> StudyConfig:
     """A small study (a few minutes on a CPU): short training, one seed, a coarse lambda grid.
 
-    A hint, not evidence: the full study varies seeds, ranks and the learning rate of A.
+    A hint, not evidence: the full study varies seeds, ranks and the learning rate of A. The
+    run's per-init settings become ``variants`` (with the base's alpha: a variant has none of its own).
     """
     from osrm_core.settings import demo_config
 

@@ -316,6 +316,21 @@ def test_quick_study_leaves_out_the_pair_task_it_cannot_learn() -> None:
     assert study.base.train.steps == 60 and study.seeds == [0]
 
 
+def test_a_runs_per_init_settings_become_study_variants() -> None:
+    """The demo's recipe (osrm_gen with A frozen at rank 32) is a variant of the quick study, and
+    a study refuses per-init settings in its base (variants are the study's way)."""
+    from osrm_core.settings import ConfigError, demo_config, validate_settings
+    from osrm_core.study import quick_study_config
+
+    study = quick_study_config()
+    assert study.base.per_init == {} and study.inits == ["standard", "osrm", "osrm_gen"]
+    assert [(v.init, v.constraint, v.rank) for v in study.variants] == [("osrm_gen", "freeze_A", 32)]
+    assert ("osrm_gen", "freeze_A", 32) in {(v["init"], v["constraint"], v["rank"]) for v in variants(study)}
+    data = {"base": demo_config(quick=True).model_dump(mode="json"), "inits": ["standard"]}
+    with pytest.raises(ConfigError, match="base.per_init: a study gives an init its own settings as an entry of variants"):
+        validate_settings(StudyConfig, data, "study")
+
+
 def test_cli_quick_study_end_to_end(tmp_path) -> None:
     """`osrm study --quick` on the packaged model and the demo tasks (about 3.6 min on 2 cores)."""
     import json
