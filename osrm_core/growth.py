@@ -1,29 +1,26 @@
 """Studies that grow: which finished runs a new study config may reuse.
 
 A study's variants are run directories. A variant is defined by its run config except its name
-and its merge settings; :func:`variant_hash` hashes exactly that and is stored with the run
-(``variant.json``). A new config may add variants (seeds, inits, ablations) and change merge
+and its merge settings. A new config may add variants (seeds, inits, ablations) and change merge
 settings (methods, lambdas, densities: only the sweeps are computed again); it may not change
-the settings of a variant that exists.
+the settings of a variant that exists. A finished variant's ``config.yaml`` is read by the
+current code, so a setting added by a later version takes its default there and the study still
+grows after an upgrade.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
-from osrm_core.atomic import write_json
 from osrm_core.pipeline import Pipeline
 from osrm_core.rundir import RunDir
 from osrm_core.settings import ConfigError, RunConfig
 
 
-def variant_hash(config: RunConfig) -> str:
-    """Hash of the settings that define a run's statistics and adapters: its whole config but
-    its name and merge settings."""
-    settings = json.dumps(config.model_dump(mode="json", exclude={"name", "merge"}), sort_keys=True)
-    return hashlib.sha256(settings.encode()).hexdigest()[:16]
+def variant_settings(config: RunConfig) -> dict:
+    """The settings that define a run's statistics and adapters, flat: its whole config but its
+    name and merge settings."""
+    return _flat(config.model_dump(mode="json", exclude={"name", "merge"}))
 
 
 def check_growth(out: str | Path, planned: list[tuple[str, RunConfig]]) -> None:
@@ -34,15 +31,12 @@ def check_growth(out: str | Path, planned: list[tuple[str, RunConfig]]) -> None:
         run = RunDir(out / "runs" / name)
         if not run.exists():
             continue
-        stored = run.path / "variant.json"
-        old = json.loads(stored.read_text(encoding="utf-8"))["hash"] if stored.is_file() else variant_hash(run.config())
-        if old != variant_hash(config):
-            before, after = _flat(run.config().model_dump(mode="json")), _flat(config.model_dump(mode="json"))
-            changed = [k for k in sorted(set(before) | set(after))
-                       if before.get(k) != after.get(k) and k != "name" and not k.startswith("merge.")]
+        before, after = variant_settings(run.config()), variant_settings(config)
+        changed = [k for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)]
+        if changed:
             raise ConfigError(
                 f"study directory {str(out)!r}: variant {name!r} was run with other settings "
-                f"({', '.join(changed) or 'settings hash'} changed); only seeds, inits, variants, ablations, "
+                f"({', '.join(changed)} changed); only seeds, inits, variants, ablations, "
                 "merge methods and lambdas can be added to a study: use another --out"
             )
 
@@ -56,8 +50,7 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 def prepare_run(pipeline: Pipeline) -> None:
     """Create the pipeline's run directory, or take its new merge settings into the existing one
-    (its sweeps are then computed again), and store the variant's hash with it."""
+    (its sweeps are then computed again)."""
     if pipeline.run.exists():
         pipeline.run.take_merge_settings(pipeline.config)
     pipeline.run.create(pipeline.config)
-    write_json(pipeline.run.path / "variant.json", {"hash": variant_hash(pipeline.config)})

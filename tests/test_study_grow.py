@@ -74,6 +74,24 @@ def test_pairwise_table_of_an_older_version_is_measured_again(tiny_model_dir, tm
     assert (pd.read_csv(path)["lambda"] == 1.0).all()
 
 
+def test_a_study_of_an_older_version_grows_after_a_new_setting(tiny_model_dir, tmp_path, tasks, trainings) -> None:
+    """A variant run by a version without a setting that exists now (its config.yaml lacks
+    per_init; older versions also left a hash of their config in variant.json) is reused: the
+    setting takes its default, only the new seed trains."""
+    import yaml
+
+    out = tmp_path / "study"
+    run_study(small_study(tiny_model_dir), out, tasks=tasks)
+    first = RunDir(out / "runs" / "standard-none-n12-r2-a1-s0")
+    old = yaml.safe_load(first.config_path.read_text())
+    del old["per_init"]
+    first.config_path.write_text(yaml.safe_dump(old, sort_keys=False))
+    (first.path / "variant.json").write_text('{"hash": "0123456789abcdef"}')
+    trainings.clear()
+    run_study(small_study(tiny_model_dir, seeds=[0, 1]), out, tasks=tasks)
+    assert trainings == ["standard-none-n12-r2-a1-s1"] * len(TASKS)
+
+
 def test_adding_lambdas_and_methods_recomputes_only_the_sweeps(tiny_model_dir, tmp_path, tasks, trainings) -> None:
     out = tmp_path / "study"
     run_study(small_study(tiny_model_dir), out, tasks=tasks)
