@@ -29,7 +29,9 @@ st.markdown(
 with st.expander("Run a quick study on this run's tasks"):
     quick = quick_study_config(run.config())
     st.caption(
-        f"{len(quick.inits)} inits × {len(quick.seeds)} seeds, {quick.base.train.steps} steps each; "
+        f"{len(quick.inits) + len(quick.variants)} arms (inits: {', '.join(quick.inits)}"
+        + "".join(f"; {v.init} with {v.constraint} at rank {v.rank or quick.base.rank}" for v in quick.variants)
+        + f") × {len(quick.seeds)} seeds, {quick.base.train.steps} steps each; "
         f"written to {run.path / 'studies' / quick.name}. Resumes where it stopped."
     )
     problem = shared_config_problem(run.config(), run)

@@ -182,6 +182,12 @@ def test_home_opens_a_run_with_the_path_widget(small_run):
     frames = [el.value for el in at.dataframe]
     single = frames[0]
     assert set(single["task"]) == set(SMALL_TASKS) and {"standard", "osrm"} <= set(single.columns)
+    diff = next(f for f in frames if "osrm - standard (plain)" in f.columns)
+    best_table = frames[1].set_index(["init", "method"])
+    for _, row in diff.iterrows():  # the differences of the best-point table, plain and normalized
+        for value, label in (("avg_score", "plain"), ("normalized_avg", "normalized")):
+            expected = best_table.loc[("osrm", row["method"]), value] - best_table.loc[("standard", row["method"]), value]
+            assert row[f"osrm - standard ({label})"] == pytest.approx(expected)
 
 
 def test_home_open_path_errors(tmp_path):
