@@ -277,12 +277,15 @@ def demo_config(quick: bool = False) -> RunConfig:
     from osrm_core.demo import DEMO_TASKS
 
     tasks = [TaskEntry(name=k, spec=f"demo:{k}") for k in DEMO_TASKS]
+    # Lambdas past 1: TIES and RegMean average the deltas, and an adapter that learned less (A
+    # frozen) peaks later; a best point at the grid's edge would hide both.
     if quick:
         name, samples, max_length, steps = "demo-quick", 64, 48, 80
-        merge = MergeSettings(methods=["task_arithmetic", "ties"], lambdas=[0.3, 0.5, 0.7, 1.0])
+        merge = MergeSettings(methods=["task_arithmetic", "ties"], lambdas=[0.3, 0.6, 1.0, 1.5, 2.0, 3.0])
     else:
         name, samples, max_length, steps = "demo", 100, 64, 200
-        merge = MergeSettings(methods=["task_arithmetic", "ties", "dare_linear", "regmean", "knots_ta"])
+        merge = MergeSettings(methods=["task_arithmetic", "ties", "dare_linear", "regmean", "knots_ta"],
+                              lambdas=[0.2, 0.4, 0.6, 0.8, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0])
     init, recipe = MERGE_READY
     return RunConfig(name=name, tasks=tasks, samples=samples, max_length=max_length, max_test=200,
                      inits=["standard", init], per_init={init: recipe},
