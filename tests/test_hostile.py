@@ -641,11 +641,16 @@ def jsonl_files(draw) -> bytes:
 
 
 def _task_invariants(task) -> None:
+    assert len(task.train) > 0 and len(task.test) > 0
+    for split in (task.train, task.test):
+        assert all(isinstance(t, str) and len(t) <= 5000 for t in split.text)
+    if not task.labeled:  # a file of texts without a label column: plain texts, scored by their loss
+        assert task.metric == "loss" and task.train.label is None and task.test.label is None
+        return
     k = task.num_labels
-    assert k >= 2 and len(task.train) > 0 and len(task.test) > 0
+    assert k >= 2
     for split in (task.train, task.test):
         assert split.label.dtype == np.int64 and ((split.label >= 0) & (split.label < k)).all()
-        assert all(isinstance(t, str) and len(t) <= 5000 for t in split.text)
 
 
 FORMATS = st.sampled_from(["csv", "jsonl"])
