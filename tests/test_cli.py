@@ -88,6 +88,12 @@ def files(tmp_path_factory, make_tiny_model):
         "tasks": [{"name": k, "spec": f"demo:{k}"} for k in TASKS],
         "merge": {"methods": ["task_arithmetic", "averaging"]},
     }))
+    out["bad_per_init"] = root / "bad_per_init.yaml"
+    out["bad_per_init"].write_text(yaml.safe_dump({
+        "tasks": [{"name": k, "spec": f"demo:{k}"} for k in TASKS],
+        "inits": ["standard", "osrm_gen"],
+        "per_init": {"standard": {"constraint": "project"}},
+    }))
     return out
 
 
@@ -102,6 +108,9 @@ def _adapter_args(files, a="adapter_sentiment", b="adapter_paraphrase") -> list[
 BAD_INPUTS = {
     "missing config": (lambda f, m: ["run", f["root"] / "missing.yaml"], "does not exist"),
     "invalid yaml": (lambda f, m: ["run", f["bad_yaml"]], "not valid YAML"),
+    "per-init constraint the init cannot take": (
+        lambda f, m: ["run", f["bad_per_init"]],
+        "per_init.standard.constraint 'project' keeps A in the OSRM subspace, which init 'standard' has not"),
     "unknown merge method": (lambda f, m: ["run", f["bad_method"]], "unknown merge method 'averaging'"),
     "rank 0": (
         lambda f, m: ["stats", "--task", "a=demo:sentiment", "--task", "b=demo:topic", "--rank", "0",
