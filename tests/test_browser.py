@@ -232,3 +232,29 @@ def test_merge_advice_in_chromium(server, browser, small_run, tmp_path):
         assert page.locator('[data-testid="stException"]').count() == 0
     finally:
         page.close()
+
+
+def test_per_init_settings_in_chromium(server, browser):
+    """The demo's recipe fills the per-init row of osrm_gen; a rank typed for standard reaches the
+    run's config.yaml."""
+    page = browser.new_page(viewport={"width": 1400, "height": 2400})
+    try:
+        page.goto(server, wait_until="domcontentloaded")
+        page.wait_for_selector('[data-testid="stApp"]', timeout=60_000)
+        _wait_until_idle(page)
+        page.get_by_role("tab", name="New run").click()
+        page.get_by_text("More settings").click()
+        ranks = page.locator("input[aria-label='rank']")
+        ranks.last.wait_for(timeout=30_000)
+        assert ranks.evaluate_all("els => els.map(e => e.value)") == ["", "32"]  # standard, osrm_gen
+        ranks.first.fill("16")
+        ranks.first.press("Enter")
+        page.wait_for_function(
+            "() => [...document.querySelectorAll('code')].some(c => /standard:\\s*\\n\\s*rank: 16/.test(c.textContent))",
+            timeout=60_000,
+        )
+        _wait_until_idle(page)
+        assert page.locator('[data-testid="stException"]').count() == 0
+        page.screenshot(path=str(ARTIFACTS / "home_per_init.png"), full_page=True)
+    finally:
+        page.close()
