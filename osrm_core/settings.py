@@ -300,5 +300,5 @@ def merge_ready_config() -> RunConfig:
     return demo.model_copy(update={
         "name": "merge-ready",
         "train": demo.train.model_copy(update={"steps": 1000}),
-        "merge": MergeSettings(methods=["task_arithmetic", "ties", "regmean"]),
+        "merge": MergeSettings(methods=["task_arithmetic", "ties", "regmean"], lambdas=demo.merge.lambdas),
     })
