@@ -130,6 +130,13 @@ def _wait_until_idle(page, timeout_ms: int = 90_000) -> None:
     page.wait_for_function(IDLE, timeout=timeout_ms)
 
 
+def _settled_without_exception(page, screenshot: str) -> None:
+    """Wait until the script is idle, check no exception is shown, keep a screenshot."""
+    _wait_until_idle(page)
+    assert page.locator('[data-testid="stException"]').count() == 0
+    page.screenshot(path=str(ARTIFACTS / f"{screenshot}.png"), full_page=True)
+
+
 @pytest.mark.parametrize(("path", "name", "ready"), PAGES, ids=[p[1] for p in PAGES])
 def test_page_renders_in_chromium(server, browser, path, name, ready):
     page = browser.new_page(viewport={"width": 1400, "height": 2400})
@@ -170,9 +177,7 @@ def test_layer_select_redraws_the_interference_heatmap(server, browser):
             "() => [...document.querySelectorAll('.js-plotly-plot .gtitle')].some(t => t.textContent.includes('L2.value'))",
             timeout=60_000,
         )
-        _wait_until_idle(page)
-        assert page.locator('[data-testid="stException"]').count() == 0
-        page.screenshot(path=str(ARTIFACTS / "2_interference_layer.png"), full_page=True)
+        _settled_without_exception(page, "2_interference_layer")
     finally:
         page.close()
 
@@ -253,8 +258,6 @@ def test_per_init_settings_in_chromium(server, browser):
             "() => [...document.querySelectorAll('code')].some(c => /standard:\\s*\\n\\s*rank: 16/.test(c.textContent))",
             timeout=60_000,
         )
-        _wait_until_idle(page)
-        assert page.locator('[data-testid="stException"]').count() == 0
-        page.screenshot(path=str(ARTIFACTS / "home_per_init.png"), full_page=True)
+        _settled_without_exception(page, "home_per_init")
     finally:
         page.close()
