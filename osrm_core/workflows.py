@@ -276,7 +276,7 @@ def posthoc_refit(
 
     if not other_stats:
         raise ValueError("posthoc_refit needs the statistics of at least one other task")
-    r = rank or max(lw.rank for lw in adapter.layers.values())
+    r = rank or adapter_rank(adapter)
     subspaces = osrm_subspace(list(other_stats), r)
     projected, _ = posthoc_osrm(adapter, {n: subspaces[n] for n in adapter.layers})
     scales = {lw.scale for lw in projected.layers.values()}

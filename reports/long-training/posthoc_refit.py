@@ -71,7 +71,8 @@ def main() -> None:
         print(f"re-fitted {task.name}: {result.test_score:.3f}", file=sys.stderr, flush=True)
     refit_seconds = time.perf_counter() - start
 
-    tables, singles = [best(pd.read_csv(run.result_path("sweep_standard.csv")), "standard r8")], {}
+    standard = pd.read_csv(run.result_path("sweep_standard.csv"))
+    tables, singles = [best(standard, "standard r8")], {}
     for arm, chosen in (("post-hoc OSRM", projected), (f"post-hoc OSRM + B re-fit ({args.steps} steps)", refitted)):
         model, tok = pipeline.base_model()
         engine = SweepEngine(model, tok, tasks, chosen, max_test=config.max_test, max_length=config.max_length)
@@ -81,8 +82,7 @@ def main() -> None:
         engine.restore()
         tables.append(best(sweep, arm))
         singles[arm] = single
-    standard_single = pd.read_csv(run.result_path("sweep_standard.csv")).groupby("task")["single"].first().to_dict()
-    singles = {"standard r8": standard_single, **singles}
+    singles = {"standard r8": standard.groupby("task")["single"].first().to_dict(), **singles}
     table = pd.concat(tables, ignore_index=True)
     table["single_mean"] = table["arm"].map({a: sum(s.values()) / len(s) for a, s in singles.items()})
     args.out.mkdir(parents=True, exist_ok=True)
