@@ -56,7 +56,9 @@ def text_task(name: str, texts: Sequence[str], labels: Sequence | None = None) -
         return TaskData(name, split, split, [], metric="loss", source="sample texts")
     labels = [labels[i] for i in keep]
     df = pd.DataFrame({"text": texts, "label": labels})
-    return from_dataframes(name, df, df.copy(), text="text", label="label")
+    task = from_dataframes(name, df, df, text="text", label="label")
+    task.test, task.source = task.train, "upload"  # one set of texts: the advisor splits it once
+    return task
 
 
 def read_uploaded_adapters(

@@ -438,6 +438,8 @@ def write_adapter(
         raise ValueError("write_adapter needs one rank and one scale for all layers")
     rank, scale = ranks.pop(), scales.pop()
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise AdapterError(f"cannot write an adapter to {str(path)!r}: it is an existing file, not a folder")
     path.mkdir(parents=True, exist_ok=True)
     state = {}
     lora_bias = any(lw.bias is not None for lw in layers.values())

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,14 +90,45 @@ def loss_interval(total: np.ndarray, units: np.ndarray, *, seed: int = 0, resamp
 # --------------------------------------------------------------------------- samples
 
 
-def _pooled(task: TaskData) -> Split:
-    """All sample texts of a task: one split when train and test are the same texts."""
-    if task.train is task.test:
-        return task.test
+def sample_pool(task: TaskData, *, use_train: bool = False) -> tuple[Split, str]:
+    """The texts the advisor may score a task's adapter on, and where they came from.
+
+    A task whose source gave a test split of its own (a folder's ``test.csv``, a dataset's test
+    split, the demo tasks) contributes that split alone: its training texts are what the adapter
+    may have been fine-tuned on, and a test text that is also a training text is left out.
+    ``use_train`` adds them anyway (the user's call; a warning says so). Sample texts (train and test the same texts) and a single file (split here) are pooled
+    whole. Exact duplicates (text and pair) are kept once, so no text can land in both shares.
+
+    Returns
+    -------
+    (Split, str)
+        The pool, and its origin: ``"test"`` for a source's test split, ``"train+test"`` with
+        ``use_train``, else the task's source (a file name, ``upload``, ``sample texts``).
+    """
     a, b = task.train, task.test
-    pair = None if a.text_pair is None else a.text_pair + b.text_pair
-    label = None if a.label is None else np.concatenate([a.label, b.label])
-    return Split(a.text + b.text, label, pair)
+    same = a is b or (a.text == b.text and a.text_pair == b.text_pair)
+    if same:
+        pool, origin = b, task.source or "sample texts"
+    elif task.drawn_test or use_train:
+        if use_train and not task.drawn_test:
+            warnings.warn(f"task {task.name!r}: the advisor scores on its training texts too (use_train); "
+                          "an adapter trained on them looks better than it is", stacklevel=3)
+        pair = None if a.text_pair is None else a.text_pair + b.text_pair
+        label = None if a.label is None else np.concatenate([a.label, b.label])
+        pool = Split(a.text + b.text, label, pair)
+        origin = (task.source or "sample texts") if task.drawn_test else "train+test"
+    else:
+        pool, origin = b, "test"
+    pairs = (lambda split: zip(split.text, split.text_pair or [None] * len(split.text)))
+    seen: set = set(pairs(a)) if origin == "test" else set()  # a test text also in train: seen in training
+    keep = []
+    for i, key in enumerate(pairs(pool)):
+        if key not in seen:
+            seen.add(key)
+            keep.append(i)
+    if len(keep) < len(pool.text):
+        pool = _subset(pool, np.asarray(keep))
+    return pool, origin
 
 
 def _subset(split: Split, idx: np.ndarray) -> Split:
@@ -105,17 +137,19 @@ def _subset(split: Split, idx: np.ndarray) -> Split:
 
 
 def split_samples(
-    task: TaskData, holdout: float = 0.5, *, max_samples: int | None = None, seed: int = 0
-) -> tuple[TaskData, TaskData, dict[str, list[int]]]:
-    """Stratified, seeded split of a task's samples into a validation and a held-out share.
+    task: TaskData, holdout: float = 0.5, *, max_samples: int | None = None, seed: int = 0,
+    use_train: bool = False,
+) -> tuple[TaskData, TaskData, dict]:
+    """Stratified, seeded split of a task's sample pool (:func:`sample_pool`) into a validation
+    and a held-out share.
 
     Every class with at least two samples puts at least one in each share. Returns the two
-    shares as tasks (train = test = the share) and the sample indices of each (into the pooled
-    samples: train then test, or the one split when they are the same).
+    shares as tasks (train = test = the share) and what was split: ``{"split": origin,
+    "validation": indices, "heldout": indices}``, indices into the pool.
     """
     if not 0 < holdout < 1:
         raise ValueError(f"holdout is {holdout}; it must be in (0, 1)")
-    pooled = _pooled(task)
+    pooled, origin = sample_pool(task, use_train=use_train)
     rng = np.random.default_rng(seed)
     idx = np.arange(len(pooled))
     if max_samples is not None and max_samples < len(idx):
@@ -134,12 +168,12 @@ def split_samples(
         if len(chosen) < 2 or (task.labeled and np.unique(strata[chosen]).size < 2):
             raise ValueError(
                 f"task {task.name!r}: the {name} share has {len(chosen)} samples of "
-                f"{np.unique(strata[chosen]).size} class(es); give at least 2 samples"
+                f"{np.unique(strata[chosen]).size} class(es) (from its {origin} texts); give at least 2 samples"
                 + (" of each of 2 classes" if task.labeled else " in each share (4 texts or more)")
             )
         part = _subset(pooled, np.asarray(chosen))
-        shares.append(TaskData(task.name, part, part, task.label_names, task.metric, source="sample texts"))
-    return shares[0], shares[1], {"validation": sorted(val), "heldout": sorted(held)}
+        shares.append(TaskData(task.name, part, part, task.label_names, task.metric, source=origin))
+    return shares[0], shares[1], {"split": origin, "validation": sorted(val), "heldout": sorted(held)}
 
 
 # --------------------------------------------------------------------------- result
@@ -169,8 +203,9 @@ class Advice:
         The chosen candidate (method, density, weights, held-out scores).
     reason : str
         One sentence with numbers saying why.
-    shares : dict of task to {"validation": indices, "heldout": indices}
-        Into the pooled samples of each task (see :func:`split_samples`).
+    shares : dict of task to {"split": origin, "validation": indices, "heldout": indices}
+        Where each task's samples came from (``"test"``: the source's test split) and the
+        indices of each share into that pool (see :func:`split_samples`).
     merged : dict of layer to tensor (d_out, d_in)
         The recommended merge's ``Delta_W``.
     layers : DataFrame
@@ -212,6 +247,8 @@ class Advice:
             "evaluations": self.evaluations,
             "seconds": round(self.seconds, 2),
             "shares": self.shares,
+            "samples": {n: {"split": s["split"], "validation": len(s["validation"]), "heldout": len(s["heldout"])}
+                        for n, s in self.shares.items()},
             "layers": records(self.layers),
             "layer_notes": layer_notes(self.layers) if len(self.layers) else [],
             "settings": self.settings,
@@ -362,6 +399,7 @@ def advise(
     max_samples: int | None = None,
     max_length: int = 128,
     seed: int = 0,
+    use_train: bool = False,
     progress: Progress | None = None,
     on_stage: Callable[[str], None] | None = None,
 ) -> Advice:
@@ -375,7 +413,9 @@ def advise(
     adapters : dict of task name to Adapter
         Each with the classification head of its task.
     tasks : sequence of TaskData
-        Labelled samples per adapter (same names); train and test splits are pooled.
+        Labelled samples per adapter (same names). A task with a test split of its own (a folder,
+        a dataset) is scored on that split alone; sample texts and a single file are pooled
+        (:func:`sample_pool`).
     methods : merge method names (registry names; RegMean uses statistics of the validation share)
     lambdas, densities : grids of the first stage
     budget : int
@@ -385,6 +425,9 @@ def advise(
         Share of each task's samples held out from the search, for the report.
     max_samples : int, optional
         At most this many samples per task (a seeded subset).
+    use_train : bool
+        Also score on the training split of tasks that have a test split of their own (warns:
+        adapters trained on those texts look better than they are).
 
     Returns
     -------
@@ -425,7 +468,7 @@ def advise(
     on_stage("splitting the samples")
     val_tasks, held_tasks, shares = [], [], {}
     for n in names:
-        v, h, idx = split_samples(by_name[n], holdout, max_samples=max_samples, seed=seed)
+        v, h, idx = split_samples(by_name[n], holdout, max_samples=max_samples, seed=seed, use_train=use_train)
         val_tasks.append(v)
         held_tasks.append(h)
         shares[n] = idx
@@ -439,7 +482,7 @@ def advise(
     needs_gram = any(get_merge_method(m).needs_gram for m in methods)
     deltas, grams = merge_inputs(adapters, stats if needs_gram else None)
     plan = []
-    for method in methods:
+    for method in ["task_arithmetic", *[m for m in methods if m != "task_arithmetic"]]:  # the default always
         for density in densities if get_merge_method(method).uses_density else [None]:
             plan.append((method, density))
     n_grid = len(plan) * len(lambdas)
@@ -487,7 +530,11 @@ def advise(
             if weights != c["weights"]:
                 searched.append({**c, "weights": weights, "origin": "weights",
                                  "validation": search.validation(c["method"], c["density"], weights)})
-        candidates = [*best_per_config.values(), *searched]  # the finalists
+        ones = [1.0] * len(names)  # the plain default: task arithmetic at lambda 1, always a finalist
+        default = {"method": "task_arithmetic", "density": None, "weights": ones, "origin": "default",
+                   "validation": search.validation("task_arithmetic", None, ones, stage="default")}
+        candidates = [default, *[c for c in [*best_per_config.values(), *searched] if c["weights"] != ones
+                                 or c["method"] != "task_arithmetic"]]  # the finalists
         total["n"] = done["n"] + len(candidates)
 
         on_stage("held-out scores")
@@ -512,7 +559,8 @@ def advise(
                              "normalized": got / ref if ref > 0 else float("nan")})
         table = pd.DataFrame(rows)
         summary = _summarize(table)
-        chosen = _choose(summary)
+        margin = selection_margin([(t.metric, len(t.test)) for t in val_tasks])
+        chosen = _choose(summary, margin)
         best = candidates[int(chosen["candidate"])]
         merged = search.merged(best["method"], best["density"], best["weights"])
     finally:
@@ -538,11 +586,12 @@ def advise(
     on_stage("done")
     return Advice(
         names=names, candidates=table, summary=summary, single=single_df, recommended=recommended,
-        reason=_reason(summary, chosen, lower), evaluations=done["n"], seconds=time.perf_counter() - start_time,
+        reason=_reason(summary, chosen, margin, lower), evaluations=done["n"], seconds=time.perf_counter() - start_time,
         shares=shares, merged=merged, layers=verdicts, search=pd.DataFrame(search.log),
         settings={"methods": list(methods), "lambdas": [float(x) for x in lambdas],
                   "densities": [float(x) for x in densities], "budget": budget, "refine": refine,
-                  "holdout": holdout, "max_samples": max_samples, "max_length": max_length, "seed": seed},
+                  "holdout": holdout, "max_samples": max_samples, "max_length": max_length, "seed": seed,
+                  "use_train": use_train, "selection_margin": margin},
     )
 
 
@@ -561,37 +610,57 @@ def _summarize(table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _choose(summary: pd.DataFrame) -> pd.Series:
-    """The best validation score; among equals, a grid point (one lambda) before searched
-    weights, then the earlier candidate."""
-    ranked = summary.assign(_grid=summary["origin"] != "grid").sort_values(
-        ["validation", "_grid", "candidate"], ascending=[False, True, True]
+#: Complexity of a finalist: the plain default, one tuned lambda (of any method), searched weights.
+_TIER = {"default": 0, "grid": 1, "weights": 2}
+
+
+def selection_margin(shares: Sequence[tuple[str, int]]) -> float:
+    """How far a tuned candidate's validation score must beat the plain default's to be chosen.
+
+    Half the width of a 95% interval of a mean over tasks of ``n_t`` validation texts each, at
+    the largest variance a score can have (0.25 for an accuracy or F1, 1 for a Matthews
+    correlation in [-1, 1]): ``1.96 sqrt(sum_t v_t / n_t) / T``. With 20 texts per task and
+    three tasks that is 6.3 points: a few dozen texts cannot tell lambdas a few points apart,
+    so the advisor keeps the default unless a candidate wins clearly. Losses (causal LMs): 0.
+    """
+    if not shares or any(metric == "loss" for metric, _ in shares):
+        return 0.0
+    var = sum((1.0 if metric == "mcc" else 0.25) / max(n, 1) for metric, n in shares)
+    return 1.96 * math.sqrt(var) / len(shares)
+
+
+def _choose(summary: pd.DataFrame, margin: float = 0.0) -> pd.Series:
+    """The plain default (task arithmetic at lambda 1) unless a finalist beats its validation
+    score by more than ``margin``; among those that do, the best validation score, then the
+    simpler (one lambda before searched weights), then the earlier candidate."""
+    default = summary[summary["origin"] == "default"]
+    floor = float(default["validation"].iloc[0]) + margin if len(default) else -math.inf
+    ok = summary[(summary["origin"] == "default") | (summary["validation"] > floor)]
+    ranked = ok.assign(_tier=ok["origin"].map(_TIER).fillna(3)).sort_values(
+        ["validation", "_tier", "candidate"], ascending=[False, True, True]
     )
-    return ranked.iloc[0].drop("_grid")
+    return ranked.iloc[0].drop("_tier")
 
 
-def _reason(summary: pd.DataFrame, chosen: pd.Series, lower: bool = False) -> str:
+def _reason(summary: pd.DataFrame, chosen: pd.Series, margin: float = 0.0, lower: bool = False) -> str:
     what = _method_label(chosen["method"], chosen["density"])
-    if chosen["origin"] == "grid":
-        what += f", lambda {chosen['weights'].split('/')[0]}"
+    if chosen["origin"] == "weights":
+        what += f", per-adapter weights {chosen['weights']}"
     else:
-        what += f", weights {chosen['weights']}"
-    ta = summary[(summary["method"] == "task_arithmetic") & (summary["origin"] == "grid")]
+        what += f", lambda {chosen['weights'].split('/')[0]}"
     held = f"{'mean loss ' if lower else ''}{chosen['score']:.3f} [{chosen['low']:.3f}, {chosen['high']:.3f}]"
-    best = f"the best validation {'loss' if lower else 'score'} ({abs(chosen['validation']):.3f})"
-    if ta.empty:
+    default = summary[summary["origin"] == "default"]
+    if default.empty or lower:
+        best = f"the best validation {'loss' if lower else 'score'} ({abs(chosen['validation']):.3f})"
         return f"{what}: {best}; held-out {held}."
-    ref = ta.sort_values(["validation", "candidate"], ascending=[False, True]).iloc[0]
+    ref = default.iloc[0]
     if int(ref["candidate"]) == int(chosen["candidate"]):
-        return f"{what}: {best} of the search; held-out {held}."
-    lam = ref["weights"].split("/")[0]
-    if lower:
-        change = 100 * (chosen["score"] / ref["score"] - 1) if ref["score"] > 0 else float("nan")
-        return (f"{what}: held-out loss {change:+.1f}% against the best single lambda of task arithmetic "
-                f"(lambda {lam}, {ref['score']:.3f}); held-out {held}.")
+        return (f"{what} (the plain default): no candidate beat its validation score by more than "
+                f"{100 * margin:.1f} points, the uncertainty of so few validation texts; held-out {held}.")
     gain = 100 * (chosen["score"] - ref["score"])
-    return (f"{what}: {gain:+.1f} points over the best single lambda of task arithmetic "
-            f"(lambda {lam}, {ref['score']:.3f}) on held-out texts; held-out {held}.")
+    return (f"{what}: validation {100 * (chosen['validation'] - ref['validation']):.1f} points above the "
+            f"plain default (task arithmetic, lambda 1; margin {100 * margin:.1f}); on the held-out texts "
+            f"{abs(gain):.1f} points {'above' if gain >= 0 else 'below'} it ({ref['score']:.3f}); held-out {held}.")
 
 
 # --------------------------------------------------------------------------- output
@@ -622,6 +691,10 @@ def advice_markdown(advice: Advice) -> str:
         "# Merge advice", "",
         f"Adapters: {', '.join(advice.names)}. {advice.evaluations} evaluations in {advice.seconds:.1f} s.", "",
         f"**Recommended**: {advice.reason}", "",
+        "Where each task's samples came from (`test`: the test split of a task folder, never its train",
+        "texts), and how many went to each share: "
+        + "; ".join(f"{n} {s['split']} ({len(s['validation'])} validation, {len(s['heldout'])} held out)"
+                    for n, s in advice.shares.items()) + ".", "",
         "Scores are each task's metric on the held-out share (never seen by the search), averaged over",
         "tasks, with a 95% interval (Wilson per task for accuracy, bootstrap otherwise); for adapters of",
         "a causal LM the metric is the mean token loss (lower is better). `normalized` divides by each",
@@ -654,8 +727,12 @@ def write_advice(advice: Advice, adapters: dict[str, Adapter], out: str | Path) 
     rec = advice.recommended
     params = {"weights": list(rec["weights"]), **({} if rec["density"] is None else {"density": rec["density"]})}
     held = advice.candidates[advice.candidates["candidate"] == rec["candidate"]]
+    on = ("the advisor's held-out share of each task's samples (texts the search never scored; from: "
+          + ", ".join(f"{n} {s['split']}" for n, s in advice.shares.items()) + ")")
     write_model_card(path, adapters, method=rec["method"], lam=1.0, params=params,
-                     scores=held[["task", "metric", "score", "single", "normalized"]])
+                     scores=held[["task", "metric", "score", "single", "normalized"]],
+                     evaluation={"on": on, "rows": {n: len(s["heldout"]) for n, s in advice.shares.items()},
+                                 "max_length": advice.settings.get("max_length"), "seed": advice.settings.get("seed")})
     write_json(out / "advice.json", advice.to_dict())
     write_text(out / "advice.md", advice_markdown(advice))
     return out

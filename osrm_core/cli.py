@@ -222,10 +222,11 @@ def _load_tasks(args, required: bool = True):
 def cmd_merge(args) -> None:
     from osrm_core.export import merge_adapters, write_merged_model
     from osrm_core.merge import get_merge_method
-    from osrm_core.workflows import build_merged_adapter, load_base_for, merge_scores
+    from osrm_core.workflows import build_merged_adapter, evaluation_record, load_base_for, merge_scores
 
     if not args.out:
         raise UsageError("--out DIR is required")
+    _check_out_folder(args.out)
     params = _merge_params(args)
     needs_gram = get_merge_method(args.method).needs_gram
     adapters = _load_adapters(args)
@@ -247,7 +248,10 @@ def cmd_merge(args) -> None:
         text = f"merged {len(adapters)} adapters -> {path} (full weights)"
     else:
         path, table = build_merged_adapter(adapters, args.out, args.method, lam=args.lam, stats=stats,
-                                           rank=args.out_rank, seed=args.seed, scores=scores, **params)
+                                           rank=args.out_rank, seed=args.seed, scores=scores,
+                                           evaluation=evaluation_record(tasks, max_test=args.max_test,
+                                                                        max_length=args.max_length, seed=args.seed)
+                                           if tasks else None, **params)
         size = (path / "adapter_model.safetensors").stat().st_size
         rank, error = int(table["rank"].iloc[0]), float(table["relative_error"].max())
         how = "exact" if args.out_rank is None else f"truncated by SVD, largest relative error {error:.3g}"
@@ -260,6 +264,23 @@ def cmd_merge(args) -> None:
         text += ("\nmeasured (score: merged; single: the task's own adapter alone):\n"
                  + scores.to_string(index=False, float_format=lambda x: f"{x:.4g}"))
     _emit(args, payload, text)
+
+
+def _nonnegative(text: str) -> float:
+    """An argparse type: a finite number >= 0 (the error names the flag)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}")
+    return value
+
+
+def _check_out_folder(out: str) -> None:
+    """--out names a folder (new or existing); an existing file is refused before any work."""
+    if Path(out).exists() and not Path(out).is_dir():
+        raise UsageError(f"--out {out!r} is an existing file; give a folder (new, or existing to add to)")
 
 
 def _merge_params(args) -> dict:
@@ -309,7 +330,7 @@ def cmd_sweep(args) -> None:
     if args.out:
         write_csv(Path(args.out) / "sweep.csv", df)
     best = best_points(df)
-    per_task = df.pivot_table(index=["method", "density", "lambda"], columns="task", values="score", dropna=False)
+    per_task = df.pivot_table(index=["method", "density", "lambda"], columns="task", values="score", dropna=False).dropna(how="all")  # no (method, density) pair a method lacks
     single = df.groupby("task")[["metric", "single"]].first()
     lines = ["single-task: " + ", ".join(f"{t} {r.metric}={r.single:.4g}" for t, r in single.iterrows()),
              "", "per-task scores of the merge:", per_task.to_string(float_format=lambda x: f"{x:.4g}"),
@@ -357,12 +378,13 @@ def cmd_advise(args) -> None:
 
     if not args.out:
         raise UsageError("--out DIR is required (the advice and the recommended adapter go there)")
+    _check_out_folder(args.out)
     adapters = _load_adapters(args)
     model, tok = load_base_for(adapters, args.model)
     advice = advise(model, tok, adapters, _load_tasks(args), methods=args.methods, lambdas=args.lambdas,
                     densities=args.densities, budget=args.budget, holdout=args.holdout,
                     max_samples=args.samples, max_length=args.max_length, seed=args.seed,
-                    progress=_progress_bar(), on_stage=lambda s: print(s, file=sys.stderr))
+                    use_train=args.use_train_texts, progress=_progress_bar(), on_stage=lambda s: print(s, file=sys.stderr))
     out = write_advice(advice, adapters, args.out)
     cols = ["method", "density", "weights", "validation", "score", "low", "high", "normalized"]
     text = [advice.summary.sort_values("score", ascending=advice.lower_is_better)[cols].to_string(index=False, float_format="%.3f"),
@@ -469,7 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(p, adapters=True, lora_rank=False)
     p.add_argument("--method", default="task_arithmetic", choices=list(MERGE_METHODS), metavar="METHOD",
                    help=f"merge method: {', '.join(MERGE_METHODS)} (default task_arithmetic)")
-    p.add_argument("--lambda", dest="lam", type=float, default=1.0)
+    p.add_argument("--lambda", dest="lam", type=_nonnegative, default=1.0, help="scale of the merge, >= 0")
     for spec in all_param_specs().values():  # each method's parameters, from its dataclass
         p.add_argument(f"--{spec.name.replace('_', '-')}", dest=f"param_{spec.name}", default=None,
                        type=float if spec.choices is None else str, choices=spec.choices,
@@ -505,6 +527,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--densities", nargs="+", type=float, default=list(ADVISE_DENSITIES))
     p.add_argument("--budget", type=int, default=ADVISE_BUDGET, help="validation evaluations for the per-adapter weights")
     p.add_argument("--holdout", type=float, default=0.5, help="share of each task's samples held out from the search")
+    p.add_argument("--use-train-texts", action="store_true",
+                   help="also score on the train split of a task folder (its adapter may have trained on those "
+                        "texts: the scores then look better than they are); by default only its test split")
     # --samples: sample texts used per task (a seeded subset of the task's examples).
     p.set_defaults(func=cmd_advise)
 

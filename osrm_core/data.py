@@ -92,6 +92,12 @@ class TaskData:
     metric : {"accuracy", "mcc", "f1", "loss"}
         ``loss`` is the only metric of an unlabeled task.
     description : str
+    source : str
+        Where the samples came from (a file name, ``upload``, ``hf:DATASET``), for reports.
+    drawn_test : bool
+        The test split was drawn here from the training file (a single file split 80/20), not
+        given by the source. A source's own test split (a folder's ``test.csv``, a dataset's
+        test split) is what adapters trained on that task never saw.
     """
 
     name: str
@@ -101,6 +107,7 @@ class TaskData:
     metric: Metric = "accuracy"
     description: str = ""
     source: str = field(default="", repr=False)
+    drawn_test: bool = field(default=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.name or not all(c.isalnum() or c in "_-" for c in self.name):
@@ -389,6 +396,7 @@ def load_task(
     test_df = None if test is None else read_table(test, fmt=fmt)
     task = from_dataframes(name, train_df, test_df, **kwargs)
     task.source = str(train) if not isinstance(train, bytes) else "upload"
+    task.drawn_test = test is None
     return task
 
 

@@ -10,7 +10,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from osrm_core.adapters import Adapter, LoraWeights, aligned_deltas, write_adapter
+from osrm_core.adapters import Adapter, LoraWeights, aligned_deltas, num_labels_of, write_adapter
 from osrm_core.stats import FeatureStats
 
 
@@ -167,12 +167,15 @@ def write_model_card(
     lam: float,
     params: dict | None = None,
     scores: pd.DataFrame | None = None,
+    evaluation: dict | None = None,
 ) -> Path:
     """Write ``README.md``, the Hub model card of a merged adapter: metadata (``library_name:
     peft``, ``base_model``, ``tags: [merge, osrm]``), the merge (method, lambda, parameters such
     as the density), the source adapters (name, path or Hub id, SHA-256 of the weights), the
     measured scores when given (rows of :func:`osrm_core.workflows.merge_scores`: ``task,
-    metric, score, single, normalized``), and how to load it and each task's head with plain peft."""
+    metric, score, single, normalized``), what reproduces them (``evaluation``: ``on``, the texts
+    scored, e.g. "each task's test split"; ``rows`` per task; ``max_length``; ``seed``), and how to
+    load it and each task's head (with its number of classes) with plain peft."""
     import yaml
 
     folder = Path(folder)
@@ -189,17 +192,21 @@ def write_model_card(
              "## Source adapters", "", "| task | source | sha256 of the weights |", "|---|---|---|"]
     lines += [f"| {n} | {a.source or '(in memory)'} | {a.sha256 or '-'} |" for n, a in adapters.items()]
     if scores is not None and len(scores):
+        ev = evaluation or {}
+        rows = ev.get("rows", {})
         lines += ["", "## Measured scores", "",
-                  "Each task's test score with this merged adapter and with its own adapter alone "
-                  "(a loss: lower is better).", "",
-                  "| task | metric | merged | own adapter | merged / own |", "|---|---|---|---|---|"]
-        lines += [f"| {r.task} | {r.metric} | {r.score:.4f} | {r.single:.4f} | {r.normalized:.3f} |"
-                  for r in scores.itertuples()]
+                  f"Each task's score on {ev.get('on', 'its test texts')} with this merged adapter and with its "
+                  "own adapter alone (a loss: lower is better)"
+                  + "".join(f"; {k} = {ev[k]}" for k in ("max_length", "seed") if k in ev) + ".", "",
+                  "| task | metric | texts | merged | own adapter | merged / own |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r.task} | {r.metric} | {rows.get(r.task, '-')} | {r.score:.4f} | {r.single:.4f} "
+                  f"| {r.normalized:.3f} |" for r in scores.itertuples()]
     auto = "AutoModelForCausalLM" if causal else "AutoModelForSequenceClassification"
     lines += ["", "## Loading it with plain peft", "", "```python",
               "from peft import PeftModel", f"from transformers import {auto}", "",
               f"base = {auto}.from_pretrained({base or 'BASE_MODEL'!r}"
-              + ("" if causal else ", num_labels=K") + ")",
+              + ("" if causal else ", num_labels=K") + ")"
+              + ("" if causal else "  # K: " + ", ".join(f"{n} {num_labels_of(a)}" for n, a in adapters.items())),
               "model = PeftModel.from_pretrained(base, 'THIS_FOLDER')"]
     heads = [n for n, a in adapters.items() if a.head]
     if heads:

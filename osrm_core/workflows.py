@@ -231,7 +231,7 @@ def merge_scores(
     from osrm_core.merge import get_merge_method
 
     chosen = get_merge_method(method, **params)
-    grid = {spec.name: [getattr(chosen, spec.name)] for spec in chosen.param_specs()}
+    grid = {spec.name: [getattr(chosen.params, spec.name)] for spec in chosen.param_specs()}
     return sweep_adapters(model, tokenizer, adapters, tasks, methods=[method], lambdas=[lam], params=grid,
                           stats=stats, max_test=max_test, max_length=max_length, seed=seed)
 
@@ -309,6 +309,7 @@ def build_merged_adapter(
     rank: int | None = None,
     seed: int = 0,
     scores: pd.DataFrame | None = None,
+    evaluation: dict | None = None,
     **params,
 ) -> tuple[Path, pd.DataFrame]:
     """Merge ``adapters`` (over the union of their layers) and write one PEFT LoRA adapter
@@ -322,7 +323,7 @@ def build_merged_adapter(
     from ``stats``; ``weights`` (one per adapter, e.g. the merge advisor's) scale each
     ``Delta_W_i`` before the merge. A ``README.md`` model card documents it
     (:func:`osrm_core.export.write_model_card`, with ``scores`` when measured, see
-    :func:`merge_scores`). Returns the folder and the per-layer factorization table (rank,
+    :func:`merge_scores`, and what they were measured on, see :func:`evaluation_record`). Returns the folder and the per-layer factorization table (rank,
     relative error, see :func:`osrm_core.export.factor_merged`).
     """
     from osrm_core.export import merge_adapters, write_merged_adapter, write_model_card
@@ -330,8 +331,20 @@ def build_merged_adapter(
     merged = merge_adapters(adapters, method, lam=lam, weights=weights, stats=stats, seed=seed, **params)
     path, table = write_merged_adapter(out, merged, adapters, rank=rank)
     shown = params if weights is None else {**params, "weights": list(weights)}
-    write_model_card(path, adapters, method=method, lam=lam, params=shown, scores=scores)
+    shown = {**shown, "seed": seed} if method.startswith("dare") else shown  # DARE's drops are seeded
+    write_model_card(path, adapters, method=method, lam=lam, params=shown, scores=scores, evaluation=evaluation)
     return path, table
+
+
+def evaluation_record(tasks: Sequence[TaskData], *, max_test: int | None, max_length: int, seed: int) -> dict:
+    """What a model card needs to reproduce its scores: which texts (each task's test split, or
+    the share drawn from a single file), how many rows of each, ``max_length`` and ``seed``."""
+    drawn = [t.name for t in tasks if t.drawn_test]
+    on = "the first rows of each task's test split"
+    if drawn:
+        on += f" (for {', '.join(drawn)}: the test share drawn from its one file)"
+    rows = {t.name: len(t.test) if max_test is None else min(len(t.test), max_test) for t in tasks}
+    return {"on": on, "rows": rows, "max_length": max_length, "seed": seed}
 
 
 def real_model_comparison(model, tokenizer, *, rank: int = 8, n_samples: int = 32, seed: int = 0,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -26,6 +27,8 @@ from osrm_core.advise import (
 )
 from osrm_core.data import Split
 from osrm_core.demo import demo_task
+
+REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
 
 TASKS = {"sentiment": 2, "topic": 4}
 
@@ -89,12 +92,14 @@ def test_score_interval_bootstrap_covers_the_score() -> None:
 
 def test_split_samples_is_stratified_seeded_and_disjoint() -> None:
     task = demo_task("topic", n_train=30, n_test=10)
-    v, h, idx = split_samples(task, 0.5, seed=3)
+    v, h, idx = split_samples(task, 0.5, seed=3, use_train=True)
     assert set(idx["validation"]).isdisjoint(idx["heldout"])
-    assert len(idx["validation"]) + len(idx["heldout"]) == 40
+    assert len(idx["validation"]) + len(idx["heldout"]) == 40 and idx["split"] == "train+test"
     assert set(v.test.label) == set(h.test.label) == set(range(task.num_labels))
-    assert split_samples(task, 0.5, seed=3)[2] == idx and split_samples(task, 0.5, seed=4)[2] != idx
-    assert len(sum(split_samples(task, 0.5, max_samples=12)[2].values(), [])) == 12
+    assert split_samples(task, 0.5, seed=3, use_train=True)[2] == idx
+    assert split_samples(task, 0.5, seed=4, use_train=True)[2] != idx
+    picked = split_samples(task, 0.5, max_samples=6)[2]
+    assert len(picked["validation"]) + len(picked["heldout"]) == 6
     with pytest.raises(ValueError, match="holdout is 1.5"):
         split_samples(task, 1.5)
     from osrm_core.data import TaskData
@@ -118,7 +123,9 @@ def test_advice_reports_the_finalists_with_intervals(advised) -> None:
     for row in summary[summary["origin"] == "grid"].itertuples():
         same = grid[(grid["method"] == row.method) & (grid["density"].fillna(-1) == (-1 if pd.isna(row.density) else row.density))]
         assert row.validation == same["validation"].max() and row.weights in set(same["weights"])
-    assert set(summary["origin"]) <= {"grid", "weights"}
+    assert set(summary["origin"]) <= {"default", "grid", "weights"} and (summary["origin"] == "default").sum() == 1
+    default = summary[summary["origin"] == "default"].iloc[0]
+    assert default["method"] == "task_arithmetic" and default["weights"] == "1/1/1"[: 2 * len(advice.names) - 1]
     table = grid_table(search)
     assert list(table["method"]) == ["task_arithmetic", "ties (density 0.5)"] and list(table.columns[1:]) == ["0.5", "1"]
     assert "## The search on the validation share" in advice_markdown(advice)
@@ -127,7 +134,10 @@ def test_advice_reports_the_finalists_with_intervals(advised) -> None:
     assert set(table["task"]) == set(TASKS) and (table["n"] == 12).all()
     assert np.allclose(table["normalized"], table["score"] / table["single"])
     rec = advice.recommended
-    assert rec["validation"] == summary["validation"].max()
+    margin = advice.settings["selection_margin"]
+    assert margin > 0.1  # 6 validation texts per task cannot tell candidates apart
+    beats = summary[summary["validation"] > default["validation"] + margin]
+    assert rec["validation"] == (beats["validation"].max() if len(beats) else default["validation"])
     assert len(rec["weights"]) == 2 and rec["method"] in ("task_arithmetic", "ties")
     assert "held-out" in advice.reason and f"{rec['heldout']:.3f}" in advice.reason
     assert advice.evaluations == advised["calls"][-1][0] == advised["calls"][-1][1]
@@ -138,7 +148,7 @@ def test_advised_adapter_loads_in_plain_peft_and_scores_what_advice_json_says(ad
     from peft import PeftModel
     from safetensors.torch import load_file
 
-    from osrm_core.advise import _pooled
+    from osrm_core.advise import sample_pool
     from osrm_core.evaluate import predict, score
 
     out = advised["out"]
@@ -150,7 +160,8 @@ def test_advised_adapter_loads_in_plain_peft_and_scores_what_advice_json_says(ad
         base.load_state_dict(head, strict=False)
         model = PeftModel.from_pretrained(base, str(out / "adapter")).eval()
         held = saved["shares"][task.name]["heldout"]
-        pooled = _pooled(task)
+        pooled, origin = sample_pool(task)
+        assert saved["shares"][task.name]["split"] == origin == saved["samples"][task.name]["split"]
         split = Split([pooled.text[i] for i in held], pooled.label[held])
         got = score(task.metric, split.label, predict(model, tokenizer, split, max_length=32))
         assert got == pytest.approx(saved["recommended"]["heldout_per_task"][task.name])
@@ -247,3 +258,62 @@ def test_advice_has_a_verdict_per_layer(advised) -> None:
     saved = json.loads((advised["out"] / "advice.json").read_text())
     assert len(saved["layer_notes"]) == 2 and saved["layer_notes"][0].startswith("1. L")
     assert "## Interference per layer" in (advised["out"] / "advice.md").read_text()
+
+
+def _texts(task) -> set:
+    return set(zip(task.test.text, task.test.text_pair or [None] * len(task.test)))
+
+
+def test_held_out_texts_are_never_training_texts_nor_in_both_shares(tmp_path) -> None:
+    """Issue 23: a task folder is scored on its test split only; a single file and uploaded
+    texts are split once, without copies; no exact text lands in both shares on any path."""
+    from app_helpers.uploads import text_task
+    from osrm_core.task_spec import parse_task_spec
+
+    real = REAL_DATA / "trec"
+    if not real.is_dir():
+        pytest.skip(f"no real task data at {REAL_DATA}")
+    folder = parse_task_spec(str(real), name="trec")
+    v, h, idx = split_samples(folder, 0.5, seed=0)
+    assert idx["split"] == "test"
+    train = set(zip(folder.train.text, [None] * len(folder.train)))
+    test = set(zip(folder.test.text, [None] * len(folder.test)))
+    assert test & train  # trec repeats some questions across its splits: those are left out
+    assert _texts(v).isdisjoint(_texts(h)) and _texts(v) | _texts(h) == test - train
+    with pytest.warns(UserWarning, match="training texts"):
+        assert split_samples(folder, 0.5, seed=0, use_train=True)[2]["split"] == "train+test"
+
+    rows = pd.read_csv(real / "test.csv", keep_default_na=False).head(40)
+    dupes = pd.concat([rows, rows.head(10)])  # a file that repeats texts
+    (tmp_path / "one.csv").write_text(dupes.to_csv(index=False))
+    single = parse_task_spec(str(tmp_path / "one.csv"), name="one")
+    v, h, idx = split_samples(single, 0.5, seed=0)
+    assert idx["split"].endswith("one.csv") and _texts(v).isdisjoint(_texts(h))
+    assert len(idx["validation"]) + len(idx["heldout"]) == rows["text"].nunique()
+
+    upload = text_task("up", list(dupes["text"]), list(dupes["label"]))
+    v, h, idx = split_samples(upload, 0.5, seed=0)
+    assert idx["split"] == "upload" and _texts(v).isdisjoint(_texts(h))
+    assert len(idx["validation"]) + len(idx["heldout"]) == rows["text"].nunique()
+
+
+def test_choice_keeps_the_default_unless_a_candidate_wins_by_the_margin() -> None:
+    from osrm_core.advise import _choose, _reason, selection_margin
+
+    assert selection_margin([("accuracy", 20)] * 3) == pytest.approx(1.96 * np.sqrt(3 * 0.25 / 20) / 3)
+    assert selection_margin([("loss", 20)]) == 0.0
+    summary = pd.DataFrame([
+        {"candidate": 0, "method": "task_arithmetic", "density": np.nan, "weights": "1/1", "origin": "default",
+         "validation": 0.80, "score": 0.82, "low": 0.78, "high": 0.86, "normalized": 0.95},
+        {"candidate": 1, "method": "ties", "density": 0.3, "weights": "0.7/0.7", "origin": "grid",
+         "validation": 0.84, "score": 0.79, "low": 0.75, "high": 0.83, "normalized": 0.92},
+        {"candidate": 2, "method": "ties", "density": 0.3, "weights": "0.7/0.5", "origin": "weights",
+         "validation": 0.90, "score": 0.80, "low": 0.76, "high": 0.84, "normalized": 0.93},
+    ])
+    assert int(_choose(summary, 0.12)["candidate"]) == 0  # nothing beats 0.80 by 12 points
+    assert int(_choose(summary, 0.06)["candidate"]) == 2  # 0.90 does; 0.84 does not
+    assert int(_choose(summary, 0.0)["candidate"]) == 2
+    kept = _reason(summary, _choose(summary, 0.12), 0.12)
+    assert "plain default" in kept and "12.0 points" in kept
+    moved = _reason(summary, _choose(summary, 0.06), 0.06)
+    assert "2.0 points below it" in moved and "-" not in moved.split("below")[0].split("held-out")[-1]
