@@ -227,6 +227,8 @@ def cmd_merge(args) -> None:
     if not args.out:
         raise UsageError("--out DIR is required")
     _check_out_folder(args.out)
+    if not 0 <= args.lam < float("inf"):
+        raise UsageError(f"--lambda must be a number >= 0, got {args.lam:g}")
     params = _merge_params(args)
     needs_gram = get_merge_method(args.method).needs_gram
     adapters = _load_adapters(args)
@@ -264,17 +266,6 @@ def cmd_merge(args) -> None:
         text += ("\nmeasured (score: merged; single: the task's own adapter alone):\n"
                  + scores.to_string(index=False, float_format=lambda x: f"{x:.4g}"))
     _emit(args, payload, text)
-
-
-def _nonnegative(text: str) -> float:
-    """An argparse type: a finite number >= 0 (the error names the flag)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}")
-    return value
 
 
 def _check_out_folder(out: str) -> None:
@@ -491,7 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(p, adapters=True, lora_rank=False)
     p.add_argument("--method", default="task_arithmetic", choices=list(MERGE_METHODS), metavar="METHOD",
                    help=f"merge method: {', '.join(MERGE_METHODS)} (default task_arithmetic)")
-    p.add_argument("--lambda", dest="lam", type=_nonnegative, default=1.0, help="scale of the merge, >= 0")
+    p.add_argument("--lambda", dest="lam", type=float, default=1.0, help="scale of the merge, >= 0")
     for spec in all_param_specs().values():  # each method's parameters, from its dataclass
         p.add_argument(f"--{spec.name.replace('_', '-')}", dest=f"param_{spec.name}", default=None,
                        type=float if spec.choices is None else str, choices=spec.choices,

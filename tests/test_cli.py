@@ -148,6 +148,14 @@ BAD_INPUTS = {
         lambda f, m: ["merge", *_adapter_args(f, a="adapter_pickled"), "--out", f["root"] / "m1"],
         "pickle",
     ),
+    "merge --out an existing file": (
+        lambda f, m: ["merge", *_adapter_args(f), "--out", f["bad_yaml"]],
+        "is an existing file; give a folder",
+    ),
+    "negative lambda": (
+        lambda f, m: ["merge", *_adapter_args(f), "--lambda", "-1", "--out", f["root"] / "neg"],
+        "--lambda must be a number >= 0, got -1",
+    ),
     "post-hoc rank 0": (
         lambda f, m: ["diagnose", *_adapter_args(f), *_task_args(f), "--posthoc-rank", "0"],
         "--posthoc-rank must be >= 1",
@@ -214,7 +222,11 @@ def jobs(files, tiny_model_dir):
     )
     futures["merge_scored"] = pool.submit(
         osrm, "merge", "--model", m, *_adapter_args(files), *_task_args(files), "--lambda", 0.7,
-        "--out", root / "merged-scored", "--json",
+        "--method", "ties", "--density", 0.6, "--out", root / "merged-scored", "--json",
+    )
+    futures["sweep"] = pool.submit(
+        osrm, "sweep", "--model", m, *_adapter_args(files), *_task_args(files), "--methods", "task_arithmetic",
+        "ties", "--lambdas", 0.5, 1.0, "--densities", 0.5, "--max-test", 8, "--max-length", 32,
     )
     futures["help"] = pool.submit(osrm, "--help")
     for case, (make_args, _) in BAD_INPUTS.items():
@@ -295,17 +307,29 @@ def test_merge_with_tasks_reports_scores_plain_peft_reproduces(jobs, files, tiny
     scores = {r["task"]: r for r in json.loads(result.stdout)["scores"]}
     assert sorted(scores) == sorted(TASKS)
     card = (out / "README.md").read_text()
-    assert "## Measured scores" in card
+    assert "## Measured scores" in card and "max_length = 128; seed = 0" in card and "density = 0.6" in card
+    assert "`ties` with lambda = 0.7" in card and "num_labels=K)  # K: " in card
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     for key in TASKS:
         row = scores[key]
         assert row["metric"] == "accuracy" and row["normalized"] == pytest.approx(row["score"] / row["single"])
-        assert f"| {key} | accuracy | {row['score']:.4f} | {row['single']:.4f} |" in card
+        task = parse_task_spec(str(files[key]), name=key, seed=0)
+        assert f"| {key} | accuracy | {len(task.test)} | {row['score']:.4f} | {row['single']:.4f} |" in card
         base = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir)
         model = PeftModel.from_pretrained(base, str(out)).eval()
         model.get_base_model().load_state_dict(load_file(str(out / "heads" / f"{key}.safetensors")), strict=False)
-        task = parse_task_spec(str(files[key]), name=key, seed=0)
         assert evaluate_model(model, tokenizer, task) == pytest.approx(row["score"])
+
+
+def test_sweep_per_task_table_has_no_empty_rows(jobs) -> None:
+    """Issue 23: task arithmetic has no density, TIES one; the pivot made all-NaN rows of the
+    pairs a method lacks."""
+    result = jobs["sweep"].result()
+    _ok(result)
+    table = result.stdout.split("per-task scores of the merge:")[1].split("best point per method")[0]
+    rows = [line.split() for line in table.strip().splitlines()[2:] if line.strip()]
+    assert len(rows) == 4, table  # 2 lambdas of task arithmetic, 2 of TIES at one density
+    assert all(float(x) == float(x) for row in rows for x in row[-2:]), table  # every score a number
 
 
 def test_diagnose_json(jobs) -> None:
