@@ -7,7 +7,8 @@ merge method, its density, one global lambda (a grid) and then per-adapter weigh
 search from the best grid points, as LoraHub searches its weights) within an evaluation
 budget. Every merge method here is positively homogeneous (``merge(c Delta) = c merge(Delta)``),
 so a candidate is (method, density, weights): adapter ``i``'s delta enters the merge as
-``w_i Delta_W_i``, and one global lambda is ``w_i = lambda`` for all ``i``.
+``w_i Delta_W_i`` (the method's per-task weights; KnOTS keeps the shared basis of the unweighted
+deltas, see :mod:`osrm_core.merge.knots`), and one global lambda is ``w_i = lambda`` for all ``i``.
 
 All scoring goes through :class:`osrm_core.evaluate.SweepEngine` (one in-place model).
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -285,10 +287,12 @@ def layer_notes(verdicts: pd.DataFrame) -> list[str]:
 class _Search:
     """Candidates scored on the validation engine, every call counted and logged.
 
-    TIES keeps each task's largest-magnitude entries, which a weight ``w_i >= 0`` does not
-    change (``trim(w Delta) = w trim(Delta)``): each adapter is trimmed once per density and the
-    weighted, trimmed deltas are merged at density 1, the same merge without trimming again for
-    every candidate of the weight search."""
+    Each (method, density) is prepared once (:func:`osrm_core.merge.prepare_merge`: TIES-like
+    trimming per density, DARE's drops, TSV-M's per-task SVDs) and merged for every weight vector
+    the search tries, the weights going to the method as its per-task weights. The last
+    ``KEEP_PREPARED`` preparations are kept (each holds a copy of the deltas)."""
+
+    KEEP_PREPARED = 3
 
     def __init__(self, engine: SweepEngine, names: list[str], deltas, grams, seed: int, report,
                  lower_is_better: bool = False) -> None:
@@ -298,20 +302,19 @@ class _Search:
         self.evaluations = 0
         self.cache: dict[tuple, float] = {}
         self.log: list[dict] = []  # every validation evaluation, in order
-        self.trimmed: dict[float, list[dict[str, torch.Tensor]]] = {}
+        self.prepared: OrderedDict[tuple[str, float | None], object] = OrderedDict()
 
     def merged(self, method: str, density: float | None, weights: Sequence[float]) -> dict[str, torch.Tensor]:
-        from osrm_core.merge import merge_deltas
-        from osrm_core.merge.ties import trim_by_magnitude
+        from osrm_core.merge import merge_deltas, prepare_merge
 
-        deltas, params = self.deltas, ({} if density is None else {"density": density})
-        if method == "ties" and density is not None:
-            if density not in self.trimmed:
-                self.trimmed[density] = [{k: trim_by_magnitude(d, density) for k, d in delta.items()}
-                                         for delta in self.deltas]
-            deltas, params = self.trimmed[density], {"density": 1.0}
-        scaled = [{k: w * d for k, d in delta.items()} for w, delta in zip(weights, deltas)]
-        return merge_deltas(scaled, method, grams=self.grams, seed=self.seed, **params)
+        key = (method, density)
+        if key not in self.prepared:
+            params = {} if density is None else {"density": density}
+            self.prepared[key] = prepare_merge(self.deltas, method, grams=self.grams, seed=self.seed, **params)
+            while len(self.prepared) > self.KEEP_PREPARED:
+                self.prepared.popitem(last=False)
+        self.prepared.move_to_end(key)
+        return merge_deltas(self.prepared[key], weights=list(weights))
 
     def validation(self, method: str, density: float | None, weights: Sequence[float], merged=None,
                    stage: str = "weights") -> float:

@@ -156,23 +156,30 @@ def test_advised_adapter_loads_in_plain_peft_and_scores_what_advice_json_says(ad
         assert got == pytest.approx(saved["recommended"]["heldout_per_task"][task.name])
 
 
-def test_weighted_ties_of_the_search_is_ties_of_the_weighted_deltas() -> None:
-    """The search trims each adapter once per density (trim(w Delta) = w trim(Delta) for w >= 0):
-    its merge equals TIES on the weighted deltas, computed naively in float64."""
-    from osrm_core.merge import merge_deltas
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "knots_ties", "tsv_m", "iso_c"])
+def test_weighted_merge_of_the_search_is_the_method_with_weights(method) -> None:
+    """The search prepares each (method, density) once (trimming, drops, SVDs) and merges it for
+    every weight vector: the same as the method with those weights, which (but for KnOTS, whose
+    basis is that of the unweighted deltas) is the method on the weighted deltas."""
+    from osrm_core.merge import get_merge_method, merge_deltas
 
     gen = torch.Generator().manual_seed(0)
     deltas = [{"l.0": torch.randn(6, 5, generator=gen, dtype=torch.float64),
                "l.1": torch.randn(4, 6, generator=gen, dtype=torch.float64)} for _ in range(3)]
     search = _Search(None, ["a", "b", "c"], deltas, None, 0, lambda m: None)
+    densities = (0.3, 0.5, 1.0) if get_merge_method(method).uses_density else (None,)
     for weights in ([1.0, 1.0, 1.0], [0.3, 1.7, 0.0], [2.0, 0.5, 1.25]):
-        for density in (0.3, 0.5, 1.0):
-            got = search.merged("ties", density, weights)
-            want = merge_deltas([{k: w * d for k, d in delta.items()} for w, delta in zip(weights, deltas)],
-                                "ties", density=density)
+        for density in densities:
+            params = {} if density is None else {"density": density}
+            got = search.merged(method, density, weights)
+            want = merge_deltas(deltas, method, weights=weights, **params)
+            scaled = merge_deltas([{k: w * d for k, d in delta.items()} for w, delta in zip(weights, deltas)],
+                                  method, **params)
             for layer in want:
                 torch.testing.assert_close(got[layer], want[layer], rtol=0, atol=1e-12)
-    assert set(search.trimmed) == {0.3, 0.5, 1.0}
+                if method != "knots_ties":
+                    torch.testing.assert_close(got[layer], scaled[layer], rtol=1e-9, atol=1e-12)
+    assert set(search.prepared) == {(method, d) for d in densities}
 
 
 def test_advise_rejects_bad_input(advised, make_tiny_model, tokenizer) -> None:
