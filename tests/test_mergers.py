@@ -359,3 +359,15 @@ def test_core_space_errors():
     other = [{"q": LoraFactors(torch.randn(D_OUT + 1, 2, dtype=F64), torch.randn(2, D_IN, dtype=F64))}]
     with pytest.raises(ValueError, match="size mismatch"):
         merge_deltas(factors[:1] + other, "ties", space="core")
+
+
+def test_study_settings_take_the_new_methods_and_their_params():
+    from pydantic import ValidationError
+
+    from osrm_core.settings import MergeSettings
+
+    got = MergeSettings(methods=SPECTRAL, params={"sv_fraction": [0.5, 1.0], "common_space_fraction": [0.8],
+                                                  "rank_fraction": [0.1], "centred_scale": [0.5]})
+    assert got.methods == SPECTRAL
+    with pytest.raises(ValidationError, match="common_space_fraction must be a number in"):
+        MergeSettings(methods=["iso_cts"], params={"common_space_fraction": [1.5]})
