@@ -275,8 +275,11 @@ def test_prepared_merge_refuses_other_arguments():
     with pytest.raises(ValueError, match="method is required"):
         merge_deltas(deltas)
     layer = get_merge_method("ties").prepare([d["q"] for d in deltas])
-    with pytest.raises(ValueError, match="of merge method 'ties', not 'iso_c'"):
+    with pytest.raises(ValueError, match="prepare them with this method"):
         get_merge_method("iso_c").merge(layer)
+    with pytest.raises(ValueError, match="prepare them with this method"):
+        get_merge_method("ties", density=0.2).merge(layer)
+    assert torch.equal(get_merge_method("ties").merge(layer), merge_layer([d["q"] for d in deltas], "ties"))
 
 
 @pytest.mark.parametrize(

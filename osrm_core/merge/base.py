@@ -102,6 +102,8 @@ class PreparedLayer:
     ----------
     method : str
         Registry name of the method that prepared it.
+    params : MergeParams
+        Its parameters (a preparation is only valid for the same ones).
     n_tasks : int
     shape : (int, int)
         Shape of the deltas (and of the merge).
@@ -114,6 +116,7 @@ class PreparedLayer:
     """
 
     method: str
+    params: MergeParams
     n_tasks: int
     shape: tuple[int, int]
     full_shape: tuple[int, int]
@@ -336,7 +339,7 @@ class MergeMethod:
         data = self.prepare_layer(
             [d.to(work) for d in deltas], list(gram) if self.needs_gram else None, generator, full
         )
-        return PreparedLayer(self.name, len(deltas), tuple(deltas[0].shape), full, dtype, data)
+        return PreparedLayer(self.name, self.params, len(deltas), tuple(deltas[0].shape), full, dtype, data)
 
     @torch.no_grad()
     def merge(
@@ -370,8 +373,9 @@ class MergeMethod:
         """
         lam = check_real("lam", lam, low=0.0, high=math.inf, high_open=True)
         if isinstance(deltas, PreparedLayer):
-            if deltas.method != self.name:
-                raise ValueError(f"prepared deltas are of merge method {deltas.method!r}, not {self.name!r}")
+            if deltas.method != self.name or deltas.params != self.params:
+                raise ValueError(f"deltas prepared by {deltas.method!r} with {deltas.params}; this is {self!r}: "
+                                 "prepare them with this method")
             if gram is not None or generator is not None:
                 raise ValueError("gram and generator go to prepare(), not to merge() of prepared deltas")
             prepared = deltas

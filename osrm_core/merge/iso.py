@@ -87,7 +87,7 @@ class IsoCts(MergeMethod):
     reference's budget is min(d_out, d_in); ours is the numerical rank of the sum (for LoRA
     deltas a budget of min(d) would put the whole sum in the common subspace and leave the
     tasks nothing of their own: Iso-CTS would be Iso-C), and a task keeps only directions above
-    the rounding noise of the sum.
+    the rounding noise of the sum. The reference's ``alpha`` (tuned per model) is ``lam`` here.
     """
 
     name = "iso_cts"

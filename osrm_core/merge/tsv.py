@@ -76,7 +76,8 @@ class TsvMerge(MergeMethod):
     directions (the padded zero columns only multiply zero singular values there), and the
     tolerance uses the layer's (d_out, d_in) so that a merge in core space keeps the same
     triplets. The task weights scale the singular values: the SVD is done once per task.
-    A task of weight 0 is left out of the whitening, like a zero delta (rank 0).
+    A task of weight 0 is left out of the whitening, like a zero delta (rank 0). The reference
+    scales the merge by ``alpha`` (1 by default), which is ``lam`` here.
     """
 
     name = "tsv_m"
