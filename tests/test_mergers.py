@@ -374,3 +374,21 @@ def test_study_settings_take_the_new_methods_and_their_params():
     assert got.methods == SPECTRAL
     with pytest.raises(ValidationError, match="common_space_fraction must be a number in"):
         MergeSettings(methods=["iso_cts"], params={"common_space_fraction": [1.5]})
+
+
+@pytest.mark.parametrize("rank", [None, 2])
+def test_factor_merged_of_core_factors_equals_that_of_the_dense_merge(rank):
+    """The writer factors a core-space merge through QR of its factors (no d_out x d_in matrix):
+    the same rank, product and relative error as factoring the dense merge."""
+    from osrm_core.export import factor_merged
+
+    torch.manual_seed(17)
+    factors = lora_factors(MIXED)
+    # TSV-M keeps distinct singular values: a truncation is unique (Iso-C's flat spectrum is not)
+    core = merge_deltas([{"q": f} for f in factors], "tsv_m", space="core")
+    full = merge_deltas([{"q": f.delta()} for f in factors], "tsv_m")
+    got, got_table = factor_merged(core, rank)
+    ref, ref_table = factor_merged(full, rank)
+    assert got_table["rank"].tolist() == ref_table["rank"].tolist() == [rank or sum(MIXED)]
+    assert_close(got["q"].delta.double(), ref["q"].delta.double(), rtol=0, atol=1e-5)
+    assert got_table["relative_error"].iloc[0] == pytest.approx(ref_table["relative_error"].iloc[0], abs=1e-7)
