@@ -7,7 +7,8 @@ merge method, its density, one global lambda (a grid) and then per-adapter weigh
 search from the best grid points, as LoraHub searches its weights) within an evaluation
 budget. Every merge method here is positively homogeneous (``merge(c Delta) = c merge(Delta)``),
 so a candidate is (method, density, weights): adapter ``i``'s delta enters the merge as
-``w_i Delta_W_i``, and one global lambda is ``w_i = lambda`` for all ``i``.
+``w_i Delta_W_i`` (the method's per-task weights; KnOTS keeps the shared basis of the unweighted
+deltas, see :mod:`osrm_core.merge.knots`), and one global lambda is ``w_i = lambda`` for all ``i``.
 
 All scoring goes through :class:`osrm_core.evaluate.SweepEngine` (one in-place model).
 
@@ -23,6 +24,7 @@ import json
 import math
 import time
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +42,9 @@ Progress = Callable[[int, int, str], None]
 
 #: Lambdas of the grid stage (1.0 is kept: task arithmetic at lambda 1 is the usual default).
 ADVISE_LAMBDAS = (0.3, 0.5, 0.7, 1.0, 1.3)
+#: Methods searched by default: the plain default, TIES, and the two spectral mergers (one SVD per
+#: layer, prepared once for the whole search).
+ADVISE_METHODS = ("task_arithmetic", "ties", "tsv_m", "iso_c")
 #: Densities tried for methods that trim or drop (TIES, DARE).
 ADVISE_DENSITIES = (0.3, 0.5, 0.7)
 #: Validation evaluations of the per-adapter weight search, and the grid points it starts from.
@@ -119,16 +124,20 @@ def sample_pool(task: TaskData, *, use_train: bool = False) -> tuple[Split, str]
         origin = (task.source or "sample texts") if task.drawn_test else "train+test"
     else:
         pool, origin = b, "test"
-    pairs = (lambda split: zip(split.text, split.text_pair or [None] * len(split.text)))
-    seen: set = set(pairs(a)) if origin == "test" else set()  # a test text also in train: seen in training
+    seen: set = set(_pairs(a)) if origin == "test" else set()  # a test text also in train: seen in training
     keep = []
-    for i, key in enumerate(pairs(pool)):
+    for i, key in enumerate(_pairs(pool)):
         if key not in seen:
             seen.add(key)
             keep.append(i)
     if len(keep) < len(pool.text):
         pool = _subset(pool, np.asarray(keep))
     return pool, origin
+
+
+def _pairs(split: Split):
+    """(text, text_pair) of each sample: what makes two samples the same."""
+    return zip(split.text, split.text_pair or [None] * len(split.text))
 
 
 def _subset(split: Split, idx: np.ndarray) -> Split:
@@ -322,10 +331,12 @@ def layer_notes(verdicts: pd.DataFrame) -> list[str]:
 class _Search:
     """Candidates scored on the validation engine, every call counted and logged.
 
-    TIES keeps each task's largest-magnitude entries, which a weight ``w_i >= 0`` does not
-    change (``trim(w Delta) = w trim(Delta)``): each adapter is trimmed once per density and the
-    weighted, trimmed deltas are merged at density 1, the same merge without trimming again for
-    every candidate of the weight search."""
+    Each (method, density) is prepared once (:func:`osrm_core.merge.prepare_merge`: TIES-like
+    trimming per density, DARE's drops, TSV-M's per-task SVDs) and merged for every weight vector
+    the search tries, the weights going to the method as its per-task weights. The last
+    ``KEEP_PREPARED`` preparations are kept (each holds a copy of the deltas)."""
+
+    KEEP_PREPARED = 3
 
     def __init__(self, engine: SweepEngine, names: list[str], deltas, grams, seed: int, report,
                  lower_is_better: bool = False) -> None:
@@ -335,20 +346,19 @@ class _Search:
         self.evaluations = 0
         self.cache: dict[tuple, float] = {}
         self.log: list[dict] = []  # every validation evaluation, in order
-        self.trimmed: dict[float, list[dict[str, torch.Tensor]]] = {}
+        self.prepared: OrderedDict[tuple[str, float | None], object] = OrderedDict()
 
     def merged(self, method: str, density: float | None, weights: Sequence[float]) -> dict[str, torch.Tensor]:
-        from osrm_core.merge import merge_deltas
-        from osrm_core.merge.ties import trim_by_magnitude
+        from osrm_core.merge import merge_deltas, prepare_merge
 
-        deltas, params = self.deltas, ({} if density is None else {"density": density})
-        if method == "ties" and density is not None:
-            if density not in self.trimmed:
-                self.trimmed[density] = [{k: trim_by_magnitude(d, density) for k, d in delta.items()}
-                                         for delta in self.deltas]
-            deltas, params = self.trimmed[density], {"density": 1.0}
-        scaled = [{k: w * d for k, d in delta.items()} for w, delta in zip(weights, deltas)]
-        return merge_deltas(scaled, method, grams=self.grams, seed=self.seed, **params)
+        key = (method, density)
+        if key not in self.prepared:
+            params = {} if density is None else {"density": density}
+            self.prepared[key] = prepare_merge(self.deltas, method, grams=self.grams, seed=self.seed, **params)
+            while len(self.prepared) > self.KEEP_PREPARED:
+                self.prepared.popitem(last=False)
+        self.prepared.move_to_end(key)
+        return merge_deltas(self.prepared[key], weights=list(weights))
 
     def validation(self, method: str, density: float | None, weights: Sequence[float], merged=None,
                    stage: str = "weights") -> float:
@@ -390,7 +400,7 @@ def advise(
     adapters: dict[str, Adapter],
     tasks: Sequence[TaskData],
     *,
-    methods: Sequence[str] = ("task_arithmetic", "ties"),
+    methods: Sequence[str] = ADVISE_METHODS,
     lambdas: Sequence[float] = ADVISE_LAMBDAS,
     densities: Sequence[float] = ADVISE_DENSITIES,
     budget: int = ADVISE_BUDGET,
@@ -714,6 +724,24 @@ def advice_markdown(advice: Advice) -> str:
     return "\n".join(lines)
 
 
+def merge_command(advice: Advice, adapters: dict[str, Adapter], out: str = "merged/") -> str:
+    """The ``osrm merge`` command that writes the recommended adapter again (equal weights are
+    one lambda: every method here is positively homogeneous, ``merge(w D) = w merge(D)``)."""
+    rec = advice.recommended
+    weights = list(rec["weights"])
+    parts = ["osrm merge", *[f"--adapter {n}={adapters[n].source or n}" for n in advice.names],
+             f"--method {rec['method']}"]
+    if rec["density"] is not None:
+        parts.append(f"--density {rec['density']:g}")
+    if len(set(weights)) == 1:
+        parts.append(f"--lambda {weights[0]:g}")
+    else:
+        parts += ["--lambda 1", "--weights " + ",".join(f"{n}={w:g}" for n, w in zip(advice.names, weights))]
+    if rec["method"].startswith("dare"):
+        parts.append(f"--seed {advice.settings.get('seed', 0)}")
+    return " ".join([*parts, f"--out {out}"])
+
+
 def write_advice(advice: Advice, adapters: dict[str, Adapter], out: str | Path) -> Path:
     """Write ``advice.json``, ``advice.md`` and the recommended merged adapter (``adapter/``,
     loadable by plain peft, each task's head under ``adapter/heads/``, its model card with the
@@ -733,6 +761,7 @@ def write_advice(advice: Advice, adapters: dict[str, Adapter], out: str | Path) 
                      scores=held[["task", "metric", "score", "single", "normalized"]],
                      evaluation={"on": on, "rows": {n: len(s["heldout"]) for n, s in advice.shares.items()},
                                  "max_length": advice.settings.get("max_length"), "seed": advice.settings.get("seed")})
-    write_json(out / "advice.json", advice.to_dict())
-    write_text(out / "advice.md", advice_markdown(advice))
+    write_json(out / "advice.json", {**advice.to_dict(), "command": merge_command(advice, adapters)})
+    write_text(out / "advice.md", advice_markdown(advice) + "\n## The same adapter from the command line\n\n"
+               f"```bash\n{merge_command(advice, adapters)}\n```\n")
     return out

@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from osrm_core.advise import ADVISE_BUDGET, ADVISE_DENSITIES, ADVISE_LAMBDAS
+from osrm_core.advise import ADVISE_BUDGET, ADVISE_DENSITIES, ADVISE_LAMBDAS, ADVISE_METHODS
 from osrm_core.constraints import CONSTRAINTS
 from osrm_core.data import METRICS, DataError
 from osrm_core.inits import INITS
@@ -231,7 +231,11 @@ def cmd_merge(args) -> None:
         raise UsageError(f"--lambda must be a number >= 0, got {args.lam:g}")
     params = _merge_params(args)
     needs_gram = get_merge_method(args.method).needs_gram
+    if needs_gram and args.space == "core":
+        raise UsageError(f"--space core does not support --method {args.method} (it needs Gram matrices of the "
+                         "full input space); use --space full")
     adapters = _load_adapters(args)
+    weights = _weights(args.weights, list(adapters))
     model = tok = None
     if args.full or args.task or needs_gram or args.model is not None:  # with --model, the adapters are checked
         model, tok = load_base_for(adapters, args.model)
@@ -242,18 +246,20 @@ def cmd_merge(args) -> None:
     scores, cols = None, ["task", "metric", "score", "single", "normalized"]
     if tasks:  # measured, for the model card and the summary
         scores = merge_scores(model, tok, adapters, tasks, args.method, lam=args.lam, stats=stats,
-                              max_test=args.max_test, max_length=args.max_length, seed=args.seed, **params)[cols]
+                              max_test=args.max_test, max_length=args.max_length, seed=args.seed, weights=weights,
+                              space=args.space, **params)[cols]
     if args.full:
-        merged = merge_adapters(adapters, args.method, lam=args.lam, stats=stats, seed=args.seed, **params)
+        merged = merge_adapters(adapters, args.method, lam=args.lam, stats=stats, seed=args.seed, weights=weights,
+                                space=args.space, **params)
         path = write_merged_model(model, tok, merged, args.out)
         payload = {"out": str(path), "layers": len(merged)}
         text = f"merged {len(adapters)} adapters -> {path} (full weights)"
     else:
-        path, table = build_merged_adapter(adapters, args.out, args.method, lam=args.lam, stats=stats,
-                                           rank=args.out_rank, seed=args.seed, scores=scores,
-                                           evaluation=evaluation_record(tasks, max_test=args.max_test,
-                                                                        max_length=args.max_length, seed=args.seed)
-                                           if tasks else None, **params)
+        path, table = build_merged_adapter(adapters, args.out, args.method, lam=args.lam, weights=weights,
+                                           stats=stats, rank=args.out_rank, seed=args.seed, scores=scores,
+                                           space=args.space, evaluation=evaluation_record(
+                                               tasks, max_test=args.max_test, max_length=args.max_length,
+                                               seed=args.seed) if tasks else None, **params)
         size = (path / "adapter_model.safetensors").stat().st_size
         rank, error = int(table["rank"].iloc[0]), float(table["relative_error"].max())
         how = "exact" if args.out_rank is None else f"truncated by SVD, largest relative error {error:.3g}"
@@ -261,6 +267,10 @@ def cmd_merge(args) -> None:
                    "max_relative_error": error, "errors": table.to_dict(orient="records")}
         text = (f"merged {len(adapters)} adapters -> {path}\n"
                 f"rank {rank} on {len(table)} layers ({how}); adapter_model.safetensors {size / 2**20:.2f} MiB")
+        note = _rank_note(args.method, adapters, rank, size) if args.out_rank is None else None
+        if note:
+            payload["note"] = note
+            text += "\n" + note
     if scores is not None:
         payload["scores"] = scores.to_dict(orient="records")
         text += ("\nmeasured (score: merged; single: the task's own adapter alone):\n"
@@ -272,6 +282,45 @@ def _check_out_folder(out: str) -> None:
     """--out names a folder (new or existing); an existing file is refused before any work."""
     if Path(out).exists() and not Path(out).is_dir():
         raise UsageError(f"--out {out!r} is an existing file; give a folder (new, or existing to add to)")
+
+
+def _weights(spec: str | None, names: list[str]) -> list[float] | None:
+    """``--weights a=0.8,b=1.2`` as one weight per adapter in ``names``' order (1 where not given)."""
+    if spec is None:
+        return None
+    given: dict[str, float] = {}
+    for item in spec.split(","):
+        name, sep, text = item.strip().partition("=")
+        if not sep or not name:
+            raise UsageError(f"--weights {spec!r}: use --weights NAME=W,NAME=W with adapter names {', '.join(names)}")
+        if name not in names:
+            raise UsageError(f"--weights: no adapter named {name!r}; adapters are {', '.join(names)}")
+        if name in given:
+            raise UsageError(f"--weights: adapter {name!r} given twice")
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not 0 <= value < float("inf"):
+            raise UsageError(f"--weights: weight of {name!r} must be a finite number >= 0, got {text!r}")
+        given[name] = value
+    return [given.get(n, 1.0) for n in names]
+
+
+def _rank_note(method: str, adapters: dict, rank: int, size: int) -> str | None:
+    """A note when the merge is not low-rank: its rank exceeds what the sources have together at
+    some layer (entry-wise methods such as TIES and DARE give full-rank deltas)."""
+    from osrm_core.adapters import union_layers
+
+    shapes = union_layers(adapters)
+    together = max(sum(a.layers[n].rank for a in adapters.values() if n in a.layers) for n in shapes)
+    if rank <= together:
+        return None
+    full = max(min(shape) for shape in shapes.values())
+    sources = sum(lw.A.numel() + lw.B.numel() for a in adapters.values() for lw in a.layers.values()) * 4
+    return (f"note: {method} gives a delta of rank {rank} (full rank is {full}; the {len(adapters)} source adapters "
+            f"have rank {together} together): the adapter is {size / 2**20:.2f} MiB against "
+            f"{sources / 2**20:.2f} MiB of sources; --out-rank K truncates it")
 
 
 def _merge_params(args) -> dict:
@@ -487,7 +536,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{spec.name.replace('_', '-')}", dest=f"param_{spec.name}", default=None,
                        type=float if spec.choices is None else str, choices=spec.choices,
                        help=f"{spec.help} (default {spec.default})")
-    p.add_argument("--out-rank", type=int, default=None, help="truncate the merged adapter to this rank")
+    p.add_argument("--weights", default=None, metavar="NAME=W,...",
+                   help="per-adapter weights >= 0, e.g. a=0.8,b=1.2 (1 for an adapter not named)")
+    p.add_argument("--space", default="full", choices=["full", "core"],
+                   help="merge the (d_out, d_in) deltas (full) or the LoRA factors' small core matrices (core: "
+                        "the same merge for task arithmetic, TSV-M, Iso-C, Iso-CTS and CART, another one for "
+                        "TIES and DARE)")
+    p.add_argument("--out-rank", type=int, default=None,
+                   help="truncate the merged adapter to this rank (default: the merge's numerical rank, exact)")
     p.add_argument("--max-test", type=int, default=None,
                    help="test examples per --task when scoring the merge (all by default)")
     p.add_argument("--full", action="store_true", help="write full merged model weights")
@@ -513,7 +569,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("advise", help="search method, lambda, density and per-adapter weights; write the advised adapter")
     common(p, adapters=True, lora_rank=False)
-    p.add_argument("--methods", nargs="+", default=["task_arithmetic", "ties"])
+    p.add_argument("--methods", nargs="+", default=list(ADVISE_METHODS))
     p.add_argument("--lambdas", nargs="+", type=float, default=list(ADVISE_LAMBDAS))
     p.add_argument("--densities", nargs="+", type=float, default=list(ADVISE_DENSITIES))
     p.add_argument("--budget", type=int, default=ADVISE_BUDGET, help="validation evaluations for the per-adapter weights")

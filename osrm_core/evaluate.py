@@ -331,6 +331,8 @@ class SweepEngine:
         stats: dict[str, FeatureStats] | None = None,
         single: dict[str, float] | None = None,
         seed: int = 0,
+        weights: Sequence[float] | None = None,
+        space: str = "full",
         progress: Progress | None = None,
     ) -> pd.DataFrame:
         """Merged scores over methods, their parameters and ``lambdas``.
@@ -338,7 +340,8 @@ class SweepEngine:
         Each method runs every combination of its own parameters' values: ``densities`` for
         ``density`` and ``params`` (parameter name -> values, e.g. ``{"alpha": [0.5, 0.9]}``)
         for the others; a parameter not given keeps its default. The merge is computed once per
-        (method, parameters); ``lambda`` only scales it.
+        (method, parameters); ``lambda`` only scales it. ``weights`` (one per task, >= 0) are
+        the methods' per-task weights; ``space="core"`` merges the LoRA factors in core space.
 
         Returns
         -------
@@ -353,11 +356,13 @@ class SweepEngine:
         bad = [x for x in lambdas if not 0 < x <= 10]
         if bad:
             raise ValueError(f"lambda {bad[0]} is not allowed: lambdas must be in (0, 10]")
-        from osrm_core.export import merge_inputs
+        from osrm_core.export import aligned_factors, merge_inputs
 
         single = single or self.single_task_scores()
         names = list(self.tasks)
         deltas, grams = merge_inputs({n: self.adapters[n] for n in names}, stats)
+        if space == "core":
+            deltas = aligned_factors({n: self.adapters[n] for n in names})
         grid = {"density": list(densities), **(params or {})}
         plan = []
         for method in methods:
@@ -370,7 +375,10 @@ class SweepEngine:
         columns = dict.fromkeys(grid)
         total, done, rows = len(plan) * len(lambdas), 0, []
         for method, chosen in plan:
-            merged = merge_deltas(deltas, method, lam=1.0, grams=grams, seed=seed, **chosen)
+            merged = merge_deltas(deltas, method, lam=1.0, grams=grams, seed=seed, weights=weights, space=space,
+                                  **chosen)
+            if space == "core":
+                merged = {k: f.delta() for k, f in merged.items()}
             for lam in lambdas:
                 self.apply(merged, lam)
                 scores = self.evaluate()

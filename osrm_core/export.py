@@ -43,6 +43,34 @@ def merge_inputs(
     return deltas, grams
 
 
+def aligned_factors(adapters: dict[str, Adapter]) -> list[dict]:
+    """Each adapter's LoRA factors over the union of layers, as :func:`aligned_deltas` but never
+    forming a delta: :class:`osrm_core.merge.LoraFactors` ``(scale * B, A)`` per layer, rank 0
+    where an adapter has no weights. Where some adapter has a bias, the factors carry it as
+    one more rank: ``B' = [s B | s b]``, ``A' = [[A, 0], [0, 1]]`` of width d_in + 1, so
+    ``B' A'`` is the ``[Delta_W | s b]`` of :func:`osrm_core.adapters.aligned_deltas`.
+    """
+    from osrm_core.adapters import union_layers
+    from osrm_core.merge import LoraFactors
+
+    shapes = union_layers(adapters)
+    with_bias = {n for a in adapters.values() for n, lw in a.layers.items() if lw.bias is not None}
+    out = []
+    for adapter in adapters.values():
+        factors = {}
+        for n, (d_out, d_in) in shapes.items():
+            lw = adapter.layers.get(n)
+            b, a = (torch.zeros(d_out, 0), torch.zeros(0, d_in)) if lw is None else (lw.scale * lw.B.float(), lw.A.float())
+            if n in with_bias:
+                a = torch.cat([a, a.new_zeros(a.shape[0], 1)], 1)
+                if lw is not None and lw.bias is not None:
+                    b = torch.cat([b, lw.bias_delta.float()[:, None]], 1)
+                    a = torch.cat([a, torch.cat([a.new_zeros(1, d_in), a.new_ones(1, 1)], 1)], 0)
+            factors[n] = LoraFactors(b, a)
+        out.append(factors)
+    return out
+
+
 def merge_adapters(
     adapters: dict[str, Adapter],
     method: str = "task_arithmetic",
@@ -51,70 +79,103 @@ def merge_adapters(
     weights: Sequence[float] | None = None,
     stats: dict[str, FeatureStats] | None = None,
     seed: int = 0,
+    space: str = "full",
     **params,
-) -> dict[str, torch.Tensor]:
+) -> dict:
     """Merge the adapters' ``Delta_W`` per layer with a registered merge method.
 
     Adapters may cover different layers: the merge is over the union, each adapter contributing
-    zero where it has no weights. ``weights`` (one per adapter, >= 0) scale each adapter's delta
-    before the merge, as the merge advisor's per-adapter weights do; ``lam`` scales the result.
+    zero where it has no weights. ``weights`` (one per adapter, >= 0, e.g. the merge advisor's)
+    are the method's per-task weights (adapter i's delta enters as ``w_i Delta_W_i``); ``lam``
+    scales the result. ``space="core"`` merges the LoRA factors in core space
+    (:mod:`osrm_core.merge.core`) without forming a (d_out, d_in) delta.
 
     Returns
     -------
     dict of layer to merged delta, shape (d_out, d_in) (d_in + 1 with a bias column, see
-    :func:`osrm_core.adapters.split_bias`), float32
+    :func:`osrm_core.adapters.split_bias`), float32; in core space to
+    :class:`osrm_core.merge.LoraFactors` of that product
     """
     from osrm_core.merge import get_merge_method, merge_deltas
 
     if len(adapters) < 1:
         raise ValueError("merge_adapters needs at least one adapter")
-    weights = [1.0] * len(adapters) if weights is None else list(weights)
-    if len(weights) != len(adapters) or not all(
-        isinstance(w, int | float) and 0 <= w < float("inf") for w in weights
-    ):
-        raise ValueError(f"weights {weights} must be {len(adapters)} finite numbers >= 0, one per adapter")
     if get_merge_method(method, **params).needs_gram and stats is None:
         raise ValueError(f"merge method {method!r} needs the feature statistics of every task")
-    deltas, grams = merge_inputs(adapters, stats)
-    deltas = [{k: w * d for k, d in task.items()} for task, w in zip(deltas, weights, strict=True)]
-    return merge_deltas(deltas, method, lam=lam, grams=grams, seed=seed, **params)
+    if space == "core":
+        inputs, grams = aligned_factors(adapters), None
+    else:
+        inputs, grams = merge_inputs(adapters, stats)
+    return merge_deltas(inputs, method, lam=lam, grams=grams, seed=seed, weights=weights, space=space, **params)
 
 
-def _svdvals_at_precision(delta: torch.Tensor) -> torch.Tensor:
-    """Singular values (computed in float64) in the delta's dtype, float32 at least."""
-    s = torch.linalg.svdvals(delta.double())
-    return s if delta.dtype == torch.float64 else s.float()
+def _spectrum(value) -> torch.Tensor:
+    """Singular values (computed in float64) of a merged delta or of the product of merged
+    LoRA factors, in the merge's dtype, float32 at least."""
+    from osrm_core.merge import LoraFactors
+    from osrm_core.merge.factor import product_svd
+
+    if isinstance(value, LoraFactors):
+        s, dtype = product_svd(value.B.double(), value.A.double())[1], value.B.dtype
+    else:
+        s, dtype = torch.linalg.svdvals(value.double()), value.dtype
+    return s if dtype == torch.float64 else s.float()
+
+
+def _factor_layer(value, k: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Rank-k factors ``(B, A)`` (float64) of a merged delta or LoraFactors, and the relative
+    error ``||Delta - B A||_F / ||Delta||_F``."""
+    from osrm_core.merge import LoraFactors, low_rank_factors
+    from osrm_core.merge.factor import product_svd
+
+    if isinstance(value, LoraFactors):
+        u, s, vh = product_svd(value.B.double(), value.A.double())
+        k = min(k, s.numel())
+        root = s[:k].sqrt()
+        total = float(s.square().sum())
+        err = (float(s[k:].square().sum()) / total) ** 0.5 if total > 0 else 0.0
+        return u[:, :k] * root, root[:, None] * vh[:k], err
+    delta = value.double()
+    B, A = low_rank_factors(delta, k)
+    norm = float(torch.linalg.norm(delta))
+    return B, A, float(torch.linalg.norm(delta - B @ A)) / norm if norm > 0 else 0.0
+
+
+def merged_rank(merged: dict) -> int:
+    """The largest numerical rank over the merged layers (deltas or LoraFactors), at least 1;
+    the tolerance is that of the merge's own precision, so float32 rounding noise does not
+    count as rank."""
+    from osrm_core.merge.factor import numerical_rank
+
+    shapes = {n: tuple(getattr(v, "shape", ())) for n, v in merged.items()}
+    return max(max(1, numerical_rank(_spectrum(v), shapes[n])) for n, v in merged.items())
 
 
 def factor_merged(
-    merged: dict[str, torch.Tensor], rank: int | None = None, d_in: dict[str, int] | None = None
+    merged: dict, rank: int | None = None, d_in: dict[str, int] | None = None
 ) -> tuple[dict[str, LoraWeights], pd.DataFrame]:
     """LoRA factors (scale 1) of merged deltas, at one rank for all layers.
 
-    With ``rank`` None the rank is the largest numerical rank over layers, so ``B @ A``
-    reproduces every merged delta (exact); a smaller ``rank`` truncates by SVD. ``d_in`` gives
-    each layer's input width where a delta carries a bias column (see
-    :func:`osrm_core.adapters.split_bias`): that column becomes ``lora_B``'s bias, ``B a``.
+    ``merged`` maps layers to deltas of shape (d_out, d_in) or to
+    :class:`osrm_core.merge.LoraFactors` (a core-space merge, factored without forming the
+    delta). With ``rank`` None the rank is the largest numerical rank over layers
+    (:func:`merged_rank`), so ``B @ A`` reproduces every merged delta (exact); a smaller
+    ``rank`` truncates by SVD. ``d_in`` gives each layer's input width where a delta carries a
+    bias column (see :func:`osrm_core.adapters.split_bias`): that column becomes ``lora_B``'s
+    bias, ``B a``.
 
     Returns the layers and a table ``layer, rank, relative_error`` with
     ``||Delta - B A||_F / ||Delta||_F`` per layer (0 when exact).
     """
     from osrm_core.adapters import split_bias
-    from osrm_core.merge import low_rank_factors
-    from osrm_core.merge.factor import numerical_rank
 
     if rank is None:
-        # The tolerance is that of the deltas' own precision: float32 rounding noise would
-        # otherwise count as rank and make the "exact" adapter full rank.
-        rank = max(
-            max(1, numerical_rank(_svdvals_at_precision(d), tuple(d.shape))) for d in merged.values()
-        )
+        rank = merged_rank(merged)
     layers, rows = {}, []
-    for name, delta in merged.items():
-        k = min(rank, *delta.shape)
-        B, A = low_rank_factors(delta.double(), k)
-        norm = float(torch.linalg.norm(delta.double()))
-        err = float(torch.linalg.norm(delta.double() - B @ A)) / norm if norm > 0 else 0.0
+    for name, value in merged.items():
+        k = min(rank, *value.shape)
+        B, A, err = _factor_layer(value, k)
+        k = A.shape[0]
         if k < rank:  # pad so every layer has one rank
             A = torch.cat([A, A.new_zeros(rank - k, A.shape[1])])
             B = torch.cat([B, B.new_zeros(B.shape[0], rank - k)], 1)
@@ -127,12 +188,13 @@ def factor_merged(
 
 def write_merged_adapter(
     path: str | Path,
-    merged: dict[str, torch.Tensor],
+    merged: dict,
     adapters: dict[str, Adapter] | None = None,
     *,
     rank: int | None = None,
 ) -> tuple[Path, pd.DataFrame]:
-    """Write merged deltas as one PEFT LoRA adapter (factored by :func:`factor_merged`).
+    """Write merged deltas (or core-space LoraFactors) as one PEFT LoRA adapter (factored by
+    :func:`factor_merged`, at the merge's numerical rank unless ``rank`` truncates it).
 
     Each task's head (its ``modules_to_save``) from ``adapters`` is written to
     ``heads/<task>.safetensors``. Returns the folder and the factorization table.
@@ -220,16 +282,20 @@ def write_model_card(
     return path
 
 
-def write_merged_model(model: nn.Module, tokenizer, merged: dict[str, torch.Tensor], path: str | Path) -> Path:
-    """Add the merged deltas to a copy of ``model``'s weights and ``save_pretrained`` it."""
+def write_merged_model(model: nn.Module, tokenizer, merged: dict, path: str | Path) -> Path:
+    """Add the merged deltas (or LoraFactors of a core-space merge) to a copy of ``model``'s
+    weights and ``save_pretrained`` it."""
     import copy
 
     from osrm_core.adapters import split_bias
+    from osrm_core.merge import LoraFactors
     from osrm_core.models import weight_as_linear
 
     merged_model = copy.deepcopy(model)
     with torch.no_grad():
         for name, delta in merged.items():
+            if isinstance(delta, LoraFactors):  # a core-space merge: whole weights need the product
+                delta = delta.delta()
             module = merged_model.get_submodule(name)
             w = weight_as_linear(module)
             delta, shift = split_bias(delta, w.shape[1])

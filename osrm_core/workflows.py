@@ -193,9 +193,12 @@ def sweep_adapters(
     max_test: int | None = None,
     max_length: int = 128,
     seed: int = 0,
+    weights: Sequence[float] | None = None,
+    space: str = "full",
     progress: Progress | None = None,
 ) -> pd.DataFrame:
-    """Merged scores of existing adapters over a grid (see :class:`osrm_core.evaluate.SweepEngine`).
+    """Merged scores of existing adapters over a grid (see :class:`osrm_core.evaluate.SweepEngine`;
+    ``weights`` and ``space`` as in :meth:`~osrm_core.evaluate.SweepEngine.sweep`).
 
     ``model`` is changed in place during the sweep and restored afterwards.
     """
@@ -206,7 +209,7 @@ def sweep_adapters(
     engine = SweepEngine(model, tokenizer, tasks, adapters, max_test=max_test, max_length=max_length)
     try:
         return engine.sweep(methods, lambdas, densities=densities, params=params, stats=stats, seed=seed,
-                            progress=progress)
+                            weights=weights, space=space, progress=progress)
     finally:
         engine.restore()
 
@@ -223,17 +226,21 @@ def merge_scores(
     max_test: int | None = None,
     max_length: int = 128,
     seed: int = 0,
+    weights: Sequence[float] | None = None,
+    space: str = "full",
     **params,
 ) -> pd.DataFrame:
     """Each task's score with the merge of ``adapters`` by ``method`` at ``lam`` (``params``: the
-    method's, defaults for the rest): one row per task with the columns of :func:`sweep_adapters`
-    (``metric, score, single, normalized``), as a merged adapter's model card reports them."""
+    method's, defaults for the rest; ``weights``: per adapter; ``space``: full or core): one row
+    per task with the columns of :func:`sweep_adapters` (``metric, score, single,
+    normalized``), as a merged adapter's model card reports them."""
     from osrm_core.merge import get_merge_method
 
     chosen = get_merge_method(method, **params)
     grid = {spec.name: [getattr(chosen.params, spec.name)] for spec in chosen.param_specs()}
     return sweep_adapters(model, tokenizer, adapters, tasks, methods=[method], lambdas=[lam], params=grid,
-                          stats=stats, max_test=max_test, max_length=max_length, seed=seed)
+                          stats=stats, max_test=max_test, max_length=max_length, seed=seed, weights=weights,
+                          space=space)
 
 
 def posthoc_refit(
@@ -310,6 +317,7 @@ def build_merged_adapter(
     seed: int = 0,
     scores: pd.DataFrame | None = None,
     evaluation: dict | None = None,
+    space: str = "full",
     **params,
 ) -> tuple[Path, pd.DataFrame]:
     """Merge ``adapters`` (over the union of their layers) and write one PEFT LoRA adapter
@@ -320,18 +328,21 @@ def build_merged_adapter(
     no ``modules_to_save`` and ``task_type`` null (kept for ``CAUSAL_LM``), so plain
     ``PeftModel.from_pretrained`` loads it on the base model; each task's head is written to
     ``heads/<task>.safetensors``. Methods that need Gram matrices (``needs_gram``) take them
-    from ``stats``; ``weights`` (one per adapter, e.g. the merge advisor's) scale each
-    ``Delta_W_i`` before the merge. A ``README.md`` model card documents it
+    from ``stats``; ``weights`` (one per adapter, e.g. the merge advisor's) are the method's
+    per-task weights; ``space="core"`` merges in core space (never forming a delta). A ``README.md`` model card documents it
     (:func:`osrm_core.export.write_model_card`, with ``scores`` when measured, see
     :func:`merge_scores`, and what they were measured on, see :func:`evaluation_record`). Returns the folder and the per-layer factorization table (rank,
     relative error, see :func:`osrm_core.export.factor_merged`).
     """
     from osrm_core.export import merge_adapters, write_merged_adapter, write_model_card
 
-    merged = merge_adapters(adapters, method, lam=lam, weights=weights, stats=stats, seed=seed, **params)
+    merged = merge_adapters(adapters, method, lam=lam, weights=weights, stats=stats, seed=seed, space=space,
+                            **params)
     path, table = write_merged_adapter(out, merged, adapters, rank=rank)
     shown = params if weights is None else {**params, "weights": list(weights)}
     shown = {**shown, "seed": seed} if method.startswith("dare") else shown  # DARE's drops are seeded
+    if space != "full":
+        shown = {**shown, "space": space}
     write_model_card(path, adapters, method=method, lam=lam, params=shown, scores=scores, evaluation=evaluation)
     return path, table
 

@@ -28,7 +28,7 @@ from app_helpers import (
     uploads_signature,
 )
 from osrm_core.adapters import num_labels_of, union_layers
-from osrm_core.advise import ADVISE_BUDGET, ADVISE_LAMBDAS, advise, grid_table, layer_notes
+from osrm_core.advise import ADVISE_BUDGET, ADVISE_LAMBDAS, ADVISE_METHODS, advise, grid_table, layer_notes
 from osrm_core.data import MAX_DATA_BYTES, DataError, read_table
 from osrm_core.demo import DEMO_TASKS, demo_task
 from osrm_core.diagnostics import layer_verdicts
@@ -417,7 +417,7 @@ if unlabelled:
     st.caption(f"Advice needs labels for every task; without labels: {', '.join(unlabelled)}.")
 c1, c2, c3 = st.columns(3)
 methods = c1.multiselect(
-    "Methods", list(MERGE_METHODS), default=["task_arithmetic", "ties"], key="diag_methods"
+    "Methods", list(MERGE_METHODS), default=list(ADVISE_METHODS), key="diag_methods"
 )
 grid = c2.text_input("Lambda grid", ", ".join(f"{x:g}" for x in ADVISE_LAMBDAS), key="diag_lambdas")
 budget = c3.number_input(

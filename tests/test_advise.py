@@ -65,7 +65,8 @@ def advised(peft_files, make_tiny_model, tokenizer, tmp_path_factory):
     adapters = {k: load_adapter(peft_files[f"adapter_{k}"], model) for k in TASKS}
     tasks = [parse_task_spec(str(peft_files[f"csv_{k}"]), name=k) for k in TASKS]
     calls, stages = [], []
-    advice = advise(model, tokenizer, adapters, tasks, lambdas=(0.5, 1.0), densities=(0.5,), budget=6,
+    advice = advise(model, tokenizer, adapters, tasks, methods=("task_arithmetic", "ties"), lambdas=(0.5, 1.0),
+                    densities=(0.5,), budget=6,
                     max_length=32, progress=lambda *a: calls.append(a), on_stage=stages.append)
     out = write_advice(advice, adapters, tmp_path_factory.mktemp("advice"))
     return {"advice": advice, "adapters": adapters, "tasks": tasks, "calls": calls, "stages": stages, "out": out}
@@ -167,23 +168,30 @@ def test_advised_adapter_loads_in_plain_peft_and_scores_what_advice_json_says(ad
         assert got == pytest.approx(saved["recommended"]["heldout_per_task"][task.name])
 
 
-def test_weighted_ties_of_the_search_is_ties_of_the_weighted_deltas() -> None:
-    """The search trims each adapter once per density (trim(w Delta) = w trim(Delta) for w >= 0):
-    its merge equals TIES on the weighted deltas, computed naively in float64."""
-    from osrm_core.merge import merge_deltas
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "knots_ties", "tsv_m", "iso_c"])
+def test_weighted_merge_of_the_search_is_the_method_with_weights(method) -> None:
+    """The search prepares each (method, density) once (trimming, drops, SVDs) and merges it for
+    every weight vector: the same as the method with those weights, which (but for KnOTS, whose
+    basis is that of the unweighted deltas) is the method on the weighted deltas."""
+    from osrm_core.merge import get_merge_method, merge_deltas
 
     gen = torch.Generator().manual_seed(0)
     deltas = [{"l.0": torch.randn(6, 5, generator=gen, dtype=torch.float64),
                "l.1": torch.randn(4, 6, generator=gen, dtype=torch.float64)} for _ in range(3)]
     search = _Search(None, ["a", "b", "c"], deltas, None, 0, lambda m: None)
+    densities = (0.3, 0.5, 1.0) if get_merge_method(method).uses_density else (None,)
     for weights in ([1.0, 1.0, 1.0], [0.3, 1.7, 0.0], [2.0, 0.5, 1.25]):
-        for density in (0.3, 0.5, 1.0):
-            got = search.merged("ties", density, weights)
-            want = merge_deltas([{k: w * d for k, d in delta.items()} for w, delta in zip(weights, deltas)],
-                                "ties", density=density)
+        for density in densities:
+            params = {} if density is None else {"density": density}
+            got = search.merged(method, density, weights)
+            want = merge_deltas(deltas, method, weights=weights, **params)
+            scaled = merge_deltas([{k: w * d for k, d in delta.items()} for w, delta in zip(weights, deltas)],
+                                  method, **params)
             for layer in want:
                 torch.testing.assert_close(got[layer], want[layer], rtol=0, atol=1e-12)
-    assert set(search.trimmed) == {0.3, 0.5, 1.0}
+                if method != "knots_ties":
+                    torch.testing.assert_close(got[layer], scaled[layer], rtol=1e-9, atol=1e-12)
+    assert set(search.prepared) == {(method, d) for d in densities}
 
 
 def test_advise_rejects_bad_input(advised, make_tiny_model, tokenizer) -> None:
@@ -317,3 +325,34 @@ def test_choice_keeps_the_default_unless_a_candidate_wins_by_the_margin() -> Non
     assert "plain default" in kept and "12.0 points" in kept
     moved = _reason(summary, _choose(summary, 0.06), 0.06)
     assert "2.0 points below it" in moved and "-" not in moved.split("below")[0].split("held-out")[-1]
+
+
+@pytest.mark.parametrize("recommended", [None, {"method": "ties", "density": 0.5, "weights": [0.5, 1.5]},
+                                         {"method": "tsv_m", "density": None, "weights": [0.8, 0.8]}])
+def test_advice_md_command_reproduces_the_adapter(advised, recommended, tmp_path) -> None:
+    """Issue 24: ``advice.md`` prints the ``osrm merge`` command (with ``--weights`` when they
+    differ) that writes the advised adapter again, exactly."""
+    import dataclasses
+    import shlex
+
+    from osrm_core.adapters import read_adapter_dir
+    from osrm_core.advise import merge_command
+    from osrm_core.export import merge_adapters
+
+    advice, adapters = advised["advice"], advised["adapters"]
+    if recommended is None:  # the advice as it came
+        command = json.loads((advised["out"] / "advice.json").read_text())["command"]
+        assert f"```bash\n{command}\n```" in (advised["out"] / "advice.md").read_text()
+        want = advice.merged
+    else:
+        rec = {**advice.recommended, **recommended}
+        params = {} if rec["density"] is None else {"density": rec["density"]}
+        want = merge_adapters(adapters, rec["method"], weights=rec["weights"], **params)
+        command = merge_command(dataclasses.replace(advice, recommended=rec), adapters)
+        assert ("--weights sentiment=0.5,topic=1.5" in command) == (rec["method"] == "ties")
+    argv = shlex.split(command.replace("--out merged/", f"--out {tmp_path / 'again'}"))
+    result = subprocess.run([sys.executable, "-m", "osrm_core.cli", *argv[2:]], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    written = read_adapter_dir(tmp_path / "again")
+    for layer, delta in want.items():
+        torch.testing.assert_close(written.layers[layer].delta, delta.float(), atol=1e-5, rtol=1e-4)

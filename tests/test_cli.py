@@ -364,3 +364,51 @@ def test_run_and_show(jobs, files, tiny_model_dir) -> None:
     _ok(shown)
     assert "[osrm] single-task:" in shown.stdout and "[standard] task_arithmetic: best lambda=" in shown.stdout
     assert RunDir(out).summary() == {k: v for k, v in summary.items() if k != "run_dir"}
+
+
+MERGE_BAD = {
+    "weight not a number": (["--weights", "sentiment=abc"], "--weights: weight of 'sentiment' must be a finite number"),
+    "negative weight": (["--weights", "sentiment=-1"], "must be a finite number >= 0, got '-1'"),
+    "weight of no adapter": (["--weights", "nope=1"], "--weights: no adapter named 'nope'; adapters are sentiment"),
+    "weights without =": (["--weights", "sentiment"], "use --weights NAME=W,NAME=W"),
+    "regmean in core space": (["--method", "regmean", "--space", "core"], "--space core does not support"),
+}
+
+
+@pytest.mark.parametrize("case", list(MERGE_BAD))
+def test_merge_bad_weights_or_space_exit_2(case, files) -> None:
+    args, expected = MERGE_BAD[case]
+    result = osrm("merge", *_adapter_args(files), *args, "--out", files["root"] / "bad-merge")
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and expected in errors[0], result.stderr
+
+
+def test_merge_new_methods_weights_core_space_and_rank_note(files) -> None:
+    """``--method tsv_m --weights`` and ``--method iso_c --space core`` write the merge at its
+    numerical rank (exact, no note); TIES, full rank, gets a note of its rank and size."""
+    from osrm_core.export import merge_adapters
+
+    adapters = {k: read_adapter_dir(files[f"adapter_{k}"]) for k in TASKS}
+    together = max(sum(a.layers[n].rank for a in adapters.values() if n in a.layers)
+                   for n in adapters["sentiment"].layers)
+    runs = {
+        "tsv": (["--method", "tsv_m", "--weights", "sentiment=0.5,paraphrase=1.5"], "tsv_m", [0.5, 1.5], "full"),
+        "iso": (["--method", "iso_c", "--space", "core", "--weights", "paraphrase=2"], "iso_c", [1.0, 2.0], "core"),
+    }
+    for key, (args, method, weights, space) in runs.items():
+        out = files["root"] / f"merged-{key}"
+        result = osrm("merge", *_adapter_args(files), *args, "--lambda", 0.7, "--out", out, "--json")
+        _ok(result)
+        payload = json.loads(result.stdout)
+        assert payload["rank"] <= together and "note" not in payload
+        written = read_adapter_dir(out)
+        expected = merge_adapters(adapters, method, lam=0.7, weights=weights, space=space)
+        for name, delta in expected.items():
+            delta = delta.delta() if space == "core" else delta
+            torch.testing.assert_close(written.layers[name].delta, delta, atol=1e-5, rtol=0)
+        assert f"weights = {weights}" in (out / "README.md").read_text()
+    result = osrm("merge", *_adapter_args(files), "--method", "ties", "--out", files["root"] / "merged-ties-note")
+    _ok(result)
+    assert "note: ties gives a delta of rank" in result.stdout and f"have rank {together} together" in result.stdout

@@ -21,7 +21,10 @@ from osrm_core.merge import (
 from osrm_core.merge.knots import knots_basis
 
 F64 = torch.float64
-NAMES = ["task_arithmetic", "ties", "dare_linear", "dare_ties", "regmean", "knots_ta", "knots_ties"]
+NAMES = [
+    "task_arithmetic", "ties", "dare_linear", "dare_ties", "regmean", "knots_ta", "knots_ties",
+    "tsv_m", "iso_c", "iso_cts", "cart",
+]
 
 
 def lora_deltas(n_tasks=3, d_out=6, d_in=5, rank=2):

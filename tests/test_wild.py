@@ -148,6 +148,32 @@ def test_merges_over_the_union_for_every_method(wild, tiny_model, tokenizer, tas
         assert out["bert.encoder.layer.0.attention.self.query"].shape == (32, 33)  # bias column
 
 
+def test_core_space_merge_over_the_union_with_bias(wild, tiny_model, tmp_path) -> None:
+    """aligned_factors carries the bias as one more rank and rank 0 where an adapter has no
+    weights: basis-invariant methods give the full-space merge, and the adapter is written from
+    the factors at the merge's numerical rank."""
+    from osrm_core.export import aligned_factors
+    from osrm_core.merge import LoraFactors
+
+    adapters = {"sentiment": load_adapter(wild["qkv"][1], tiny_model),
+                "paraphrase": load_adapter(wild["lora_bias"][1], tiny_model)}
+    factors = aligned_factors(adapters)
+    for task, dense in zip(factors, merge_inputs(adapters)[0], strict=True):
+        for name, f in task.items():
+            assert_close(f.delta(), dense[name], rtol=1e-5, atol=1e-6)
+    for method in ("task_arithmetic", "tsv_m", "iso_c", "iso_cts", "cart"):
+        core = merge_adapters(adapters, method, lam=0.7, space="core", weights=[1.0, 0.6])
+        full = merge_adapters(adapters, method, lam=0.7, weights=[1.0, 0.6])
+        for name in full:
+            assert isinstance(core[name], LoraFactors)
+            # float32: the change of basis costs rounding, more where Procrustes whitens (Iso-CTS)
+            scale = float(full[name].abs().max())
+            assert_close(core[name].delta(), full[name], rtol=1e-4, atol=3e-5 * scale, msg=method)
+    out, table = write_merged_adapter(tmp_path / "core", core, adapters)
+    _, full_table = write_merged_adapter(tmp_path / "full", full, adapters)
+    assert (table["relative_error"] < 1e-5).all() and table["rank"].iloc[0] == full_table["rank"].iloc[0]
+
+
 def test_sweep_scores_each_adapter_as_peft_does(wild, make_tiny_model, tokenizer, tasks) -> None:
     """Single-task scores of the engine (in-place weights, bias shifts, swapped pooler and head)
     equal those of peft's own model, for a loss (to many digits) and for accuracy."""

@@ -3,7 +3,12 @@
 Every method merges, per layer, the task deltas ``Delta_W_i = s_i * B_i @ A_i`` (tensors of shape
 (d_out, d_in)), never A and B separately, which would add cross terms ``B_i A_j``. The merged
 delta is ``lam * combine(deltas)``; ``combine`` is the sum for task arithmetic, DARE-linear and
-KnOTS-TA, and a mean for TIES, DARE-TIES, KnOTS-TIES and RegMean.
+KnOTS-TA, and a mean for TIES, DARE-TIES, KnOTS-TIES and RegMean; TSV-M, Iso-C, Iso-CTS and
+CART rebuild the merge from singular vectors. Each task may carry a weight ``w_i >= 0``
+(``weights``): the merge is then that of ``w_i Delta_W_i``. :func:`prepare_merge` does a
+method's weight-independent work once (trimming, drops, SVDs) for many weight vectors. With
+``space="core"`` the inputs are LoRA factors and the method runs on small core matrices
+(:mod:`osrm_core.merge.core`).
 
 Examples
 --------
@@ -26,30 +31,43 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import MergeMethod, MergeParams, ParamSpec, check_real
+from .base import MergeMethod, MergeParams, ParamSpec, PreparedLayer, check_choice, check_real, check_weights
+from .cart import Cart
+from .core import LoraFactors, check_factors, core_space
 from .dare import DareLinear, DareTies
 from .factor import low_rank_factors, stack_lora_factors
+from .iso import IsoC, IsoCts
 from .knots import KnotsTA, KnotsTies
 from .regmean import RegMean
 from .task_arithmetic import TaskArithmetic
 from .ties import Ties
+from .tsv import TsvMerge
 
 __all__ = [
     "MERGE_METHODS",
+    "SPACES",
+    "LoraFactors",
     "MergeMethod",
     "MergeParams",
     "ParamSpec",
+    "PreparedMerge",
     "all_param_specs",
     "get_merge_method",
     "low_rank_factors",
     "merge_deltas",
     "merge_layer",
+    "prepare_merge",
     "stack_lora_factors",
 ]
 
+#: Where a merge runs: on the (d_out, d_in) deltas, or on the cores of LoRA factors.
+SPACES: tuple[str, ...] = ("full", "core")
+
 MERGE_METHODS: dict[str, type[MergeMethod]] = {
     cls.name: cls
-    for cls in (TaskArithmetic, Ties, DareLinear, DareTies, RegMean, KnotsTA, KnotsTies)
+    for cls in (
+        TaskArithmetic, Ties, DareLinear, DareTies, RegMean, KnotsTA, KnotsTies, TsvMerge, IsoC, IsoCts, Cart
+    )
 }
 
 
@@ -97,6 +115,7 @@ def merge_layer(
     lam: float = 1.0,
     gram: list[Tensor] | None = None,
     generator: torch.Generator | None = None,
+    weights: Sequence[float] | None = None,
     **params: Any,
 ) -> Tensor:
     """Merge the deltas of one layer.
@@ -113,46 +132,71 @@ def merge_layer(
         Gram matrices of each task's inputs to the layer; required by RegMean.
     generator : torch.Generator, optional
         Randomness for DARE; None means a fresh CPU generator seeded with 0.
+    weights : list of T floats >= 0, optional
+        Per-task weights (all 1 by default).
 
     Returns
     -------
     tensor of shape (d_out, d_in), the inputs' dtype
     """
-    return _resolve(method, params).merge(deltas, lam=lam, gram=gram, generator=generator)
+    return _resolve(method, params).merge(deltas, lam=lam, gram=gram, generator=generator, weights=weights)
 
 
-def merge_deltas(
-    deltas: list[dict[str, Tensor]],
-    method: MergeMethod | str,
-    *,
-    lam: float = 1.0,
-    grams: list[dict[str, Tensor]] | None = None,
-    seed: int = 0,
-    **params: Any,
-) -> dict[str, Tensor]:
-    """Merge the deltas of every layer; all inputs are checked before anything is computed.
+class PreparedMerge:
+    """Every layer of a merge after the method's weight-independent work (:func:`prepare_merge`).
 
-    Parameters
+    Attributes
     ----------
-    deltas : list of T dicts layer name -> tensor of shape (d_out, d_in)
-        All tasks (numbered from 0) must have the same layers and shapes.
-    method : MergeMethod or str
-    lam : float, >= 0
-    grams : list of T dicts layer name -> tensor of shape (d_in, d_in), optional
-        Gram matrices (token count times second moment) of each layer's inputs per task;
-        required by RegMean, ignored by the other methods.
-    seed : int
-        Seed of the one CPU generator used across layers in sorted layer-name order.
-
-    Returns
-    -------
-    dict layer name -> tensor of shape (d_out, d_in)
-        In the layer order of ``deltas[0]``; dtype of the inputs.
+    method : MergeMethod
+    space : {"full", "core"}
+    layers : dict layer name -> PreparedLayer
+        In the layer order of the inputs.
+    bases : dict layer name -> (U_B, V_A^T, dtype), empty in full space
+        The core bases, U_B of shape (d_out, p) and V_A^T of shape (q, d_in), and the dtype of
+        the input factors (that of the merged factors).
     """
-    merger = _resolve(method, params)
-    check_real("lam", lam, low=0.0, high=float("inf"), high_open=True)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an integer, got {seed!r}")
+
+    def __init__(self, method: MergeMethod, space: str, layers: dict[str, PreparedLayer],
+                 bases: dict[str, tuple[Tensor, Tensor, torch.dtype]]) -> None:
+        self.method, self.space, self.layers, self.bases = method, space, layers, bases
+
+    @property
+    def n_tasks(self) -> int:
+        return next(iter(self.layers.values())).n_tasks
+
+    def __repr__(self) -> str:
+        return f"PreparedMerge({self.method!r}, space={self.space!r}, {len(self.layers)} layers)"
+
+    @torch.no_grad()
+    def merge(self, *, lam: float = 1.0, weights: Sequence[float] | None = None) -> dict[str, Any]:
+        """The merged layers for one weight vector.
+
+        Parameters
+        ----------
+        lam : float, >= 0
+        weights : list of T floats >= 0, optional
+            Per-task weights, all 1 by default.
+
+        Returns
+        -------
+        dict layer name -> tensor of shape (d_out, d_in) in full space, LoraFactors
+        (B of shape (d_out, q), A of shape (q, d_in), ``lam`` folded into B) in core space;
+        the inputs' dtype.
+        """
+        check_real("lam", lam, low=0.0, high=float("inf"), high_open=True)
+        weights = check_weights(weights, self.n_tasks)
+        out: dict[str, Any] = {}
+        for name, layer in self.layers.items():
+            merged = self.method.merge(layer, lam=lam, weights=weights)
+            if self.space == "core":
+                u_b, vh_a, dtype = self.bases[name]  # the core merged in float32 or float64
+                merged = LoraFactors((u_b @ merged).to(dtype), vh_a.to(dtype))
+            out[name] = merged
+        return out
+
+
+def _check_tasks(deltas: object) -> list[str]:
+    """Layer names of task 0, after checking that every task has the same layers."""
     if not isinstance(deltas, Sequence) or len(deltas) == 0:
         raise ValueError("deltas is empty: give one dict of layer deltas per task")
     for i, task in enumerate(deltas):
@@ -168,23 +212,128 @@ def merge_deltas(
         for name in task:
             if name not in deltas[0]:
                 raise ValueError(f"layer {name!r} of task {i} missing from task 0")
-    layer_grams: dict[str, list[Tensor] | None] = dict.fromkeys(names)
-    if merger.needs_gram:
-        if grams is None:
-            raise ValueError(f"merge method {merger.name!r} needs grams (one dict per task)")
-        if not isinstance(grams, Sequence) or len(grams) != len(deltas):
-            raise ValueError(f"need one dict of Gram matrices per task ({len(deltas)})")
-        for i, task in enumerate(grams):
-            for name in names:
-                if not isinstance(task, Mapping) or name not in task:
-                    raise ValueError(f"Gram matrix of layer {name!r} missing from task {i}")
-        layer_grams = {name: [task[name] for task in grams] for name in names}
-    for name in names:
-        merger.check_inputs([t[name] for t in deltas], layer_grams[name], layer=name)
+    return names
 
-    generator = torch.Generator().manual_seed(seed)
-    merged = {}
-    for name in sorted(names):
+
+def _layer_grams(merger: MergeMethod, grams: object, names: list[str], n_tasks: int) -> dict[str, Any]:
+    if not merger.needs_gram:
+        return dict.fromkeys(names)
+    if grams is None:
+        raise ValueError(f"merge method {merger.name!r} needs grams (one dict per task)")
+    if not isinstance(grams, Sequence) or len(grams) != n_tasks:
+        raise ValueError(f"need one dict of Gram matrices per task ({n_tasks})")
+    for i, task in enumerate(grams):
+        for name in names:
+            if not isinstance(task, Mapping) or name not in task:
+                raise ValueError(f"Gram matrix of layer {name!r} missing from task {i}")
+    return {name: [task[name] for task in grams] for name in names}
+
+
+def prepare_merge(
+    deltas: list[dict[str, Any]],
+    method: MergeMethod | str,
+    *,
+    grams: list[dict[str, Tensor]] | None = None,
+    seed: int = 0,
+    space: str = "full",
+    **params: Any,
+) -> PreparedMerge:
+    """Check every input, then do the method's weight-independent work on every layer.
+
+    The one place where merge inputs are checked; :meth:`PreparedMerge.merge` then merges for
+    any ``lam`` and ``weights`` (the merge advisor's search merges one preparation many times).
+
+    Parameters
+    ----------
+    deltas : list of T dicts layer name -> tensor of shape (d_out, d_in), or (space "core")
+        -> LoraFactors ``(B, A)``, B of shape (d_out, r_i), A of shape (r_i, d_in), the scale
+        folded in; ranks may differ between tasks.
+    method : MergeMethod or str
+    grams : list of T dicts layer name -> tensor of shape (d_in, d_in), optional
+        Required by RegMean (full space only), ignored by the other methods.
+    seed : int
+        Seed of the one CPU generator used across layers in sorted layer-name order (DARE).
+    space : {"full", "core"}
+    """
+    merger = _resolve(method, params)
+    check_choice("space", space, SPACES)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an integer, got {seed!r}")
+    if space == "core" and merger.needs_gram:
+        raise ValueError(f"space='core' does not support merge method {merger.name!r} (it needs Gram "
+                         "matrices of the full input space); use space='full'")
+    names = _check_tasks(deltas)
+    layer_grams = _layer_grams(merger, grams, names, len(deltas))
+    inputs: dict[str, list] = {}
+    for name in names:
         layer = [t[name] for t in deltas]
-        merged[name] = merger.merge(layer, lam=lam, gram=layer_grams[name], generator=generator)
-    return {name: merged[name] for name in names}
+        if space == "core":
+            inputs[name] = check_factors(layer, f" for layer {name!r}")
+        else:
+            merger.check_inputs(layer, layer_grams[name], layer=name)
+            inputs[name] = layer
+    generator = torch.Generator().manual_seed(seed)
+    layers, bases = {}, {}
+    for name in sorted(names):
+        if space == "core":
+            factors = inputs[name]
+            work = torch.promote_types(factors[0].B.dtype, torch.float32)
+            u_b, cores, vh_a = core_space([LoraFactors(f.B.to(work), f.A.to(work)) for f in factors])
+            bases[name] = (u_b, vh_a, factors[0].B.dtype)
+            layer = merger.prepare(cores, generator=generator, shape=factors[0].shape, checked=True)
+        else:
+            layer = merger.prepare(inputs[name], gram=layer_grams[name], generator=generator, checked=True)
+        layers[name] = layer
+    return PreparedMerge(merger, space, {name: layers[name] for name in names}, bases)
+
+
+def merge_deltas(
+    deltas: list[dict[str, Any]] | PreparedMerge,
+    method: MergeMethod | str | None = None,
+    *,
+    lam: float = 1.0,
+    grams: list[dict[str, Tensor]] | None = None,
+    seed: int = 0,
+    weights: Sequence[float] | None = None,
+    space: str = "full",
+    **params: Any,
+) -> dict[str, Any]:
+    """Merge the deltas of every layer; all inputs are checked before anything is computed.
+
+    Parameters
+    ----------
+    deltas : list of T dicts layer name -> tensor of shape (d_out, d_in), or a PreparedMerge
+        All tasks (numbered from 0) must have the same layers and shapes. With ``space="core"``
+        the values are LoraFactors ``(B, A)`` (see :func:`prepare_merge`). A PreparedMerge
+        (from :func:`prepare_merge`) carries its method, grams, seed and space: give only
+        ``lam`` and ``weights`` with it.
+    method : MergeMethod or str
+        Required unless ``deltas`` is a PreparedMerge.
+    lam : float, >= 0
+    grams : list of T dicts layer name -> tensor of shape (d_in, d_in), optional
+        Gram matrices (token count times second moment) of each layer's inputs per task;
+        required by RegMean, ignored by the other methods.
+    seed : int
+        Seed of the one CPU generator used across layers in sorted layer-name order.
+    weights : list of T floats >= 0, optional
+        Per-task weights: task i's delta enters the merge as ``w_i Delta_W_i``; all 1 by default.
+    space : {"full", "core"}
+        ``"core"`` merges LoRA factors in core space and returns factors.
+
+    Returns
+    -------
+    dict layer name -> tensor of shape (d_out, d_in), or LoraFactors in core space
+        In the layer order of ``deltas[0]``; dtype of the inputs.
+    """
+    if isinstance(deltas, PreparedMerge):
+        if method is not None or grams is not None or params or space != deltas.space:
+            raise ValueError("a PreparedMerge carries its method, parameters, grams and space: "
+                             "give only lam and weights with it")
+        return deltas.merge(lam=lam, weights=weights)
+    if method is None:
+        raise ValueError("method is required: a registered name or a MergeMethod")
+    check_real("lam", lam, low=0.0, high=float("inf"), high_open=True)
+    if weights is not None:
+        check_weights(weights, len(deltas) if isinstance(deltas, Sequence) else 0)
+    prepared = prepare_merge(deltas, method, grams=grams, seed=seed, space=space, **params)
+    return prepared.merge(lam=lam, weights=weights)

@@ -2,8 +2,11 @@
 
 A merge method combines the per-layer weight deltas ``Delta_W_i = s_i * B_i @ A_i`` of T tasks,
 each a tensor of shape (d_out, d_in), into one delta of the same shape. Subclasses implement
-``combine`` (the unscaled combination); ``MergeMethod.merge`` checks the inputs, computes in
-float32 (float64 inputs stay float64), scales by ``lam`` and returns the inputs' dtype.
+``combine`` (the unscaled combination of the weighted deltas), or ``prepare_layer`` (the
+per-task, weight-independent work: trimming, random drops, SVDs) and ``combine_prepared`` (the
+rest, for one weight vector). ``MergeMethod.prepare`` checks the inputs and computes in float32
+(float64 inputs stay float64); ``MergeMethod.merge`` weights the tasks, scales by ``lam`` and
+returns the inputs' dtype.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import math
 import numbers
 import typing
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -82,6 +85,45 @@ class MergeParams:
         pass
 
 
+def check_weights(weights: Sequence[float] | None, n_tasks: int) -> list[float]:
+    """The per-task weights as floats (all 1 when None), or ValueError naming what is allowed."""
+    if weights is None:
+        return [1.0] * n_tasks
+    if isinstance(weights, (str, Tensor)) or not isinstance(weights, Sequence) or len(weights) != n_tasks:
+        raise ValueError(f"weights must be {n_tasks} numbers >= 0 (one per task), got {weights!r}")
+    return [check_real(f"weights[{i}]", w, low=0.0, high=math.inf, high_open=True) for i, w in enumerate(weights)]
+
+
+@dataclass(frozen=True)
+class PreparedLayer:
+    """One layer's deltas after a method's weight-independent work (:meth:`MergeMethod.prepare`).
+
+    Attributes
+    ----------
+    method : str
+        Registry name of the method that prepared it.
+    params : MergeParams
+        Its parameters (a preparation is only valid for the same ones).
+    n_tasks : int
+    shape : (int, int)
+        Shape of the deltas (and of the merge).
+    full_shape : (int, int)
+        (d_out, d_in) of the layer (differs from ``shape`` in core space).
+    dtype : torch.dtype
+        Dtype of the inputs, that of the merge.
+    data : object
+        What the method's ``combine_prepared`` reads.
+    """
+
+    method: str
+    params: MergeParams
+    n_tasks: int
+    shape: tuple[int, int]
+    full_shape: tuple[int, int]
+    dtype: torch.dtype
+    data: Any = field(repr=False)
+
+
 def _at(layer: str | None) -> str:
     return "" if layer is None else f" for layer {layer!r}"
 
@@ -142,23 +184,57 @@ class MergeMethod:
         args = ", ".join(f"{f.name}={getattr(self.params, f.name)!r}" for f in fields(self.params))
         return f"{type(self).__name__}({args})"
 
-    def combine(
-        self, deltas: list[Tensor], gram: list[Tensor] | None, generator: torch.Generator
-    ) -> Tensor:
-        """Unscaled combination of the deltas.
+    def prepare_layer(
+        self,
+        deltas: list[Tensor],
+        gram: list[Tensor] | None,
+        generator: torch.Generator,
+        shape: tuple[int, int],
+    ) -> Any:
+        """The weight-independent work on one layer's deltas, done once for many weight vectors.
+
+        The default keeps the deltas and Gram matrices; methods with per-task work (trimming,
+        random drops, SVDs) override it and :meth:`combine_prepared`.
 
         Parameters
         ----------
-        deltas : list of T tensors of shape (d_out, d_in)
-            Already checked, all float32 or all float64.
-        gram : list of T tensors of shape (d_in, d_in), or None
-            Gram matrices of the layer inputs per task; None unless ``needs_gram``.
+        deltas : list of T tensors of shape (m, n)
+            Already checked, all float32 or all float64; (m, n) = ``shape`` in full space, the
+            core size in core space.
+        gram : list of T tensors of shape (n, n), or None
+            None unless ``needs_gram``.
         generator : torch.Generator
             Source of all randomness (CPU generator).
+        shape : (int, int)
+            (d_out, d_in) of the layer, which rank budgets and numerical-rank tolerances use, so
+            that a merge in core space keeps the budgets of the full layer.
+        """
+        return deltas, gram
+
+    def combine_prepared(self, prepared: Any, weights: list[float], shape: tuple[int, int]) -> Tensor:
+        """Unscaled combination of the prepared deltas with per-task ``weights`` (each >= 0).
+
+        The default is :meth:`combine` of ``w_i * Delta_i``. Returns a tensor of the deltas' shape.
+        """
+        deltas, gram = prepared
+        scaled = [d if w == 1.0 else w * d for d, w in zip(deltas, weights, strict=True)]
+        return self.combine(scaled, gram, shape)
+
+    def combine(self, deltas: list[Tensor], gram: list[Tensor] | None, shape: tuple[int, int]) -> Tensor:
+        """Unscaled combination of the (weighted) deltas.
+
+        Parameters
+        ----------
+        deltas : list of T tensors of shape (m, n)
+            All float32 or all float64.
+        gram : list of T tensors of shape (n, n), or None
+            Gram matrices of the layer inputs per task; None unless ``needs_gram``.
+        shape : (int, int)
+            (d_out, d_in) of the layer (see :meth:`prepare_layer`).
 
         Returns
         -------
-        tensor of shape (d_out, d_in)
+        tensor of shape (m, n)
         """
         raise NotImplementedError
 
@@ -225,37 +301,86 @@ class MergeMethod:
                 raise ValueError(f"Gram matrix of task {i}{at} contains NaN or Inf")
 
     @torch.no_grad()
-    def merge(
+    def prepare(
         self,
         deltas: Sequence[Tensor],
+        *,
+        gram: Sequence[Tensor] | None = None,
+        generator: torch.Generator | None = None,
+        shape: tuple[int, int] | None = None,
+        checked: bool = False,
+    ) -> PreparedLayer:
+        """Check the deltas of one layer and do the method's weight-independent work on them.
+
+        Parameters
+        ----------
+        deltas : list of T tensors of shape (m, n)
+        gram : list of T tensors of shape (n, n), optional
+            Required when ``needs_gram``, ignored otherwise.
+        generator : torch.Generator, optional
+            Randomness for DARE; when None, a fresh CPU generator seeded with ``DEFAULT_SEED``.
+        shape : (int, int), optional
+            (d_out, d_in) of the layer when the deltas are core matrices; default (m, n).
+        checked : bool
+            The inputs were checked already (by :func:`osrm_core.merge.merge_deltas`).
+
+        Returns
+        -------
+        PreparedLayer
+            To give to :meth:`merge` with any number of weight vectors.
+        """
+        if not checked:
+            self.check_inputs(deltas, gram)
+        dtype = deltas[0].dtype
+        work = torch.promote_types(dtype, torch.float32)  # half precision is too coarse for SVD
+        if generator is None:
+            generator = torch.Generator().manual_seed(DEFAULT_SEED)
+        full = tuple(deltas[0].shape) if shape is None else (int(shape[0]), int(shape[1]))
+        data = self.prepare_layer(
+            [d.to(work) for d in deltas], list(gram) if self.needs_gram else None, generator, full
+        )
+        return PreparedLayer(self.name, self.params, len(deltas), tuple(deltas[0].shape), full, dtype, data)
+
+    @torch.no_grad()
+    def merge(
+        self,
+        deltas: Sequence[Tensor] | PreparedLayer,
         *,
         lam: float = 1.0,
         gram: Sequence[Tensor] | None = None,
         generator: torch.Generator | None = None,
+        weights: Sequence[float] | None = None,
     ) -> Tensor:
-        """Merged delta ``lam * combine(deltas, gram, generator)``.
+        """Merged delta ``lam * combine(w_1 Delta_1, ..., w_T Delta_T)``.
 
         Parameters
         ----------
-        deltas : list of T tensors of shape (d_out, d_in)
+        deltas : list of T tensors of shape (d_out, d_in), or a PreparedLayer
+            A :class:`PreparedLayer` from :meth:`prepare` of this method skips the checks and the
+            weight-independent work (then ``gram`` and ``generator`` must be None).
         lam : float, >= 0
             Scale of the combination.
         gram : list of T tensors of shape (d_in, d_in), optional
             Required when ``needs_gram``, ignored otherwise.
         generator : torch.Generator, optional
             Randomness for DARE; when None, a fresh CPU generator seeded with ``DEFAULT_SEED``.
+        weights : list of T floats >= 0, optional
+            Per-task weights, all 1 by default.
 
         Returns
         -------
         tensor of shape (d_out, d_in), dtype and device of the inputs
         """
         lam = check_real("lam", lam, low=0.0, high=math.inf, high_open=True)
-        self.check_inputs(deltas, gram)
-        dtype = deltas[0].dtype
-        work = torch.promote_types(dtype, torch.float32)  # half precision is too coarse for SVD
-        if generator is None:
-            generator = torch.Generator().manual_seed(DEFAULT_SEED)
-        merged = self.combine(
-            [d.to(work) for d in deltas], list(gram) if self.needs_gram else None, generator
-        )
-        return (lam * merged).to(dtype)
+        if isinstance(deltas, PreparedLayer):
+            if deltas.method != self.name or deltas.params != self.params:
+                raise ValueError(f"deltas prepared by {deltas.method!r} with {deltas.params}; this is {self!r}: "
+                                 "prepare them with this method")
+            if gram is not None or generator is not None:
+                raise ValueError("gram and generator go to prepare(), not to merge() of prepared deltas")
+            prepared = deltas
+        else:
+            prepared = self.prepare(deltas, gram=gram, generator=generator)
+        w = check_weights(weights, prepared.n_tasks)
+        merged = self.combine_prepared(prepared.data, w, prepared.full_shape)
+        return (lam * merged).to(prepared.dtype)

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .base import MergeMethod, MergeParams, check_choice, check_real
-from .ties import SIGN_METHODS, SignMethod, elect_and_merge
+from .ties import SIGN_METHODS, SignMethod, elect_and_merge, weight_column
 
 
 @dataclass
@@ -88,11 +88,20 @@ class _Dare(MergeMethod):
     uses_density = True
     consensus: ClassVar[Literal["sum", "ties"]]
 
-    def combine(
-        self, deltas: list[Tensor], gram: list[Tensor] | None, generator: torch.Generator
+    def prepare_layer(
+        self,
+        deltas: list[Tensor],
+        gram: list[Tensor] | None,
+        generator: torch.Generator,
+        shape: tuple[int, int],
     ) -> Tensor:
+        """The dropped, rescaled deltas stacked, shape (T, d_out, d_in): the masks are drawn once,
+        so every weight vector merged from one preparation sees the same drops."""
         density = self.params.density
-        dropped = torch.stack([random_pruning(d, density, generator) for d in deltas])
+        return torch.stack([random_pruning(d, density, generator) for d in deltas])
+
+    def combine_prepared(self, prepared: Tensor, weights: list[float], shape: tuple[int, int]) -> Tensor:
+        dropped = prepared if all(w == 1.0 for w in weights) else prepared * weight_column(weights, prepared)
         if self.consensus == "ties":
             return elect_and_merge(dropped, self.params.majority_sign_method)
         return dropped.sum(dim=0)

@@ -132,3 +132,26 @@ def stack_lora_factors(
         bs.append(b * float(w))
         as_.append(a)
     return torch.cat(bs, dim=1), torch.cat(as_, dim=0)
+
+
+@torch.no_grad()
+def product_svd(b: Tensor, a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD of ``b @ a`` without forming it, through QR of both factors.
+
+    Parameters
+    ----------
+    b : tensor of shape (d_out, r)
+    a : tensor of shape (r, d_in)
+
+    Returns
+    -------
+    U : tensor of shape (d_out, q)
+    S : tensor of shape (q,), decreasing; q = min(d_out, d_in, r)
+    Vh : tensor of shape (q, d_in)
+        ``U diag(S) Vh = b @ a``; signs as in :func:`fix_svd_signs`.
+    """
+    q_b, r_b = torch.linalg.qr(b)  # (d_out, p), (p, r)
+    q_a, r_a = torch.linalg.qr(a.T)  # (d_in, p'), (p', r)
+    u, s, vh = torch.linalg.svd(r_b @ r_a.T, full_matrices=False)
+    u, vh = fix_svd_signs(q_b @ u, vh @ q_a.T)
+    return u, s, vh

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .base import MergeMethod
 from .factor import fix_svd_signs, numerical_rank
-from .ties import TiesParams, ties_merge
+from .ties import TiesParams, elect_and_merge, trim_by_magnitude, weight_column
 
 
 def knots_basis(deltas: list[Tensor]) -> tuple[Tensor, Tensor, list[Tensor]]:
@@ -47,21 +47,47 @@ def knots_basis(deltas: list[Tensor]) -> tuple[Tensor, Tensor, list[Tensor]]:
 
 
 class _Knots(MergeMethod):
-    """Merge of the KnOTS blocks; subclasses define ``merge_blocks``."""
+    """Merge of the KnOTS blocks; subclasses define ``prepare_blocks`` and ``merge_blocks``.
+
+    With per-task weights the shared basis stays that of the unweighted deltas (computed once
+    in :meth:`prepare_layer`) and the weights scale each task's block: ``w_i Delta_W_i = U S
+    (w_i V_i^T)``. Weights of 1 are KnOTS; other weights differ from KnOTS of the weighted
+    deltas, whose joint SVD would give another basis.
+    """
 
     reference = "https://arxiv.org/abs/2410.19735"
 
-    def merge_blocks(self, blocks: list[Tensor]) -> Tensor:
-        """Merge T blocks of shape (k, d_in) into one of the same shape."""
+    def prepare_blocks(self, blocks: list[Tensor]) -> Tensor:
+        """Weight-independent work on T blocks of shape (k, d_in); returns shape (T, k, d_in)."""
+        return torch.stack(blocks)
+
+    def merge_blocks(self, blocks: Tensor) -> Tensor:
+        """Merge the weighted blocks, shape (T, k, d_in), into one of shape (k, d_in)."""
         raise NotImplementedError
 
-    def combine(
-        self, deltas: list[Tensor], gram: list[Tensor] | None, generator: torch.Generator
-    ) -> Tensor:
+    def prepare_layer(
+        self,
+        deltas: list[Tensor],
+        gram: list[Tensor] | None,
+        generator: torch.Generator,
+        shape: tuple[int, int],
+    ) -> tuple[Tensor, Tensor] | Tensor:
+        """``(U S, blocks)`` of :func:`knots_basis`, the blocks prepared (shape (T, k, d_in));
+        a zero delta when all deltas are zero."""
         u, s, blocks = knots_basis(deltas)
-        if s.numel() == 0:  # all deltas are zero
+        if s.numel() == 0:
             return torch.zeros_like(deltas[0])
-        return (u * s) @ self.merge_blocks(blocks)
+        return u * s, self.prepare_blocks(blocks)
+
+    def combine_prepared(
+        self, prepared: tuple[Tensor, Tensor] | Tensor, weights: list[float], shape: tuple[int, int]
+    ) -> Tensor:
+        if isinstance(prepared, Tensor):  # all deltas are zero
+            return prepared
+        us, blocks = prepared
+        if any(w != 1.0 for w in weights):
+            blocks = blocks * weight_column(weights, blocks)
+        return us @ self.merge_blocks(blocks)
 
 
 class KnotsTA(_Knots):
@@ -69,17 +95,22 @@ class KnotsTA(_Knots):
 
     name = "knots_ta"
 
-    def merge_blocks(self, blocks: list[Tensor]) -> Tensor:
-        return torch.stack(blocks).sum(dim=0)
+    def merge_blocks(self, blocks: Tensor) -> Tensor:
+        return blocks.sum(dim=0)
 
 
 class KnotsTies(_Knots):
-    """KnOTS with TIES on the blocks: trim per task block, elect sign, disjoint mean."""
+    """KnOTS with TIES on the blocks: trim per task block, elect sign, disjoint mean.
+
+    The blocks are trimmed once in :meth:`prepare_layer` (``trim(w V) = w trim(V)``, ``w >= 0``).
+    """
 
     name = "knots_ties"
     params_type = TiesParams
     uses_density = True
 
-    def merge_blocks(self, blocks: list[Tensor]) -> Tensor:
-        p = self.params
-        return ties_merge(blocks, p.density, p.majority_sign_method)
+    def prepare_blocks(self, blocks: list[Tensor]) -> Tensor:
+        return torch.stack([trim_by_magnitude(b, self.params.density) for b in blocks])
+
+    def merge_blocks(self, blocks: Tensor) -> Tensor:
+        return elect_and_merge(blocks, self.params.majority_sign_method)

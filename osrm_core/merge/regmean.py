@@ -98,7 +98,5 @@ class RegMean(MergeMethod):
         if not bool((diag > 0).any()):
             raise ValueError(f"Gram matrices{at} are all zero: no input statistics to weight by")
 
-    def combine(
-        self, deltas: list[Tensor], gram: list[Tensor] | None, generator: torch.Generator
-    ) -> Tensor:
+    def combine(self, deltas: list[Tensor], gram: list[Tensor] | None, shape: tuple[int, int]) -> Tensor:
         return regmean_merge(deltas, gram, self.params.alpha)

@@ -22,7 +22,5 @@ class TaskArithmetic(MergeMethod):
     name = "task_arithmetic"
     reference = "https://arxiv.org/abs/2212.04089"
 
-    def combine(
-        self, deltas: list[Tensor], gram: list[Tensor] | None, generator: torch.Generator
-    ) -> Tensor:
+    def combine(self, deltas: list[Tensor], gram: list[Tensor] | None, shape: tuple[int, int]) -> Tensor:
         return torch.stack(deltas).sum(dim=0)
