@@ -234,11 +234,105 @@ def test_penalty_ratio_moves_A_towards_own_energy_without_shrinking_it(
         ("penalty_beta", -1e-3),
         ("constraint", "orthogonal"),
         ("length_group", 0),
+        ("b_density", 0.0),
+        ("b_density", 1.5),
+        ("calibration", 0.0),
+        ("calibration", 1.0),
     ],
 )
 def test_train_config_rejects(field, value) -> None:
     with pytest.raises(ValueError, match=field):
         TrainSettings(**{field: value})
+
+
+def _b(peft_model) -> dict[str, torch.Tensor]:
+    return {n: lw.B.clone() for n, lw in lora_from_model(peft_model).layers.items()}
+
+
+def test_sparse_b_keeps_a_and_the_densest_b_entries_after_calibration(
+    make_tiny_model, tokenizer, easy_task, tmp_path
+) -> None:
+    """LoRI: A does not move; B trains densely for the calibration steps, then exactly
+    ``round(b_density * entries)`` entries (over all layers) are nonzero until the end, always
+    the same ones, and the saved peft adapter holds zeros elsewhere."""
+    from safetensors.torch import load_file
+
+    model = init_lora(make_tiny_model(), "standard", rank=RANK, alpha=4)
+    a0 = _a(model)
+    config = TrainSettings(**{**FAST, "steps": 10}, constraint="sparse_B", b_density=0.1, calibration=0.3)
+    assert config.mask_step() == 3
+    total = sum(b.numel() for b in _b(model).values())
+    keep = round(0.1 * total)
+    nonzero: list[int] = []
+    supports: list[dict[str, torch.Tensor]] = []
+
+    def record(step: int, steps: int, message: str) -> None:
+        b = _b(model)
+        nonzero.append(sum(int((x != 0).sum()) for x in b.values()))
+        supports.append({n: x != 0 for n, x in b.items()})
+
+    result = finetune(model, tokenizer, easy_task, config, max_length=MAX_LENGTH, progress=record)
+    assert np.isfinite(result.losses).all()
+    assert nonzero[:2] == [total, total]  # dense during calibration
+    assert nonzero[2:] == [keep] * 8  # from the calibration step to the end
+    for later in supports[3:]:
+        for n, support in later.items():
+            assert torch.equal(support, supports[2][n])  # the mask stays fixed
+    for name, a in _a(model).items():
+        assert torch.equal(a, a0[name])
+
+    out = save_adapter(adapter_of(model), tmp_path / "easy")
+    saved = {k: v for k, v in load_file(str(out / "adapter_model.safetensors")).items() if "lora_B" in k}
+    assert len(saved) == len(TINY_TARGETS)
+    assert sum(int((v != 0).sum()) for v in saved.values()) == keep
+    for name, support in supports[-1].items():
+        key = next(k for k in saved if name in k)
+        assert (saved[key][~support] == 0).all()
+
+
+def test_b_masks_are_global_over_layers() -> None:
+    """The kept entries are the largest of all layers together, not a share of each layer."""
+    from osrm_core.constraints import b_masks
+
+    gen = torch.Generator().manual_seed(0)
+    small, large = torch.randn(8, 4, generator=gen), 100 * torch.randn(8, 4, generator=gen)
+    masks = b_masks({"small": small, "large": large}, 0.25)  # 16 of 64 entries
+    assert int(masks["small"].sum()) == 0 and int(masks["large"].sum()) == 16
+    top = large.abs().flatten().topk(16).values.min()
+    assert (large.abs()[masks["large"].bool()] >= top).all()
+    assert int(b_masks({"small": small}, 1.0)["small"].sum()) == 32
+    assert int(b_masks({"small": small}, 1e-6)["small"].sum()) == 1  # at least one entry
+
+
+@pytest.mark.parametrize(("field", "value", "allowed"),
+                         [("b_density", 0.0, "(0, 1]"), ("b_density", 1.01, "(0, 1]"),
+                          ("calibration", 1.0, "(0, 1)"), ("calibration", -0.1, "(0, 1)")])
+def test_sparse_b_settings_out_of_range_are_one_line(field, value, allowed) -> None:
+    from osrm_core.settings import ConfigError, validate_settings
+
+    with pytest.raises(ConfigError) as err:
+        validate_settings(TrainSettings, {"constraint": "sparse_B", field: value}, "train")
+    assert str(err.value) == f"train: {field}: {field} must be in {allowed}, got {value!r}"
+
+
+def test_sparse_b_is_a_study_variant(tiny_model_dir) -> None:
+    """``{init: standard, constraint: sparse_B, rank: 32}`` and the recipe with sparse B are study
+    variants; their run configs train with sparse_B and the base's b_density and calibration."""
+    from test_pipeline import tiny_config
+
+    from osrm_core.study import StudyConfig, variant_config, variant_name, variants
+
+    base = tiny_config(tiny_model_dir, train={"steps": 8, "b_density": 0.2, "calibration": 0.25})
+    study = StudyConfig.model_validate({
+        "base": base.model_dump(), "inits": ["standard"], "constraints": ["none"], "seeds": [0],
+        "sample_sizes": [base.samples], "ranks": [base.rank], "a_lr_scales": [1.0],
+        "variants": [{"init": "standard", "constraint": "sparse_B", "rank": 32},
+                     {"init": "osrm_gen", "constraint": "sparse_B", "rank": 32}]})
+    names = {variant_name(v, base.train.lr): v for v in variants(study)}
+    assert "standard-sparse_B-n12-r32-a1-s0" in names and "osrm_gen-sparse_B-n12-r32-a1-s0" in names
+    config = variant_config(study, names["osrm_gen-sparse_B-n12-r32-a1-s0"])
+    assert (config.train.constraint, config.rank, config.train.b_density, config.train.calibration) == \
+        ("sparse_B", 32, 0.2, 0.25)
 
 
 def test_pissa_adapter_reproduces_the_model_on_the_original_base(
