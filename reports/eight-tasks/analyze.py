@@ -1,7 +1,8 @@
 """Merging 2, 4, 6 and 8 of the eight tasks: does each arm keep its tasks as more are merged?
 
     OMP_NUM_THREADS=1 python reports/eight-tasks/analyze.py ../runs/eight-tasks [MORE_FOLDERS ...] \
-        [--methods task_arithmetic ties regmean] [--lambdas 0.2 0.5 1.0] [--out reports/eight-tasks]
+        [--methods task_arithmetic ties regmean] [--lambdas 0.2 0.5 1.0] [--subsets sst2+sst5 ...] \
+        [--out reports/eight-tasks]
 
 Run from the repository root: the study's task specs (``../shared/data/real/<task>``) are relative
 to it. Every folder is a study folder (its ``runs/*``) or one run directory; every finished run
@@ -39,7 +40,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -234,7 +235,8 @@ def score_all(arms: Sequence[Arm], out: str | Path, *, methods: Sequence[str] = 
                     df = df[[(_key(d), float(x)) not in done for d, x in zip(df["density"], df["lambda"])]]
                     df = df.assign(**arm.tags(), n_tasks=n_tasks, subset=subset_name(names))
                     merges = pd.concat([merges, df], ignore_index=True) if merges is not None else df
-                    merges = merges[[*ARM_COLUMNS, *[c for c in merges if c not in ARM_COLUMNS]]]
+                    first = [*ARM_COLUMNS, "method", "density", "n_tasks", "subset", "lambda", "task"]
+                    merges = merges[[*first, *[c for c in merges if c not in first]]]
                     write_csv(merges_path, merges)
                     log(f"{arm.name}: {method} on {subset_name(names)}, {len(todo)} lambdas "
                         f"({time.perf_counter() - start:.0f} s)")
@@ -345,6 +347,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--densities", nargs="+", type=float, help="densities of the methods with one (default: each run's)")
     p.add_argument("--max-test", type=int, help="test examples per task (default: each run's max_test)")
     p.add_argument("--device", help="device of the scoring model (default: each run's)")
+    p.add_argument("--subsets", nargs="+", metavar="TASK+TASK",
+                   help="other subsets to merge than the fixed ones (SUBSETS), e.g. sst2+sst5 sst2+sst5+cr")
     p.add_argument("--out", default=str(HERE), help="where tables/ and figures/ go (default: this folder)")
     args = p.parse_args(argv)
     arms = finished_arms(args.folders)
@@ -355,7 +359,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     def log(message: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
+    subsets = None
+    if args.subsets:
+        subsets = {}
+        for text in args.subsets:
+            names = tuple(t for t in text.split("+") if t)
+            subsets.setdefault(len(names), []).append(names)
     _, merges = score_all(arms, args.out, methods=args.methods, lambdas=args.lambdas, densities=args.densities,
+                          subsets=subsets,
                           scorer=lambda arm: ArmScorer(arm, max_test=args.max_test, device=args.device), log=log)
     tables = write_outputs(args.out, merges)
     with pd.option_context("display.width", 200, "display.max_columns", 20):
