@@ -72,6 +72,14 @@ class TaskEntry(BaseModel):
 
 
 
+def check_sparse_b_share(name: str, value: float) -> float:
+    """``b_density`` in (0, 1] or ``calibration`` in (0, 1); ValueError naming the field and the range."""
+    ok, allowed = (0 < value <= 1, "(0, 1]") if name == "b_density" else (0 < value < 1, "(0, 1)")
+    if not ok:
+        raise ValueError(f"{name} must be in {allowed}, got {value!r}")
+    return value
+
+
 class TrainSettings(BaseModel):
     """Fine-tuning settings (the ``train:`` section of a run config).
 
@@ -105,10 +113,7 @@ class TrainSettings(BaseModel):
     @field_validator("b_density", "calibration")
     @classmethod
     def _share(cls, v: float, info) -> float:
-        ok, allowed = (0 < v <= 1, "(0, 1]") if info.field_name == "b_density" else (0 < v < 1, "(0, 1)")
-        if not ok:
-            raise ValueError(f"{info.field_name} must be in {allowed}, got {v!r}")
-        return v
+        return check_sparse_b_share(info.field_name, v)
 
     def mask_step(self) -> int:
         """The step after which ``sparse_B`` fixes B's mask: ``calibration * steps``, rounded,

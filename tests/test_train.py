@@ -335,6 +335,28 @@ def test_sparse_b_is_a_study_variant(tiny_model_dir) -> None:
         ("sparse_B", 32, 0.2, 0.25)
 
 
+def test_a_study_variant_can_set_its_own_sparse_b_settings(tiny_model_dir) -> None:
+    from test_pipeline import tiny_config
+
+    from osrm_core.settings import ConfigError, validate_settings
+    from osrm_core.study import StudyConfig, VariantSpec, variant_config, variant_name, variants
+
+    base = tiny_config(tiny_model_dir, train={"steps": 8})
+    study = StudyConfig(base=base, inits=[], seeds=[0], variants=[
+        VariantSpec(init="standard", constraint="sparse_B", rank=32),
+        VariantSpec(init="standard", constraint="sparse_B", rank=32, b_density=0.05, calibration=0.2)])
+    found = {variant_name(v, base.train.lr): v for v in variants(study)}
+    assert set(found) == {"standard-sparse_B-n12-r32-a1-s0", "standard-sparse_B-n12-r32-a1-d0.05-c0.2-s0"}
+    own = variant_config(study, found["standard-sparse_B-n12-r32-a1-d0.05-c0.2-s0"]).train
+    assert (own.b_density, own.calibration) == (0.05, 0.2)
+    default = variant_config(study, found["standard-sparse_B-n12-r32-a1-s0"]).train
+    assert (default.b_density, default.calibration) == (0.1, 0.1)
+    with pytest.raises(ConfigError, match=r"^variants: b_density: b_density must be in \(0, 1\], got 2.0$"):
+        validate_settings(VariantSpec, {"init": "standard", "constraint": "sparse_B", "b_density": 2}, "variants")
+    with pytest.raises(ConfigError, match="b_density applies to constraint sparse_B only, not 'freeze_A'"):
+        validate_settings(VariantSpec, {"init": "standard", "constraint": "freeze_A", "b_density": 0.2}, "variants")
+
+
 def test_pissa_adapter_reproduces_the_model_on_the_original_base(
     make_tiny_model, tokenizer, easy_task, tmp_path
 ) -> None:
