@@ -191,11 +191,15 @@ def test_a_finished_study_grows_by_a_sparse_b_variant(tiny_model_dir, tmp_path, 
     del old["train"]["b_density"], old["train"]["calibration"]
     first.config_path.write_text(yaml.safe_dump(old, sort_keys=False))
     trainings.clear()
-    grown = small_study(tiny_model_dir, variants=[VariantSpec(init="standard", constraint="sparse_B", rank=4)])
+    grown = small_study(tiny_model_dir, variants=[VariantSpec(init="standard", constraint="sparse_B", rank=4),
+                                                  VariantSpec(init="standard", constraint="sparse_B", rank=4, b_density=0.3)])
     run_study(grown, out, tasks=tasks)
-    assert trainings == ["standard-sparse_B-n12-r4-a1-s0"] * len(TASKS)
-    sparse = RunDir(out / "runs" / "standard-sparse_B-n12-r4-a1-s0")
-    for task in TASKS:
-        weights = load_file(str(sparse.path / f"adapters/standard/{task}/adapter_model.safetensors"))
-        b = [v for k, v in weights.items() if "lora_B" in k]
-        assert sum(int((x != 0).sum()) for x in b) == round(0.1 * sum(x.numel() for x in b))
+    names = ["standard-sparse_B-n12-r4-a1-s0", "standard-sparse_B-n12-r4-a1-d0.3-s0"]
+    assert trainings == [names[0]] * len(TASKS) + [names[1]] * len(TASKS)
+    for name, density in zip(names, (0.1, 0.3)):
+        for task in TASKS:
+            weights = load_file(str(out / "runs" / name / f"adapters/standard/{task}/adapter_model.safetensors"))
+            b = [v for k, v in weights.items() if "lora_B" in k]
+            assert sum(int((x != 0).sum()) for x in b) == round(density * sum(x.numel() for x in b))
+    q1 = pd.read_csv(out / "tables" / "q1_merged.csv")
+    assert set(q1["constraint"]) == {"none", "sparse_B", "sparse_B d0.3"}  # two arms, not two seeds of one
