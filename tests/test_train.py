@@ -447,3 +447,18 @@ def test_drift_records_exact_energy_on_every_task(make_tiny_model, tokenizer, ea
     assert (drift.loc[drift["step"] == 10, "output_shift"] > 0).all()
     with pytest.raises(ValueError, match="drift_every=0"):
         finetune(model, tokenizer, easy_task, TrainSettings(**{**FAST, "steps": 1}), drift_stats=stats, drift_every=0)
+
+
+def test_cli_train_takes_the_sparse_b_settings() -> None:
+    from osrm_core.cli import _config_from_args, build_parser
+    from osrm_core.settings import ConfigError
+
+    def parsed(*extra: str):
+        args = build_parser().parse_args(["train", "--task", "a=demo:sentiment", "--task", "b=demo:topic",
+                                          "--constraint", "sparse_B", *extra, "--out", "unused"])
+        return _config_from_args(args)
+
+    train = parsed("--b-density", "0.05", "--calibration", "0.2").train
+    assert (train.constraint, train.b_density, train.calibration) == ("sparse_B", 0.05, 0.2)
+    with pytest.raises(ConfigError, match=r"^command line: train.b_density: b_density must be in \(0, 1\], got 0.0$"):
+        parsed("--b-density", "0")
