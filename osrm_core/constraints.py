@@ -208,3 +208,8 @@ def check_constraint(constraint: str, inits: list[str], field: str = "train.cons
                 f"{field} {constraint!r} keeps A in the OSRM subspace, which init {init!r} has not; "
                 f"use it with {', '.join(OSRM_METHODS)} only"
             )
+        if needs.sparse_b and INITS[init].moves_base:
+            raise ValueError(
+                f"{field} {constraint!r} keeps B sparse, but init {init!r} moves the base weights: its saved "
+                "adapter carries the initial B too and would not be sparse; use another init"
+            )

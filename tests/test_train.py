@@ -462,3 +462,11 @@ def test_cli_train_takes_the_sparse_b_settings() -> None:
     assert (train.constraint, train.b_density, train.calibration) == ("sparse_B", 0.05, 0.2)
     with pytest.raises(ConfigError, match=r"^command line: train.b_density: b_density must be in \(0, 1\], got 0.0$"):
         parsed("--b-density", "0")
+
+
+def test_sparse_b_is_refused_with_an_init_that_moves_the_base() -> None:
+    from osrm_core.constraints import check_constraint
+
+    check_constraint("sparse_B", ["standard", "osrm_gen", "eva"])
+    with pytest.raises(ValueError, match="per_init.pissa.constraint 'sparse_B' keeps B sparse, but init 'pissa' moves"):
+        check_constraint("sparse_B", ["pissa"], field="per_init.pissa.constraint")
