@@ -72,8 +72,9 @@ def test_finished_arms_are_the_done_runs_of_every_folder(analyze, tmp_path) -> N
     _fake_run(tmp_path / "study" / "runs" / "standard-none-r8", "standard", 8)
     _fake_run(tmp_path / "study" / "runs" / "training", "osrm_gen", 32, status=None)
     _fake_run(tmp_path / "extra-run", "standard", 32)
-    arms = analyze.finished_arms([tmp_path / "study", tmp_path / "extra-run"])
-    assert [a.name for a in arms] == ["standard-none-r8", "extra-run"]
+    _fake_run(tmp_path / "other" / "runs" / "standard-none-r8", "standard", 8)
+    arms = analyze.finished_arms([tmp_path / "study", tmp_path / "extra-run", tmp_path / "other"])
+    assert [a.name for a in arms] == ["standard-none-r8", "extra-run", "other/standard-none-r8"]
     assert arms[0].tags()["rank"] == 8 and arms[1].tasks() == set(TASKS)
 
 

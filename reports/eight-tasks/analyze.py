@@ -104,8 +104,9 @@ def finished_arms(folders: Sequence[str | Path]) -> list[Arm]:
             config = run.config()
             for init in config.inits:
                 name = run.path.name if len(config.inits) == 1 else f"{run.path.name}/{init}"
-                if name not in [a.name for a in arms]:
-                    arms.append(Arm(name, run, config.for_init(init), init))
+                if name in [a.name for a in arms]:  # the same variant in another study folder
+                    name = f"{folder.name}/{name}"
+                arms.append(Arm(name, run, config.for_init(init), init))
     return arms
 
 
