@@ -88,9 +88,9 @@ class TrainSettings(BaseModel):
     low-energy subspace); ``constraint`` keeps A in its subspace during training and
     ``penalty_beta`` weighs the ``penalty`` constraint; ``b_density`` and ``calibration`` set the
     ``sparse_B`` constraint (LoRI): the share of B's entries kept, and the share of the steps B
-    trains densely before its mask is fixed (see :mod:`osrm_core.constraints`). ``length_group`` batches are drawn
-    together, sorted by length and cut again (less padding; 1 takes the examples as drawn, see
-    :func:`osrm_core.train.training_batches`).
+    trains densely before its mask is fixed (see :mod:`osrm_core.constraints`). ``length_group``
+    batches are drawn together, sorted by length and cut again (less padding; 1 takes the
+    examples as drawn, see :func:`osrm_core.train.training_batches`).
     """
 
     model_config = ConfigDict(extra="forbid")
