@@ -90,7 +90,7 @@ def _config_from_args(args, name: str = "run") -> RunConfig:
     if getattr(args, "osrm_gen_eps", None) is not None:
         data["osrm_gen_eps"] = args.osrm_gen_eps
     train = {}
-    for key in ("steps", "lr", "batch_size", "constraint", "penalty_beta"):
+    for key in ("steps", "lr", "batch_size", "constraint", "penalty_beta", "b_density", "calibration"):
         if getattr(args, key, None) is not None:
             train[key] = getattr(args, key)
     if train:
@@ -524,6 +524,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--batch-size", type=int)
             p.add_argument("--constraint", choices=list(CONSTRAINTS))
             p.add_argument("--penalty-beta", type=float, help="weight of the penalty constraints")
+            p.add_argument("--b-density", type=float, help="sparse_B: share of B's entries kept (default 0.1)")
+            p.add_argument("--calibration", type=float,
+                           help="sparse_B: share of the steps before B's mask is fixed (default 0.1)")
         p.add_argument("--osrm-gen-eps", type=float, help="osrm_gen's trade-off eps (default 0.01)")
         p.set_defaults(func=func)
 

@@ -10,9 +10,18 @@
   divided by its mean eigenvalue), with ``O_l`` the task's own second moment: the others' energy
   per unit of the task's own, the quantity ``osrm_gen`` minimizes at init, kept low during
   training without pulling A towards zero (the ratio does not change with A's scale).
+* ``sparse_B`` — LoRI (Zhang et al., COLM 2025, arXiv 2504.07448): A stays at its init and B
+  trains densely for a calibration share of the steps (``TrainSettings.calibration``); then a
+  fixed mask keeps the ``TrainSettings.b_density`` share of B's entries of largest magnitude,
+  chosen globally over all adapted layers (LoRI's default "model-wise" mask), and the others are
+  zero from then on (their gradients too, so that clipping sees only what trains). The kept
+  entries continue from their calibrated values. LoRI itself calibrates with a whole dense run
+  (LoRI-D), takes the mask at 90% sparsity and retrains from scratch with it (LoRI-S); the share
+  here is the cheap approximation of that within one run.
 
 :func:`osrm_core.train.finetune` calls :meth:`Constraint.prepare` once, then
-:meth:`ActiveConstraint.loss` every step and :meth:`ActiveConstraint.after_step` after it.
+:meth:`ActiveConstraint.loss` every step, :meth:`ActiveConstraint.before_step` between the
+backward pass and clipping, and :meth:`ActiveConstraint.after_step` after the optimizer's step.
 """
 
 from __future__ import annotations
@@ -38,6 +47,8 @@ class Constraint:
         Needs the task's own second moment per layer too.
     trains_a : bool
         Whether A is trained at all.
+    sparse_b : bool
+        B is masked to its largest entries after a calibration share of the steps.
     """
 
     name: str
@@ -46,14 +57,16 @@ class Constraint:
     needs_moments: bool = False
     needs_own_moment: bool = False
     trains_a: bool = True
+    sparse_b: bool = False
 
     def prepare(self, layers: dict[str, torch.nn.Module], subspaces=None, moments=None,
-                own_moments=None) -> ActiveConstraint:
+                own_moments=None, *, b_density: float = 0.1, mask_step: int = 1) -> ActiveConstraint:
         """The per-layer matrices this constraint uses during training, checked against ``layers``
         (the LoRA layers by name).
 
         ``subspaces``: dict layer -> tensor (k, d_in); ``moments`` (the other tasks') and
-        ``own_moments`` (the task's own): dict layer -> (d_in, d_in).
+        ``own_moments`` (the task's own): dict layer -> (d_in, d_in). ``b_density`` and
+        ``mask_step`` (B's mask is fixed after this many steps, >= 1) serve ``sparse_B``.
         """
         projectors = penalties = own = {}
         if self.needs_subspace:
@@ -62,7 +75,14 @@ class Constraint:
             penalties = _per_layer(self, layers, moments, "penalty_moments", "second moment", _normalized)
         if self.needs_own_moment:
             own = _per_layer(self, layers, own_moments, "own_moments", "own second moment", _normalized)
-        return ActiveConstraint(self, layers, projectors, penalties, own)
+        active = ActiveConstraint(self, layers, projectors, penalties, own)
+        if self.sparse_b:
+            if not 0 < b_density <= 1:
+                raise ValueError(f"b_density={b_density!r} is not allowed: must be in (0, 1]")
+            if not isinstance(mask_step, int) or mask_step < 1:
+                raise ValueError(f"mask_step={mask_step!r} is not allowed: must be an integer >= 1")
+            active.b_density, active.mask_step = b_density, mask_step
+        return active
 
 
 def _projector(u: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -95,6 +115,12 @@ class ActiveConstraint:
     projectors: dict[str, torch.Tensor] = field(default_factory=dict)
     penalties: dict[str, torch.Tensor] = field(default_factory=dict)
     own: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: ``sparse_B``: the share of B's entries kept, the step after which the mask is fixed, the
+    #: steps taken so far and the masks (True: trains), empty until fixed.
+    b_density: float | None = None
+    mask_step: int = 1
+    steps: int = 0
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def loss(self) -> torch.Tensor | None:
         """The penalty's unweighted ``sum_l tr(A_l S_l A_l^T)`` (divided by ``tr(A_l O_l A_l^T)``
@@ -111,10 +137,40 @@ class ActiveConstraint:
         return sum(energy(n, s) for n, s in self.penalties.items())
 
     @torch.no_grad()
+    def before_step(self) -> None:
+        """Zero the gradients of B's masked entries (once the mask is fixed)."""
+        for name, mask in self.masks.items():
+            b = self.layers[name].lora_B["default"].weight
+            if b.grad is not None:
+                b.grad.mul_(mask)
+
+    @torch.no_grad()
     def after_step(self) -> None:
         for name, p in self.projectors.items():
             a = self.layers[name].lora_A["default"].weight
             a.copy_((a.double() @ p).to(a.dtype))
+        self.steps += 1
+        if self.b_density is None:
+            return
+        if not self.masks and self.steps >= self.mask_step:
+            self.masks = b_masks({n: layer.lora_B["default"].weight for n, layer in self.layers.items()},
+                                 self.b_density)
+        for name, mask in self.masks.items():  # the optimizer's momentum would move masked entries
+            self.layers[name].lora_B["default"].weight.mul_(mask)
+
+
+def b_masks(weights: dict[str, torch.Tensor], density: float) -> dict[str, torch.Tensor]:
+    """Masks (True: kept) of the ``round(density * n)`` entries of largest magnitude among all
+    ``n`` entries of ``weights`` together (at least one; ties broken by position), by name."""
+    flat = torch.cat([w.detach().abs().flatten().float().cpu() for w in weights.values()])
+    keep = min(len(flat), max(1, round(density * len(flat))))
+    chosen = torch.zeros(len(flat), dtype=torch.bool)
+    chosen[torch.topk(flat, keep, sorted=False).indices] = True
+    masks, start = {}, 0
+    for name, w in weights.items():
+        masks[name] = chosen[start : start + w.numel()].view(w.shape).to(device=w.device, dtype=w.dtype)
+        start += w.numel()
+    return masks
 
 
 CONSTRAINTS: dict[str, Constraint] = {
@@ -126,6 +182,9 @@ CONSTRAINTS: dict[str, Constraint] = {
         Constraint("penalty", "beta * tr(A S_rest A^T) added to the loss", needs_moments=True),
         Constraint("penalty_ratio", "beta * tr(A S_rest A^T) / tr(A S_own A^T) added to the loss",
                    needs_moments=True, needs_own_moment=True),
+        Constraint("sparse_B", "A stays at its init; after a calibration share of the steps only the largest "
+                   "entries of B (b_density of them, over all layers) train, the others stay zero (LoRI)",
+                   trains_a=False, sparse_b=True),
     )
 }
 
@@ -148,4 +207,9 @@ def check_constraint(constraint: str, inits: list[str], field: str = "train.cons
             raise ValueError(
                 f"{field} {constraint!r} keeps A in the OSRM subspace, which init {init!r} has not; "
                 f"use it with {', '.join(OSRM_METHODS)} only"
+            )
+        if needs.sparse_b and INITS[init].moves_base:
+            raise ValueError(
+                f"{field} {constraint!r} keeps B sparse, but init {init!r} moves the base weights: its saved "
+                "adapter carries the initial B too and would not be sparse; use another init"
             )

@@ -72,15 +72,25 @@ class TaskEntry(BaseModel):
 
 
 
+def check_sparse_b_share(name: str, value: float) -> float:
+    """``b_density`` in (0, 1] or ``calibration`` in (0, 1); ValueError naming the field and the range."""
+    ok, allowed = (0 < value <= 1, "(0, 1]") if name == "b_density" else (0 < value < 1, "(0, 1)")
+    if not ok:
+        raise ValueError(f"{name} must be in {allowed}, got {value!r}")
+    return value
+
+
 class TrainSettings(BaseModel):
     """Fine-tuning settings (the ``train:`` section of a run config).
 
     ``lr`` is the learning rate of the LoRA matrices, ``head_lr`` that of the classification
     head (default ``lr``), ``a_lr_scale`` multiplies ``lr`` for the A matrices (makes up for a
     low-energy subspace); ``constraint`` keeps A in its subspace during training and
-    ``penalty_beta`` weighs the ``penalty`` constraint. ``length_group`` batches are drawn
-    together, sorted by length and cut again (less padding; 1 takes the examples as drawn, see
-    :func:`osrm_core.train.training_batches`).
+    ``penalty_beta`` weighs the ``penalty`` constraint; ``b_density`` and ``calibration`` set the
+    ``sparse_B`` constraint (LoRI): the share of B's entries kept, and the share of the steps B
+    trains densely before its mask is fixed (see :mod:`osrm_core.constraints`). ``length_group``
+    batches are drawn together, sorted by length and cut again (less padding; 1 takes the
+    examples as drawn, see :func:`osrm_core.train.training_batches`).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -94,8 +104,21 @@ class TrainSettings(BaseModel):
     max_grad_norm: float = Field(1.0, gt=0)
     constraint: ConstraintName = Field("none", description="training constraint: " + ", ".join(CONSTRAINTS))
     penalty_beta: float = Field(1e-3, ge=0)
+    b_density: float = Field(0.1, description="sparse_B: share of B's entries kept, in (0, 1] (LoRI: 0.1)")
+    calibration: float = Field(
+        0.1, description="sparse_B: share of the steps B trains densely before its mask is fixed, in (0, 1)")
     eval_batch_size: int = Field(64, ge=1)
     length_group: int = Field(16, ge=1, description="batches drawn together and grouped by length (1: off)")
+
+    @field_validator("b_density", "calibration")
+    @classmethod
+    def _share(cls, v: float, info) -> float:
+        return check_sparse_b_share(info.field_name, v)
+
+    def mask_step(self) -> int:
+        """The step after which ``sparse_B`` fixes B's mask: ``calibration * steps``, rounded,
+        at least 1 and at most ``steps``."""
+        return min(self.steps, max(1, round(self.calibration * self.steps)))
 
 
 class InitSettings(BaseModel):

@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from osrm_core import viz
 from osrm_core.atomic import write_json, write_text
-from osrm_core.constraints import check_constraint
+from osrm_core.constraints import check_constraint, get_constraint
 from osrm_core.growth import check_growth, prepare_run
 from osrm_core.inits import OSRM_METHODS
 from osrm_core.lock import DirLock
@@ -41,6 +41,7 @@ from osrm_core.settings import (
     InitName,
     MergeSettings,
     RunConfig,
+    check_sparse_b_share,
     read_yaml,
     validate_settings,
 )
@@ -54,7 +55,10 @@ UNLEARNED = 0.1  # a single-task score below this (MCC or F1 near 0) makes norma
 
 class VariantSpec(BaseModel):
     """An extra variant of the main comparison (run with every seed): an init with its own
-    constraint, rank, learning rate or learning-rate scale of A; unset fields take the base's."""
+    constraint, rank, learning rate or learning-rate scale of A; unset fields take the base's.
+
+    With ``constraint: sparse_B`` (LoRI) the base's ``train.b_density`` and ``train.calibration``
+    apply unless the variant sets its own (its name then ends in ``-dDENSITY`` / ``-cSHARE``)."""
 
     model_config = ConfigDict(extra="forbid")
     init: InitName
@@ -62,11 +66,26 @@ class VariantSpec(BaseModel):
     rank: int | None = Field(None, ge=1)
     lr: float | None = Field(None, gt=0)
     a_lr_scale: float | None = Field(None, ge=0)
+    b_density: float | None = Field(None, description="sparse_B: share of B's entries kept, in (0, 1]")
+    calibration: float | None = Field(None, description="sparse_B: share of the steps before B's mask is fixed")
+
+    @field_validator("b_density", "calibration")
+    @classmethod
+    def _share(cls, v: float | None, info) -> float | None:
+        return None if v is None else check_sparse_b_share(info.field_name, v)
 
     @model_validator(mode="after")
     def _constraint_fits_init(self) -> VariantSpec:
         check_constraint(self.constraint, [self.init], field="constraint")
+        for name in SPARSE_B_SETTINGS:
+            if getattr(self, name) is not None and not get_constraint(self.constraint).sparse_b:
+                raise ValueError(f"{name} applies to constraint sparse_B only, not {self.constraint!r}")
         return self
+
+
+#: A variant's own settings of the sparse_B constraint (``train.<name>`` of its run), with the
+#: letter that marks them in its name.
+SPARSE_B_SETTINGS = {"b_density": "d", "calibration": "c"}
 
 
 class StudyConfig(BaseModel):
@@ -188,15 +207,19 @@ def variants(study: StudyConfig) -> list[dict]:
 
 
 def variant_name(v: dict, base_lr: float | None = None) -> str:
-    """``init-constraint-nSAMPLES-rRANK-aSCALE[-lrLR]-sSEED``; the learning rate appears when it
-    differs from the base's (``base_lr``)."""
+    """``init-constraint-nSAMPLES-rRANK-aSCALE[-lrLR][-dDENSITY][-cSHARE]-sSEED``; the learning rate
+    appears when it differs from the base's (``base_lr``), sparse_B's settings when the variant
+    sets its own."""
     lr = f"-lr{v['lr']:g}" if base_lr is not None and v.get("lr", base_lr) != base_lr else ""
-    return f"{v['init']}-{v['constraint']}-n{v['samples']}-r{v['rank']}-a{v['a_lr_scale']:g}{lr}-s{v['seed']}"
+    sparse = "".join(f"-{mark}{v[n]:g}" for n, mark in SPARSE_B_SETTINGS.items() if v.get(n) is not None)
+    return f"{v['init']}-{v['constraint']}-n{v['samples']}-r{v['rank']}-a{v['a_lr_scale']:g}{lr}{sparse}-s{v['seed']}"
 
 
 def variant_config(study: StudyConfig, v: dict) -> RunConfig:
     base = study.base
-    train = base.train.model_copy(update={"constraint": v["constraint"], "a_lr_scale": v["a_lr_scale"], "lr": v["lr"]})
+    own = {n: v[n] for n in SPARSE_B_SETTINGS if v.get(n) is not None}
+    train = base.train.model_copy(update={"constraint": v["constraint"], "a_lr_scale": v["a_lr_scale"], "lr": v["lr"],
+                                          **own})
     merge = base.merge
     if v["group"] != "main" and study.ablation_methods:
         merge = merge.model_copy(update={"methods": study.ablation_methods})
@@ -353,6 +376,8 @@ def _collect(study: StudyConfig, out: Path) -> dict[str, pd.DataFrame]:
         run = RunDir(out / "runs" / variant_name(v, study.base.train.lr))
         tags = {k: v[k] for k in ("init", "constraint", "seed", "samples", "rank", "a_lr_scale", "lr", "group")}
         tags["variant"] = variant_name(v, study.base.train.lr)
+        # A variant's own sparse_B settings tell its arm apart in the tables (not averaged as seeds).
+        tags["constraint"] += "".join(f" {mark}{v[n]:g}" for n, mark in SPARSE_B_SETTINGS.items() if v.get(n) is not None)
         sweep = run.read_csv(f"sweep_{v['init']}.csv")
         if sweep is None:
             continue

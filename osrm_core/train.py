@@ -3,7 +3,9 @@
 A plain loop (AdamW, linear warm-up and decay, gradient clipping, dynamic padding) that is
 repeatable from its seed. Beyond the paper's init-only OSRM it can keep ``A`` in a subspace
 during training: ``freeze_A``, ``project`` (A projected back after every step) or ``penalty``
-(``beta * sum_l tr(A_l S_l A_l^T) / mean_eig(S_l)`` with ``S_l`` the other tasks' second moment).
+(``beta * sum_l tr(A_l S_l A_l^T) / mean_eig(S_l)`` with ``S_l`` the other tasks' second moment);
+``sparse_B`` (LoRI) freezes A and, after a calibration share of the steps, trains only B's largest
+entries.
 """
 
 from __future__ import annotations
@@ -171,7 +173,8 @@ def finetune(
         raise ValueError(f"drift_every={drift_every!r} is not allowed: must be an integer >= 1")
     every = drift_every or max(1, config.steps // 20)
     constraint = get_constraint(config.constraint)
-    active = constraint.prepare(layers, subspaces, penalty_moments, own_moments)  # checks what it needs first
+    active = constraint.prepare(layers, subspaces, penalty_moments, own_moments,  # checks what it needs first
+                                b_density=config.b_density, mask_step=config.mask_step())
     device = next(peft_model.parameters()).device
 
     a_params, b_params, head_params = [], [], []
@@ -245,9 +248,11 @@ def finetune(
             step_optimizer.zero_grad(set_to_none=True)
             if accelerator is not None:
                 accelerator.backward(loss)
+                active.before_step()
                 accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
             else:
                 loss.backward()
+                active.before_step()
                 torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
             step_optimizer.step()
             scheduler.step()

@@ -173,3 +173,33 @@ def test_run_with_two_jobs_gives_the_files_of_one_process(tiny_model_dir, tmp_pa
             path = f"adapters/{init}/{task}/adapter_model.safetensors"
             assert (runs[0].path / path).read_bytes() == (runs[1].path / path).read_bytes()
             assert runs[1].is_done(f"adapters/{init}/{task}")
+
+
+def test_a_finished_study_grows_by_a_sparse_b_variant(tiny_model_dir, tmp_path, tasks, trainings) -> None:
+    """A variant run before sparse_B's settings existed (its config.yaml lacks train.b_density and
+    train.calibration) is reused when the study grows by a sparse_B variant: the new settings take
+    their defaults, only the new variant trains, and its adapters keep b_density of B's entries."""
+    import yaml
+    from safetensors.torch import load_file
+
+    from osrm_core.study import VariantSpec
+
+    out = tmp_path / "study"
+    run_study(small_study(tiny_model_dir), out, tasks=tasks)
+    first = RunDir(out / "runs" / "standard-none-n12-r2-a1-s0")
+    old = yaml.safe_load(first.config_path.read_text())
+    del old["train"]["b_density"], old["train"]["calibration"]
+    first.config_path.write_text(yaml.safe_dump(old, sort_keys=False))
+    trainings.clear()
+    grown = small_study(tiny_model_dir, variants=[VariantSpec(init="standard", constraint="sparse_B", rank=4),
+                                                  VariantSpec(init="standard", constraint="sparse_B", rank=4, b_density=0.3)])
+    run_study(grown, out, tasks=tasks)
+    names = ["standard-sparse_B-n12-r4-a1-s0", "standard-sparse_B-n12-r4-a1-d0.3-s0"]
+    assert trainings == [names[0]] * len(TASKS) + [names[1]] * len(TASKS)
+    for name, density in zip(names, (0.1, 0.3)):
+        for task in TASKS:
+            weights = load_file(str(out / "runs" / name / f"adapters/standard/{task}/adapter_model.safetensors"))
+            b = [v for k, v in weights.items() if "lora_B" in k]
+            assert sum(int((x != 0).sum()) for x in b) == round(density * sum(x.numel() for x in b))
+    q1 = pd.read_csv(out / "tables" / "q1_merged.csv")
+    assert set(q1["constraint"]) == {"none", "sparse_B", "sparse_B d0.3"}  # two arms, not two seeds of one

@@ -234,11 +234,127 @@ def test_penalty_ratio_moves_A_towards_own_energy_without_shrinking_it(
         ("penalty_beta", -1e-3),
         ("constraint", "orthogonal"),
         ("length_group", 0),
+        ("b_density", 0.0),
+        ("b_density", 1.5),
+        ("calibration", 0.0),
+        ("calibration", 1.0),
     ],
 )
 def test_train_config_rejects(field, value) -> None:
     with pytest.raises(ValueError, match=field):
         TrainSettings(**{field: value})
+
+
+def _b(peft_model) -> dict[str, torch.Tensor]:
+    return {n: lw.B.clone() for n, lw in lora_from_model(peft_model).layers.items()}
+
+
+def test_sparse_b_keeps_a_and_the_densest_b_entries_after_calibration(
+    make_tiny_model, tokenizer, easy_task, tmp_path
+) -> None:
+    """LoRI: A does not move; B trains densely for the calibration steps, then exactly
+    ``round(b_density * entries)`` entries (over all layers) are nonzero until the end, always
+    the same ones, and the saved peft adapter holds zeros elsewhere."""
+    from safetensors.torch import load_file
+
+    model = init_lora(make_tiny_model(), "standard", rank=RANK, alpha=4)
+    a0 = _a(model)
+    config = TrainSettings(**{**FAST, "steps": 10}, constraint="sparse_B", b_density=0.1, calibration=0.3)
+    assert config.mask_step() == 3
+    total = sum(b.numel() for b in _b(model).values())
+    keep = round(0.1 * total)
+    nonzero: list[int] = []
+    supports: list[dict[str, torch.Tensor]] = []
+
+    def record(step: int, steps: int, message: str) -> None:
+        b = _b(model)
+        nonzero.append(sum(int((x != 0).sum()) for x in b.values()))
+        supports.append({n: x != 0 for n, x in b.items()})
+
+    result = finetune(model, tokenizer, easy_task, config, max_length=MAX_LENGTH, progress=record)
+    assert np.isfinite(result.losses).all()
+    assert nonzero[:2] == [total, total]  # dense during calibration
+    assert nonzero[2:] == [keep] * 8  # from the calibration step to the end
+    for later in supports[3:]:
+        for n, support in later.items():
+            assert torch.equal(support, supports[2][n])  # the mask stays fixed
+    for name, a in _a(model).items():
+        assert torch.equal(a, a0[name])
+
+    out = save_adapter(adapter_of(model), tmp_path / "easy")
+    saved = {k: v for k, v in load_file(str(out / "adapter_model.safetensors")).items() if "lora_B" in k}
+    assert len(saved) == len(TINY_TARGETS)
+    assert sum(int((v != 0).sum()) for v in saved.values()) == keep
+    for name, support in supports[-1].items():
+        key = next(k for k in saved if name in k)
+        assert (saved[key][~support] == 0).all()
+
+
+def test_b_masks_are_global_over_layers() -> None:
+    """The kept entries are the largest of all layers together, not a share of each layer."""
+    from osrm_core.constraints import b_masks
+
+    gen = torch.Generator().manual_seed(0)
+    small, large = torch.randn(8, 4, generator=gen), 100 * torch.randn(8, 4, generator=gen)
+    masks = b_masks({"small": small, "large": large}, 0.25)  # 16 of 64 entries
+    assert int(masks["small"].sum()) == 0 and int(masks["large"].sum()) == 16
+    top = large.abs().flatten().topk(16).values.min()
+    assert (large.abs()[masks["large"].bool()] >= top).all()
+    assert int(b_masks({"small": small}, 1.0)["small"].sum()) == 32
+    assert int(b_masks({"small": small}, 1e-6)["small"].sum()) == 1  # at least one entry
+
+
+@pytest.mark.parametrize(("field", "value", "allowed"),
+                         [("b_density", 0.0, "(0, 1]"), ("b_density", 1.01, "(0, 1]"),
+                          ("calibration", 1.0, "(0, 1)"), ("calibration", -0.1, "(0, 1)")])
+def test_sparse_b_settings_out_of_range_are_one_line(field, value, allowed) -> None:
+    from osrm_core.settings import ConfigError, validate_settings
+
+    with pytest.raises(ConfigError) as err:
+        validate_settings(TrainSettings, {"constraint": "sparse_B", field: value}, "train")
+    assert str(err.value) == f"train: {field}: {field} must be in {allowed}, got {value!r}"
+
+
+def test_sparse_b_is_a_study_variant(tiny_model_dir) -> None:
+    """``{init: standard, constraint: sparse_B, rank: 32}`` and the recipe with sparse B are study
+    variants; their run configs train with sparse_B and the base's b_density and calibration."""
+    from test_pipeline import tiny_config
+
+    from osrm_core.study import StudyConfig, variant_config, variant_name, variants
+
+    base = tiny_config(tiny_model_dir, train={"steps": 8, "b_density": 0.2, "calibration": 0.25})
+    study = StudyConfig.model_validate({
+        "base": base.model_dump(), "inits": ["standard"], "constraints": ["none"], "seeds": [0],
+        "sample_sizes": [base.samples], "ranks": [base.rank], "a_lr_scales": [1.0],
+        "variants": [{"init": "standard", "constraint": "sparse_B", "rank": 32},
+                     {"init": "osrm_gen", "constraint": "sparse_B", "rank": 32}]})
+    names = {variant_name(v, base.train.lr): v for v in variants(study)}
+    assert "standard-sparse_B-n12-r32-a1-s0" in names and "osrm_gen-sparse_B-n12-r32-a1-s0" in names
+    config = variant_config(study, names["osrm_gen-sparse_B-n12-r32-a1-s0"])
+    assert (config.train.constraint, config.rank, config.train.b_density, config.train.calibration) == \
+        ("sparse_B", 32, 0.2, 0.25)
+
+
+def test_a_study_variant_can_set_its_own_sparse_b_settings(tiny_model_dir) -> None:
+    from test_pipeline import tiny_config
+
+    from osrm_core.settings import ConfigError, validate_settings
+    from osrm_core.study import StudyConfig, VariantSpec, variant_config, variant_name, variants
+
+    base = tiny_config(tiny_model_dir, train={"steps": 8})
+    study = StudyConfig(base=base, inits=[], seeds=[0], variants=[
+        VariantSpec(init="standard", constraint="sparse_B", rank=32),
+        VariantSpec(init="standard", constraint="sparse_B", rank=32, b_density=0.05, calibration=0.2)])
+    found = {variant_name(v, base.train.lr): v for v in variants(study)}
+    assert set(found) == {"standard-sparse_B-n12-r32-a1-s0", "standard-sparse_B-n12-r32-a1-d0.05-c0.2-s0"}
+    own = variant_config(study, found["standard-sparse_B-n12-r32-a1-d0.05-c0.2-s0"]).train
+    assert (own.b_density, own.calibration) == (0.05, 0.2)
+    default = variant_config(study, found["standard-sparse_B-n12-r32-a1-s0"]).train
+    assert (default.b_density, default.calibration) == (0.1, 0.1)
+    with pytest.raises(ConfigError, match=r"^variants: b_density: b_density must be in \(0, 1\], got 2.0$"):
+        validate_settings(VariantSpec, {"init": "standard", "constraint": "sparse_B", "b_density": 2}, "variants")
+    with pytest.raises(ConfigError, match="b_density applies to constraint sparse_B only, not 'freeze_A'"):
+        validate_settings(VariantSpec, {"init": "standard", "constraint": "freeze_A", "b_density": 0.2}, "variants")
 
 
 def test_pissa_adapter_reproduces_the_model_on_the_original_base(
@@ -331,3 +447,26 @@ def test_drift_records_exact_energy_on_every_task(make_tiny_model, tokenizer, ea
     assert (drift.loc[drift["step"] == 10, "output_shift"] > 0).all()
     with pytest.raises(ValueError, match="drift_every=0"):
         finetune(model, tokenizer, easy_task, TrainSettings(**{**FAST, "steps": 1}), drift_stats=stats, drift_every=0)
+
+
+def test_cli_train_takes_the_sparse_b_settings() -> None:
+    from osrm_core.cli import _config_from_args, build_parser
+    from osrm_core.settings import ConfigError
+
+    def parsed(*extra: str):
+        args = build_parser().parse_args(["train", "--task", "a=demo:sentiment", "--task", "b=demo:topic",
+                                          "--constraint", "sparse_B", *extra, "--out", "unused"])
+        return _config_from_args(args)
+
+    train = parsed("--b-density", "0.05", "--calibration", "0.2").train
+    assert (train.constraint, train.b_density, train.calibration) == ("sparse_B", 0.05, 0.2)
+    with pytest.raises(ConfigError, match=r"^command line: train.b_density: b_density must be in \(0, 1\], got 0.0$"):
+        parsed("--b-density", "0")
+
+
+def test_sparse_b_is_refused_with_an_init_that_moves_the_base() -> None:
+    from osrm_core.constraints import check_constraint
+
+    check_constraint("sparse_B", ["standard", "osrm_gen", "eva"])
+    with pytest.raises(ValueError, match="per_init.pissa.constraint 'sparse_B' keeps B sparse, but init 'pissa' moves"):
+        check_constraint("sparse_B", ["pissa"], field="per_init.pissa.constraint")

@@ -1,0 +1,378 @@
+"""Merging 2, 4, 6 and 8 of the eight tasks: does each arm keep its tasks as more are merged?
+
+    OMP_NUM_THREADS=1 python reports/eight-tasks/analyze.py ../runs/eight-tasks [MORE_FOLDERS ...] \
+        [--methods task_arithmetic ties regmean] [--lambdas 0.2 0.5 1.0] [--subsets sst2+sst5 ...] \
+        [--out reports/eight-tasks]
+
+Run from the repository root: the study's task specs (``../shared/data/real/<task>``) are relative
+to it. Every folder is a study folder (its ``runs/*``) or one run directory; every finished run
+(``manifest.json`` status ``done``) is an arm per init it trained (one for a study variant). Each
+arm's fine-tuned adapters and heads are loaded from its run directory; the merged model is scored
+in place by the library's :class:`osrm_core.evaluate.SweepEngine` (the engine of the sweep
+stage), each task with its own head on its test split (the run's ``max_test``: 400 in the study).
+
+For each arm, merge method (any name registered in :data:`osrm_core.merge.MERGE_METHODS`; the
+method's densities from the run's merge settings where it has one) and the FIXED subsets of
+:data:`SUBSETS`, every lambda of the grid (default: the run's) is scored. Written to ``--out``:
+
+* ``tables/merges.csv``: one row per (arm, method, density, n_tasks, subset, lambda, task), with
+  ``score`` (merged), ``single`` and ``normalized`` (= score / single);
+* ``tables/single.csv``: each arm's single-task score per task (the engine's, the reference of
+  the normalized scores; ``train_score``: the one fine-tuning reported, for a check);
+* ``tables/best_per_subset.csv``: per (arm, method, n_tasks, subset) the best lambda (and
+  density) by normalized average over the subset's tasks, the plain merged average there, and
+  ``at_edge`` when that lambda is the grid's smallest or largest (the curve may peak beyond it);
+* ``tables/summary.csv``: per (arm, method, n_tasks) those averaged over the subsets
+  (``edge_subsets``: how many subsets peaked at the grid's edge);
+* ``figures/scaling.html``: merged average and normalized score against the number of tasks,
+  per arm, one pair of figures per method.
+
+Resumable: rows already in ``merges.csv`` and ``single.csv`` are not scored again, and the
+tables are rewritten after every (arm, subset, method), so the script can be stopped and run
+again (also with more methods, lambdas or folders).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from osrm_core import viz
+from osrm_core.atomic import write_text
+from osrm_core.rundir import RunDir, write_csv
+from osrm_core.settings import RunConfig
+
+HERE = Path(__file__).parent
+TASKS = ("sst2", "agnews", "trec", "rte", "snli", "sst5", "cr", "stsb")
+#: The merged subsets, fixed so that every arm and method merges the same tasks. Pairs: two
+#: tasks on the same sentences with other labels (sst2+sst5), two single-sentence topic/type tasks,
+#: two sentence-pair inference tasks. Fours: the first four tasks, and the other four. Sixes: all
+#: but cr and stsb, and all but sst2 and snli.
+SUBSETS: dict[int, list[tuple[str, ...]]] = {
+    2: [("sst2", "sst5"), ("agnews", "trec"), ("rte", "snli")],
+    4: [("sst2", "agnews", "trec", "rte"), ("cr", "sst5", "snli", "stsb")],
+    6: [("sst2", "agnews", "trec", "rte", "snli", "sst5"), ("agnews", "trec", "rte", "sst5", "cr", "stsb")],
+    8: [TASKS],
+}
+DEFAULT_METHODS = ("task_arithmetic", "ties", "regmean")
+MERGE_KEY = ["arm", "method", "density", "n_tasks", "subset", "lambda", "task"]
+ARM_COLUMNS = ["arm", "init", "constraint", "rank", "lr"]
+
+
+def subset_name(tasks: Sequence[str]) -> str:
+    return "+".join(tasks)
+
+
+@dataclass
+class Arm:
+    """One init's adapters in one finished run directory."""
+
+    name: str
+    run: RunDir
+    config: RunConfig  # the run's config for this init (its rank, constraint, lr)
+    init: str
+
+    def tasks(self) -> set[str]:
+        """The tasks this arm has a fine-tuned adapter of."""
+        root = self.run.path / "adapters" / self.init
+        return {p.name for p in root.iterdir() if p.is_dir()} if root.is_dir() else set()
+
+    def tags(self) -> dict:
+        t = self.config.train
+        return {"arm": self.name, "init": self.init, "constraint": t.constraint, "rank": self.config.rank, "lr": t.lr}
+
+
+def finished_arms(folders: Sequence[str | Path]) -> list[Arm]:
+    """The arms of every finished run in ``folders`` (study folders or run directories)."""
+    arms: list[Arm] = []
+    for folder in map(Path, folders):
+        if not folder.is_dir():
+            raise SystemExit(f"{str(folder)!r} is not a folder")
+        runs = sorted(p for p in (folder / "runs").iterdir() if p.is_dir()) if (folder / "runs").is_dir() else [folder]
+        for path in runs:
+            run = RunDir(path)
+            if not run.exists() or run.manifest().get("status") != "done":
+                continue
+            config = run.config()
+            for init in config.inits:
+                name = run.path.name if len(config.inits) == 1 else f"{run.path.name}/{init}"
+                if name in [a.name for a in arms]:  # the same variant in another study folder
+                    name = f"{folder.name}/{name}"
+                arms.append(Arm(name, run, config.for_init(init), init))
+    return arms
+
+
+class ArmScorer:
+    """Scores one arm's merges with the library: a :class:`~osrm_core.evaluate.SweepEngine` on a
+    fresh copy of the base model per subset (the sweep stage's engine), each task with its head."""
+
+    def __init__(self, arm: Arm, *, max_test: int | None = None, device: str | None = None, tasks=None) -> None:
+        from osrm_core.pipeline import Pipeline
+
+        update = {"max_test": max_test or arm.config.max_test, **({"device": device} if device else {})}
+        self.config = arm.config.model_copy(update=update)
+        self.arm = arm
+        self.pipeline = Pipeline(self.config, arm.run.path, tasks=tasks)  # reads only
+        self.adapters = arm.run.load_adapters(arm.init)
+        self._stats = None
+
+    def tasks(self) -> dict:
+        return {t.name: t for t in self.pipeline.tasks()}
+
+    def _engine(self, names: Sequence[str]):
+        from osrm_core.evaluate import SweepEngine
+
+        model, tok = self.pipeline.base_model()
+        tasks = self.tasks()
+        return SweepEngine(model, tok, [tasks[n] for n in names], {n: self.adapters[n] for n in names},
+                           max_test=self.config.max_test, max_length=self.config.max_length)
+
+    def single(self, names: Sequence[str]) -> dict[str, float]:
+        engine = self._engine(names)
+        scores = engine.single_task_scores()
+        engine.restore()
+        return scores
+
+    def merged(self, names: Sequence[str], method: str, lambdas: Sequence[float], densities: Sequence[float],
+               single: dict[str, float]) -> pd.DataFrame:
+        """Columns ``method, density, lambda, task, metric, score, single, normalized``."""
+        from osrm_core.merge import get_merge_method
+
+        stats = None
+        if get_merge_method(method).needs_gram:
+            if self._stats is None:
+                self._stats = self.arm.run.load_stats()
+            stats = self._stats
+        engine = self._engine(names)
+        df = engine.sweep([method], list(lambdas), densities=list(densities), stats=stats, single=single,
+                          seed=self.config.seed)
+        engine.restore()
+        return df
+
+
+# --------------------------------------------------------------------------- scoring (resumable)
+
+
+def _read(path: Path) -> pd.DataFrame | None:
+    return pd.read_csv(path) if path.is_file() else None
+
+
+def _has_density(method: str) -> bool:
+    from osrm_core.merge import get_merge_method
+
+    return "density" in [p.name for p in get_merge_method(method).param_specs()]
+
+
+def score_all(arms: Sequence[Arm], out: str | Path, *, methods: Sequence[str] = DEFAULT_METHODS,
+              lambdas: Sequence[float] | None = None, densities: Sequence[float] | None = None,
+              subsets: dict[int, list[tuple[str, ...]]] | None = None,
+              scorer: Callable[[Arm], ArmScorer] = ArmScorer,
+              log: Callable[[str], None] = print) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Score every arm's single tasks and merges into ``out/tables/single.csv`` and
+    ``merges.csv``, skipping rows they hold already; returns both tables.
+
+    ``lambdas`` and ``densities`` default to each arm's run settings; ``subsets`` to
+    :data:`SUBSETS` (a subset with a task an arm has no adapter for is skipped, said in ``log``).
+    """
+    from osrm_core.merge import MERGE_METHODS
+
+    unknown = [m for m in methods if m not in MERGE_METHODS]
+    if unknown:
+        raise ValueError(f"unknown merge method {unknown[0]!r}; registered: {', '.join(MERGE_METHODS)}")
+    subsets = subsets or SUBSETS
+    tables = Path(out) / "tables"
+    single_path, merges_path = tables / "single.csv", tables / "merges.csv"
+    single_df = _read(single_path)
+    merges = _read(merges_path)
+    for arm in arms:
+        engine: ArmScorer | None = None
+        have = arm.tasks()
+        wanted = [t for t in dict.fromkeys(t for sets in subsets.values() for s in sets for t in s) if t in have]
+        done_single = set() if single_df is None else set(single_df.loc[single_df["arm"] == arm.name, "task"])
+        if [t for t in wanted if t not in done_single]:
+            engine = engine or scorer(arm)
+            todo = [t for t in wanted if t not in done_single]
+            log(f"{arm.name}: single-task scores of {', '.join(todo)}")
+            scores = engine.single(todo)
+            rows = [{**arm.tags(), "task": t, "single": scores[t], "train_score": _train_score(arm, t)} for t in todo]
+            single_df = pd.concat([single_df, pd.DataFrame(rows)], ignore_index=True) if single_df is not None \
+                else pd.DataFrame(rows)
+            write_csv(single_path, single_df)
+        single = {} if single_df is None else \
+            single_df[single_df["arm"] == arm.name].set_index("task")["single"].to_dict()
+        grid = list(lambdas or arm.config.merge.lambdas)
+        for n_tasks, sets in sorted(subsets.items()):
+            for names in sets:
+                missing = [t for t in names if t not in have]
+                if missing:
+                    log(f"{arm.name}: skipping {subset_name(names)} (no adapter for {', '.join(missing)})")
+                    continue
+                for method in methods:
+                    grid_densities = list(densities or arm.config.merge.densities)
+                    dens = grid_densities if _has_density(method) else [math.nan]
+                    done = set() if merges is None else set(
+                        merges.loc[(merges["arm"] == arm.name) & (merges["method"] == method)
+                                   & (merges["subset"] == subset_name(names)), ["density", "lambda"]]
+                        .itertuples(index=False, name=None))
+                    done = {(_key(d), float(x)) for d, x in done}
+                    todo = [x for x in grid if any((_key(d), float(x)) not in done for d in dens)]
+                    if not todo:
+                        continue
+                    engine = engine or scorer(arm)
+                    start = time.perf_counter()
+                    df = engine.merged(names, method, todo, grid_densities, single)
+                    if "density" not in df:
+                        df["density"] = math.nan
+                    df = df[[c for c in ("method", "density", "lambda", "task", "metric", "score", "single",
+                                         "normalized") if c in df]]
+                    df = df[[(_key(d), float(x)) not in done for d, x in zip(df["density"], df["lambda"])]]
+                    df = df.assign(**arm.tags(), n_tasks=n_tasks, subset=subset_name(names))
+                    merges = pd.concat([merges, df], ignore_index=True) if merges is not None else df
+                    first = [*ARM_COLUMNS, "method", "density", "n_tasks", "subset", "lambda", "task"]
+                    merges = merges[[*first, *[c for c in merges if c not in first]]]
+                    write_csv(merges_path, merges)
+                    log(f"{arm.name}: {method} on {subset_name(names)}, {len(todo)} lambdas "
+                        f"({time.perf_counter() - start:.0f} s)")
+    if merges is None:
+        raise SystemExit("no finished arm with adapters for these subsets yet")
+    return single_df, merges
+
+
+def _key(density) -> float | None:
+    return None if density is None or (isinstance(density, float) and math.isnan(density)) else float(density)
+
+
+def _train_score(arm: Arm, task: str) -> float:
+    try:
+        return float(arm.run.train_result(arm.init, task)["test_score"])
+    except (OSError, KeyError, ValueError, json.JSONDecodeError):
+        return math.nan
+
+
+# --------------------------------------------------------------------------- summaries
+
+
+def best_per_subset(merges: pd.DataFrame) -> pd.DataFrame:
+    """Per (arm, method, n_tasks, subset): the (density, lambda) of the best normalized average
+    over the subset's tasks, the plain merged average and single-task average there, and whether
+    that lambda is at the edge of the lambdas scored for the subset."""
+    arm_cols = [c for c in ARM_COLUMNS if c in merges]
+    keys = [*arm_cols, "method", "n_tasks", "subset"]
+    curve = (merges.groupby([*keys, "density", "lambda"], dropna=False)
+             .agg(merged_avg=("score", "mean"), normalized_avg=("normalized", "mean"),
+                  single_avg=("single", "mean"), tasks=("task", "nunique"))
+             .reset_index())
+    rows = []
+    for key, g in curve.groupby(keys, dropna=False, sort=False):
+        best = g.loc[g["normalized_avg"].idxmax()] if g["normalized_avg"].notna().any() else g.iloc[0]
+        lo, hi = g["lambda"].min(), g["lambda"].max()
+        rows.append({**dict(zip(keys, key, strict=True)), "best_lambda": float(best["lambda"]),
+                     "best_density": best["density"], "merged_avg": best["merged_avg"],
+                     "normalized_avg": best["normalized_avg"], "single_avg": best["single_avg"],
+                     "at_edge": bool(lo < hi and best["lambda"] in (lo, hi)), "lambdas": int(g["lambda"].nunique())})
+    return pd.DataFrame(rows)
+
+
+def summarize(best: pd.DataFrame) -> pd.DataFrame:
+    """Per (arm, method, n_tasks): the best-per-subset values averaged over the subsets."""
+    arm_cols = [c for c in ARM_COLUMNS if c in best]
+    return (best.groupby([*arm_cols, "method", "n_tasks"], dropna=False, sort=False)
+            .agg(merged_avg=("merged_avg", "mean"), normalized_avg=("normalized_avg", "mean"),
+                 single_avg=("single_avg", "mean"), subsets=("subset", "nunique"),
+                 edge_subsets=("at_edge", "sum"),
+                 best_lambdas=("best_lambda", lambda s: ";".join(f"{x:g}" for x in s)))
+            .reset_index()
+            .sort_values(["method", *arm_cols, "n_tasks"], kind="stable")
+            .reset_index(drop=True))
+
+
+def scaling_page(summary: pd.DataFrame, title: str = "Eight tasks: merging more tasks") -> str:
+    """Merged average and normalized score against the number of tasks, per arm, per method."""
+    import plotly.graph_objects as go
+
+    figs = {}
+    arms = summary.drop_duplicates("arm")
+    for method, by_method in summary.groupby("method", sort=False):
+        for y, label in (("merged_avg", "plain merged average (task metric)"),
+                         ("normalized_avg", "normalized score (merged / single-task)")):
+            fig = go.Figure()
+            for k, (arm, g) in enumerate(by_method.groupby("arm", sort=False)):
+                g = g.sort_values("n_tasks")
+                row = g.iloc[0]
+                name = viz.arm_label(row, arms) if "init" in g else arm
+                edge = g["edge_subsets"] > 0
+                fig.add_trace(go.Scatter(
+                    x=g["n_tasks"], y=g[y], mode="lines+markers", name=name, legendgroup=name,
+                    line={"color": viz.color_of(row.get("init", arm), k),
+                          "dash": "dash" if row.get("constraint", "none") != "none" else "solid"},
+                    marker={"symbol": ["circle-open" if e else "circle" for e in edge], "size": 9},
+                    customdata=g[["best_lambdas", "subsets", "edge_subsets"]].to_numpy(),
+                    hovertemplate=(f"{name}<br>%{{x}} tasks: %{{y:.3f}}<br>best λ per subset %{{customdata[0]}}"
+                                   "<br>subsets %{customdata[1]}, at the grid's edge %{customdata[2]}<extra></extra>"),
+                ))
+            if y == "normalized_avg":
+                fig.add_hline(y=1.0, line_dash="dot", line_color="grey", annotation_text="single-task")
+            fig.update_xaxes(title="tasks merged", tickvals=sorted(summary["n_tasks"].unique()))
+            fig.update_yaxes(title=label)
+            figs[f"{method}: {label}"] = fig.update_layout(
+                title=f"{method}: {label} at the best lambda per subset, mean over subsets "
+                      "(open marker: a subset's best lambda at the grid's edge)",
+                margin=dict(l=60, r=20, t=60, b=50), hovermode="closest")
+    return viz.figures_page(figs, title=title)
+
+
+def write_outputs(out: str | Path, merges: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    out = Path(out)
+    best = best_per_subset(merges)
+    summary = summarize(best)
+    write_csv(out / "tables" / "best_per_subset.csv", best)
+    write_csv(out / "tables" / "summary.csv", summary)
+    write_text(out / "figures" / "scaling.html", scaling_page(summary))
+    return {"best_per_subset": best, "summary": summary}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("folders", nargs="+", help="the study folder, and any more study folders or run directories")
+    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS),
+                   help="registered merge methods (osrm_core.merge.MERGE_METHODS)")
+    p.add_argument("--lambdas", nargs="+", type=float, help="lambda grid (default: each run's)")
+    p.add_argument("--densities", nargs="+", type=float, help="densities of the methods with one (default: each run's)")
+    p.add_argument("--max-test", type=int, help="test examples per task (default: each run's max_test)")
+    p.add_argument("--device", help="device of the scoring model (default: each run's)")
+    p.add_argument("--subsets", nargs="+", metavar="TASK+TASK",
+                   help="other subsets to merge than the fixed ones (SUBSETS), e.g. sst2+sst5 sst2+sst5+cr")
+    p.add_argument("--out", default=str(HERE), help="where tables/ and figures/ go (default: this folder)")
+    args = p.parse_args(argv)
+    arms = finished_arms(args.folders)
+    if not arms:
+        raise SystemExit("no finished run (manifest status done) in " + ", ".join(args.folders))
+    print(f"{len(arms)} finished arm(s): {', '.join(a.name for a in arms)}", flush=True)
+
+    def log(message: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+    subsets = None
+    if args.subsets:
+        subsets = {}
+        for text in args.subsets:
+            names = tuple(t for t in text.split("+") if t)
+            subsets.setdefault(len(names), []).append(names)
+    _, merges = score_all(arms, args.out, methods=args.methods, lambdas=args.lambdas, densities=args.densities,
+                          subsets=subsets,
+                          scorer=lambda arm: ArmScorer(arm, max_test=args.max_test, device=args.device), log=log)
+    tables = write_outputs(args.out, merges)
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        print(tables["summary"].drop(columns=["lr"], errors="ignore").to_string(index=False))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,151 @@
+"""reports/eight-tasks/analyze.py: merges of fixed task subsets per arm, resumable CSVs, the
+summary at the best lambda per subset, and scores that match the sweep stage's on a finished run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from fixtures_run import SMALL_TASKS, small_run_fixture  # noqa: F401
+
+from osrm_core.rundir import RunDir
+from osrm_core.settings import MergeSettings, RunConfig, TaskEntry
+
+SCRIPT = Path(__file__).parents[1] / "reports" / "eight-tasks" / "analyze.py"
+
+
+@pytest.fixture(scope="module")
+def analyze():
+    spec = importlib.util.spec_from_file_location("eight_tasks_analyze", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass looks its module up
+    spec.loader.exec_module(module)
+    return module
+
+
+TASKS = ("a", "b", "c", "d")
+SUBSETS = {2: [("a", "b"), ("c", "d")], 4: [TASKS]}
+
+
+def _fake_run(path: Path, init: str, rank: int, status: str | None = "done", tasks=TASKS) -> None:
+    """A run directory with a config, a manifest and empty adapter folders (with train.json)."""
+    config = RunConfig(name=path.name, tasks=[TaskEntry(name=t, spec=f"demo:{t}") for t in TASKS], inits=[init],
+                       rank=rank, merge=MergeSettings(methods=["task_arithmetic"], lambdas=[0.5, 1.0, 2.0]))
+    path.mkdir(parents=True)
+    (path / "config.yaml").write_text(config.to_yaml())
+    (path / "manifest.json").write_text(json.dumps({"stages": {}, **({"status": status} if status else {})}))
+    for t in tasks:
+        (path / "adapters" / init / t).mkdir(parents=True)
+        (path / "adapters" / init / t / "train.json").write_text(json.dumps({"test_score": 0.9}))
+
+
+class FakeScorer:
+    """Scores that peak at lambda 1 (the arm's rank moves the level), counting its calls."""
+
+    calls: list = []
+
+    def __init__(self, arm) -> None:
+        self.arm = arm
+
+    def single(self, names):
+        FakeScorer.calls.append(("single", self.arm.name, tuple(names)))
+        return {n: 0.8 + 0.01 * i for i, n in enumerate(names)}
+
+    def merged(self, names, method, lambdas, densities, single):
+        FakeScorer.calls.append((method, self.arm.name, tuple(names), tuple(lambdas)))
+        rows = []
+        for lam in lambdas:
+            for n in names:
+                score = single[n] * (1 - 0.1 * abs(lam - 1) - 0.02 * len(names)) * (1 + 0.001 * self.arm.config.rank)
+                rows.append({"method": method, "density": 0.5 if method == "ties" else None, "lambda": lam,
+                             "task": n, "metric": "accuracy", "score": score, "single": single[n],
+                             "normalized": score / single[n]})
+        return pd.DataFrame(rows)
+
+
+def test_finished_arms_are_the_done_runs_of_every_folder(analyze, tmp_path) -> None:
+    _fake_run(tmp_path / "study" / "runs" / "standard-none-r8", "standard", 8)
+    _fake_run(tmp_path / "study" / "runs" / "training", "osrm_gen", 32, status=None)
+    _fake_run(tmp_path / "extra-run", "standard", 32)
+    _fake_run(tmp_path / "other" / "runs" / "standard-none-r8", "standard", 8)
+    arms = analyze.finished_arms([tmp_path / "study", tmp_path / "extra-run", tmp_path / "other"])
+    assert [a.name for a in arms] == ["standard-none-r8", "extra-run", "other/standard-none-r8"]
+    assert arms[0].tags()["rank"] == 8 and arms[1].tasks() == set(TASKS)
+
+
+def test_scores_are_resumed_and_summarized_at_the_best_lambda(analyze, tmp_path) -> None:
+    _fake_run(tmp_path / "study" / "runs" / "r8", "standard", 8)
+    _fake_run(tmp_path / "study" / "runs" / "r32", "standard", 32, tasks=("a", "b", "c"))  # no adapter of d
+    arms = analyze.finished_arms([tmp_path / "study"])
+    FakeScorer.calls = []
+    out = tmp_path / "out"
+    single, merges = analyze.score_all(arms, out, methods=["task_arithmetic", "ties"], subsets=SUBSETS,
+                                       scorer=FakeScorer, log=lambda m: None)
+    assert set(single["arm"]) == {"r8", "r32"} and len(single) == 4 + 3
+    assert (single["train_score"] == 0.9).all()
+    # r32 merges only the pair it has all adapters of; each row once
+    assert set(merges.loc[merges["arm"] == "r32", "subset"]) == {"a+b"}
+    assert len(merges) == 2 * 3 * (2 + 2 + 4) + 2 * 3 * 2
+    assert not merges.duplicated(analyze.MERGE_KEY).any()
+    assert merges.loc[merges["method"] == "task_arithmetic", "density"].isna().all()
+
+    # Run again: nothing is scored; with one more lambda only that lambda is.
+    FakeScorer.calls = []
+    analyze.score_all(arms, out, methods=["task_arithmetic", "ties"], subsets=SUBSETS, scorer=FakeScorer,
+                      log=lambda m: None)
+    assert FakeScorer.calls == []
+    _, grown = analyze.score_all(arms, out, methods=["task_arithmetic"], lambdas=[0.5, 1.0, 2.0, 3.0],
+                                 subsets=SUBSETS, scorer=FakeScorer, log=lambda m: None)
+    assert {c[3] for c in FakeScorer.calls} == {(3.0,)} and len(FakeScorer.calls) == 3 + 1
+    assert len(grown) == len(merges) + 2 + 2 + 4 + 2
+    assert len(pd.read_csv(out / "tables" / "merges.csv")) == len(grown)
+
+    tables = analyze.write_outputs(out, merges)
+    best, summary = tables["best_per_subset"], tables["summary"]
+    assert (best["best_lambda"] == 1.0).all() and not best["at_edge"].any()
+    row = summary[(summary["arm"] == "r8") & (summary["method"] == "ties") & (summary["n_tasks"] == 2)].iloc[0]
+    expected = merges.query("arm == 'r8' and method == 'ties' and n_tasks == 2 and `lambda` == 1.0")
+    assert row["subsets"] == 2 and row["edge_subsets"] == 0 and row["best_lambdas"] == "1;1"
+    assert math.isclose(row["merged_avg"], expected.groupby("subset")["score"].mean().mean())
+    assert math.isclose(row["normalized_avg"], expected.groupby("subset")["normalized"].mean().mean())
+    assert math.isclose(row["normalized_avg"], (1 - 0.04) * 1.008)
+    html = (out / "figures" / "scaling.html").read_text()
+    assert "task_arithmetic: plain merged average" in html and "ties: normalized score" in html
+
+
+def test_a_best_lambda_at_the_grid_edge_is_flagged(analyze) -> None:
+    rows = [{"arm": "x", "method": "ta", "density": None, "n_tasks": 2, "subset": "a+b", "lambda": lam, "task": t,
+             "score": lam, "single": 1.0, "normalized": lam} for lam in (0.5, 1.0, 2.0) for t in ("a", "b")]
+    best = analyze.best_per_subset(pd.DataFrame(rows))
+    assert best["best_lambda"].tolist() == [2.0] and best["at_edge"].tolist() == [True]
+    assert analyze.summarize(best)["edge_subsets"].tolist() == [1]
+
+
+def test_unknown_method_is_refused_with_the_registered_names(analyze, tmp_path) -> None:
+    with pytest.raises(ValueError, match="unknown merge method 'nope'; registered: task_arithmetic, ties"):
+        analyze.score_all([], tmp_path, methods=["nope"])
+
+
+def test_merges_of_a_finished_run_match_its_sweep(analyze, small_run, tmp_path) -> None:
+    """On the small finished run the library's engine gives the sweep stage's scores for the
+    merge of all its tasks, and regmean (which needs the statistics) runs on a pair."""
+    from osrm_core.demo import demo_task
+
+    tasks = [demo_task(k, n_train=60, n_test=40) for k in SMALL_TASKS]
+    arms = analyze.finished_arms([small_run])
+    assert [a.name for a in arms] == [f"{small_run.name}/standard", f"{small_run.name}/osrm"]
+    subsets = {2: [tuple(SMALL_TASKS[:2])], 3: [tuple(SMALL_TASKS)]}
+    single, merges = analyze.score_all(
+        arms[:1], tmp_path, methods=["task_arithmetic", "regmean"], lambdas=[0.5, 1.0], subsets=subsets,
+        scorer=lambda arm: analyze.ArmScorer(arm, tasks=tasks), log=lambda m: None)
+    sweep = RunDir(small_run).read_csv("sweep_standard.csv")
+    ref = sweep[sweep["method"] == "task_arithmetic"].set_index(["lambda", "task"])
+    ours = merges.query("n_tasks == 3 and method == 'task_arithmetic'").set_index(["lambda", "task"])
+    pd.testing.assert_series_equal(ours["score"].sort_index(), ref["score"].sort_index(), check_names=False)
+    assert dict(zip(single["task"], single["single"])) == ref.xs(1.0)["single"].to_dict()
+    assert len(merges.query("method == 'regmean'")) == 2 * 2 + 2 * 3
