@@ -351,7 +351,7 @@ def test_advice_md_command_reproduces_the_adapter(advised, recommended, tmp_path
         command = merge_command(dataclasses.replace(advice, recommended=rec), adapters)
         assert ("--weights sentiment=0.5,topic=1.5" in command) == (rec["method"] == "ties")
     argv = shlex.split(command.replace("--out merged/", f"--out {tmp_path / 'again'}"))
-    result = subprocess.run([sys.executable, "-m", "osrm_core.cli", *argv[2:]], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "osrm_core.cli", *argv[1:]], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     written = read_adapter_dir(tmp_path / "again")
     for layer, delta in want.items():

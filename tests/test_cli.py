@@ -16,10 +16,8 @@ from conftest import TINY_TARGETS
 
 from osrm_core.adapters import LoraWeights, read_adapter_dir, write_adapter
 from osrm_core.demo import demo_task
-from osrm_core.inits import init_lora
 from osrm_core.rundir import RunDir
 from osrm_core.settings import RunConfig
-from osrm_core.train import adapter_of, save_adapter
 
 TASKS = ("sentiment", "paraphrase")
 #: One torch thread in the children too: the machine is small and shared.
@@ -60,14 +58,19 @@ def files(tmp_path_factory, make_tiny_model):
     out["no_label"] = root / "no_label.csv"
     pd.read_csv(out["sentiment"]).rename(columns={"label": "polarity"}).to_csv(out["no_label"], index=False)
 
-    for seed, key in enumerate(TASKS):  # untrained adapters with random B: a real delta each
-        model = init_lora(make_tiny_model(dtype=torch.float32), "standard", rank=2, alpha=4, seed=seed)
+    from peft import LoraConfig, get_peft_model
+
+    for seed, key in enumerate(TASKS):  # made by plain peft, untrained, random B: a real delta each
+        torch.manual_seed(seed)
+        config = LoraConfig(task_type="SEQ_CLS", r=2, lora_alpha=4, target_modules=["query", "value"])
+        model = get_peft_model(make_tiny_model(dtype=torch.float32), config)
         gen = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if ".lora_B." in name:
                     p.copy_(torch.randn(p.shape, generator=gen))
-        out[f"adapter_{key}"] = save_adapter(adapter_of(model), root / "adapters" / key)
+        model.save_pretrained(root / "adapters" / key)
+        out[f"adapter_{key}"] = root / "adapters" / key
 
     wide = {n: LoraWeights(torch.randn(2, 48), torch.randn(48, 2), 2.0) for n in TINY_TARGETS}
     out["adapter_wide"] = write_adapter(root / "adapters" / "wide", wide, {"peft_type": "LORA"})
@@ -177,6 +180,10 @@ BAD_INPUTS = {
 }
 
 
+#: Merges scored by ``osrm merge --task`` and checked in plain peft: TIES and the spectral mergers.
+SCORED_MERGES = {"ties": ["--density", 0.6], "tsv_m": [], "iso_c": [], "iso_cts": [], "cart": []}
+
+
 def _run_config(files, model_dir) -> dict:
     return {
         "name": "tiny-cli",
@@ -220,10 +227,11 @@ def jobs(files, tiny_model_dir):
     futures["merge"] = pool.submit(
         osrm, "merge", *_adapter_args(files), "--method", "ties", "--lambda", 0.7, "--out", root / "merged"
     )
-    futures["merge_scored"] = pool.submit(
-        osrm, "merge", "--model", m, *_adapter_args(files), *_task_args(files), "--lambda", 0.7,
-        "--method", "ties", "--density", 0.6, "--out", root / "merged-scored", "--json",
-    )
+    for method, args in SCORED_MERGES.items():
+        futures[f"merge_scored_{method}"] = pool.submit(
+            osrm, "merge", "--model", m, *_adapter_args(files), *_task_args(files), "--lambda", 0.7,
+            "--method", method, *args, "--out", root / f"merged-scored-{method}", "--json",
+        )
     futures["sweep"] = pool.submit(
         osrm, "sweep", "--model", m, *_adapter_args(files), *_task_args(files), "--methods", "task_arithmetic",
         "ties", "--lambdas", 0.5, 1.0, "--densities", 0.5, "--max-test", 8, "--max-length", 32,
@@ -290,7 +298,8 @@ def test_merge(jobs, files) -> None:
         assert (out / "heads" / f"{key}.safetensors").is_file()
 
 
-def test_merge_with_tasks_reports_scores_plain_peft_reproduces(jobs, files, tiny_model_dir) -> None:
+@pytest.mark.parametrize("method", list(SCORED_MERGES))
+def test_merge_with_tasks_reports_scores_plain_peft_reproduces(method, jobs, files, tiny_model_dir) -> None:
     """``osrm merge --task`` measures the merge on each task, prints the scores and writes them
     into the model card; the merged folder loaded with plain peft on the base, with a task's
     head from ``heads/``, scores exactly that."""
@@ -301,14 +310,15 @@ def test_merge_with_tasks_reports_scores_plain_peft_reproduces(jobs, files, tiny
     from osrm_core.evaluate import evaluate_model
     from osrm_core.task_spec import parse_task_spec
 
-    out = files["root"] / "merged-scored"
-    result = jobs["merge_scored"].result()
+    out = files["root"] / f"merged-scored-{method}"
+    result = jobs[f"merge_scored_{method}"].result()
     _ok(result)
     scores = {r["task"]: r for r in json.loads(result.stdout)["scores"]}
     assert sorted(scores) == sorted(TASKS)
     card = (out / "README.md").read_text()
-    assert "## Measured scores" in card and "max_length = 128; seed = 0" in card and "density = 0.6" in card
-    assert "`ties` with lambda = 0.7" in card and "num_labels=K)  # K: " in card
+    assert "## Measured scores" in card and "max_length = 128; seed = 0" in card
+    assert f"`{method}` with lambda = 0.7" in card and "num_labels=K)  # K: " in card
+    assert ("density = 0.6" in card) == (method == "ties")
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     for key in TASKS:
         row = scores[key]
