@@ -3,9 +3,11 @@ move, then the same comparison on the real default model."""
 
 from __future__ import annotations
 
+import pandas as pd
 import streamlit as st
 
 from app_helpers import real_model_comparison, show_figure, show_table
+from osrm_core.merge import method_table
 from osrm_core.toy import toy_adapters, toy_moments, toy_samples, toy_table
 from osrm_core.viz import layer_ratio_figure, toy_figure
 
@@ -66,6 +68,13 @@ with right:
         "Turn the angle towards 0° and both tasks share their main axis: no direction is quiet "
         "for one and busy for the other, and OSRM can only pick the common weak axis."
     )
+
+st.subheader("The merge methods")
+st.markdown(
+    "Every method merges the exact `ΔW_i = s_i B_i A_i` of each layer (never A and B separately). "
+    "OSRM changes the adapters so that any of them interferes less; these change how finished adapters are combined."
+)
+show_table(pd.DataFrame(method_table()), "merge_methods", "learn_methods")
 
 st.subheader("The same comparison on the real model")
 st.markdown(

@@ -148,6 +148,10 @@ def test_learn_page_needs_no_run_and_sliders_drive_the_toy():
     assert_clean(at)
     assert any(t["type"] == "scatter3d" for t in figure(at, "learn_toy_chart")["data"])
     assert at.latex
+    from osrm_core.merge import MERGE_METHODS
+
+    methods = next(df.value for df in at.dataframe if "summary" in df.value.columns)
+    assert list(methods["name"]) == list(MERGE_METHODS) and methods["summary"].str.len().min() > 20
 
 
 def test_learn_page_runs_the_comparison_on_the_real_model():

@@ -56,6 +56,7 @@ __all__ = [
     "low_rank_factors",
     "merge_deltas",
     "merge_layer",
+    "method_table",
     "prepare_merge",
     "stack_lora_factors",
 ]
@@ -69,6 +70,11 @@ MERGE_METHODS: dict[str, type[MergeMethod]] = {
         TaskArithmetic, Ties, DareLinear, DareTies, RegMean, KnotsTA, KnotsTies, TsvMerge, IsoC, IsoCts, Cart
     )
 }
+
+
+def method_table() -> list[dict[str, str]]:
+    """Every registered method: ``name``, ``summary`` (one sentence) and ``reference`` (the paper)."""
+    return [{"name": n, "summary": cls.summary, "reference": cls.reference} for n, cls in MERGE_METHODS.items()]
 
 
 def all_param_specs() -> dict[str, ParamSpec]:

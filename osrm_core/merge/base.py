@@ -143,6 +143,8 @@ class MergeMethod:
         Registry name, e.g. ``"ties"``.
     reference : str
         URL of the paper that defines the method.
+    summary : str
+        What the method does, in one sentence for a user (CLI help, the Learn page).
     params_type : type of MergeParams
         Dataclass of the method's parameters, with defaults and help text.
     params : MergeParams
@@ -155,6 +157,7 @@ class MergeMethod:
 
     name: ClassVar[str]
     reference: ClassVar[str]
+    summary: ClassVar[str] = ""
     params_type: ClassVar[type[MergeParams]] = MergeParams
     needs_gram: ClassVar[bool] = False
     uses_density: ClassVar[bool] = False

@@ -111,6 +111,7 @@ class DareLinear(_Dare):
     """DARE, then the sum of the rescaled deltas (task arithmetic)."""
 
     name = "dare_linear"
+    summary = "drop a random share of each delta's entries, rescale the rest, then sum"
     params_type = DareParams
     consensus = "sum"
 
@@ -119,5 +120,6 @@ class DareTies(_Dare):
     """DARE, then TIES sign election and disjoint mean of the rescaled deltas."""
 
     name = "dare_ties"
+    summary = "DARE's random drop and rescale, then TIES's sign election and disjoint mean"
     params_type = DareTiesParams
     consensus = "ties"

@@ -94,6 +94,7 @@ class KnotsTA(_Knots):
     """KnOTS with task arithmetic: the sum of the blocks (the same result as task arithmetic)."""
 
     name = "knots_ta"
+    summary = "task arithmetic in one SVD basis shared by all tasks (equal to task arithmetic)"
 
     def merge_blocks(self, blocks: Tensor) -> Tensor:
         return blocks.sum(dim=0)
@@ -106,6 +107,7 @@ class KnotsTies(_Knots):
     """
 
     name = "knots_ties"
+    summary = "TIES on the tasks' coordinates in one shared SVD basis"
     params_type = TiesParams
     uses_density = True
 

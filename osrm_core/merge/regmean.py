@@ -86,6 +86,7 @@ class RegMean(MergeMethod):
     """RegMean merge; needs one Gram matrix of shape (d_in, d_in) per task at each layer."""
 
     name = "regmean"
+    summary = "the least-squares merge that keeps each task's layer outputs (needs each task's input Gram matrices)"
     reference = "https://arxiv.org/abs/2212.09849"
     params_type = RegMeanParams
     needs_gram = True

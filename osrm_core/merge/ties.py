@@ -90,6 +90,7 @@ class Ties(MergeMethod):
     """TIES merging of the deltas of shape (d_out, d_in); trimming is per task and per layer."""
 
     name = "ties"
+    summary = "per entry: keep each task's largest entries, elect a sign, average the entries that agree (full rank)"
     reference = "https://arxiv.org/abs/2306.01708"
     params_type = TiesParams
     uses_density = True
