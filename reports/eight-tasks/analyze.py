@@ -81,17 +81,20 @@ class Arm:
     init: str
 
     def tasks(self) -> set[str]:
-        """The tasks this arm has a fine-tuned adapter of."""
+        """The tasks this arm has a finished fine-tuned adapter of (its stage done in the manifest)."""
+        stages = self.run.manifest().get("stages", {})
         root = self.run.path / "adapters" / self.init
-        return {p.name for p in root.iterdir() if p.is_dir()} if root.is_dir() else set()
+        return {p.name for p in root.iterdir() if p.is_dir()
+                and stages.get(f"adapters/{self.init}/{p.name}", {}).get("status") == "done"} if root.is_dir() else set()
 
     def tags(self) -> dict:
         t = self.config.train
         return {"arm": self.name, "init": self.init, "constraint": t.constraint, "rank": self.config.rank, "lr": t.lr}
 
 
-def finished_arms(folders: Sequence[str | Path]) -> list[Arm]:
-    """The arms of every finished run in ``folders`` (study folders or run directories)."""
+def finished_arms(folders: Sequence[str | Path], partial: bool = False) -> list[Arm]:
+    """The arms of every finished run in ``folders`` (study folders or run directories); with
+    ``partial``, also of runs still training (their finished adapters only)."""
     arms: list[Arm] = []
     for folder in map(Path, folders):
         if not folder.is_dir():
@@ -99,7 +102,7 @@ def finished_arms(folders: Sequence[str | Path]) -> list[Arm]:
         runs = sorted(p for p in (folder / "runs").iterdir() if p.is_dir()) if (folder / "runs").is_dir() else [folder]
         for path in runs:
             run = RunDir(path)
-            if not run.exists() or run.manifest().get("status") != "done":
+            if not run.exists() or (run.manifest().get("status") != "done" and not partial):
                 continue
             config = run.config()
             for init in config.inits:
@@ -350,9 +353,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--device", help="device of the scoring model (default: each run's)")
     p.add_argument("--subsets", nargs="+", metavar="TASK+TASK",
                    help="other subsets to merge than the fixed ones (SUBSETS), e.g. sst2+sst5 sst2+sst5+cr")
+    p.add_argument("--partial", action="store_true",
+                   help="also score runs still training, on the adapters they have finished (subsets they lack are skipped)")
     p.add_argument("--out", default=str(HERE), help="where tables/ and figures/ go (default: this folder)")
     args = p.parse_args(argv)
-    arms = finished_arms(args.folders)
+    arms = finished_arms(args.folders, partial=args.partial)
     if not arms:
         raise SystemExit("no finished run (manifest status done) in " + ", ".join(args.folders))
     print(f"{len(arms)} finished arm(s): {', '.join(a.name for a in arms)}", flush=True)
