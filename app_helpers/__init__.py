@@ -34,6 +34,7 @@ from .state import (
     session_tmp,
     shared_config_problem,
     shared_mode,
+    sidebar_run,
 )
 from .uploads import (
     adapter_zip,
@@ -48,8 +49,10 @@ from .uploads import (
 )
 from .widgets import (
     NONE,
+    ProgressDisplay,
     column_picker,
     download,
+    duration,
     layer_selector,
     merge_param_widgets,
     progress_callbacks,
@@ -78,6 +81,9 @@ __all__ = [
     "open_run",
     "open_uploaded_run",
     "progress_callbacks",
+    "ProgressDisplay",
+    "duration",
+    "sidebar_run",
     "read_hub_adapters",
     "read_uploaded_adapters",
     "real_model_comparison",

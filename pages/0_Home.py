@@ -11,13 +11,13 @@ import streamlit as st
 
 from app_helpers import (
     ArchiveError,
+    ProgressDisplay,
     column_picker,
     current_run,
     download,
     list_runs,
     open_run,
     open_uploaded_run,
-    progress_callbacks,
     run_problems,
     run_summary,
     runs_root,
@@ -269,7 +269,8 @@ with tab_new:
         on_click=apply_preset,
         args=(demo_config(quick=True),),
         help="demo_config(quick=True): four demo tasks, 80 steps, standard LoRA (rank 8) against osrm_gen with "
-             "A frozen at rank 32; a few minutes on a CPU",
+             "A frozen at rank 32. Measured: 17.5 minutes on a 2-core CPU that was busy with other work "
+             "(issue 23); less on a quiet machine or a GPU. The run shows its time left as it goes",
     )
     p2.button(
         "Full demo preset",
@@ -432,26 +433,24 @@ with tab_new:
         "Run the pipeline", type="primary", key="home_run", disabled=config is None or bool(task_errors)
     )
     if start and config is not None:
-        n_stages = 2 + 2 * len(config.inits)
-        with st.status(f"Running {config.name} ...", expanded=True) as status:
-            progress, on_stage = progress_callbacks(status, n_stages)
-            try:
-                with DirLock(out_dir):  # the task files too: another writer stops before any file
-                    tasks = None
-                    if own_tasks:
-                        # The pipeline gets every task as data; uploaded ones are saved so the
-                        # config's spec can load them again (resume, command line).
-                        for task in own_tasks:
-                            save_task_dir(task, out_dir / "data" / task.name)
-                        tasks = [parse_task_spec(f"demo:{k}", name=k, seed=config.seed) for k in demo_keys] + own_tasks
-                    run_experiment(config, out_dir, progress=progress, on_stage=on_stage, tasks=tasks)
-            except (ValueError, OSError, RuntimeError) as err:
-                status.update(label=f"The run stopped: {err}", state="error")
-                st.error(str(err))
-            else:
-                status.update(label=f"Finished {config.name}", state="complete")
-                run = open_run(out_dir)
-                st.success(f"Finished and opened {out_dir}; see the summary tab and the pages.")
+        display = ProgressDisplay(f"Running {config.name}", 2 + 2 * len(config.inits))
+        try:
+            with DirLock(out_dir):  # the task files too: another writer stops before any file
+                tasks = None
+                if own_tasks:
+                    # The pipeline gets every task as data; uploaded ones are saved so the
+                    # config's spec can load them again (resume, command line).
+                    for task in own_tasks:
+                        save_task_dir(task, out_dir / "data" / task.name)
+                    tasks = [parse_task_spec(f"demo:{k}", name=k, seed=config.seed) for k in demo_keys] + own_tasks
+                run_experiment(config, out_dir, progress=display.progress, on_stage=display.on_stage, tasks=tasks)
+        except (ValueError, OSError, RuntimeError) as err:
+            display.finish(f"The run stopped: {err}", ok=False)
+            st.error(str(err))
+        else:
+            display.finish(f"Finished {config.name}")
+            open_run(out_dir)  # the sidebar names it now
+            st.success(f"Finished and opened {out_dir}; see the summary tab and the pages.")
 
 # --------------------------------------------------------------------------- summary
 
@@ -499,16 +498,15 @@ with tab_summary:
             if problem:
                 st.error(f"This run cannot be resumed here: {problem}")
             elif config is not None and st.button("Resume this run", key="home_resume"):
-                with st.status(f"Resuming {config.name} ...", expanded=True) as status:
-                    progress, on_stage = progress_callbacks(status, 2 + 2 * len(config.inits))
-                    try:
-                        run_experiment(config, run.path, progress=progress, on_stage=on_stage)
-                    except (ValueError, OSError, RuntimeError) as err:
-                        status.update(label=f"The run stopped: {err}", state="error")
-                        st.error(str(err))
-                    else:
-                        status.update(label="Finished", state="complete")
-                        st.rerun()
+                display = ProgressDisplay(f"Resuming {config.name}", 2 + 2 * len(config.inits))
+                try:
+                    run_experiment(config, run.path, progress=display.progress, on_stage=display.on_stage)
+                except (ValueError, OSError, RuntimeError) as err:
+                    display.finish(f"The run stopped: {err}", ok=False)
+                    st.error(str(err))
+                else:
+                    display.finish(f"Finished {config.name}")
+                    st.rerun()
         else:
             single, best = summary_tables(summary)
             st.markdown("**Single-task scores** (each task with only its own adapter)")

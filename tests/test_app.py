@@ -575,8 +575,11 @@ def test_new_run_from_the_home_page_with_an_uploaded_task(tmp_path, monkeypatch)
     assert not errors(at), errors(at)
     out = tmp_path / "from-app"
     assert at.session_state["run_path"] == str(out.resolve())
-    labels = [s.label for s in at.status]
-    assert any("Finished from-app" in label for label in labels), labels
+    # The sidebar names the run the page just opened, beside the message.
+    assert any(s.value.startswith(f"Finished and opened {out}") for s in at.success), [s.value for s in at.success]
+    assert any(m.value.startswith("✅ Finished from-app") for m in at.markdown)  # the progress box stays
+    assert [c.value for c in at.sidebar.code] == [str(out.resolve())]
+    assert "none" not in [c.value for c in at.sidebar.caption]
     summary = json.loads((out / "results" / "summary.json").read_text())
     assert summary["tasks"] == ["sentiment", "my_news"]
     config = (out / "config.yaml").read_text()
