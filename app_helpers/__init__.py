@@ -58,6 +58,7 @@ from .widgets import (
     progress_callbacks,
     show_figure,
     show_table,
+    text_column_picker,
 )
 
 __all__ = [
@@ -103,6 +104,7 @@ __all__ = [
     "show_table",
     "stop_on_damage",
     "sweep_table",
+    "text_column_picker",
     "text_task",
     "texts_feature_stats",
     "uploads_signature",

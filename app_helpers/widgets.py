@@ -130,13 +130,29 @@ def progress_callbacks(
 
 
 def column_picker(label: str, columns: list[str], preferred: str, key: str, *, optional: bool = False,
-                  where=st) -> str | None:
+                  start_empty: bool = False, where=st) -> str | None:
     """A select box of ``columns`` that starts on ``preferred`` when present (else the first
-    column; ``optional`` adds a "(none)" choice, the start when ``preferred`` is absent).
-    Returns the column, or None for "(none)"."""
+    column; ``optional`` adds a "(none)" choice, the start when ``preferred`` is absent;
+    ``start_empty``: no choice until the user makes one). Returns the column, or None for
+    "(none)" or no choice."""
     options = [NONE, *columns] if optional else list(columns)
-    choice = where.selectbox(label, options, index=options.index(preferred) if preferred in options else 0, key=key)
-    return None if choice == NONE else choice
+    index = options.index(preferred) if preferred in options else (None if start_empty else 0)
+    choice = where.selectbox(label, options, index=index, key=key, placeholder="choose a column")
+    return None if choice in (NONE, None) else choice
+
+
+def text_column_picker(df: pd.DataFrame, file_name: str, key: str, *, where=st) -> str | None:
+    """The text column of an uploaded table: ``text`` when it has one; else no choice and the
+    command line's error (:func:`osrm_core.data.check_columns`) until the user picks a column."""
+    from osrm_core.data import DataError, check_columns
+
+    choice = column_picker("Text column", [str(c) for c in df.columns], "text", key, start_empty=True, where=where)
+    if choice is None:
+        try:
+            check_columns(df, file_name, text="text")
+        except DataError as err:
+            st.error(f"{err}. Choose the text column to use this file.")
+    return choice
 
 
 def layer_selector(layers: list[str], key: str, *, label: str = "Layer", first: str | None = None, where=st,

@@ -27,6 +27,7 @@ from app_helpers import (
     shared_mode,
     show_figure,
     show_table,
+    text_column_picker,
     zip_directory,
 )
 from osrm_core.constraints import CONSTRAINTS
@@ -226,13 +227,16 @@ def uploaded_tasks(seed: int) -> tuple[list, list[str]]:
             cols = [str(c) for c in df.columns]
             c1, c2, c3, c4, c5 = st.columns(5)
             name = c1.text_input("Task name", value=safe_name(Path(f.name).stem), key=f"home_up_name_{i}")
-            text = column_picker("Text column", cols, "text", f"home_up_text_{i}", where=c2)
+            text = text_column_picker(df, f.name, f"home_up_text_{i}", where=c2)
             # Without a "label" column, the last column (where labels usually are).
             label = column_picker("Label column", cols, "label" if "label" in cols else cols[-1],
                                   f"home_up_label_{i}", where=c3)
             pair = column_picker("Second text (pairs)", cols, "text_pair", f"home_up_pair_{i}", optional=True, where=c4)
             metric = c5.selectbox("Metric", METRICS, key=f"home_up_metric_{i}",
                                   help="how the task is scored: loss is the cross-entropy (lower is better)")
+            if text is None:  # no "text" column: the error is shown until one is chosen
+                errors.append(f.name)
+                continue
             try:
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")

@@ -23,6 +23,7 @@ from app_helpers import (
     shared_mode,
     show_figure,
     show_table,
+    text_column_picker,
     text_task,
     texts_feature_stats,
     uploads_signature,
@@ -208,10 +209,10 @@ for tab, n in zip(st.tabs(names), names):
                 continue
             cols = [str(c) for c in df.columns]
             c1, c2 = st.columns(2)
-            text_col = column_picker("Text column", cols, "text", f"diag_text_col_{n}", where=c1)
+            text_col = text_column_picker(df, csv.name, f"diag_text_col_{n}", where=c1)
             label_col = column_picker("Label column", cols, "label", f"diag_label_col_{n}", optional=True, where=c2)
             st.dataframe(df.head(5), hide_index=True)
-            texts[n] = df[text_col].astype(str).tolist()
+            texts[n] = [] if text_col is None else df[text_col].astype(str).tolist()
             if label_col is not None:
                 labels[n] = df[label_col].tolist()
         else:

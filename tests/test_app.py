@@ -588,6 +588,28 @@ def test_new_run_from_the_home_page_with_an_uploaded_task(tmp_path, monkeypatch)
     assert list(saved.columns) == ["text", "label"] and set(saved["label"]) == set(task.label_names)
 
 
+def test_csv_without_a_text_column_gets_the_command_lines_error(tmp_path):
+    """No silent first column: the library's message (what ``osrm`` prints) until one is chosen."""
+    from osrm_core.data import DataError, load_task
+
+    csv = pd.DataFrame({"sentence": ["good", "bad", "fine", "awful"], "category": ["p", "n", "p", "n"]})
+    (tmp_path / "notext.csv").write_bytes(csv.to_csv(index=False).encode())
+    with pytest.raises(DataError, match=r"column 'text' for text not found; columns are \['sentence', 'category'\]"):
+        load_task("notext", tmp_path / "notext.csv", label="category")
+    at = make_app().run()
+    at.multiselect(key="home_demo_tasks").set_value(["sentiment"])
+    at.file_uploader(key="home_task_files").upload("notext.csv", csv.to_csv(index=False).encode(), "text/csv")
+    at.run()
+    assert_clean(at)
+    assert at.selectbox(key="home_up_text_0").value is None
+    assert any(e.startswith("notext.csv: column 'text' for text not found; columns are ['sentence', 'category']")
+               for e in errors(at)), errors(at)
+    assert at.button(key="home_run").disabled
+    at.selectbox(key="home_up_text_0").set_value("sentence").run()
+    assert not any("for text not found" in e for e in errors(at)), errors(at)
+    assert not at.button(key="home_run").disabled
+
+
 def test_new_run_settings_errors_are_shown():
     at = make_app().run()
     at.text_input(key="home_lambdas").set_value("0.5, lots")
