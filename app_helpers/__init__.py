@@ -20,6 +20,7 @@ from .loaders import (
     sweep_table,
     texts_feature_stats,
 )
+from .notes import rank_caveat
 from .state import (
     RUN_INFO,
     SHARED_NOTE,
@@ -82,6 +83,7 @@ __all__ = [
     "open_run",
     "open_uploaded_run",
     "progress_callbacks",
+    "rank_caveat",
     "ProgressDisplay",
     "duration",
     "sidebar_run",

@@ -46,6 +46,7 @@ from osrm_core.viz import (
     interference_view,
     matrix_range,
     merged_spectrum_figure,
+    overlap_matrix,
     short_layer,
 )
 from osrm_core.workflows import (
@@ -351,10 +352,11 @@ if layer != SUM_OVER_LAYERS:
     overlap = overlap[overlap["layer"] == layer]
 c1, c2 = st.columns(2)
 with c1:
-    m = overlap.pivot_table(index="adapter", columns="data", values="sv_overlap", aggfunc="mean")
+    m = overlap_matrix(overlap, names)  # the order of the other matrices; the diagonal is blank
     at = "mean over layers" if layer == SUM_OVER_LAYERS else where
     show_figure(interference_heatmap(m, title=f"Singular-vector overlap, {at}", value_label="share of ΔW_j",
-                                     zmin=0.0, zmax=1.0),
+                                     zmin=0.0, zmax=1.0, x_title="input directions of adapter i",
+                                     y_title="adapter j"),
                 f"diagnosis_sv_overlap_{at}", "diag_sv_overlap")
 with c2:
     show_figure(merged_spectrum_figure(result["spectra"], None if layer == SUM_OVER_LAYERS else layer,

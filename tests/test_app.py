@@ -315,13 +315,27 @@ def test_interference_layer_select_changes_the_heatmaps(small_run):
     assert len([t for t in own["data"]]) == 2 * len(SMALL_TASKS)
     # Interference during fine-tuning: per adapter, its energy on every task's inputs.
     drift = figure(at, "int_drift_chart")
-    assert len(drift["data"]) == len(SMALL_TASKS) ** 2
-    assert sum(t["line"]["dash"] == "solid" for t in drift["data"]) == len(SMALL_TASKS)
+    lines = [t for t in drift["data"] if t.get("showlegend") is False]
+    assert len(lines) == len(SMALL_TASKS) ** 2
+    assert sum(t["line"]["dash"] == "solid" for t in lines) == len(SMALL_TASKS)
+    legend = [t["name"] for t in drift["data"] if t.get("showlegend") is not False]
+    assert legend == [f"data of {t}" for t in SMALL_TASKS] + ["the panel's own task (solid)", "other tasks (dotted)"]
+    assert not any(c.value.startswith("Note: Different ranks") for c in at.caption)  # one rank in this run
     box = at.selectbox(key="int_drift_init")
     assert set(box.options) == {"standard", "osrm"}
     box.set_value(next(o for o in box.options if o != box.value)).run()
     assert_clean(at)
     assert figure(at, "int_drift_chart")["data"][0]["y"] != drift["data"][0]["y"]
+
+
+def test_rank_caveat_when_inits_differ_in_rank():
+    from app_helpers import rank_caveat
+
+    config = demo_config(quick=True)  # standard at rank 8, osrm_gen at rank 32
+    assert config.for_init("standard").rank != config.for_init("osrm_gen").rank
+    note = rank_caveat(config, ["standard", "osrm_gen"])
+    assert note.startswith("Different ranks (standard rank 8, osrm_gen rank 32)")
+    assert rank_caveat(config, ["standard"]) is None
 
 
 def test_angles_page_layer_and_statistic(small_run):
