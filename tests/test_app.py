@@ -439,6 +439,12 @@ def test_diagnosis_of_uploaded_adapters(small_run):
     kept = at.session_state["diag_result"]["posthoc"]
     assert len(kept) == 2 * 12 and ((kept["energy_kept"] > 0) & (kept["energy_kept"] <= 1 + 1e-9)).all()
     assert figure(at, "diag_kept_chart")["data"]
+    # The data-free overlap: blank diagonal, named axes, the adapters in the page's order.
+    overlap = figure(at, "diag_sv_overlap_chart")
+    cells = [c for row in overlap["data"][0]["text"] for c in row]
+    assert "nan" not in " ".join(cells).lower() and cells.count("") == 2
+    assert overlap["layout"]["xaxis"]["title"]["text"] == "input directions of adapter i"
+    assert list(overlap["data"][0]["x"]) == list(up_fig["data"][0]["x"]) == ["sentiment", "topic"]
     # The projection onto the OSRM subspaces cuts the cross-task input interference.
     table = at.session_state["diag_result"]["interference"]
     cross = table[table["adapter"] != table["data"]].groupby("init")["input_energy"].sum()
@@ -487,15 +493,37 @@ def test_diagnosis_advice_with_labelled_csvs_fills_the_merge_form(small_run):
     score_fig = figure(at, "diag_adv_score_chart")
     assert score_fig["data"] and any(t.get("error_y") for t in score_fig["data"])
     assert figure(at, "diag_adv_norm_chart")["data"]
-    # The recommendation fills the merge form.
+    # The chart labels its candidates and names the chosen one (and the best held-out one).
+    assert score_fig["layout"]["xaxis"].get("showticklabels") is not False
+    notes = [a["text"] for a in score_fig["layout"]["annotations"]]
+    assert any(n.startswith("★ chosen (best validation)") for n in notes), notes
+    # The recommendation fills the merge form, with the sentence's lambda and weights.
     rec = advice.recommended
     assert at.selectbox(key="diag_merge_method").value == rec["method"]
-    assert at.text_input(key="diag_merge_weights").value == ", ".join(f"{w:g}" for w in rec["weights"])
+    lam = at.number_input(key="diag_merge_lambda").value
+    weights = [float(w) for w in at.text_input(key="diag_merge_weights").value.split(",")]
+    what = advice.reason.split(":")[0]  # "ties (density 0.5), lambda 1.3" or "..., weights 1.3/0.9"
+    if ", lambda " in what:
+        assert lam == pytest.approx(float(what.rsplit(", lambda ", 1)[1])) and set(weights) == {1.0}
+    else:
+        assert lam == 1.0 and weights == pytest.approx([float(w) for w in what.rsplit(", weights ", 1)[1].split("/")],
+                                                         abs=0.051)
+    assert [lam * w for w in weights] == pytest.approx(rec["weights"])  # the same merge
     if rec["density"] is not None:
         assert at.number_input(key="diag_merge_density").value == pytest.approx(rec["density"])
     at.button(key="diag_merge_button").click().run()
     assert_clean(at)
     assert at.session_state["diag_merged"]["name"] == f"merged_{rec['method']}_uploaded"
+    # TIES is full rank: the form warns of the rank and size it writes, and truncates on request.
+    at.selectbox(key="diag_merge_method").set_value("ties").run()
+    assert any(w.value.startswith("This merge writes rank 384 per layer, about") and "truncation rank" in w.value
+               for w in at.warning), [w.value for w in at.warning]
+    at.number_input(key="diag_merge_rank").set_value(8).run()
+    assert any(c.value.startswith("This merge writes rank 8 per layer") for c in at.caption)
+    at.button(key="diag_merge_button").click().run()
+    assert_clean(at)
+    with zipfile.ZipFile(io.BytesIO(at.session_state["diag_merged"]["zip"])) as zf:
+        assert json.loads(zf.read("merged_ties_uploaded/adapter_config.json"))["r"] == 8
     # Bad weights: one error line, the page keeps working.
     at.text_input(key="diag_merge_weights").set_value("1, x").run()
     at.button(key="diag_merge_button").click().run()

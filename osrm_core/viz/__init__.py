@@ -10,7 +10,7 @@ task so that the same thing has the same colour on every page.
 
 from __future__ import annotations
 
-from .advice import advice_figure
+from .advice import advice_figure, candidate_label
 from .common import (
     INIT_COLORS,
     INIT_DASH,
@@ -62,6 +62,7 @@ from .toy import (
 
 __all__ = [
     "advice_figure",
+    "candidate_label",
     "arm_label",
     "average_choices",
     "edge_notes",
