@@ -121,8 +121,8 @@ SEARCH_GRID = {"task_arithmetic": [0.5], "ties": [0.3, 0.7]}
 
 
 def _search_tasks():
-    from osrm_core.demo import demo_task
     from osrm_core.task_spec import parse_task_spec
+    from osrm_core.demo import demo_task
 
     if all((REAL / t).is_dir() for t in ("sst2", "agnews", "trec")):
         return [parse_task_spec(str(REAL / t), name=t, seed=0) for t in ("sst2", "agnews", "trec")], "sst2, agnews, trec"

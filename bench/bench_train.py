@@ -45,8 +45,8 @@ def _settings(ctx: Context) -> dict:
 
 
 def _task(steps: int):
-    from osrm_core.demo import demo_task
     from osrm_core.task_spec import parse_task_spec
+    from osrm_core.demo import demo_task
 
     if REAL_SST2.is_dir():
         return parse_task_spec(str(REAL_SST2), name="sst2", seed=0), "SST-2 (data/real)"
