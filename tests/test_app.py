@@ -747,3 +747,67 @@ def test_safe_extract_zip_caps_size_and_members(tmp_path):
         safe_extract_zip(big, tmp_path / "y", max_members=1)
     with pytest.raises(ArchiveError, match="not a valid zip"):
         safe_extract_zip(b"nope", tmp_path / "z")
+
+
+# --------------------------------------------------------------------------- study page
+
+
+def test_study_page_counts_the_librarys_variants_and_names_them_for_people(small_run):
+    from app_helpers.study_view import study_plan
+    from osrm_core.settings import RunConfig
+    from osrm_core.study import quick_study_config, variant_name, variants
+
+    config = RunConfig.from_yaml(small_run / "config.yaml")
+    quick = quick_study_config(config)
+    todo = variants(quick)
+    at = make_app(small_run).run()
+    at.switch_page("pages/7_Study.py").run()
+    assert_clean(at)
+    assert any(c.value.startswith(f"{len(todo)} variants, ") for c in at.caption), [c.value for c in at.caption]
+    listed = next(m.value for m in at.markdown if m.value.startswith("- "))
+    assert len(listed.splitlines()) == len(todo)
+    names = [variant_name(v, quick.base.train.lr) for v in todo]
+    assert not any(n in listed for n in names)  # no internal ids
+    assert any(i.value.startswith("This run has no study yet") for i in at.info)
+    # Progress messages get the same labels.
+    arms, label = study_plan(quick)
+    assert label(f"statistics 1/{len(todo)}: {names[-1]}") == f"statistics 1/{len(todo)}: {arms[-1]}"
+
+
+def test_the_quick_study_of_a_demo_run_leaves_out_the_pair_task():
+    from osrm_core.study import quick_study_config, variants
+
+    study = quick_study_config(demo_config(quick=True))  # the app's: on the open run's config
+    assert "paraphrase" not in [t.name for t in study.base.tasks]
+    assert len(variants(study)) == 6
+
+
+def test_progress_display_estimates_the_time_left():
+    from app_helpers.widgets import duration, time_left
+
+    assert time_left(60.0, 0.25) == pytest.approx(180.0)
+    assert time_left(1.0, 0.5) is None and time_left(60.0, 0.01) is None  # too early to say
+    assert time_left(60.0, 1.0) == 0.0
+    assert [duration(s) for s in (42, 185, 3725)] == ["42 s", "3 min 05 s", "1 h 02 min"]
+
+
+def test_progress_display_shows_stage_bar_and_time_left():
+    def script():
+        import streamlit as st
+
+        from app_helpers.widgets import ProgressDisplay
+
+        ticks = iter([0.0, 10.0, 60.0])  # start, stage 1, step 5 of 10
+        display = ProgressDisplay("Running x", 2, clock=lambda: next(ticks))
+        display.on_stage("train standard")
+        display.progress(5, 10, "training")
+        st.session_state["overall"] = display.overall()
+
+    at = AppTest.from_function(script).run()
+    assert_clean(at)
+    assert [m.value for m in at.markdown] == ["**Running x**", "Stage 1 of 2: train standard"]
+    assert at.session_state["overall"] == 0.25
+    # 60 s for a quarter of the work: about 3 minutes left.
+    assert [c.value for c in at.caption] == ["1 min 00 s so far · about 3 min 00 s left (rough)"]
+    bar = at.get("progress")[0]
+    assert bar.value == 50 and bar.proto.text == "training (5/10)"
