@@ -123,12 +123,8 @@ IDLE = """() => !document.querySelector('[data-testid="stStatusWidget"]')
     && !document.querySelector('[data-testid="stSkeleton"]')"""
 
 
-#: The cell texts of the heatmap titled "Singular-vector overlap" (plotly draws them as SVG text).
-OVERLAP_CELLS = """() => {
-    const plot = [...document.querySelectorAll('.js-plotly-plot')].find(
-        p => [...p.querySelectorAll('.gtitle')].some(t => t.textContent.includes('Singular-vector overlap')));
-    return plot ? [...plot.querySelectorAll('text.heatmap-label')].map(t => t.textContent) : null;
-}"""
+#: A heatmap's cell texts (plotly.js draws each as SVG text, in a g.heatmap-label or with that class).
+HEATMAP_LABELS = ".heatmap-label text, text.heatmap-label"
 
 
 def _wait_until_idle(page, timeout_ms: int = 90_000) -> None:
@@ -224,8 +220,12 @@ def test_merge_advice_in_chromium(server, browser, small_run, tmp_path):
         page.screenshot(path=str(ARTIFACTS / "advice_1_uploaded.png"), full_page=True)
 
         # The data-free overlap heatmap: its diagonal (an adapter against itself) is blank, not "nan".
-        cells = page.evaluate(OVERLAP_CELLS)
-        assert cells and "nan" not in [c.strip().lower() for c in cells], cells
+        plot = page.locator(".js-plotly-plot").filter(
+            has=page.locator(".gtitle", has_text="Singular-vector overlap")).first
+        plot.scroll_into_view_if_needed()
+        plot.locator(HEATMAP_LABELS).first.wait_for(state="attached", timeout=30_000)
+        cells = plot.locator(HEATMAP_LABELS).all_text_contents()
+        assert len(cells) == 2 and "nan" not in [c.strip().lower() for c in cells], cells  # 2 adapters: 2 cells
 
         page.get_by_role("button", name="Get merge advice").click()
         page.wait_for_selector('[data-testid="stProgress"]', state="attached", timeout=60_000)

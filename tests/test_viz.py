@@ -343,7 +343,7 @@ def test_titles_sit_below_the_toolbar_band():
     also above subplot titles (the drift figure's panels)."""
     fig = viz.interference_heatmap(viz.interference_view(_interference()), title="a long title")
     title = fig.layout.title
-    assert (title.yref, title.y, title.yanchor, title.xanchor) == ("paper", 1, "bottom", "left")
+    assert (title.xref, title.xanchor, title.yref, title.y, title.yanchor) == ("container", "left", "paper", 1, "bottom")
     assert fig.layout.margin.t >= viz.common.MODEBAR_BAND + 30
     drift = pd.DataFrame([{"adapter": a, "data": d, "own": a == d, "step": s, "input_energy": 1.0 + s}
                           for a in TASKS[:2] for d in TASKS[:2] for s in (0, 10)])
