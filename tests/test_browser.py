@@ -295,7 +295,8 @@ def test_csv_without_a_text_column_gets_an_error_in_chromium(server, browser, tm
         page.wait_for_selector('[data-testid="stTabs"]', timeout=120_000)
         _wait_until_idle(page)
         page.get_by_role("tab", name="New run").click()
-        page.locator('[data-testid="stFileUploaderDropzoneInput"]').first.set_input_files(str(csv))
+        uploader = page.locator('[data-testid="stFileUploader"]', has_text="Your own tasks")
+        uploader.locator('[data-testid="stFileUploaderDropzoneInput"]').set_input_files(str(csv))
         error = page.locator('[data-testid="stAlertContentError"]', has_text="column 'text' for text not found")
         error.first.wait_for(timeout=60_000)
         assert "notext.csv: column 'text' for text not found; columns are ['sentence', 'category']" in \
