@@ -36,7 +36,7 @@ from osrm_core.merge import MERGE_METHODS, all_param_specs
 from osrm_core.pipeline import run_experiment
 from osrm_core.settings import ConfigError, RunConfig, demo_config, merge_ready_config, parse_values
 from osrm_core.task_spec import parse_task_spec
-from osrm_core.viz import summary_figure, summary_tables
+from osrm_core.viz import edge_notes, summary_figure, summary_tables
 
 SHARED = shared_mode()
 
@@ -453,6 +453,10 @@ with tab_summary:
             if not best.empty:
                 st.markdown("**Best merged point per method** (highest average normalized score over λ)")
                 show_table(best, "best_merged", "home_best")
+                if config is not None:  # a best lambda at the end of the run's grid may lie beyond it
+                    grid = best[["init", "method"]].merge(pd.DataFrame({"lambda": config.merge.lambdas}), how="cross")
+                    for note in edge_notes(grid, best):
+                        st.caption(f"Note: {note}")
                 show_figure(
                     summary_figure(best, title="Best merged score per method and init"),
                     "best_merged",

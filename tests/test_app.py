@@ -362,6 +362,9 @@ def test_sweep_page_task_density_and_best_point(small_run):
     best = [t for t in fig["data"] if str(t["name"]).startswith("best")]
     assert len(lines) == 4 and len(best) == 4  # 2 inits x 2 methods
     assert all(t["marker"]["symbol"] == "star" for t in best)
+    # Every best point of the small run is at its grid's smallest lambda (0.5 of 0.5, 1): noted.
+    notes = [c.value for c in at.caption if c.value.startswith("Note: ")]
+    assert len(notes) == 4 and all("is the smallest of the grid (0.5 to 1)" in n for n in notes), notes
     at.selectbox(key="sw_task").set_value("topic").run()
     assert_clean(at)
     assert "topic" in figure(at, "sw_fig_chart")["layout"]["yaxis"]["title"]["text"]
@@ -811,3 +814,19 @@ def test_progress_display_shows_stage_bar_and_time_left():
     assert [c.value for c in at.caption] == ["1 min 00 s so far · about 3 min 00 s left (rough)"]
     bar = at.get("progress")[0]
     assert bar.value == 50 and bar.proto.text == "training (5/10)"
+
+
+def test_home_summary_notes_a_best_lambda_at_the_grids_edge(small_run):
+    from osrm_core.rundir import RunDir
+    from osrm_core.viz import edge_notes, summary_tables
+
+    run = RunDir(small_run)
+    _, best = summary_tables(json.loads((small_run / "results" / "summary.json").read_text()))
+    grid = best[["init", "method"]].merge(pd.DataFrame({"lambda": run.config().merge.lambdas}), how="cross")
+    expected = [f"Note: {n}" for n in edge_notes(grid, best)]
+    at = make_app(small_run).run()
+    assert_clean(at)
+    assert [c.value for c in at.caption if c.value.startswith("Note: ")] == expected
+    lams = run.config().merge.lambdas
+    at_edge = best["lambda"].isin([min(lams), max(lams)]).sum() if len(lams) > 1 else 0
+    assert len(expected) == at_edge
