@@ -270,6 +270,17 @@ def test_eigenspectra_widgets_drive_the_figures(small_run):
     assert marked and all(len(arr(t["x"])) == 4 for t in marked)  # r = the run's rank
     heat = figure(at, "eig_eff_chart")
     assert arr(heat["data"][0]["z"]).shape == (6, 3)  # 6 inputs x 3 tasks
+    # The axis ends at the features' width (384), not beyond; the band's note and the warning
+    # say when the r smallest eigenvalues are at numerical zero (the small run has few tokens).
+    width = max(len(arr(t["x"])) for t in lines)
+    assert width == 384 and fig["layout"]["xaxis"]["range"] == [0.5, width + 0.5]
+    from osrm_core.viz import zero_smallest
+
+    spectra = {t["name"]: arr(t["customdata"]) for t in lines}
+    zero = zero_smallest(spectra, 4)
+    band = fig["layout"]["annotations"][0]["text"]
+    assert band == "4 smallest (OSRM)" + (": numerically zero" if zero else "")
+    assert any(w.value.startswith("At numerical zero") for w in at.warning) == bool(zero)
 
     layer = at.selectbox(key="eig_layer")
     layer.set_value(layer.options[3]).run()
