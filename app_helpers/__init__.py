@@ -20,6 +20,7 @@ from .loaders import (
     sweep_table,
     texts_feature_stats,
 )
+from .notes import rank_caveat
 from .state import (
     RUN_INFO,
     SHARED_NOTE,
@@ -34,6 +35,7 @@ from .state import (
     session_tmp,
     shared_config_problem,
     shared_mode,
+    sidebar_run,
 )
 from .uploads import (
     adapter_zip,
@@ -48,13 +50,16 @@ from .uploads import (
 )
 from .widgets import (
     NONE,
+    ProgressDisplay,
     column_picker,
     download,
+    duration,
     layer_selector,
     merge_param_widgets,
     progress_callbacks,
     show_figure,
     show_table,
+    text_column_picker,
 )
 
 __all__ = [
@@ -78,6 +83,10 @@ __all__ = [
     "open_run",
     "open_uploaded_run",
     "progress_callbacks",
+    "rank_caveat",
+    "ProgressDisplay",
+    "duration",
+    "sidebar_run",
     "read_hub_adapters",
     "read_uploaded_adapters",
     "real_model_comparison",
@@ -97,6 +106,7 @@ __all__ = [
     "show_table",
     "stop_on_damage",
     "sweep_table",
+    "text_column_picker",
     "text_task",
     "texts_feature_stats",
     "uploads_signature",

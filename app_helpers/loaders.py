@@ -189,7 +189,11 @@ def rest_spectrum(run: RunDir, task: str, moment: str = "second_moment") -> dict
         stop_on_damage(err)
 
 
-@st.cache_resource(show_spinner="Loading the base model ...", max_entries=2)
+@st.cache_resource(
+    show_spinner="Loading the base model (once per server: about 4 s for the packaged MiniLM, longer for a "
+                 "large model or a download) ...",
+    max_entries=2,
+)
 def _base_model(name: str | None):
     from osrm_core.models import load_base_model
 

@@ -116,6 +116,7 @@ def open_run(path: str | Path) -> RunDir:
         raise ValueError(f"{str(path)!r} is not a run directory: it has no config.yaml")
     run.config()  # a damaged config fails here, with the field named
     st.session_state["run_path"] = str(run.path.resolve())
+    _refresh_sidebar_run()
     return run
 
 
@@ -178,3 +179,29 @@ def open_uploaded_run(data: bytes, filename: str) -> RunDir:
     dest = Path(tempfile.mkdtemp(prefix=safe_name(Path(filename).stem, "run") + "-", dir=base))
     safe_extract_zip(data, dest)
     return open_run(find_root_with(dest, "config.yaml"))
+
+
+
+def sidebar_run(where) -> None:
+    """The sidebar's "Open run" block, drawn into ``where`` (a slot that :func:`open_run` fills
+    again when a page opens a run, so the sidebar names it in the same script run)."""
+    st.session_state["_osrm_sidebar_slot"] = where
+    _draw_sidebar_run(where, "home_close")
+
+
+def _draw_sidebar_run(where, key: str) -> None:
+    run = current_run()
+    with where.container():
+        st.markdown("**Open run**")
+        if run is None:
+            st.caption("none")
+        else:
+            st.code(str(run.path), language=None)
+            st.button("Close this run", key=key, on_click=close_run)
+
+
+def _refresh_sidebar_run() -> None:
+    slot = st.session_state.get("_osrm_sidebar_slot")
+    if slot is not None:
+        # A second key: the first button of this script run may already hold "home_close".
+        _draw_sidebar_run(slot, "home_close_opened")

@@ -162,14 +162,20 @@ class TaskData:
 # --------------------------------------------------------------------------- tables
 
 
-def _split_from_frame(
-    df: pd.DataFrame, *, text: str, label: str | None, text_pair: str | None, where: str
-) -> tuple[list[str], np.ndarray | None, list[str] | None]:
-    for role, column in (("text", text), ("label", label), ("text_pair", text_pair)):
+def check_columns(df: pd.DataFrame, where: str, **roles: str | None) -> None:
+    """DataError naming the first of ``roles`` (``text="text"``, ...) whose column ``df`` lacks:
+    the message of the command line, which the app shows too."""
+    for role, column in roles.items():
         if column is not None and column not in df.columns:
             raise DataError(
                 f"{where}: column {column!r} for {role} not found; columns are {list(df.columns)}"
             )
+
+
+def _split_from_frame(
+    df: pd.DataFrame, *, text: str, label: str | None, text_pair: str | None, where: str
+) -> tuple[list[str], np.ndarray | None, list[str] | None]:
+    check_columns(df, where, text=text, label=label, text_pair=text_pair)
     if len(df) == 0:
         raise DataError(f"{where}: no rows")
     texts = df[text].fillna("").astype(str)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -11,13 +10,12 @@ import streamlit as st
 
 from app_helpers import (
     ArchiveError,
-    column_picker,
+    ProgressDisplay,
     current_run,
     download,
     list_runs,
     open_run,
     open_uploaded_run,
-    progress_callbacks,
     run_problems,
     run_summary,
     runs_root,
@@ -29,8 +27,8 @@ from app_helpers import (
     show_table,
     zip_directory,
 )
+from app_helpers.home_tasks import uploaded_tasks
 from osrm_core.constraints import CONSTRAINTS
-from osrm_core.data import METRICS, DataError, from_dataframes, read_table
 from osrm_core.demo import DEMO_TASKS
 from osrm_core.inits import INITS
 from osrm_core.lock import DirLock
@@ -38,7 +36,7 @@ from osrm_core.merge import MERGE_METHODS, all_param_specs
 from osrm_core.pipeline import run_experiment
 from osrm_core.settings import ConfigError, RunConfig, demo_config, merge_ready_config, parse_values
 from osrm_core.task_spec import parse_task_spec
-from osrm_core.viz import summary_figure, summary_tables
+from osrm_core.viz import edge_notes, summary_figure, summary_tables
 
 SHARED = shared_mode()
 
@@ -202,65 +200,6 @@ with tab_open:
 
 # --------------------------------------------------------------------------- new run
 
-
-def uploaded_tasks(seed: int) -> tuple[list, list[str]]:
-    """The tasks of the uploaded files (TaskData), with their column mapping widgets."""
-    files = st.file_uploader(
-        "Your own tasks: one CSV or JSONL file per task (split 80/20 into train and test)",
-        type=["csv", "jsonl", "json"],
-        accept_multiple_files=True,
-        key="home_task_files",
-    )
-    tasks, errors = [], []
-    for i, f in enumerate(files or []):
-        with st.expander(f"Task from {f.name}", expanded=True):
-            try:
-                fmt = "csv" if f.name.lower().endswith(".csv") else "jsonl"
-                df = read_table(f.getvalue(), fmt=fmt)
-            except DataError as err:
-                st.error(f"{f.name}: {err}")
-                errors.append(f.name)
-                continue
-            st.dataframe(df.head(8), hide_index=True)
-            st.caption(f"{len(df)} rows, columns: {', '.join(map(str, df.columns))}")
-            cols = [str(c) for c in df.columns]
-            c1, c2, c3, c4, c5 = st.columns(5)
-            name = c1.text_input("Task name", value=safe_name(Path(f.name).stem), key=f"home_up_name_{i}")
-            text = column_picker("Text column", cols, "text", f"home_up_text_{i}", where=c2)
-            # Without a "label" column, the last column (where labels usually are).
-            label = column_picker("Label column", cols, "label" if "label" in cols else cols[-1],
-                                  f"home_up_label_{i}", where=c3)
-            pair = column_picker("Second text (pairs)", cols, "text_pair", f"home_up_pair_{i}", optional=True, where=c4)
-            metric = c5.selectbox("Metric", METRICS, key=f"home_up_metric_{i}",
-                                  help="how the task is scored: loss is the cross-entropy (lower is better)")
-            try:
-                with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always")
-                    task = from_dataframes(
-                        safe_name(name),
-                        df,
-                        None,
-                        text=text,
-                        label=label,
-                        text_pair=pair,
-                        metric=metric,
-                        seed=seed,
-                    )
-            except DataError as err:
-                st.error(f"{f.name}: {err}")
-                errors.append(f.name)
-                continue
-            for w in caught:
-                if issubclass(w.category, UserWarning):
-                    st.warning(f"{f.name}: {w.message}")
-            st.caption(
-                f"Task {task.name!r}: {len(task.train)} train, {len(task.test)} test examples, "
-                f"labels {', '.join(task.label_names)}"
-            )
-            tasks.append(task)
-    return tasks, errors
-
-
 with tab_new:
     p1, p2, p3, _ = st.columns([1, 1, 1, 2])
     p1.button(
@@ -269,7 +208,8 @@ with tab_new:
         on_click=apply_preset,
         args=(demo_config(quick=True),),
         help="demo_config(quick=True): four demo tasks, 80 steps, standard LoRA (rank 8) against osrm_gen with "
-             "A frozen at rank 32; a few minutes on a CPU",
+             "A frozen at rank 32. Measured: 17.5 minutes on a 2-core CPU that was busy with other work "
+             "(issue 23); less on a quiet machine or a GPU. The run shows its time left as it goes",
     )
     p2.button(
         "Full demo preset",
@@ -432,26 +372,24 @@ with tab_new:
         "Run the pipeline", type="primary", key="home_run", disabled=config is None or bool(task_errors)
     )
     if start and config is not None:
-        n_stages = 2 + 2 * len(config.inits)
-        with st.status(f"Running {config.name} ...", expanded=True) as status:
-            progress, on_stage = progress_callbacks(status, n_stages)
-            try:
-                with DirLock(out_dir):  # the task files too: another writer stops before any file
-                    tasks = None
-                    if own_tasks:
-                        # The pipeline gets every task as data; uploaded ones are saved so the
-                        # config's spec can load them again (resume, command line).
-                        for task in own_tasks:
-                            save_task_dir(task, out_dir / "data" / task.name)
-                        tasks = [parse_task_spec(f"demo:{k}", name=k, seed=config.seed) for k in demo_keys] + own_tasks
-                    run_experiment(config, out_dir, progress=progress, on_stage=on_stage, tasks=tasks)
-            except (ValueError, OSError, RuntimeError) as err:
-                status.update(label=f"The run stopped: {err}", state="error")
-                st.error(str(err))
-            else:
-                status.update(label=f"Finished {config.name}", state="complete")
-                run = open_run(out_dir)
-                st.success(f"Finished and opened {out_dir}; see the summary tab and the pages.")
+        display = ProgressDisplay(f"Running {config.name}", 2 + 2 * len(config.inits))
+        try:
+            with DirLock(out_dir):  # the task files too: another writer stops before any file
+                tasks = None
+                if own_tasks:
+                    # The pipeline gets every task as data; uploaded ones are saved so the
+                    # config's spec can load them again (resume, command line).
+                    for task in own_tasks:
+                        save_task_dir(task, out_dir / "data" / task.name)
+                    tasks = [parse_task_spec(f"demo:{k}", name=k, seed=config.seed) for k in demo_keys] + own_tasks
+                run_experiment(config, out_dir, progress=display.progress, on_stage=display.on_stage, tasks=tasks)
+        except (ValueError, OSError, RuntimeError) as err:
+            display.finish(f"The run stopped: {err}", ok=False)
+            st.error(str(err))
+        else:
+            display.finish(f"Finished {config.name}")
+            open_run(out_dir)  # the sidebar names it now
+            st.success(f"Finished and opened {out_dir}; see the summary tab and the pages.")
 
 # --------------------------------------------------------------------------- summary
 
@@ -499,16 +437,15 @@ with tab_summary:
             if problem:
                 st.error(f"This run cannot be resumed here: {problem}")
             elif config is not None and st.button("Resume this run", key="home_resume"):
-                with st.status(f"Resuming {config.name} ...", expanded=True) as status:
-                    progress, on_stage = progress_callbacks(status, 2 + 2 * len(config.inits))
-                    try:
-                        run_experiment(config, run.path, progress=progress, on_stage=on_stage)
-                    except (ValueError, OSError, RuntimeError) as err:
-                        status.update(label=f"The run stopped: {err}", state="error")
-                        st.error(str(err))
-                    else:
-                        status.update(label="Finished", state="complete")
-                        st.rerun()
+                display = ProgressDisplay(f"Resuming {config.name}", 2 + 2 * len(config.inits))
+                try:
+                    run_experiment(config, run.path, progress=display.progress, on_stage=display.on_stage)
+                except (ValueError, OSError, RuntimeError) as err:
+                    display.finish(f"The run stopped: {err}", ok=False)
+                    st.error(str(err))
+                else:
+                    display.finish(f"Finished {config.name}")
+                    st.rerun()
         else:
             single, best = summary_tables(summary)
             st.markdown("**Single-task scores** (each task with only its own adapter)")
@@ -516,6 +453,10 @@ with tab_summary:
             if not best.empty:
                 st.markdown("**Best merged point per method** (highest average normalized score over λ)")
                 show_table(best, "best_merged", "home_best")
+                if config is not None:  # a best lambda at the end of the run's grid may lie beyond it
+                    grid = best[["init", "method"]].merge(pd.DataFrame({"lambda": config.merge.lambdas}), how="cross")
+                    for note in edge_notes(grid, best):
+                        st.caption(f"Note: {note}")
                 show_figure(
                     summary_figure(best, title="Best merged score per method and init"),
                     "best_merged",

@@ -7,7 +7,12 @@ import pandas as pd
 import streamlit as st
 
 from app_helpers import require_run, rest_spectrum, run_spectra, show_figure, show_table
-from osrm_core.viz import cumulative_energy_figure, effective_rank_heatmap, eigenspectrum_figure
+from osrm_core.viz import (
+    cumulative_energy_figure,
+    effective_rank_heatmap,
+    eigenspectrum_figure,
+    zero_smallest,
+)
 
 st.title("Eigenspectra")
 run = require_run()
@@ -52,6 +57,15 @@ if not spectra:
     st.info("Choose at least one task.")
     st.stop()
 
+zero = zero_smallest(spectra, rank)
+if zero:
+    st.warning(
+        "At numerical zero (below 1e-12 of the largest eigenvalue): "
+        + ", ".join(f"{n} of the {rank} smallest of {name}" for name, n in zero.items())
+        + ". No token of the sample has energy there (fewer tokens than dimensions, or rank-deficient "
+        "features), so OSRM's choice among these directions is arbitrary; more samples for the statistics "
+        "make it meaningful."
+    )
 left, right = st.columns(2)
 with left:
     show_figure(

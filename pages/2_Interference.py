@@ -5,7 +5,15 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app_helpers import drift_table, layer_selector, require_run, result_table, show_figure, show_table
+from app_helpers import (
+    drift_table,
+    layer_selector,
+    rank_caveat,
+    require_run,
+    result_table,
+    show_figure,
+    show_table,
+)
 from osrm_core.viz import (
     INTERFERENCE_VALUES,
     SUM_OVER_LAYERS,
@@ -58,6 +66,9 @@ for col, (init, m) in zip(cols, matrices.items()):
         )
         show_figure(fig, f"interference_{init}_{value}_{where}", f"int_heat_{init}")
         show_table(m.reset_index(), f"interference_{init}_{value}_{where}", f"int_tab_{init}")
+caveat = rank_caveat(run.config(), list(matrices))
+if caveat:
+    st.caption(f"Note: {caveat}")
 compared = [i for i in matrices if i != "standard"] if "standard" in matrices else []
 for col, init in zip(st.columns(max(len(compared), 1)), compared):
     ratio = off_diagonal_sum(matrices[init]) / max(off_diagonal_sum(matrices["standard"]), 1e-300)
@@ -112,6 +123,9 @@ else:
         key="int_drift_value",
     )
     shown = drift[drift["init"] == drift_init]
+    drift_caveat = rank_caveat(run.config(), list(dict.fromkeys(drift["init"])))
+    if drift_caveat:
+        st.caption(f"Comparing inits here: {drift_caveat}")
     show_figure(
         drift_figure(shown, y=drift_value, title=f"Energy on each task's inputs during fine-tuning ({drift_init})"),
         f"drift_{drift_init}",

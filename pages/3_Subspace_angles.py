@@ -68,7 +68,10 @@ if "adapter-data" in kinds:
                 f"angles_adapter_{init}_{stat}_{where}",
                 f"ang_ad_heat_{init}",
             )
-    cross = st.checkbox("Only other tasks' data (a ≠ b) in the line chart", value=True, key="ang_cross")
+    c1, c2 = st.columns(2)
+    cross = c1.checkbox("Only other tasks' data (adapter ≠ data) in the line chart", value=True, key="ang_cross")
+    every = c2.checkbox("Every pair as its own line (else the mean per init with a band)", value=False,
+                        key="ang_every_pair")
     rows = table[table["kind"] == "adapter-data"]
     if shown and "init" in rows.columns:
         rows = rows[rows["init"].isin(shown)]
@@ -76,7 +79,7 @@ if "adapter-data" in kinds:
         rows = rows[rows["a"] != rows["b"]]
     if not rows.empty:
         show_figure(
-            angle_figure(rows, stat, "adapter-data", title="Adapter vs data over layers"),
+            angle_figure(rows, stat, "adapter-data", title="Adapter vs data over layers", aggregate=not every),
             f"angles_adapter_{stat}_layers",
             "ang_ad_lines",
         )

@@ -6,7 +6,7 @@ from __future__ import annotations
 import streamlit as st
 
 from app_helpers import require_run, show_figure, show_table, sweep_table
-from osrm_core.viz import metric_label, sweep_best, sweep_curves, sweep_figure
+from osrm_core.viz import average_choices, edge_notes, metric_label, sweep_best, sweep_curves, sweep_figure
 
 st.title("Lambda sweep")
 run = require_run()
@@ -20,22 +20,24 @@ st.markdown(
     "The normalized score divides a task's merged score by its single-task score (1 = no loss "
     "from merging). The star marks each curve's best λ."
 )
-AVERAGE = "average over tasks"
 inits = list(dict.fromkeys(sweep["init"]))
 methods = list(dict.fromkeys(sweep["method"]))
 tasks = list(dict.fromkeys(sweep["task"]))
-c1, c2, c3 = st.columns(3)
-shown_inits = c1.multiselect("Inits", inits, default=inits, key="sw_inits")
-shown_methods = c2.multiselect("Methods", methods, default=methods, key="sw_methods")
-task = c3.selectbox("Task", [AVERAGE, *tasks], key="sw_task")
-c1, c2 = st.columns(2)
-y = c1.radio(
+y = st.radio(
     "Score",
     ["normalized", "score"],
     horizontal=True,
     key="sw_y",
     format_func={"normalized": "normalized (merged / single)", "score": "raw metric"}.get,
+    help="Raw scores of different metrics (accuracy, MCC ...) are averaged per metric only",
 )
+c1, c2, c3 = st.columns(3)
+shown_inits = c1.multiselect("Inits", inits, default=inits, key="sw_inits")
+shown_methods = c2.multiselect("Methods", methods, default=methods, key="sw_methods")
+averages = average_choices(sweep, y)
+task = c3.selectbox("Task", [*averages, *tasks], key="sw_task")
+task_arg, metric_arg = averages.get(task, (task, None))
+c1, c2 = st.columns(2)
 densities = sorted(float(d) for d in sweep["density"].dropna().unique()) if "density" in sweep else []
 density = None
 if len(densities) > 1:
@@ -48,14 +50,16 @@ rows = sweep[sweep["init"].isin(shown_inits) & sweep["method"].isin(shown_method
 if rows.empty:
     st.info("Choose at least one init and one method.")
     st.stop()
-task_arg = None if task == AVERAGE else task
-fig = sweep_figure(rows, task=task_arg, y=y, density=density, title=f"{y} vs lambda ({task})")
+fig = sweep_figure(rows, task=task_arg, y=y, density=density, metric=metric_arg, title=f"{y} vs lambda ({task})")
 show_figure(fig, f"sweep_{y}_{task}", "sw_fig")
 
-curves = sweep_curves(rows, task=task_arg, y=y, density=density)
-metric, lower = metric_label(rows, task_arg)
+curves = sweep_curves(rows, task=task_arg, y=y, density=density, metric=metric_arg)
+metric, lower = metric_label(rows if metric_arg is None else rows[rows["metric"] == metric_arg], task_arg)
 st.subheader(f"Best point per init and method ({metric}, {'lowest' if lower else 'highest'} {y})")
-show_table(sweep_best(curves, y, lower_is_better=lower), f"sweep_best_{y}_{task}", "sw_best")
+best = sweep_best(curves, y, lower_is_better=lower)
+for note in edge_notes(curves, best):
+    st.caption(f"Note: {note}")
+show_table(best, f"sweep_best_{y}_{task}", "sw_best")
 with st.expander("Curves (table)"):
     show_table(curves, f"sweep_curves_{y}_{task}", "sw_curves")
 with st.expander("Full sweep (every task and grid point)"):

@@ -8,6 +8,7 @@ import pandas as pd
 import streamlit as st
 
 from app_helpers import (
+    ProgressDisplay,
     adapter_zip,
     base_model,
     column_picker,
@@ -17,18 +18,19 @@ from app_helpers import (
     layer_selector,
     merge_param_widgets,
     merged_adapter_zip,
-    progress_callbacks,
     read_hub_adapters,
     read_uploaded_adapters,
     shared_mode,
     show_figure,
     show_table,
+    text_column_picker,
     text_task,
     texts_feature_stats,
     uploads_signature,
 )
+from app_helpers.advice_view import form_values, show_advice, size_note, weights_text
 from osrm_core.adapters import num_labels_of, union_layers
-from osrm_core.advise import ADVISE_BUDGET, ADVISE_LAMBDAS, ADVISE_METHODS, advise, grid_table, layer_notes
+from osrm_core.advise import ADVISE_BUDGET, ADVISE_LAMBDAS, ADVISE_METHODS, advise, layer_notes
 from osrm_core.data import MAX_DATA_BYTES, DataError, read_table
 from osrm_core.demo import DEMO_TASKS, demo_task
 from osrm_core.diagnostics import layer_verdicts
@@ -37,7 +39,6 @@ from osrm_core.settings import ConfigError
 from osrm_core.viz import (
     INTERFERENCE_VALUES,
     SUM_OVER_LAYERS,
-    advice_figure,
     angle_heatmap,
     angle_matrix,
     energy_kept_figure,
@@ -45,6 +46,7 @@ from osrm_core.viz import (
     interference_view,
     matrix_range,
     merged_spectrum_figure,
+    overlap_matrix,
     short_layer,
 )
 from osrm_core.workflows import (
@@ -208,10 +210,10 @@ for tab, n in zip(st.tabs(names), names):
                 continue
             cols = [str(c) for c in df.columns]
             c1, c2 = st.columns(2)
-            text_col = column_picker("Text column", cols, "text", f"diag_text_col_{n}", where=c1)
+            text_col = text_column_picker(df, csv.name, f"diag_text_col_{n}", where=c1)
             label_col = column_picker("Label column", cols, "label", f"diag_label_col_{n}", optional=True, where=c2)
             st.dataframe(df.head(5), hide_index=True)
-            texts[n] = df[text_col].astype(str).tolist()
+            texts[n] = [] if text_col is None else df[text_col].astype(str).tolist()
             if label_col is not None:
                 labels[n] = df[label_col].tolist()
         else:
@@ -350,10 +352,11 @@ if layer != SUM_OVER_LAYERS:
     overlap = overlap[overlap["layer"] == layer]
 c1, c2 = st.columns(2)
 with c1:
-    m = overlap.pivot_table(index="adapter", columns="data", values="sv_overlap", aggfunc="mean")
+    m = overlap_matrix(overlap, names)  # the order of the other matrices; the diagonal is blank
     at = "mean over layers" if layer == SUM_OVER_LAYERS else where
     show_figure(interference_heatmap(m, title=f"Singular-vector overlap, {at}", value_label="share of ΔW_j",
-                                     zmin=0.0, zmax=1.0),
+                                     zmin=0.0, zmax=1.0, x_title="input directions of adapter i",
+                                     y_title="adapter j"),
                 f"diagnosis_sv_overlap_{at}", "diag_sv_overlap")
 with c2:
     show_figure(merged_spectrum_figure(result["spectra"], None if layer == SUM_OVER_LAYERS else layer,
@@ -377,7 +380,7 @@ def prefill_merge_form(method: str, lam: float, weights: list[float], params: di
     ss["diag_merge_source"] = "uploaded"
     ss["diag_merge_method"] = method
     ss["diag_merge_lambda"] = float(lam)
-    ss["diag_merge_weights"] = ", ".join(f"{w:g}" for w in weights)
+    ss["diag_merge_weights"] = weights_text(weights)
     for spec in MERGE_METHODS[method].param_specs():  # the widgets of merge_param_widgets
         if params.get(spec.name) is not None and not pd.isna(params[spec.name]):
             ss[f"diag_merge_{spec.name}"] = params[spec.name]
@@ -386,19 +389,18 @@ def prefill_merge_form(method: str, lam: float, weights: list[float], params: di
 def advise_merge(methods: list[str], lambdas: list[float], budget: int) -> None:
     """The merge advisor on the sample texts (validation search, held-out report)."""
     tasks = [text_task(n, texts[n], None if causal else labels[n]) for n in names]
-    with st.status("Searching ...", expanded=True) as status:
-        progress, on_stage = progress_callbacks(status, n_stages=6)
-        # the search writes merged weights in place: a private model
-        search_model, _ = load_base_for(adapters, model_name) if causal else fresh_model(model_name)
-        advice = advise(
-            search_model, tokenizer, adapters, tasks, methods=methods, lambdas=lambdas, budget=budget,
-            max_length=int(max_length), progress=progress, on_stage=on_stage,
-        )
-        status.update(label=f"Advice ready: {advice.evaluations} evaluations in {advice.seconds:.1f} s",
-                      state="complete")
+    display = ProgressDisplay("Searching for the best merge", 6)
+    # the search writes merged weights in place: a private model
+    search_model, _ = load_base_for(adapters, model_name) if causal else fresh_model(model_name)
+    advice = advise(
+        search_model, tokenizer, adapters, tasks, methods=methods, lambdas=lambdas, budget=budget,
+        max_length=int(max_length), progress=display.progress, on_stage=display.on_stage,
+    )
+    display.finish(f"Advice ready: {advice.evaluations} evaluations in {advice.seconds:.1f} s")
     ss["diag_advice"] = {"key": key, "advice": advice}
     rec = advice.recommended
-    prefill_merge_form(rec["method"], 1.0, rec["weights"], {"density": rec["density"]})
+    lam, weights = form_values(rec)  # as the sentence says it: "lambda 1.3" is λ 1.3 with weights 1
+    prefill_merge_form(rec["method"], lam, weights, {"density": rec["density"]})
 
 
 st.subheader("Merge advice")
@@ -438,38 +440,7 @@ if st.button("Get merge advice", key="diag_advise_button", type="primary"):
         st.error(str(err))
 advised = ss.get("diag_advice")
 if advised is not None and advised["key"] == key:
-    advice = advised["advice"]
-    summary = advice.summary.assign(recommended=advice.summary["candidate"] == advice.recommended["candidate"])
-    st.success(f"Recommended: {advice.reason}")
-    c1, c2 = st.columns(2)
-    with c1:
-        show_figure(
-            advice_figure(summary, y="score", title="Held-out score (absolute)"), "advice_score", "diag_adv_score"
-        )
-    with c2:
-        show_figure(
-            advice_figure(summary, y="normalized", title="Held-out score / single-task score"),
-            "advice_normalized",
-            "diag_adv_norm",
-        )
-    show_table(
-        summary.sort_values("score", ascending=advice.lower_is_better)[
-            ["method", "density", "weights", "origin", "validation", "score", "low", "high", "normalized"]
-        ],
-        "advice_candidates",
-        "diag_adv_table",
-    )
-    with st.expander("The search on the validation share"):
-        st.caption("Validation score of each grid point: rows are method and density, columns λ.")
-        show_table(grid_table(advice.search), "advice_grid", "diag_adv_grid")
-    st.caption(
-        f"{advice.evaluations} evaluations in {advice.seconds:.1f} s. Held-out texts per task: "
-        + ", ".join(f"{n} {len(s['heldout'])}" for n, s in advice.shares.items())
-        + ". Single-task scores (held-out): "
-        + ", ".join(
-            f"{r.task} {r.score:.3f}" for r in advice.single[advice.single["share"] == "heldout"].itertuples()
-        )
-    )
+    show_advice(advised["advice"])
 
 # --------------------------------------------------------------------------- merged adapter
 
@@ -480,20 +451,24 @@ st.caption(
     "Adapter i enters the merge as w_i ΔW_i and λ scales the result."
 )
 ss.setdefault("diag_merge_lambda", 1.0)
-ss.setdefault("diag_merge_weights", ", ".join(["1"] * len(names)))
+ss.setdefault("diag_merge_weights", weights_text([1] * len(names)))
 c1, c2, c3, c4 = st.columns(4)
 source = c1.radio("Adapters", ["uploaded", "posthoc_osrm"], format_func=titles.get, key="diag_merge_source")
 method = c2.selectbox("Method", list(MERGE_METHODS), key="diag_merge_method")
 lam = c3.number_input("λ", 0.01, 10.0, step=0.05, key="diag_merge_lambda")
 weights_text = c4.text_input(f"Weights ({', '.join(names)})", key="diag_merge_weights")
 params = merge_param_widgets(method, "diag_merge")
+truncate = st.number_input("Truncate to rank (0: exact, the rank the merge needs)", 0, 4096, 0, step=8,
+                           key="diag_merge_rank") or None
+note, warn = size_note(adapters, method, truncate)
+(st.warning if warn else st.caption)(note)
 if st.button("Build the merged adapter", key="diag_merge_button"):
     chosen = adapters if source == "uploaded" else result["projected"]
     name = f"merged_{method}_{source}"
     try:
         weights = numbers(weights_text, "weights")
         ss["diag_merged"] = {"key": key, "name": name, "zip": merged_adapter_zip(
-            chosen, name, method, lam=float(lam), weights=weights, stats=stats, **params)}
+            chosen, name, method, lam=float(lam), weights=weights, stats=stats, rank=truncate, **params)}
     except ValueError as err:
         st.error(str(err))
 built = ss.get("diag_merged")

@@ -6,13 +6,14 @@ from __future__ import annotations
 import streamlit as st
 
 from app_helpers import (
-    progress_callbacks,
+    ProgressDisplay,
     require_run,
     shared_config_problem,
     show_figure,
     show_table,
     stop_on_damage,
 )
+from app_helpers.study_view import study_plan
 from osrm_core.study import find_studies, load_study_tables, quick_study_config, run_study, seed_mean_curves
 from osrm_core.viz import study_curve_figure
 
@@ -28,29 +29,37 @@ st.markdown(
 
 with st.expander("Run a quick study on this run's tasks"):
     quick = quick_study_config(run.config())
+    arms, label = study_plan(quick)
     st.caption(
-        f"{len(quick.inits) + len(quick.variants)} arms (inits: {', '.join(quick.inits)}"
-        + "".join(f"; {v.init} with {v.constraint} at rank {v.rank or quick.base.rank}" for v in quick.variants)
-        + f") × {len(quick.seeds)} seeds, {quick.base.train.steps} steps each; "
-        f"written to {run.path / 'studies' / quick.name}. Resumes where it stopped."
+        f"{len(arms)} variants, {quick.base.train.steps} steps each, on "
+        f"{', '.join(t.name for t in quick.base.tasks)}; written to {run.path / 'studies' / quick.name}. "
+        "Resumes where it stopped."
     )
+    st.markdown("\n".join(f"- {arm}" for arm in arms))
+    if len(quick.base.tasks) < len(run.config().tasks):
+        st.caption("The demo's sentence-pair task is left out: it needs about 80 steps to learn at all.")
     problem = shared_config_problem(run.config(), run)
     if problem:
         st.error(f"A study cannot run here: {problem}")
-    elif st.button("Run quick study", key="study_run"):
-        with st.status("Running the study ...", expanded=True) as status:
-            progress, on_stage = progress_callbacks(status, n_stages=1)
-            try:
-                run_study(quick, run.path / "studies" / quick.name, progress=progress, on_stage=status.write)
-            except ValueError as err:
-                status.update(label="Study failed", state="error")
-                st.error(str(err))
-            else:
-                status.update(label="Study finished", state="complete")
+    start = not problem and st.button("Run quick study", key="study_run")
+
+# One slot below the form: the progress of a study running now, else the note that there is none
+# (so no stale "no study yet" stays under a running study).
+slot = st.empty()
+if start:
+    display = ProgressDisplay("Running the quick study", 2 * len(arms) + 1, where=slot, label=label)
+    try:
+        run_study(quick, run.path / "studies" / quick.name, progress=display.progress, on_stage=display.on_stage)
+    except ValueError as err:
+        display.finish(f"Study failed: {err}", ok=False)
+        st.error(str(err))
+    else:
+        display.finish("Study finished")
 
 studies = find_studies(run.path)
 if not studies:
-    st.info("This run has no study yet: run the quick study above, or `osrm study` from the command line.")
+    if not start:
+        slot.info("This run has no study yet: run the quick study above, or `osrm study` from the command line.")
     st.stop()
 chosen = st.selectbox("Study", studies, format_func=lambda p: p.name, key="study_pick")
 try:

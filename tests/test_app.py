@@ -274,6 +274,17 @@ def test_eigenspectra_widgets_drive_the_figures(small_run):
     assert marked and all(len(arr(t["x"])) == 4 for t in marked)  # r = the run's rank
     heat = figure(at, "eig_eff_chart")
     assert arr(heat["data"][0]["z"]).shape == (6, 3)  # 6 inputs x 3 tasks
+    # The axis ends at the features' width (384), not beyond; the band's note and the warning
+    # say when the r smallest eigenvalues are at numerical zero (the small run has few tokens).
+    width = max(len(arr(t["x"])) for t in lines)
+    assert width == 384 and fig["layout"]["xaxis"]["range"] == [0.5, width + 0.5]
+    from osrm_core.viz import zero_smallest
+
+    spectra = {t["name"]: arr(t["customdata"]) for t in lines}
+    zero = zero_smallest(spectra, 4)
+    band = fig["layout"]["annotations"][0]["text"]
+    assert band == "4 smallest (OSRM)" + (": numerically zero" if zero else "")
+    assert any(w.value.startswith("At numerical zero") for w in at.warning) == bool(zero)
 
     layer = at.selectbox(key="eig_layer")
     layer.set_value(layer.options[3]).run()
@@ -319,13 +330,27 @@ def test_interference_layer_select_changes_the_heatmaps(small_run):
     assert len([t for t in own["data"]]) == 2 * len(SMALL_TASKS)
     # Interference during fine-tuning: per adapter, its energy on every task's inputs.
     drift = figure(at, "int_drift_chart")
-    assert len(drift["data"]) == len(SMALL_TASKS) ** 2
-    assert sum(t["line"]["dash"] == "solid" for t in drift["data"]) == len(SMALL_TASKS)
+    lines = [t for t in drift["data"] if t.get("showlegend") is False]
+    assert len(lines) == len(SMALL_TASKS) ** 2
+    assert sum(t["line"]["dash"] == "solid" for t in lines) == len(SMALL_TASKS)
+    legend = [t["name"] for t in drift["data"] if t.get("showlegend") is not False]
+    assert legend == [f"data of {t}" for t in SMALL_TASKS] + ["the panel's own task (solid)", "other tasks (dotted)"]
+    assert not any(c.value.startswith("Note: Different ranks") for c in at.caption)  # one rank in this run
     box = at.selectbox(key="int_drift_init")
     assert set(box.options) == {"standard", "osrm"}
     box.set_value(next(o for o in box.options if o != box.value)).run()
     assert_clean(at)
     assert figure(at, "int_drift_chart")["data"][0]["y"] != drift["data"][0]["y"]
+
+
+def test_rank_caveat_when_inits_differ_in_rank():
+    from app_helpers import rank_caveat
+
+    config = demo_config(quick=True)  # standard at rank 8, osrm_gen at rank 32
+    assert config.for_init("standard").rank != config.for_init("osrm_gen").rank
+    note = rank_caveat(config, ["standard", "osrm_gen"])
+    assert note.startswith("Different ranks (standard rank 8, osrm_gen rank 32)")
+    assert rank_caveat(config, ["standard"]) is None
 
 
 def test_angles_page_layer_and_statistic(small_run):
@@ -352,6 +377,9 @@ def test_sweep_page_task_density_and_best_point(small_run):
     best = [t for t in fig["data"] if str(t["name"]).startswith("best")]
     assert len(lines) == 4 and len(best) == 4  # 2 inits x 2 methods
     assert all(t["marker"]["symbol"] == "star" for t in best)
+    # Every best point of the small run is at its grid's smallest lambda (0.5 of 0.5, 1): noted.
+    notes = [c.value for c in at.caption if c.value.startswith("Note: ")]
+    assert len(notes) == 4 and all("is the smallest of the grid (0.5 to 1)" in n for n in notes), notes
     at.selectbox(key="sw_task").set_value("topic").run()
     assert_clean(at)
     assert "topic" in figure(at, "sw_fig_chart")["layout"]["yaxis"]["title"]["text"]
@@ -429,6 +457,12 @@ def test_diagnosis_of_uploaded_adapters(small_run):
     kept = at.session_state["diag_result"]["posthoc"]
     assert len(kept) == 2 * 12 and ((kept["energy_kept"] > 0) & (kept["energy_kept"] <= 1 + 1e-9)).all()
     assert figure(at, "diag_kept_chart")["data"]
+    # The data-free overlap: blank diagonal, named axes, the adapters in the page's order.
+    overlap = figure(at, "diag_sv_overlap_chart")
+    cells = [c for row in overlap["data"][0]["text"] for c in row]
+    assert "nan" not in " ".join(cells).lower() and cells.count("") == 2
+    assert overlap["layout"]["xaxis"]["title"]["text"] == "input directions of adapter i"
+    assert list(overlap["data"][0]["x"]) == list(up_fig["data"][0]["x"]) == ["sentiment", "topic"]
     # The projection onto the OSRM subspaces cuts the cross-task input interference.
     table = at.session_state["diag_result"]["interference"]
     cross = table[table["adapter"] != table["data"]].groupby("init")["input_energy"].sum()
@@ -477,15 +511,37 @@ def test_diagnosis_advice_with_labelled_csvs_fills_the_merge_form(small_run):
     score_fig = figure(at, "diag_adv_score_chart")
     assert score_fig["data"] and any(t.get("error_y") for t in score_fig["data"])
     assert figure(at, "diag_adv_norm_chart")["data"]
-    # The recommendation fills the merge form.
+    # The chart labels its candidates and names the chosen one (and the best held-out one).
+    assert score_fig["layout"]["xaxis"].get("showticklabels") is not False
+    notes = [a["text"] for a in score_fig["layout"]["annotations"]]
+    assert any(n.startswith("★ chosen") for n in notes), notes
+    # The recommendation fills the merge form, with the sentence's lambda and weights.
     rec = advice.recommended
     assert at.selectbox(key="diag_merge_method").value == rec["method"]
-    assert at.text_input(key="diag_merge_weights").value == ", ".join(f"{w:g}" for w in rec["weights"])
+    lam = at.number_input(key="diag_merge_lambda").value
+    weights = [float(w) for w in at.text_input(key="diag_merge_weights").value.split(",")]
+    what = advice.reason.split(":")[0]  # "ties (density 0.5), lambda 1.3" or "..., weights 1.3/0.9"
+    if ", lambda " in what:
+        assert lam == pytest.approx(float(what.rsplit(", lambda ", 1)[1])) and set(weights) == {1.0}
+    else:
+        assert lam == 1.0 and weights == pytest.approx([float(w) for w in what.rsplit(", weights ", 1)[1].split("/")],
+                                                         abs=0.051)
+    assert [lam * w for w in weights] == pytest.approx(rec["weights"])  # the same merge
     if rec["density"] is not None:
         assert at.number_input(key="diag_merge_density").value == pytest.approx(rec["density"])
     at.button(key="diag_merge_button").click().run()
     assert_clean(at)
     assert at.session_state["diag_merged"]["name"] == f"merged_{rec['method']}_uploaded"
+    # TIES is full rank: the form warns of the rank and size it writes, and truncates on request.
+    at.selectbox(key="diag_merge_method").set_value("ties").run()
+    assert any(w.value.startswith("This merge writes rank 384 per layer, about") and "truncation rank" in w.value
+               for w in at.warning), [w.value for w in at.warning]
+    at.number_input(key="diag_merge_rank").set_value(8).run()
+    assert any(c.value.startswith("This merge writes rank 8 per layer") for c in at.caption)
+    at.button(key="diag_merge_button").click().run()
+    assert_clean(at)
+    with zipfile.ZipFile(io.BytesIO(at.session_state["diag_merged"]["zip"])) as zf:
+        assert json.loads(zf.read("merged_ties_uploaded/adapter_config.json"))["r"] == 8
     # Bad weights: one error line, the page keeps working.
     at.text_input(key="diag_merge_weights").set_value("1, x").run()
     at.button(key="diag_merge_button").click().run()
@@ -579,14 +635,39 @@ def test_new_run_from_the_home_page_with_an_uploaded_task(tmp_path, monkeypatch)
     assert not errors(at), errors(at)
     out = tmp_path / "from-app"
     assert at.session_state["run_path"] == str(out.resolve())
-    labels = [s.label for s in at.status]
-    assert any("Finished from-app" in label for label in labels), labels
+    # The sidebar names the run the page just opened, beside the message.
+    assert any(s.value.startswith(f"Finished and opened {out}") for s in at.success), [s.value for s in at.success]
+    assert any(m.value.startswith("✅ Finished from-app") for m in at.markdown)  # the progress box stays
+    assert [c.value for c in at.sidebar.code] == [str(out.resolve())]
+    assert "none" not in [c.value for c in at.sidebar.caption]
     summary = json.loads((out / "results" / "summary.json").read_text())
     assert summary["tasks"] == ["sentiment", "my_news"]
     config = (out / "config.yaml").read_text()
     assert str((out / "data" / "my_news").resolve()) in config
     saved = pd.read_csv(out / "data" / "my_news" / "train.csv")
     assert list(saved.columns) == ["text", "label"] and set(saved["label"]) == set(task.label_names)
+
+
+def test_csv_without_a_text_column_gets_the_command_lines_error(tmp_path):
+    """No silent first column: the library's message (what ``osrm`` prints) until one is chosen."""
+    from osrm_core.data import DataError, load_task
+
+    csv = pd.DataFrame({"sentence": ["good", "bad", "fine", "awful"], "category": ["p", "n", "p", "n"]})
+    (tmp_path / "notext.csv").write_bytes(csv.to_csv(index=False).encode())
+    with pytest.raises(DataError, match=r"column 'text' for text not found; columns are \['sentence', 'category'\]"):
+        load_task("notext", tmp_path / "notext.csv", label="category")
+    at = make_app().run()
+    at.multiselect(key="home_demo_tasks").set_value(["sentiment"])
+    at.file_uploader(key="home_task_files").upload("notext.csv", csv.to_csv(index=False).encode(), "text/csv")
+    at.run()
+    assert_clean(at)
+    assert at.selectbox(key="home_up_text_0").value is None
+    assert any(e.startswith("notext.csv: column 'text' for text not found; columns are ['sentence', 'category']")
+               for e in errors(at)), errors(at)
+    assert at.button(key="home_run").disabled
+    at.selectbox(key="home_up_text_0").set_value("sentence").run()
+    assert not any("for text not found" in e for e in errors(at)), errors(at)
+    assert not at.button(key="home_run").disabled
 
 
 def test_new_run_settings_errors_are_shown():
@@ -684,3 +765,83 @@ def test_safe_extract_zip_caps_size_and_members(tmp_path):
         safe_extract_zip(big, tmp_path / "y", max_members=1)
     with pytest.raises(ArchiveError, match="not a valid zip"):
         safe_extract_zip(b"nope", tmp_path / "z")
+
+
+# --------------------------------------------------------------------------- study page
+
+
+def test_study_page_counts_the_librarys_variants_and_names_them_for_people(small_run):
+    from app_helpers.study_view import study_plan
+    from osrm_core.settings import RunConfig
+    from osrm_core.study import quick_study_config, variant_name, variants
+
+    config = RunConfig.from_yaml(small_run / "config.yaml")
+    quick = quick_study_config(config)
+    todo = variants(quick)
+    at = make_app(small_run).run()
+    at.switch_page("pages/7_Study.py").run()
+    assert_clean(at)
+    assert any(c.value.startswith(f"{len(todo)} variants, ") for c in at.caption), [c.value for c in at.caption]
+    listed = next(m.value for m in at.markdown if m.value.startswith("- "))
+    assert len(listed.splitlines()) == len(todo)
+    names = [variant_name(v, quick.base.train.lr) for v in todo]
+    assert not any(n in listed for n in names)  # no internal ids
+    assert any(i.value.startswith("This run has no study yet") for i in at.info)
+    # Progress messages get the same labels.
+    arms, label = study_plan(quick)
+    assert label(f"statistics 1/{len(todo)}: {names[-1]}") == f"statistics 1/{len(todo)}: {arms[-1]}"
+
+
+def test_the_quick_study_of_a_demo_run_leaves_out_the_pair_task():
+    from osrm_core.study import quick_study_config, variants
+
+    study = quick_study_config(demo_config(quick=True))  # the app's: on the open run's config
+    assert "paraphrase" not in [t.name for t in study.base.tasks]
+    assert len(variants(study)) == 6
+
+
+def test_progress_display_estimates_the_time_left():
+    from app_helpers.widgets import duration, time_left
+
+    assert time_left(60.0, 0.25) == pytest.approx(180.0)
+    assert time_left(1.0, 0.5) is None and time_left(60.0, 0.01) is None  # too early to say
+    assert time_left(60.0, 1.0) == 0.0
+    assert [duration(s) for s in (42, 185, 3725)] == ["42 s", "3 min 05 s", "1 h 02 min"]
+
+
+def test_progress_display_shows_stage_bar_and_time_left():
+    def script():
+        import streamlit as st
+
+        from app_helpers.widgets import ProgressDisplay
+
+        ticks = iter([0.0, 10.0, 60.0])  # start, stage 1, step 5 of 10
+        display = ProgressDisplay("Running x", 2, clock=lambda: next(ticks))
+        display.on_stage("train standard")
+        display.progress(5, 10, "training")
+        st.session_state["overall"] = display.overall()
+
+    at = AppTest.from_function(script).run()
+    assert_clean(at)
+    assert [m.value for m in at.markdown] == ["**Running x**", "Stage 1 of 2: train standard"]
+    assert at.session_state["overall"] == 0.25
+    # 60 s for a quarter of the work: about 3 minutes left.
+    assert [c.value for c in at.caption] == ["1 min 00 s so far · about 3 min 00 s left (rough)"]
+    bar = at.get("progress")[0]
+    assert bar.value == 50 and bar.proto.text == "training (5/10)"
+
+
+def test_home_summary_notes_a_best_lambda_at_the_grids_edge(small_run):
+    from osrm_core.rundir import RunDir
+    from osrm_core.viz import edge_notes, summary_tables
+
+    run = RunDir(small_run)
+    _, best = summary_tables(json.loads((small_run / "results" / "summary.json").read_text()))
+    grid = best[["init", "method"]].merge(pd.DataFrame({"lambda": run.config().merge.lambdas}), how="cross")
+    expected = [f"Note: {n}" for n in edge_notes(grid, best)]
+    at = make_app(small_run).run()
+    assert_clean(at)
+    assert [c.value for c in at.caption if c.value.startswith("Note: ")] == expected
+    lams = run.config().merge.lambdas
+    at_edge = best["lambda"].isin([min(lams), max(lams)]).sum() if len(lams) > 1 else 0
+    assert len(expected) == at_edge

@@ -123,6 +123,10 @@ IDLE = """() => !document.querySelector('[data-testid="stStatusWidget"]')
     && !document.querySelector('[data-testid="stSkeleton"]')"""
 
 
+#: A heatmap's cell texts (plotly.js draws each as SVG text, in a g.heatmap-label or with that class).
+HEATMAP_LABELS = ".heatmap-label text, text.heatmap-label"
+
+
 def _wait_until_idle(page, timeout_ms: int = 90_000) -> None:
     """Until the script has finished: no 'running' indicator, no stale or placeholder element."""
     page.wait_for_function(IDLE, timeout=timeout_ms)
@@ -215,12 +219,30 @@ def test_merge_advice_in_chromium(server, browser, small_run, tmp_path):
         page.wait_for_selector(".js-plotly-plot .main-svg", timeout=120_000)
         page.screenshot(path=str(ARTIFACTS / "advice_1_uploaded.png"), full_page=True)
 
+        # The data-free overlap heatmap: its diagonal (an adapter against itself) is blank, not "nan".
+        plot = page.locator(".js-plotly-plot").filter(
+            has=page.locator(".gtitle", has_text="Singular-vector overlap")).first
+        plot.scroll_into_view_if_needed()
+        plot.locator(HEATMAP_LABELS).first.wait_for(state="attached", timeout=30_000)
+        cells = plot.locator(HEATMAP_LABELS).all_text_contents()
+        assert len(cells) == 2 and "nan" not in [c.strip().lower() for c in cells], cells  # 2 adapters: 2 cells
+
         page.get_by_role("button", name="Get merge advice").click()
         page.wait_for_selector('[data-testid="stProgress"]', state="attached", timeout=60_000)
         page.wait_for_selector("text=Recommended:", timeout=300_000)
         _wait_until_idle(page, 180_000)
         assert page.locator("text=Advice ready:").count() >= 1
         page.screenshot(path=str(ARTIFACTS / "advice_2_recommended.png"), full_page=True)
+        # The merge form holds the sentence's lambda and weights.
+        sentence = page.locator('[data-testid="stAlertContentSuccess"]', has_text="Recommended:").first.inner_text()
+        what = sentence.split("Recommended:", 1)[1].split(":", 1)[0]
+        lam = float(page.locator("input[aria-label='λ']").input_value())
+        weights = [float(w) for w in page.locator("input[aria-label^='Weights (']").input_value().split(",")]
+        if ", lambda " in what:
+            assert lam == pytest.approx(float(what.rsplit(", lambda ", 1)[1])) and set(weights) == {1.0}, sentence
+        else:
+            expected = [float(w) for w in what.rsplit(", weights ", 1)[1].split("/")]
+            assert lam == 1.0 and weights == pytest.approx(expected, abs=0.051), sentence
 
         page.get_by_role("button", name="Build the merged adapter").click()
         button = page.get_by_role("button", name="Download merged adapter (zip)")
@@ -259,5 +281,70 @@ def test_per_init_settings_in_chromium(server, browser):
             timeout=60_000,
         )
         _settled_without_exception(page, "home_per_init")
+    finally:
+        page.close()
+
+
+def test_csv_without_a_text_column_gets_an_error_in_chromium(server, browser, tmp_path):
+    """A task file without a text column: the command line's error, not a silent first column."""
+    csv = tmp_path / "notext.csv"
+    csv.write_text("sentence,category\ngood,p\nbad,n\nfine,p\nawful,n\n")
+    page = browser.new_page(viewport={"width": 1400, "height": 2400})
+    try:
+        page.goto(server, wait_until="domcontentloaded")
+        page.wait_for_selector('[data-testid="stTabs"]', timeout=120_000)
+        _wait_until_idle(page)
+        page.get_by_role("tab", name="New run").click()
+        uploader = page.locator('[data-testid="stFileUploader"]', has_text="Your own tasks")
+        uploader.locator('[data-testid="stFileUploaderDropzoneInput"]').set_input_files(str(csv))
+        error = page.locator('[data-testid="stAlertContentError"]', has_text="column 'text' for text not found")
+        error.first.wait_for(state="attached", timeout=60_000)
+        _wait_until_idle(page)
+        page.get_by_role("tab", name="New run").click()  # the rerun may show the first tab again
+        error.first.wait_for(timeout=30_000)
+        assert "notext.csv: column 'text' for text not found; columns are ['sentence', 'category']" in \
+            error.first.text_content()
+        assert page.get_by_role("button", name="Run the pipeline").is_disabled()
+        _settled_without_exception(page, "home_csv_without_text")
+    finally:
+        page.close()
+
+
+def _set_number(page, label: str, value) -> None:
+    box = page.locator(f"input[aria-label='{label}']").first
+    box.fill(str(value))
+    box.press("Enter")
+    _wait_until_idle(page)
+
+
+def test_a_run_from_the_home_page_is_named_in_the_sidebar(server, browser):
+    """A tiny pipeline run from the New run tab: when it finishes, the sidebar names the run (it
+    said "none" beside "Finished and opened ..." before)."""
+    page = browser.new_page(viewport={"width": 1400, "height": 2400})
+    try:
+        page.goto(server, wait_until="domcontentloaded")
+        page.wait_for_selector('[data-testid="stTabs"]', timeout=120_000)
+        _wait_until_idle(page)
+        sidebar = page.locator('[data-testid="stSidebar"]')
+        sidebar.get_by_role("button", name="Close this run").click()
+        _wait_until_idle(page)
+        assert sidebar.locator("code").count() == 0
+        page.get_by_role("tab", name="New run").click()
+        page.get_by_text("More settings").click()
+        for label, value in (("LoRA rank r", 2), ("Samples per task for the statistics", 8), ("Training steps", 2),
+                             ("Batch size", 4), ("Max tokens per example", 16),
+                             ("Test examples per task (0: all)", 10)):
+            _set_number(page, label, value)
+        for label, value in (("Lambda grid", "1"), ("Run name", "browser-run")):
+            box = page.locator(f"input[aria-label='{label}']").first
+            box.fill(value)
+            box.press("Enter")
+            _wait_until_idle(page)
+        page.get_by_role("button", name="Run the pipeline").click()
+        page.wait_for_selector("text=Finished and opened", timeout=480_000)
+        _wait_until_idle(page)
+        assert "browser-run" in sidebar.locator("code").first.inner_text()
+        assert sidebar.get_by_text("none", exact=True).count() == 0
+        _settled_without_exception(page, "home_run_finished")
     finally:
         page.close()

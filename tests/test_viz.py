@@ -333,3 +333,102 @@ def test_toy_figure_2d_and_3d(dim, rank):
 def test_figure_html_is_standalone():
     html = viz.figure_html(viz.cumulative_energy_figure({"a": np.ones(3)}))
     assert "<html>" in html[:200] and "plotly" in html and len(html) > 1_000_000  # plotly.js inlined
+
+
+# --------------------------------------------------------------------------- issue 23: what a user saw
+
+
+def test_titles_sit_below_the_toolbar_band():
+    """The modebar takes the top band of a figure: titles go below it, above the plot area,
+    also above subplot titles (the drift figure's panels)."""
+    fig = viz.interference_heatmap(viz.interference_view(_interference()), title="a long title")
+    title = fig.layout.title
+    assert (title.xref, title.xanchor, title.yref, title.y, title.yanchor) == ("container", "left", "paper", 1, "bottom")
+    assert fig.layout.margin.t >= viz.common.MODEBAR_BAND + 30
+    drift = pd.DataFrame([{"adapter": a, "data": d, "own": a == d, "step": s, "input_energy": 1.0 + s}
+                          for a in TASKS[:2] for d in TASKS[:2] for s in (0, 10)])
+    faceted = viz.drift_figure(drift, title="drift")
+    assert faceted.layout.title.pad.b > title.pad.b and faceted.layout.margin.t > fig.layout.margin.t
+
+
+def test_overlap_heatmap_has_a_blank_diagonal_named_axes_and_the_pages_order():
+    rows = [{"layer": layer, "adapter": j, "data": i, "sv_overlap": 0.1 + 0.01 * k}
+            for k, layer in enumerate(LAYERS) for j in TASKS for i in TASKS if i != j]
+    table = pd.DataFrame(rows).sort_values(["adapter", "data"], ascending=False)  # another order
+    m = viz.overlap_matrix(table, ["b", "c", "a"])
+    assert list(m.index) == list(m.columns) == ["b", "c", "a"]
+    assert np.isnan(m.loc["a", "a"]) and m.loc["a", "b"] == pytest.approx(0.115)
+    fig = viz.interference_heatmap(m, value_label="share", x_title="input directions of adapter i")
+    text = [cell for row in fig.data[0].text for cell in row]
+    assert "nan" not in " ".join(text).lower() and text.count("") == 3
+    assert fig.layout.xaxis.title.text == "input directions of adapter i"
+    assert fig.layout.yaxis.title.text == "adapter j"
+    assert list(fig.data[0].x) == ["b", "c", "a"]
+
+
+def test_drift_legend_names_colours_and_line_styles_not_one_panels_lines():
+    drift = pd.DataFrame([{"adapter": a, "data": d, "own": a == d, "step": s, "input_energy": 1.0 + s}
+                          for a in TASKS for d in TASKS for s in (0, 10)])
+    fig = viz.drift_figure(drift)
+    legend = [t.name for t in fig.data if t.showlegend is not False]
+    assert legend == [f"data of {t}" for t in TASKS] + ["the panel's own task (solid)", "other tasks (dotted)"]
+    assert not any("(own)" in (t.name or "") for t in fig.data)
+    # In every panel the solid line is that panel's adapter on its own data.
+    for t in fig.data:
+        if t.x[0] is not None and t.line.dash == "solid":
+            assert t.hovertemplate.startswith(f"adapter {t.name.removeprefix('data of ')} on ")
+
+
+def test_angle_axes_are_named_and_the_pairs_can_be_one_band_per_init():
+    table = _angles()
+    dd = viz.angle_matrix(table, None, "min_angle", "data-data")
+    ad = viz.angle_matrix(table[table.init == "osrm"], None, "min_angle", "adapter-data")
+    fig = viz.angle_heatmap(ad)
+    assert fig.layout.yaxis.title.text == "row space of adapter"
+    assert fig.layout.xaxis.title.text == "data subspace of task"
+    assert viz.angle_heatmap(dd).layout.yaxis.title.text == "data subspace of task"
+    cross = table[table.a != table.b]
+    banded = viz.angle_figure(cross, "min_angle", "adapter-data", aggregate=True)
+    lines = [t for t in banded.data if t.mode == "lines+markers"]
+    assert [t.name for t in lines] == ["standard: mean over 6 pairs", "osrm: mean over 6 pairs"]
+    assert list(lines[1].y) == pytest.approx([80.0, 81.0, 82.0, 83.0])
+    assert len(banded.data) == 4  # a band and a line per init, not 12 lines
+
+
+def test_eigenspectrum_axis_ends_at_the_width_and_zero_smallest_is_flagged():
+    d = 384
+    lam = np.concatenate([np.logspace(2, -3, d - 8), np.full(8, 1e-16)])
+    fig = viz.eigenspectrum_figure({"a": lam}, rank=8)
+    assert tuple(fig.layout.xaxis.range) == (0.5, d + 0.5)
+    assert fig.layout.annotations[0].text == "8 smallest (OSRM): numerically zero"
+    assert viz.zero_smallest({"a": lam, "b": np.logspace(2, -3, d)}, 8) == {"a": 8}
+    assert viz.zero_smallest({"a": lam}, 4) == {"a": 4}
+    plain = viz.eigenspectrum_figure({"b": np.logspace(2, -3, d)}, rank=8)
+    assert plain.layout.annotations[0].text == "8 smallest (OSRM)"
+
+
+def test_raw_scores_of_mixed_metrics_are_averaged_per_metric_only():
+    sweep = _sweep().assign(metric=lambda df: np.where(df["task"] == "c", "mcc", "accuracy"))
+    with pytest.raises(ValueError, match=r"different metrics \(accuracy, mcc\) are not averaged"):
+        viz.sweep_curves(sweep, y="score")
+    choices = viz.average_choices(sweep, "score")
+    assert choices == {"average of the accuracy tasks (a, b)": (None, "accuracy"),
+                       "average of the mcc tasks (c)": (None, "mcc")}
+    assert viz.average_choices(sweep, "normalized") == {"average over tasks": (None, None)}
+    fig = viz.sweep_figure(sweep, y="score", metric="accuracy", density=0.5)
+    assert fig.layout.yaxis.title.text.startswith("accuracy (average over 2 tasks")
+    acc = viz.sweep_curves(sweep, y="score", metric="accuracy", density=0.5)
+    expect = sweep[(sweep.metric == "accuracy") & (sweep.method == "task_arithmetic") & (sweep.init == "osrm")
+                   & (sweep["lambda"] == 0.5)]["score"].mean()
+    got = acc[(acc.method == "task_arithmetic") & (acc.init == "osrm") & (acc["lambda"] == 0.5)]["score"].item()
+    assert got == pytest.approx(expect)
+
+
+def test_best_lambda_at_the_grid_edge_gets_a_note():
+    sweep = _sweep()
+    curves = viz.sweep_curves(sweep, density=0.5)
+    assert viz.edge_notes(curves, viz.sweep_best(curves)) == []  # peaks at 0.5 and 0.75 inside 0.25..1
+    edge = curves[curves["lambda"] >= 0.5]  # task arithmetic peaks at 0.5: now the smallest lambda
+    notes = viz.edge_notes(edge, viz.sweep_best(edge))
+    assert sorted(notes) == [f"task_arithmetic ({init}): the best lambda 0.5 is the smallest of the grid (0.5 to 1); "
+                             "the best may lie beyond it, widen the grid to see." for init in ("osrm", "standard")]

@@ -145,6 +145,9 @@ class MergeMethod:
         URL of the paper that defines the method.
     summary : str
         What the method does, in one sentence for a user (CLI help, the Learn page).
+    low_rank : bool
+        Whether the merge of LoRA deltas stays low-rank (at most the sum of the parts' ranks per
+        layer); entry-wise (TIES, DARE) and Gram-weighted (RegMean) merges are full rank.
     params_type : type of MergeParams
         Dataclass of the method's parameters, with defaults and help text.
     params : MergeParams
@@ -158,6 +161,7 @@ class MergeMethod:
     name: ClassVar[str]
     reference: ClassVar[str]
     summary: ClassVar[str] = ""
+    low_rank: ClassVar[bool] = False
     params_type: ClassVar[type[MergeParams]] = MergeParams
     needs_gram: ClassVar[bool] = False
     uses_density: ClassVar[bool] = False

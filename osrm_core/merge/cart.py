@@ -66,6 +66,7 @@ class Cart(MergeMethod):
     """
 
     name = "cart"
+    low_rank = True
     summary = "the mean of the deltas plus a low-rank part of each delta's difference from it"
     reference = "https://arxiv.org/abs/2412.12153"
     params_type = CartParams

@@ -47,6 +47,7 @@ class IsoC(MergeMethod):
     """
 
     name = "iso_c"
+    low_rank = True
     summary = "the sum's singular vectors with one flat singular value (their mean): no direction dominates"
     reference = "https://arxiv.org/abs/2502.04959"
 
@@ -92,6 +93,7 @@ class IsoCts(MergeMethod):
     """
 
     name = "iso_cts"
+    low_rank = True
     summary = "Iso-C on the sum's main subspace plus each task's own directions outside it"
     reference = "https://arxiv.org/abs/2502.04959"
     params_type = IsoCtsParams

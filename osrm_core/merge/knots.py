@@ -94,6 +94,7 @@ class KnotsTA(_Knots):
     """KnOTS with task arithmetic: the sum of the blocks (the same result as task arithmetic)."""
 
     name = "knots_ta"
+    low_rank = True
     summary = "task arithmetic in one SVD basis shared by all tasks (equal to task arithmetic)"
 
     def merge_blocks(self, blocks: Tensor) -> Tensor:
@@ -107,6 +108,7 @@ class KnotsTies(_Knots):
     """
 
     name = "knots_ties"
+    low_rank = True
     summary = "TIES on the tasks' coordinates in one shared SVD basis"
     params_type = TiesParams
     uses_density = True

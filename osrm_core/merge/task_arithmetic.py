@@ -20,6 +20,7 @@ class TaskArithmetic(MergeMethod):
     """``combine`` returns ``sum_i Delta_W_i``, a tensor of shape (d_out, d_in)."""
 
     name = "task_arithmetic"
+    low_rank = True
     summary = "the weighted sum of the task deltas, scaled by lambda (the plain default)"
     reference = "https://arxiv.org/abs/2212.04089"
 

@@ -81,6 +81,7 @@ class TsvMerge(MergeMethod):
     """
 
     name = "tsv_m"
+    low_rank = True
     summary = "each task's top singular vectors, decorrelated across tasks (Procrustes) before they are summed"
     reference = "https://arxiv.org/abs/2412.00081"
     params_type = TsvParams

@@ -10,7 +10,7 @@ task so that the same thing has the same colour on every page.
 
 from __future__ import annotations
 
-from .advice import advice_figure
+from .advice import advice_figure, candidate_label
 from .common import (
     INIT_COLORS,
     INIT_DASH,
@@ -34,6 +34,7 @@ from .interference import (
     layer_ratio_figure,
     matrix_range,
     off_diagonal_sum,
+    overlap_matrix,
     own_energy_figure,
 )
 from .spectra import (
@@ -41,9 +42,12 @@ from .spectra import (
     effective_rank_heatmap,
     eigenspectrum_figure,
     merged_spectrum_figure,
+    zero_smallest,
 )
 from .sweep import (
     arm_label,
+    average_choices,
+    edge_notes,
     metric_label,
     study_curve_figure,
     summary_figure,
@@ -58,7 +62,10 @@ from .toy import (
 
 __all__ = [
     "advice_figure",
+    "candidate_label",
     "arm_label",
+    "average_choices",
+    "edge_notes",
     "INIT_COLORS",
     "INIT_DASH",
     "INTERFERENCE_VALUES",
@@ -82,6 +89,8 @@ __all__ = [
     "merged_spectrum_figure",
     "matrix_range",
     "off_diagonal_sum",
+    "overlap_matrix",
+    "zero_smallest",
     "own_energy_figure",
     "short_layer",
     "study_curve_figure",

@@ -79,10 +79,21 @@ def _layer_order(names) -> list[str]:
     return sorted(seen, key=key)
 
 
+#: Height (px) of the band at the top of a figure that plotly's toolbar (modebar) takes on hover.
+MODEBAR_BAND = 34
+
+
 def _finish(fig: go.Figure, title: str = "", height: int | None = None) -> go.Figure:
+    """The shared layout. The title starts at the figure's left edge (the full width for long
+    titles of narrow side-by-side charts), just above the plot area and below the toolbar's
+    band (:data:`MODEBAR_BAND`), so the toolbar never covers it, also in narrow side-by-side charts."""
+    # Subplot titles sit just above the plot area too: the title goes above them.
+    above = 24 if any(a.yref == "paper" and a.yanchor == "bottom" and (a.y or 0) >= 1
+                      for a in fig.layout.annotations) else 0
     fig.update_layout(
-        title=dict(text=title) if title else None,
-        margin=dict(l=60, r=20, t=60 if title else 30, b=50),
+        title=dict(text=title, x=0.01, xref="container", xanchor="left", y=1, yref="paper", yanchor="bottom",
+                   pad=dict(b=8 + above)) if title else None,
+        margin=dict(l=60, r=20, t=MODEBAR_BAND + 36 + above if title else MODEBAR_BAND + above, b=50),
         hovermode="closest",
         legend=dict(groupclick="toggleitem"),
         **({"height": height} if height else {}),

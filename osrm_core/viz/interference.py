@@ -81,8 +81,12 @@ def interference_heatmap(
     zmin: float | None = None,
     zmax: float | None = None,
     log: bool = False,
+    x_title: str = "data of task i",
+    y_title: str = "adapter j",
 ) -> go.Figure:
     """Heatmap of an adapter (rows) by data (columns) matrix; the own-task cells are outlined.
+    Cells without a value (NaN, e.g. an adapter against itself where that is not defined) are
+    left blank.
 
     Parameters
     ----------
@@ -117,10 +121,10 @@ def interference_heatmap(
             zmax=zmax,
             colorscale="Reds",
             colorbar=dict(title=("log10 " if log else "") + value_label),
-            text=[[f"{v:.3g}" for v in row] for row in z],
+            text=[[f"{v:.3g}" if np.isfinite(v) else "" for v in row] for row in z],
             texttemplate="%{text}",
             hovertemplate=(
-                "adapter %{y}<br>on data of %{x}<br>" + value_label + " = %{customdata:.4g}<extra></extra>"
+                f"{y_title} = %{{y}}<br>{x_title} = %{{x}}<br>" + value_label + " = %{text}<extra></extra>"
             ),
         )
     )
@@ -136,9 +140,22 @@ def interference_heatmap(
                 line=dict(color="black", width=2),
                 fillcolor="rgba(0,0,0,0)",
             )
-    fig.update_yaxes(autorange="reversed", title="adapter j")
-    fig.update_xaxes(title="data of task i", side="bottom")
+    fig.update_yaxes(autorange="reversed", title=y_title)
+    fig.update_xaxes(title=x_title, side="bottom")
     return _finish(fig, title, height=max(320, 60 * len(y) + 140))
+
+
+def overlap_matrix(table: pd.DataFrame, names, layer: str | None = None) -> pd.DataFrame:
+    """Adapter-by-adapter matrix of the data-free singular-vector overlap
+    (:func:`osrm_core.diagnostics.sv_interference` rows ``layer, adapter, data, sv_overlap``),
+    mean over layers or at ``layer``, rows and columns in the order ``names`` (the order of the
+    other matrices of a page). The diagonal (an adapter against itself) is NaN: not measured."""
+    rows = table if layer in (None, SUM_OVER_LAYERS, "mean over layers") else table[table["layer"] == layer]
+    m = rows.pivot_table(index="adapter", columns="data", values="sv_overlap", aggfunc="mean")
+    names = [str(n) for n in names]
+    m = m.reindex(index=names, columns=names)
+    m.index.name, m.columns.name = "adapter", "data"
+    return m
 
 
 def own_energy_figure(table: pd.DataFrame, *, title: str = "") -> go.Figure:
@@ -179,7 +196,9 @@ def angle_matrix(
 ) -> pd.DataFrame:
     """The ``a`` by ``b`` matrix of one angle statistic at one layer (None: mean over layers).
 
-    For ``data-data`` the matrix is made symmetric with zeros on the diagonal.
+    For ``data-data`` the matrix is made symmetric with zeros on the diagonal. The axes are
+    named for the figures: "data subspace of task" (and "row space of adapter" for the rows of
+    ``adapter-data``).
     """
     if stat not in ("min_angle", "mean_angle"):
         raise ValueError(f"stat must be 'min_angle' or 'mean_angle', got {stat!r}")
@@ -198,9 +217,10 @@ def angle_matrix(
         for n in names:
             full.loc[n, n] = 0.0
         m = full.reindex(index=names, columns=names)
+        m.index.name, m.columns.name = "data subspace of task", "data subspace of task"
     else:
         m = m.reindex(index=_unique(rows["a"]), columns=_unique(rows["b"]))
-    m.index.name, m.columns.name = "a", "b"
+        m.index.name, m.columns.name = "row space of adapter", "data subspace of task"
     return m
 
 
@@ -227,12 +247,15 @@ def angle_heatmap(matrix: pd.DataFrame, *, title: str = "", stat_label: str = "a
 
 
 def angle_figure(
-    table: pd.DataFrame, stat: str = "min_angle", kind: str = "data-data", *, title: str = ""
+    table: pd.DataFrame, stat: str = "min_angle", kind: str = "data-data", *, title: str = "",
+    aggregate: bool = False,
 ) -> go.Figure:
     """Principal angles over layers: one line per pair (and per init for adapter-data).
 
     ``table`` has the columns of :func:`osrm_core.diagnostics.angle_table` and optionally
     ``init``; data-data angles do not depend on the init, so only the first init is drawn.
+    ``aggregate``: one line per init instead, the mean over its pairs, with a band from the
+    smallest to the largest pair (readable with many tasks: 4 tasks and 2 inits are 24 pairs).
     """
     if stat not in ("min_angle", "mean_angle"):
         raise ValueError(f"stat must be 'min_angle' or 'mean_angle', got {stat!r}")
@@ -243,6 +266,8 @@ def angle_figure(
         rows = rows.assign(init="")
     if kind == "data-data":
         rows = rows[rows["init"] == rows["init"].iloc[0]]
+    if aggregate:
+        return _angle_band_figure(rows, stat, kind, title)
     layers = _layer_order(rows["layer"])
     labels = [short_layer(n) for n in layers]
     pairs = _unique(zip(rows["a"], rows["b"]))
@@ -264,6 +289,35 @@ def angle_figure(
     fig.update_yaxes(range=[0, 92], title=f"{stat.replace('_', ' ')} (degrees)")
     fig.update_xaxes(title="layer", categoryorder="array", categoryarray=labels)
     return _finish(fig, title)
+
+def _angle_band_figure(rows: pd.DataFrame, stat: str, kind: str, title: str) -> go.Figure:
+    from .common import color_of
+
+    layers = _layer_order(rows["layer"])
+    labels = [short_layer(n) for n in layers]
+    fig = go.Figure()
+    for k, (init, g) in enumerate(rows.groupby("init", sort=False)):
+        agg = g.groupby("layer")[stat].agg(["mean", "min", "max", "count"]).reindex(
+            [n for n in layers if n in set(g["layer"])])
+        x = [short_layer(n) for n in agg.index]
+        color = color_of(str(init), k)
+        name = f"{init}: mean over {int(agg['count'].max())} pairs" if init else f"mean over {int(agg['count'].max())} pairs"
+        fig.add_trace(go.Scatter(
+            x=x + x[::-1], y=list(agg["max"]) + list(agg["min"])[::-1], fill="toself", fillcolor=color,
+            opacity=0.18, line=dict(width=0), hoverinfo="skip", name=f"{init} smallest to largest pair",
+            legendgroup=str(init), showlegend=False,
+        ))
+        fig.add_trace(go.Scatter(
+            x=x, y=agg["mean"], mode="lines+markers", name=name, legendgroup=str(init),
+            line=dict(color=color, dash=INIT_DASH.get(init, "solid")),
+            customdata=agg[["min", "max"]].to_numpy(),
+            hovertemplate=(f"{name}<br>%{{x}}<br>mean {stat.replace('_', ' ')} = %{{y:.2f}}°"
+                           "<br>pairs from %{customdata[0]:.2f}° to %{customdata[1]:.2f}°<extra></extra>"),
+        ))
+    fig.update_yaxes(range=[0, 92], title=f"{stat.replace('_', ' ')} (degrees; band: smallest to largest pair)")
+    fig.update_xaxes(title="layer", categoryorder="array", categoryarray=labels)
+    return _finish(fig, title)
+
 
 def energy_kept_figure(table: pd.DataFrame, *, title: str = "") -> go.Figure:
     """Bars of the share of ``||Delta_W||`` that post-hoc OSRM keeps, per layer and adapter.
@@ -317,7 +371,8 @@ def layer_ratio_figure(table: pd.DataFrame, *, title: str = "") -> go.Figure:
 
 def drift_figure(drift: pd.DataFrame, *, y: str = "input_energy", title: str = "") -> go.Figure:
     """Interference during fine-tuning: each adapter's energy on every task's inputs against the
-    training step, one panel per adapter; its own task solid, the other tasks dotted.
+    training step, one panel per adapter; its own task solid, the other tasks dotted. The
+    legend names the data by colour and the two line styles (the same in every panel).
 
     ``drift`` has columns ``adapter, step, data, own`` and ``y`` (``input_energy`` =
     ``sum_l tr(A S A^T)`` or ``output_shift``), for one init.
@@ -336,14 +391,23 @@ def drift_figure(drift: pd.DataFrame, *, y: str = "input_energy", title: str = "
             own = bool(g["own"].iloc[0])
             fig.add_trace(
                 go.Scatter(
-                    x=g["step"], y=g[y], mode="lines+markers", name=f"{data}{' (own)' if own else ''}",
-                    legendgroup=str(data), showlegend=col == 1,
+                    x=g["step"], y=g[y], mode="lines+markers", name=f"data of {data}",
+                    legendgroup=str(data), showlegend=False,
                     line=dict(color=colors[data], dash="solid" if own else "dot", width=3 if own else 2),
-                    hovertemplate=f"adapter {adapter} on {data}<br>step %{{x}}<br>{y} = %{{y:.4g}}<extra></extra>",
+                    hovertemplate=(f"adapter {adapter} on {data}{' (own task)' if own else ''}<br>step %{{x}}"
+                                   f"<br>{y} = %{{y:.4g}}<extra></extra>"),
                 ),
                 row=1, col=col,
             )
         fig.update_xaxes(title="step", row=1, col=col)
+    # The legend: colour names the data, the line style whose task it is, in every panel alike
+    # (a panel's solid line is that panel's adapter on its own task).
+    for data, color in colors.items():
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=f"data of {data}", legendgroup=str(data),
+                                 marker=dict(color=color, symbol="square", size=10)), row=1, col=1)
+    for name, dash in (("the panel's own task (solid)", "solid"), ("other tasks (dotted)", "dot")):
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", name=name,
+                                 line=dict(color="grey", dash=dash, width=3 if dash == "solid" else 2)), row=1, col=1)
     label = "Σ_l tr(A S A^T)" if y == "input_energy" else "Σ_l tr(ΔW S ΔW^T)"
     fig.update_yaxes(title=f"energy on the task's inputs, {label}", row=1, col=1)
     return _finish(fig, title)

@@ -16,6 +16,27 @@ def _desc(values) -> np.ndarray:
     return np.sort(v)[::-1]
 
 
+#: Eigenvalues below this share of the largest are zero to float precision (float64 eigh: ~1e-16).
+NUMERICAL_ZERO = 1e-12
+
+
+def zero_smallest(spectra: Mapping[str, np.ndarray], rank: int, rel: float = NUMERICAL_ZERO) -> dict[str, int]:
+    """Per spectrum, how many of its ``rank`` smallest eigenvalues are at numerical zero (at
+    most ``rel`` times the largest); only spectra with any. Such directions carry no energy of
+    the sample at all (fewer tokens than dimensions, or rank-deficient features): OSRM's choice
+    among them is arbitrary and says nothing about the tasks."""
+    out = {}
+    for name, values in spectra.items():
+        lam = _desc(values)
+        if lam.size == 0 or rank < 1:
+            continue
+        r = min(int(rank), lam.size)
+        n = int((np.abs(lam[-r:]) <= rel * max(float(np.abs(lam).max()), np.finfo(float).tiny)).sum())
+        if n:
+            out[name] = n
+    return out
+
+
 def eigenspectrum_figure(
     spectra: Mapping[str, np.ndarray], rank: int | None = None, *, title: str = ""
 ) -> go.Figure:
@@ -27,7 +48,10 @@ def eigenspectrum_figure(
         Eigenvalues in any order (sorted here, largest first).
     rank : int, optional
         Mark the ``rank`` smallest eigenvalues: the directions OSRM gives an adapter whose
-        *other* tasks have this spectrum.
+        *other* tasks have this spectrum. The band's note says when they are at numerical
+        zero (:func:`zero_smallest`).
+
+    The x axis runs from 1 to the feature width (the longest spectrum).
     """
     fig = go.Figure()
     colors = _task_colors(list(spectra))
@@ -69,20 +93,22 @@ def eigenspectrum_figure(
                     ),
                 )
             )
+    d = max((len(t.x) for t in fig.data), default=0)
     if rank and fig.data:
-        d = max(len(t.x) for t in fig.data)
         r = min(int(rank), d)
+        zero = zero_smallest(spectra, r)
         fig.add_vrect(
             x0=d - r + 0.5,
             x1=d + 0.5,
             fillcolor="#EF553B",
             opacity=0.12,
             line_width=0,
-            annotation_text=f"{r} smallest (OSRM)",
-            annotation_position="top left",
+            annotation_text=f"{r} smallest (OSRM)" + (": numerically zero" if zero else ""),
+            annotation_position="top right",
         )
     fig.update_yaxes(type="log", title="eigenvalue (log scale)", exponentformat="power")
-    fig.update_xaxes(title="index k (largest first)")
+    # The axis ends at the width of the features (the band and its note must not stretch it).
+    fig.update_xaxes(title="index k (largest first)", range=[0.5, d + 0.5] if d else None)
     return _finish(fig, title)
 
 

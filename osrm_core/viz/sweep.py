@@ -14,16 +14,33 @@ from osrm_core.evaluate import param_columns
 from .common import _DASHES, _SYMBOLS, _finish, _unique, color_of
 
 
+def _of_metric(sweep: pd.DataFrame, metric: str | None) -> pd.DataFrame:
+    if metric is None:
+        return sweep
+    if "metric" not in sweep.columns or metric not in set(sweep["metric"]):
+        raise ValueError(f"no task of the sweep is scored by {metric!r}")
+    return sweep[sweep["metric"] == metric]
+
+
 def sweep_curves(
-    sweep: pd.DataFrame, *, task: str | None = None, y: str = "normalized", density: float | None = None
+    sweep: pd.DataFrame, *, task: str | None = None, y: str = "normalized", density: float | None = None,
+    metric: str | None = None,
 ) -> pd.DataFrame:
     """The sweep reduced to one value per (init, method, lambda): a task's or the task average.
 
     ``density`` keeps only that density for methods that use one (rows with a density);
-    methods without density are kept as they are.
+    methods without density are kept as they are. ``metric`` keeps only the tasks scored by
+    it. Raw scores (``y="score"``) of different metrics (accuracy and MCC ...) are not averaged:
+    ValueError; average the normalized scores, or one metric's tasks.
     """
     if y not in ("score", "normalized"):
         raise ValueError(f"y must be 'score' or 'normalized', got {y!r}")
+    sweep = _of_metric(sweep, metric)
+    if y == "score" and task is None and "metric" in sweep.columns and sweep["metric"].nunique() > 1:
+        raise ValueError(
+            f"raw scores of different metrics ({', '.join(map(str, _unique(sweep['metric'])))}) are not averaged: "
+            "choose one metric's tasks, one task, or the normalized score"
+        )
     df = sweep if "init" in sweep.columns else sweep.assign(init="")
     if density is not None and "density" in df.columns:
         df = df[df["density"].isna() | np.isclose(df["density"].astype(float), density)]
@@ -46,6 +63,37 @@ def sweep_best(curves: pd.DataFrame, y: str = "normalized", *, lower_is_better: 
     return curves.loc[idx.astype(int)].reset_index(drop=True)
 
 
+def average_choices(sweep: pd.DataFrame, y: str = "normalized") -> dict[str, tuple[str | None, str | None]]:
+    """The averages a sweep view can show, label -> ``(task, metric)`` for :func:`sweep_curves`:
+    the average over all tasks, except for raw scores of mixed metrics, where each metric's
+    tasks are averaged apart (``"average of the mcc tasks (a, b)"``)."""
+    metrics = _unique(sweep["metric"]) if "metric" in sweep.columns else []
+    if y == "normalized" or len(metrics) <= 1:
+        return {"average over tasks": (None, None)}
+    return {
+        f"average of the {m} tasks ({', '.join(map(str, _unique(sweep.loc[sweep['metric'] == m, 'task'])))})": (None, m)
+        for m in metrics
+    }
+
+
+def edge_notes(curves: pd.DataFrame, best: pd.DataFrame) -> list[str]:
+    """A note per best point (of :func:`sweep_best`) at the end of its lambda grid: the best
+    may lie beyond the grid."""
+    notes = []
+    for _, row in best.iterrows():
+        part = curves[(curves["init"] == row["init"]) & (curves["method"] == row["method"])]
+        lams = sorted(part["lambda"].astype(float).unique())
+        if len(lams) < 2:
+            continue
+        lam = float(row["lambda"])
+        end = "largest" if np.isclose(lam, lams[-1]) else "smallest" if np.isclose(lam, lams[0]) else None
+        if end:
+            name = f"{row['method']} ({row['init']})" if row["init"] else str(row["method"])
+            notes.append(f"{name}: the best lambda {lam:g} is the {end} of the grid "
+                         f"({lams[0]:g} to {lams[-1]:g}); the best may lie beyond it, widen the grid to see.")
+    return notes
+
+
 def metric_label(sweep: pd.DataFrame, task: str | None = None) -> tuple[str, bool]:
     """The metrics of a sweep's rows (of ``task``, or all) as a label, e.g. ``"mcc"`` or
     ``"accuracy, f1"``, and whether lower is better (all scored by a loss)."""
@@ -65,6 +113,7 @@ def sweep_figure(
     y: str = "normalized",
     density: float | None = None,
     title: str = "",
+    metric: str | None = None,
 ) -> go.Figure:
     """Merged score against lambda: one line per init and method, the best point starred.
 
@@ -78,8 +127,13 @@ def sweep_figure(
     y : {"normalized", "score"}
     density : float, optional
         The density shown for TIES/DARE.
+    metric : str, optional
+        Only the tasks scored by this metric (raw scores of mixed metrics are not averaged,
+        see :func:`sweep_curves`).
     """
-    curves = sweep_curves(sweep, task=task, y=y, density=density)
+    curves = sweep_curves(sweep, task=task, y=y, density=density, metric=metric)
+    sweep = _of_metric(sweep, metric)
+    n_tasks = sweep["task"].nunique()
     metric, lower = metric_label(sweep, task)
     methods = _unique(curves["method"])
     inits = _unique(curves["init"])
@@ -120,7 +174,7 @@ def sweep_figure(
         )
     if y == "normalized":
         fig.add_hline(y=1.0, line_dash="dot", line_color="grey", annotation_text="single-task")
-    what = "average over tasks" if task is None else task
+    what = f"average over {n_tasks} tasks" if task is None else task
     better = "lower is better" if lower else "higher is better"
     fig.update_yaxes(title=f"{'normalized ' if y == 'normalized' else ''}{metric} ({what}; {better})")
     fig.update_xaxes(title="lambda")
