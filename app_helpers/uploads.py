@@ -86,7 +86,8 @@ def read_uploaded_adapters(
     errors: list[str] = []
     loose: dict[str, list[bytes]] = {}
 
-    def add(name: str, adapter: Adapter) -> None:
+    def add(name: str, adapter: Adapter, uploaded: str) -> None:
+        adapter.source = f"uploaded {uploaded}"  # not the temporary folder it was read from
         key, n = safe_name(name, "adapter"), 2
         while key in adapters:
             key, n = f"{safe_name(name, 'adapter')}_{n}", n + 1
@@ -101,7 +102,7 @@ def read_uploaded_adapters(
                 with tempfile.TemporaryDirectory(prefix="osrm-upload-") as tmp:
                     path = Path(tmp) / "upload.zip"
                     path.write_bytes(f.getvalue())
-                    add(Path(name).stem, load_adapter(path, model, name=name))
+                    add(Path(name).stem, load_adapter(path, model, name=name), name)
             except (ValueError, OSError) as err:
                 errors.append(str(err))
         elif lower in ("adapter_config.json", "adapter_model.safetensors"):
@@ -126,7 +127,8 @@ def read_uploaded_adapters(
                 with tempfile.TemporaryDirectory(prefix="osrm-upload-") as tmp:
                     for fname, (data,) in loose.items():
                         (Path(tmp) / fname).write_bytes(data)
-                    add(loose_name, load_adapter(tmp, model, name=loose_name))
+                    add(loose_name, load_adapter(tmp, model, name=loose_name),
+                        "adapter_config.json + adapter_model.safetensors")
             except (ValueError, OSError) as err:
                 errors.append(str(err))
     return adapters, errors

@@ -665,7 +665,7 @@ def _reason(summary: pd.DataFrame, chosen: pd.Series, margin: float = 0.0, lower
         return f"{what}: {best}; held-out {held}."
     ref = default.iloc[0]
     if int(ref["candidate"]) == int(chosen["candidate"]):
-        return (f"{what} (the plain default): no candidate beat its validation score by more than "
+        return (f"{what}: the plain default; no candidate beat its validation score by more than "
                 f"{100 * margin:.1f} points, the uncertainty of so few validation texts; held-out {held}.")
     gain = 100 * (chosen["score"] - ref["score"])
     return (f"{what}: validation {100 * (chosen['validation'] - ref['validation']):.1f} points above the "

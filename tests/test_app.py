@@ -497,6 +497,7 @@ def test_diagnosis_advice_with_labelled_csvs_fills_the_merge_form(small_run):
     assert any("'topic' has no labels" in e for e in errors(at))  # CSV without a label column
 
     at.file_uploader(key="diag_csv_topic").clear().upload("t.csv", _csv("topic"), "text/csv")
+    at.multiselect(key="diag_methods").set_value(["task_arithmetic", "ties"])
     at.text_input(key="diag_lambdas").set_value("0.5, 1.0")
     at.number_input(key="diag_budget").set_value(2)
     at.run()
@@ -506,7 +507,8 @@ def test_diagnosis_advice_with_labelled_csvs_fills_the_merge_form(small_run):
     assert not errors(at)
     assert any(s.value.startswith("Recommended:") for s in at.success)
     advice = at.session_state["diag_advice"]["advice"]
-    assert (advice.summary["origin"] == "grid").sum() == 1 + 3  # finalists: TA, and TIES at 3 densities
+    origins = advice.summary["origin"]  # finalists: the default (TA, lambda 1), TA's best lambda, TIES x 3
+    assert (origins == "default").sum() == 1 and 3 <= (origins == "grid").sum() <= 4
     assert len(advice.search[advice.search["stage"] == "grid"]) == 2 * (1 + 3)  # 2 lambdas each
     score_fig = figure(at, "diag_adv_score_chart")
     assert score_fig["data"] and any(t.get("error_y") for t in score_fig["data"])
@@ -520,11 +522,11 @@ def test_diagnosis_advice_with_labelled_csvs_fills_the_merge_form(small_run):
     assert at.selectbox(key="diag_merge_method").value == rec["method"]
     lam = at.number_input(key="diag_merge_lambda").value
     weights = [float(w) for w in at.text_input(key="diag_merge_weights").value.split(",")]
-    what = advice.reason.split(":")[0]  # "ties (density 0.5), lambda 1.3" or "..., weights 1.3/0.9"
+    what = advice.reason.split(":")[0]  # "ties (density 0.5), lambda 1.3" or "..., per-adapter weights 1.3/0.9"
     if ", lambda " in what:
         assert lam == pytest.approx(float(what.rsplit(", lambda ", 1)[1])) and set(weights) == {1.0}
     else:
-        assert lam == 1.0 and weights == pytest.approx([float(w) for w in what.rsplit(", weights ", 1)[1].split("/")],
+        assert lam == 1.0 and weights == pytest.approx([float(w) for w in what.rsplit(", per-adapter weights ", 1)[1].split("/")],
                                                          abs=0.051)
     assert [lam * w for w in weights] == pytest.approx(rec["weights"])  # the same merge
     if rec["density"] is not None:
@@ -542,6 +544,8 @@ def test_diagnosis_advice_with_labelled_csvs_fills_the_merge_form(small_run):
     assert_clean(at)
     with zipfile.ZipFile(io.BytesIO(at.session_state["diag_merged"]["zip"])) as zf:
         assert json.loads(zf.read("merged_ties_uploaded/adapter_config.json"))["r"] == 8
+        card = zf.read("merged_ties_uploaded/README.md").decode()
+    assert "| uploaded " in card and "osrm-upload" not in card  # the uploaded names, not server paths
     # Bad weights: one error line, the page keeps working.
     at.text_input(key="diag_merge_weights").set_value("1, x").run()
     at.button(key="diag_merge_button").click().run()

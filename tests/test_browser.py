@@ -241,7 +241,7 @@ def test_merge_advice_in_chromium(server, browser, small_run, tmp_path):
         if ", lambda " in what:
             assert lam == pytest.approx(float(what.rsplit(", lambda ", 1)[1])) and set(weights) == {1.0}, sentence
         else:
-            expected = [float(w) for w in what.rsplit(", weights ", 1)[1].split("/")]
+            expected = [float(w) for w in what.rsplit(", per-adapter weights ", 1)[1].split("/")]
             assert lam == 1.0 and weights == pytest.approx(expected, abs=0.051), sentence
 
         page.get_by_role("button", name="Build the merged adapter").click()
