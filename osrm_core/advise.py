@@ -751,7 +751,7 @@ def write_advice(advice: Advice, adapters: dict[str, Adapter], out: str | Path) 
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    path, _ = write_merged_adapter(out / "adapter", advice.merged, adapters)
+    path, written = write_merged_adapter(out / "adapter", advice.merged, adapters)
     rec = advice.recommended
     params = {"weights": list(rec["weights"]), **({} if rec["density"] is None else {"density": rec["density"]})}
     held = advice.candidates[advice.candidates["candidate"] == rec["candidate"]]
@@ -760,7 +760,8 @@ def write_advice(advice: Advice, adapters: dict[str, Adapter], out: str | Path) 
     write_model_card(path, adapters, method=rec["method"], lam=1.0, params=params,
                      scores=held[["task", "metric", "score", "single", "normalized"]],
                      evaluation={"on": on, "rows": {n: len(s["heldout"]) for n, s in advice.shares.items()},
-                                 "max_length": advice.settings.get("max_length"), "seed": advice.settings.get("seed")})
+                                 "max_length": advice.settings.get("max_length"), "seed": advice.settings.get("seed")},
+                     written=written)
     write_json(out / "advice.json", {**advice.to_dict(), "command": merge_command(advice, adapters)})
     write_text(out / "advice.md", advice_markdown(advice) + "\n## The same adapter from the command line\n\n"
                f"```bash\n{merge_command(advice, adapters)}\n```\n")

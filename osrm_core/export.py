@@ -221,6 +221,21 @@ def write_merged_adapter(
     return out, table
 
 
+def _rank_lines(method: str, written: pd.DataFrame | None) -> list[str]:
+    """The model card's sentence on the rank the merged adapter holds (empty without ``written``)."""
+    from osrm_core.merge import get_merge_method
+
+    if written is None or not len(written):
+        return []
+    rank, error = int(written["rank"].max()), float(written["relative_error"].max())
+    how = "exact" if error < 1e-5 else f"truncated by SVD, largest relative error {error:.3g} over layers"
+    text = f"It holds rank {rank} per layer ({how})."
+    if not get_merge_method(method).low_rank:
+        text += (f" `{method}` changes the deltas entry by entry (or by Gram matrices), so its merge is full "
+                 "rank: the exact adapter is as large as the layers; `osrm merge --out-rank K` writes a smaller one.")
+    return [text, ""]
+
+
 def write_model_card(
     folder: str | Path,
     adapters: dict[str, Adapter],
@@ -230,6 +245,7 @@ def write_model_card(
     params: dict | None = None,
     scores: pd.DataFrame | None = None,
     evaluation: dict | None = None,
+    written: pd.DataFrame | None = None,
 ) -> Path:
     """Write ``README.md``, the Hub model card of a merged adapter: metadata (``library_name:
     peft``, ``base_model``, ``tags: [merge, osrm]``), the merge (method, lambda, parameters such
@@ -237,7 +253,9 @@ def write_model_card(
     measured scores when given (rows of :func:`osrm_core.workflows.merge_scores`: ``task,
     metric, score, single, normalized``), what reproduces them (``evaluation``: ``on``, the texts
     scored, e.g. "each task's test split"; ``rows`` per task; ``max_length``; ``seed``), and how to
-    load it and each task's head (with its number of classes) with plain peft."""
+    load it and each task's head (with its number of classes) with plain peft. ``written``, the
+    factorization table of :func:`factor_merged` (``rank``, ``relative_error`` per layer), adds
+    the rank the adapter was written at, and for a full-rank method (TIES, DARE, RegMean) says so."""
     import yaml
 
     folder = Path(folder)
@@ -251,6 +269,7 @@ def write_model_card(
              f"# Merged LoRA adapter: {', '.join(adapters)}", "",
              f"Written by the OSRM workbench: `{method}` with lambda = {lam:g}"
              + "".join(f", {k} = {v}" for k, v in (params or {}).items()) + ".", "",
+             *_rank_lines(method, written),
              "## Source adapters", "", "| task | source | sha256 of the weights |", "|---|---|---|"]
     lines += [f"| {n} | {a.source or '(in memory)'} | {a.sha256 or '-'} |" for n, a in adapters.items()]
     if scores is not None and len(scores):

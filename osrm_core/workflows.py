@@ -343,7 +343,8 @@ def build_merged_adapter(
     shown = {**shown, "seed": seed} if method.startswith("dare") else shown  # DARE's drops are seeded
     if space != "full":
         shown = {**shown, "space": space}
-    write_model_card(path, adapters, method=method, lam=lam, params=shown, scores=scores, evaluation=evaluation)
+    write_model_card(path, adapters, method=method, lam=lam, params=shown, scores=scores, evaluation=evaluation,
+                     written=table)
     return path, table
 
 

@@ -319,6 +319,7 @@ def test_merge_with_tasks_reports_scores_plain_peft_reproduces(method, jobs, fil
     assert "## Measured scores" in card and "max_length = 128; seed = 0" in card
     assert f"`{method}` with lambda = 0.7" in card and "num_labels=K)  # K: " in card
     assert ("density = 0.6" in card) == (method == "ties")
+    assert "per layer (exact)" in card and ("its merge is full rank" in card) == (method == "ties")
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     for key in TASKS:
         row = scores[key]
