@@ -76,6 +76,12 @@ def test_finished_arms_are_the_done_runs_of_every_folder(analyze, tmp_path) -> N
     arms = analyze.finished_arms([tmp_path / "study", tmp_path / "extra-run", tmp_path / "other"])
     assert [a.name for a in arms] == ["standard-none-r8", "extra-run", "other/standard-none-r8"]
     assert arms[0].tags()["rank"] == 8 and arms[1].tasks() == set(TASKS)
+    # --partial: a run still training counts with the adapters its manifest records as done
+    training = tmp_path / "study" / "runs" / "training"
+    (training / "manifest.json").write_text(json.dumps({"stages": {"adapters/osrm_gen/a": {"status": "done"},
+                                                                   "adapters/osrm_gen/b": {"status": "running"}}}))
+    partial = analyze.finished_arms([tmp_path / "study"], partial=True)
+    assert [a.name for a in partial] == ["standard-none-r8", "training"] and partial[1].tasks() == {"a"}
 
 
 def test_scores_are_resumed_and_summarized_at_the_best_lambda(analyze, tmp_path) -> None:

@@ -81,11 +81,16 @@ class Arm:
     init: str
 
     def tasks(self) -> set[str]:
-        """The tasks this arm has a finished fine-tuned adapter of (its stage done in the manifest)."""
-        stages = self.run.manifest().get("stages", {})
+        """The tasks this arm has a finished fine-tuned adapter of (all of a finished run's; in a
+        run still training, those whose stage the manifest records as done)."""
+        manifest = self.run.manifest()
+        stages = manifest.get("stages", {})
         root = self.run.path / "adapters" / self.init
-        return {p.name for p in root.iterdir() if p.is_dir()
-                and stages.get(f"adapters/{self.init}/{p.name}", {}).get("status") == "done"} if root.is_dir() else set()
+
+        def finished(task: str) -> bool:
+            return manifest.get("status") == "done" or stages.get(f"adapters/{self.init}/{task}", {}).get("status") == "done"
+
+        return {p.name for p in root.iterdir() if p.is_dir() and finished(p.name)} if root.is_dir() else set()
 
     def tags(self) -> dict:
         t = self.config.train
