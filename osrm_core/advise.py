@@ -569,7 +569,7 @@ def advise(
                              "normalized": got / ref if ref > 0 else float("nan")})
         table = pd.DataFrame(rows)
         summary = _summarize(table)
-        margin = selection_margin([(t.metric, len(t.test)) for t in val_tasks])
+        margin = selection_margin([(t.metric, len(t.test)) for t in val_tasks])  # for methods and weights
         chosen = _choose(summary, margin)
         best = candidates[int(chosen["candidate"])]
         merged = search.merged(best["method"], best["density"], best["weights"])
@@ -620,18 +620,20 @@ def _summarize(table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-#: Complexity of a finalist: the plain default, one tuned lambda (of any method), searched weights.
+#: Complexity of a finalist: task arithmetic with one lambda, another method's lambda, searched weights.
 _TIER = {"default": 0, "grid": 1, "weights": 2}
 
 
 def selection_margin(shares: Sequence[tuple[str, int]]) -> float:
-    """How far a tuned candidate's validation score must beat the plain default's to be chosen.
+    """How far another method or searched weights must beat task arithmetic's validation score to
+    be chosen over it.
 
     Half the width of a 95% interval of a mean over tasks of ``n_t`` validation texts each, at
     the largest variance a score can have (0.25 for an accuracy or F1, 1 for a Matthews
     correlation in [-1, 1]): ``1.96 sqrt(sum_t v_t / n_t) / T``. With 20 texts per task and
-    three tasks that is 6.3 points: a few dozen texts cannot tell lambdas a few points apart,
-    so the advisor keeps the default unless a candidate wins clearly. Losses (causal LMs): 0.
+    three tasks that is 6.3 points: picking the best of many candidates on a few dozen texts
+    over-fits them, so the advisor keeps task arithmetic unless a candidate wins clearly.
+    Losses (causal LMs): 0.
     """
     if not shares or any(metric == "loss" for metric, _ in shares):
         return 0.0
@@ -639,13 +641,24 @@ def selection_margin(shares: Sequence[tuple[str, int]]) -> float:
     return 1.96 * math.sqrt(var) / len(shares)
 
 
+def _baseline(summary: pd.DataFrame) -> pd.Series | None:
+    """Task arithmetic at its best lambda on the validation share (lambda 1, the plain default,
+    on a tie): one scalar tuned, the simplest candidate worth having."""
+    ta = summary[(summary["method"] == "task_arithmetic") & summary["origin"].isin(["default", "grid"])]
+    if ta.empty:
+        return None
+    return ta.assign(_d=ta["origin"] != "default").sort_values(["validation", "_d"], ascending=[False, True]).iloc[0]
+
+
 def _choose(summary: pd.DataFrame, margin: float = 0.0) -> pd.Series:
-    """The plain default (task arithmetic at lambda 1) unless a finalist beats its validation
-    score by more than ``margin``; among those that do, the best validation score, then the
-    simpler (one lambda before searched weights), then the earlier candidate."""
-    default = summary[summary["origin"] == "default"]
-    floor = float(default["validation"].iloc[0]) + margin if len(default) else -math.inf
-    ok = summary[(summary["origin"] == "default") | (summary["validation"] > floor)]
+    """Task arithmetic at its best validation lambda (:func:`_baseline`) unless another finalist
+    (another method, or searched weights) beats its validation score by more than ``margin``;
+    among those that do, the best validation score, then the simpler, then the earlier."""
+    base = _baseline(summary)
+    if base is None:
+        ok = summary
+    else:
+        ok = summary[(summary["candidate"] == base["candidate"]) | (summary["validation"] > base["validation"] + margin)]
     ranked = ok.assign(_tier=ok["origin"].map(_TIER).fillna(3)).sort_values(
         ["validation", "_tier", "candidate"], ascending=[False, True, True]
     )
@@ -660,17 +673,20 @@ def _reason(summary: pd.DataFrame, chosen: pd.Series, margin: float = 0.0, lower
         what += f", lambda {chosen['weights'].split('/')[0]}"
     held = f"{'mean loss ' if lower else ''}{chosen['score']:.3f} [{chosen['low']:.3f}, {chosen['high']:.3f}]"
     default = summary[summary["origin"] == "default"]
-    if default.empty or lower:
+    base = _baseline(summary)
+    if default.empty or base is None or lower:
         best = f"the best validation {'loss' if lower else 'score'} ({abs(chosen['validation']):.3f})"
         return f"{what}: {best}; held-out {held}."
     ref = default.iloc[0]
-    if int(ref["candidate"]) == int(chosen["candidate"]):
-        return (f"{what}: the plain default; no candidate beat its validation score by more than "
-                f"{100 * margin:.1f} points, the uncertainty of so few validation texts; held-out {held}.")
+    plain = f"the plain default (task arithmetic, lambda 1: held-out {ref['score']:.3f})"
     gain = 100 * (chosen["score"] - ref["score"])
-    return (f"{what}: validation {100 * (chosen['validation'] - ref['validation']):.1f} points above the "
-            f"plain default (task arithmetic, lambda 1; margin {100 * margin:.1f}); on the held-out texts "
-            f"{abs(gain):.1f} points {'above' if gain >= 0 else 'below'} it ({ref['score']:.3f}); held-out {held}.")
+    versus = f"{abs(gain):.1f} points {'above' if gain >= 0 else 'below'} {plain}"
+    if int(base["candidate"]) == int(chosen["candidate"]):
+        lam = "the plain default" if chosen["origin"] == "default" else "task arithmetic's best lambda on the validation texts"
+        return (f"{what}: {lam}; no other method or weighting beat it there by more than {100 * margin:.1f} points, "
+                f"the uncertainty of so few texts; held-out {held}" + ("." if chosen["origin"] == "default" else f", {versus}."))
+    return (f"{what}: validation {100 * (chosen['validation'] - base['validation']):.1f} points above task "
+            f"arithmetic's best lambda (margin {100 * margin:.1f}); held-out {held}, {versus}.")
 
 
 # --------------------------------------------------------------------------- output

@@ -137,8 +137,10 @@ def test_advice_reports_the_finalists_with_intervals(advised) -> None:
     rec = advice.recommended
     margin = advice.settings["selection_margin"]
     assert margin > 0.1  # 6 validation texts per task cannot tell candidates apart
-    beats = summary[summary["validation"] > default["validation"] + margin]
-    assert rec["validation"] == (beats["validation"].max() if len(beats) else default["validation"])
+    ta = summary[summary["method"] == "task_arithmetic"]
+    base = ta.loc[ta["validation"].idxmax()]
+    beats = summary[summary["validation"] > base["validation"] + margin]
+    assert rec["validation"] == (beats["validation"].max() if len(beats) else base["validation"])
     assert len(rec["weights"]) == 2 and rec["method"] in ("task_arithmetic", "ties")
     assert "held-out" in advice.reason and f"{rec['heldout']:.3f}" in advice.reason
     assert advice.evaluations == advised["calls"][-1][0] == advised["calls"][-1][1]
@@ -305,26 +307,28 @@ def test_held_out_texts_are_never_training_texts_nor_in_both_shares(tmp_path) ->
     assert len(idx["validation"]) + len(idx["heldout"]) == rows["text"].nunique()
 
 
-def test_choice_keeps_the_default_unless_a_candidate_wins_by_the_margin() -> None:
+def test_choice_keeps_task_arithmetic_unless_a_candidate_wins_by_the_margin() -> None:
     from osrm_core.advise import _choose, _reason, selection_margin
 
     assert selection_margin([("accuracy", 20)] * 3) == pytest.approx(1.96 * np.sqrt(3 * 0.25 / 20) / 3)
     assert selection_margin([("loss", 20)]) == 0.0
-    summary = pd.DataFrame([
-        {"candidate": 0, "method": "task_arithmetic", "density": np.nan, "weights": "1/1", "origin": "default",
-         "validation": 0.80, "score": 0.82, "low": 0.78, "high": 0.86, "normalized": 0.95},
-        {"candidate": 1, "method": "ties", "density": 0.3, "weights": "0.7/0.7", "origin": "grid",
-         "validation": 0.84, "score": 0.79, "low": 0.75, "high": 0.83, "normalized": 0.92},
-        {"candidate": 2, "method": "ties", "density": 0.3, "weights": "0.7/0.5", "origin": "weights",
-         "validation": 0.90, "score": 0.80, "low": 0.76, "high": 0.84, "normalized": 0.93},
-    ])
-    assert int(_choose(summary, 0.12)["candidate"]) == 0  # nothing beats 0.80 by 12 points
-    assert int(_choose(summary, 0.06)["candidate"]) == 2  # 0.90 does; 0.84 does not
-    assert int(_choose(summary, 0.0)["candidate"]) == 2
-    kept = _reason(summary, _choose(summary, 0.12), 0.12)
-    assert "plain default" in kept and "12.0 points" in kept
-    moved = _reason(summary, _choose(summary, 0.06), 0.06)
-    assert "2.0 points below it" in moved and "-" not in moved.split("below")[0].split("held-out")[-1]
+    rows = [("task_arithmetic", np.nan, "1/1", "default", 0.80, 0.82),
+            ("task_arithmetic", np.nan, "0.5/0.5", "grid", 0.83, 0.85),
+            ("ties", 0.3, "0.7/0.7", "grid", 0.86, 0.79),
+            ("ties", 0.3, "0.7/0.5", "weights", 0.95, 0.80)]
+    summary = pd.DataFrame([{"candidate": k, "method": m, "density": d, "weights": w, "origin": o, "validation": v,
+                             "score": sc, "low": sc - 0.04, "high": sc + 0.04, "normalized": sc / 0.9}
+                            for k, (m, d, w, o, v, sc) in enumerate(rows)])
+    assert int(_choose(summary, 0.15)["candidate"]) == 1  # TA's best lambda; 0.95 is not 15 points above 0.83
+    assert int(_choose(summary, 0.10)["candidate"]) == 3  # 0.95 is; 0.86 is not
+    assert int(_choose(summary, 0.0)["candidate"]) == 3
+    assert int(_choose(summary.drop(index=1), 0.15)["candidate"]) == 0  # the plain default
+    kept = _reason(summary, _choose(summary, 0.15), 0.15)
+    assert kept.startswith("task_arithmetic, lambda 0.5: task arithmetic's best lambda") and "15.0 points" in kept
+    assert "3.0 points above the plain default" in kept
+    moved = _reason(summary, _choose(summary, 0.10), 0.10)
+    assert moved.startswith("ties (density 0.3), per-adapter weights 0.7/0.5:") and "2.0 points below the plain" in moved
+    assert "-" not in moved.split("held-out")[-1]  # no "-2.0 points over"
 
 
 @pytest.mark.parametrize("recommended", [None, {"method": "ties", "density": 0.5, "weights": [0.5, 1.5]},
