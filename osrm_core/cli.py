@@ -538,7 +538,7 @@ def build_parser() -> argparse.ArgumentParser:
     for spec in all_param_specs().values():  # each method's parameters, from its dataclass
         p.add_argument(f"--{spec.name.replace('_', '-')}", dest=f"param_{spec.name}", default=None,
                        type=float if spec.choices is None else str, choices=spec.choices,
-                       help=f"{spec.help} (default {spec.default})")
+                       help=f"{spec.help} (default {spec.default})".replace("%", "%%"))
     p.add_argument("--weights", default=None, metavar="NAME=W,...",
                    help="per-adapter weights >= 0, e.g. a=0.8,b=1.2 (1 for an adapter not named)")
     p.add_argument("--space", default="full", choices=["full", "core"],
