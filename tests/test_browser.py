@@ -328,6 +328,7 @@ def test_a_run_from_the_home_page_is_named_in_the_sidebar(server, browser):
         sidebar = page.locator('[data-testid="stSidebar"]')
         sidebar.get_by_role("button", name="Close this run").click()
         _wait_until_idle(page)
+        sidebar.locator("code").first.wait_for(state="detached", timeout=60_000)  # the rerun may lag on a busy machine
         assert sidebar.locator("code").count() == 0
         page.get_by_role("tab", name="New run").click()
         page.get_by_text("More settings").click()
