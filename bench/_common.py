@@ -166,3 +166,22 @@ def paired_ratio(num: list[float], den: list[float]) -> float:
 
 def rounded(samples: dict[str, list[float]], digits: int = 4) -> dict[str, list[float]]:
     return {k: [round(v, digits) for v in vs] for k, vs in samples.items()}
+
+
+def status_kib(key: str) -> int:
+    """A ``/proc/self/status`` field in KiB, e.g. ``VmRSS`` or ``VmHWM`` (Linux)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+def reset_peak() -> bool:
+    """Reset ``VmHWM`` to the current ``VmRSS`` (Linux >= 4.0); False where it cannot."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False

@@ -32,27 +32,10 @@ import os
 import subprocess
 import sys
 
-from bench._common import ROOT, Context, Row, median
+from bench._common import ROOT, Context, Row, median, reset_peak, status_kib
 
 TOKENS_PER_EXAMPLE = 128
 BATCH_SIZE = 8  # 1,024 tokens per batch
-
-
-def _status_kib(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise KeyError(key)
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current VmRSS (Linux >= 4.0)
-        return True
-    except OSError:
-        return False
 
 
 def child(configs: list[tuple[int, int, str]], repeats: int) -> list[dict]:
@@ -130,15 +113,15 @@ def child(configs: list[tuple[int, int, str]], repeats: int) -> list[dict]:
         for width, tokens, dtype_name in configs:
             model, task = models[width], tasks[tokens]
             gc.collect()
-            ok = _reset_peak()
-            rss0 = _status_kib("VmRSS")
+            ok = reset_peak()
+            rss0 = status_kib("VmRSS")
             bare(model, task)
-            bare_rise = _status_kib("VmHWM") - rss0
+            bare_rise = status_kib("VmHWM") - rss0
             gc.collect()
-            _reset_peak()
-            rss1 = _status_kib("VmRSS")
+            reset_peak()
+            rss1 = status_kib("VmRSS")
             stats = collect_feature_stats(model, tok, task, **kw(dtype_name))
-            stats_rise = _status_kib("VmHWM") - rss1
+            stats_rise = status_kib("VmHWM") - rss1
             st = stats.layers["layer.0.query"]
             state = sum(
                 t.numel() * t.element_size() for t in (st.sum_outer, st.sum, st.sum_sample_mean_outer)

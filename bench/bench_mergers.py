@@ -33,33 +33,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._common import ROOT, median  # noqa: E402
+from bench._common import ROOT, median, reset_peak, status_kib  # noqa: E402
 
 METHODS = ("task_arithmetic", "ties", "dare_ties", "knots_ta", "tsv_m", "iso_c", "iso_cts", "cart")
-
-
-def _status_kib(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise KeyError(key)
 
 
 def _measure(fn: Callable[[], object]) -> tuple[float, float]:
     """Seconds of ``fn()`` and the rise of the resident-set high-water mark over it (MiB; NaN
     where ``/proc/self/clear_refs`` cannot reset the mark)."""
     gc.collect()
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        rss0 = _status_kib("VmRSS")
-    except OSError:
-        rss0 = None
+    rss0 = status_kib("VmRSS") if reset_peak() else None
     start = time.perf_counter()
     out = fn()
     seconds = time.perf_counter() - start
-    peak = float("nan") if rss0 is None else (_status_kib("VmHWM") - rss0) / 1024
+    peak = float("nan") if rss0 is None else (status_kib("VmHWM") - rss0) / 1024
     del out
     return seconds, peak
 
