@@ -145,7 +145,7 @@ def test_two_concurrent_runs_on_one_directory(tmp_path, tiny_model_dir):
         "name": "twice", "model": str(tiny_model_dir), "rank": 2, "alpha": 4, "samples": 200,
         "max_length": 48, "max_test": 60, "inits": ["standard", "osrm"],
         "tasks": [{"name": "sentiment", "spec": "demo:sentiment"}, {"name": "topic", "spec": "demo:topic"}],
-        "train": {"steps": 150, "batch_size": 8}, "merge": {"methods": ["task_arithmetic"], "lambdas": [0.5, 1.0]},
+        "train": {"steps": 30, "batch_size": 8}, "merge": {"methods": ["task_arithmetic"], "lambdas": [0.5, 1.0]},
     }))
     out = tmp_path / "shared"
     stale = _holder_process(out)  # a writer killed before: its lock must not stop the next one
@@ -157,11 +157,13 @@ def test_two_concurrent_runs_on_one_directory(tmp_path, tiny_model_dir):
         assert first.poll() is None, first.communicate()[1][-2000:]
         assert time.monotonic() < deadline, "the first run never took the lock"
         time.sleep(0.05)
-    second = _osrm_run(config, out)
-    _, second_err = second.communicate(timeout=300)
-    first_was_running = first.poll() is None
+    first.send_signal(signal.SIGSTOP)  # hold the first writer still while the second tries, however fast it is
+    try:
+        second = _osrm_run(config, out)
+        _, second_err = second.communicate(timeout=300)
+    finally:
+        first.send_signal(signal.SIGCONT)
     _, first_err = first.communicate(timeout=600)
-    assert first_was_running, "the first run ended before the second tried: make it longer"
     assert second.returncode == 2, second_err
     lines = [line for line in second_err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "Traceback" not in second_err, second_err
