@@ -18,6 +18,7 @@ from osrm_core.data import METRICS
 from osrm_core.errors import OsrmInputError, UsageError
 from osrm_core.inits import INITS
 from osrm_core.merge import all_param_specs
+from osrm_core.params import ParamSpec
 from osrm_core.rundir import RunDir, write_csv
 from osrm_core.settings import DEFAULT_LAMBDAS, RunConfig, TaskEntry
 
@@ -84,8 +85,13 @@ def _config_from_args(args, name: str = "run") -> RunConfig:
     }
     if getattr(args, "init", None):
         data["inits"] = args.init
-    if getattr(args, "osrm_gen_eps", None) is not None:
-        data["osrm_gen_eps"] = args.osrm_gen_eps
+    init_params: dict[str, dict] = {}
+    for key, value in vars(args).items():  # the flags of _param_flag: init_param.INIT.NAME
+        if key.startswith("init_param.") and value is not None:
+            _, init, name = key.split(".")
+            init_params.setdefault(init, {})[name] = value
+    if init_params:
+        data["init_params"] = init_params
     train = {}
     for key in ("steps", "lr", "batch_size", "constraint", "penalty_beta", "b_density", "calibration"):
         if getattr(args, key, None) is not None:
@@ -454,6 +460,14 @@ def cmd_show(args) -> None:
 # --------------------------------------------------------------------------- parser
 
 
+def _param_flag(parser: argparse.ArgumentParser, name: str, dest: str, spec: ParamSpec, what: str = "") -> None:
+    """The flag ``--NAME`` of a declared parameter (a merge method's or an init's)."""
+    parser.add_argument(f"--{name.replace('_', '-')}", dest=dest, default=None, choices=spec.choices,
+                        type=float if spec.choices is None else str,
+                        metavar=spec.name.upper() if spec.choices is None else None,
+                        help=f"{what}{spec.help} (default {spec.default})".replace("%", "%%"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from osrm_core.merge import MERGE_METHODS
 
@@ -524,7 +538,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--b-density", type=float, help="sparse_B: share of B's entries kept (default 0.1)")
             p.add_argument("--calibration", type=float,
                            help="sparse_B: share of the steps before B's mask is fixed (default 0.1)")
-        p.add_argument("--osrm-gen-eps", type=float, help="osrm_gen's trade-off eps (default 0.01)")
+        for init, method in INITS.items():  # each init's options, from its ParamSpec
+            for spec in method.params:
+                _param_flag(p, f"{init}-{spec.name}", f"init_param.{init}.{spec.name}", spec, f"{init}: ")
         p.set_defaults(func=func)
 
     p = sub.add_parser("merge", help="merge adapters into one adapter (or full weights)")
@@ -533,9 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"merge method: {', '.join(MERGE_METHODS)} (default task_arithmetic)")
     p.add_argument("--lambda", dest="lam", type=float, default=1.0, help="scale of the merge, >= 0")
     for spec in all_param_specs().values():  # each method's parameters, from its dataclass
-        p.add_argument(f"--{spec.name.replace('_', '-')}", dest=f"param_{spec.name}", default=None,
-                       type=float if spec.choices is None else str, choices=spec.choices,
-                       help=f"{spec.help} (default {spec.default})".replace("%", "%%"))
+        _param_flag(p, spec.name, f"param_{spec.name}", spec)
     p.add_argument("--weights", default=None, metavar="NAME=W,...",
                    help="per-adapter weights >= 0, e.g. a=0.8,b=1.2 (1 for an adapter not named)")
     p.add_argument("--space", default="full", choices=["full", "core"],

@@ -347,9 +347,8 @@ class Pipeline:
             def compute() -> dict[str, torch.Tensor]:
                 stats = all_stats if all_stats is not None else self.all_stats()
                 devices = layer_devices(model, list(stats[index].layers))
-                options = {key: getattr(cfg, field) for key, field in spec.config_options}
                 sub = task_subspaces(init, stats, index, cfg.rank, weighting=cfg.osrm_weighting, device=devices,
-                                     **options)
+                                     **cfg.init_params.get(init, {}))
                 return {n: a.cpu() for n, a in sub.items()} if dist_info().active else sub
 
             subspaces = run_on_main(compute, f"OSRM subspaces of {task.name!r}")

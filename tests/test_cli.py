@@ -170,7 +170,7 @@ BAD_INPUTS = {
     "osrm_gen eps 0": (
         lambda f, m: ["train", "--task", "a=demo:sentiment", "--task", "b=demo:topic", "--init", "osrm_gen",
                       "--osrm-gen-eps", "0", "--out", f["root"] / "eps0"],
-        "osrm_gen_eps",
+        "init_params: osrm_gen.eps must be a number in (0.0, inf), got 0.0",
     ),
     "negative penalty weight": (
         lambda f, m: ["train", "--task", "a=demo:sentiment", "--task", "b=demo:topic", "--constraint",

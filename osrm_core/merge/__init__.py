@@ -32,8 +32,9 @@ import torch
 from torch import Tensor
 
 from osrm_core.errors import InputTypeError, OsrmInputError
+from osrm_core.params import ParamSpec, check_choice, check_real
 
-from .base import MergeMethod, MergeParams, ParamSpec, PreparedLayer, check_choice, check_real, check_weights
+from .base import MergeMethod, MergeParams, PreparedLayer, check_weights
 from .cart import Cart
 from .core import LoraFactors, check_factors, core_space
 from .dare import DareLinear, DareTies

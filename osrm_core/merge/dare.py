@@ -14,46 +14,33 @@ Free Lunch", ICML 2024. https://arxiv.org/abs/2311.03099
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor
 
-from .base import MergeMethod, MergeParams, check_choice, check_real
-from .ties import SIGN_METHODS, SignMethod, elect_and_merge, weight_column
+from osrm_core.params import Interval, choice_param, number_param
+
+from .base import MergeMethod, MergeParams
+from .ties import SignMethod, elect_and_merge, weight_column
 
 
 @dataclass
 class DareParams(MergeParams):
     """Parameters of DARE with task arithmetic."""
 
-    density: float = field(
-        default=0.5,
-        metadata={
-            "help": "probability of keeping each entry, in (0, 1]; kept entries are divided by "
-            "it (drop rate p = 1 - density)",
-            "range": (0.01, 1.0),
-        },
-    )
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self.density = check_real("density", self.density, low=0.0, high=1.0, low_open=True)
+    density: float = number_param(
+        0.5, "probability of keeping each entry, in (0, 1]; kept entries are divided by it (drop rate "
+        "p = 1 - density)", Interval(0.0, 1.0, low_open=True), widget=(0.01, 1.0))
 
 
 @dataclass
 class DareTiesParams(DareParams):
     """Parameters of DARE with TIES sign election."""
 
-    majority_sign_method: SignMethod = field(
-        default="total",
-        metadata={"help": "sign election per entry: 'total' or 'frequency' (see TIES)"},
-    )
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_choice("majority_sign_method", self.majority_sign_method, SIGN_METHODS)
+    majority_sign_method: SignMethod = choice_param(
+        "total", "sign election per entry: 'total' or 'frequency' (see TIES)")
 
 
 def random_pruning(

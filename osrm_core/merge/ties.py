@@ -11,7 +11,7 @@ https://arxiv.org/abs/2306.01708
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -22,36 +22,23 @@ from peft.utils.merge_utils import (
 )
 from torch import Tensor
 
-from .base import MergeMethod, MergeParams, check_choice, check_real
+from osrm_core.params import Interval, choice_param, number_param
+
+from .base import MergeMethod, MergeParams
 
 SignMethod = Literal["total", "frequency"]
-SIGN_METHODS: tuple[str, ...] = ("total", "frequency")
 
 
 @dataclass
 class TiesParams(MergeParams):
     """Parameters of TIES (and KnOTS-TIES)."""
 
-    density: float = field(
-        default=0.5,
-        metadata={
-            "help": "fraction of each task's entries kept, the largest in magnitude, in (0, 1]; "
-            "0.5 by default because LoRA deltas are low-rank and dense",
-            "range": (0.01, 1.0),
-        },
-    )
-    majority_sign_method: SignMethod = field(
-        default="total",
-        metadata={
-            "help": "sign election per entry: 'total' (sign of the sum of values) or "
-            "'frequency' (sign held by more tasks)"
-        },
-    )
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self.density = check_real("density", self.density, low=0.0, high=1.0, low_open=True)
-        check_choice("majority_sign_method", self.majority_sign_method, SIGN_METHODS)
+    density: float = number_param(
+        0.5, "fraction of each task's entries kept, the largest in magnitude, in (0, 1]; 0.5 by default "
+        "because LoRA deltas are low-rank and dense", Interval(0.0, 1.0, low_open=True), widget=(0.01, 1.0))
+    majority_sign_method: SignMethod = choice_param(
+        "total", "sign election per entry: 'total' (sign of the sum of values) or 'frequency' (sign held by "
+        "more tasks)")
 
 
 def trim_by_magnitude(delta: Tensor, density: float) -> Tensor:
