@@ -62,6 +62,19 @@ def check_weights(weights: Sequence[float] | None, n_tasks: int) -> list[float]:
     return [check_real(f"weights[{i}]", w, low=0.0, high=math.inf, high_open=True) for i, w in enumerate(weights)]
 
 
+def weight_rows(stacked: Tensor, weights: list[float]) -> Tensor:
+    """``stacked`` (T, ...) with row i times ``weights[i]`` (itself when all weights are 1)."""
+    if all(w == 1.0 for w in weights):
+        return stacked
+    w = torch.tensor(weights, dtype=stacked.dtype, device=stacked.device)
+    return stacked * w.reshape(-1, *([1] * (stacked.ndim - 1)))
+
+
+def check_scale(lam: float, weights: Sequence[float] | None, n_tasks: int) -> tuple[float, list[float]]:
+    """The scale ``lam`` (>= 0) and the per-task weights (all 1 when None), checked once per merge."""
+    return check_real("lam", lam, low=0.0, high=math.inf, high_open=True), check_weights(weights, n_tasks)
+
+
 @dataclass(frozen=True)
 class PreparedLayer:
     """One layer's deltas after a method's weight-independent work (:meth:`MergeMethod.prepare`).
@@ -154,13 +167,8 @@ class MergeMethod:
         args = ", ".join(f"{f.name}={getattr(self.params, f.name)!r}" for f in fields(self.params))
         return f"{type(self).__name__}({args})"
 
-    def prepare_layer(
-        self,
-        deltas: list[Tensor],
-        gram: list[Tensor] | None,
-        generator: torch.Generator,
-        shape: tuple[int, int],
-    ) -> Any:
+    def prepare_layer(self, deltas: list[Tensor], gram: list[Tensor] | None, generator: torch.Generator,
+                      shape: tuple[int, int]) -> Any:
         """The weight-independent work on one layer's deltas, done once for many weight vectors.
 
         The default keeps the deltas and Gram matrices; methods with per-task work (trimming,
@@ -341,16 +349,19 @@ class MergeMethod:
         -------
         tensor of shape (d_out, d_in), dtype and device of the inputs
         """
-        lam = check_real("lam", lam, low=0.0, high=math.inf, high_open=True)
         if isinstance(deltas, PreparedLayer):
             if deltas.method != self.name or deltas.params != self.params:
                 raise OsrmInputError(f"deltas prepared by {deltas.method!r} with {deltas.params}; this is {self!r}: "
-                                 "prepare them with this method")
+                                     "prepare them with this method")
             if gram is not None or generator is not None:
                 raise OsrmInputError("gram and generator go to prepare(), not to merge() of prepared deltas")
-            prepared = deltas
-        else:
-            prepared = self.prepare(deltas, gram=gram, generator=generator)
-        w = check_weights(weights, prepared.n_tasks)
-        merged = self.combine_prepared(prepared.data, w, prepared.full_shape)
-        return (lam * merged).to(prepared.dtype)
+            lam, w = check_scale(lam, weights, deltas.n_tasks)
+            return self.merged(deltas, lam, w)
+        self.check_inputs(deltas, gram)
+        lam, w = check_scale(lam, weights, len(deltas))
+        return self.merged(self.prepare(deltas, gram=gram, generator=generator, checked=True), lam, w)
+
+    def merged(self, prepared: PreparedLayer, lam: float, weights: list[float]) -> Tensor:
+        """``lam * combine_prepared`` in the inputs' dtype, for ``lam`` and ``weights`` already
+        checked (:func:`check_scale`): the one place where the scale and the weights enter."""
+        return (lam * self.combine_prepared(prepared.data, weights, prepared.full_shape)).to(prepared.dtype)

@@ -22,8 +22,8 @@ from torch import Tensor
 
 from osrm_core.params import Interval, choice_param, number_param
 
-from .base import MergeMethod, MergeParams
-from .ties import SignMethod, elect_and_merge, weight_column
+from .base import MergeMethod, MergeParams, weight_rows
+from .ties import SignMethod, elect_and_merge
 
 
 @dataclass
@@ -75,20 +75,15 @@ class _Dare(MergeMethod):
     uses_density = True
     consensus: ClassVar[Literal["sum", "ties"]]
 
-    def prepare_layer(
-        self,
-        deltas: list[Tensor],
-        gram: list[Tensor] | None,
-        generator: torch.Generator,
-        shape: tuple[int, int],
-    ) -> Tensor:
+    def prepare_layer(self, deltas: list[Tensor], gram: list[Tensor] | None, generator: torch.Generator,
+                      shape: tuple[int, int]) -> Tensor:
         """The dropped, rescaled deltas stacked, shape (T, d_out, d_in): the masks are drawn once,
         so every weight vector merged from one preparation sees the same drops."""
         density = self.params.density
         return torch.stack([random_pruning(d, density, generator) for d in deltas])
 
     def combine_prepared(self, prepared: Tensor, weights: list[float], shape: tuple[int, int]) -> Tensor:
-        dropped = prepared if all(w == 1.0 for w in weights) else prepared * weight_column(weights, prepared)
+        dropped = weight_rows(prepared, weights)
         if self.consensus == "ties":
             return elect_and_merge(dropped, self.params.majority_sign_method)
         return dropped.sum(dim=0)

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from osrm_core.params import Interval, choice_param, number_param
 
-from .base import MergeMethod, MergeParams
+from .base import MergeMethod, MergeParams, weight_rows
 
 SignMethod = Literal["total", "frequency"]
 
@@ -82,23 +82,12 @@ class Ties(MergeMethod):
     params_type = TiesParams
     uses_density = True
 
-    def prepare_layer(
-        self,
-        deltas: list[Tensor],
-        gram: list[Tensor] | None,
-        generator: torch.Generator,
-        shape: tuple[int, int],
-    ) -> Tensor:
+    def prepare_layer(self, deltas: list[Tensor], gram: list[Tensor] | None, generator: torch.Generator,
+                      shape: tuple[int, int]) -> Tensor:
         """The trimmed deltas stacked, shape (T, d_out, d_in): ``trim(w D) = w trim(D)`` for
         ``w >= 0``, so one trimming serves every weight vector."""
         return torch.stack([trim_by_magnitude(d, self.params.density) for d in deltas])
 
     def combine_prepared(self, prepared: Tensor, weights: list[float], shape: tuple[int, int]) -> Tensor:
-        stacked = prepared if all(w == 1.0 for w in weights) else prepared * weight_column(weights, prepared)
-        return elect_and_merge(stacked, self.params.majority_sign_method)
+        return elect_and_merge(weight_rows(prepared, weights), self.params.majority_sign_method)
 
-
-def weight_column(weights: list[float], like: Tensor) -> Tensor:
-    """``weights`` as a tensor of shape (T, 1, ..., 1) broadcasting over ``like`` (T, ...)."""
-    w = torch.tensor(weights, dtype=like.dtype, device=like.device)
-    return w.reshape(-1, *([1] * (like.ndim - 1)))

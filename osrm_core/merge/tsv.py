@@ -79,13 +79,8 @@ class TsvMerge(MergeMethod):
     reference = "https://arxiv.org/abs/2412.00081"
     params_type = TsvParams
 
-    def prepare_layer(
-        self,
-        deltas: list[Tensor],
-        gram: list[Tensor] | None,
-        generator: torch.Generator,
-        shape: tuple[int, int],
-    ) -> TsvPrepared:
+    def prepare_layer(self, deltas: list[Tensor], gram: list[Tensor] | None, generator: torch.Generator,
+                      shape: tuple[int, int]) -> TsvPrepared:
         """One SVD per task, truncated to ``min(sv_fraction min(shape) / T, numerical rank)``."""
         budget = int(self.params.sv_fraction * min(shape) / len(deltas))
         us, ss, vhs = [], [], []
