@@ -117,16 +117,9 @@ def _resolve(method: MergeMethod | str, params: dict[str, Any]) -> MergeMethod:
     raise InputTypeError(f"method must be a name or a MergeMethod, got {type(method).__name__}")
 
 
-def merge_layer(
-    deltas: list[Tensor],
-    method: MergeMethod | str,
-    *,
-    lam: float = 1.0,
-    gram: list[Tensor] | None = None,
-    generator: torch.Generator | None = None,
-    weights: Sequence[float] | None = None,
-    **params: Any,
-) -> Tensor:
+def merge_layer(deltas: list[Tensor], method: MergeMethod | str, *, lam: float = 1.0,
+                gram: list[Tensor] | None = None, generator: torch.Generator | None = None,
+                weights: Sequence[float] | None = None, **params: Any) -> Tensor:
     """Merge the deltas of one layer.
 
     Parameters
