@@ -146,3 +146,16 @@ def test_a_page_file_renders(tmp_path) -> None:
     assert not at.exception
     assert [t.value for t in at.title] == ["Throwaway page"]
     assert len(at.dataframe) == 1
+
+
+def test_the_readme_names_every_module_of_the_library() -> None:
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    table = readme[readme.index("The library, one line per module:"):readme.index("### How to add")]
+    named = {cell.strip("`") for line in table.splitlines() if line.startswith("| `")
+             for cell in line.split("|")[1].replace(",", " ").split()}
+    modules = {p.name if p.is_file() else f"{p.name}/" for p in (root / "osrm_core").iterdir()
+               if (p.suffix == ".py" or (p / "__init__.py").is_file())}
+    assert sorted(modules - named) == []
