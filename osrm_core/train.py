@@ -155,16 +155,7 @@ def finetune(
     active = constraint.prepare(layers, subspaces, penalty_moments, own_moments,  # checks what it needs first
                                 b_density=config.b_density, mask_step=config.mask_step())
     device = next(peft_model.parameters()).device
-    groups = _param_groups(peft_model, config, constraint.trains_a)
-    optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
-    warmup = int(config.warmup_ratio * config.steps)
-    # The scheduler stays on the plain optimizer: accelerate's wrapper would step it once per process.
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config.steps, warmup))
-    model, step_optimizer, accelerator = peft_model, optimizer, None
-    if parallel:
-        accelerator = _accelerator(device, info.world)
-        model, step_optimizer = accelerator.prepare(peft_model, optimizer)
-    trainable = [p for g in groups for p in g["params"]]
+    steps = _Steps.build(peft_model, config, constraint.trains_a, active, device, info.world if parallel else None)
 
     batches = training_batches(tokenizer, task.train, config, max_length=max_length, seed=seed)
     result = TrainResult(task.name, task.metric, float("nan"))
@@ -178,35 +169,17 @@ def finetune(
         for step in range(config.steps):
             idx = next(batches)
             local = idx[info.rank :: info.world] if parallel else idx
-            batch = next(
-                iter_batches(
-                    tokenizer, task.train, batch_size=len(local), max_length=max_length, indices=local
-                )
-            )
-            batch = move_batch(decoder_position_ids(batch, peft_model), device)
-            loss, logged, tokens = _step_loss(model, batch, active, config.penalty_beta,
-                                              len(local) / len(idx) if parallel else None, info.world, step)
-            step_optimizer.zero_grad(set_to_none=True)
-            if accelerator is not None:
-                accelerator.backward(loss)
-                active.before_step()
-                accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
-            else:
-                loss.backward()
-                active.before_step()
-                torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
-            step_optimizer.step()
-            scheduler.step()
-            active.after_step()
+            batch = next(iter_batches(tokenizer, task.train, batch_size=len(local), max_length=max_length,
+                                      indices=local))
+            logged, tokens = steps.step(move_batch(decoder_position_ids(batch, peft_model), device),
+                                        len(local) / len(idx) if parallel else None, step)
             result.losses.append(logged)
             result.tokens += tokens
             if drift_stats and ((step + 1) % every == 0 or step + 1 == config.steps):
                 result.drift += _drift(peft_model, task.name, drift_stats, step + 1)
             if progress:
                 progress(step + 1, config.steps, f"fine-tuning {task.name}")
-    if accelerator is not None:
-        accelerator.free_memory()  # drops the DDP wrapper; peft_model keeps the trained weights
-        del model, step_optimizer
+    steps.close()
     peft_model.eval()
     result.seconds = time.perf_counter() - start
     if parallel and task.metric != "loss":
@@ -268,6 +241,62 @@ def _param_groups(peft_model, config: TrainSettings, trains_a: bool) -> list[dic
         {"params": head_params, "lr": config.head_lr or config.lr},
     ]
     return [g for g in groups if g["params"]]
+
+
+@dataclass
+class _Steps:
+    """The optimizer steps of one fine-tuning: the model (DDP-wrapped in a data-parallel job), its
+    optimizer and learning-rate schedule, and the constraint's hooks around each step."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    accelerator: object | None
+    trainable: list[torch.nn.Parameter]
+    active: object
+    config: TrainSettings
+    world: int
+
+    @classmethod
+    def build(cls, peft_model, config: TrainSettings, trains_a: bool, active, device: torch.device,
+              world: int | None) -> _Steps:
+        """AdamW over :func:`_param_groups` with warmup and linear decay; ``world``: the processes
+        of a data-parallel job (None: one process)."""
+        groups = _param_groups(peft_model, config, trains_a)
+        optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+        warmup = int(config.warmup_ratio * config.steps)
+        # The scheduler stays on the plain optimizer: accelerate's wrapper would step it once per process.
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config.steps, warmup))
+        model, step_optimizer, accelerator = peft_model, optimizer, None
+        if world is not None:
+            accelerator = _accelerator(device, world)
+            model, step_optimizer = accelerator.prepare(peft_model, optimizer)
+        trainable = [p for g in groups for p in g["params"]]
+        return cls(model, step_optimizer, scheduler, accelerator, trainable, active, config, world or 1)
+
+    def step(self, batch: dict, share: float | None, step: int) -> tuple[float, int]:
+        """One optimizer step on ``batch`` (``share``: this rank's part of the global batch in a
+        data-parallel job); returns the loss to log and the tokens of the global batch."""
+        loss, logged, tokens = _step_loss(self.model, batch, self.active, self.config.penalty_beta, share,
+                                          self.world, step)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.accelerator is not None:
+            self.accelerator.backward(loss)
+            self.active.before_step()
+            self.accelerator.clip_grad_norm_(self.trainable, self.config.max_grad_norm)
+        else:
+            loss.backward()
+            self.active.before_step()
+            torch.nn.utils.clip_grad_norm_(self.trainable, self.config.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.active.after_step()
+        return logged, tokens
+
+    def close(self) -> None:
+        if self.accelerator is not None:
+            self.accelerator.free_memory()  # drops the DDP wrapper; peft_model keeps the trained weights
+            self.model = self.optimizer = None
 
 
 def _step_loss(model, batch: dict, active, beta: float, share: float | None, world: int,
