@@ -86,23 +86,11 @@ def training_batches(tokenizer, split, config: TrainSettings, *, max_length: int
             yield pool
 
 
-def finetune(
-    peft_model,
-    tokenizer,
-    task: TaskData,
-    config: TrainSettings | None = None,
-    *,
-    max_length: int = 128,
-    seed: int = 0,
-    max_test: int | None = None,
-    subspaces: dict[str, torch.Tensor] | None = None,
-    penalty_moments: dict[str, torch.Tensor] | None = None,
-    own_moments: dict[str, torch.Tensor] | None = None,
-    drift_stats: dict[str, FeatureStats] | None = None,
-    drift_every: int | None = None,
-    distributed: bool | None = None,
-    progress: Progress | None = None,
-) -> TrainResult:
+def finetune(peft_model, tokenizer, task: TaskData, config: TrainSettings | None = None, *, max_length: int = 128,
+             seed: int = 0, max_test: int | None = None, subspaces: dict[str, torch.Tensor] | None = None,
+             penalty_moments: dict[str, torch.Tensor] | None = None, own_moments: dict[str, torch.Tensor] | None = None,
+             drift_stats: dict[str, FeatureStats] | None = None, drift_every: int | None = None,
+             distributed: bool | None = None, progress: Progress | None = None) -> TrainResult:
     """Fine-tune ``peft_model`` (from :func:`osrm_core.inits.init_lora`) on ``task`` in place.
 
     Parameters

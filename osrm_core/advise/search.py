@@ -118,25 +118,12 @@ class Search:
         return best_w
 
 
-def advise(
-    model,
-    tokenizer,
-    adapters: dict[str, Adapter],
-    tasks: Sequence[TaskData],
-    *,
-    methods: Sequence[str] = ADVISE_METHODS,
-    lambdas: Sequence[float] = ADVISE_LAMBDAS,
-    densities: Sequence[float] = ADVISE_DENSITIES,
-    budget: int = ADVISE_BUDGET,
-    refine: int = ADVISE_REFINE,
-    holdout: float = 0.5,
-    max_samples: int | None = None,
-    max_length: int = 128,
-    seed: int = 0,
-    use_train: bool = False,
-    progress: Progress | None = None,
-    on_stage: Callable[[str], None] | None = None,
-) -> Advice:
+def advise(model, tokenizer, adapters: dict[str, Adapter], tasks: Sequence[TaskData], *,
+           methods: Sequence[str] = ADVISE_METHODS, lambdas: Sequence[float] = ADVISE_LAMBDAS,
+           densities: Sequence[float] = ADVISE_DENSITIES, budget: int = ADVISE_BUDGET, refine: int = ADVISE_REFINE,
+           holdout: float = 0.5, max_samples: int | None = None, max_length: int = 128, seed: int = 0,
+           use_train: bool = False, progress: Progress | None = None,
+           on_stage: Callable[[str], None] | None = None) -> Advice:
     """Search merge method, density, lambda and per-adapter weights on a validation share of
     labelled sample texts and report the finalists on the held-out share.
 
@@ -174,12 +161,9 @@ def advise(
     lower = _check_inputs(model, adapters, by_name, methods, lambdas, densities, budget)
 
     on_stage("splitting the samples")
-    val_tasks, held_tasks, shares = [], [], {}
-    for n in names:
-        v, h, idx = split_samples(by_name[n], holdout, max_samples=max_samples, seed=seed, use_train=use_train)
-        val_tasks.append(v)
-        held_tasks.append(h)
-        shares[n] = idx
+    split = {n: split_samples(by_name[n], holdout, max_samples=max_samples, seed=seed, use_train=use_train)
+             for n in names}
+    val_tasks, held_tasks = [split[n][0] for n in names], [split[n][1] for n in names]
     on_stage("per-layer verdicts")
     verdicts, deltas, grams = _layer_inputs(model, tokenizer, adapters, val_tasks, methods, max_length)
     plan = _plan(methods, densities)
@@ -212,7 +196,7 @@ def advise(
         names=names, candidates=table, summary=summary, single=single_df,
         recommended=_recommended(chosen, best, table), reason=reason(summary, chosen, margin, lower),
         evaluations=counter.done, seconds=time.perf_counter() - start_time,
-        shares=shares, merged=merged, layers=verdicts, search=pd.DataFrame(search.log),
+        shares={n: split[n][2] for n in names}, merged=merged, layers=verdicts, search=pd.DataFrame(search.log),
         settings={"methods": list(methods), "lambdas": [float(x) for x in lambdas],
                   "densities": [float(x) for x in densities], "budget": budget, "refine": refine,
                   "holdout": holdout, "max_samples": max_samples, "max_length": max_length, "seed": seed,
