@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,21 +113,26 @@ def aligned_deltas(adapters: dict[str, Adapter]) -> list[dict[str, torch.Tensor]
     input ``[h; 1]``, so every merge method treats the bias as one more input (see
     :func:`split_bias`). Returns a list in the adapters' order of dicts layer -> tensor.
     """
+    return map_aligned(adapters, _delta_with_bias)
+
+
+def map_aligned(adapters: dict[str, Adapter], layer_fn: Callable) -> list[dict]:
+    """``layer_fn(lw, d_out, d_in, bias_column)`` for every adapter and every layer of the union of
+    their layers (``lw`` None where the adapter has none; ``bias_column``: some adapter has a
+    bias there); a list in the adapters' order of dicts layer -> value."""
     shapes = union_layers(adapters)
     with_bias = {n for a in adapters.values() for n, lw in a.layers.items() if lw.bias is not None}
-    out = []
-    for adapter in adapters.values():
-        deltas = {}
-        for n, (d_out, d_in) in shapes.items():
-            lw = adapter.layers.get(n)
-            delta = torch.zeros(d_out, d_in) if lw is None else lw.delta.float()
-            if n in with_bias:
-                shift = None if lw is None else lw.bias_delta
-                column = torch.zeros(d_out) if shift is None else shift.float()
-                delta = torch.cat([delta, column[:, None]], 1)
-            deltas[n] = delta
-        out.append(deltas)
-    return out
+    return [{n: layer_fn(a.layers.get(n), d_out, d_in, n in with_bias) for n, (d_out, d_in) in shapes.items()}
+            for a in adapters.values()]
+
+
+def _delta_with_bias(lw: LoraWeights | None, d_out: int, d_in: int, bias_column: bool) -> torch.Tensor:
+    delta = torch.zeros(d_out, d_in) if lw is None else lw.delta.float()
+    if bias_column:
+        shift = None if lw is None else lw.bias_delta
+        column = torch.zeros(d_out) if shift is None else shift.float()
+        delta = torch.cat([delta, column[:, None]], 1)
+    return delta
 
 
 def split_bias(delta: torch.Tensor, d_in: int) -> tuple[torch.Tensor, torch.Tensor | None]:

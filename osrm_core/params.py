@@ -92,6 +92,12 @@ def number_param(default: float, help: str, interval: Interval, widget: tuple[fl
                                             "range": widget or (interval.low, interval.high)})
 
 
+def share_param(default: float, help: str) -> Any:
+    """A number parameter that is a share in (0, 1] (a density, a fraction of a rank); the
+    widget starts at 0.01."""
+    return number_param(default, help, Interval(0.0, 1.0, low_open=True), widget=(0.01, 1.0))
+
+
 def choice_param(default: str, help: str) -> Any:
     """A dataclass field for a string option; its choices are the field's ``Literal`` type."""
     return field(default=default, metadata={"help": help})

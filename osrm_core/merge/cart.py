@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from osrm_core.params import Interval, number_param
+from osrm_core.params import Interval, number_param, share_param
 
 from .base import MergeMethod, MergeParams
 from .spectral import count_above, rank_tolerance
@@ -32,10 +32,9 @@ from .spectral import count_above, rank_tolerance
 class CartParams(MergeParams):
     """Parameters of CART."""
 
-    rank_fraction: float = number_param(
+    rank_fraction: float = share_param(
         0.08, "share of each centred delta's numerical rank kept by its SVD, in (0, 1] (the paper's best "
-        "rank is about 8%); 1 keeps all, which gives the plain average",
-        Interval(0.0, 1.0, low_open=True), widget=(0.01, 1.0))
+        "rank is about 8%); 1 keeps all, which gives the plain average")
     centred_scale: float = number_param(
         1.0, "scale of the sum of the rank-reduced centred deltas added to the average, in [0, 10] (the "
         "paper's lambda); lam scales the whole merge", Interval(0.0, 10.0))

@@ -20,7 +20,7 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor
 
-from osrm_core.params import Interval, choice_param, number_param
+from osrm_core.params import choice_param, share_param
 
 from .base import MergeMethod, MergeParams, weight_rows
 from .ties import SignMethod, elect_and_merge
@@ -30,9 +30,9 @@ from .ties import SignMethod, elect_and_merge
 class DareParams(MergeParams):
     """Parameters of DARE with task arithmetic."""
 
-    density: float = number_param(
+    density: float = share_param(
         0.5, "probability of keeping each entry, in (0, 1]; kept entries are divided by it (drop rate "
-        "p = 1 - density)", Interval(0.0, 1.0, low_open=True), widget=(0.01, 1.0))
+        "p = 1 - density)")
 
 
 @dataclass

@@ -22,7 +22,7 @@ from peft.utils.merge_utils import (
 )
 from torch import Tensor
 
-from osrm_core.params import Interval, choice_param, number_param
+from osrm_core.params import choice_param, share_param
 
 from .base import MergeMethod, MergeParams, weight_rows
 
@@ -33,9 +33,9 @@ SignMethod = Literal["total", "frequency"]
 class TiesParams(MergeParams):
     """Parameters of TIES (and KnOTS-TIES)."""
 
-    density: float = number_param(
+    density: float = share_param(
         0.5, "fraction of each task's entries kept, the largest in magnitude, in (0, 1]; 0.5 by default "
-        "because LoRA deltas are low-rank and dense", Interval(0.0, 1.0, low_open=True), widget=(0.01, 1.0))
+        "because LoRA deltas are low-rank and dense")
     majority_sign_method: SignMethod = choice_param(
         "total", "sign election per entry: 'total' (sign of the sum of values) or 'frequency' (sign held by "
         "more tasks)")

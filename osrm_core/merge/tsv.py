@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from osrm_core.params import Interval, number_param
+from osrm_core.params import share_param
 
 from .base import MergeMethod, MergeParams
 from .spectral import count_above, polar, rank_tolerance, top_svd
@@ -31,10 +31,9 @@ from .spectral import count_above, polar, rank_tolerance, top_svd
 class TsvParams(MergeParams):
     """Parameters of TSV-M."""
 
-    sv_fraction: float = number_param(
+    sv_fraction: float = share_param(
         1.0, "share of min(d_out, d_in) singular triplets kept over all tasks, in (0, 1]: each task keeps its "
-        "top sv_fraction * min(d_out, d_in) / T (at most its numerical rank); 1 is the reference's choice",
-        Interval(0.0, 1.0, low_open=True), widget=(0.01, 1.0))
+        "top sv_fraction * min(d_out, d_in) / T (at most its numerical rank); 1 is the reference's choice")
 
 
 @dataclass
