@@ -133,7 +133,7 @@ def apply_preset(config: RunConfig) -> None:
     for key in [k for k in ss if str(k).startswith("home_per_") and k != "home_per_init"]:
         del ss[key]  # the per-init widgets start again from home_per_init
     ss.home_penalty_beta = config.train.penalty_beta
-    ss.home_osrm_gen_eps = config.osrm_gen_eps
+    ss.home_osrm_gen_eps = config.init_params["osrm_gen"]["eps"]
     ss.home_weighting = config.osrm_weighting
     ss.home_device = config.device
 
@@ -335,7 +335,7 @@ with tab_new:
             inits=list(ss.home_inits),
             per_init=per_init_settings(list(ss.home_inits)),
             osrm_weighting=ss.home_weighting,
-            osrm_gen_eps=float(ss.home_osrm_gen_eps),
+            init_params={"osrm_gen": {"eps": float(ss.home_osrm_gen_eps)}},
             seed=int(ss.home_seed),
             device=ss.home_device,
         )
