@@ -433,13 +433,17 @@ def cmd_advise(args) -> None:
 
 
 def cmd_study(args) -> None:
+    from osrm_core.parallel import RayCluster
     from osrm_core.study import StudyConfig, quick_study_config, run_study
 
     if args.config is None and not args.quick:
         raise UsageError("give a study config file, or --quick for the small study on the demo tasks")
+    if args.ray_threads is not None and args.ray is None:
+        raise UsageError("--ray-threads sets the threads of each Ray task: give it with --ray ADDRESS")
+    cluster = None if args.ray is None else RayCluster(args.ray, args.ray_threads or 1)
     study = quick_study_config() if args.config is None else StudyConfig.from_yaml(args.config)
     out = args.out or f"runs/{study.name}"
-    report = run_study(study, out, jobs=args.jobs, progress=_progress_bar(),
+    report = run_study(study, out, jobs=args.jobs, cluster=cluster, progress=_progress_bar(),
                        on_stage=lambda s: print(s, file=sys.stderr))
     _emit(args, {"report": str(report)}, f"report: {report}")
 
@@ -588,6 +592,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a small study on the demo tasks")
     p.add_argument("--jobs", type=int, default=1,
                    help="variants run in this many processes, the CPU cores split between them (default 1)")
+    p.add_argument("--ray", metavar="ADDRESS", default=None,
+                   help="run the variants as tasks of a Ray cluster (pip install 'osrm-workbench[ray]' on every "
+                        "node): 'local' starts one on this machine, 'auto' joins the one `ray start` runs here, "
+                        "HOST:PORT is a running cluster's head (ray://HOST:PORT through Ray Client). --out must "
+                        "be a folder every node shares, at the same path")
+    p.add_argument("--ray-threads", type=int, default=None, metavar="N",
+                   help="CPUs (torch threads) each variant's Ray task takes (default 1)")
     out_and_json(p)
     p.set_defaults(func=cmd_study)
 
@@ -606,7 +617,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    for flag in ("rank", "posthoc_rank", "out_rank", "samples", "max_length"):
+    for flag in ("rank", "posthoc_rank", "out_rank", "samples", "max_length", "ray_threads"):
         value = getattr(args, flag, None)
         if value is not None and value < (2 if flag == "max_length" else 1):
             dashed = flag.replace("_", "-")
