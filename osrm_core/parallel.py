@@ -141,19 +141,26 @@ def _run_on_ray(fn: Callable[[Any], Any], items: Sequence[Any], cluster: RayClus
     index = {task.remote(fn, item, cluster.threads): k for k, item in enumerate(items)}
     results: list = [None] * len(items)
     pending = list(index)
-    while pending:
-        (ready,), pending = ray.wait(pending, num_returns=1)
-        k = index[ready]
-        try:
-            results[k] = ray.get(ready)
-        except ray.exceptions.RayError as err:
-            for ref in pending:
-                ray.cancel(ref)
-            if pending:
-                ray.wait(pending, num_returns=len(pending))  # the running ones have stopped
-            _raise_named(getattr(err, "cause", None) or err, labels[k])
-        if on_done:
-            on_done(k, results[k])
+    try:
+        while pending:
+            (ready,), pending = ray.wait(pending, num_returns=1)
+            k = index[ready]
+            try:
+                results[k] = ray.get(ready)
+            except ray.exceptions.RayError as err:
+                _raise_named(getattr(err, "cause", None) or err, labels[k])
+            if on_done:
+                on_done(k, results[k])
+    except KeyboardInterrupt:
+        for ref in pending:
+            ray.cancel(ref, force=True)  # as Ctrl-C stops a pool's processes; a rerun resumes
+        raise
+    except BaseException:
+        for ref in pending:
+            ray.cancel(ref)  # a task not started never starts; a running one finishes, as in a pool
+        if pending:
+            ray.wait(pending, num_returns=len(pending))
+        raise
     return results
 
 
