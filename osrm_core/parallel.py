@@ -40,6 +40,8 @@ class RayCluster:
         if not isinstance(self.threads, int) or isinstance(self.threads, bool) or self.threads < 1:
             raise ValueError(f"threads of a Ray task must be an integer >= 1, got {self.threads!r}")
 
+from osrm_core.errors import OsrmInputError
+
 
 def available_cores() -> int:
     """CPU cores this process may run on."""
@@ -52,9 +54,9 @@ def threads_per_job(jobs: int, cores: int | None = None) -> int:
     """Torch threads of each of ``jobs`` processes on ``cores`` cores (default: this machine's)."""
     cores = available_cores() if cores is None else cores
     if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
-        raise ValueError(f"jobs must be an integer >= 1, got {jobs!r}")
+        raise OsrmInputError(f"jobs must be an integer >= 1, got {jobs!r}")
     if jobs > cores:
-        raise ValueError(
+        raise OsrmInputError(
             f"jobs={jobs} is more than the {cores} CPU cores: parallel jobs split the cores "
             f"(at most {cores} here)"
         )
