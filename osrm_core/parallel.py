@@ -21,6 +21,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
+from osrm_core.errors import OsrmInputError
+
 #: The addresses a Ray cluster is given by, as :func:`ray.init` takes them.
 RAY_ADDRESSES = ("'local' (a new cluster on this machine), 'auto' (the cluster `ray start` runs here), "
                  "HOST:PORT of a running cluster's head, or ray://HOST:PORT through Ray Client")
@@ -38,9 +40,7 @@ class RayCluster:
 
     def __post_init__(self) -> None:
         if not isinstance(self.threads, int) or isinstance(self.threads, bool) or self.threads < 1:
-            raise ValueError(f"threads of a Ray task must be an integer >= 1, got {self.threads!r}")
-
-from osrm_core.errors import OsrmInputError
+            raise OsrmInputError(f"threads of a Ray task must be an integer >= 1, got {self.threads!r}")
 
 
 def available_cores() -> int:
@@ -74,7 +74,7 @@ def check_backend(jobs: int, cluster: RayCluster | None = None) -> None:
     """Refuse a bad ``jobs`` (see :func:`threads_per_job`), or ``jobs`` with a Ray cluster."""
     threads_per_job(jobs)
     if cluster is not None and jobs != 1:
-        raise ValueError(f"jobs={jobs} splits this machine's cores between processes; on a Ray cluster Ray "
+        raise OsrmInputError(f"jobs={jobs} splits this machine's cores between processes; on a Ray cluster Ray "
                          f"places the tasks (each with its threads): give one of them")
 
 
@@ -84,11 +84,11 @@ def _check_reachable(address: str) -> None:
         return
     host, _, port = address.removeprefix("ray://").rpartition(":")
     if not (host and port.isdigit()):
-        raise ValueError(f"Ray cluster address {address!r} is not one of {RAY_ADDRESSES}")
+        raise OsrmInputError(f"Ray cluster address {address!r} is not one of {RAY_ADDRESSES}")
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
     except OSError as err:
-        raise ValueError(f"Ray cluster {address!r} cannot be reached ({err}); give {RAY_ADDRESSES}") from None
+        raise OsrmInputError(f"Ray cluster {address!r} cannot be reached ({err}); give {RAY_ADDRESSES}") from None
 
 
 @contextmanager
@@ -102,7 +102,7 @@ def ray_connection(cluster: RayCluster | None) -> Iterator[None]:
     try:
         import ray
     except ImportError:
-        raise ValueError("a Ray cluster needs the ray package: pip install 'osrm-workbench[ray]'") from None
+        raise OsrmInputError("a Ray cluster needs the ray package: pip install 'osrm-workbench[ray]'") from None
     if ray.is_initialized():
         yield
         return
@@ -111,7 +111,7 @@ def ray_connection(cluster: RayCluster | None) -> Iterator[None]:
         ray.init(address=cluster.address, logging_level=logging.WARNING)
     except (ConnectionError, ValueError, RuntimeError) as err:
         reason = str(err).strip().splitlines()[0].split(". ")[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"Ray cluster {cluster.address!r} cannot be reached ({reason}); "
+        raise OsrmInputError(f"Ray cluster {cluster.address!r} cannot be reached ({reason}); "
                          f"give {RAY_ADDRESSES}") from None
     try:
         yield

@@ -313,8 +313,8 @@ def _run_study(study: StudyConfig, out: Path, jobs: int, cluster: RayCluster | N
 
     def done(k: int, name: str) -> None:
         if not _variant_done(study, out, left[k]):
-            raise ValueError(f"variant {name} finished, but {str(out / 'runs' / name)!r} holds no finished run "
-                             "here: on a Ray cluster the study's folder must be one every node shares")
+            raise OsrmInputError(f"variant {name} finished, but {str(out / 'runs' / name)!r} holds no finished "
+                                 "run here: on a Ray cluster the study's folder must be one every node shares")
         write_json(timing, {"seconds": round(spent + time.perf_counter() - start, 1)})
         stage(f"variant {k + 1}/{len(left)} done: {name}")
 

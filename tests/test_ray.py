@@ -14,6 +14,7 @@ from test_lock import _fingerprint
 from test_pipeline import TASKS, _word_task
 from test_study_grow import small_study
 
+from osrm_core.errors import DataError, OsrmInputError
 from osrm_core.parallel import RayCluster, ray_connection, run_parallel
 from osrm_core.pipeline import Pipeline
 from osrm_core.study import run_study, variant_name, variants
@@ -53,12 +54,12 @@ def test_a_study_on_ray_writes_the_files_of_one_process(tiny_model_dir, tmp_path
 
 def test_a_failing_variant_is_named(tiny_model_dir, tmp_path, monkeypatch) -> None:
     def fail(*args):
-        raise ValueError("no memory left")
+        raise DataError("task 'topic' has no texts")
 
     monkeypatch.setattr(Pipeline, "train_adapter", fail)
     study = small_study(tiny_model_dir)
     (v,) = variants(study)
-    with pytest.raises(ValueError, match=rf"^variant {variant_name(v)}: no memory left$"):
+    with pytest.raises(DataError, match=rf"^variant {variant_name(v)}: task 'topic' has no texts$"):
         run_study(study, tmp_path / "s", tasks=[_word_task(t, seed) for seed, t in enumerate(TASKS)])
 
 
@@ -67,7 +68,7 @@ def test_a_variant_whose_folder_the_driver_cannot_see_is_refused(tiny_model_dir,
     monkeypatch.setattr("osrm_core.study._run_variant", lambda item: variant_name(item[2]))
     study = small_study(tiny_model_dir)
     (v,) = variants(study)
-    with pytest.raises(ValueError, match=rf"^variant {variant_name(v)} finished, but .* holds no finished run "
+    with pytest.raises(OsrmInputError, match=rf"^variant {variant_name(v)} finished, but .* holds no finished run "
                                          "here: on a Ray cluster the study's folder must be one every node shares"):
         run_study(study, tmp_path / "s", tasks=[_word_task(t, seed) for seed, t in enumerate(TASKS)])
 
@@ -84,14 +85,14 @@ def _closed_port() -> int:
 ])
 def test_an_unreachable_cluster_is_refused(address, message) -> None:
     pytest.importorskip("ray")
-    with pytest.raises(ValueError, match=f"^{re.escape(message)}"), ray_connection(RayCluster(address)):
+    with pytest.raises(OsrmInputError, match=f"^{re.escape(message)}"), ray_connection(RayCluster(address)):
         pass
 
 
 def test_bad_ray_settings_are_refused() -> None:
-    with pytest.raises(ValueError, match=r"^threads of a Ray task must be an integer >= 1, got 0$"):
+    with pytest.raises(OsrmInputError, match=r"^threads of a Ray task must be an integer >= 1, got 0$"):
         RayCluster("local", threads=0)
-    with pytest.raises(ValueError, match=r"^jobs=2 splits this machine's cores between processes; on a Ray"):
+    with pytest.raises(OsrmInputError, match=r"^jobs=2 splits this machine's cores between processes; on a Ray"):
         run_parallel(int, ["1"], 2, cluster=RayCluster("local"))
 
 
