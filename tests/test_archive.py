@@ -51,3 +51,37 @@ def test_random_zips_extract_inside_the_destination_or_fail_cleanly(members, fli
         for p in _all_files(sandbox):
             assert p in (sandbox / "in", dest) or p.is_relative_to(dest), p
             assert not p.is_symlink()
+
+
+def test_safe_extract_zip_extracts_a_clean_archive(tmp_path):
+    out = safe_extract_zip(zip_bytes({"run/config.yaml": b"a: 1", "run/results/x.csv": b"1"}), tmp_path / "x")
+    assert (out / "run" / "config.yaml").read_bytes() == b"a: 1"
+    assert (out / "run" / "results" / "x.csv").is_file()
+
+
+@pytest.mark.parametrize(
+    ("files", "symlink", "match"),
+    [
+        ({"../x": b"1"}, None, r"'\.\.'"),
+        ({"a/../../x": b"1"}, None, r"'\.\.'"),
+        ({"/etc/x": b"1"}, None, "absolute"),
+        ({"C:/x": b"1"}, None, "absolute"),
+        ({"a\\..\\x": b"1"}, None, "backslash"),
+        ({"ok": b"1"}, "link", "symbolic link"),
+    ],
+)
+def test_safe_extract_zip_refuses_unsafe_members(tmp_path, files, symlink, match):
+    with pytest.raises(ArchiveError, match=match):
+        safe_extract_zip(zip_bytes(files, links=(symlink,) if symlink else ()), tmp_path / "x")
+    assert not (tmp_path / "x").exists() or not any((tmp_path / "x").rglob("*"))
+    assert not (tmp_path / "x").parent.joinpath("etc").exists()
+
+
+def test_safe_extract_zip_caps_size_and_members(tmp_path):
+    big = zip_bytes({"a": b"0" * 5000, "b": b"0" * 5000})
+    with pytest.raises(ArchiveError, match="more than"):
+        safe_extract_zip(big, tmp_path / "x", max_bytes=8000)
+    with pytest.raises(ArchiveError, match="at most 1"):
+        safe_extract_zip(big, tmp_path / "y", max_members=1)
+    with pytest.raises(ArchiveError, match="not a valid zip"):
+        safe_extract_zip(b"nope", tmp_path / "z")
