@@ -10,13 +10,10 @@ from __future__ import annotations
 import copy
 import io
 import json
-import math
-import re
 import signal
 import subprocess
 import sys
 import time
-import warnings
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -30,16 +27,12 @@ from _helpers import (
     CRASH_TASKS,
     ENV,
     PICKLE_MESSAGE,
-    Q0,
     ROOT,
     _nan_at,
     _pickled,
-    _stats,
     _zip,
-    assert_message,
     crash_files_fixture,  # noqa: F401  (the crash_files fixture)
     folder_files,
-    full,
     osrm,
     variant,
     zip_bytes,
@@ -47,140 +40,15 @@ from _helpers import (
 from safetensors.torch import load_file
 
 from osrm_core.adapters import write_adapter
-from osrm_core.demo import demo_task
-from osrm_core.inits import init_lora, osrm_gen_subspace, osrm_subspace
+from osrm_core.inits import init_lora
 from osrm_core.lock import LOCK_NAME
-from osrm_core.spectra import symmetric_eigh
-from osrm_core.stats import FeatureStats, LayerStats, collect_feature_stats
+from osrm_core.stats import FeatureStats
 from osrm_core.train import adapter_of
 
 # --------------------------------------------------------------------------- inputs
 
 
 # --------------------------------------------------------------------------- numbers
-
-
-def test_numbers_refused_with_the_allowed_range(tiny_stats):
-    with pytest.raises(ValueError) as caught:
-        osrm_subspace(tiny_stats[1:], rank=33)
-    assert_message(str(caught.value), f"rank 33 is larger than the width 32 of layer '{Q0}'")
-    with pytest.raises(ValueError) as caught:
-        osrm_subspace(tiny_stats[1:], rank=0)
-    assert_message(str(caught.value), "rank must be a positive integer, got 0")
-    with pytest.raises(ValueError) as caught:
-        symmetric_eigh(torch.tensor([[1.0, float("nan")], [float("nan"), 1.0]]))
-    assert_message(str(caught.value), "matrix contains NaN or Inf")
-    with pytest.raises(ValueError) as caught:
-        symmetric_eigh(torch.tensor([[1.0, 2.0], [0.0, 1.0]]))
-    assert_message(str(caught.value), "matrix is not symmetric")
-
-
-def test_few_tokens_warn(tokenizer, tiny_model):
-    few = _stats(torch.randn(5, 32, generator=torch.Generator().manual_seed(0)))
-    with pytest.warns(UserWarning) as caught:
-        A = osrm_subspace([few], rank=8)["layer"]
-    assert [str(w.message) for w in caught] == [
-        "OSRM rank 8 at 'layer': the other tasks' statistics rest on 5 tokens, fewer than the width 32; "
-        "at least 27 directions carry none of their energy, and the choice among them is a fixed rule, "
-        "not the data (collect more samples)"
-    ]
-    torch.testing.assert_close(A @ A.T, torch.eye(8, dtype=torch.float64), rtol=0, atol=1e-12)
-    assert float(torch.trace(A @ few.layers["layer"].second_moment @ A.T)) < 1e-12  # in the null space
-    # A tiny task: the statistics rest on fewer tokens than the width.
-    tiny = demo_task("sentiment", n_train=10, n_test=10)
-    tiny.train = tiny.train.head(1)
-    with pytest.warns(UserWarning) as caught:
-        collect_feature_stats(tiny_model, tokenizer, tiny, max_samples=None)
-    assert len(caught) == 1
-    assert_message(str(caught[0].message), full(
-        rf"task 'sentiment': statistics at '{re.escape(Q0)}' rest on \d+ tokens, fewer than the width 32; "
-        r"the second moment is rank-deficient"))
-
-
-def test_float16_overflow_is_named(make_tiny_model, tokenizer):
-    model = make_tiny_model(dtype=torch.float16)
-    with torch.no_grad():
-        model.bert.embeddings.LayerNorm.weight.fill_(6e4)  # the next layer's input overflows to Inf
-    with pytest.raises(ValueError) as caught:
-        collect_feature_stats(model, tokenizer, demo_task("sentiment", n_train=10, n_test=10))
-    assert_message(str(caught.value), f"layer '{Q0}': input features contain NaN or Inf")
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_models_give_float64_statistics(make_tiny_model, tokenizer, tiny_stats, tiny_tasks, dtype):
-    stats = collect_feature_stats(make_tiny_model(dtype=dtype), tokenizer, tiny_tasks[0], max_samples=None, batch_size=8)
-    ref = tiny_stats[0]  # the same weights in float64
-    for name, st_ in stats.layers.items():
-        assert st_.sum_outer.dtype == torch.float64 and st_.count == ref.layers[name].count
-        scale = float(ref.layers[name].second_moment.abs().max())
-        tol = 2e-2 if dtype == torch.bfloat16 else 3e-3
-        assert float((st_.second_moment - ref.layers[name].second_moment).abs().max()) < tol * scale
-    A = osrm_subspace([stats], rank=4)[Q0]
-    assert A.dtype == torch.float64
-    torch.testing.assert_close(A @ A.T, torch.eye(4, dtype=torch.float64), rtol=0, atol=1e-12)
-
-
-def test_singular_and_zero_statistics():
-    gen = torch.Generator().manual_seed(0)
-    rank_one = _stats(torch.randn(40, 1, generator=gen) @ torch.randn(1, 16, generator=gen))
-    nearly = _stats(torch.randn(40, 16, generator=gen) * torch.logspace(0, -9, 16, dtype=torch.float64))
-    zero = FeatureStats({"layer": LayerStats.zeros(16)}, task="z")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # zero tokens: the few-tokens warning, checked above
-        for others in ([rank_one], [nearly], [zero], [rank_one, zero]):
-            A = osrm_subspace(others, rank=4)["layer"]
-            torch.testing.assert_close(A @ A.T, torch.eye(4, dtype=torch.float64), rtol=0, atol=1e-10)
-            rest = sum(s.layers["layer"].second_moment for s in others) / len(others)
-            lowest = torch.linalg.eigvalsh(rest)[:4].sum()
-            assert math.isclose(float(torch.trace(A @ rest @ A.T)), float(lowest), abs_tol=1e-9 * float(rest.abs().max()) + 1e-300)
-            G = osrm_gen_subspace(nearly, others, rank=4)["layer"]  # S_rest + ridge stays invertible
-            torch.testing.assert_close(G @ G.T, torch.eye(4, dtype=torch.float64), rtol=0, atol=1e-10)
-    # No tokens at all: the canonical basis of the whole space, the first unit vectors.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        A = osrm_subspace([zero], rank=3)["layer"]
-    torch.testing.assert_close(A, torch.eye(16, dtype=torch.float64)[:3], rtol=0, atol=1e-12)
-
-
-@pytest.mark.filterwarnings("ignore:OSRM rank")
-def test_repeated_eigenvalues_give_one_choice():
-    """The same matrix built from two bases of its repeated eigenspaces: eigh returns different
-    eigenvectors for them, OSRM's subspace is the same (a fixed rule, not rounding noise)."""
-    gen = torch.Generator().manual_seed(1)
-    d = 12
-    Q, _ = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))
-    lam = torch.tensor([0, 0, 0, 0, 0, 1, 1, 1, 2, 3, 4, 5], dtype=torch.float64)
-    Q2 = Q.clone()
-    for a, b in ((0, 5), (5, 8)):
-        U, _ = torch.linalg.qr(torch.randn(b - a, b - a, generator=gen, dtype=torch.float64))
-        Q2[:, a:b] = Q[:, a:b] @ U
-    M1, M2 = Q @ torch.diag(lam) @ Q.T, Q2 @ torch.diag(lam) @ Q2.T
-    assert float((M1 - M2).abs().max()) < 1e-14
-    # (torch.linalg.eigh's first three eigenvectors of M1 and M2 differ by about 0.7 here.)
-    for k in (3, 5, 7):  # cuts inside the 5-fold and the 3-fold eigenvalue
-        A1 = osrm_subspace([FeatureStats({"l": LayerStats(M1, torch.zeros(d, dtype=torch.float64), 1, M1, 1)})], k)["l"]
-        A2 = osrm_subspace([FeatureStats({"l": LayerStats(M2, torch.zeros(d, dtype=torch.float64), 1, M2, 1)})], k)["l"]
-        torch.testing.assert_close(A1, A2, rtol=0, atol=1e-10)
-    spectrum = symmetric_eigh(M1)
-    V = spectrum.eigenvectors
-    torch.testing.assert_close(M1 @ V, V * spectrum.eigenvalues, rtol=0, atol=1e-12)
-    torch.testing.assert_close(V.T @ V, torch.eye(d, dtype=torch.float64), rtol=0, atol=1e-12)
-
-
-def test_damaged_statistics_files_are_named(tmp_path):
-    gen = torch.Generator().manual_seed(0)
-    good = _stats(torch.randn(40, 8, generator=gen), layer=Q0)
-    good.save(tmp_path / "ok.safetensors")
-    assert FeatureStats.load(tmp_path / "ok.safetensors").count == 40
-    bad = _stats(torch.randn(40, 8, generator=gen), layer=Q0)
-    bad.layers[Q0].sum_outer[0, 0] = float("nan")
-    bad.save(tmp_path / "nan.safetensors")
-    with pytest.raises(ValueError) as caught:
-        FeatureStats.load(tmp_path / "nan.safetensors")
-    assert_message(str(caught.value), f"nan.safetensors: statistics at '{Q0}' hold NaN or Inf values")
-    (tmp_path / "cut.safetensors").write_bytes((tmp_path / "ok.safetensors").read_bytes()[:100])
-    with pytest.raises(ValueError, match=r"^cut\.safetensors: damaged statistics file \(.+\)$"):
-        FeatureStats.load(tmp_path / "cut.safetensors")
 
 
 # --------------------------------------------------------------------------- two app sessions
