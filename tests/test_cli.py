@@ -4,14 +4,24 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pandas as pd
 import pytest
 import torch
 import yaml
+from _helpers import (
+    B0,
+    PICKLE_MESSAGE,
+    _nan_at,
+    _pickled,
+    _zip,
+    crash_files_fixture,  # noqa: F401  (the crash_files fixture)
+    folder_files,
+    osrm,
+    variant,
+)
 from conftest import TINY_TARGETS
 
 from osrm_core.adapters import LoraWeights, read_adapter_dir, write_adapter
@@ -20,21 +30,6 @@ from osrm_core.rundir import RunDir
 from osrm_core.settings import RunConfig
 
 TASKS = ("sentiment", "paraphrase")
-#: One torch thread in the children too: the machine is small and shared.
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
-def osrm(*args, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "osrm_core.cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=ENV,
-        cwd=cwd,
-        timeout=300,
-    )
-
-
 def _ok(result: subprocess.CompletedProcess) -> None:
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
@@ -423,3 +418,44 @@ def test_merge_new_methods_weights_core_space_and_rank_note(files) -> None:
     result = osrm("merge", *_adapter_args(files), "--method", "ties", "--out", files["root"] / "merged-ties-note")
     _ok(result)
     assert "note: ties gives a delta of rank" in result.stdout and f"have rank {together} together" in result.stdout
+
+
+# --------------------------------------------------------------------------- hostile adapters and data
+
+
+@pytest.fixture(scope="module")
+def hostile_jobs(crash_files, tiny_model_dir, good_adapter):
+    """Hostile adapters and data through the command line, started together in the background
+    (each child spends seconds importing torch)."""
+    root = crash_files["root"]
+    pickled = _pickled(good_adapter, root / "pickled")
+    nan = _zip(root / "nan", folder_files(variant(good_adapter, root / "nan_dir", edit=_nan_at(B0, float("nan")))))
+    evil = _zip(root / "evil", {"../evil": b"1"})
+    tasks = ["--task", f"sentiment={root / 'sentiment.csv'}", "--task", f"topic={root / 'topic.csv'}"]
+    diagnose = ["diagnose", "--model", tiny_model_dir, *tasks, "--adapter", f"b={good_adapter}"]
+    pool = ThreadPoolExecutor(max_workers=2)
+    jobs = {
+        "pickled": pool.submit(osrm, *diagnose, "--adapter", f"a={pickled}"),
+        "nan": pool.submit(osrm, *diagnose, "--adapter", f"a={nan}"),
+        "evil": pool.submit(osrm, *diagnose, "--adapter", f"a={evil}"),
+        "data": pool.submit(osrm, "stats", "--model", tiny_model_dir, "--task", f"a={root / 'fractional.csv'}",
+                            "--task", f"b={root / 'topic.csv'}", "--out", root / "stats"),
+    }
+    yield jobs
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+CLI_CASES = {
+    "pickled": "error: pickled: " + PICKLE_MESSAGE.format("")[2:],
+    "nan": f"error: nan.zip: tensor '{B0}' has NaN or Inf values",
+    "evil": "error: evil.zip: archive member '../evil' leaves the archive folder ('..')",
+    "data": "error: a: label '0.5' is not an integer; labels must be integers 0..K-1 or class names",
+}
+
+
+@pytest.mark.parametrize("case", list(CLI_CASES))
+def test_command_line_exits_2_with_the_message(case, hostile_jobs):
+    result = hostile_jobs[case].result()
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == [CLI_CASES[case]]

@@ -12,8 +12,8 @@ import zipfile
 import pandas as pd
 import pytest
 import torch
+from _helpers import ENV
 from conftest import TINY_TARGETS
-from test_cli import ENV
 
 from osrm_core.adapters import load_adapter
 from osrm_core.demo import demo_task
