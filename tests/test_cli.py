@@ -238,6 +238,7 @@ def jobs(files, tiny_model_dir):
     pool.shutdown(wait=True, cancel_futures=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_exits_2_with_one_error_line(case, jobs) -> None:
     expected = BAD_INPUTS[case][1]
@@ -249,6 +250,7 @@ def test_bad_input_exits_2_with_one_error_line(case, jobs) -> None:
     assert expected in errors[0]
 
 
+@pytest.mark.slow
 def test_help(jobs) -> None:
     result = jobs["help"].result()
     _ok(result)
@@ -262,6 +264,7 @@ def test_help(jobs) -> None:
     assert all(m in merge_help for m in MERGE_METHODS) and all(i in train_help for i in INITS)
 
 
+@pytest.mark.slow
 def test_stats(jobs, files) -> None:
     out = files["root"] / "stats-run"
     result = jobs["stats"].result()
@@ -274,6 +277,7 @@ def test_stats(jobs, files) -> None:
         assert payload[key]["tokens"] > 0 and payload[key]["layers"] == len(TINY_TARGETS)
 
 
+@pytest.mark.slow
 def test_merge(jobs, files) -> None:
     from osrm_core.export import merge_adapters
 
@@ -293,6 +297,7 @@ def test_merge(jobs, files) -> None:
         assert (out / "heads" / f"{key}.safetensors").is_file()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", list(SCORED_MERGES))
 def test_merge_with_tasks_reports_scores_plain_peft_reproduces(method, jobs, files, tiny_model_dir) -> None:
     """``osrm merge --task`` measures the merge on each task, prints the scores and writes them
@@ -327,6 +332,7 @@ def test_merge_with_tasks_reports_scores_plain_peft_reproduces(method, jobs, fil
         assert evaluate_model(model, tokenizer, task) == pytest.approx(row["score"])
 
 
+@pytest.mark.slow
 def test_sweep_per_task_table_has_no_empty_rows(jobs) -> None:
     """Issue 23: task arithmetic has no density, TIES one; the pivot made all-NaN rows of the
     pairs a method lacks."""
@@ -338,6 +344,7 @@ def test_sweep_per_task_table_has_no_empty_rows(jobs) -> None:
     assert all(float(x) == float(x) for row in rows for x in row[-2:]), table  # every score a number
 
 
+@pytest.mark.slow
 def test_diagnose_json(jobs) -> None:
     result = jobs["diagnose"].result()
     _ok(result)
@@ -357,6 +364,7 @@ def test_diagnose_posthoc_rank_defaults_to_the_adapters_rank() -> None:
     assert parser.parse_args(["stats"]).rank == 8
 
 
+@pytest.mark.slow
 def test_run_and_show(jobs, files, tiny_model_dir) -> None:
     out = files["root"] / "run"
     result, shown = jobs["run"].result()
@@ -381,6 +389,7 @@ MERGE_BAD = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(MERGE_BAD))
 def test_merge_bad_weights_or_space_exit_2(case, files) -> None:
     args, expected = MERGE_BAD[case]
@@ -391,6 +400,7 @@ def test_merge_bad_weights_or_space_exit_2(case, files) -> None:
     assert len(errors) == 1 and expected in errors[0], result.stderr
 
 
+@pytest.mark.slow
 def test_merge_new_methods_weights_core_space_and_rank_note(files) -> None:
     """``--method tsv_m --weights`` and ``--method iso_c --space core`` write the merge at its
     numerical rank (exact, no note); TIES, full rank, gets a note of its rank and size."""
@@ -453,6 +463,7 @@ CLI_CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CLI_CASES))
 def test_command_line_exits_2_with_the_message(case, hostile_jobs):
     result = hostile_jobs[case].result()

@@ -105,6 +105,7 @@ def _assert_same_results(a: Path, b: Path) -> None:
             assert ta == tb
 
 
+@pytest.mark.slow
 def test_sigkill_during_statistics_fine_tuning_and_sweep_then_resume(crash_files, reference):
     config, root = crash_files["config"], crash_files["root"]
     out, log = root / "killed", root / "killed.log"
