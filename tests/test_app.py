@@ -473,6 +473,7 @@ def test_diagnosis_of_uploaded_adapters(small_run):
     assert {f"merged_task_arithmetic_uploaded/heads/{t}.safetensors" for t in ("sentiment", "topic")} <= set(names)
 
 
+@pytest.mark.slow
 def test_diagnosis_advice_with_labelled_csvs_fills_the_merge_form(small_run):
     at = _diagnosis_with_two_adapters(small_run, init="osrm")
     at.file_uploader(key="diag_csv_sentiment").upload("s.csv", _csv("sentiment"), "text/csv")
@@ -592,6 +593,7 @@ def test_diagnosis_bad_uploads_give_errors_and_the_page_keeps_working(small_run,
 # --------------------------------------------------------------------------- a run from the home page
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:.*rank-deficient")
 def test_new_run_from_the_home_page_with_an_uploaded_task(tmp_path, monkeypatch):
     monkeypatch.setenv("OSRM_RUNS_ROOT", str(tmp_path))

@@ -320,6 +320,7 @@ def test_init_lora_rejects(make_tiny_model, tiny_stats) -> None:
 # --------------------------------------------------------------------------- packaged model
 
 
+@pytest.mark.slow
 def test_osrm_cuts_interference_tenfold_on_the_default_model(default_model, random_orthonormal) -> None:
     """All-MiniLM-L6-v2 and the four demo tasks, 100 samples each, rank 8: at every adapted
     layer OSRM's A sees at least 10x less of the other tasks' input energy than a random
