@@ -115,10 +115,9 @@ def diagnose_adapters(
     Returns
     -------
     Diagnosis
-        Its tables (interference of the adapters as uploaded and after post-hoc OSRM, angles,
-        own-task energy, energy kept, coverage, the data-free signals), the post-hoc OSRM
-        adapters, and the per-layer verdicts and summaries read from them
-        (:class:`osrm_core.diagnosis.Diagnosis`).
+        Its tables (interference as uploaded and after post-hoc OSRM, angles, own-task energy,
+        energy kept, coverage, data-free signals), the post-hoc OSRM adapters, and the verdicts
+        and summaries read from them (:class:`osrm_core.diagnosis.Diagnosis`).
     """
     from osrm_core.diagnostics import (
         angle_rank,
