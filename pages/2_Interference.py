@@ -11,6 +11,7 @@ from app_helpers import (
     layer_selector,
     rank_caveat,
     require_run,
+    required_table,
     result_table,
     show_figure,
     show_table,
@@ -104,10 +105,7 @@ def drift_section(run) -> None:
 def render() -> None:
     st.title("Interference")
     run = require_run()
-    table = result_table(run, "interference.csv")
-    if table is None or table.empty:
-        st.info("This run has no interference table yet (results/interference.csv): run or resume it on the home page.")
-        st.stop()
+    table = required_table(run, "interference.csv", "interference table")
     st.markdown(
         "After merging, task i's inputs `h_i` also pass through every other adapter: the unwanted "
         "shift at a layer is `Σ_{j≠i} s_j B_j A_j h_i`. From the statistics, exactly: "

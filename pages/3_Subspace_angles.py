@@ -6,7 +6,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from app_helpers import layer_selector, require_run, result_table, show_figure, show_table
+from app_helpers import layer_selector, require_run, required_table, show_figure, show_table
 from osrm_core.viz import angle_figure, angle_heatmap, angle_matrix, short_layer
 
 MEAN = "mean over layers"
@@ -54,10 +54,7 @@ def adapter_section(table: pd.DataFrame, stat: str, layer: str) -> None:
 def render() -> None:
     st.title("Subspace angles")
     run = require_run()
-    table = result_table(run, "angles.csv")
-    if table is None or table.empty:
-        st.info("This run has no angle table yet (results/angles.csv): run or resume it on the home page.")
-        st.stop()
+    table = required_table(run, "angles.csv", "angle table")
     st.markdown(
         "Principal angles (`scipy.linalg.subspace_angles`) between **task data subspaces** (top-r "
         "eigenvectors of each task's `Σ`) and between each **adapter's row space** (SVD of `ΔW`) "
