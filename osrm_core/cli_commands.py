@@ -10,12 +10,9 @@ import os
 import sys
 from pathlib import Path
 
+from osrm_core.errors import UsageError
 from osrm_core.rundir import RunDir, write_csv
 from osrm_core.settings import RunConfig, TaskEntry
-
-
-class UsageError(ValueError):
-    pass
 
 
 def _pairs(values: list[str] | None, flag: str) -> dict[str, str]:

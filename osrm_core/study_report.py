@@ -13,6 +13,7 @@ import pandas as pd
 
 from osrm_core import viz
 from osrm_core.atomic import write_json, write_text
+from osrm_core.errors import OsrmInputError, RunFileError
 from osrm_core.runcheck import read_csv_checked
 from osrm_core.rundir import RunDir, write_csv
 from osrm_core.study import SPARSE_B_SETTINGS, StudyConfig, _md, study_seconds, variant_name, variants
@@ -47,7 +48,7 @@ def read_findings(path: str | Path) -> tuple[list[str], bool]:
     if (path / FINDINGS).is_file():
         data = json.loads((path / FINDINGS).read_text(encoding="utf-8"))
         if not isinstance(data, dict) or not isinstance(data.get("findings"), list):
-            raise ValueError(f"{path.name}/{FINDINGS}: expected an object with a list 'findings'")
+            raise RunFileError(f"{path.name}/{FINDINGS}: expected an object with a list 'findings'")
         return [str(line) for line in data["findings"]], True
     report = (path / "report.md").read_text(encoding="utf-8")
     section = report.split("## Findings", 1)[-1].split("\n## ", 1)[0] if "## Findings" in report else ""
@@ -78,7 +79,7 @@ def _collect(study: StudyConfig, out: Path) -> dict[str, pd.DataFrame]:
         if run.result_path("pairwise.csv").is_file():  # the data-free signals, from the adapters' weights
             signals.append(pair_signals(run.load_adapters(v["init"])).assign(**tags))
     if not sweeps:
-        raise ValueError(f"study {str(out)!r} has no finished variant yet")
+        raise OsrmInputError(f"study {str(out)!r} has no finished variant yet")
     frames = {"sweep": sweeps, "single": singles, "interference": inter, "own_energy": own, "pairwise": pairs,
               "signals": signals}
     return {k: pd.concat(v, ignore_index=True) if v and isinstance(v[0], pd.DataFrame) else pd.DataFrame(v)

@@ -219,6 +219,7 @@ def test_resumed_study_does_no_work(study_dir, tiny_model_dir, monkeypatch) -> N
     run_study(tiny_study(tiny_model_dir), study_dir, tasks=tasks)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("content", "message"),
     [
@@ -329,6 +330,7 @@ def test_a_runs_per_init_settings_become_study_variants() -> None:
         validate_settings(StudyConfig, data, "study")
 
 
+@pytest.mark.slow
 def test_cli_quick_study_end_to_end(tmp_path) -> None:
     """`osrm study --quick` on the packaged model and the demo tasks (about 3.6 min on 2 cores)."""
     import json
