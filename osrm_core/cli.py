@@ -169,6 +169,13 @@ def _add_study_commands(sub) -> None:
     p.add_argument("--quick", action="store_true", help="a small study on the demo tasks")
     p.add_argument("--jobs", type=int, default=1,
                    help="variants run in this many processes, the CPU cores split between them (default 1)")
+    p.add_argument("--ray", metavar="ADDRESS", default=None,
+                   help="run the variants as tasks of a Ray cluster (pip install 'osrm-workbench[ray]' on every "
+                        "node): 'local' starts one on this machine, 'auto' joins the one `ray start` runs here, "
+                        "HOST:PORT is a running cluster's head (ray://HOST:PORT through Ray Client). --out must "
+                        "be a folder every node shares, at the same path")
+    p.add_argument("--ray-threads", type=int, default=None, metavar="N",
+                   help="CPUs (torch threads) each variant's Ray task takes (default 1)")
     _out_and_json(p)
     p.set_defaults(func=commands.cmd_study)
 
@@ -204,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    for flag in ("rank", "posthoc_rank", "out_rank", "samples", "max_length"):
+    for flag in ("rank", "posthoc_rank", "out_rank", "samples", "max_length", "ray_threads"):
         value = getattr(args, flag, None)
         if value is not None and value < (2 if flag == "max_length" else 1):
             dashed = flag.replace("_", "-")

@@ -396,13 +396,17 @@ def cmd_advise(args) -> None:
 
 
 def cmd_study(args) -> None:
+    from osrm_core.parallel import RayCluster
     from osrm_core.study import StudyConfig, quick_study_config, run_study
 
     if args.config is None and not args.quick:
         raise UsageError("give a study config file, or --quick for the small study on the demo tasks")
+    if args.ray_threads is not None and args.ray is None:
+        raise UsageError("--ray-threads sets the threads of each Ray task: give it with --ray ADDRESS")
+    cluster = None if args.ray is None else RayCluster(args.ray, args.ray_threads or 1)
     study = quick_study_config() if args.config is None else StudyConfig.from_yaml(args.config)
     out = args.out or f"runs/{study.name}"
-    report = run_study(study, out, jobs=args.jobs, progress=_progress_bar(),
+    report = run_study(study, out, jobs=args.jobs, cluster=cluster, progress=_progress_bar(),
                        on_stage=lambda s: print(s, file=sys.stderr))
     _emit(args, {"report": str(report)}, f"report: {report}")
 

@@ -33,6 +33,7 @@ from osrm_core.errors import OsrmInputError
 from osrm_core.growth import check_growth, prepare_run
 from osrm_core.inits import OSRM_METHODS
 from osrm_core.lock import DirLock
+from osrm_core.parallel import RayCluster, check_backend, ray_connection, run_parallel
 from osrm_core.pipeline import Pipeline
 from osrm_core.rundir import RunDir, write_csv
 from osrm_core.settings import (
@@ -254,8 +255,8 @@ def variant_config(study: StudyConfig, v: dict) -> RunConfig:
 # --------------------------------------------------------------------------- running
 
 
-def run_study(study: StudyConfig, out: str | Path, *, jobs: int = 1, progress: Progress | None = None,
-              on_stage: Callable[[str], None] | None = None, tasks=None) -> Path:
+def run_study(study: StudyConfig, out: str | Path, *, jobs: int = 1, cluster: RayCluster | None = None,
+              progress: Progress | None = None, on_stage: Callable[[str], None] | None = None, tasks=None) -> Path:
     """Run (or resume, or grow) every variant of ``study`` under ``out/runs/`` and write the report.
 
     A study directory grows: a config that adds seeds, inits, ablations, merge methods or
@@ -264,22 +265,19 @@ def run_study(study: StudyConfig, out: str | Path, *, jobs: int = 1, progress: P
     that changes a finished variant's settings is refused, naming the variant, before anything
     is written. Variants whose statistics settings match share one collection, made here
     first; the rest of each variant (fine-tuning, sweeps, diagnostics) runs in ``jobs``
-    processes (see :mod:`osrm_core.parallel`). ``tasks`` (optional) are used by every variant
+    processes, or as a task of the Ray ``cluster`` (its nodes must share ``out``; see
+    :mod:`osrm_core.parallel`), and a failure names its variant. ``tasks`` (optional) are used by every variant
     instead of loading the base's task entries. The study directory is locked meanwhile
     (:class:`osrm_core.lock.DirLock`; a second writer gets :class:`osrm_core.lock.LockedError`),
     and each variant's run directory too.
     """
-    from osrm_core.parallel import threads_per_job
-
-    threads_per_job(jobs)  # a bad --jobs fails before any work
-    with DirLock(out):
-        return _run_study(study, Path(out), jobs, progress, on_stage, tasks)
+    check_backend(jobs, cluster)  # a bad --jobs, or a cluster that does not answer, fails before any work
+    with ray_connection(cluster), DirLock(out):
+        return _run_study(study, Path(out), jobs, cluster, progress, on_stage, tasks)
 
 
-def _run_study(study: StudyConfig, out: Path, jobs: int, progress: Progress | None,
+def _run_study(study: StudyConfig, out: Path, jobs: int, cluster: RayCluster | None, progress: Progress | None,
                on_stage: Callable[[str], None] | None, tasks) -> Path:
-    from osrm_core.parallel import run_parallel
-
     todo = variants(study)
     check_growth(out, [(variant_name(v, study.base.train.lr), variant_config(study, v)) for v in todo])
     out.mkdir(parents=True, exist_ok=True)
@@ -304,13 +302,18 @@ def _run_study(study: StudyConfig, out: Path, jobs: int, progress: Progress | No
             stats_runs[key] = pipeline.run
         tasks_by_seed.setdefault(v["seed"], pipeline.tasks())
     left = [v for v in todo if not _variant_done(study, out, v)]
-    items = [(study, out, v, tasks or tasks_by_seed[v["seed"]], progress if jobs == 1 else None) for v in left]
+    here = jobs == 1 and cluster is None
+    items = [(study, out.absolute(), v, tasks or tasks_by_seed[v["seed"]], progress if here else None) for v in left]
 
     def done(k: int, name: str) -> None:
+        if not _variant_done(study, out, left[k]):
+            raise OsrmInputError(f"variant {name} finished, but {str(out / 'runs' / name)!r} holds no finished "
+                                 "run here: on a Ray cluster the study's folder must be one every node shares")
         write_json(timing, {"seconds": round(spent + time.perf_counter() - start, 1)})
         stage(f"variant {k + 1}/{len(left)} done: {name}")
 
-    run_parallel(_run_variant, items, jobs, on_done=done)
+    run_parallel(_run_variant, items, jobs, on_done=done, cluster=cluster,
+                 labels=[f"variant {variant_name(v, study.base.train.lr)}" for v in left])
     write_json(timing, {"seconds": round(spent + time.perf_counter() - start, 1)})
     stage("report")
     from osrm_core.study_report import write_report  # the report reads this module's variants
