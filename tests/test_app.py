@@ -441,7 +441,7 @@ def test_diagnosis_of_uploaded_adapters(small_run):
     up_fig = figure(at, "diag_heat_uploaded_chart")
     assert figure(at, "diag_heat_posthoc_osrm_chart")["data"]
     assert arr(up_fig["data"][0]["customdata"]).shape == (2, 2)
-    kept = at.session_state["diag_result"]["posthoc"]
+    kept = at.session_state["diag_result"]["diagnosis"].posthoc
     assert len(kept) == 2 * 12 and ((kept["energy_kept"] > 0) & (kept["energy_kept"] <= 1 + 1e-9)).all()
     assert figure(at, "diag_kept_chart")["data"]
     # The data-free overlap: blank diagonal, named axes, the adapters in the page's order.
@@ -451,7 +451,7 @@ def test_diagnosis_of_uploaded_adapters(small_run):
     assert overlap["layout"]["xaxis"]["title"]["text"] == "input directions of adapter i"
     assert list(overlap["data"][0]["x"]) == list(up_fig["data"][0]["x"]) == ["sentiment", "topic"]
     # The projection onto the OSRM subspaces cuts the cross-task input interference.
-    table = at.session_state["diag_result"]["interference"]
+    table = at.session_state["diag_result"]["diagnosis"].interference
     cross = table[table["adapter"] != table["data"]].groupby("init")["input_energy"].sum()
     assert cross["posthoc_osrm"] < cross["uploaded"]
     # The layer select drives the heatmaps.

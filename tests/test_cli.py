@@ -350,7 +350,7 @@ def test_diagnose_json(jobs) -> None:
     _ok(result)
     payload = json.loads(result.stdout)
     assert set(payload) == {"interference", "matrix", "angles", "own_energy", "posthoc", "coverage",
-                            "sv_interference", "spectra", "spectrum"}
+                            "sv_interference", "spectra", "spectrum", "verdicts", "layer_notes"}
     assert all(payload[key] for key in payload)
     assert {row["adapter"] for row in payload["posthoc"]} == set(TASKS)
 

@@ -16,14 +16,12 @@ from osrm_core.rundir import RunDir
 from osrm_core.study import (
     StudyConfig,
     VariantSpec,
-    curve_metrics,
-    find_studies,
-    load_study_tables,
     run_study,
     variant_config,
     variant_name,
     variants,
 )
+from osrm_core.study_report import curve_metrics, find_studies, load_study_tables
 
 
 def tiny_study(model_dir) -> StudyConfig:
@@ -289,7 +287,7 @@ def test_study_page_shows_the_latest_study(study_dir, tmp_path, monkeypatch) -> 
 
 
 def test_findings_warn_when_a_task_learned_nothing() -> None:
-    from osrm_core.study import findings
+    from osrm_core.study_report import findings
 
     q1 = pd.DataFrame([
         {"init": i, "constraint": "none", "method": "task_arithmetic", "normalized_best_mean": n,

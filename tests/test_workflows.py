@@ -145,8 +145,8 @@ def test_osrm_diagnose_and_the_page_give_the_same_tables(peft_adapters, tiny_mod
     page = diagnose_adapters(model, adapters, stats)
     for name in ("interference", "angles", "own_energy", "posthoc"):
         cli = pd.read_csv(out / f"{name}.csv")
-        mine = page[name].reset_index(drop=True)
+        mine = getattr(page, name).reset_index(drop=True)
         assert list(cli.columns) == list(mine.columns), name
         pd.testing.assert_frame_equal(cli, mine, check_dtype=False, rtol=1e-6, atol=1e-9, obj=name)
-    pd.testing.assert_frame_equal(pd.read_csv(out / "matrix.csv"), page["matrix"].reset_index(),
+    pd.testing.assert_frame_equal(pd.read_csv(out / "matrix.csv"), page.matrix.reset_index(),
                                   check_dtype=False, rtol=1e-6, check_names=False)
