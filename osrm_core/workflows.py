@@ -24,6 +24,7 @@ import torch
 
 from osrm_core.adapters import Adapter, check_against_model, union_layers
 from osrm_core.data import TaskData
+from osrm_core.diagnosis import Diagnosis
 from osrm_core.errors import OsrmInputError
 from osrm_core.stats import FeatureStats, collect_feature_stats
 
@@ -96,7 +97,7 @@ def diagnose_adapters(
     stats: dict[str, FeatureStats],
     *,
     posthoc_rank: int | None = None,
-) -> dict[str, pd.DataFrame | dict[str, Adapter]]:
+) -> Diagnosis:
     """Interference, principal angles, own-task energy and post-hoc OSRM for existing adapters.
 
     Parameters
@@ -114,23 +115,15 @@ def diagnose_adapters(
 
     Returns
     -------
-    dict
-        ``interference`` (per layer, for the adapters as uploaded and after post-hoc OSRM:
-        column ``init`` = ``uploaded`` / ``posthoc_osrm``), ``matrix`` (input energy of the
-        uploaded adapters summed over layers: rows adapter j, columns data i), ``angles``
-        (data-data and adapter-data, same ``init`` column; subspaces of the smallest adapter
-        rank), ``own_energy``, ``posthoc`` (energy kept per adapter and layer) and
-        ``projected`` (the post-hoc OSRM adapters), ``coverage`` (which layers each adapter
-        covers, :func:`coverage_table`), and the data-free signals: ``sv_interference``
-        (:func:`osrm_core.diagnostics.sv_interference_table`), ``spectra`` and ``spectrum``
-        (the task-arithmetic merge's spectrum against its parts' per layer,
-        :func:`osrm_core.diagnostics.merged_spectrum`).
+    Diagnosis
+        Its tables (interference as uploaded and after post-hoc OSRM, angles, own-task energy,
+        energy kept, coverage, data-free signals), the post-hoc OSRM adapters, and the verdicts
+        and summaries read from them (:class:`osrm_core.diagnosis.Diagnosis`).
     """
     from osrm_core.diagnostics import (
         angle_rank,
         angle_table,
         data_subspaces,
-        interference_matrix,
         interference_table,
         merged_spectrum,
         own_energy_table,
@@ -163,21 +156,21 @@ def diagnose_adapters(
         ],
         ignore_index=True,
     )
-    return {
-        "interference": pd.concat(
+    return Diagnosis(
+        names=list(adapters),
+        coverage=coverage_table(adapters),
+        interference=pd.concat(
             [uploaded.assign(init="uploaded"), interference_table(projected, stats, w0).assign(init="posthoc_osrm")],
             ignore_index=True,
         ),
-        "matrix": interference_matrix(uploaded),
-        "angles": angles,
-        "own_energy": own_energy_table(adapters, stats),
-        "posthoc": kept[["adapter", "layer", "energy_kept"]],
-        "projected": projected,
-        "coverage": coverage_table(adapters),
-        "sv_interference": sv_interference_table(adapters),
-        "spectra": spectra,
-        "spectrum": spectrum,
-    }
+        angles=angles,
+        own_energy=own_energy_table(adapters, stats),
+        posthoc=kept[["adapter", "layer", "energy_kept"]],
+        projected=projected,
+        sv_interference=sv_interference_table(adapters),
+        spectra=spectra,
+        spectrum=spectrum,
+    )
 
 
 def sweep_adapters(

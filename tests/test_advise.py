@@ -331,6 +331,7 @@ def test_choice_keeps_task_arithmetic_unless_a_candidate_wins_by_the_margin() ->
     assert "-" not in moved.split("held-out")[-1]  # no "-2.0 points over"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recommended", [None, {"method": "ties", "density": 0.5, "weights": [0.5, 1.5]},
                                          {"method": "tsv_m", "density": None, "weights": [0.8, 0.8]}])
 def test_advice_md_command_reproduces_the_adapter(advised, recommended, tmp_path) -> None:

@@ -101,7 +101,7 @@ def test_an_init_with_an_option_gets_its_flag_and_config_check(monkeypatch) -> N
     assert "eye" in flags["--init"].choices and flags["--eye-gamma"].type is float
     args = build_parser().parse_args(["train", "--task", "a=demo:sentiment", "--task", "b=demo:topic",
                                       "--init", "eye", "--eye-gamma", "0.25", "--out", "x"])
-    from osrm_core.cli import _config_from_args
+    from osrm_core.cli_commands import _config_from_args
 
     config = _config_from_args(args)
     assert config.inits == ["eye"] and config.init_params["eye"] == {"gamma": 0.25}

@@ -178,6 +178,7 @@ def test_jobs_split_the_cores() -> None:
         threads_per_job(0, cores=2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("jobs", ["0", "100000"])
 def test_cli_bad_jobs_exits_2(tmp_path, jobs) -> None:
     proc = subprocess.run([sys.executable, "-m", "osrm_core.cli", "study", "--quick", "--jobs", jobs,
