@@ -10,6 +10,7 @@ import pandas as pd
 import torch
 
 from osrm_core.adapters import Adapter, union_layers
+from osrm_core.diagnosis import layer_notes
 from osrm_core.evaluate import LOWER_IS_BETTER
 
 
@@ -111,37 +112,3 @@ def adapter_layer_verdicts(model, adapters: dict[str, Adapter], stats: dict) -> 
         ignore_index=True,
     )
     return layer_verdicts(table, kept)
-
-
-def layer_notes(verdicts: pd.DataFrame) -> list[str]:
-    """One plain sentence per layer group (the adapted layers of one block), ranked by the
-    interference they carry, from :func:`osrm_core.diagnostics.layer_verdicts`."""
-    from osrm_core.viz.common import short_layer
-
-    block = verdicts["layer"].map(lambda n: short_layer(n).split(".")[0])
-    notes = []
-    for name, part in verdicts.groupby(block, sort=False):
-        total, own = float(part["cross_shift"].sum()), float(part["own_shift"].sum())
-        removed = 1 - float(part["cross_shift_posthoc"].sum()) / total if total > 0 else 0.0
-        kept = float(part["kept_by_posthoc"].mean())
-        top = part.iloc[0]  # verdicts come most interference first
-        layers = ", ".join(short_layer(n).split(".")[-1] for n in part["layer"])
-        if own <= 0:
-            notes.append((total, f"{name} ({layers}): the adapters do not change this block."))
-            continue
-        if total / own < 0.05:
-            verdict = "little to fix here"
-        elif removed >= 0.5 and kept >= 0.5:
-            verdict = "projecting is worth it here"
-        elif removed >= 0.5:
-            verdict = "it would remove the interference but also most of what the adapters learned here"
-        else:
-            verdict = "projection would not help much here"
-        notes.append((total, (
-            f"{name} ({layers}): the other tasks' adapters shift each task's outputs by {total:.2%} of their "
-            f"energy in all ({total / own:.2f}x the wanted change), mostly {top['top_adapter']} on "
-            f"{top['top_data']} ({top['top_share']:.0%} at {short_layer(top['layer'])}); post-hoc OSRM would "
-            f"remove {removed:.0%} of it and keep {kept:.0%} of the adapters' ΔW: {verdict}."
-        )))
-    ranked = sorted(notes, key=lambda x: -x[0])
-    return [f"{k}. {text}" for k, (_, text) in enumerate(ranked, start=1)]
