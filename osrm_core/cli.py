@@ -380,15 +380,19 @@ def cmd_sweep(args) -> None:
 
 
 def cmd_diagnose(args) -> None:
+    import torch
+
     from osrm_core.adapters import union_layers
     from osrm_core.workflows import diagnose_adapters, load_base_for, task_stats
 
     adapters = _load_adapters(args)
-    model, tok = load_base_for(adapters, args.model)
+    model, tok = load_base_for(adapters, args.model, dtype=getattr(torch, args.dtype))
+    projected = _projected_or_dense(args.stats, model, adapters, len(args.task or []))
     stats = task_stats(model, tok, _load_tasks(args), samples=args.samples, max_length=args.max_length,
-                       target_modules=list(union_layers(adapters)), seed=args.seed)
+                       target_modules=list(union_layers(adapters)), seed=args.seed,
+                       adapters=adapters if projected else None)
     result = diagnose_adapters(model, adapters, stats, posthoc_rank=args.posthoc_rank)
-    result.pop("projected")
+    result.pop("projected", None)
     if args.out:
         for name, df in result.items():
             write_csv(Path(args.out) / f"{name}.csv", df.reset_index() if name == "matrix" else df)
@@ -397,8 +401,9 @@ def cmd_diagnose(args) -> None:
             result["coverage"].to_string(index=False),
             "", "input interference sum_l E||A_j h_i||^2 (rows: adapter j, columns: data i)",
             result["matrix"].to_string(float_format=lambda x: f"{x:.4g}"),
-            "", "post-hoc OSRM energy kept (mean over layers)",
-            result["posthoc"].groupby("adapter")["energy_kept"].mean().to_string(float_format=lambda x: f"{x:.3f}"),
+            *(["", "post-hoc OSRM energy kept (mean over layers)",
+               result["posthoc"].groupby("adapter")["energy_kept"].mean().to_string(float_format=lambda x: f"{x:.3f}")]
+              if "posthoc" in result else []),
             "", "own-task energy share vs random (mean over layers)",
             result["own_energy"].groupby("task")[["share", "random_share"]].mean().to_string(float_format=lambda x: f"{x:.4f}"),
             "", "data-free: share of adapter j's Delta W on the input directions of adapter i's (rows j, columns i;"
@@ -410,6 +415,29 @@ def cmd_diagnose(args) -> None:
             result["spectrum"][["nuclear_retention", "energy_ratio", "effective_rank_merged", "effective_rank_parts"]]
             .mean().to_string(float_format=lambda x: f"{x:.4f}")]
     _emit(args, payload, "\n".join(text))
+
+
+def _projected_or_dense(choice: str, model, adapters, tasks: int) -> bool:
+    """Whether ``osrm diagnose`` collects projected statistics: ``projected``; ``dense`` (refused
+    in one line when the d x d moments do not fit); ``auto``: dense when they fit, else projected."""
+    from osrm_core.adapters import union_layers
+    from osrm_core.memory import MemoryPlanError, check_fits, dense_stats_bytes
+    from osrm_core.models import layer_devices
+
+    if choice == "projected":
+        return True
+    widths = {n: next(iter(a.layers[n].A.shape[1] for a in adapters.values() if n in a.layers))
+              for n in union_layers(adapters)}
+    device = str(next(iter(layer_devices(model, list(widths)).values())))
+    try:
+        check_fits(dense_stats_bytes(widths, max(tasks, 1)), f"dense statistics of {tasks} tasks",
+                   "use --stats projected (every table but post-hoc OSRM and the principal angles)", device)
+    except MemoryPlanError as err:
+        if choice == "dense":
+            raise
+        print(f"note: {err}; collecting projected statistics", file=sys.stderr)
+        return True
+    return False
 
 
 def cmd_advise(args) -> None:
@@ -568,6 +596,12 @@ def build_parser() -> argparse.ArgumentParser:
     common(p, adapters=True, lora_rank=False)
     p.add_argument("--posthoc-rank", type=int, default=None,
                    help="rank of the post-hoc OSRM subspaces (default: each adapter's own rank)")
+    p.add_argument("--stats", default="auto", choices=["auto", "projected", "dense"],
+                   help="projected: only the adapters' projections A_j h (r x r per layer; every table but "
+                        "post-hoc OSRM and the principal angles); dense: the d x d moments (refused when they "
+                        "do not fit); auto (default): dense when they fit, else projected")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="the base model's weights (bfloat16 halves its memory; statistics stay float64)")
     p.set_defaults(func=cmd_diagnose)
 
     p = sub.add_parser("advise", help="search method, lambda, density and per-adapter weights; write the advised adapter")

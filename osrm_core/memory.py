@@ -9,6 +9,7 @@ to choose ``stats_dtype`` and ``layers_per_pass`` before a long run.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import pandas as pd
@@ -125,3 +126,46 @@ def memory_plan(
     df = pd.concat([df, pd.DataFrame([(s, i, b, "") for s, i, b in peaks], columns=df.columns)], ignore_index=True)
     df.insert(3, "GiB", (df["bytes"] / GiB).round(2))
     return df
+
+
+class MemoryPlanError(ValueError):
+    """The plan does not fit in the memory available: raised before any work."""
+
+
+def available_bytes(device: str = "cpu") -> int | None:
+    """Memory a new allocation can take now: free CUDA memory on a CUDA device, else the
+    system's ``MemAvailable`` (Linux); None where it cannot be known."""
+    import torch
+
+    if str(device).startswith("cuda"):
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    meminfo = Path("/proc/meminfo")
+    if not meminfo.exists():
+        return None
+    for line in meminfo.read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
+def dense_stats_bytes(widths: dict[str, int], tasks: int, stats_dtype: str = "float64") -> int:
+    """Bytes of the dense statistics (``sum h h^T``, the sample means' outer products, ``sum h``)
+    of ``tasks`` tasks at the layers ``widths`` (name to ``d_in``); layers of one parent module
+    with the same width (query/key/value, gate/up) read one input and count once."""
+    sb = 8 if stats_dtype == "float64" else 4
+    inputs = {(name.rsplit(".", 1)[0], d) for name, d in widths.items()}
+    return tasks * sum((2 * d * d + d) * sb for _, d in inputs)
+
+
+def projected_stats_bytes(ranks: dict[str, int], tasks: int, stats_dtype: str = "float64") -> int:
+    """Bytes of the projected statistics: ``R x R`` per layer and task (``R``: the adapters'
+    ranks at the layer summed)."""
+    sb = 8 if stats_dtype == "float64" else 4
+    return tasks * sum((r * r + 2) * sb for r in ranks.values())
+
+
+def check_fits(need: int, what: str, hint: str, device: str = "cpu") -> None:
+    """Refuse, in one line, ``what`` needing ``need`` bytes when less is available."""
+    have = available_bytes(device)
+    if have is not None and need > have:
+        raise MemoryPlanError(f"{what} needs {need / GiB:.1f} GiB, {have / GiB:.1f} GiB available: {hint}")

@@ -24,7 +24,7 @@ import torch
 
 from osrm_core.adapters import Adapter, check_against_model, union_layers
 from osrm_core.data import TaskData
-from osrm_core.stats import FeatureStats, collect_feature_stats
+from osrm_core.stats import FeatureStats, ProjectedStats, collect_feature_stats, collect_projected_stats
 
 Progress = Callable[[int, int, str], None]
 
@@ -73,8 +73,14 @@ def coverage_table(adapters: dict[str, Adapter]) -> pd.DataFrame:
 
 
 def task_stats(model, tokenizer, tasks: Sequence[TaskData], *, samples: int | None = 100, max_length: int = 128,
-               target_modules: list[str] | None = None, seed: int = 0) -> dict[str, FeatureStats]:
-    """Feature statistics of each task at the given layers of ``model`` (``samples`` None: all)."""
+               target_modules: list[str] | None = None, seed: int = 0,
+               adapters: dict[str, Adapter] | None = None) -> dict[str, FeatureStats | ProjectedStats]:
+    """Feature statistics of each task at the given layers of ``model`` (``samples`` None: all);
+    with ``adapters``, projected on them (:func:`osrm_core.stats.collect_projected_stats`: what
+    the interference tables need, without the ``d x d`` moments)."""
+    if adapters is not None:
+        return {t.name: collect_projected_stats(model, tokenizer, t, adapters, max_samples=samples,
+                                                max_length=max_length, seed=seed) for t in tasks}
     return {
         t.name: collect_feature_stats(
             model, tokenizer, t, max_samples=samples, max_length=max_length,
@@ -92,7 +98,7 @@ def adapter_rank(adapter: Adapter) -> int:
 def diagnose_adapters(
     model,
     adapters: dict[str, Adapter],
-    stats: dict[str, FeatureStats],
+    stats: dict[str, FeatureStats | ProjectedStats],
     *,
     posthoc_rank: int | None = None,
 ) -> dict[str, pd.DataFrame | dict[str, Adapter]]:
@@ -107,7 +113,10 @@ def diagnose_adapters(
         adapter contributing where it has weights (whatever the order of ``adapters``).
     stats : dict of task name to FeatureStats
         Every adapter's task (same name), collected at the union of the adapters' layers
-        (:func:`task_stats`); tasks need no labels.
+        (:func:`task_stats`); tasks need no labels. Projected statistics (``task_stats(...,
+        adapters=adapters)``) give every table but the ones of the ``d x d`` moments:
+        ``angles``, ``posthoc`` and ``projected`` are then absent and ``interference`` holds the
+        uploaded adapters only.
     posthoc_rank : int, optional
         Rank of the OSRM subspace each adapter is projected on (default: its own rank).
 
@@ -126,14 +135,10 @@ def diagnose_adapters(
         :func:`osrm_core.diagnostics.merged_spectrum`).
     """
     from osrm_core.diagnostics import (
-        angle_rank,
-        angle_table,
-        data_subspaces,
         interference_matrix,
         interference_table,
         merged_spectrum,
         own_energy_table,
-        posthoc_osrm_adapters,
         sv_interference_table,
     )
     from osrm_core.models import weight_as_linear
@@ -148,12 +153,43 @@ def diagnose_adapters(
     for name, adapter in adapters.items():
         check_against_model(adapter, model, where=name)
     stats = {n: stats[n] for n in adapters}
-    w0 = {n: weight_as_linear(model.get_submodule(n)).detach() for n in union_layers(adapters)}
+    if isinstance(next(iter(stats.values())), ProjectedStats):
+        # Projected statistics serve the tables of the adapters as they are; post-hoc OSRM and
+        # the angles of data subspaces need the d x d moments.
+        uploaded = interference_table(adapters, stats).assign(init="uploaded")
+        dense = {}
+    else:
+        w0 = {n: weight_as_linear(model.get_submodule(n)).detach() for n in union_layers(adapters)}
+        dense = _dense_views(adapters, stats, w0, posthoc_rank)
+        uploaded = dense.pop("uploaded")
+    spectra, spectrum = merged_spectrum(adapters)
+    return {
+        "interference": pd.concat([uploaded, dense.pop("posthoc_interference", None)], ignore_index=True),
+        "matrix": interference_matrix(uploaded),
+        **({"angles": dense["angles"]} if dense else {}),
+        "own_energy": own_energy_table(adapters, stats),
+        **({k: dense[k] for k in ("posthoc", "projected")} if dense else {}),
+        "coverage": coverage_table(adapters),
+        "sv_interference": sv_interference_table(adapters),
+        "spectra": spectra,
+        "spectrum": spectrum,
+    }
+
+
+def _dense_views(adapters, stats, w0, posthoc_rank) -> dict:
+    """What :func:`diagnose_adapters` computes from the ``d x d`` moments: post-hoc OSRM and its
+    interference, the principal angles of data subspaces (and the uploaded interference table)."""
+    from osrm_core.diagnostics import (
+        angle_rank,
+        angle_table,
+        data_subspaces,
+        interference_table,
+        posthoc_osrm_adapters,
+    )
+
     projected, kept = posthoc_osrm_adapters(adapters, stats, posthoc_rank)
-    uploaded = interference_table(adapters, stats, w0)
     k = angle_rank(adapters)
     bases = data_subspaces(stats, k)
-    spectra, spectrum = merged_spectrum(adapters)
     angles = pd.concat(
         [
             angle_table(stats, k=k, adapters=adapters, bases=bases).assign(init="uploaded"),
@@ -163,19 +199,11 @@ def diagnose_adapters(
         ignore_index=True,
     )
     return {
-        "interference": pd.concat(
-            [uploaded.assign(init="uploaded"), interference_table(projected, stats, w0).assign(init="posthoc_osrm")],
-            ignore_index=True,
-        ),
-        "matrix": interference_matrix(uploaded),
+        "uploaded": interference_table(adapters, stats, w0).assign(init="uploaded"),
+        "posthoc_interference": interference_table(projected, stats, w0).assign(init="posthoc_osrm"),
         "angles": angles,
-        "own_energy": own_energy_table(adapters, stats),
         "posthoc": kept[["adapter", "layer", "energy_kept"]],
         "projected": projected,
-        "coverage": coverage_table(adapters),
-        "sv_interference": sv_interference_table(adapters),
-        "spectra": spectra,
-        "spectrum": spectrum,
     }
 
 
