@@ -386,8 +386,8 @@ def cmd_diagnose(args) -> None:
     from osrm_core.workflows import diagnose_adapters, load_base_for, task_stats
 
     adapters = _load_adapters(args)
+    projected = _projected_or_dense(args.stats, adapters, len(args.task or []))  # before any work
     model, tok = load_base_for(adapters, args.model, dtype=getattr(torch, args.dtype))
-    projected = _projected_or_dense(args.stats, model, adapters, len(args.task or []))
     stats = task_stats(model, tok, _load_tasks(args), samples=args.samples, max_length=args.max_length,
                        target_modules=list(union_layers(adapters)), seed=args.seed,
                        adapters=adapters if projected else None)
@@ -417,21 +417,19 @@ def cmd_diagnose(args) -> None:
     _emit(args, payload, "\n".join(text))
 
 
-def _projected_or_dense(choice: str, model, adapters, tasks: int) -> bool:
+def _projected_or_dense(choice: str, adapters, tasks: int) -> bool:
     """Whether ``osrm diagnose`` collects projected statistics: ``projected``; ``dense`` (refused
     in one line when the d x d moments do not fit); ``auto``: dense when they fit, else projected."""
     from osrm_core.adapters import union_layers
     from osrm_core.memory import MemoryPlanError, check_fits, dense_stats_bytes
-    from osrm_core.models import layer_devices
 
     if choice == "projected":
         return True
     widths = {n: next(iter(a.layers[n].A.shape[1] for a in adapters.values() if n in a.layers))
               for n in union_layers(adapters)}
-    device = str(next(iter(layer_devices(model, list(widths)).values())))
-    try:
+    try:  # the command loads the model on the CPU
         check_fits(dense_stats_bytes(widths, max(tasks, 1)), f"dense statistics of {tasks} tasks",
-                   "use --stats projected (every table but post-hoc OSRM and the principal angles)", device)
+                   "use --stats projected (every table but post-hoc OSRM and the principal angles)")
     except MemoryPlanError as err:
         if choice == "dense":
             raise

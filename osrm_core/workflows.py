@@ -16,6 +16,7 @@ the command line, the app and notebooks:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -77,10 +78,19 @@ def task_stats(model, tokenizer, tasks: Sequence[TaskData], *, samples: int | No
                adapters: dict[str, Adapter] | None = None) -> dict[str, FeatureStats | ProjectedStats]:
     """Feature statistics of each task at the given layers of ``model`` (``samples`` None: all);
     with ``adapters``, projected on them (:func:`osrm_core.stats.collect_projected_stats`: what
-    the interference tables need, without the ``d x d`` moments)."""
+    the interference tables need, without the ``d x d`` moments; tasks with the same texts are
+    streamed once)."""
     if adapters is not None:
-        return {t.name: collect_projected_stats(model, tokenizer, t, adapters, max_samples=samples,
-                                                max_length=max_length, seed=seed) for t in tasks}
+        # Tasks with the same texts (several adapters scored on one data set) stream them once.
+        done: dict[tuple, ProjectedStats] = {}
+        out = {}
+        for t in tasks:
+            key = (tuple(t.train.text), None if t.train.text_pair is None else tuple(t.train.text_pair))
+            if key not in done:
+                done[key] = collect_projected_stats(model, tokenizer, t, adapters, max_samples=samples,
+                                                    max_length=max_length, seed=seed)
+            out[t.name] = dataclasses.replace(done[key], task=t.name)
+        return out
     return {
         t.name: collect_feature_stats(
             model, tokenizer, t, max_samples=samples, max_length=max_length,
