@@ -185,8 +185,9 @@ def _ratio(a, b) -> float | None:
 def summarize(res: dict) -> list[dict]:
     """The figures against the issue's goals, from the measurements."""
     rows = []
-    fwd, model_bytes = res["forward"], res["forward"].get("model_bytes")
-    for d in res["diagnose"]:
+    fwd = res.get("forward", {})
+    model_bytes = fwd.get("model_bytes")
+    for d in res.get("diagnose", []):
         n = d["args"][0]
         rows.append({"name": f"diagnose peak RSS / bf16 model, {n} adapters", "op": "<=", "target": 1.3,
                      "figure": _ratio(d.get("peak_bytes"), model_bytes),
@@ -195,10 +196,10 @@ def summarize(res: dict) -> list[dict]:
                      "figure": _ratio(d.get("seconds"), fwd.get("seconds")),
                      "detail": f"{d.get('seconds', float('nan')):.1f} s (statistics {d.get('stats_seconds', float('nan')):.1f} s)"
                                f" vs {fwd.get('seconds', float('nan')):.1f} s; loading not counted"})
-    peft = {p["args"][1]: p for p in res["peft"]}
-    ours = {(m["args"][1], m["args"][2]): m for m in res["merge"]}
+    peft = {p["args"][1]: p for p in res.get("peft", [])}
+    ours = {(m["args"][1], m["args"][2]): m for m in res.get("merge", [])}
     base = peft.get("ties_svd", {})
-    for method in ("ties", "tsv_m"):
+    for method in ("ties", "tsv_m") if ours else ():
         core = ours.get((method, "core"), {})
         if base.get("timed_out"):
             figure = None if core.get("seconds") is None else base["timed_out"] / core["seconds"]
@@ -220,16 +221,20 @@ def summarize(res: dict) -> list[dict]:
 
 def report(res: dict, rows: list[dict]) -> str:
     lines = [f"bench_scale: {res['settings']}", ""]
+    if "forward" in res:
+        f = res["forward"]
+        lines.append(f"two plain forward passes: {f.get('seconds', float('nan')):.1f} s, peak "
+                     f"{f.get('peak_bytes', 0) / GiB:.2f} GiB, bf16 model {f.get('model_bytes', 0) / GiB:.2f} GiB")
     for r in rows:
         fig = "n/a" if r["figure"] is None else f"{r['figure']:.3g}"
         verdict = {True: "met", False: "NOT met", None: "n/a"}[r["met"]]
         lines.append(f"{r['name']}: {fig} (goal {r['op']} {r['target']:g}; {verdict}) -- {r['detail']}")
     lines += ["", "dense path (osrm diagnose --stats dense):"]
-    for d in res["dense"]:
+    for d in res.get("dense", []):
         ran = f"ran in {d['wall']:.0f} s (the plan fits)" if d.get("exit") == 0 else d.get("message") or d
         lines.append(f"  {d['adapters']} adapters: {ran}")
     lines += ["", "merges (seconds, rise of the peak over the call, whole-process peak; GiB):"]
-    for m in res["merge"] + res["peft"]:
+    for m in res.get("merge", []) + res.get("peft", []):
         name = " ".join(m["args"][1:])
         if "seconds" not in m:
             why = m.get("error") or f"timed out after {m.get('timed_out')} s"
@@ -253,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--texts", type=int, default=64)
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--timeout", type=float, default=900, help="seconds a measurement may take")
+    p.add_argument("--part", choices=["diagnose", "merge", "all"], default="all",
+                   help="measure only the diagnosis or the merges (results in scale-<shape>-<part>.*)")
     p.add_argument("--child", choices=list(CHILDREN), help=argparse.SUPPRESS)
     p.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -272,16 +279,19 @@ def main(argv: list[str] | None = None) -> int:
     settings = {"shape": args.shape, "vocab": shape["vocab_size"], "texts": args.texts, "tokens": args.tokens,
                 "threads": os.environ.get("OMP_NUM_THREADS"), "cpus": os.cpu_count()}
     t = args.timeout
-    res = {"settings": settings, "forward": run_child(args.bed, "forward", 0, args.texts, args.tokens, timeout=t)}
-    res["diagnose"] = [run_child(args.bed, "diagnose", n, args.texts, args.tokens, timeout=t)
-                       for n in map(int, args.adapters.split(","))]
-    res["dense"] = [dense_refusal(args.bed, bed, n, args.texts, args.tokens, t) for n in map(int, args.adapters.split(","))]
-    n = args.merge_adapters
-    res["merge"] = [run_child(args.bed, "merge", n, m, space, timeout=t)
-                    for m in args.methods.split(",") for space in ("core", "full")]
-    res["peft"] = [run_child(args.bed, "peft", n, c, timeout=t) for c in PEFT_COMBINATIONS]
+    res: dict = {"settings": settings}
+    if args.part in ("diagnose", "all"):
+        counts = list(map(int, args.adapters.split(",")))
+        res["forward"] = run_child(args.bed, "forward", 0, args.texts, args.tokens, timeout=t)
+        res["diagnose"] = [run_child(args.bed, "diagnose", n, args.texts, args.tokens, timeout=t) for n in counts]
+        res["dense"] = [dense_refusal(args.bed, bed, n, args.texts, args.tokens, t) for n in counts]
+    if args.part in ("merge", "all"):
+        n = args.merge_adapters
+        res["merge"] = [run_child(args.bed, "merge", n, m, space, timeout=t)
+                        for m in args.methods.split(",") for space in ("core", "full")]
+        res["peft"] = [run_child(args.bed, "peft", n, c, timeout=t) for c in PEFT_COMBINATIONS]
     rows = summarize(res)
-    out = ROOT / "bench" / "results" / f"scale-{args.shape}"
+    out = ROOT / "bench" / "results" / f"scale-{args.shape}{'' if args.part == 'all' else '-' + args.part}"
     out.with_suffix(".json").write_text(json.dumps({**res, "rows": rows}, indent=1, default=str))
     text = report(res, rows)
     out.with_suffix(".txt").write_text(text + "\n")

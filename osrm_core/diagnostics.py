@@ -76,13 +76,16 @@ def interference_table(
     rows = []
     base_energy: dict[tuple[str, str], float] = {}
     for j, adapter in adapters.items():
+        gram: dict[str, torch.Tensor] = {}  # B_j^T B_j per layer, once for every task
         for layer, lw in adapter.layers.items():
             for i, st in stats.items():
                 if layer not in st.layers:
                     raise ValueError(f"statistics of task {i!r} have no layer {layer!r}")
                 sl = st.layers[layer]
                 M = adapter_moment(sl, j, lw.A, layer)
-                shift = _shift_from_moment(lw, M)
+                if layer not in gram:
+                    gram[layer] = lw.B.detach().to(torch.float64).T @ lw.B.detach().to(torch.float64)
+                shift = float(lw.scale**2 * (gram[layer] * M.to(torch.float64)).sum())
                 if isinstance(sl, ProjectedLayer):
                     base_energy[(i, layer)] = sl.base_energy
                 elif base_weights is not None and (i, layer) not in base_energy:
@@ -145,13 +148,18 @@ def row_space(M: torch.Tensor, k: int | None = None, rtol: float | None = None) 
     ``Delta_W = s B A`` of rank r has rounding-level singular values far above 1e-10, which
     would otherwise count as a full-rank row space).
     """
+    _, s, vh = torch.linalg.svd(M.to(torch.float64), full_matrices=False)
+    if k is None:
+        k = _kept_rank(M, s, rtol)
+    return vh[: max(k, 0)].T
+
+
+def _kept_rank(M: torch.Tensor, s: torch.Tensor, rtol: float | None = None) -> int:
+    """How many singular values ``s`` of ``M`` :func:`row_space` keeps."""
     if rtol is None:
         eps = torch.finfo(M.dtype).eps if M.is_floating_point() else 0.0
         rtol = max(1e-10, max(M.shape) * eps)
-    _, s, vh = torch.linalg.svd(M.to(torch.float64), full_matrices=False)
-    if k is None:
-        k = int((s > rtol * s.max().clamp_min(1e-300)).sum()) if s.numel() else 0
-    return vh[: max(k, 0)].T
+    return int((s > rtol * s.max().clamp_min(1e-300)).sum()) if s.numel() else 0
 
 
 def lora_row_space(lora: LoraWeights) -> torch.Tensor:
@@ -264,8 +272,8 @@ def own_energy_of_moment(A: torch.Tensor, M: torch.Tensor, trace: float) -> tupl
     ``A = U Sigma V^T``, ``P = V_k^T = Sigma_k^{-1} U_k^T A`` (``k``: the singular values
     :func:`row_space` keeps), so ``tr(P S P^T) = tr(Sigma_k^{-1} U_k^T M U_k Sigma_k^{-1})``.
     """
-    k = row_space(A).shape[1]
     u, s, _ = torch.linalg.svd(A.detach().to(torch.float64), full_matrices=False)
+    k = _kept_rank(A, s)
     w = u[:, :k] / s[:k]
     return float((w * (M.to(torch.float64) @ w)).sum()) / trace, k / A.shape[1]
 

@@ -105,7 +105,7 @@ class _Projector:
     def __init__(self, modules: dict[str, nn.Module], adapters: dict[str, Adapter], dtype: torch.dtype) -> None:
         self.modules, self.dtype = modules, dtype
         self.mask: torch.Tensor | None = None
-        self.seen: list[str] = []
+        self.waiting: set[str] = set()
         self.layers: dict[str, ProjectedLayer] = {}
         self.stacked: dict[str, torch.Tensor] = {}
         for name, module in modules.items():
@@ -119,8 +119,10 @@ class _Projector:
     def hook(self, name: str):
         def run(module, args, kwargs, output):
             x = args[0] if args else next(iter(kwargs.values()))
-            self.seen.append(name)
             self._accumulate(name, module, x, output)
+            self.waiting.discard(name)
+            if not self.waiting:  # the rest of the model (its LM head too) is not needed
+                raise _StopForward
 
         return run
 
@@ -206,34 +208,26 @@ def collect_projected_stats(
     total = -(-len(idx) // batch_size)
     device = next(model.parameters()).device
     handles = [m.register_forward_hook(projector.hook(n), with_kwargs=True) for n, m in modules.items()]
-    stop: list = []
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         with torch.no_grad():
             for i, batch in enumerate(batches):
                 projector.mask = move_batch(batch, device)["attention_mask"].bool()
+                projector.waiting = set(modules)
                 try:
                     model(**move_batch(decoder_position_ids(batch, model), device))
                 except _StopForward:
                     pass
-                if i == 0 and projector.seen and set(projector.seen) == set(modules):
-                    # The layers run in this order for every batch: stop after the last one.
-                    stop.append(modules[projector.seen[-1]].register_forward_hook(_stop_forward))
+                if projector.waiting:
+                    raise ValueError(f"layer {sorted(projector.waiting)[0]!r} never ran in the model's forward pass")
                 if progress:
                     progress(i + 1, total, "projected statistics")
     finally:
-        for h in handles + stop:
+        for h in handles:
             h.remove()
         for m, mode in modes:
             m.training = mode
-    missing = [n for n in modules if n not in projector.seen]
-    if missing:
-        raise ValueError(f"layer {missing[0]!r} never ran in the model's forward pass")
     meta = {"max_samples": max_samples, "max_length": max_length, "split": split, "seed": seed}
     model_name = getattr(model, "name_or_path_", "")
     return ProjectedStats(projector.layers, task=task.name, model=model_name, meta=meta)
-
-
-def _stop_forward(module, args, output):
-    raise _StopForward
