@@ -36,6 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._common import ROOT, reset_peak, status_kib  # noqa: E402
 
 MERGE_METHODS = ("task_arithmetic", "ties", "tsv_m", "iso_c")
+#: Where the children put the model ("cpu", or "cuda" for bench/gpu.sh); set from --device.
+DEVICE = os.environ.get("OSRM_BENCH_DEVICE", "cpu")
 PEFT_COMBINATIONS = ("cat", "svd", "ties_svd")
 GiB = 1 << 30
 
@@ -45,12 +47,19 @@ GiB = 1 << 30
 
 def _measured(fn) -> dict:
     """Seconds of ``fn()``, the rise of the resident-set high-water mark over it and the
-    process's whole peak (before and during), in bytes."""
+    process's whole peak (before and during), in bytes; on CUDA also the peak of allocated GPU
+    memory."""
+    import torch
+
     gc.collect()
+    cuda = torch.cuda.is_available() and DEVICE != "cpu"
     before = status_kib("VmHWM")
     rss0 = status_kib("VmRSS") if reset_peak() else None
     start = time.perf_counter()
     extra = fn() or {}
+    if cuda:
+        torch.cuda.synchronize()
+        extra["gpu_peak_bytes"] = torch.cuda.max_memory_allocated()
     seconds = time.perf_counter() - start
     during = status_kib("VmHWM")
     rise = None if rss0 is None else (during - rss0) * 1024
@@ -75,7 +84,7 @@ def _model(bed: dict):
     from osrm_core.models import load_base_model
 
     start = time.perf_counter()
-    model, tok = load_base_model(bed["model"], causal_lm=True, dtype=torch.bfloat16)
+    model, tok = load_base_model(bed["model"], causal_lm=True, dtype=torch.bfloat16, device=DEVICE)
     size = sum(p.numel() * p.element_size() for p in model.parameters())
     return model, tok, {"load_seconds": time.perf_counter() - start, "model_bytes": size}
 
@@ -84,6 +93,7 @@ def child_forward(bed: dict, n: int, samples: int, tokens: int) -> dict:
     import torch
 
     from osrm_core.batching import iter_batches
+    from osrm_core.stats import select_samples
 
     model, tok, info = _model(bed)
     tasks = _tasks(bed, ["a", "b"])
@@ -91,8 +101,10 @@ def child_forward(bed: dict, n: int, samples: int, tokens: int) -> dict:
     def run():
         with torch.no_grad():
             for task in tasks:
-                for batch in iter_batches(tok, task.train, batch_size=32, max_length=tokens, with_labels=False):
-                    model.model(**batch)
+                idx = select_samples(len(task.train), samples, 0)  # the texts the statistics see
+                for batch in iter_batches(tok, task.train, batch_size=32, max_length=tokens, indices=idx,
+                                          with_labels=False):
+                    model.model(**{k: v.to(DEVICE) for k, v in batch.items()})
 
     return {**info, **_measured(run)}
 
@@ -102,7 +114,7 @@ def child_diagnose(bed: dict, n: int, samples: int, tokens: int) -> dict:
 
     adapters = _adapters(bed, n)
     start = time.perf_counter()
-    model, tok = load_base_for(adapters, bed["model"], dtype=__import__("torch").bfloat16)
+    model, tok = load_base_for(adapters, bed["model"], dtype=__import__("torch").bfloat16, device=DEVICE)
     info = {"load_seconds": time.perf_counter() - start}
     tasks = _tasks(bed, list(adapters))
     times = {}
@@ -246,11 +258,12 @@ def report(res: dict, rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench.scale_model import LLAMA_3_2_1B, SMALL, build_testbed
+    from bench.scale_model import LLAMA_3_2_1B, LLAMA_3_8B, SMALL, build_testbed
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--bed", type=Path, required=True, help="folder of the test bed (built there when missing)")
-    p.add_argument("--shape", choices=["1b", "small"], default="1b")
+    p.add_argument("--shape", choices=["1b", "8b", "small"], default="1b")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda (bench/gpu.sh scale)")
     p.add_argument("--vocab", type=int, default=None, help="shrink the vocabulary (default: the shape's)")
     p.add_argument("--adapters", default="2,8", help="numbers of adapters to diagnose")
     p.add_argument("--merge-adapters", type=int, default=8)
@@ -268,15 +281,16 @@ def main(argv: list[str] | None = None) -> int:
         rest = [int(x) if x.isdigit() else x for x in args.rest]
         print(json.dumps(CHILDREN[args.child](bed, *rest)))
         return 0
-    shape = {**(LLAMA_3_2_1B if args.shape == "1b" else SMALL)}
+    os.environ["OSRM_BENCH_DEVICE"] = args.device  # for the children
+    shape = {**{"1b": LLAMA_3_2_1B, "8b": LLAMA_3_8B, "small": SMALL}[args.shape]}
     if args.vocab:
         shape["vocab_size"] = args.vocab
     n_max = max([args.merge_adapters, *map(int, args.adapters.split(","))])
     if not (args.bed / "testbed.json").is_file():
         build_testbed(args.bed, shape, adapters=n_max, texts=args.texts, tokens=args.tokens,
-                      shard_size="1GB" if args.shape == "1b" else "200KB")
+                      shard_size="200KB" if args.shape == "small" else "2GB", device=args.device)
     bed = json.loads((args.bed / "testbed.json").read_text())
-    settings = {"shape": args.shape, "vocab": shape["vocab_size"], "texts": args.texts, "tokens": args.tokens,
+    settings = {"shape": args.shape, "device": args.device, "vocab": shape["vocab_size"], "texts": args.texts, "tokens": args.tokens,
                 "threads": os.environ.get("OMP_NUM_THREADS"), "cpus": os.cpu_count()}
     t = args.timeout
     res: dict = {"settings": settings}
@@ -291,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
                         for m in args.methods.split(",") for space in ("core", "full")]
         res["peft"] = [run_child(args.bed, "peft", n, c, timeout=t) for c in PEFT_COMBINATIONS]
     rows = summarize(res)
-    out = ROOT / "bench" / "results" / f"scale-{args.shape}{'' if args.part == 'all' else '-' + args.part}"
+    suffix = ("" if args.device == "cpu" else "-" + args.device) + ("" if args.part == "all" else "-" + args.part)
+    out = ROOT / "bench" / "results" / f"scale-{args.shape}{suffix}"
     out.with_suffix(".json").write_text(json.dumps({**res, "rows": rows}, indent=1, default=str))
     text = report(res, rows)
     out.with_suffix(".txt").write_text(text + "\n")

@@ -21,6 +21,9 @@ LLAMA_3_2_1B = {
     "num_key_value_heads": 8, "head_dim": 64, "vocab_size": 128256, "tie_word_embeddings": True,
     "rope_theta": 500000.0, "rms_norm_eps": 1e-5, "max_position_embeddings": 131072,
 }
+#: Llama-3-8B's config, for the GPU run (``bench/gpu.sh scale``).
+LLAMA_3_8B = {**LLAMA_3_2_1B, "hidden_size": 4096, "num_hidden_layers": 32, "intermediate_size": 14336,
+              "head_dim": 128, "tie_word_embeddings": False}
 #: The same builder at test size (seconds on a CPU).
 SMALL = {**LLAMA_3_2_1B, "hidden_size": 128, "num_hidden_layers": 2, "intermediate_size": 256,
          "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "vocab_size": 1024}
@@ -71,13 +74,24 @@ def write_tasks(folder: Path, texts: int, tokens: int) -> dict[str, Path]:
     return out
 
 
-def build_model(folder: Path, shape: dict, *, shard_size: str, dtype: torch.dtype = torch.bfloat16):
-    """A random LLaMA of ``shape`` saved in ``dtype`` as sharded safetensors; returns it."""
+def build_model(folder: Path, shape: dict, *, shard_size: str, dtype: torch.dtype = torch.bfloat16,
+                device: str = "cpu"):
+    """A random LLaMA of ``shape`` saved in ``dtype`` as sharded safetensors; returns it (on
+    ``device``, where it is also drawn: an 8B model is drawn on the GPU directly in ``dtype``)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(**shape, pad_token_id=0, bos_token_id=2, eos_token_id=3)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(dtype).eval()
+    if device == "cpu":
+        model = LlamaForCausalLM(config).to(dtype).eval()
+    else:
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            with torch.device(device):
+                model = LlamaForCausalLM(config).eval()
+        finally:
+            torch.set_default_dtype(default)
     model.save_pretrained(str(folder), max_shard_size=shard_size)
     return model
 
@@ -95,7 +109,7 @@ def build_adapters(model, folder: Path, n: int) -> dict[str, Path]:
         with torch.no_grad():
             for name, p in peft_model.named_parameters():
                 if "lora_A" in name or "lora_B" in name:
-                    p.copy_(torch.randn(p.shape, generator=gen) / p.shape[1] ** 0.5)
+                    p.copy_(torch.randn(p.shape, generator=gen).to(p.device) / p.shape[1] ** 0.5)
         out[f"t{k}"] = folder / f"adapter_{k}"
         peft_model.save_pretrained(str(out[f"t{k}"]))
         model = peft_model.unload()
@@ -103,12 +117,12 @@ def build_adapters(model, folder: Path, n: int) -> dict[str, Path]:
 
 
 def build_testbed(folder: str | Path, shape: dict = SMALL, *, adapters: int = 2, texts: int = 16,
-                  tokens: int = 32, shard_size: str = "200KB") -> dict:
+                  tokens: int = 32, shard_size: str = "200KB", device: str = "cpu") -> dict:
     """Everything in ``folder``: ``model/`` (config, shards, tokenizer), ``tasks/a.txt``,
     ``tasks/b.txt`` and ``adapters/adapter_K``; returns their paths (also in ``testbed.json``)."""
     folder = Path(folder)
     (folder / "tasks").mkdir(parents=True, exist_ok=True)
-    model = build_model(folder / "model", shape, shard_size=shard_size)
+    model = build_model(folder / "model", shape, shard_size=shard_size, device=device)
     build_tokenizer(folder / "model")
     paths = {
         "model": str(folder / "model"),

@@ -104,3 +104,11 @@ def test_cli_merge_and_advise_on_the_testbed(bed, tmp_path) -> None:
     peft_model = _load_with_peft(bed["model"], adapter)
     with torch.no_grad():
         assert torch.isfinite(peft_model(input_ids=torch.tensor([[5, 9, 17]])).logits).all()
+
+
+def test_readme_memory_table_is_what_the_plan_prints() -> None:
+    from osrm_core.memory import scale_table
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    table = text.split("<!-- scale-table -->\n", 1)[1].split("\n<!-- /scale-table -->", 1)[0]
+    assert table == scale_table()
