@@ -17,12 +17,10 @@ import torch
 from torch import nn
 
 from osrm_core.atomic import atomic_path, write_json
+from osrm_core.errors import AdapterError, OsrmInputError
 
 PEFT_PREFIX = "base_model.model."
 
-
-class AdapterError(ValueError):
-    """An adapter cannot be used; the message says what is wrong."""
 
 
 @dataclass
@@ -97,7 +95,7 @@ def union_layers(adapters: dict[str, Adapter]) -> dict[str, tuple[int, int]]:
         for layer, lw in adapter.layers.items():
             shape = (lw.B.shape[0], lw.A.shape[1])
             if layer in shapes and shapes[layer] != shape:
-                raise ValueError(
+                raise OsrmInputError(
                     f"size mismatch for layer {layer!r}: adapter {name!r} is {shape[0]}x{shape[1]}, adapter "
                     f"{owner[layer]!r} is {shapes[layer][0]}x{shapes[layer][1]} (adapters of other base models?)"
                 )
@@ -435,7 +433,7 @@ def write_adapter(
     ranks = {lw.rank for lw in layers.values()}
     scales = {round(lw.scale, 12) for lw in layers.values()}
     if len(ranks) != 1 or len(scales) != 1:
-        raise ValueError("write_adapter needs one rank and one scale for all layers")
+        raise OsrmInputError("write_adapter needs one rank and one scale for all layers")
     rank, scale = ranks.pop(), scales.pop()
     path = Path(path)
     if path.exists() and not path.is_dir():

@@ -35,6 +35,7 @@ import torch
 
 from osrm_core.adapters import Adapter, check_against_model, num_labels_of, union_layers
 from osrm_core.data import Split, TaskData
+from osrm_core.errors import OsrmInputError
 from osrm_core.evaluate import LOWER_IS_BETTER, SweepEngine, score
 from osrm_core.models import is_causal_lm
 
@@ -60,7 +61,7 @@ Z95 = 1.959964
 def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
     """Wilson score interval of a proportion ``successes / n`` (95% by default)."""
     if n <= 0:
-        raise ValueError(f"n must be positive, got {n}")
+        raise OsrmInputError(f"n must be positive, got {n}")
     p = successes / n
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
@@ -157,7 +158,7 @@ def split_samples(
     "validation": indices, "heldout": indices}``, indices into the pool.
     """
     if not 0 < holdout < 1:
-        raise ValueError(f"holdout is {holdout}; it must be in (0, 1)")
+        raise OsrmInputError(f"holdout is {holdout}; it must be in (0, 1)")
     pooled, origin = sample_pool(task, use_train=use_train)
     rng = np.random.default_rng(seed)
     idx = np.arange(len(pooled))
@@ -175,7 +176,7 @@ def split_samples(
     shares = []
     for name, chosen in (("validation", sorted(val)), ("held-out", sorted(held))):
         if len(chosen) < 2 or (task.labeled and np.unique(strata[chosen]).size < 2):
-            raise ValueError(
+            raise OsrmInputError(
                 f"task {task.name!r}: the {name} share has {len(chosen)} samples of "
                 f"{np.unique(strata[chosen]).size} class(es) (from its {origin} texts); give at least 2 samples"
                 + (" of each of 2 classes" if task.labeled else " in each share (4 texts or more)")
@@ -450,28 +451,28 @@ def advise(
     names = list(adapters)
     by_name = {t.name: t for t in tasks}
     if len(names) < 2:
-        raise ValueError(f"advise needs at least two adapters, got {len(names)}")
+        raise OsrmInputError(f"advise needs at least two adapters, got {len(names)}")
     missing = [n for n in names if n not in by_name]
     if missing:
-        raise ValueError(f"adapter {missing[0]!r} has no sample texts of the same name; tasks are {sorted(by_name)}")
+        raise OsrmInputError(f"adapter {missing[0]!r} has no sample texts of the same name; tasks are {sorted(by_name)}")
     if not methods:
-        raise ValueError("methods is empty: give at least one merge method")
+        raise OsrmInputError("methods is empty: give at least one merge method")
     for method in methods:
         get_merge_method(method)
     bad = [x for x in [*lambdas, *densities] if not 0 < x <= 10]
     if not lambdas or bad:
-        raise ValueError(f"lambdas must be a non-empty list in (0, 10] and densities in (0, 1]; got {bad}")
+        raise OsrmInputError(f"lambdas must be a non-empty list in (0, 10] and densities in (0, 1]; got {bad}")
     if not isinstance(budget, int) or budget < 0:
-        raise ValueError(f"budget is {budget!r}; it must be an integer >= 0")
+        raise OsrmInputError(f"budget is {budget!r}; it must be an integer >= 0")
     lower = is_causal_lm(model)  # a causal LM: each task scored by the token loss of its texts
     for name, adapter in adapters.items():
         check_against_model(adapter, model, where=name)
         if not lower and not by_name[name].labeled:
-            raise ValueError(f"task {name!r} has no labels; the merge advisor needs labelled samples of every task "
+            raise OsrmInputError(f"task {name!r} has no labels; the merge advisor needs labelled samples of every task "
                              "(or adapters of a causal LM, scored by the token loss of plain texts)")
         classes = num_labels_of(adapter)
         if classes is not None and by_name[name].num_labels > classes:
-            raise ValueError(
+            raise OsrmInputError(
                 f"task {name!r}: labels 0..{by_name[name].num_labels - 1} but the adapter's head has {classes} classes"
             )
 

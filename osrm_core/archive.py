@@ -10,6 +10,8 @@ import zipfile
 import zlib
 from pathlib import Path, PurePosixPath
 
+from osrm_core.errors import ArchiveError
+
 #: Most bytes an uploaded zip may unpack to.
 MAX_UNZIPPED_BYTES = 1 << 30
 #: Most members an uploaded zip may hold.
@@ -17,9 +19,6 @@ MAX_ZIP_MEMBERS = 20_000
 #: Highest compression ratio of one member (a zip bomb packs far tighter).
 MAX_COMPRESSION_RATIO = 200
 
-
-class ArchiveError(ValueError):
-    """An uploaded archive is broken, too large or unsafe; the message says which."""
 
 
 _DRIVE = re.compile(r"^[A-Za-z]:")

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from osrm_core.data import Split
+from osrm_core.errors import OsrmInputError
 
 
 def iter_batches(
@@ -31,9 +32,9 @@ def iter_batches(
         is then that of the sorted indices, see :func:`length_order`).
     """
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise OsrmInputError(f"batch_size must be >= 1, got {batch_size}")
     if max_length < 2:
-        raise ValueError(f"max_length must be >= 2, got {max_length}")
+        raise OsrmInputError(f"max_length must be >= 2, got {max_length}")
     idx = np.arange(len(split)) if indices is None else np.asarray(indices, dtype=np.int64)
     if sort_by_length:
         idx = idx[length_order(tokenizer, split, idx, max_length)]

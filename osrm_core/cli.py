@@ -14,11 +14,12 @@ from pathlib import Path
 
 from osrm_core.advise import ADVISE_BUDGET, ADVISE_DENSITIES, ADVISE_LAMBDAS, ADVISE_METHODS
 from osrm_core.constraints import CONSTRAINTS
-from osrm_core.data import METRICS, DataError
+from osrm_core.data import METRICS
+from osrm_core.errors import OsrmInputError, UsageError
 from osrm_core.inits import INITS
 from osrm_core.merge import all_param_specs
 from osrm_core.rundir import RunDir, write_csv
-from osrm_core.settings import DEFAULT_LAMBDAS, ConfigError, RunConfig, TaskEntry
+from osrm_core.settings import DEFAULT_LAMBDAS, RunConfig, TaskEntry
 
 EXAMPLES = """examples:
   osrm demo --quick --json
@@ -30,10 +31,6 @@ EXAMPLES = """examples:
   osrm diagnose --adapter a=adA.zip --adapter b=adB/ --task a=a.csv --task b=b.csv --json
   osrm advise --adapter a=adA/ --adapter b=adB/ --task a=a.csv --task b=b.csv --out advice/
 """
-
-
-class UsageError(ValueError):
-    pass
 
 
 def _pairs(values: list[str] | None, flag: str) -> dict[str, str]:
@@ -651,7 +648,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["OSRM_DIST_TIMEOUT"] = str(args.dist_timeout)
     try:
         rank, world = _launch_rank()
-    except ValueError as err:
+    except OsrmInputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if rank != 0 and args.command not in DISTRIBUTED_COMMANDS:
@@ -659,14 +656,14 @@ def main(argv: list[str] | None = None) -> int:
     where = f"rank {rank}/{world}: " if world > 1 else ""
     try:
         args.func(args)
-    except (UsageError, ConfigError, DataError, ValueError, TypeError, FileNotFoundError) as err:
+    except OsrmInputError as err:  # bad input: one line, exit 2
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         print(f"error: {where}{message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
-    except Exception as err:  # an internal failure: one line, exit 1
+    except Exception as err:  # anything else is a bug: one line, exit 1
         message = str(err).strip().splitlines()[0] if str(err).strip() else ""
         print(f"internal error: {where}{type(err).__name__}: {message}", file=sys.stderr)
         return 1

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from osrm_core.errors import OsrmInputError
+
 
 @dataclass(frozen=True)
 class Constraint:
@@ -78,9 +80,9 @@ class Constraint:
         active = ActiveConstraint(self, layers, projectors, penalties, own)
         if self.sparse_b:
             if not 0 < b_density <= 1:
-                raise ValueError(f"b_density={b_density!r} is not allowed: must be in (0, 1]")
+                raise OsrmInputError(f"b_density={b_density!r} is not allowed: must be in (0, 1]")
             if not isinstance(mask_step, int) or mask_step < 1:
-                raise ValueError(f"mask_step={mask_step!r} is not allowed: must be an integer >= 1")
+                raise OsrmInputError(f"mask_step={mask_step!r} is not allowed: must be an integer >= 1")
             active.b_density, active.mask_step = b_density, mask_step
         return active
 
@@ -97,11 +99,11 @@ def _normalized(s: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
 
 def _per_layer(constraint: Constraint, layers, given, argument: str, what: str, make) -> dict[str, torch.Tensor]:
     if given is None:
-        raise ValueError(f"constraint={constraint.name!r} needs {argument} (the {what} per layer)")
+        raise OsrmInputError(f"constraint={constraint.name!r} needs {argument} (the {what} per layer)")
     out = {}
     for name, layer in layers.items():
         if name not in given:
-            raise ValueError(f"constraint={constraint.name!r}: no {what} for layer {name!r}")
+            raise OsrmInputError(f"constraint={constraint.name!r}: no {what} for layer {name!r}")
         out[name] = make(given[name], layer.lora_A["default"].weight)
     return out
 
@@ -192,7 +194,7 @@ CONSTRAINTS: dict[str, Constraint] = {
 def get_constraint(name: str) -> Constraint:
     """The constraint registered as ``name``; ValueError listing the known ones otherwise."""
     if not isinstance(name, str) or name not in CONSTRAINTS:
-        raise ValueError(f"unknown constraint {name!r}; allowed: {', '.join(CONSTRAINTS)}")
+        raise OsrmInputError(f"unknown constraint {name!r}; allowed: {', '.join(CONSTRAINTS)}")
     return CONSTRAINTS[name]
 
 
@@ -204,12 +206,12 @@ def check_constraint(constraint: str, inits: list[str], field: str = "train.cons
     needs = get_constraint(constraint)
     for init in inits:
         if needs.needs_subspace and not INITS[init].needs_stats:
-            raise ValueError(
+            raise OsrmInputError(
                 f"{field} {constraint!r} keeps A in the OSRM subspace, which init {init!r} has not; "
                 f"use it with {', '.join(OSRM_METHODS)} only"
             )
         if needs.sparse_b and INITS[init].moves_base:
-            raise ValueError(
+            raise OsrmInputError(
                 f"{field} {constraint!r} keeps B sparse, but init {init!r} moves the base weights: its saved "
                 "adapter carries the initial B too and would not be sparse; use another init"
             )

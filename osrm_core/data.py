@@ -19,6 +19,8 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
+from osrm_core.errors import DataError
+
 Metric = Literal["accuracy", "mcc", "f1", "loss"]
 METRICS: tuple[str, ...] = ("accuracy", "mcc", "f1", "loss")
 
@@ -29,9 +31,6 @@ MAX_TEXT_CHARS = 5000
 #: Most classes a task may have (a text column taken for the label column has about one per row).
 MAX_CLASSES = 1000
 
-
-class DataError(ValueError):
-    """A task's data cannot be used; the message says what is wrong and what is allowed."""
 
 
 @dataclass

@@ -10,6 +10,7 @@ import pandas as pd
 import torch
 
 from osrm_core.adapters import Adapter, union_layers
+from osrm_core.errors import OsrmInputError
 
 
 def factored_svd(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -90,7 +91,7 @@ def merged_spectrum(
     names = list(adapters)
     weights = [1.0] * len(names) if weights is None else list(weights)
     if len(weights) != len(names):
-        raise ValueError(f"weights has {len(weights)} entries for {len(names)} adapters")
+        raise OsrmInputError(f"weights has {len(weights)} entries for {len(names)} adapters")
     spectra, summary = [], []
     for layer in union_layers(adapters):
         parts = [(w * adapters[n].layers[layer].scale, adapters[n].layers[layer])

@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 
 from osrm_core.data import Split, TaskData
+from osrm_core.errors import InputTypeError, OsrmInputError
 
 DEMO_TASKS: dict[str, str] = {
     "sentiment": "Product and movie review sentiment, 2 labels (negative, positive).",
@@ -394,9 +395,9 @@ def _split(
 
 def _check_count(name: str, value: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        raise TypeError(f"{name} must be an integer in [{MIN_EXAMPLES}, {MAX_EXAMPLES}]")
+        raise InputTypeError(f"{name} must be an integer in [{MIN_EXAMPLES}, {MAX_EXAMPLES}]")
     if not MIN_EXAMPLES <= value <= MAX_EXAMPLES:
-        raise ValueError(f"{name} must be in [{MIN_EXAMPLES}, {MAX_EXAMPLES}], got {value}")
+        raise OsrmInputError(f"{name} must be in [{MIN_EXAMPLES}, {MAX_EXAMPLES}], got {value}")
 
 
 def demo_task(key: str, seed: int = 0, n_train: int = 1200, n_test: int = 400) -> TaskData:
@@ -425,9 +426,9 @@ def demo_task(key: str, seed: int = 0, n_train: int = 1200, n_test: int = 400) -
         For a split size that is not an integer.
     """
     if key not in _SPECS:
-        raise ValueError(f"unknown demo task {key!r}; known demo tasks are: {', '.join(_SPECS)}")
+        raise OsrmInputError(f"unknown demo task {key!r}; known demo tasks are: {', '.join(_SPECS)}")
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        raise OsrmInputError(f"seed must be a non-negative integer, got {seed!r}")
     _check_count("n_train", n_train)
     _check_count("n_test", n_test)
     make, label_names, metric = _SPECS[key]

@@ -22,6 +22,7 @@ import torch
 
 from osrm_core.adapters import Adapter, LoraWeights
 from osrm_core.datafree import factored_svd, merged_spectrum, pair_signals, sv_interference_table  # noqa: F401
+from osrm_core.errors import OsrmInputError
 from osrm_core.stats import FeatureStats, LayerStats, ProjectedLayer, ProjectedStats
 
 
@@ -72,7 +73,7 @@ def interference_table(
     ``base_weights`` for dense statistics).
     """
     if not adapters or not stats:
-        raise ValueError("interference_table needs at least one adapter and one task's statistics")
+        raise OsrmInputError("interference_table needs at least one adapter and one task's statistics")
     rows = []
     base_energy: dict[tuple[str, str], float] = {}
     for j, adapter in adapters.items():
@@ -80,7 +81,7 @@ def interference_table(
         for layer, lw in adapter.layers.items():
             for i, st in stats.items():
                 if layer not in st.layers:
-                    raise ValueError(f"statistics of task {i!r} have no layer {layer!r}")
+                    raise OsrmInputError(f"statistics of task {i!r} have no layer {layer!r}")
                 sl = st.layers[layer]
                 M = adapter_moment(sl, j, lw.A, layer)
                 if layer not in gram:
@@ -111,7 +112,7 @@ def adapter_moment(sl: LayerStats | ProjectedLayer, name: str, A: torch.Tensor, 
     if isinstance(sl, ProjectedLayer):
         return sl.moment(name, A)
     if sl.d != A.shape[1]:
-        raise ValueError(f"size mismatch for layer {layer!r}: statistics {sl.d}, adapter {A.shape[1]}")
+        raise OsrmInputError(f"size mismatch for layer {layer!r}: statistics {sl.d}, adapter {A.shape[1]}")
     A = A.detach().to(torch.float64)
     return (A @ sl.second_moment.to(A)) @ A.T
 
@@ -125,7 +126,7 @@ def _shift_from_moment(lora: LoraWeights, M: torch.Tensor) -> float:
 def interference_matrix(table: pd.DataFrame, value: str = "input_energy") -> pd.DataFrame:
     """Task-by-task matrix (rows: adapter, columns: data) of ``value`` summed over layers."""
     if value not in table.columns:
-        raise ValueError(f"value {value!r} is not a column; columns are {list(table.columns)}")
+        raise OsrmInputError(f"value {value!r} is not a column; columns are {list(table.columns)}")
     return table.pivot_table(index="adapter", columns="data", values=value, aggfunc="sum")
 
 
@@ -179,7 +180,7 @@ def lora_row_space(lora: LoraWeights) -> torch.Tensor:
 def principal_angles(U: torch.Tensor, V: torch.Tensor) -> np.ndarray:
     """Principal angles in degrees, descending (scipy), between the column spaces of U and V."""
     if U.shape[0] != V.shape[0]:
-        raise ValueError(f"subspaces live in different spaces: {U.shape[0]} vs {V.shape[0]} rows")
+        raise OsrmInputError(f"subspaces live in different spaces: {U.shape[0]} vs {V.shape[0]} rows")
     return np.degrees(scipy.linalg.subspace_angles(U.cpu().numpy(), V.cpu().numpy()))
 
 
@@ -200,7 +201,7 @@ def data_subspaces(stats: dict[str, FeatureStats], k: int) -> dict[tuple[str, st
     """Each task's top-``k`` data subspace per layer (:func:`task_subspace`), keyed by ``(task,
     layer)``; computed once per group of layers that share their inputs."""
     if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+        raise OsrmInputError(f"k must be >= 1, got {k}")
     bases = {}
     for t, st in stats.items():
         for g in st.groups():
@@ -226,7 +227,7 @@ def angle_table(
     ``"data-data"`` or ``"adapter-data"``.
     """
     if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+        raise OsrmInputError(f"k must be >= 1, got {k}")
     names = list(stats)
     layers = list(next(iter(stats.values())).layers)
     bases = bases if bases is not None else data_subspaces(stats, k)
@@ -287,7 +288,7 @@ def own_energy_table(adapters: dict[str, Adapter], stats: dict[str, FeatureStats
     rows = []
     for t, adapter in adapters.items():
         if t not in stats:
-            raise ValueError(f"no statistics for task {t!r}")
+            raise OsrmInputError(f"no statistics for task {t!r}")
         for layer, lw in adapter.layers.items():
             sl = stats[t].layers[layer]
             trace = sl.trace if isinstance(sl, ProjectedLayer) else float(torch.trace(sl.second_moment.double()))
@@ -308,10 +309,10 @@ def posthoc_osrm(adapter: Adapter, subspaces: dict[str, torch.Tensor]) -> tuple[
     rows = []
     for name, lw in adapter.layers.items():
         if name not in subspaces:
-            raise ValueError(f"no OSRM subspace for layer {name!r}")
+            raise OsrmInputError(f"no OSRM subspace for layer {name!r}")
         A = subspaces[name].to(torch.float64)
         if A.shape[1] != lw.A.shape[1]:
-            raise ValueError(f"size mismatch for layer {name!r}: subspace {A.shape[1]}, adapter {lw.A.shape[1]}")
+            raise OsrmInputError(f"size mismatch for layer {name!r}: subspace {A.shape[1]}, adapter {lw.A.shape[1]}")
         delta = lw.delta.to(torch.float64)
         pinv = torch.linalg.pinv(A)
         B = delta @ pinv / lw.scale
@@ -334,7 +335,7 @@ def posthoc_osrm_adapters(
 
     missing = [n for n in adapters if n not in stats]
     if missing:
-        raise ValueError(f"no statistics for adapter {missing[0]!r}; tasks are {sorted(stats)}")
+        raise OsrmInputError(f"no statistics for adapter {missing[0]!r}; tasks are {sorted(stats)}")
     projected, kept = {}, []
     for name, adapter in adapters.items():
         others = [stats[n] for n in adapters if n != name]
@@ -369,13 +370,13 @@ def layer_verdicts(interference: pd.DataFrame, kept: pd.DataFrame) -> pd.DataFra
     """
     need = {"layer", "adapter", "data", "input_energy", "relative_shift", "init"}
     if not need <= set(interference.columns):
-        raise ValueError(f"interference needs columns {sorted(need)}, got {list(interference.columns)}")
+        raise OsrmInputError(f"interference needs columns {sorted(need)}, got {list(interference.columns)}")
     rows = []
     for layer, part in interference.groupby("layer", sort=False):
         before = part[part["init"] == "uploaded"]
         cross = before[before["adapter"] != before["data"]]
         if cross.empty:
-            raise ValueError(f"layer {layer!r}: no pair of different adapter and task to compare")
+            raise OsrmInputError(f"layer {layer!r}: no pair of different adapter and task to compare")
         after = part[(part["init"] == "posthoc_osrm") & (part["adapter"] != part["data"])]
         top = cross.loc[cross["relative_shift"].idxmax()]
         total = float(cross["relative_shift"].sum())

@@ -20,6 +20,8 @@ from typing import TypeVar
 
 import torch
 
+from osrm_core.errors import OsrmInputError
+
 T = TypeVar("T")
 
 #: Seconds a collective may wait for the other ranks (``OSRM_DIST_TIMEOUT`` overrides it).
@@ -72,7 +74,7 @@ def launched_world_size() -> int:
     try:
         return int(os.environ.get("WORLD_SIZE", "1"))
     except ValueError:
-        raise ValueError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not an integer") from None
+        raise OsrmInputError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not an integer") from None
 
 
 #: The timeout :func:`init_distributed` was given (used by barriers and error messages).
@@ -89,9 +91,9 @@ def timeout_seconds(timeout_s: float | None = None) -> float:
         try:
             timeout_s = float(raw) if raw else DEFAULT_TIMEOUT_S
         except ValueError:
-            raise ValueError(f"OSRM_DIST_TIMEOUT={raw!r} is not a number of seconds") from None
+            raise OsrmInputError(f"OSRM_DIST_TIMEOUT={raw!r} is not a number of seconds") from None
     if not timeout_s > 0:
-        raise ValueError(f"the distributed timeout must be > 0 seconds, got {timeout_s}")
+        raise OsrmInputError(f"the distributed timeout must be > 0 seconds, got {timeout_s}")
     return float(timeout_s)
 
 
@@ -129,7 +131,7 @@ def init_distributed(timeout_s: float | None = None, *, device: str | None = Non
     if launched_world_size() <= 1:
         return DistInfo()
     if "MASTER_ADDR" not in os.environ or "RANK" not in os.environ:
-        raise ValueError(
+        raise OsrmInputError(
             "WORLD_SIZE > 1 but no RANK/MASTER_ADDR in the environment: start the job with "
             "torchrun --nproc_per_node N or accelerate launch --num_processes N"
         )

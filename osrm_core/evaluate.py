@@ -25,6 +25,7 @@ from osrm_core.adapters import Adapter, split_bias, union_layers
 from osrm_core.batching import iter_batches, move_batch
 from osrm_core.data import Split, TaskData
 from osrm_core.embed_cache import EmbeddingCache
+from osrm_core.errors import OsrmInputError
 from osrm_core.models import decoder_position_ids, is_causal_lm, weight_as_linear
 from osrm_core.stats import FeatureStats
 
@@ -44,7 +45,7 @@ def score(metric: str, y_true: np.ndarray, y_pred: np.ndarray) -> float:
     if metric == "f1":
         binary = max(int(np.max(y_true)), int(np.max(y_pred))) <= 1
         return float(f1_score(y_true, y_pred, average="binary" if binary else "macro", zero_division=0))
-    raise ValueError(f"metric {metric!r} is unknown: allowed are accuracy, mcc, f1, loss")
+    raise OsrmInputError(f"metric {metric!r} is unknown: allowed are accuracy, mcc, f1, loss")
 
 
 def task_metric(task: TaskData, model: nn.Module) -> str:
@@ -53,7 +54,7 @@ def task_metric(task: TaskData, model: nn.Module) -> str:
     if is_causal_lm(model):
         return "loss"
     if not task.labeled:
-        raise ValueError(
+        raise OsrmInputError(
             f"task {task.name!r} has no labels, so a classifier cannot be scored on it; give labelled "
             "data, or adapters of a causal LM (scored by the token loss of plain texts)"
         )
@@ -94,7 +95,7 @@ def mean_loss(model: nn.Module, split: Split, batches: list[dict[str, torch.Tens
     (classifier: cross-entropy of the label), over all of ``batches`` (see :func:`example_losses`)."""
     total, units = example_losses(model, split, batches, order)
     if units.sum() == 0:
-        raise ValueError("no tokens to score: every text is one token or empty")
+        raise OsrmInputError("no tokens to score: every text is one token or empty")
     return float(total.sum() / units.sum())
 
 
@@ -219,7 +220,7 @@ class SweepEngine:
 
         missing = [t.name for t in tasks if t.name not in adapters]
         if missing:
-            raise ValueError(f"no adapter for task {missing[0]!r}")
+            raise OsrmInputError(f"no adapter for task {missing[0]!r}")
         self.model = model.eval()
         self.device = next(model.parameters()).device
         self.adapters = adapters
@@ -352,10 +353,10 @@ class SweepEngine:
         from osrm_core.merge import get_merge_method, merge_deltas
 
         if not lambdas:
-            raise ValueError("lambdas is empty")
+            raise OsrmInputError("lambdas is empty")
         bad = [x for x in lambdas if not 0 < x <= 10]
         if bad:
-            raise ValueError(f"lambda {bad[0]} is not allowed: lambdas must be in (0, 10]")
+            raise OsrmInputError(f"lambda {bad[0]} is not allowed: lambdas must be in (0, 10]")
         from osrm_core.export import aligned_factors, merge_inputs
 
         single = single or self.single_task_scores()
@@ -368,7 +369,7 @@ class SweepEngine:
         for method in methods:
             cls = get_merge_method(method)
             if cls.needs_gram and grams is None:
-                raise ValueError(f"merge method {method!r} needs the tasks' feature statistics")
+                raise OsrmInputError(f"merge method {method!r} needs the tasks' feature statistics")
             own = [p.name for p in cls.param_specs() if p.name in grid]
             for values in itertools.product(*(grid[name] for name in own)):
                 plan.append((method, dict(zip(own, values))))
@@ -435,7 +436,7 @@ def _lower_is_better(results: pd.DataFrame) -> bool:
         return False
     kinds = {m in LOWER_IS_BETTER for m in results["metric"].unique()}
     if len(kinds) > 1:
-        raise ValueError(
+        raise OsrmInputError(
             "tasks scored by a loss (lower is better) and by accuracy/mcc/f1 cannot be averaged "
             "together; sweep them separately"
         )

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from osrm_core.adapters import Adapter, LoraWeights, aligned_deltas, num_labels_of, write_adapter
+from osrm_core.errors import OsrmInputError
 from osrm_core.stats import FeatureStats
 
 
@@ -27,13 +28,13 @@ def merge_inputs(
         return deltas, None
     missing = [n for n in adapters if n not in stats]
     if missing:
-        raise ValueError(f"no feature statistics for adapter {missing[0]!r}; tasks are {sorted(stats)}")
+        raise OsrmInputError(f"no feature statistics for adapter {missing[0]!r}; tasks are {sorted(stats)}")
     grams = []
     for name, task_deltas in zip(adapters, deltas, strict=True):
         grams.append({})
         for layer, delta in task_deltas.items():
             if layer not in stats[name].layers:
-                raise ValueError(f"statistics of task {name!r} have no layer {layer!r}")
+                raise OsrmInputError(f"statistics of task {name!r} have no layer {layer!r}")
             ls = stats[name].layers[layer]
             gram = ls.gram
             if delta.shape[1] == ls.d + 1:  # [h; 1]: sum h h^T, sum h, token count
@@ -99,9 +100,9 @@ def merge_adapters(
     from osrm_core.merge import get_merge_method, merge_deltas
 
     if len(adapters) < 1:
-        raise ValueError("merge_adapters needs at least one adapter")
+        raise OsrmInputError("merge_adapters needs at least one adapter")
     if get_merge_method(method, **params).needs_gram and stats is None:
-        raise ValueError(f"merge method {method!r} needs the feature statistics of every task")
+        raise OsrmInputError(f"merge method {method!r} needs the feature statistics of every task")
     if space == "core":
         inputs, grams = aligned_factors(adapters), None
     else:

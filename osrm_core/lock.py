@@ -23,12 +23,11 @@ import threading
 import time
 from pathlib import Path
 
+from osrm_core.errors import LockedError
+
 #: Name of the lock file inside a locked directory (left out of zips and checks).
 LOCK_NAME = ".osrm.lock"
 
-
-class LockedError(ValueError):
-    """The directory is being written by another process or session; the message names it."""
 
 
 _registry_guard = threading.Lock()

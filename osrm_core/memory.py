@@ -14,6 +14,8 @@ from typing import Literal
 
 import pandas as pd
 
+from osrm_core.errors import OsrmInputError
+
 GiB = 1 << 30
 #: Bytes per trainable parameter with AdamW in float32: weight, gradient, two moments.
 ADAM_BYTES_PER_PARAM = 16
@@ -55,7 +57,7 @@ class ModelShape:
         dims = {"q_proj": (h, heads * head_dim), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (heads * head_dim, h)}
         unknown = [t for t in targets if t not in dims]
         if unknown:
-            raise ValueError(f"target {unknown[0]!r} is not an attention projection; known: {', '.join(dims)}")
+            raise OsrmInputError(f"target {unknown[0]!r} is not an attention projection; known: {', '.join(dims)}")
         per_layer = sum(a * b for a, b in dims.values()) + 3 * h * inter + 2 * h
         embeddings = vocab * h * (1 if getattr(config, "tie_word_embeddings", False) else 2)
         inputs = len({"o" if t == "o_proj" else "qkv" for t in targets})
@@ -92,9 +94,9 @@ def memory_plan(
     DataFrame with columns ``stage, item, bytes, GiB, note``.
     """
     if stats_dtype not in ("float64", "float32"):
-        raise ValueError(f"stats_dtype must be 'float64' or 'float32', got {stats_dtype!r}")
+        raise OsrmInputError(f"stats_dtype must be 'float64' or 'float32', got {stats_dtype!r}")
     if layers_per_pass is not None and layers_per_pass < 1:
-        raise ValueError(f"layers_per_pass must be >= 1 or None, got {layers_per_pass}")
+        raise OsrmInputError(f"layers_per_pass must be >= 1 or None, got {layers_per_pass}")
     sb = 8 if stats_dtype == "float64" else 4
     d = shape.hidden
     inputs = shape.inputs_per_layer * shape.layers
@@ -128,7 +130,7 @@ def memory_plan(
     return df
 
 
-class MemoryPlanError(ValueError):
+class MemoryPlanError(OsrmInputError):
     """The plan does not fit in the memory available: raised before any work."""
 
 

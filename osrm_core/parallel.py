@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from typing import Any
 
+from osrm_core.errors import OsrmInputError
+
 
 def available_cores() -> int:
     """CPU cores this process may run on."""
@@ -26,9 +28,9 @@ def threads_per_job(jobs: int, cores: int | None = None) -> int:
     """Torch threads of each of ``jobs`` processes on ``cores`` cores (default: this machine's)."""
     cores = available_cores() if cores is None else cores
     if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
-        raise ValueError(f"jobs must be an integer >= 1, got {jobs!r}")
+        raise OsrmInputError(f"jobs must be an integer >= 1, got {jobs!r}")
     if jobs > cores:
-        raise ValueError(
+        raise OsrmInputError(
             f"jobs={jobs} is more than the {cores} CPU cores: parallel jobs split the cores "
             f"(at most {cores} here)"
         )

@@ -31,6 +31,7 @@ from osrm_core.distributed import (
     local_device,
     run_on_main,
 )
+from osrm_core.errors import OsrmInputError
 from osrm_core.evaluate import param_columns
 from osrm_core.inits import get_init, init_lora, rest_moment, task_subspaces
 from osrm_core.lock import DirLock
@@ -104,7 +105,7 @@ class Pipeline:
         device = local_device(self.config.device)
         if self.config.device_map is not None:
             if dist_info().active:
-                raise ValueError(
+                raise OsrmInputError(
                     "device_map spreads one model over all devices, so it needs one process: launch "
                     "without torchrun, or drop device_map and set device: cuda (one GPU per process)"
                 )
@@ -138,7 +139,7 @@ class Pipeline:
         tasks = self.tasks()
         unlabeled = [t.name for t in tasks if not t.labeled]
         if unlabeled:
-            raise ValueError(
+            raise OsrmInputError(
                 f"task {unlabeled[0]!r} has no labels; fine-tuning needs labelled data (plain texts serve "
                 "osrm stats and osrm diagnose)"
             )
@@ -197,7 +198,7 @@ class Pipeline:
         threads_per_job(jobs)
         self.trainable_tasks()  # before any work
         if jobs > 1 and dist_info().active:
-            raise ValueError("jobs > 1 splits one machine's cores between processes; a data-parallel "
+            raise OsrmInputError("jobs > 1 splits one machine's cores between processes; a data-parallel "
                              "job (torchrun, accelerate launch) already has one per device: drop --jobs")
         self.create()
         self.stage_stats()
@@ -217,7 +218,7 @@ class Pipeline:
         """Copy the finished statistics of ``source`` (a run with the same
         :meth:`RunConfig.stats_key`) instead of collecting them again; returns the tasks copied."""
         if source.config().stats_key() != self.config.stats_key():
-            raise ValueError(f"run {str(source.path)!r} collected its statistics with other settings "
+            raise OsrmInputError(f"run {str(source.path)!r} collected its statistics with other settings "
                              f"({', '.join(STATS_SETTINGS)} must match)")
         self.run.create(self.config)
         copied = []
@@ -326,7 +327,7 @@ class Pipeline:
         loaded = self.run.load_stats()
         missing = [t.name for t in self.tasks() if t.name not in loaded]
         if missing:
-            raise ValueError(f"run {str(self.run.path)!r} has no statistics of task {missing[0]!r}; run osrm stats")
+            raise OsrmInputError(f"run {str(self.run.path)!r} has no statistics of task {missing[0]!r}; run osrm stats")
         return [loaded[t.name] for t in self.tasks()]
 
     def init_adapter(self, init: str, index: int, task: TaskData, all_stats: list[FeatureStats] | None = None):

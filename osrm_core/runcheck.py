@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from osrm_core.errors import RunFileError
 from osrm_core.lock import LOCK_NAME
 
 #: Columns of each result table (``results/``): all of them, those that must be numbers, and
@@ -42,9 +43,6 @@ RESULT_COLUMNS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...
     ),
 }
 
-
-class RunFileError(ValueError):
-    """A file of a run directory is damaged; the message starts with its path in the run."""
 
 
 def _schema(name: str) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]] | None:

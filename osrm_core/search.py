@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from osrm_core.errors import OsrmInputError
 from osrm_core.evaluate import LOWER_IS_BETTER, SweepEngine, score, tokenize_for_eval
 from osrm_core.stats import FeatureStats
 
@@ -97,18 +98,18 @@ def search_best(
     from osrm_core.merge import get_merge_method, merge_deltas
 
     if not lambdas or any(not 0 < x <= 10 for x in lambdas):
-        raise ValueError(f"lambdas must be a non-empty list of numbers in (0, 10], got {list(lambdas)}")
+        raise OsrmInputError(f"lambdas must be a non-empty list of numbers in (0, 10], got {list(lambdas)}")
     if not isinstance(eta, int) or eta < 2:
-        raise ValueError(f"eta must be an integer >= 2, got {eta!r}")
+        raise OsrmInputError(f"eta must be an integer >= 2, got {eta!r}")
     if min_examples < 1:
-        raise ValueError(f"min_examples must be >= 1, got {min_examples}")
+        raise OsrmInputError(f"min_examples must be >= 1, got {min_examples}")
     params = dict(method_params or {})
     merge = get_merge_method(method, **params)
     if merge.needs_gram and stats is None:
-        raise ValueError(f"merge method {method!r} needs the tasks' feature statistics")
+        raise OsrmInputError(f"merge method {method!r} needs the tasks' feature statistics")
     loss_scored = [n for n, te in engine.tasks.items() if te.metric in LOWER_IS_BETTER]
     if loss_scored:
-        raise ValueError(f"task {loss_scored[0]!r} is scored by its loss; the adaptive search ranks points by "
+        raise OsrmInputError(f"task {loss_scored[0]!r} is scored by its loss; the adaptive search ranks points by "
                          "predicted labels (accuracy, mcc, f1): sweep the full grid instead")
     single = single or engine.single_task_scores()
     names = list(engine.tasks)

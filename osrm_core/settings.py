@@ -24,15 +24,13 @@ from pydantic import (
 )
 
 from osrm_core.constraints import CONSTRAINTS, check_constraint, get_constraint
+from osrm_core.errors import ConfigError, OsrmInputError
 from osrm_core.inits import get_init
 
 #: A registered init or training constraint: the registries check config values.
 InitName = Annotated[str, AfterValidator(lambda v: get_init(v).name)]
 ConstraintName = Annotated[str, AfterValidator(lambda v: get_constraint(v).name)]
 DEFAULT_LAMBDAS = [round(0.1 * i, 1) for i in range(1, 11)]
-
-class ConfigError(ValueError):
-    """The run configuration is invalid; the message names the field."""
 
 
 def read_yaml(path: str | Path, what: str) -> tuple[object, str]:
@@ -76,7 +74,7 @@ def check_sparse_b_share(name: str, value: float) -> float:
     """``b_density`` in (0, 1] or ``calibration`` in (0, 1); ValueError naming the field and the range."""
     ok, allowed = (0 < value <= 1, "(0, 1]") if name == "b_density" else (0 < value < 1, "(0, 1)")
     if not ok:
-        raise ValueError(f"{name} must be in {allowed}, got {value!r}")
+        raise OsrmInputError(f"{name} must be in {allowed}, got {value!r}")
     return value
 
 
@@ -153,10 +151,10 @@ class MergeSettings(BaseModel):
         known = [n for n in all_param_specs() if n != "density"]
         for name, values in v.items():
             if name not in known:
-                raise ValueError(f"unknown merge parameter {name!r} (density has its own list, densities); "
+                raise OsrmInputError(f"unknown merge parameter {name!r} (density has its own list, densities); "
                                  f"known: {', '.join(known)}")
             if not isinstance(values, list) or not values:
-                raise ValueError(f"params.{name} must be a non-empty list of values")
+                raise OsrmInputError(f"params.{name} must be a non-empty list of values")
             method = next(m for m in MERGE_METHODS.values() if name in [p.name for p in m.param_specs()])
             for value in values:
                 method(**{name: value})  # each method checks its own values (ValueError naming them)
@@ -169,9 +167,9 @@ class MergeSettings(BaseModel):
 
         for m in v:
             if m not in MERGE_METHODS:
-                raise ValueError(f"unknown merge method {m!r}; known: {', '.join(MERGE_METHODS)}")
+                raise OsrmInputError(f"unknown merge method {m!r}; known: {', '.join(MERGE_METHODS)}")
         if not v:
-            raise ValueError("at least one merge method is needed")
+            raise OsrmInputError("at least one merge method is needed")
         return v
 
     @field_validator("lambdas", "densities")
@@ -179,7 +177,7 @@ class MergeSettings(BaseModel):
     def _grid(cls, v: list[float], info) -> list[float]:
         high = 10 if info.field_name == "lambdas" else 1
         if not v or any(not 0 < x <= high for x in v):
-            raise ValueError(f"{info.field_name} must be a non-empty list of numbers in (0, {high}]")
+            raise OsrmInputError(f"{info.field_name} must be a non-empty list of numbers in (0, {high}]")
         return v
 
 
@@ -241,19 +239,19 @@ class RunConfig(BaseModel):
     @classmethod
     def _inits(cls, v: list[str]) -> list[str]:
         if not v:
-            raise ValueError("at least one init is needed")
+            raise OsrmInputError("at least one init is needed")
         return v
 
     @model_validator(mode="after")
     def _tasks(self) -> RunConfig:
         names = [t.name for t in self.tasks]
         if len(names) < 2:
-            raise ValueError("at least two tasks are needed to merge")
+            raise OsrmInputError("at least two tasks are needed to merge")
         if len(set(names)) != len(names):
-            raise ValueError(f"task names must be unique, got {names}")
+            raise OsrmInputError(f"task names must be unique, got {names}")
         for init in self.per_init:
             if init not in self.inits:
-                raise ValueError(f"per_init.{init}: {init!r} is not one of the run's inits ({', '.join(self.inits)})")
+                raise OsrmInputError(f"per_init.{init}: {init!r} is not one of the run's inits ({', '.join(self.inits)})")
         for init in self.inits:
             own = self.per_init.get(init)
             field = f"per_init.{init}.constraint" if own and own.constraint else "train.constraint"

@@ -7,6 +7,7 @@ from typing import Literal
 
 import torch
 
+from osrm_core.errors import OsrmInputError
 from osrm_core.stats import FeatureStats
 
 Moment = Literal["second_moment", "covariance"]
@@ -64,13 +65,13 @@ def symmetric_eigh(matrix: torch.Tensor) -> Spectrum:
     Raises ValueError for a non-square, non-finite or non-symmetric matrix.
     """
     if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
-        raise ValueError(f"matrix must be square, got shape {tuple(matrix.shape)}")
+        raise OsrmInputError(f"matrix must be square, got shape {tuple(matrix.shape)}")
     m = matrix.to(torch.float64)
     if not torch.isfinite(m).all():
-        raise ValueError("matrix contains NaN or Inf")
+        raise OsrmInputError("matrix contains NaN or Inf")
     scale = m.abs().max().clamp_min(1e-300)
     if (m - m.T).abs().max() > 1e-8 * scale:
-        raise ValueError("matrix is not symmetric")
+        raise OsrmInputError("matrix is not symmetric")
     values, vectors = torch.linalg.eigh((m + m.T) / 2)
     return Spectrum(values, fix_signs(_canonical_eigenspaces(values, vectors)))
 
@@ -139,7 +140,7 @@ def feature_spectra(stats: FeatureStats, moment: Moment = "second_moment") -> di
     Layers that share statistics share the spectrum object (computed once).
     """
     if moment not in ("second_moment", "covariance"):
-        raise ValueError(f"moment must be 'second_moment' or 'covariance', got {moment!r}")
+        raise OsrmInputError(f"moment must be 'second_moment' or 'covariance', got {moment!r}")
     out: dict[str, Spectrum] = {}
     for names in stats.groups():
         spec = symmetric_eigh(getattr(stats.layers[names[0]], moment))

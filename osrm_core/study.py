@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from osrm_core import viz
 from osrm_core.atomic import write_json, write_text
 from osrm_core.constraints import check_constraint, get_constraint
+from osrm_core.errors import OsrmInputError
 from osrm_core.growth import check_growth, prepare_run
 from osrm_core.inits import OSRM_METHODS
 from osrm_core.lock import DirLock
@@ -79,7 +80,7 @@ class VariantSpec(BaseModel):
         check_constraint(self.constraint, [self.init], field="constraint")
         for name in SPARSE_B_SETTINGS:
             if getattr(self, name) is not None and not get_constraint(self.constraint).sparse_b:
-                raise ValueError(f"{name} applies to constraint sparse_B only, not {self.constraint!r}")
+                raise OsrmInputError(f"{name} applies to constraint sparse_B only, not {self.constraint!r}")
         return self
 
 
@@ -121,14 +122,14 @@ class StudyConfig(BaseModel):
     @model_validator(mode="after")
     def _ablation_inits_in_inits(self) -> StudyConfig:
         if not self.inits and not self.variants:
-            raise ValueError("a study needs at least one init in inits or one entry in variants")
+            raise OsrmInputError("a study needs at least one init in inits or one entry in variants")
         if self.base.per_init:
-            raise ValueError("base.per_init: a study gives an init its own settings as an entry of variants "
+            raise OsrmInputError("base.per_init: a study gives an init its own settings as an entry of variants "
                              "(init, constraint, rank, lr, a_lr_scale)")
         allowed = [i for i in self.inits if i in OSRM_METHODS]
         for init in self.ablation_inits or []:
             if init not in allowed:
-                raise ValueError(f"ablation init {init!r} is not an OSRM-family init of this study; "
+                raise OsrmInputError(f"ablation init {init!r} is not an OSRM-family init of this study; "
                                  f"allowed: {', '.join(allowed) or 'none (add osrm, osrm_mean or osrm_gen to inits)'}")
         return self
 
@@ -412,7 +413,7 @@ def _collect(study: StudyConfig, out: Path) -> dict[str, pd.DataFrame]:
         if run.result_path("pairwise.csv").is_file():  # the data-free signals, from the adapters' weights
             signals.append(pair_signals(run.load_adapters(v["init"])).assign(**tags))
     if not sweeps:
-        raise ValueError(f"study {str(out)!r} has no finished variant yet")
+        raise OsrmInputError(f"study {str(out)!r} has no finished variant yet")
     frames = {"sweep": sweeps, "single": singles, "interference": inter, "own_energy": own, "pairwise": pairs,
               "signals": signals}
     return {k: pd.concat(v, ignore_index=True) if v and isinstance(v[0], pd.DataFrame) else pd.DataFrame(v)

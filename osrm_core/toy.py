@@ -9,6 +9,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from osrm_core.errors import OsrmInputError
+
 
 def _rotation(dim: int, angle: float, tilt: float = 0.0) -> np.ndarray:
     c, s = np.cos(angle), np.sin(angle)
@@ -33,11 +35,11 @@ def toy_moments(
     list of arrays of shape (dim, dim)
     """
     if dim not in (2, 3):
-        raise ValueError(f"dim must be 2 or 3, got {dim}")
+        raise OsrmInputError(f"dim must be 2 or 3, got {dim}")
     if not 2 <= n_tasks <= 3:
-        raise ValueError(f"n_tasks must be 2 or 3, got {n_tasks}")
+        raise OsrmInputError(f"n_tasks must be 2 or 3, got {n_tasks}")
     if not 0 < spread <= 1:
-        raise ValueError(f"spread must be in (0, 1], got {spread}")
+        raise OsrmInputError(f"spread must be in (0, 1], got {spread}")
     stds = np.array([1.0, spread] if dim == 2 else [1.0, spread, spread * 0.5])
     out = []
     for k in range(n_tasks):
@@ -65,7 +67,7 @@ def toy_adapters(
     """
     dim = moments[0].shape[0]
     if not 1 <= rank < dim:
-        raise ValueError(f"rank must be in 1..{dim - 1}, got {rank}")
+        raise OsrmInputError(f"rank must be in 1..{dim - 1}, got {rank}")
     rest = sum(m for i, m in enumerate(moments) if i != target)
     _, vecs = np.linalg.eigh(rest)
     rng = np.random.default_rng(seed)

@@ -22,6 +22,7 @@ from osrm_core.adapters import Adapter, LoraWeights, lora_from_model, write_adap
 from osrm_core.batching import iter_batches, length_order, move_batch
 from osrm_core.constraints import get_constraint
 from osrm_core.data import TaskData
+from osrm_core.errors import OsrmInputError
 from osrm_core.evaluate import evaluate_model
 from osrm_core.models import decoder_position_ids
 from osrm_core.settings import TrainSettings
@@ -148,29 +149,29 @@ def finetune(
 
     config = config or TrainSettings()
     if not isinstance(max_length, int) or max_length < 2:
-        raise ValueError(f"max_length={max_length!r} is not allowed: must be an integer >= 2")
+        raise OsrmInputError(f"max_length={max_length!r} is not allowed: must be an integer >= 2")
     if not task.labeled:
-        raise ValueError(
+        raise OsrmInputError(
             f"task {task.name!r} has no labels; fine-tuning a classifier needs labelled data "
             "(plain texts serve statistics, diagnosis and causal-LM scoring)"
         )
     layers = _lora_layers(peft_model)
     if not layers:
-        raise ValueError("peft_model has no LoRA layers; build it with osrm_core.init_lora")
+        raise OsrmInputError("peft_model has no LoRA layers; build it with osrm_core.init_lora")
     if distributed and not (dist.is_available() and dist.is_initialized()):
-        raise ValueError(
+        raise OsrmInputError(
             "distributed=True needs an initialized torch.distributed process group: launch with "
             "torchrun or accelerate launch and call osrm_core.distributed.init_distributed()"
         )
     info = dist_info()
     parallel = info.active and distributed is not False
     if parallel and config.batch_size < info.world:
-        raise ValueError(
+        raise OsrmInputError(
             f"batch_size={config.batch_size} is smaller than the {info.world} processes: each needs "
             "at least one example per step"
         )
     if drift_every is not None and (not isinstance(drift_every, int) or drift_every < 1):
-        raise ValueError(f"drift_every={drift_every!r} is not allowed: must be an integer >= 1")
+        raise OsrmInputError(f"drift_every={drift_every!r} is not allowed: must be an integer >= 1")
     every = drift_every or max(1, config.steps // 20)
     constraint = get_constraint(config.constraint)
     active = constraint.prepare(layers, subspaces, penalty_moments, own_moments,  # checks what it needs first

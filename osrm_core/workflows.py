@@ -25,6 +25,7 @@ import torch
 
 from osrm_core.adapters import Adapter, check_against_model, union_layers
 from osrm_core.data import TaskData
+from osrm_core.errors import OsrmInputError
 from osrm_core.stats import FeatureStats, ProjectedStats, collect_feature_stats, collect_projected_stats
 
 Progress = Callable[[int, int, str], None]
@@ -35,7 +36,7 @@ def is_causal_lm_set(adapters: dict[str, Adapter]) -> bool:
     kinds = {a.task_type == "CAUSAL_LM" for a in adapters.values()}
     if len(kinds) > 1:
         causal = sorted(n for n, a in adapters.items() if a.task_type == "CAUSAL_LM")
-        raise ValueError(
+        raise OsrmInputError(
             f"adapters {causal} have task_type CAUSAL_LM and the others not; merge adapters of one kind of model"
         )
     return kinds == {True}
@@ -154,12 +155,12 @@ def diagnose_adapters(
     from osrm_core.models import weight_as_linear
 
     if len(adapters) < 2:
-        raise ValueError(f"diagnosis needs at least two adapters, got {len(adapters)}")
+        raise OsrmInputError(f"diagnosis needs at least two adapters, got {len(adapters)}")
     missing = [a for a in adapters if a not in stats]
     if missing:
-        raise ValueError(f"adapter {missing[0]!r} has no task data of the same name; tasks are {sorted(stats)}")
+        raise OsrmInputError(f"adapter {missing[0]!r} has no task data of the same name; tasks are {sorted(stats)}")
     if posthoc_rank is not None and posthoc_rank < 1:
-        raise ValueError(f"posthoc_rank must be >= 1, got {posthoc_rank}")
+        raise OsrmInputError(f"posthoc_rank must be >= 1, got {posthoc_rank}")
     for name, adapter in adapters.items():
         check_against_model(adapter, model, where=name)
     stats = {n: stats[n] for n in adapters}
@@ -320,16 +321,16 @@ def posthoc_refit(
     from osrm_core.train import finetune
 
     if not other_stats:
-        raise ValueError("posthoc_refit needs the statistics of at least one other task")
+        raise OsrmInputError("posthoc_refit needs the statistics of at least one other task")
     r = rank or adapter_rank(adapter)
     subspaces = osrm_subspace(list(other_stats), r)
     projected, _ = posthoc_osrm(adapter, {n: subspaces[n] for n in adapter.layers})
     scales = {lw.scale for lw in projected.layers.values()}
     if len(scales) != 1:
-        raise ValueError(f"posthoc_refit needs one LoRA scale for every layer, got {sorted(scales)}")
+        raise OsrmInputError(f"posthoc_refit needs one LoRA scale for every layer, got {sorted(scales)}")
     unexpected = model.load_state_dict(projected.head, strict=False).unexpected_keys
     if unexpected:
-        raise ValueError(f"the adapter's head does not fit the model: {unexpected[0]!r}")
+        raise OsrmInputError(f"the adapter's head does not fit the model: {unexpected[0]!r}")
     # The OSRM init sets A to the subspace (the projection's A) and B to zero; B starts from the projection.
     peft_model = init_lora(model, "osrm", rank=r, alpha=scales.pop() * r, target_modules=list(adapter.layers),
                            subspaces={n: subspaces[n].to(torch.float32) for n in adapter.layers}, freeze_a=True,

@@ -22,6 +22,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from osrm_core.errors import OsrmInputError
 from osrm_core.models import find_target_layers, head_module_names, layer_devices
 from osrm_core.stats import FeatureStats
 
@@ -56,7 +57,7 @@ OSRM_METHODS: tuple[str, ...] = tuple(n for n, m in INITS.items() if m.needs_sta
 def get_init(name: str) -> InitMethod:
     """The init registered as ``name``; ValueError listing the known ones otherwise."""
     if not isinstance(name, str) or name not in INITS:
-        raise ValueError(f"unknown init {name!r}; allowed: {', '.join(INITS)}")
+        raise OsrmInputError(f"unknown init {name!r}; allowed: {', '.join(INITS)}")
     return INITS[name]
 
 
@@ -64,7 +65,7 @@ def task_subspaces(method: str, all_stats: list[FeatureStats], task_index: int, 
     """The subspace ``A`` for task ``task_index`` given the statistics of all tasks."""
     spec = get_init(method)
     if not spec.needs_stats:
-        raise ValueError(f"method {method!r} has no subspace; allowed: {', '.join(OSRM_METHODS)}")
+        raise OsrmInputError(f"method {method!r} has no subspace; allowed: {', '.join(OSRM_METHODS)}")
     others = others_of(all_stats, task_index)
     return spec.subspace(all_stats[task_index], others, rank, **options)
 
@@ -148,15 +149,15 @@ def init_lora(
 
     spec = get_init(method)
     if hasattr(model, "peft_config"):
-        raise ValueError("model already has LoRA adapters; pass the base model")
+        raise OsrmInputError("model already has LoRA adapters; pass the base model")
     if not a_scale > 0:
-        raise ValueError(f"a_scale must be > 0, got {a_scale}")
+        raise OsrmInputError(f"a_scale must be > 0, got {a_scale}")
     targets = find_target_layers(model, target_modules)
     for t in targets:
         check_rank(rank, min(t.d_in, t.d_out), t.name)
     if spec.needs_stats and subspaces is None:
         if other_stats is None or (spec.needs_own_stats and own_stats is None):
-            raise ValueError(
+            raise OsrmInputError(
                 f"method {method!r} needs subspaces, or other_stats" + (" and own_stats" if spec.needs_own_stats else "")
             )
         # Decompose each layer's matrices on the device of that layer (GPUs of a large model).
@@ -165,15 +166,15 @@ def init_lora(
     if spec.needs_stats:
         missing = [t.name for t in targets if t.name not in subspaces]
         if missing:
-            raise ValueError(f"subspaces have no entry for layer {missing[0]!r}")
+            raise OsrmInputError(f"subspaces have no entry for layer {missing[0]!r}")
         for t in targets:
             if tuple(subspaces[t.name].shape) != (rank, t.d_in):
-                raise ValueError(
+                raise OsrmInputError(
                     f"size mismatch for layer {t.name!r}: subspace {tuple(subspaces[t.name].shape)},"
                     f" expected ({rank}, {t.d_in})"
                 )
     if spec.needs_data and eva_batches is None:
-        raise ValueError(f"method {method!r} needs eva_batches (input_ids and attention_mask)")
+        raise OsrmInputError(f"method {method!r} needs eva_batches (input_ids and attention_mask)")
 
     config = lora_config(
         method,

@@ -10,6 +10,7 @@ from typing import Literal
 
 import torch
 
+from osrm_core.errors import InputTypeError, OsrmInputError
 from osrm_core.spectra import Moment
 from osrm_core.stats import FeatureStats, check_same_layers
 
@@ -64,16 +65,16 @@ class InitMethod:
 
 def check_rank(rank: int, d: int, layer: str) -> None:
     if not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"rank must be a positive integer, got {rank!r}")
+        raise OsrmInputError(f"rank must be a positive integer, got {rank!r}")
     if rank > d:
-        raise ValueError(f"rank {rank} is larger than the width {d} of layer {layer!r}")
+        raise OsrmInputError(f"rank {rank} is larger than the width {d} of layer {layer!r}")
 
 
 def check_others(other_stats: list[FeatureStats]) -> None:
     if isinstance(other_stats, FeatureStats):
-        raise TypeError("other_stats must be a list of FeatureStats, got one FeatureStats")
+        raise InputTypeError("other_stats must be a list of FeatureStats, got one FeatureStats")
     if not other_stats:
-        raise ValueError(
+        raise OsrmInputError(
             "other_stats is empty: OSRM needs the statistics of at least one other task"
         )
 
@@ -100,7 +101,7 @@ def combine(mats: list[torch.Tensor], counts: list[int], weighting: Weighting) -
     if weighting == "tokens":
         total = sum(counts)
         return sum(m * (c / total) for m, c in zip(mats, counts))
-    raise ValueError(f"weighting must be 'equal' or 'tokens', got {weighting!r}")
+    raise OsrmInputError(f"weighting must be 'equal' or 'tokens', got {weighting!r}")
 
 
 def rest_moment(
@@ -143,5 +144,5 @@ def per_group(stats: FeatureStats, fn) -> dict[str, torch.Tensor]:
 def others_of(all_stats: list[FeatureStats], task_index: int) -> list[FeatureStats]:
     """The statistics of every task but ``task_index``."""
     if not 0 <= task_index < len(all_stats):
-        raise ValueError(f"task_index must be in 0..{len(all_stats) - 1}, got {task_index}")
+        raise OsrmInputError(f"task_index must be in 0..{len(all_stats) - 1}, got {task_index}")
     return [s for i, s in enumerate(all_stats) if i != task_index]

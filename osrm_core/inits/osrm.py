@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from osrm_core.errors import OsrmInputError
 from osrm_core.spectra import Moment, symmetric_eigh
 from osrm_core.stats import FeatureStats, check_same_layers
 
@@ -61,7 +62,7 @@ def osrm_subspace(
     check_others(other_stats)
     check_same_layers(other_stats)
     if moment not in ("second_moment", "covariance"):
-        raise ValueError(f"moment must be 'second_moment' or 'covariance', got {moment!r}")
+        raise OsrmInputError(f"moment must be 'second_moment' or 'covariance', got {moment!r}")
     warned = []
 
     def subspace(name: str) -> torch.Tensor:
@@ -121,7 +122,7 @@ def rest_spectrum(
     """Eigenvalues (descending) of the other tasks' combined moment, the matrix OSRM decomposes
     for ``task``: one array of length d_in per layer (layers that share an input share it)."""
     if task not in stats:
-        raise ValueError(f"no statistics of task {task!r}; tasks are {sorted(stats)}")
+        raise OsrmInputError(f"no statistics of task {task!r}; tasks are {sorted(stats)}")
     others = [s for name, s in stats.items() if name != task]
     rest = rest_moment(others, weighting, moment)
     eigenvalues = per_group(others[0], lambda name: symmetric_eigh(rest[name]).eigenvalues_desc)

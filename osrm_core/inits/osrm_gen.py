@@ -6,6 +6,7 @@ from __future__ import annotations
 import scipy.linalg
 import torch
 
+from osrm_core.errors import OsrmInputError
 from osrm_core.spectra import fix_signs, symmetric_eigh
 from osrm_core.stats import FeatureStats, check_same_layers
 
@@ -34,7 +35,7 @@ def osrm_gen_subspace(
     dict of str to tensor of shape (rank, d_in), float64, orthonormal rows
     """
     if not eps > 0:
-        raise ValueError(f"eps must be > 0, got {eps}")
+        raise OsrmInputError(f"eps must be > 0, got {eps}")
     rest = rest_moment(other_stats, weighting)
     check_same_layers([own_stats, *other_stats])
 

@@ -31,6 +31,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from osrm_core.errors import InputTypeError, OsrmInputError
+
 from .base import MergeMethod, MergeParams, ParamSpec, PreparedLayer, check_choice, check_real, check_weights
 from .cart import Cart
 from .core import LoraFactors, check_factors, core_space
@@ -97,21 +99,21 @@ def get_merge_method(name: str, **params: Any) -> MergeMethod:
         out of range (the message names the parameter, the value and what is allowed).
     """
     if not isinstance(name, str) or name not in MERGE_METHODS:
-        raise ValueError(f"unknown merge method {name!r}; known: {', '.join(MERGE_METHODS)}")
+        raise OsrmInputError(f"unknown merge method {name!r}; known: {', '.join(MERGE_METHODS)}")
     return MERGE_METHODS[name](**params)
 
 
 def _resolve(method: MergeMethod | str, params: dict[str, Any]) -> MergeMethod:
     if isinstance(method, MergeMethod):
         if params:
-            raise ValueError(
+            raise OsrmInputError(
                 f"parameters {', '.join(sorted(params))} given with a MergeMethod object; "
                 f"pass them to get_merge_method instead"
             )
         return method
     if isinstance(method, str):
         return get_merge_method(method, **params)
-    raise TypeError(f"method must be a name or a MergeMethod, got {type(method).__name__}")
+    raise InputTypeError(f"method must be a name or a MergeMethod, got {type(method).__name__}")
 
 
 def merge_layer(
@@ -204,20 +206,20 @@ class PreparedMerge:
 def _check_tasks(deltas: object) -> list[str]:
     """Layer names of task 0, after checking that every task has the same layers."""
     if not isinstance(deltas, Sequence) or len(deltas) == 0:
-        raise ValueError("deltas is empty: give one dict of layer deltas per task")
+        raise OsrmInputError("deltas is empty: give one dict of layer deltas per task")
     for i, task in enumerate(deltas):
         if not isinstance(task, Mapping):
-            raise TypeError(f"deltas of task {i} must be a dict layer -> tensor")
+            raise InputTypeError(f"deltas of task {i} must be a dict layer -> tensor")
     names = list(deltas[0])
     if not names:
-        raise ValueError("deltas of task 0 hold no layers")
+        raise OsrmInputError("deltas of task 0 hold no layers")
     for i, task in enumerate(deltas[1:], start=1):
         for name in names:
             if name not in task:
-                raise ValueError(f"layer {name!r} missing from task {i}")
+                raise OsrmInputError(f"layer {name!r} missing from task {i}")
         for name in task:
             if name not in deltas[0]:
-                raise ValueError(f"layer {name!r} of task {i} missing from task 0")
+                raise OsrmInputError(f"layer {name!r} of task {i} missing from task 0")
     return names
 
 
@@ -225,13 +227,13 @@ def _layer_grams(merger: MergeMethod, grams: object, names: list[str], n_tasks: 
     if not merger.needs_gram:
         return dict.fromkeys(names)
     if grams is None:
-        raise ValueError(f"merge method {merger.name!r} needs grams (one dict per task)")
+        raise OsrmInputError(f"merge method {merger.name!r} needs grams (one dict per task)")
     if not isinstance(grams, Sequence) or len(grams) != n_tasks:
-        raise ValueError(f"need one dict of Gram matrices per task ({n_tasks})")
+        raise OsrmInputError(f"need one dict of Gram matrices per task ({n_tasks})")
     for i, task in enumerate(grams):
         for name in names:
             if not isinstance(task, Mapping) or name not in task:
-                raise ValueError(f"Gram matrix of layer {name!r} missing from task {i}")
+                raise OsrmInputError(f"Gram matrix of layer {name!r} missing from task {i}")
     return {name: [task[name] for task in grams] for name in names}
 
 
@@ -264,9 +266,9 @@ def prepare_merge(
     merger = _resolve(method, params)
     check_choice("space", space, SPACES)
     if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an integer, got {seed!r}")
+        raise InputTypeError(f"seed must be an integer, got {seed!r}")
     if space == "core" and merger.needs_gram:
-        raise ValueError(f"space='core' does not support merge method {merger.name!r} (it needs Gram "
+        raise OsrmInputError(f"space='core' does not support merge method {merger.name!r} (it needs Gram "
                          "matrices of the full input space); use space='full'")
     names = _check_tasks(deltas)
     layer_grams = _layer_grams(merger, grams, names, len(deltas))
@@ -333,11 +335,11 @@ def merge_deltas(
     """
     if isinstance(deltas, PreparedMerge):
         if method is not None or grams is not None or params or space != deltas.space:
-            raise ValueError("a PreparedMerge carries its method, parameters, grams and space: "
+            raise OsrmInputError("a PreparedMerge carries its method, parameters, grams and space: "
                              "give only lam and weights with it")
         return deltas.merge(lam=lam, weights=weights)
     if method is None:
-        raise ValueError("method is required: a registered name or a MergeMethod")
+        raise OsrmInputError("method is required: a registered name or a MergeMethod")
     check_real("lam", lam, low=0.0, high=float("inf"), high_open=True)
     if weights is not None:
         check_weights(weights, len(deltas) if isinstance(deltas, Sequence) else 0)

@@ -21,6 +21,8 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor
 
+from osrm_core.errors import InputTypeError, OsrmInputError
+
 #: Seed of the generator used when ``merge`` is called without one, so results stay reproducible.
 DEFAULT_SEED = 0
 
@@ -48,14 +50,14 @@ def check_real(
     )
     if not inside:
         allowed = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-        raise ValueError(f"{name} must be a number in {allowed}, got {value!r}")
+        raise OsrmInputError(f"{name} must be a number in {allowed}, got {value!r}")
     return v
 
 
 def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
     """Return ``value`` if it is one of ``choices``, else raise ValueError listing them."""
     if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+        raise OsrmInputError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
     return value
 
 
@@ -90,7 +92,7 @@ def check_weights(weights: Sequence[float] | None, n_tasks: int) -> list[float]:
     if weights is None:
         return [1.0] * n_tasks
     if isinstance(weights, (str, Tensor)) or not isinstance(weights, Sequence) or len(weights) != n_tasks:
-        raise ValueError(f"weights must be {n_tasks} numbers >= 0 (one per task), got {weights!r}")
+        raise OsrmInputError(f"weights must be {n_tasks} numbers >= 0 (one per task), got {weights!r}")
     return [check_real(f"weights[{i}]", w, low=0.0, high=math.inf, high_open=True) for i, w in enumerate(weights)]
 
 
@@ -170,7 +172,7 @@ class MergeMethod:
         allowed = [f.name for f in fields(self.params_type)]
         for key, value in params.items():
             if key not in allowed:
-                raise ValueError(
+                raise OsrmInputError(
                     f"unknown parameter {key}={value!r} for merge method {self.name!r}; "
                     f"allowed: {', '.join(allowed) if allowed else 'none'}"
                 )
@@ -255,57 +257,57 @@ class MergeMethod:
         """Raise ValueError if ``deltas`` (and ``gram`` when needed) cannot be merged."""
         at = _at(layer)
         if not isinstance(deltas, Sequence) or isinstance(deltas, (str, Tensor)):
-            raise TypeError(f"deltas{at} must be a list of tensors, got {type(deltas).__name__}")
+            raise InputTypeError(f"deltas{at} must be a list of tensors, got {type(deltas).__name__}")
         if len(deltas) == 0:
-            raise ValueError(f"deltas{at} is empty: give one delta per task (at least one)")
+            raise OsrmInputError(f"deltas{at} is empty: give one delta per task (at least one)")
         for i, d in enumerate(deltas):
             if not isinstance(d, Tensor):
-                raise TypeError(f"delta of task {i}{at} is not a tensor: {type(d).__name__}")
+                raise InputTypeError(f"delta of task {i}{at} is not a tensor: {type(d).__name__}")
             if d.ndim != 2:
-                raise ValueError(
+                raise OsrmInputError(
                     f"delta of task {i}{at} must have shape (d_out, d_in), got {tuple(d.shape)}"
                 )
             if not d.is_floating_point():
-                raise ValueError(f"delta of task {i}{at} must be floating-point, got {d.dtype}")
+                raise OsrmInputError(f"delta of task {i}{at} must be floating-point, got {d.dtype}")
             ref = deltas[0]
             if d.shape != ref.shape:
-                raise ValueError(
+                raise OsrmInputError(
                     f"size mismatch{at}: delta of task {i} has shape {tuple(d.shape)}, "
                     f"task 0 has {tuple(ref.shape)}"
                 )
             if d.dtype != ref.dtype or d.device != ref.device:
-                raise ValueError(
+                raise OsrmInputError(
                     f"delta of task {i}{at} is {d.dtype} on {d.device}, "
                     f"task 0 is {ref.dtype} on {ref.device}: all must match"
                 )
             if not bool(torch.isfinite(d).all()):
-                raise ValueError(f"delta of task {i}{at} contains NaN or Inf")
+                raise OsrmInputError(f"delta of task {i}{at} contains NaN or Inf")
         if self.needs_gram:
             self._check_gram(len(deltas), deltas[0].shape[1], gram, at)
 
     def _check_gram(self, n_tasks: int, d_in: int, gram: Sequence[Tensor] | None, at: str) -> None:
         if gram is None:
-            raise ValueError(
+            raise OsrmInputError(
                 f"merge method {self.name!r} needs the Gram matrices of the layer inputs{at} "
                 f"(one tensor of shape (d_in, d_in) per task)"
             )
         if not isinstance(gram, Sequence) or len(gram) != n_tasks:
             size = len(gram) if isinstance(gram, Sequence) else type(gram).__name__
-            raise ValueError(f"need {n_tasks} Gram matrices{at} (one per task), got {size}")
+            raise OsrmInputError(f"need {n_tasks} Gram matrices{at} (one per task), got {size}")
         for i, g in enumerate(gram):
             if not isinstance(g, Tensor):
-                raise TypeError(f"Gram matrix of task {i}{at} is not a tensor: {type(g).__name__}")
+                raise InputTypeError(f"Gram matrix of task {i}{at} is not a tensor: {type(g).__name__}")
             if not g.is_floating_point():
-                raise ValueError(
+                raise OsrmInputError(
                     f"Gram matrix of task {i}{at} must be floating-point, got {g.dtype}"
                 )
             if tuple(g.shape) != (d_in, d_in):
-                raise ValueError(
+                raise OsrmInputError(
                     f"size mismatch{at}: Gram matrix of task {i} has shape {tuple(g.shape)}, "
                     f"expected ({d_in}, {d_in})"
                 )
             if not bool(torch.isfinite(g).all()):
-                raise ValueError(f"Gram matrix of task {i}{at} contains NaN or Inf")
+                raise OsrmInputError(f"Gram matrix of task {i}{at} contains NaN or Inf")
 
     @torch.no_grad()
     def prepare(
@@ -381,10 +383,10 @@ class MergeMethod:
         lam = check_real("lam", lam, low=0.0, high=math.inf, high_open=True)
         if isinstance(deltas, PreparedLayer):
             if deltas.method != self.name or deltas.params != self.params:
-                raise ValueError(f"deltas prepared by {deltas.method!r} with {deltas.params}; this is {self!r}: "
+                raise OsrmInputError(f"deltas prepared by {deltas.method!r} with {deltas.params}; this is {self!r}: "
                                  "prepare them with this method")
             if gram is not None or generator is not None:
-                raise ValueError("gram and generator go to prepare(), not to merge() of prepared deltas")
+                raise OsrmInputError("gram and generator go to prepare(), not to merge() of prepared deltas")
             prepared = deltas
         else:
             prepared = self.prepare(deltas, gram=gram, generator=generator)

@@ -32,6 +32,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from osrm_core.errors import InputTypeError, OsrmInputError
+
 from .factor import fix_svd_signs
 
 
@@ -62,20 +64,20 @@ def check_factors(factors: list[object], at: str) -> list[LoraFactors]:
     out = []
     for i, f in enumerate(factors):
         if not isinstance(f, tuple) or len(f) != 2 or not all(isinstance(x, Tensor) for x in f):
-            raise TypeError(f"factors of task {i}{at} must be a pair (B, A) of tensors, got {type(f).__name__}")
+            raise InputTypeError(f"factors of task {i}{at} must be a pair (B, A) of tensors, got {type(f).__name__}")
         b, a = f
         if b.ndim != 2 or a.ndim != 2 or b.shape[1] != a.shape[0]:
-            raise ValueError(
+            raise OsrmInputError(
                 f"factors of task {i}{at} must be B (d_out, r) and A (r, d_in), "
                 f"got B {tuple(b.shape)} and A {tuple(a.shape)}"
             )
         if not (b.is_floating_point() and a.dtype == b.dtype and a.device == b.device):
-            raise ValueError(f"factors of task {i}{at} must be floating-point, of one dtype and device")
+            raise OsrmInputError(f"factors of task {i}{at} must be floating-point, of one dtype and device")
         if not (bool(torch.isfinite(b).all()) and bool(torch.isfinite(a).all())):
-            raise ValueError(f"factors of task {i}{at} contain NaN or Inf")
+            raise OsrmInputError(f"factors of task {i}{at} contain NaN or Inf")
         ref = out[0] if out else LoraFactors(b, a)
         if (b.shape[0], a.shape[1]) != ref.shape or (b.dtype, b.device) != (ref.B.dtype, ref.B.device):
-            raise ValueError(
+            raise OsrmInputError(
                 f"size mismatch{at}: task {i} is ({b.shape[0]}, {a.shape[1]}) {b.dtype}, "
                 f"task 0 is {ref.shape} {ref.B.dtype}: all must match"
             )

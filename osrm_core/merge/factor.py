@@ -9,6 +9,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from osrm_core.errors import InputTypeError, OsrmInputError
+
 
 def numerical_rank(singular_values: Tensor, shape: tuple[int, int]) -> int:
     """Number of singular values above ``max(s) * max(shape) * eps`` (the LAPACK convention).
@@ -42,9 +44,9 @@ def fix_svd_signs(u: Tensor, vh: Tensor) -> tuple[Tensor, Tensor]:
 
 def _check_matrix(name: str, x: object) -> Tensor:
     if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a tensor, got {type(x).__name__}")
+        raise InputTypeError(f"{name} must be a tensor, got {type(x).__name__}")
     if x.ndim != 2 or not x.is_floating_point():
-        raise ValueError(
+        raise OsrmInputError(
             f"{name} must be a 2-D floating-point tensor, got shape {tuple(x.shape)} {x.dtype}"
         )
     return x
@@ -76,9 +78,9 @@ def low_rank_factors(delta: Tensor, rank: int | None = None) -> tuple[Tensor, Te
         or not isinstance(rank, numbers.Integral)
         or not 1 <= rank <= max_rank
     ):
-        raise ValueError(f"rank must be None or an integer in [1, {max_rank}], got {rank!r}")
+        raise OsrmInputError(f"rank must be None or an integer in [1, {max_rank}], got {rank!r}")
     if not bool(torch.isfinite(delta).all()):
-        raise ValueError("delta contains NaN or Inf")
+        raise OsrmInputError("delta contains NaN or Inf")
     work = delta.to(torch.promote_types(delta.dtype, torch.float32))
     u, s, vh = torch.linalg.svd(work, full_matrices=False)
     k = int(rank) if rank is not None else max(1, numerical_rank(s, tuple(work.shape)))
@@ -110,9 +112,9 @@ def stack_lora_factors(
         ``[A_1; ...; A_T]``.
     """
     if len(factors) == 0:
-        raise ValueError("factors is empty: give at least one (B, A) pair")
+        raise OsrmInputError("factors is empty: give at least one (B, A) pair")
     if len(weights) != len(factors):
-        raise ValueError(f"got {len(weights)} weights for {len(factors)} factor pairs")
+        raise OsrmInputError(f"got {len(weights)} weights for {len(factors)} factor pairs")
     b0, a0 = factors[0]
     d_out = _check_matrix("B of pair 0", b0).shape[0]
     d_in = _check_matrix("A of pair 0", a0).shape[1]
@@ -121,14 +123,14 @@ def stack_lora_factors(
         _check_matrix(f"B of pair {i}", b)
         _check_matrix(f"A of pair {i}", a)
         if b.shape[0] != d_out or a.shape[1] != d_in or b.shape[1] != a.shape[0]:
-            raise ValueError(
+            raise OsrmInputError(
                 f"size mismatch in pair {i}: B {tuple(b.shape)} and A {tuple(a.shape)}, "
                 f"expected B (d_out={d_out}, r) and A (r, d_in={d_in})"
             )
         if (b.dtype, b.device, a.dtype, a.device) != (b0.dtype, b0.device, b0.dtype, b0.device):
-            raise ValueError(f"pair {i} differs in dtype or device from pair 0 ({b0.dtype})")
+            raise OsrmInputError(f"pair {i} differs in dtype or device from pair 0 ({b0.dtype})")
         if isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(w):
-            raise ValueError(f"weight {i} must be a finite number, got {w!r}")
+            raise OsrmInputError(f"weight {i} must be a finite number, got {w!r}")
         bs.append(b * float(w))
         as_.append(a)
     return torch.cat(bs, dim=1), torch.cat(as_, dim=0)

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from osrm_core.errors import OsrmInputError
+
 from .base import MergeMethod, MergeParams, check_real
 
 #: Ridge added to the diagonal of the summed Gram matrix, relative to each entry.
@@ -95,9 +97,9 @@ class RegMean(MergeMethod):
         super()._check_gram(n_tasks, d_in, gram, at)
         diag = torch.stack([torch.diagonal(g).to(torch.float64) for g in gram])
         if bool((diag < 0).any()):
-            raise ValueError(f"Gram matrices{at} have negative diagonal entries: not Gram matrices")
+            raise OsrmInputError(f"Gram matrices{at} have negative diagonal entries: not Gram matrices")
         if not bool((diag > 0).any()):
-            raise ValueError(f"Gram matrices{at} are all zero: no input statistics to weight by")
+            raise OsrmInputError(f"Gram matrices{at} are all zero: no input statistics to weight by")
 
     def combine(self, deltas: list[Tensor], gram: list[Tensor] | None, shape: tuple[int, int]) -> Tensor:
         return regmean_merge(deltas, gram, self.params.alpha)

@@ -13,6 +13,7 @@ from torch import nn
 
 from osrm_core.batching import iter_batches, move_batch
 from osrm_core.data import TaskData
+from osrm_core.errors import InputTypeError, OsrmInputError
 from osrm_core.models import decoder_position_ids, find_target_layers, get_module
 
 from .moments import FeatureStats, LayerStats
@@ -56,7 +57,7 @@ class _Collector:
     def _accumulate(self, name: str, x: torch.Tensor) -> None:
         mask = self.mask.to(x.device)
         if x.shape[:2] != mask.shape:
-            raise ValueError(
+            raise OsrmInputError(
                 f"layer {name!r}: input of shape {tuple(x.shape)} does not match the attention "
                 f"mask {tuple(mask.shape)}; only (batch, tokens, features) inputs are supported"
             )
@@ -67,7 +68,7 @@ class _Collector:
         # (tokens, d) block; only a non-finite sum (NaN/Inf, or a float32 overflow) needs the
         # entry-wise check. Cheaper than isfinite over every entry, and the same verdict.
         if not torch.isfinite(column_sums).all() and not torch.isfinite(real).all():
-            raise ValueError(f"layer {name!r}: input features contain NaN or Inf")
+            raise OsrmInputError(f"layer {name!r}: input features contain NaN or Inf")
         st = self.layers[name]
         st.sum_outer.addmm_(real.T, real)
         st.sum += column_sums
@@ -135,7 +136,7 @@ def select_samples(n: int, max_samples: int | None, seed: int) -> np.ndarray:
     if max_samples is None or max_samples >= n:
         return np.arange(n)
     if max_samples < 1:
-        raise ValueError(f"max_samples must be >= 1, got {max_samples}")
+        raise OsrmInputError(f"max_samples must be >= 1, got {max_samples}")
     return np.sort(np.random.default_rng(seed).choice(n, size=max_samples, replace=False))
 
 
@@ -225,24 +226,24 @@ def iter_feature_stats(
     from osrm_core.distributed import dist_info
 
     if not isinstance(task, TaskData):
-        raise TypeError(f"task must be a TaskData, got {type(task).__name__}")
+        raise InputTypeError(f"task must be a TaskData, got {type(task).__name__}")
     if dtype not in (torch.float64, torch.float32):
-        raise ValueError(f"dtype must be torch.float64 or torch.float32, got {dtype}")
+        raise OsrmInputError(f"dtype must be torch.float64 or torch.float32, got {dtype}")
     data = getattr(task, split, None)
     if split not in ("train", "test") or data is None:
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        raise OsrmInputError(f"split must be 'train' or 'test', got {split!r}")
     if len(data) == 0:
-        raise ValueError(f"task {task.name!r} has no examples in split {split!r}")
+        raise OsrmInputError(f"task {task.name!r} has no examples in split {split!r}")
     if layers_per_pass is not None and (not isinstance(layers_per_pass, int) or layers_per_pass < 1):
-        raise ValueError(f"layers_per_pass must be a positive integer or None, got {layers_per_pass!r}")
+        raise OsrmInputError(f"layers_per_pass must be a positive integer or None, got {layers_per_pass!r}")
     if shard is not None:
         if distributed:
-            raise ValueError("give shard or distributed=True, not both (distributed shards by rank itself)")
+            raise OsrmInputError("give shard or distributed=True, not both (distributed shards by rank itself)")
         rank, world = shard
         if not (isinstance(world, int) and isinstance(rank, int) and 0 <= rank < world):
-            raise ValueError(f"shard must be (rank, world) with 0 <= rank < world, got {shard!r}")
+            raise OsrmInputError(f"shard must be (rank, world) with 0 <= rank < world, got {shard!r}")
     if distributed and not (dist.is_available() and dist.is_initialized()):
-        raise ValueError(
+        raise OsrmInputError(
             "distributed=True needs an initialized torch.distributed process group: launch with "
             "torchrun or accelerate launch and call osrm_core.distributed.init_distributed()"
         )

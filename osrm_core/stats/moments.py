@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from osrm_core.errors import OsrmInputError
+
 FORMAT = "osrm-feature-stats/1"
 
 
@@ -73,7 +75,7 @@ class LayerStats:
 
     def __add__(self, other: LayerStats) -> LayerStats:
         if self.d != other.d:
-            raise ValueError(f"cannot add statistics of width {self.d} and {other.d}")
+            raise OsrmInputError(f"cannot add statistics of width {self.d} and {other.d}")
         return LayerStats(
             self.sum_outer + other.sum_outer.to(self.sum_outer.device),
             self.sum + other.sum.to(self.sum.device),
@@ -126,7 +128,7 @@ class FeatureStats:
     def _check_compatible(self, other: FeatureStats) -> None:
         if set(self.layers) != set(other.layers):
             missing = sorted(set(self.layers) ^ set(other.layers))
-            raise ValueError(f"statistics cover different layers: {missing[:3]} in only one")
+            raise OsrmInputError(f"statistics cover different layers: {missing[:3]} in only one")
 
     def __add__(self, other: FeatureStats) -> FeatureStats:
         """Statistics over the union of both token sets (sums add exactly)."""
@@ -175,14 +177,14 @@ class FeatureStats:
     def union(cls, parts: list[FeatureStats]) -> FeatureStats:
         """Statistics of disjoint sets of layers of one task (passes over a few layers each)."""
         if not parts:
-            raise ValueError("union needs at least one FeatureStats")
+            raise OsrmInputError("union needs at least one FeatureStats")
         layers: dict[str, LayerStats] = {}
         for part in parts:
             if part.task != parts[0].task:
-                raise ValueError(f"cannot join statistics of tasks {parts[0].task!r} and {part.task!r}")
+                raise OsrmInputError(f"cannot join statistics of tasks {parts[0].task!r} and {part.task!r}")
             twice = sorted(set(layers) & set(part.layers))
             if twice:
-                raise ValueError(f"layer {twice[0]!r} is in more than one part")
+                raise OsrmInputError(f"layer {twice[0]!r} is in more than one part")
             layers.update(part.layers)
         return cls(layers, parts[0].task, parts[0].model, dict(parts[0].meta))
 
@@ -227,15 +229,15 @@ class FeatureStats:
         if path.is_dir():
             parts = sorted(path.glob("part-*.safetensors"))
             if not parts:
-                raise ValueError(f"statistics folder {str(path)!r} holds no part-*.safetensors")
+                raise OsrmInputError(f"statistics folder {str(path)!r} holds no part-*.safetensors")
             return cls.union([cls.load(p, device) for p in parts])
         if not path.is_file():
-            raise ValueError(f"statistics file {str(path)!r} does not exist")
+            raise OsrmInputError(f"statistics file {str(path)!r} does not exist")
         try:
             with safe_open(str(path), framework="pt", device=str(device)) as f:
                 metadata = f.metadata() or {}
                 if metadata.get("format") != FORMAT:
-                    raise ValueError(f"{path.name}: not an OSRM statistics file (format {FORMAT})")
+                    raise OsrmInputError(f"{path.name}: not an OSRM statistics file (format {FORMAT})")
                 layers: dict[str, LayerStats] = {}
                 for g, group in enumerate(json.loads(metadata["groups"])):
                     st = LayerStats(
@@ -251,33 +253,33 @@ class FeatureStats:
         except ValueError as err:
             if str(err).startswith(f"{path.name}: "):
                 raise
-            raise ValueError(f"{path.name}: damaged statistics file ({err})") from None
+            raise OsrmInputError(f"{path.name}: damaged statistics file ({err})") from None
         except (OSError, KeyError, TypeError, SafetensorError, RecursionError) as err:
-            raise ValueError(f"{path.name}: damaged statistics file ({type(err).__name__}: {err})") from None
+            raise OsrmInputError(f"{path.name}: damaged statistics file ({type(err).__name__}: {err})") from None
         for name, st in layers.items():  # a file from elsewhere (an uploaded run) is checked
             d = st.sum.shape[0] if st.sum.ndim == 1 else -1
             if d < 1 or st.sum_outer.shape != (d, d) or st.sum_sample_mean_outer.shape != (d, d):
-                raise ValueError(f"{path.name}: statistics at {name!r} have inconsistent shapes")
+                raise OsrmInputError(f"{path.name}: statistics at {name!r} have inconsistent shapes")
             if st.count < 0 or st.n_samples < 0:
-                raise ValueError(f"{path.name}: statistics at {name!r} have a negative count")
+                raise OsrmInputError(f"{path.name}: statistics at {name!r} have a negative count")
             if not all(torch.isfinite(t).all() for t in (st.sum_outer, st.sum, st.sum_sample_mean_outer)):
-                raise ValueError(f"{path.name}: statistics at {name!r} hold NaN or Inf values")
+                raise OsrmInputError(f"{path.name}: statistics at {name!r} hold NaN or Inf values")
         return cls(layers, metadata.get("task", ""), metadata.get("model", ""), meta)
 
 
 def check_same_layers(all_stats: list[FeatureStats]) -> list[str]:
     """The common layer names of several statistics, or a ValueError naming the mismatch."""
     if not all_stats:
-        raise ValueError("no statistics given")
+        raise OsrmInputError("no statistics given")
     first = all_stats[0]
     for other in all_stats[1:]:
         if set(other.layers) != set(first.layers):
             diff = sorted(set(other.layers) ^ set(first.layers))
-            raise ValueError(
+            raise OsrmInputError(
                 f"statistics of tasks {first.task!r} and {other.task!r} cover different layers "
                 f"(e.g. {diff[0]!r}); collect them with the same model and target_modules"
             )
         for name, st in other.layers.items():
             if st.d != first.layers[name].d:
-                raise ValueError(f"size mismatch for layer {name!r}: {st.d} vs {first.layers[name].d}")
+                raise OsrmInputError(f"size mismatch for layer {name!r}: {st.d} vs {first.layers[name].d}")
     return list(first.layers)

@@ -26,6 +26,7 @@ from torch import nn
 from osrm_core.adapters import Adapter, union_layers
 from osrm_core.batching import iter_batches, move_batch
 from osrm_core.data import TaskData
+from osrm_core.errors import InputTypeError, OsrmInputError
 from osrm_core.models import decoder_position_ids, get_module
 
 from .collect import select_samples
@@ -66,7 +67,7 @@ class ProjectedLayer:
             if n == name:
                 return slice(start, start + a.shape[0])
             start += a.shape[0]
-        raise ValueError(f"projected statistics hold no projection of adapter {name!r}; "
+        raise OsrmInputError(f"projected statistics hold no projection of adapter {name!r}; "
                          f"they have {sorted(self.adapters)}")
 
     def moment(self, name: str, A: torch.Tensor) -> torch.Tensor:
@@ -74,7 +75,7 @@ class ProjectedLayer:
         block = self._block(name)
         held = self.adapters[name]
         if A is not held and (A.shape != held.shape or not torch.equal(A.to(held), held)):
-            raise ValueError(f"adapter {name!r}: its A is not the one the projected statistics were taken "
+            raise OsrmInputError(f"adapter {name!r}: its A is not the one the projected statistics were taken "
                              "with; projected statistics serve only the adapters they were collected for")
         return self.sum_outer[block, block] / max(self.count, 1)
 
@@ -130,7 +131,7 @@ class _Projector:
     def _accumulate(self, name: str, module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
         mask = self.mask.to(x.device)
         if x.shape[:2] != mask.shape:
-            raise ValueError(
+            raise OsrmInputError(
                 f"layer {name!r}: input of shape {tuple(x.shape)} does not match the attention "
                 f"mask {tuple(mask.shape)}; only (batch, tokens, features) inputs are supported"
             )
@@ -140,7 +141,7 @@ class _Projector:
         for start in range(0, real_x.shape[0], CHUNK_TOKENS):
             h = real_x[start : start + CHUNK_TOKENS].to(self.dtype)
             if not torch.isfinite(h.sum(0)).all() and not torch.isfinite(h).all():
-                raise ValueError(f"layer {name!r}: input features contain NaN or Inf")
+                raise OsrmInputError(f"layer {name!r}: input features contain NaN or Inf")
             p = h @ A.T
             st.sum_outer.addmm_(p.T, p)
             st.sum_sq += (h * h).sum()
@@ -187,16 +188,16 @@ def collect_projected_stats(
     ProjectedStats
     """
     if not isinstance(task, TaskData):
-        raise TypeError(f"task must be a TaskData, got {type(task).__name__}")
+        raise InputTypeError(f"task must be a TaskData, got {type(task).__name__}")
     if dtype not in (torch.float64, torch.float32):
-        raise ValueError(f"dtype must be torch.float64 or torch.float32, got {dtype}")
+        raise OsrmInputError(f"dtype must be torch.float64 or torch.float32, got {dtype}")
     data = getattr(task, split, None) if split in ("train", "test") else None
     if data is None:
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        raise OsrmInputError(f"split must be 'train' or 'test', got {split!r}")
     if len(data) == 0:
-        raise ValueError(f"task {task.name!r} has no examples in split {split!r}")
+        raise OsrmInputError(f"task {task.name!r} has no examples in split {split!r}")
     if not adapters:
-        raise ValueError("projected statistics need at least one adapter")
+        raise OsrmInputError("projected statistics need at least one adapter")
     modules = {}
     for name in union_layers(adapters):
         module = get_module(model, name)
@@ -220,7 +221,7 @@ def collect_projected_stats(
                 except _StopForward:
                     pass
                 if projector.waiting:
-                    raise ValueError(f"layer {sorted(projector.waiting)[0]!r} never ran in the model's forward pass")
+                    raise OsrmInputError(f"layer {sorted(projector.waiting)[0]!r} never ran in the model's forward pass")
                 if progress:
                     progress(i + 1, total, "projected statistics")
     finally:

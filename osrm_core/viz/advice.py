@@ -5,6 +5,8 @@ from __future__ import annotations
 import pandas as pd
 import plotly.graph_objects as go
 
+from osrm_core.errors import OsrmInputError
+
 from .common import _PALETTE, _finish, _unique
 
 
@@ -29,7 +31,7 @@ def advice_figure(summary: pd.DataFrame, *, y: str = "score", title: str = "",
     weights, origin, validation, score, low, high, normalized``) with a boolean ``recommended``.
     """
     if y not in ("score", "normalized"):
-        raise ValueError(f"y must be 'score' or 'normalized', got {y!r}")
+        raise OsrmInputError(f"y must be 'score' or 'normalized', got {y!r}")
     df = summary.sort_values(y, ascending=lower_is_better and y == "score").reset_index(drop=True)
     labels = [candidate_label(r) for r in df.itertuples()]
     # Two candidates with one label (rare): keep the axis categories apart.

@@ -7,6 +7,8 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
+from osrm_core.errors import OsrmInputError
+
 from .common import (
     _PALETTE,
     INIT_DASH,
@@ -50,13 +52,13 @@ def interference_view(
     DataFrame indexed by adapter, columns data tasks, in first-seen order.
     """
     if value not in INTERFERENCE_VALUES:
-        raise ValueError(f"value {value!r} is unknown: allowed are {', '.join(INTERFERENCE_VALUES)}")
+        raise OsrmInputError(f"value {value!r} is unknown: allowed are {', '.join(INTERFERENCE_VALUES)}")
     column = "input_energy" if value == "input_norm" else value
     if column not in table.columns:
-        raise ValueError(f"table has no column {column!r}")
+        raise OsrmInputError(f"table has no column {column!r}")
     rows = table if layer in (None, SUM_OVER_LAYERS) else table[table["layer"] == layer]
     if rows.empty:
-        raise ValueError(f"no rows for layer {layer!r}")
+        raise OsrmInputError(f"no rows for layer {layer!r}")
     adapters, data = _unique(table["adapter"]), _unique(table["data"])
     m = rows.pivot_table(index="adapter", columns="data", values=column, aggfunc="sum")
     m = m.reindex(index=adapters, columns=data)
@@ -167,7 +169,7 @@ def own_energy_figure(table: pd.DataFrame, *, title: str = "") -> go.Figure:
     """
     for col in ("task", "layer", "ratio"):
         if col not in table.columns:
-            raise ValueError(f"table needs a column {col!r}; columns are {list(table.columns)}")
+            raise OsrmInputError(f"table needs a column {col!r}; columns are {list(table.columns)}")
     df = table if "init" in table.columns else table.assign(init="")
     layers = _layer_order(df["layer"])
     labels = {n: short_layer(n) for n in layers}
@@ -201,12 +203,12 @@ def angle_matrix(
     ``adapter-data``).
     """
     if stat not in ("min_angle", "mean_angle"):
-        raise ValueError(f"stat must be 'min_angle' or 'mean_angle', got {stat!r}")
+        raise OsrmInputError(f"stat must be 'min_angle' or 'mean_angle', got {stat!r}")
     rows = table[table["kind"] == kind]
     if layer not in (None, SUM_OVER_LAYERS, "mean over layers"):
         rows = rows[rows["layer"] == layer]
     if rows.empty:
-        raise ValueError(f"no {kind} angles for layer {layer!r}")
+        raise OsrmInputError(f"no {kind} angles for layer {layer!r}")
     m = rows.pivot_table(index="a", columns="b", values=stat, aggfunc="mean")
     if kind == "data-data":
         names = _unique(
@@ -258,10 +260,10 @@ def angle_figure(
     smallest to the largest pair (readable with many tasks: 4 tasks and 2 inits are 24 pairs).
     """
     if stat not in ("min_angle", "mean_angle"):
-        raise ValueError(f"stat must be 'min_angle' or 'mean_angle', got {stat!r}")
+        raise OsrmInputError(f"stat must be 'min_angle' or 'mean_angle', got {stat!r}")
     rows = table[table["kind"] == kind]
     if rows.empty:
-        raise ValueError(f"no {kind} angles in the table")
+        raise OsrmInputError(f"no {kind} angles in the table")
     if "init" not in rows.columns:
         rows = rows.assign(init="")
     if kind == "data-data":
@@ -380,7 +382,7 @@ def drift_figure(drift: pd.DataFrame, *, y: str = "input_energy", title: str = "
     from plotly.subplots import make_subplots
 
     if y not in ("input_energy", "output_shift"):
-        raise ValueError(f"y must be 'input_energy' or 'output_shift', got {y!r}")
+        raise OsrmInputError(f"y must be 'input_energy' or 'output_shift', got {y!r}")
     adapters = _unique(drift["adapter"])
     colors = _task_colors(_unique(drift["data"]))
     fig = make_subplots(rows=1, cols=len(adapters), subplot_titles=[f"adapter {a}" for a in adapters],

@@ -8,6 +8,8 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
+from osrm_core.errors import OsrmInputError
+
 from .common import _finish, _task_colors, _unique
 
 
@@ -147,7 +149,7 @@ def effective_rank_heatmap(table: pd.DataFrame, *, title: str = "") -> go.Figure
     """
     for col in ("task", "layer", "effective_rank"):
         if col not in table.columns:
-            raise ValueError(f"table needs a column {col!r}; columns are {list(table.columns)}")
+            raise OsrmInputError(f"table needs a column {col!r}; columns are {list(table.columns)}")
     layers, tasks = _unique(table["layer"]), _unique(table["task"])
     m = table.pivot_table(index="layer", columns="task", values="effective_rank", aggfunc="mean")
     m = m.reindex(index=layers, columns=tasks)

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
+from osrm_core.errors import OsrmInputError
 from osrm_core.evaluate import param_columns
 
 from .common import _DASHES, _SYMBOLS, _finish, _unique, color_of
@@ -18,7 +19,7 @@ def _of_metric(sweep: pd.DataFrame, metric: str | None) -> pd.DataFrame:
     if metric is None:
         return sweep
     if "metric" not in sweep.columns or metric not in set(sweep["metric"]):
-        raise ValueError(f"no task of the sweep is scored by {metric!r}")
+        raise OsrmInputError(f"no task of the sweep is scored by {metric!r}")
     return sweep[sweep["metric"] == metric]
 
 
@@ -34,10 +35,10 @@ def sweep_curves(
     ValueError; average the normalized scores, or one metric's tasks.
     """
     if y not in ("score", "normalized"):
-        raise ValueError(f"y must be 'score' or 'normalized', got {y!r}")
+        raise OsrmInputError(f"y must be 'score' or 'normalized', got {y!r}")
     sweep = _of_metric(sweep, metric)
     if y == "score" and task is None and "metric" in sweep.columns and sweep["metric"].nunique() > 1:
-        raise ValueError(
+        raise OsrmInputError(
             f"raw scores of different metrics ({', '.join(map(str, _unique(sweep['metric'])))}) are not averaged: "
             "choose one metric's tasks, one task, or the normalized score"
         )
@@ -46,7 +47,7 @@ def sweep_curves(
         df = df[df["density"].isna() | np.isclose(df["density"].astype(float), density)]
     if task is not None:
         if task not in set(df["task"]):
-            raise ValueError(f"task {task!r} is not in the sweep; tasks are {_unique(df['task'])}")
+            raise OsrmInputError(f"task {task!r} is not in the sweep; tasks are {_unique(df['task'])}")
         df = df[df["task"] == task]
     keys = ["init", "method", *param_columns(df), "lambda"]
     if "density" in df.columns:

@@ -7,6 +7,8 @@ from collections.abc import Mapping
 import numpy as np
 import plotly.graph_objects as go
 
+from osrm_core.errors import OsrmInputError
+
 from .common import _finish, _task_colors, color_of
 
 
@@ -16,7 +18,7 @@ def toy_figure(
     """The task clouds and each adapter's row space (a line per row; in 3-D a rank-2 row space
     is drawn as a plane)."""
     if not clouds:
-        raise ValueError("clouds is empty")
+        raise OsrmInputError("clouds is empty")
     dim = next(iter(clouds.values())).shape[1]
     reach = max(float(np.abs(c).max()) for c in clouds.values()) * 1.05
     colors = _task_colors(list(clouds))
