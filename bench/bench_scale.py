@@ -25,6 +25,7 @@ import argparse
 import gc
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -55,8 +56,15 @@ def _measured(fn) -> dict:
     cuda = torch.cuda.is_available() and DEVICE != "cpu"
     before = status_kib("VmHWM")
     rss0 = status_kib("VmRSS") if reset_peak() else None
+    limit = int(os.environ.get("OSRM_BENCH_LIMIT", "0"))
+    signal.signal(signal.SIGALRM, _stop)
+    signal.alarm(limit)  # the work stops there, and what it reached is still reported
     start = time.perf_counter()
-    extra = fn() or {}
+    try:
+        extra = fn() or {}
+    except _Limit:
+        extra = {"incomplete": limit}
+    signal.alarm(0)
     if cuda:
         torch.cuda.synchronize()
         extra["gpu_peak_bytes"] = torch.cuda.max_memory_allocated()
@@ -64,6 +72,14 @@ def _measured(fn) -> dict:
     during = status_kib("VmHWM")
     rise = None if rss0 is None else (during - rss0) * 1024
     return {"seconds": seconds, "rise_bytes": rise, "peak_bytes": max(before, during) * 1024, **extra}
+
+
+class _Limit(Exception):
+    """The measured work ran past ``OSRM_BENCH_LIMIT`` seconds."""
+
+
+def _stop(signum, frame):
+    raise _Limit
 
 
 def _adapters(bed: dict, n: int) -> dict:
@@ -162,7 +178,8 @@ CHILDREN = {"forward": child_forward, "diagnose": child_diagnose, "merge": child
 def run_child(bed_dir: Path, kind: str, *args, timeout: float) -> dict:
     """One measurement in a fresh process: its JSON line (or why there is none)."""
     cmd = [sys.executable, "-m", "bench.bench_scale", "--child", kind, "--bed", str(bed_dir), *map(str, args)]
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "MALLOC_MMAP_THRESHOLD_": "65536"}
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "MALLOC_MMAP_THRESHOLD_": "65536",
+           "OSRM_BENCH_LIMIT": str(int(timeout * 0.7))}  # the rest of the timeout for loading
     row = {"kind": kind, "args": list(map(str, args))}
     start = time.perf_counter()
     try:
@@ -213,9 +230,10 @@ def summarize(res: dict) -> list[dict]:
     base = peft.get("ties_svd", {})
     for method in ("ties", "tsv_m") if ours else ():
         core = ours.get((method, "core"), {})
-        if base.get("timed_out"):
-            figure = None if core.get("seconds") is None else base["timed_out"] / core["seconds"]
-            detail = f"peft ties_svd did not finish in {base['timed_out']:.0f} s: the ratio is a lower bound"
+        if base.get("incomplete"):
+            figure = None if core.get("seconds") is None else base["seconds"] / core["seconds"]
+            detail = (f"peft ties_svd stopped unfinished after {base['seconds']:.0f} s: the time ratio is a lower "
+                      f"bound; core {core.get('seconds', float('nan')):.2f} s")
         else:
             figure = _ratio(base.get("seconds"), core.get("seconds"))
             detail = f"{base.get('seconds', float('nan')):.1f} s vs {core.get('seconds', float('nan')):.2f} s"
@@ -253,7 +271,8 @@ def report(res: dict, rows: list[dict]) -> str:
             lines.append(f"  {m['kind']} {name}: {why}")
             continue
         rise = "n/a" if m.get("rise_bytes") is None else f"{m['rise_bytes'] / GiB:.3f}"
-        lines.append(f"  {m['kind']} {name}: {m['seconds']:.2f} s, rise {rise}, peak {m['peak_bytes'] / GiB:.2f}")
+        cut = " (stopped unfinished: lower bounds)" if m.get("incomplete") else ""
+        lines.append(f"  {m['kind']} {name}: {m['seconds']:.2f} s, rise {rise}, peak {m['peak_bytes'] / GiB:.2f}{cut}")
     return "\n".join(lines)
 
 
@@ -268,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--adapters", default="2,8", help="numbers of adapters to diagnose")
     p.add_argument("--merge-adapters", type=int, default=8)
     p.add_argument("--methods", default=",".join(MERGE_METHODS))
+    p.add_argument("--spaces", default="core,full", help="merge spaces of our methods")
     p.add_argument("--texts", type=int, default=64)
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--timeout", type=float, default=900, help="seconds a measurement may take")
@@ -302,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.part in ("merge", "all"):
         n = args.merge_adapters
         res["merge"] = [run_child(args.bed, "merge", n, m, space, timeout=t)
-                        for m in args.methods.split(",") for space in ("core", "full")]
+                        for m in args.methods.split(",") for space in args.spaces.split(",")]
         res["peft"] = [run_child(args.bed, "peft", n, c, timeout=t) for c in PEFT_COMBINATIONS]
     rows = summarize(res)
     suffix = ("" if args.device == "cpu" else "-" + args.device) + ("" if args.part == "all" else "-" + args.part)
