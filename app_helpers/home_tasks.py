@@ -8,6 +8,7 @@ from pathlib import Path
 import streamlit as st
 
 from osrm_core.data import METRICS, DataError, from_dataframes, read_table
+from osrm_core.rundir import RunDir
 
 from .uploads import safe_name
 from .widgets import column_picker, text_column_picker
@@ -72,3 +73,11 @@ def uploaded_tasks(seed: int) -> tuple[list, list[str]]:
             )
             tasks.append(task)
     return tasks, errors
+
+
+def task_entries(demo_keys: list[str], own_tasks: list, out: RunDir) -> list[dict]:
+    """The config's task entries: the demo tasks, and each uploaded task saved in the run's ``data/``."""
+    entries = [{"name": k, "spec": f"demo:{k}"} for k in demo_keys]
+    entries += [{"name": t.name, "spec": str(out.task_data_path(t.name).resolve()), "text": "text", "label": "label",
+                 "text_pair": "text_pair" if t.is_pair else None, "metric": t.metric} for t in own_tasks]
+    return entries

@@ -70,6 +70,16 @@ def result_table(run: RunDir, name: str) -> pd.DataFrame | None:
         stop_on_damage(err)
 
 
+def required_table(run: RunDir, name: str, what: str) -> pd.DataFrame:
+    """``results/<name>`` of the run (:func:`result_table`); when it is missing or empty, a note
+    that the run has no ``what`` yet ends the page."""
+    table = result_table(run, name)
+    if table is None or table.empty:
+        st.info(f"This run has no {what} yet (results/{name}): run or resume it on the home page.")
+        st.stop()
+    return table
+
+
 def sweep_table(run: RunDir) -> pd.DataFrame | None:
     """All ``results/sweep_<init>.csv`` of the run, concatenated (None when there are none)."""
     try:

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from osrm_core.adapter_config import check_adapter_config, lora_scale, pattern_value, targets_layer
 from osrm_core.atomic import atomic_path, write_json
 from osrm_core.errors import AdapterError, OsrmInputError
 
@@ -112,21 +113,26 @@ def aligned_deltas(adapters: dict[str, Adapter]) -> list[dict[str, torch.Tensor]
     input ``[h; 1]``, so every merge method treats the bias as one more input (see
     :func:`split_bias`). Returns a list in the adapters' order of dicts layer -> tensor.
     """
+    return map_aligned(adapters, _delta_with_bias)
+
+
+def map_aligned(adapters: dict[str, Adapter], layer_fn: Callable) -> list[dict]:
+    """``layer_fn(lw, d_out, d_in, bias_column)`` for every adapter and every layer of the union of
+    their layers (``lw`` None where the adapter has none; ``bias_column``: some adapter has a
+    bias there); a list in the adapters' order of dicts layer -> value."""
     shapes = union_layers(adapters)
     with_bias = {n for a in adapters.values() for n, lw in a.layers.items() if lw.bias is not None}
-    out = []
-    for adapter in adapters.values():
-        deltas = {}
-        for n, (d_out, d_in) in shapes.items():
-            lw = adapter.layers.get(n)
-            delta = torch.zeros(d_out, d_in) if lw is None else lw.delta.float()
-            if n in with_bias:
-                shift = None if lw is None else lw.bias_delta
-                column = torch.zeros(d_out) if shift is None else shift.float()
-                delta = torch.cat([delta, column[:, None]], 1)
-            deltas[n] = delta
-        out.append(deltas)
-    return out
+    return [{n: layer_fn(a.layers.get(n), d_out, d_in, n in with_bias) for n, (d_out, d_in) in shapes.items()}
+            for a in adapters.values()]
+
+
+def _delta_with_bias(lw: LoraWeights | None, d_out: int, d_in: int, bias_column: bool) -> torch.Tensor:
+    delta = torch.zeros(d_out, d_in) if lw is None else lw.delta.float()
+    if bias_column:
+        shift = None if lw is None else lw.bias_delta
+        column = torch.zeros(d_out) if shift is None else shift.float()
+        delta = torch.cat([delta, column[:, None]], 1)
+    return delta
 
 
 def split_bias(delta: torch.Tensor, d_in: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -158,16 +164,6 @@ def lora_from_model(peft_model, adapter_name: str = "default") -> Adapter:
         if "lora_" not in k and k.startswith(PEFT_PREFIX)
     }
     return Adapter(layers, head, peft_model.peft_config[adapter_name].to_dict())
-
-
-def _scale(config: dict, layer: str, rank: int) -> float:
-    alpha = _pattern_value(config.get("alpha_pattern"), layer, config.get("lora_alpha", 8))
-    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-
-
-#: Longest ``rank_pattern``/``alpha_pattern`` key accepted: peft evaluates the keys as regular
-#: expressions, and a long hostile one could take exponential time.
-MAX_PATTERN_CHARS = 500
 
 
 def read_adapter_dir(path: str | Path, *, allow_pickle: bool = False, where: str | None = None) -> Adapter:
@@ -222,89 +218,6 @@ def read_adapter_dir(path: str | Path, *, allow_pickle: bool = False, where: str
     return adapter
 
 
-def _is_number(x) -> bool:
-    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def check_adapter_config(config, where: str = "adapter") -> None:
-    """Check the fields of an ``adapter_config.json`` that this tool relies on.
-
-    ``r`` a positive integer, ``lora_alpha`` a positive number, ``target_modules`` a list of
-    names or one pattern string, ``base_model_name_or_path`` a string or null,
-    ``rank_pattern``/``alpha_pattern`` maps of names to numbers; LoRA only, no DoRA.
-    Raises :class:`AdapterError` naming the field, the value and what is allowed.
-    """
-    if not isinstance(config, dict):
-        raise AdapterError(f"{where}: adapter_config.json must hold a JSON object")
-    if config.get("peft_type", "LORA") != "LORA":
-        raise AdapterError(f"{where}: peft_type is {config.get('peft_type')!r}; only LORA is supported")
-
-    def shown(key: str) -> str:
-        return repr(config[key]) if key in config else "missing"
-
-    r = config.get("r")
-    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-        raise AdapterError(f"{where}: adapter_config.json field 'r' is {shown('r')}; it must be a positive integer")
-    alpha = config.get("lora_alpha", 8)
-    if not _is_number(alpha) or alpha <= 0:
-        raise AdapterError(
-            f"{where}: adapter_config.json field 'lora_alpha' is {alpha!r}; it must be a positive number"
-        )
-    targets = config.get("target_modules")
-    if not (isinstance(targets, str) or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))):
-        raise AdapterError(
-            f"{where}: adapter_config.json field 'target_modules' is {shown('target_modules')}; "
-            "it must be a list of module names or one pattern string"
-        )
-    base = config.get("base_model_name_or_path")
-    if base is not None and not isinstance(base, str):
-        raise AdapterError(
-            f"{where}: adapter_config.json field 'base_model_name_or_path' is {base!r}; it must be a string"
-        )
-    for field_name, positive_int in (("rank_pattern", True), ("alpha_pattern", False)):
-        pattern = config.get(field_name) or {}
-        ok = isinstance(pattern, dict) and all(
-            isinstance(k, str)
-            and _is_number(v)
-            and v > 0
-            and (not positive_int or (isinstance(v, int) and not isinstance(v, bool)))
-            for k, v in pattern.items()
-        )
-        if not ok:
-            kind = "positive integers" if positive_int else "positive numbers"
-            raise AdapterError(
-                f"{where}: adapter_config.json field {field_name!r} must map module names to {kind}"
-            )
-        too_long = [k for k in pattern if len(k) > MAX_PATTERN_CHARS] if isinstance(pattern, dict) else []
-        if too_long:
-            raise AdapterError(
-                f"{where}: adapter_config.json field {field_name!r} has a key of {len(too_long[0])} characters; "
-                f"at most {MAX_PATTERN_CHARS} are allowed"
-            )
-    if config.get("use_dora"):
-        raise AdapterError(f"{where}: a DoRA adapter (use_dora: true); only plain LoRA is supported")
-
-
-def _pattern_value(pattern: dict | None, layer: str, default):
-    """The value of ``layer`` in a ``rank_pattern``/``alpha_pattern``, matched by peft's own rule
-    (``peft.utils.other.get_pattern_key``: a key is a regular expression for the name's end)."""
-    from peft.utils.other import get_pattern_key
-
-    if not pattern:
-        return default
-    return pattern.get(get_pattern_key(pattern.keys(), layer), default)
-
-
-def _targets_layer(targets, layer: str) -> bool:
-    """Whether a list ``target_modules`` names ``layer`` (peft's rule: the name or a suffix of it).
-
-    A pattern string is not evaluated: a hostile regular expression could take exponential time.
-    """
-    if isinstance(targets, str):
-        return True
-    return any(layer == t or layer.endswith("." + t) for t in targets)
-
-
 def adapter_from_state(state: dict[str, torch.Tensor], config: dict, where: str = "adapter") -> Adapter:
     """Assemble an :class:`Adapter` from a PEFT state dict and its config dict."""
     a_parts: dict[str, torch.Tensor] = {}
@@ -346,12 +259,12 @@ def adapter_from_state(state: dict[str, torch.Tensor], config: dict, where: str 
                 f"{where}: size mismatch for layer {name!r}: lora_A {tuple(a.shape)}, lora_B {tuple(b.shape)}"
             )
         if "r" in config:
-            expected = _pattern_value(config.get("rank_pattern"), name, config["r"])
+            expected = pattern_value(config.get("rank_pattern"), name, config["r"])
             if a.shape[0] != expected:
                 raise AdapterError(
                     f"{where}: layer {name!r} has rank {a.shape[0]} but adapter_config.json says r={expected}"
                 )
-        if "target_modules" in config and not _targets_layer(config["target_modules"], name):
+        if "target_modules" in config and not targets_layer(config["target_modules"], name):
             raise AdapterError(
                 f"{where}: layer {name!r} is not in adapter_config.json's target_modules {config['target_modules']!r}"
             )
@@ -360,7 +273,7 @@ def adapter_from_state(state: dict[str, torch.Tensor], config: dict, where: str 
             raise AdapterError(
                 f"{where}: size mismatch for layer {name!r}: lora_B bias {tuple(bias.shape)}, lora_B {tuple(b.shape)}"
             )
-        layers[name] = LoraWeights(a, b, _scale(config, name, a.shape[0]), bias)
+        layers[name] = LoraWeights(a, b, lora_scale(config, name, a.shape[0]), bias)
     if biases:
         raise AdapterError(f"{where}: layer {next(iter(biases))!r} has a lora_B bias but no lora_B weight")
     return Adapter(layers, head, config)

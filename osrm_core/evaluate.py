@@ -110,16 +110,8 @@ def split_score(
 
 
 @torch.no_grad()
-def predict(
-    model: nn.Module,
-    tokenizer,
-    split: Split,
-    *,
-    batch_size: int = 64,
-    max_length: int = 128,
-    batches: list[dict[str, torch.Tensor]] | None = None,
-    order: np.ndarray | None = None,
-) -> np.ndarray:
+def predict(model: nn.Module, tokenizer, split: Split, *, batch_size: int = 64, max_length: int = 128,
+            batches: list[dict[str, torch.Tensor]] | None = None, order: np.ndarray | None = None) -> np.ndarray:
     """Predicted labels for every example of ``split`` (in the split's order)."""
     device = next(model.parameters()).device
     if batches is None:
@@ -148,15 +140,8 @@ def tokenize_for_eval(
     return batches, order
 
 
-def evaluate_model(
-    model: nn.Module,
-    tokenizer,
-    task: TaskData,
-    *,
-    batch_size: int = 64,
-    max_length: int = 128,
-    max_test: int | None = None,
-) -> float:
+def evaluate_model(model: nn.Module, tokenizer, task: TaskData, *, batch_size: int = 64, max_length: int = 128,
+                   max_test: int | None = None) -> float:
     """The task's metric on its test split (first ``max_test`` examples), see :func:`task_metric`."""
     was_training = model.training
     model.eval()

@@ -51,25 +51,21 @@ def aligned_factors(adapters: dict[str, Adapter]) -> list[dict]:
     one more rank: ``B' = [s B | s b]``, ``A' = [[A, 0], [0, 1]]`` of width d_in + 1, so
     ``B' A'`` is the ``[Delta_W | s b]`` of :func:`osrm_core.adapters.aligned_deltas`.
     """
-    from osrm_core.adapters import union_layers
+    from osrm_core.adapters import map_aligned
+
+    return map_aligned(adapters, _factors_with_bias)
+
+
+def _factors_with_bias(lw, d_out: int, d_in: int, bias_column: bool):
     from osrm_core.merge import LoraFactors
 
-    shapes = union_layers(adapters)
-    with_bias = {n for a in adapters.values() for n, lw in a.layers.items() if lw.bias is not None}
-    out = []
-    for adapter in adapters.values():
-        factors = {}
-        for n, (d_out, d_in) in shapes.items():
-            lw = adapter.layers.get(n)
-            b, a = (torch.zeros(d_out, 0), torch.zeros(0, d_in)) if lw is None else (lw.scale * lw.B.float(), lw.A.float())
-            if n in with_bias:
-                a = torch.cat([a, a.new_zeros(a.shape[0], 1)], 1)
-                if lw is not None and lw.bias is not None:
-                    b = torch.cat([b, lw.bias_delta.float()[:, None]], 1)
-                    a = torch.cat([a, torch.cat([a.new_zeros(1, d_in), a.new_ones(1, 1)], 1)], 0)
-            factors[n] = LoraFactors(b, a)
-        out.append(factors)
-    return out
+    b, a = (torch.zeros(d_out, 0), torch.zeros(0, d_in)) if lw is None else (lw.scale * lw.B.float(), lw.A.float())
+    if bias_column:
+        a = torch.cat([a, a.new_zeros(a.shape[0], 1)], 1)
+        if lw is not None and lw.bias is not None:
+            b = torch.cat([b, lw.bias_delta.float()[:, None]], 1)
+            a = torch.cat([a, torch.cat([a.new_zeros(1, d_in), a.new_ones(1, 1)], 1)], 0)
+    return LoraFactors(b, a)
 
 
 def merge_adapters(

@@ -240,5 +240,30 @@ def scale_table(**options) -> str:
     return "\n".join(lines)
 
 
+
+
+def projected_or_dense(choice: str, adapters, tasks: int) -> bool:
+    """Whether ``osrm diagnose`` collects projected statistics: ``projected``; ``dense`` (refused
+    in one line when the d x d moments do not fit on the CPU); ``auto``: dense when they fit,
+    else projected (with a note on stderr)."""
+    import sys
+
+    from osrm_core.adapters import union_layers
+
+    if choice == "projected":
+        return True
+    widths = {n: next(a.layers[n].A.shape[1] for a in adapters.values() if n in a.layers)
+              for n in union_layers(adapters)}
+    try:
+        check_fits(dense_stats_bytes(widths, max(tasks, 1)), f"dense statistics of {tasks} tasks",
+                   "use --stats projected (every table but post-hoc OSRM and the principal angles)")
+    except MemoryPlanError as err:
+        if choice == "dense":
+            raise
+        print(f"note: {err}; collecting projected statistics", file=sys.stderr)
+        return True
+    return False
+
+
 if __name__ == "__main__":
     print(scale_table())

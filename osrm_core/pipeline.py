@@ -32,12 +32,12 @@ from osrm_core.distributed import (
     run_on_main,
 )
 from osrm_core.errors import OsrmInputError
-from osrm_core.evaluate import param_columns
 from osrm_core.inits import get_init, init_lora, rest_moment, task_subspaces
 from osrm_core.lock import DirLock
 from osrm_core.rundir import RunDir, write_csv
 from osrm_core.settings import STATS_SETTINGS, RunConfig, TaskEntry
 from osrm_core.stats import FeatureStats, collect_feature_stats, write_feature_stats
+from osrm_core.summary import build_summary
 from osrm_core.task_spec import parse_task_spec
 from osrm_core.train import adapter_of, finetune, save_adapter
 
@@ -347,9 +347,8 @@ class Pipeline:
             def compute() -> dict[str, torch.Tensor]:
                 stats = all_stats if all_stats is not None else self.all_stats()
                 devices = layer_devices(model, list(stats[index].layers))
-                options = {key: getattr(cfg, field) for key, field in spec.config_options}
                 sub = task_subspaces(init, stats, index, cfg.rank, weighting=cfg.osrm_weighting, device=devices,
-                                     **options)
+                                     **cfg.init_params.get(init, {}))
                 return {n: a.cpu() for n, a in sub.items()} if dist_info().active else sub
 
             subspaces = run_on_main(compute, f"OSRM subspaces of {task.name!r}")
@@ -466,40 +465,6 @@ class Pipeline:
         write_json(self.run.manifest_path, manifest)
         self.on_stage("done")
         return summary
-
-
-def _rounded(x: float) -> float | None:
-    """Rounded for JSON; NaN (no valid normalized score) becomes None."""
-    return None if pd.isna(x) else round(float(x), 4)
-
-
-def build_summary(run: RunDir, task_names: list[str], inits: list[str]) -> dict:
-    """``tasks``, ``inits`` and per init ``single`` scores and ``merged`` sweep points per method,
-    with the best point per method."""
-    out: dict = {"tasks": task_names, "inits": inits, "results": {}}
-    for init in inits:
-        df = run.read_csv(f"sweep_{init}.csv")
-        if df is None:
-            continue
-        single = df.drop_duplicates("task").set_index("task")["single"].to_dict()
-        merged: dict[str, list] = {}
-        best: dict[str, dict] = {}
-        params = param_columns(df)
-        for (method, *values, lam), g in df.groupby(["method", *params, "lambda"], dropna=False):
-            point = {
-                "lambda": float(lam),
-                **{p: None if pd.isna(x) else x for p, x in zip(params, values)},
-                "scores": g.set_index("task")["score"].round(4).to_dict(),
-                "normalized_avg": _rounded(g["normalized"].mean()),
-                "avg": round(float(g["score"].mean()), 4),
-            }
-            merged.setdefault(method, []).append(point)
-            if point["normalized_avg"] is not None and (
-                method not in best or point["normalized_avg"] > best[method]["normalized_avg"]
-            ):
-                best[method] = point
-        out["results"][init] = {"single": single, "merged": merged, "best": best}
-    return out
 
 
 def _train_unit(unit: tuple) -> tuple[str, str, float, dict]:

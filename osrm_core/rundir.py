@@ -7,6 +7,7 @@ Layout::
     runs/<name>/stats/<task>.safetensors
     runs/<name>/adapters/<init>/<task>/   adapter_config.json, adapter_model.safetensors, train.json
     runs/<name>/results/*.csv, results/summary.json
+    runs/<name>/data/<task>/       train.csv, test.csv of a task uploaded in the app
 
 Every file is written atomically and each unit of work is recorded in the manifest when it is
 done, so an interrupted run resumes where it stopped.
@@ -59,6 +60,11 @@ class RunDir:
 
     def result_path(self, name: str) -> Path:
         return self.path / "results" / name
+
+    def task_data_path(self, task: str) -> Path:
+        """Where a task given as data (an upload in the app) is saved, so that its config entry
+        (``spec``: this folder) loads it again on resume and from the command line."""
+        return self.path / "data" / task
 
     # state
     def exists(self) -> bool:
@@ -170,3 +176,29 @@ class RunDir:
 def write_csv(path: Path, df: pd.DataFrame) -> None:
     with atomic_path(path) as tmp:
         df.to_csv(tmp, index=False)
+
+
+def stage_count(config: RunConfig) -> int:
+    """How many stages :meth:`osrm_core.pipeline.Pipeline.run_all` reports (``on_stage``): the
+    statistics, then fine-tuning and a merge sweep per init, then the diagnostics."""
+    return 2 + 2 * len(config.inits)
+
+
+def inits_vs_standard(best: pd.DataFrame) -> pd.DataFrame:
+    """Each init minus standard LoRA at its best merged point, per merge method: the plain merged
+    average (what a merged model scores) and the normalized one (what merging cost each task; an
+    init that learned less can lose less and still score lower).
+
+    ``best`` is the best-point table of :func:`osrm_core.viz.summary_tables` (columns ``init,
+    method, avg_score, normalized_avg``). Returns one row per method with a column
+    ``<init> - standard (plain)`` and ``(normalized)`` per other init; empty without standard or
+    without another init.
+    """
+    inits = list(dict.fromkeys(best["init"])) if "init" in best else []
+    if "standard" not in inits or len(inits) < 2:
+        return pd.DataFrame()
+    diffs = []
+    for value, label in (("avg_score", "plain"), ("normalized_avg", "normalized")):
+        table = best.pivot_table(index="method", columns="init", values=value)
+        diffs += [(table[i] - table["standard"]).rename(f"{i} - standard ({label})") for i in inits if i != "standard"]
+    return pd.concat(diffs, axis=1).reset_index()

@@ -110,7 +110,7 @@ def search_best(
     loss_scored = [n for n, te in engine.tasks.items() if te.metric in LOWER_IS_BETTER]
     if loss_scored:
         raise OsrmInputError(f"task {loss_scored[0]!r} is scored by its loss; the adaptive search ranks points by "
-                         "predicted labels (accuracy, mcc, f1): sweep the full grid instead")
+                             "predicted labels (accuracy, mcc, f1): sweep the full grid instead")
     single = single or engine.single_task_scores()
     names = list(engine.tasks)
     deltas, grams = merge_inputs({n: engine.adapters[n] for n in names}, stats)
@@ -120,31 +120,15 @@ def search_best(
     points = [(d, float(lam)) for d in grid_densities for lam in lambdas]
     sizes = {n: len(engine.tasks[n].test) for n in names}
     shares = halving_shares(len(points), eta, min(sizes.values()), min_examples)
-
-    # Each task's test examples in a seeded random order, cut into one chunk per round and
-    # tokenized once; a point scored on round r's share has run chunks 0..r.
-    rng = np.random.default_rng(seed)
-    chunks: dict[str, list] = {}
-    for n in names:
-        perm = rng.permutation(sizes[n])
-        ends = [max(1, math.ceil(s * sizes[n])) for s in shares]
-        starts = [0, *ends[:-1]]
-        chunks[n] = []
-        for a, b in zip(starts, ends, strict=True):
-            part = engine.tasks[n].test.take(perm[a:b])
-            batches, order = tokenize_for_eval(engine.tokenizer, part, engine.batch_size, engine.max_length)
-            chunks[n].append((part.label, batches, order))
-    seen: dict[tuple, dict[str, list[np.ndarray]]] = {p: {n: [] for n in names} for p in points}
+    chunks = _chunks(engine, sizes, shares, seed)
+    seen: dict[tuple, dict[str, list]] = {p: {n: [] for n in names} for p in points}
     alive, rows, examples = list(points), [], 0
     for r, share in enumerate(shares):
         results = []
         for point in alive:
             engine.apply(merged[point[0]], point[1])
-            task_scores = {}
+            task_scores, examples = {}, examples + _predict_chunks(engine, chunks, seen[point], r)
             for n in names:
-                for label, batches, order in chunks[n][len(seen[point][n]) : r + 1]:
-                    seen[point][n].append((label, engine.predict(n, batches, order)))
-                    examples += len(label)
                 labels = np.concatenate([x[0] for x in seen[point][n]])
                 preds = np.concatenate([x[1] for x in seen[point][n]])
                 task_scores[n] = score(engine.tasks[n].metric, labels, preds)
@@ -158,3 +142,32 @@ def search_best(
     best_avg, (density, lam), best_scores = ranked[0]
     return SearchResult(method, density, lam, best_avg, best_scores, pd.DataFrame(rows), examples,
                         len(points) * sum(sizes.values()))
+
+
+def _chunks(engine: SweepEngine, sizes: dict[str, int], shares: list[float], seed: int) -> dict[str, list]:
+    """Each task's test examples in a seeded random order, cut into one chunk per round and
+    tokenized once: ``(labels, batches, order)``; a point scored on round r's share has run
+    chunks 0..r."""
+    rng = np.random.default_rng(seed)
+    chunks: dict[str, list] = {}
+    for n in engine.tasks:
+        perm = rng.permutation(sizes[n])
+        ends = [max(1, math.ceil(s * sizes[n])) for s in shares]
+        starts = [0, *ends[:-1]]
+        chunks[n] = []
+        for a, b in zip(starts, ends, strict=True):
+            part = engine.tasks[n].test.take(perm[a:b])
+            batches, order = tokenize_for_eval(engine.tokenizer, part, engine.batch_size, engine.max_length)
+            chunks[n].append((part.label, batches, order))
+    return chunks
+
+
+def _predict_chunks(engine: SweepEngine, chunks: dict[str, list], seen: dict[str, list], r: int) -> int:
+    """Predict the chunks up to round ``r`` that the applied point has not run yet (appended
+    to ``seen`` as (labels, predictions) per task); returns how many examples that ran."""
+    examples = 0
+    for n in engine.tasks:
+        for label, batches, order in chunks[n][len(seen[n]) : r + 1]:
+            seen[n].append((label, engine.predict(n, batches, order)))
+            examples += len(label)
+    return examples

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -194,6 +194,26 @@ def parse_values(text: str) -> list:
     return out
 
 
+def check_init_params(given: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Every option of every init that has some: the ``given`` values (checked against each
+    init's :class:`~osrm_core.params.ParamSpec`) and the defaults of the rest, so that two
+    configs that mean the same are equal."""
+    from osrm_core.inits import INITS
+
+    with_params = [n for n, m in INITS.items() if m.params]
+    for init, values in given.items():
+        if init not in with_params:
+            raise OsrmInputError(f"{init}: no init {init!r} with options; "
+                                 f"inits with options: {', '.join(with_params) or 'none'}")
+        names = [spec.name for spec in INITS[init].params]
+        if not isinstance(values, dict) or any(k not in names for k in values):
+            raise OsrmInputError(f"{init} must map option names to values; "
+                                 f"the options of {init} are {', '.join(names)}")
+    return {init: {spec.name: spec.check(given.get(init, {}).get(spec.name, spec.default),
+                                         f"{init}.{spec.name}") for spec in INITS[init].params}
+            for init in with_params}
+
+
 STATS_SETTINGS = ("model", "tasks", "samples", "max_length", "seed", "target_modules", "stats_dtype",
                   "layers_per_pass")
 
@@ -214,9 +234,9 @@ class RunConfig(BaseModel):
     inits: list[InitName] = Field(default_factory=lambda: ["standard", "osrm"])
     a_scale: float = Field(1.0, gt=0)
     osrm_weighting: Literal["equal", "tokens"] = "equal"
-    osrm_gen_eps: float = Field(
-        1e-2, gt=0, description="osrm_gen's trade-off: the others' moment plus eps times its mean eigenvalue "
-        "(small: fewer of the others' directions; large: more own-task energy)"
+    init_params: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, validate_default=True, description="options of the inits that have some, by init, e.g. "
+        "{osrm_gen: {eps: 0.01}}; an option not given keeps its default (see each init's params)"
     )
     train: TrainSettings = Field(default_factory=TrainSettings)
     per_init: dict[InitName, InitSettings] = Field(
@@ -234,6 +254,24 @@ class RunConfig(BaseModel):
     layers_per_pass: int | None = Field(
         None, ge=1, description="collect statistics this many layer inputs per pass, each written to disk when done"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_init_options(cls, data: Any) -> Any:
+        """A config written before ``init_params`` set osrm_gen's eps as ``osrm_gen_eps``."""
+        if isinstance(data, dict) and "osrm_gen_eps" in data:
+            data = dict(data)
+            eps = data.pop("osrm_gen_eps")
+            given = dict((data.get("init_params") or {}).get("osrm_gen") or {})
+            if "eps" in given and given["eps"] != eps:
+                raise OsrmInputError("osrm_gen_eps and init_params.osrm_gen.eps differ: give init_params only")
+            data["init_params"] = {**(data.get("init_params") or {}), "osrm_gen": {**given, "eps": eps}}
+        return data
+
+    @field_validator("init_params")
+    @classmethod
+    def _init_params(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        return check_init_params(v)
 
     @field_validator("inits")
     @classmethod

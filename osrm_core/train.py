@@ -86,23 +86,11 @@ def training_batches(tokenizer, split, config: TrainSettings, *, max_length: int
             yield pool
 
 
-def finetune(
-    peft_model,
-    tokenizer,
-    task: TaskData,
-    config: TrainSettings | None = None,
-    *,
-    max_length: int = 128,
-    seed: int = 0,
-    max_test: int | None = None,
-    subspaces: dict[str, torch.Tensor] | None = None,
-    penalty_moments: dict[str, torch.Tensor] | None = None,
-    own_moments: dict[str, torch.Tensor] | None = None,
-    drift_stats: dict[str, FeatureStats] | None = None,
-    drift_every: int | None = None,
-    distributed: bool | None = None,
-    progress: Progress | None = None,
-) -> TrainResult:
+def finetune(peft_model, tokenizer, task: TaskData, config: TrainSettings | None = None, *, max_length: int = 128,
+             seed: int = 0, max_test: int | None = None, subspaces: dict[str, torch.Tensor] | None = None,
+             penalty_moments: dict[str, torch.Tensor] | None = None, own_moments: dict[str, torch.Tensor] | None = None,
+             drift_stats: dict[str, FeatureStats] | None = None, drift_every: int | None = None,
+             distributed: bool | None = None, progress: Progress | None = None) -> TrainResult:
     """Fine-tune ``peft_model`` (from :func:`osrm_core.inits.init_lora`) on ``task`` in place.
 
     Parameters
@@ -143,70 +131,19 @@ def finetune(
         With the score on the task's test split (``max_test`` examples at most); the
         same on every rank.
     """
-    import torch.distributed as dist
-
-    from osrm_core.distributed import all_reduce_sum, dist_info
+    from osrm_core.distributed import dist_info
 
     config = config or TrainSettings()
-    if not isinstance(max_length, int) or max_length < 2:
-        raise OsrmInputError(f"max_length={max_length!r} is not allowed: must be an integer >= 2")
-    if not task.labeled:
-        raise OsrmInputError(
-            f"task {task.name!r} has no labels; fine-tuning a classifier needs labelled data "
-            "(plain texts serve statistics, diagnosis and causal-LM scoring)"
-        )
     layers = _lora_layers(peft_model)
-    if not layers:
-        raise OsrmInputError("peft_model has no LoRA layers; build it with osrm_core.init_lora")
-    if distributed and not (dist.is_available() and dist.is_initialized()):
-        raise OsrmInputError(
-            "distributed=True needs an initialized torch.distributed process group: launch with "
-            "torchrun or accelerate launch and call osrm_core.distributed.init_distributed()"
-        )
     info = dist_info()
     parallel = info.active and distributed is not False
-    if parallel and config.batch_size < info.world:
-        raise OsrmInputError(
-            f"batch_size={config.batch_size} is smaller than the {info.world} processes: each needs "
-            "at least one example per step"
-        )
-    if drift_every is not None and (not isinstance(drift_every, int) or drift_every < 1):
-        raise OsrmInputError(f"drift_every={drift_every!r} is not allowed: must be an integer >= 1")
+    _check_finetune(task, config, layers, max_length, distributed, info.world if parallel else 1, drift_every)
     every = drift_every or max(1, config.steps // 20)
     constraint = get_constraint(config.constraint)
     active = constraint.prepare(layers, subspaces, penalty_moments, own_moments,  # checks what it needs first
                                 b_density=config.b_density, mask_step=config.mask_step())
     device = next(peft_model.parameters()).device
-
-    a_params, b_params, head_params = [], [], []
-    for name, p in peft_model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if ".lora_A." in name:
-            a_params.append(p)
-        elif ".lora_B." in name:
-            b_params.append(p)
-        else:
-            head_params.append(p)
-    if not constraint.trains_a:
-        for p in a_params:
-            p.requires_grad_(False)
-        a_params = []
-    groups = [
-        {"params": a_params, "lr": config.lr * config.a_lr_scale},
-        {"params": b_params, "lr": config.lr},
-        {"params": head_params, "lr": config.head_lr or config.lr},
-    ]
-    groups = [g for g in groups if g["params"]]
-    optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
-    warmup = int(config.warmup_ratio * config.steps)
-    # The scheduler stays on the plain optimizer: accelerate's wrapper would step it once per process.
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config.steps, warmup))
-    model, step_optimizer, accelerator = peft_model, optimizer, None
-    if parallel:
-        accelerator = _accelerator(device, info.world)
-        model, step_optimizer = accelerator.prepare(peft_model, optimizer)
-    trainable = [p for g in groups for p in g["params"]]
+    steps = _Steps.build(peft_model, config, constraint.trains_a, active, device, info.world if parallel else None)
 
     batches = training_batches(tokenizer, task.train, config, max_length=max_length, seed=seed)
     result = TrainResult(task.name, task.metric, float("nan"))
@@ -220,67 +157,162 @@ def finetune(
         for step in range(config.steps):
             idx = next(batches)
             local = idx[info.rank :: info.world] if parallel else idx
-            batch = next(
-                iter_batches(
-                    tokenizer, task.train, batch_size=len(local), max_length=max_length, indices=local
-                )
-            )
-            batch = move_batch(decoder_position_ids(batch, peft_model), device)
-            loss = model(**batch).loss
-            reg = active.loss()
-            tokens = int(batch["attention_mask"].sum())
-            if parallel:
-                # DDP averages gradients over ranks: weigh each rank's mean loss by its share of
-                # the global batch so that the average is the global batch's mean-loss gradient.
-                share = len(local) / len(idx)
-                shared = torch.tensor([float(loss.detach()) * share, tokens], dtype=torch.float64)
-                all_reduce_sum([shared], f"sharing the loss of step {step}")
-                logged, tokens = float(shared[0]), int(shared[1])
-                loss = loss * (share * info.world)
-            else:
-                logged = None
-            if reg is not None:
-                loss = loss + config.penalty_beta * reg
-                if logged is not None:
-                    logged += config.penalty_beta * float(reg.detach())
-            logged = float(loss.detach()) if logged is None else logged
-            if not np.isfinite(logged):
-                raise FloatingPointError(f"loss became {logged} at step {step}; lower the learning rate")
-            step_optimizer.zero_grad(set_to_none=True)
-            if accelerator is not None:
-                accelerator.backward(loss)
-                active.before_step()
-                accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
-            else:
-                loss.backward()
-                active.before_step()
-                torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
-            step_optimizer.step()
-            scheduler.step()
-            active.after_step()
+            batch = next(iter_batches(tokenizer, task.train, batch_size=len(local), max_length=max_length,
+                                      indices=local))
+            logged, tokens = steps.step(move_batch(decoder_position_ids(batch, peft_model), device),
+                                        len(local) / len(idx) if parallel else None, step)
             result.losses.append(logged)
             result.tokens += tokens
             if drift_stats and ((step + 1) % every == 0 or step + 1 == config.steps):
                 result.drift += _drift(peft_model, task.name, drift_stats, step + 1)
             if progress:
                 progress(step + 1, config.steps, f"fine-tuning {task.name}")
-    if accelerator is not None:
-        accelerator.free_memory()  # drops the DDP wrapper; peft_model keeps the trained weights
-        del model, step_optimizer
+    steps.close()
     peft_model.eval()
     result.seconds = time.perf_counter() - start
     if parallel and task.metric != "loss":
         result.test_score = _evaluate_sharded(peft_model, tokenizer, task, config.eval_batch_size, max_length, max_test)
     else:
-        result.test_score = evaluate_model(
-            peft_model,
-            tokenizer,
-            task,
-            batch_size=config.eval_batch_size,
-            max_length=max_length,
-            max_test=max_test,
-        )
+        result.test_score = evaluate_model(peft_model, tokenizer, task, batch_size=config.eval_batch_size,
+                                           max_length=max_length, max_test=max_test)
     return result
+
+
+def _check_finetune(task: TaskData, config: TrainSettings, layers: dict, max_length: int, distributed: bool | None,
+                    world: int, drift_every: int | None) -> None:
+    """Refuse what :func:`finetune` cannot use, naming it (``world``: processes sharing a batch)."""
+    import torch.distributed as dist
+
+    if not isinstance(max_length, int) or max_length < 2:
+        raise OsrmInputError(f"max_length={max_length!r} is not allowed: must be an integer >= 2")
+    if not task.labeled:
+        raise OsrmInputError(
+            f"task {task.name!r} has no labels; fine-tuning a classifier needs labelled data "
+            "(plain texts serve statistics, diagnosis and causal-LM scoring)"
+        )
+    if not layers:
+        raise OsrmInputError("peft_model has no LoRA layers; build it with osrm_core.init_lora")
+    if distributed and not (dist.is_available() and dist.is_initialized()):
+        raise OsrmInputError(
+            "distributed=True needs an initialized torch.distributed process group: launch with "
+            "torchrun or accelerate launch and call osrm_core.distributed.init_distributed()"
+        )
+    if config.batch_size < world:
+        raise OsrmInputError(
+            f"batch_size={config.batch_size} is smaller than the {world} processes: each needs "
+            "at least one example per step"
+        )
+    if drift_every is not None and (not isinstance(drift_every, int) or drift_every < 1):
+        raise OsrmInputError(f"drift_every={drift_every!r} is not allowed: must be an integer >= 1")
+
+
+def _param_groups(peft_model, config: TrainSettings, trains_a: bool) -> list[dict]:
+    """The optimizer's groups: A (at ``lr * a_lr_scale``; frozen unless ``trains_a``), B, and
+    the rest (the head, at ``head_lr``), the empty ones left out."""
+    a_params, b_params, head_params = [], [], []
+    for name, p in peft_model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if ".lora_A." in name:
+            a_params.append(p)
+        elif ".lora_B." in name:
+            b_params.append(p)
+        else:
+            head_params.append(p)
+    if not trains_a:
+        for p in a_params:
+            p.requires_grad_(False)
+        a_params = []
+    groups = [
+        {"params": a_params, "lr": config.lr * config.a_lr_scale},
+        {"params": b_params, "lr": config.lr},
+        {"params": head_params, "lr": config.head_lr or config.lr},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+@dataclass
+class _Steps:
+    """The optimizer steps of one fine-tuning: the model (DDP-wrapped in a data-parallel job), its
+    optimizer and learning-rate schedule, and the constraint's hooks around each step."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    accelerator: object | None
+    trainable: list[torch.nn.Parameter]
+    active: object
+    config: TrainSettings
+    world: int
+
+    @classmethod
+    def build(cls, peft_model, config: TrainSettings, trains_a: bool, active, device: torch.device,
+              world: int | None) -> _Steps:
+        """AdamW over :func:`_param_groups` with warmup and linear decay; ``world``: the processes
+        of a data-parallel job (None: one process)."""
+        groups = _param_groups(peft_model, config, trains_a)
+        optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+        warmup = int(config.warmup_ratio * config.steps)
+        # The scheduler stays on the plain optimizer: accelerate's wrapper would step it once per process.
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config.steps, warmup))
+        model, step_optimizer, accelerator = peft_model, optimizer, None
+        if world is not None:
+            accelerator = _accelerator(device, world)
+            model, step_optimizer = accelerator.prepare(peft_model, optimizer)
+        trainable = [p for g in groups for p in g["params"]]
+        return cls(model, step_optimizer, scheduler, accelerator, trainable, active, config, world or 1)
+
+    def step(self, batch: dict, share: float | None, step: int) -> tuple[float, int]:
+        """One optimizer step on ``batch`` (``share``: this rank's part of the global batch in a
+        data-parallel job); returns the loss to log and the tokens of the global batch."""
+        loss, logged, tokens = _step_loss(self.model, batch, self.active, self.config.penalty_beta, share,
+                                          self.world, step)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.accelerator is not None:
+            self.accelerator.backward(loss)
+            self.active.before_step()
+            self.accelerator.clip_grad_norm_(self.trainable, self.config.max_grad_norm)
+        else:
+            loss.backward()
+            self.active.before_step()
+            torch.nn.utils.clip_grad_norm_(self.trainable, self.config.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.active.after_step()
+        return logged, tokens
+
+    def close(self) -> None:
+        if self.accelerator is not None:
+            self.accelerator.free_memory()  # drops the DDP wrapper; peft_model keeps the trained weights
+            self.model = self.optimizer = None
+
+
+def _step_loss(model, batch: dict, active, beta: float, share: float | None, world: int,
+               step: int) -> tuple[torch.Tensor, float, int]:
+    """The loss of one step to back-propagate, the loss to log and the step's tokens. In a
+    data-parallel step (``share``: this rank's part of the global batch) the logged loss and the
+    tokens are the global batch's."""
+    from osrm_core.distributed import all_reduce_sum
+
+    loss = model(**batch).loss
+    reg = active.loss()  # the constraint's penalty, if any
+    tokens = int(batch["attention_mask"].sum())
+    logged = None
+    if share is not None:
+        # DDP averages gradients over ranks: weigh each rank's mean loss by its share of
+        # the global batch so that the average is the global batch's mean-loss gradient.
+        shared = torch.tensor([float(loss.detach()) * share, tokens], dtype=torch.float64)
+        all_reduce_sum([shared], f"sharing the loss of step {step}")
+        logged, tokens = float(shared[0]), int(shared[1])
+        loss = loss * (share * world)
+    if reg is not None:
+        loss = loss + beta * reg
+        if logged is not None:
+            logged += beta * float(reg.detach())
+    logged = float(loss.detach()) if logged is None else logged
+    if not np.isfinite(logged):
+        raise FloatingPointError(f"loss became {logged} at step {step}; lower the learning rate")
+    return loss, logged, tokens
 
 
 @torch.no_grad()

@@ -25,6 +25,7 @@ import torch
 
 from osrm_core.adapters import Adapter, check_against_model, union_layers
 from osrm_core.data import TaskData
+from osrm_core.diagnosis import Diagnosis
 from osrm_core.errors import OsrmInputError
 from osrm_core.stats import FeatureStats, ProjectedStats, collect_feature_stats, collect_projected_stats
 
@@ -112,7 +113,7 @@ def diagnose_adapters(
     stats: dict[str, FeatureStats | ProjectedStats],
     *,
     posthoc_rank: int | None = None,
-) -> dict[str, pd.DataFrame | dict[str, Adapter]]:
+) -> Diagnosis:
     """Interference, principal angles, own-task energy and post-hoc OSRM for existing adapters.
 
     Parameters
@@ -133,20 +134,13 @@ def diagnose_adapters(
 
     Returns
     -------
-    dict
-        ``interference`` (per layer, for the adapters as uploaded and after post-hoc OSRM:
-        column ``init`` = ``uploaded`` / ``posthoc_osrm``), ``matrix`` (input energy of the
-        uploaded adapters summed over layers: rows adapter j, columns data i), ``angles``
-        (data-data and adapter-data, same ``init`` column; subspaces of the smallest adapter
-        rank), ``own_energy``, ``posthoc`` (energy kept per adapter and layer) and
-        ``projected`` (the post-hoc OSRM adapters), ``coverage`` (which layers each adapter
-        covers, :func:`coverage_table`), and the data-free signals: ``sv_interference``
-        (:func:`osrm_core.diagnostics.sv_interference_table`), ``spectra`` and ``spectrum``
-        (the task-arithmetic merge's spectrum against its parts' per layer,
-        :func:`osrm_core.diagnostics.merged_spectrum`).
+    Diagnosis
+        Its tables (interference as uploaded and after post-hoc OSRM, angles, own-task energy,
+        energy kept, coverage, data-free signals), the post-hoc OSRM adapters, and the verdicts
+        and summaries read from them (:class:`osrm_core.diagnosis.Diagnosis`). From projected
+        statistics ``angles`` and ``posthoc`` are empty and ``projected`` is ``{}``.
     """
     from osrm_core.diagnostics import (
-        interference_matrix,
         interference_table,
         merged_spectrum,
         own_energy_table,
@@ -174,17 +168,19 @@ def diagnose_adapters(
         dense = _dense_views(adapters, stats, w0, posthoc_rank)
         uploaded = dense.pop("uploaded")
     spectra, spectrum = merged_spectrum(adapters)
-    return {
-        "interference": pd.concat([uploaded, dense.pop("posthoc_interference", None)], ignore_index=True),
-        "matrix": interference_matrix(uploaded),
-        **({"angles": dense["angles"]} if dense else {}),
-        "own_energy": own_energy_table(adapters, stats),
-        **({k: dense[k] for k in ("posthoc", "projected")} if dense else {}),
-        "coverage": coverage_table(adapters),
-        "sv_interference": sv_interference_table(adapters),
-        "spectra": spectra,
-        "spectrum": spectrum,
-    }
+    return Diagnosis(
+        names=list(adapters),
+        coverage=coverage_table(adapters),
+        interference=pd.concat([uploaded, dense.get("posthoc_interference")], ignore_index=True),
+        angles=dense.get("angles", pd.DataFrame(columns=["layer", "kind", "a", "b", "min_angle", "mean_angle",
+                                                         "init"])),
+        own_energy=own_energy_table(adapters, stats),
+        posthoc=dense.get("posthoc", pd.DataFrame(columns=["adapter", "layer", "energy_kept"])),
+        projected=dense.get("projected", {}),
+        sv_interference=sv_interference_table(adapters),
+        spectra=spectra,
+        spectrum=spectrum,
+    )
 
 
 def _dense_views(adapters, stats, w0, posthoc_rank) -> dict:

@@ -11,15 +11,19 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from osrm_core.adapters import write_adapter
 from osrm_core.data import Split, TaskData
 from osrm_core.demo import demo_tasks
+from osrm_core.inits import init_lora
 from osrm_core.models import default_model_path, load_base_model
 from osrm_core.stats import FeatureStats, collect_feature_stats
+from osrm_core.train import adapter_of
 
 #: Shape of the tiny test model.
 TINY_HIDDEN, TINY_LAYERS, TINY_HEADS, TINY_INTERMEDIATE = 32, 2, 4, 64
@@ -179,3 +183,23 @@ def tiny_model_dir(make_tiny_model, tokenizer, tmp_path_factory):
     make_tiny_model(dtype=torch.float32).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def base(make_tiny_model):
+    """The float32 tiny base model the adapters must fit (2 labels)."""
+    return make_tiny_model(dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def good_adapter(make_tiny_model, tmp_path_factory) -> Path:
+    """A valid rank-2 PEFT adapter folder for the tiny model, with a random B."""
+    model = init_lora(make_tiny_model(dtype=torch.float32), "standard", rank=2, alpha=4, seed=0)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_B." in name:
+                p.copy_(torch.randn(p.shape, generator=gen))
+    adapter = adapter_of(model)
+    config = {**adapter.config, "base_model_name_or_path": "tiny-bert"}
+    return write_adapter(tmp_path_factory.mktemp("good") / "good", adapter.layers, config, adapter.head)

@@ -16,7 +16,7 @@ import torch
 
 from osrm_core.adapters import load_adapter
 from osrm_core.advise import (
-    _Search,
+    Search,
     advice_markdown,
     advise,
     grid_table,
@@ -180,7 +180,7 @@ def test_weighted_merge_of_the_search_is_the_method_with_weights(method) -> None
     gen = torch.Generator().manual_seed(0)
     deltas = [{"l.0": torch.randn(6, 5, generator=gen, dtype=torch.float64),
                "l.1": torch.randn(4, 6, generator=gen, dtype=torch.float64)} for _ in range(3)]
-    search = _Search(None, ["a", "b", "c"], deltas, None, 0, lambda m: None)
+    search = Search(None, ["a", "b", "c"], deltas, None, 0, lambda m: None)
     densities = (0.3, 0.5, 1.0) if get_merge_method(method).uses_density else (None,)
     for weights in ([1.0, 1.0, 1.0], [0.3, 1.7, 0.0], [2.0, 0.5, 1.25]):
         for density in densities:
@@ -308,7 +308,7 @@ def test_held_out_texts_are_never_training_texts_nor_in_both_shares(tmp_path) ->
 
 
 def test_choice_keeps_task_arithmetic_unless_a_candidate_wins_by_the_margin() -> None:
-    from osrm_core.advise import _choose, _reason, selection_margin
+    from osrm_core.advise import choose, reason, selection_margin
 
     assert selection_margin([("accuracy", 20)] * 3) == pytest.approx(1.96 * np.sqrt(3 * 0.25 / 20) / 3)
     assert selection_margin([("loss", 20)]) == 0.0
@@ -319,18 +319,19 @@ def test_choice_keeps_task_arithmetic_unless_a_candidate_wins_by_the_margin() ->
     summary = pd.DataFrame([{"candidate": k, "method": m, "density": d, "weights": w, "origin": o, "validation": v,
                              "score": sc, "low": sc - 0.04, "high": sc + 0.04, "normalized": sc / 0.9}
                             for k, (m, d, w, o, v, sc) in enumerate(rows)])
-    assert int(_choose(summary, 0.15)["candidate"]) == 1  # TA's best lambda; 0.95 is not 15 points above 0.83
-    assert int(_choose(summary, 0.10)["candidate"]) == 3  # 0.95 is; 0.86 is not
-    assert int(_choose(summary, 0.0)["candidate"]) == 3
-    assert int(_choose(summary.drop(index=1), 0.15)["candidate"]) == 0  # the plain default
-    kept = _reason(summary, _choose(summary, 0.15), 0.15)
+    assert int(choose(summary, 0.15)["candidate"]) == 1  # TA's best lambda; 0.95 is not 15 points above 0.83
+    assert int(choose(summary, 0.10)["candidate"]) == 3  # 0.95 is; 0.86 is not
+    assert int(choose(summary, 0.0)["candidate"]) == 3
+    assert int(choose(summary.drop(index=1), 0.15)["candidate"]) == 0  # the plain default
+    kept = reason(summary, choose(summary, 0.15), 0.15)
     assert kept.startswith("task_arithmetic, lambda 0.5: task arithmetic's best lambda") and "15.0 points" in kept
     assert "3.0 points above the plain default" in kept
-    moved = _reason(summary, _choose(summary, 0.10), 0.10)
+    moved = reason(summary, choose(summary, 0.10), 0.10)
     assert moved.startswith("ties (density 0.3), per-adapter weights 0.7/0.5:") and "2.0 points below the plain" in moved
     assert "-" not in moved.split("held-out")[-1]  # no "-2.0 points over"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recommended", [None, {"method": "ties", "density": 0.5, "weights": [0.5, 1.5]},
                                          {"method": "tsv_m", "density": None, "weights": [0.8, 0.8]}])
 def test_advice_md_command_reproduces_the_adapter(advised, recommended, tmp_path) -> None:

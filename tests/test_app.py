@@ -1,6 +1,6 @@
 """The Streamlit app through ``streamlit.testing.v1.AppTest``: home and every page on an empty
 session and with a small finished run open, widgets driving the figures, uploads (good and
-bad), a pipeline run from the home page, and the safe unzipping of uploads."""
+bad) and a pipeline run from the home page."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import base64
 import io
 import json
 import shutil
-import stat
 import zipfile
 from pathlib import Path
 
@@ -16,11 +15,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from _helpers import zip_bytes
 from fixtures_run import SMALL_TASKS, small_run_fixture  # noqa: F401  (the small_run fixture)
 from streamlit.testing.v1 import AppTest
 
 from app_helpers import RUN_INFO, zip_directory
-from osrm_core.archive import ArchiveError, safe_extract_zip
 from osrm_core.demo import demo_task
 from osrm_core.settings import demo_config, merge_ready_config
 
@@ -83,18 +82,6 @@ def errors(at: AppTest) -> list[str]:
 
 def assert_clean(at: AppTest) -> None:
     assert not at.exception, [e.value for e in at.exception]
-
-
-def zip_bytes(files: dict[str, bytes], symlink: str | None = None) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        for name, data in files.items():
-            zf.writestr(name, data)
-        if symlink:
-            info = zipfile.ZipInfo(symlink)
-            info.external_attr = (stat.S_IFLNK | 0o777) << 16
-            zf.writestr(info, "/etc/passwd")
-    return buf.getvalue()
 
 
 def adapter_zip(run: Path, init: str, task: str) -> bytes:
@@ -454,7 +441,7 @@ def test_diagnosis_of_uploaded_adapters(small_run):
     up_fig = figure(at, "diag_heat_uploaded_chart")
     assert figure(at, "diag_heat_posthoc_osrm_chart")["data"]
     assert arr(up_fig["data"][0]["customdata"]).shape == (2, 2)
-    kept = at.session_state["diag_result"]["posthoc"]
+    kept = at.session_state["diag_result"]["diagnosis"].posthoc
     assert len(kept) == 2 * 12 and ((kept["energy_kept"] > 0) & (kept["energy_kept"] <= 1 + 1e-9)).all()
     assert figure(at, "diag_kept_chart")["data"]
     # The data-free overlap: blank diagonal, named axes, the adapters in the page's order.
@@ -464,7 +451,7 @@ def test_diagnosis_of_uploaded_adapters(small_run):
     assert overlap["layout"]["xaxis"]["title"]["text"] == "input directions of adapter i"
     assert list(overlap["data"][0]["x"]) == list(up_fig["data"][0]["x"]) == ["sentiment", "topic"]
     # The projection onto the OSRM subspaces cuts the cross-task input interference.
-    table = at.session_state["diag_result"]["interference"]
+    table = at.session_state["diag_result"]["diagnosis"].interference
     cross = table[table["adapter"] != table["data"]].groupby("init")["input_energy"].sum()
     assert cross["posthoc_osrm"] < cross["uploaded"]
     # The layer select drives the heatmaps.
@@ -486,6 +473,7 @@ def test_diagnosis_of_uploaded_adapters(small_run):
     assert {f"merged_task_arithmetic_uploaded/heads/{t}.safetensors" for t in ("sentiment", "topic")} <= set(names)
 
 
+@pytest.mark.slow
 def test_diagnosis_advice_with_labelled_csvs_fills_the_merge_form(small_run):
     at = _diagnosis_with_two_adapters(small_run, init="osrm")
     at.file_uploader(key="diag_csv_sentiment").upload("s.csv", _csv("sentiment"), "text/csv")
@@ -605,6 +593,7 @@ def test_diagnosis_bad_uploads_give_errors_and_the_page_keeps_working(small_run,
 # --------------------------------------------------------------------------- a run from the home page
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:.*rank-deficient")
 def test_new_run_from_the_home_page_with_an_uploaded_task(tmp_path, monkeypatch):
     monkeypatch.setenv("OSRM_RUNS_ROOT", str(tmp_path))
@@ -732,43 +721,6 @@ def test_per_init_settings_follow_the_selected_inits():
     at.selectbox(key="home_per_standard_constraint").set_value("project").run()
     assert any("per_init.standard.constraint 'project'" in e for e in errors(at))
     assert at.button(key="home_run").disabled
-
-
-# --------------------------------------------------------------------------- safe unzipping
-
-
-def test_safe_extract_zip_extracts_a_clean_archive(tmp_path):
-    out = safe_extract_zip(zip_bytes({"run/config.yaml": b"a: 1", "run/results/x.csv": b"1"}), tmp_path / "x")
-    assert (out / "run" / "config.yaml").read_bytes() == b"a: 1"
-    assert (out / "run" / "results" / "x.csv").is_file()
-
-
-@pytest.mark.parametrize(
-    ("files", "symlink", "match"),
-    [
-        ({"../x": b"1"}, None, r"'\.\.'"),
-        ({"a/../../x": b"1"}, None, r"'\.\.'"),
-        ({"/etc/x": b"1"}, None, "absolute"),
-        ({"C:/x": b"1"}, None, "absolute"),
-        ({"a\\..\\x": b"1"}, None, "backslash"),
-        ({"ok": b"1"}, "link", "symbolic link"),
-    ],
-)
-def test_safe_extract_zip_refuses_unsafe_members(tmp_path, files, symlink, match):
-    with pytest.raises(ArchiveError, match=match):
-        safe_extract_zip(zip_bytes(files, symlink), tmp_path / "x")
-    assert not (tmp_path / "x").exists() or not any((tmp_path / "x").rglob("*"))
-    assert not (tmp_path / "x").parent.joinpath("etc").exists()
-
-
-def test_safe_extract_zip_caps_size_and_members(tmp_path):
-    big = zip_bytes({"a": b"0" * 5000, "b": b"0" * 5000})
-    with pytest.raises(ArchiveError, match="more than"):
-        safe_extract_zip(big, tmp_path / "x", max_bytes=8000)
-    with pytest.raises(ArchiveError, match="at most 1"):
-        safe_extract_zip(big, tmp_path / "y", max_members=1)
-    with pytest.raises(ArchiveError, match="not a valid zip"):
-        safe_extract_zip(b"nope", tmp_path / "z")
 
 
 # --------------------------------------------------------------------------- study page

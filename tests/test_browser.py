@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from fixtures_run import small_run_fixture  # noqa: F401  (the small_run fixture)
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts"

@@ -4,14 +4,24 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pandas as pd
 import pytest
 import torch
 import yaml
+from _helpers import (
+    B0,
+    PICKLE_MESSAGE,
+    _nan_at,
+    _pickled,
+    _zip,
+    crash_files_fixture,  # noqa: F401  (the crash_files fixture)
+    folder_files,
+    osrm,
+    variant,
+)
 from conftest import TINY_TARGETS
 
 from osrm_core.adapters import LoraWeights, read_adapter_dir, write_adapter
@@ -20,21 +30,6 @@ from osrm_core.rundir import RunDir
 from osrm_core.settings import RunConfig
 
 TASKS = ("sentiment", "paraphrase")
-#: One torch thread in the children too: the machine is small and shared.
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
-def osrm(*args, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "osrm_core.cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=ENV,
-        cwd=cwd,
-        timeout=300,
-    )
-
-
 def _ok(result: subprocess.CompletedProcess) -> None:
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
@@ -170,7 +165,7 @@ BAD_INPUTS = {
     "osrm_gen eps 0": (
         lambda f, m: ["train", "--task", "a=demo:sentiment", "--task", "b=demo:topic", "--init", "osrm_gen",
                       "--osrm-gen-eps", "0", "--out", f["root"] / "eps0"],
-        "osrm_gen_eps",
+        "init_params: osrm_gen.eps must be a number in (0.0, inf), got 0.0",
     ),
     "negative penalty weight": (
         lambda f, m: ["train", "--task", "a=demo:sentiment", "--task", "b=demo:topic", "--constraint",
@@ -243,6 +238,7 @@ def jobs(files, tiny_model_dir):
     pool.shutdown(wait=True, cancel_futures=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_exits_2_with_one_error_line(case, jobs) -> None:
     expected = BAD_INPUTS[case][1]
@@ -254,6 +250,7 @@ def test_bad_input_exits_2_with_one_error_line(case, jobs) -> None:
     assert expected in errors[0]
 
 
+@pytest.mark.slow
 def test_help(jobs) -> None:
     result = jobs["help"].result()
     _ok(result)
@@ -267,6 +264,7 @@ def test_help(jobs) -> None:
     assert all(m in merge_help for m in MERGE_METHODS) and all(i in train_help for i in INITS)
 
 
+@pytest.mark.slow
 def test_stats(jobs, files) -> None:
     out = files["root"] / "stats-run"
     result = jobs["stats"].result()
@@ -279,6 +277,7 @@ def test_stats(jobs, files) -> None:
         assert payload[key]["tokens"] > 0 and payload[key]["layers"] == len(TINY_TARGETS)
 
 
+@pytest.mark.slow
 def test_merge(jobs, files) -> None:
     from osrm_core.export import merge_adapters
 
@@ -298,6 +297,7 @@ def test_merge(jobs, files) -> None:
         assert (out / "heads" / f"{key}.safetensors").is_file()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", list(SCORED_MERGES))
 def test_merge_with_tasks_reports_scores_plain_peft_reproduces(method, jobs, files, tiny_model_dir) -> None:
     """``osrm merge --task`` measures the merge on each task, prints the scores and writes them
@@ -332,6 +332,7 @@ def test_merge_with_tasks_reports_scores_plain_peft_reproduces(method, jobs, fil
         assert evaluate_model(model, tokenizer, task) == pytest.approx(row["score"])
 
 
+@pytest.mark.slow
 def test_sweep_per_task_table_has_no_empty_rows(jobs) -> None:
     """Issue 23: task arithmetic has no density, TIES one; the pivot made all-NaN rows of the
     pairs a method lacks."""
@@ -343,12 +344,13 @@ def test_sweep_per_task_table_has_no_empty_rows(jobs) -> None:
     assert all(float(x) == float(x) for row in rows for x in row[-2:]), table  # every score a number
 
 
+@pytest.mark.slow
 def test_diagnose_json(jobs) -> None:
     result = jobs["diagnose"].result()
     _ok(result)
     payload = json.loads(result.stdout)
     assert set(payload) == {"interference", "matrix", "angles", "own_energy", "posthoc", "coverage",
-                            "sv_interference", "spectra", "spectrum"}
+                            "sv_interference", "spectra", "spectrum", "verdicts", "layer_notes"}
     assert all(payload[key] for key in payload)
     assert {row["adapter"] for row in payload["posthoc"]} == set(TASKS)
 
@@ -362,6 +364,7 @@ def test_diagnose_posthoc_rank_defaults_to_the_adapters_rank() -> None:
     assert parser.parse_args(["stats"]).rank == 8
 
 
+@pytest.mark.slow
 def test_run_and_show(jobs, files, tiny_model_dir) -> None:
     out = files["root"] / "run"
     result, shown = jobs["run"].result()
@@ -386,6 +389,7 @@ MERGE_BAD = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(MERGE_BAD))
 def test_merge_bad_weights_or_space_exit_2(case, files) -> None:
     args, expected = MERGE_BAD[case]
@@ -396,6 +400,7 @@ def test_merge_bad_weights_or_space_exit_2(case, files) -> None:
     assert len(errors) == 1 and expected in errors[0], result.stderr
 
 
+@pytest.mark.slow
 def test_merge_new_methods_weights_core_space_and_rank_note(files) -> None:
     """``--method tsv_m --weights`` and ``--method iso_c --space core`` write the merge at its
     numerical rank (exact, no note); TIES, full rank, gets a note of its rank and size."""
@@ -423,3 +428,45 @@ def test_merge_new_methods_weights_core_space_and_rank_note(files) -> None:
     result = osrm("merge", *_adapter_args(files), "--method", "ties", "--out", files["root"] / "merged-ties-note")
     _ok(result)
     assert "note: ties gives a delta of rank" in result.stdout and f"have rank {together} together" in result.stdout
+
+
+# --------------------------------------------------------------------------- hostile adapters and data
+
+
+@pytest.fixture(scope="module")
+def hostile_jobs(crash_files, tiny_model_dir, good_adapter):
+    """Hostile adapters and data through the command line, started together in the background
+    (each child spends seconds importing torch)."""
+    root = crash_files["root"]
+    pickled = _pickled(good_adapter, root / "pickled")
+    nan = _zip(root / "nan", folder_files(variant(good_adapter, root / "nan_dir", edit=_nan_at(B0, float("nan")))))
+    evil = _zip(root / "evil", {"../evil": b"1"})
+    tasks = ["--task", f"sentiment={root / 'sentiment.csv'}", "--task", f"topic={root / 'topic.csv'}"]
+    diagnose = ["diagnose", "--model", tiny_model_dir, *tasks, "--adapter", f"b={good_adapter}"]
+    pool = ThreadPoolExecutor(max_workers=2)
+    jobs = {
+        "pickled": pool.submit(osrm, *diagnose, "--adapter", f"a={pickled}"),
+        "nan": pool.submit(osrm, *diagnose, "--adapter", f"a={nan}"),
+        "evil": pool.submit(osrm, *diagnose, "--adapter", f"a={evil}"),
+        "data": pool.submit(osrm, "stats", "--model", tiny_model_dir, "--task", f"a={root / 'fractional.csv'}",
+                            "--task", f"b={root / 'topic.csv'}", "--out", root / "stats"),
+    }
+    yield jobs
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+CLI_CASES = {
+    "pickled": "error: pickled: " + PICKLE_MESSAGE.format("")[2:],
+    "nan": f"error: nan.zip: tensor '{B0}' has NaN or Inf values",
+    "evil": "error: evil.zip: archive member '../evil' leaves the archive folder ('..')",
+    "data": "error: a: label '0.5' is not an integer; labels must be integers 0..K-1 or class names",
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(CLI_CASES))
+def test_command_line_exits_2_with_the_message(case, hostile_jobs):
+    result = hostile_jobs[case].result()
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == [CLI_CASES[case]]

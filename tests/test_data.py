@@ -1,16 +1,28 @@
-"""Tests for tasks and their loaders (:mod:`osrm_core.data`) and batching (:mod:`osrm_core.batching`)."""
+"""Tests for tasks and their loaders (:mod:`osrm_core.data`) and batching (:mod:`osrm_core.batching`):
+broken data files, each with its exact message, and random bytes, CSVs and JSONL thrown at the
+loader (hypothesis)."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+import re
+import warnings
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from _helpers import PROPERTY, _csv, _file, assert_message
+from hypothesis import given
+from hypothesis import strategies as st
 
 from osrm_core.batching import iter_batches, length_order
 from osrm_core.data import (
+    MAX_DATA_BYTES,
     DataError,
     Split,
     TaskData,
@@ -276,3 +288,196 @@ def test_metric_of_a_task_spec() -> None:
     assert parse_task_spec("demo:sentiment", metric="loss").metric == "loss"
     with pytest.raises(ValueError, match="metric 'auc' of task 's' is unknown: allowed are accuracy, mcc, f1, loss"):
         parse_task_spec("demo:sentiment", name="s", metric="auc")
+
+
+# --------------------------------------------------------------------------- data files
+
+GOOD = "text,label\ngreat film,pos\nawful plot,neg\nloved it,pos\nboring,neg\n"
+
+
+def _sparse(path: Path, size: int) -> Path:
+    """A file of ``size`` bytes that takes no room on disk."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return path
+
+
+#: (case, load() -> anything, expected DataError message). ``load_task`` on bytes names the
+#: source "upload"; the task is called "t"; a single file is split 80/20 (seed 0).
+DATA_CASES: list[tuple[str, Callable[[Path], object], str | re.Pattern]] = [
+    ("not UTF-8", lambda p: load_task("t", "text,label\ncafé,0\n".encode("latin-1"), fmt="csv"),
+     "upload: not UTF-8 text (byte 14); save the file as UTF-8"),
+    ("UTF-16", lambda p: load_task("t", GOOD.encode("utf-16"), fmt="csv"),
+     "upload: not UTF-8 text (byte 0); save the file as UTF-8"),
+    ("empty file", lambda p: load_task("t", b"", fmt="csv"), "upload: the file is empty"),
+    ("blank lines only", lambda p: load_task("t", b" \n\n\t\n", fmt="jsonl"), "upload: the file is empty"),
+    ("header only", lambda p: load_task("t", b"text,label\n", fmt="csv"), "upload: no rows"),
+    ("misnamed text column", lambda p: load_task("t", GOOD.replace("text,", "sentence,").encode(), fmt="csv"),
+     "t train: column 'text' for text not found; columns are ['sentence', 'label']"),
+    ("missing label column named otherwise", lambda p: load_task("t", b"text\na\nb\nc\n", fmt="csv", label="y"),
+     "t train: column 'y' for label not found; columns are ['text']"),
+    ("text column all blank", lambda p: load_task("t", b"text,label\n ,0\n ,1\n ,0\n", fmt="csv"),
+     "t train: column 'text' is empty"),
+    ("one class only", lambda p: load_task("t", _csv([("a", 1), ("b", 1), ("c", 1), ("d", 1)]), fmt="csv"),
+     "task 't' train split has only one class"),
+    ("fractional labels", lambda p: load_task("t", _csv([("a", 0.5), ("b", 1.5), ("c", 0.5), ("d", 1.5)]), fmt="csv"),
+     "t: label '0.5' is not an integer; labels must be integers 0..K-1 or class names"),
+    ("infinite label", lambda p: load_task("t", _csv([("a", "inf"), ("b", 1), ("c", 0), ("d", 1)]), fmt="csv"),
+     "t: label 'inf' is not an integer; labels must be integers 0..K-1 or class names"),
+    ("negative label", lambda p: load_task("t", _csv([("a", -2), ("b", 1), ("c", 0), ("d", 1)]), fmt="csv"),
+     "t: label -2 is negative; labels must be 0..K-1"),
+    ("label 10^12 (10^12 classes)", lambda p: load_task("t", _csv([("a", 10**12), ("b", 1), ("c", 0), ("d", 1)]), fmt="csv"),
+     "t: label 1000000000000 is outside 0..999; at most 1000 classes are supported"),
+    ("label 1e300", lambda p: load_task("t", _csv([("a", "1e300"), ("b", 1), ("c", 0), ("d", 1)]), fmt="csv"),
+     "t: label 1e+300 is outside 0..999; at most 1000 classes are supported"),
+    ("label outside the given names", lambda p: load_task("t", _csv([("a", 0), ("b", 1), ("c", 3), ("d", 1)]), fmt="csv",
+                                                          label_names=["neg", "pos"]),
+     "t: label 3 is outside 0..1"),
+    ("empty label cell", lambda p: load_task("t", _csv([("a", 0), ("b", ""), ("c", 0), ("d", 1)]), fmt="csv",
+                                             test_fraction=0.25),
+     "t train: column 'label' has empty labels (1, the first in data row 2)"),
+    ("labels mix numbers and names", lambda p: load_task("t", _csv([("a", 0), ("b", "pos"), ("c", 0), ("d", 1)]), fmt="csv"),
+     "t: labels mix numbers and names; use integers 0..K-1 or names"),
+    ("text column taken as labels", lambda p: load_task(
+        "t", _csv([(f"text {i}", f"text {i}") for i in range(1300)]), fmt="csv"),
+     "t: the label column has 1040 distinct values; at most 1000 classes are supported (is it the right column?)"),
+    ("test label unseen in train", lambda p: load_task("t", _csv([("a", "pos"), ("b", "neg")]), _csv([("c", "meh")]), fmt="csv"),
+     "t: test labels ['meh'] do not occur in train"),
+    ("JSONL: label a list", lambda p: load_task(
+        "t", b'{"text": "a", "label": [1]}\n{"text": "b", "label": 0}\n{"text": "c", "label": 1}\n', fmt="jsonl",
+        test_fraction=0.34),
+     "t train: label [1] (data row 1) is not a number or a class name"),
+    ("JSONL: line not an object", lambda p: load_task("t", b'{"text": "a", "label": 0}\n[1, 2]\n', fmt="jsonl"),
+     "upload: line 2 is not a JSON object"),
+    ("JSONL: malformed line", lambda p: load_task("t", b'{"text": "a", "label": 0}\n{"text": "b",\n', fmt="jsonl"),
+     "upload: cannot parse as JSONL: line 2: Expecting property name enclosed in double quotes"),
+    ("JSONL: nested 100k deep", lambda p: load_task("t", b"[" * 100_000, fmt="jsonl"),
+     "upload: cannot parse as JSONL: line 1 is nested too deeply"),
+    ("CSV: ragged rows", lambda p: load_task("t", b'text,label\na,0\nb,1,2,3\n', fmt="csv"),
+     "upload: cannot parse as CSV: Error tokenizing data. C error: Expected 2 fields in line 3, saw 4"),
+    ("upload over the size cap", lambda p: read_table(b"a" * (MAX_DATA_BYTES + 1), fmt="csv"),
+     "upload: larger than 50 MiB"),
+    ("file over the size cap", lambda p: read_table(_sparse(p / "big.csv", MAX_DATA_BYTES + 1)),
+     "data file 'big.csv' is larger than 50 MiB"),
+    ("unknown file type", lambda p: read_table(_file(p / "data.xlsx", b"PK")),
+     "data file 'data.xlsx': unknown type '.xlsx'; use .csv, .jsonl or .txt"),
+]
+
+
+@pytest.mark.parametrize(("case", "load", "expected"), DATA_CASES, ids=[c[0] for c in DATA_CASES])
+def test_broken_data(case, load, expected, tmp_path):
+    with pytest.raises(DataError) as caught:
+        load(tmp_path)
+    assert_message(str(caught.value), expected)
+
+
+def test_data_warnings_long_texts_and_duplicates():
+    long = "word " * 1200  # 6000 characters
+    data = f"text,text_pair,label\n{long},{long},0\nb,x,1\nc,y,0\nd,z,1\nb,x,1\n".encode()
+    test = b"text,text_pair,label\ne,f,0\ng,h,1\n"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        task = load_task("t", data, test, fmt="csv")
+    messages = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    assert messages == [
+        "t train: 2 texts longer than 5000 characters were cut",
+        "task 't': 1 duplicate training rows",
+    ]
+    assert len(task.train.text[0]) == 5000 and len(task.train.text_pair[0]) == 5000
+
+
+# --------------------------------------------------------------------------- property tests
+
+
+CELL = st.one_of(
+    st.text(max_size=12),
+    st.integers(-3, 1200).map(str),
+    st.floats(allow_nan=True, allow_infinity=True).map(str),
+    st.sampled_from(["", " ", "pos", "neg", "0", "1", "nan", "NA", '"', "a,b", "1e400", "\u00e9"]),
+)
+COLUMNS = st.lists(st.sampled_from(["text", "label", "text_pair", "sentence", "x", ""]), min_size=1, max_size=4)
+
+
+@st.composite
+def csv_files(draw) -> bytes:
+    encoding = "utf-8"
+    if draw(st.booleans()):  # any columns, any cells, any encoding
+        columns = draw(COLUMNS)
+        rows = draw(st.lists(st.lists(CELL, min_size=len(columns), max_size=len(columns) + 1), max_size=12))
+        encoding = draw(st.sampled_from(["utf-8", "utf-8-sig", "latin-1", "utf-16"]))
+    else:  # the right columns, both classes, now and then a bad label: many of these give a task
+        columns = draw(st.sampled_from([["text", "label"], ["label", "text", "text_pair"]]))
+        scheme = draw(st.sampled_from([["0", "1", "2"], ["0", "1.0"], ["pos", "neg"]]))
+        bad = st.sampled_from(["-1", "", "1.5", "pos", "3", "x" * 6000, "inf", "1e300", "5000"])
+        label = st.one_of(*[st.just(x) for x in scheme] * 3, bad)
+        text = st.text(min_size=1, max_size=10) | st.just("x" * 6000)
+
+        def row(y):
+            return [y if c == "label" else draw(text) for c in columns]
+
+        rows = [row(draw(label)) for _ in range(draw(st.integers(0, 12)))]
+        rows += [row(scheme[0]), row(scheme[1]), row(scheme[0]), row(scheme[1])]
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(columns)
+    writer.writerows(rows)
+    return buf.getvalue().encode(encoding, "replace")
+
+
+JSON_VALUE = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 2000) | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    max_leaves=6,
+)
+
+
+@st.composite
+def jsonl_files(draw) -> bytes:
+    if draw(st.booleans()):  # any keys, any values
+        keys = st.sampled_from(["text", "label", "text_pair", "y"])
+        rows = draw(st.lists(st.one_of(st.dictionaries(keys, JSON_VALUE, max_size=4), JSON_VALUE), max_size=10))
+    else:  # text and label in every row, now and then an odd value
+        scheme = draw(st.sampled_from([[0, 1], ["pos", "neg"], [True, False]]))
+        odd = JSON_VALUE
+        rows = [
+            {"text": draw(st.text(min_size=1, max_size=8) | odd), "label": draw(st.sampled_from(scheme) | odd)}
+            for _ in range(draw(st.integers(0, 8)))
+        ]
+        rows += [{"text": f"t{i}", "label": scheme[i % 2]} for i in range(4)]
+    lines = [json.dumps(r) for r in rows]
+    if draw(st.integers(0, 3)) == 0:  # a line nested deeper than Python's recursion limit
+        lines.insert(0, "[" * draw(st.integers(1000, 5000)))
+    if draw(st.booleans()) and lines:  # a torn line
+        lines[-1] = lines[-1][: draw(st.integers(0, len(lines[-1])))]
+    return "\n".join(lines).encode()
+
+
+def _task_invariants(task) -> None:
+    assert len(task.train) > 0 and len(task.test) > 0
+    for split in (task.train, task.test):
+        assert all(isinstance(t, str) and len(t) <= 5000 for t in split.text)
+    if not task.labeled:  # a file of texts without a label column: plain texts, scored by their loss
+        assert task.metric == "loss" and task.train.label is None and task.test.label is None
+        return
+    k = task.num_labels
+    assert k >= 2
+    for split in (task.train, task.test):
+        assert split.label.dtype == np.int64 and ((split.label >= 0) & (split.label < k)).all()
+
+
+FORMATS = st.sampled_from(["csv", "jsonl"])
+
+
+@PROPERTY
+@given(sample=st.one_of(st.tuples(st.binary(max_size=600), FORMATS), st.tuples(csv_files(), st.just("csv")),
+                        st.tuples(jsonl_files(), st.just("jsonl")), st.tuples(csv_files() | jsonl_files(), FORMATS)))
+def test_random_bytes_csv_and_jsonl_give_a_task_or_a_data_error(sample):
+    data, fmt = sample
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            task = load_task("t", data, fmt=fmt)
+        except DataError as err:
+            assert str(err) and "\n" not in str(err)
+            return
+    _task_invariants(task)

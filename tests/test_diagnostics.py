@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -412,11 +413,18 @@ def test_merged_spectrum_matches_dense_svds() -> None:
 def test_posthoc_refit_keeps_a_in_the_subspace_and_refits_b(make_tiny_model, tokenizer) -> None:
     """Post-hoc OSRM with a B-only re-fit: A ends equal to the OSRM subspace of the other task,
     B starts from the projection (Delta_W A^+ / s) and moves, the head trains, the scale stays."""
+    import importlib.util
+
     from test_pipeline import _word_task
 
     from osrm_core.settings import TrainSettings
     from osrm_core.train import finetune
-    from osrm_core.workflows import posthoc_refit
+
+    script = Path(__file__).resolve().parents[1] / "reports" / "long-training" / "posthoc_refit.py"
+    spec = importlib.util.spec_from_file_location("posthoc_refit_report", script)
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    posthoc_refit = report.posthoc_refit  # serves that report script alone
 
     own, other = _word_task("sentiment", 0), _word_task("topic", 1)
     stats = {t.name: collect_feature_stats(make_tiny_model(seed=0, dtype=torch.float32), tokenizer, t,

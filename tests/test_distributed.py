@@ -171,6 +171,7 @@ def two_and_one(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_distributed_statistics_equal_one_process(two_and_one) -> None:
     from osrm_core.inits import osrm_mean_subspace, osrm_subspace
     from osrm_core.stats import FeatureStats
@@ -195,6 +196,7 @@ def test_distributed_statistics_equal_one_process(two_and_one) -> None:
             assert_close(a[name].T @ a[name], b[name].T @ b[name], rtol=0, atol=1e-8)
 
 
+@pytest.mark.slow
 def test_distributed_finetuning_matches_one_process(two_and_one) -> None:
     from osrm_core.adapters import read_adapter_dir
 
@@ -214,6 +216,7 @@ def test_distributed_finetuning_matches_one_process(two_and_one) -> None:
         assert r["tokens"] == results["single"]["tokens"] and r["test_score"] == results["single"]["test_score"]
 
 
+@pytest.mark.slow
 def test_a_stuck_rank_makes_the_others_fail_with_a_clear_message(tmp_path) -> None:
     import torch.multiprocessing as mp
 
@@ -241,6 +244,7 @@ def _write_task(folder: Path, task) -> str:
     return str(folder)
 
 
+@pytest.mark.slow
 def test_osrm_run_under_torchrun_matches_one_process(tmp_path) -> None:
     """``torchrun --nproc_per_node 2 -m osrm_core.cli run``: one answer (rank 0's), one run
     directory written by rank 0 (statistics written one layer per pass), statistics, adapters

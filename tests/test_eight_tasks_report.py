@@ -137,6 +137,7 @@ def test_unknown_method_is_refused_with_the_registered_names(analyze, tmp_path) 
         analyze.score_all([], tmp_path, methods=["nope"])
 
 
+@pytest.mark.slow
 def test_merges_of_a_finished_run_match_its_sweep(analyze, small_run, tmp_path) -> None:
     """On the small finished run the library's engine gives the sweep stage's scores for the
     merge of all its tasks, and regmean (which needs the statistics) runs on a pair."""

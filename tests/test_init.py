@@ -1,18 +1,22 @@
 """Tests for LoRA initialization (:mod:`osrm_core.inits`): OSRM subspaces against naive float64
-references and Ky Fan's bound, and ``init_lora`` for every method."""
+references and Ky Fan's bound, numbers refused with the allowed range, singular, zero and
+repeated-eigenvalue statistics, and ``init_lora`` for every method."""
 
 from __future__ import annotations
 
 import math
+import re
+import warnings
 
 import numpy as np
 import pytest
 import scipy.linalg
 import torch
+from _helpers import Q0, _stats, assert_message, full
 from conftest import TINY_TARGETS
 
 from osrm_core.batching import iter_batches
-from osrm_core.demo import demo_tasks
+from osrm_core.demo import demo_task, demo_tasks
 from osrm_core.diagnostics import quadratic_trace, summed_interference
 from osrm_core.inits import (
     INIT_METHODS,
@@ -23,7 +27,8 @@ from osrm_core.inits import (
     rest_moment,
     task_subspaces,
 )
-from osrm_core.stats import FeatureStats, collect_feature_stats
+from osrm_core.spectra import symmetric_eigh
+from osrm_core.stats import FeatureStats, LayerStats, collect_feature_stats
 
 RANK = 4
 EYE = torch.eye(RANK, dtype=torch.float64)
@@ -315,6 +320,7 @@ def test_init_lora_rejects(make_tiny_model, tiny_stats) -> None:
 # --------------------------------------------------------------------------- packaged model
 
 
+@pytest.mark.slow
 def test_osrm_cuts_interference_tenfold_on_the_default_model(default_model, random_orthonormal) -> None:
     """All-MiniLM-L6-v2 and the four demo tasks, 100 samples each, rank 8: at every adapted
     layer OSRM's A sees at least 10x less of the other tasks' input energy than a random
@@ -339,3 +345,87 @@ def test_osrm_cuts_interference_tenfold_on_the_default_model(default_model, rand
                 print(f"  {name}: {ratio:8.1f}x")
             assert ratio >= 10, (task.name, group, ratio)
     print(f"smallest ratio: {worst:.1f}x")
+
+
+def test_numbers_refused_with_the_allowed_range(tiny_stats):
+    with pytest.raises(ValueError) as caught:
+        osrm_subspace(tiny_stats[1:], rank=33)
+    assert_message(str(caught.value), f"rank 33 is larger than the width 32 of layer '{Q0}'")
+    with pytest.raises(ValueError) as caught:
+        osrm_subspace(tiny_stats[1:], rank=0)
+    assert_message(str(caught.value), "rank must be a positive integer, got 0")
+    with pytest.raises(ValueError) as caught:
+        symmetric_eigh(torch.tensor([[1.0, float("nan")], [float("nan"), 1.0]]))
+    assert_message(str(caught.value), "matrix contains NaN or Inf")
+    with pytest.raises(ValueError) as caught:
+        symmetric_eigh(torch.tensor([[1.0, 2.0], [0.0, 1.0]]))
+    assert_message(str(caught.value), "matrix is not symmetric")
+
+
+def test_few_tokens_warn(tokenizer, tiny_model):
+    few = _stats(torch.randn(5, 32, generator=torch.Generator().manual_seed(0)))
+    with pytest.warns(UserWarning) as caught:
+        A = osrm_subspace([few], rank=8)["layer"]
+    assert [str(w.message) for w in caught] == [
+        "OSRM rank 8 at 'layer': the other tasks' statistics rest on 5 tokens, fewer than the width 32; "
+        "at least 27 directions carry none of their energy, and the choice among them is a fixed rule, "
+        "not the data (collect more samples)"
+    ]
+    torch.testing.assert_close(A @ A.T, torch.eye(8, dtype=torch.float64), rtol=0, atol=1e-12)
+    assert float(torch.trace(A @ few.layers["layer"].second_moment @ A.T)) < 1e-12  # in the null space
+    # A tiny task: the statistics rest on fewer tokens than the width.
+    tiny = demo_task("sentiment", n_train=10, n_test=10)
+    tiny.train = tiny.train.head(1)
+    with pytest.warns(UserWarning) as caught:
+        collect_feature_stats(tiny_model, tokenizer, tiny, max_samples=None)
+    assert len(caught) == 1
+    assert_message(str(caught[0].message), full(
+        rf"task 'sentiment': statistics at '{re.escape(Q0)}' rest on \d+ tokens, fewer than the width 32; "
+        r"the second moment is rank-deficient"))
+
+
+def test_singular_and_zero_statistics():
+    gen = torch.Generator().manual_seed(0)
+    rank_one = _stats(torch.randn(40, 1, generator=gen) @ torch.randn(1, 16, generator=gen))
+    nearly = _stats(torch.randn(40, 16, generator=gen) * torch.logspace(0, -9, 16, dtype=torch.float64))
+    zero = FeatureStats({"layer": LayerStats.zeros(16)}, task="z")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zero tokens: the few-tokens warning, checked above
+        for others in ([rank_one], [nearly], [zero], [rank_one, zero]):
+            A = osrm_subspace(others, rank=4)["layer"]
+            torch.testing.assert_close(A @ A.T, torch.eye(4, dtype=torch.float64), rtol=0, atol=1e-10)
+            rest = sum(s.layers["layer"].second_moment for s in others) / len(others)
+            lowest = torch.linalg.eigvalsh(rest)[:4].sum()
+            assert math.isclose(float(torch.trace(A @ rest @ A.T)), float(lowest), abs_tol=1e-9 * float(rest.abs().max()) + 1e-300)
+            G = osrm_gen_subspace(nearly, others, rank=4)["layer"]  # S_rest + ridge stays invertible
+            torch.testing.assert_close(G @ G.T, torch.eye(4, dtype=torch.float64), rtol=0, atol=1e-10)
+    # No tokens at all: the canonical basis of the whole space, the first unit vectors.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        A = osrm_subspace([zero], rank=3)["layer"]
+    torch.testing.assert_close(A, torch.eye(16, dtype=torch.float64)[:3], rtol=0, atol=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore:OSRM rank")
+def test_repeated_eigenvalues_give_one_choice():
+    """The same matrix built from two bases of its repeated eigenspaces: eigh returns different
+    eigenvectors for them, OSRM's subspace is the same (a fixed rule, not rounding noise)."""
+    gen = torch.Generator().manual_seed(1)
+    d = 12
+    Q, _ = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))
+    lam = torch.tensor([0, 0, 0, 0, 0, 1, 1, 1, 2, 3, 4, 5], dtype=torch.float64)
+    Q2 = Q.clone()
+    for a, b in ((0, 5), (5, 8)):
+        U, _ = torch.linalg.qr(torch.randn(b - a, b - a, generator=gen, dtype=torch.float64))
+        Q2[:, a:b] = Q[:, a:b] @ U
+    M1, M2 = Q @ torch.diag(lam) @ Q.T, Q2 @ torch.diag(lam) @ Q2.T
+    assert float((M1 - M2).abs().max()) < 1e-14
+    # (torch.linalg.eigh's first three eigenvectors of M1 and M2 differ by about 0.7 here.)
+    for k in (3, 5, 7):  # cuts inside the 5-fold and the 3-fold eigenvalue
+        A1 = osrm_subspace([FeatureStats({"l": LayerStats(M1, torch.zeros(d, dtype=torch.float64), 1, M1, 1)})], k)["l"]
+        A2 = osrm_subspace([FeatureStats({"l": LayerStats(M2, torch.zeros(d, dtype=torch.float64), 1, M2, 1)})], k)["l"]
+        torch.testing.assert_close(A1, A2, rtol=0, atol=1e-10)
+    spectrum = symmetric_eigh(M1)
+    V = spectrum.eigenvectors
+    torch.testing.assert_close(M1 @ V, V * spectrum.eigenvalues, rtol=0, atol=1e-12)
+    torch.testing.assert_close(V.T @ V, torch.eye(d, dtype=torch.float64), rtol=0, atol=1e-12)

@@ -37,6 +37,7 @@ def _kill(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
+@pytest.mark.slow
 def test_second_writer_is_refused_with_the_holder_named(tmp_path):
     proc = _holder_process(tmp_path)
     try:
@@ -50,6 +51,7 @@ def test_second_writer_is_refused_with_the_holder_named(tmp_path):
     assert f"delete {str(tmp_path / LOCK_NAME)!r}" in message
 
 
+@pytest.mark.slow
 def test_lock_of_a_killed_process_is_taken_over(tmp_path):
     proc = _holder_process(tmp_path)
     _kill(proc)
@@ -177,6 +179,7 @@ def test_two_concurrent_runs_on_one_directory(tmp_path, tiny_model_dir):
     assert "results/summary.json" in _fingerprint(out)
 
 
+@pytest.mark.slow
 def test_the_app_refuses_to_run_into_a_directory_another_writer_holds(tmp_path, monkeypatch):
     from streamlit.testing.v1 import AppTest
 

@@ -291,7 +291,7 @@ def test_freeze_A_applies_to_every_init(tiny_model_dir, tiny_tasks_2, tmp_path) 
 
 
 def test_osrm_gen_eps_reaches_the_init(tiny_model_dir, tiny_tasks_2, tmp_path) -> None:
-    """The run config's ``osrm_gen_eps`` is the trade-off of the subspace the pipeline builds."""
+    """The run config's ``init_params.osrm_gen.eps`` is the trade-off of the subspace the pipeline builds."""
     from torch.testing import assert_close
 
     from osrm_core.inits import task_subspaces
@@ -299,7 +299,7 @@ def test_osrm_gen_eps_reaches_the_init(tiny_model_dir, tiny_tasks_2, tmp_path) -
 
     subspaces = {}
     for eps in (1e-3, 10.0):
-        config = tiny_config(tiny_model_dir, inits=["osrm_gen"], osrm_gen_eps=eps)
+        config = tiny_config(tiny_model_dir, inits=["osrm_gen"], init_params={"osrm_gen": {"eps": eps}})
         pipeline = Pipeline(config, tmp_path / f"eps{eps:g}", tasks=tiny_tasks_2)
         stats = pipeline.collect_stats()
         _, _, subspaces[eps] = pipeline.init_adapter("osrm_gen", 0, tiny_tasks_2[0])
@@ -308,8 +308,8 @@ def test_osrm_gen_eps_reaches_the_init(tiny_model_dir, tiny_tasks_2, tmp_path) -
             assert_close(a, expected[name])
     name = next(iter(subspaces[1e-3]))
     assert not np.allclose(subspaces[1e-3][name].numpy(), subspaces[10.0][name].numpy())
-    with pytest.raises(ConfigError, match="osrm_gen_eps"):
-        RunConfig.validate_dict({**tiny_config(tiny_model_dir).model_dump(mode="json"), "osrm_gen_eps": 0})
+    with pytest.raises(ConfigError, match=r"init_params: osrm_gen\.eps must be a number in \(0\.0, inf\), got 0"):
+        RunConfig.validate_dict({**tiny_config(tiny_model_dir).model_dump(mode="json"), "init_params": {"osrm_gen": {"eps": 0}}})
 
 
 def test_per_init_settings_give_each_init_its_own_recipe(tiny_model_dir, tiny_tasks_2, tmp_path) -> None:

@@ -1,4 +1,5 @@
-"""Tests for feature statistics (:mod:`osrm_core.stats`) against naive float64 references."""
+"""Tests for feature statistics (:mod:`osrm_core.stats`) against naive float64 references, half-precision
+models, overflows and damaged statistics files."""
 
 from __future__ import annotations
 
@@ -8,9 +9,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from _helpers import Q0, _stats, assert_message
 from conftest import TINY_TARGETS
 
 from osrm_core.data import Split, TaskData
+from osrm_core.demo import demo_task
+from osrm_core.inits import osrm_subspace
 from osrm_core.stats import (
     FeatureStats,
     LayerStats,
@@ -338,3 +342,42 @@ def test_test_split_and_target_choice(tiny_model, tokenizer, tiny_tasks) -> None
     assert stats.meta["split"] == "test"
     assert all(st.n_samples == len(tiny_tasks[0].test) for st in stats.layers.values())
     assert np.isfinite([st.count for st in stats.layers.values()]).all()
+
+
+def test_float16_overflow_is_named(make_tiny_model, tokenizer):
+    model = make_tiny_model(dtype=torch.float16)
+    with torch.no_grad():
+        model.bert.embeddings.LayerNorm.weight.fill_(6e4)  # the next layer's input overflows to Inf
+    with pytest.raises(ValueError) as caught:
+        collect_feature_stats(model, tokenizer, demo_task("sentiment", n_train=10, n_test=10))
+    assert_message(str(caught.value), f"layer '{Q0}': input features contain NaN or Inf")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_models_give_float64_statistics(make_tiny_model, tokenizer, tiny_stats, tiny_tasks, dtype):
+    stats = collect_feature_stats(make_tiny_model(dtype=dtype), tokenizer, tiny_tasks[0], max_samples=None, batch_size=8)
+    ref = tiny_stats[0]  # the same weights in float64
+    for name, st_ in stats.layers.items():
+        assert st_.sum_outer.dtype == torch.float64 and st_.count == ref.layers[name].count
+        scale = float(ref.layers[name].second_moment.abs().max())
+        tol = 2e-2 if dtype == torch.bfloat16 else 3e-3
+        assert float((st_.second_moment - ref.layers[name].second_moment).abs().max()) < tol * scale
+    A = osrm_subspace([stats], rank=4)[Q0]
+    assert A.dtype == torch.float64
+    torch.testing.assert_close(A @ A.T, torch.eye(4, dtype=torch.float64), rtol=0, atol=1e-12)
+
+
+def test_damaged_statistics_files_are_named(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    good = _stats(torch.randn(40, 8, generator=gen), layer=Q0)
+    good.save(tmp_path / "ok.safetensors")
+    assert FeatureStats.load(tmp_path / "ok.safetensors").count == 40
+    bad = _stats(torch.randn(40, 8, generator=gen), layer=Q0)
+    bad.layers[Q0].sum_outer[0, 0] = float("nan")
+    bad.save(tmp_path / "nan.safetensors")
+    with pytest.raises(ValueError) as caught:
+        FeatureStats.load(tmp_path / "nan.safetensors")
+    assert_message(str(caught.value), f"nan.safetensors: statistics at '{Q0}' hold NaN or Inf values")
+    (tmp_path / "cut.safetensors").write_bytes((tmp_path / "ok.safetensors").read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"^cut\.safetensors: damaged statistics file \(.+\)$"):
+        FeatureStats.load(tmp_path / "cut.safetensors")

@@ -16,14 +16,12 @@ from osrm_core.rundir import RunDir
 from osrm_core.study import (
     StudyConfig,
     VariantSpec,
-    curve_metrics,
-    find_studies,
-    load_study_tables,
     run_study,
     variant_config,
     variant_name,
     variants,
 )
+from osrm_core.study_report import curve_metrics, find_studies, load_study_tables
 
 
 def tiny_study(model_dir) -> StudyConfig:
@@ -221,6 +219,7 @@ def test_resumed_study_does_no_work(study_dir, tiny_model_dir, monkeypatch) -> N
     run_study(tiny_study(tiny_model_dir), study_dir, tasks=tasks)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("content", "message"),
     [
@@ -288,7 +287,7 @@ def test_study_page_shows_the_latest_study(study_dir, tmp_path, monkeypatch) -> 
 
 
 def test_findings_warn_when_a_task_learned_nothing() -> None:
-    from osrm_core.study import findings
+    from osrm_core.study_report import findings
 
     q1 = pd.DataFrame([
         {"init": i, "constraint": "none", "method": "task_arithmetic", "normalized_best_mean": n,
@@ -331,6 +330,7 @@ def test_a_runs_per_init_settings_become_study_variants() -> None:
         validate_settings(StudyConfig, data, "study")
 
 
+@pytest.mark.slow
 def test_cli_quick_study_end_to_end(tmp_path) -> None:
     """`osrm study --quick` on the packaged model and the demo tasks (about 3.6 min on 2 cores)."""
     import json

@@ -15,7 +15,7 @@ from osrm_core.parallel import threads_per_job
 from osrm_core.pipeline import Pipeline
 from osrm_core.rundir import RunDir
 from osrm_core.settings import ConfigError
-from osrm_core.study import StudyConfig, run_study, variant_name, variants
+from osrm_core.study import StudyConfig, run_study, variant_config, variant_name, variants
 
 
 def small_study(model_dir, **changes) -> StudyConfig:
@@ -92,6 +92,35 @@ def test_a_study_of_an_older_version_grows_after_a_new_setting(tiny_model_dir, t
     assert trainings == ["standard-none-n12-r2-a1-s1"] * len(TASKS)
 
 
+def test_a_study_with_the_old_osrm_gen_eps_is_finished_and_grows(tiny_model_dir, tmp_path, tasks, trainings) -> None:
+    """Before ``init_params``, osrm_gen's eps was the top-level ``osrm_gen_eps`` of study.yaml and
+    of every variant's config.yaml: such a study loads (the value moves to init_params), its
+    variants keep their names, settings and statistics key, and it grows without retraining."""
+    import yaml
+
+    out = tmp_path / "study"
+    run_study(small_study(tiny_model_dir, base=small_study(tiny_model_dir).base.model_copy(
+        update={"init_params": {"osrm_gen": {"eps": 0.05}}})), out, tasks=tasks)
+    for path in [out / "study.yaml", *(out / "runs").glob("*/config.yaml")]:
+        data = yaml.safe_load(path.read_text())
+        config = data["base"] if "base" in data else data
+        config["osrm_gen_eps"] = config.pop("init_params")["osrm_gen"]["eps"]
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+    old = StudyConfig.from_yaml(out / "study.yaml")
+    assert old.base.init_params == {"osrm_gen": {"eps": 0.05}}
+    first = RunDir(out / "runs" / "standard-none-n12-r2-a1-s0")
+    assert first.config().init_params == {"osrm_gen": {"eps": 0.05}} and "osrm_gen_eps" in first.config_path.read_text()
+    before = first.manifest()
+    trainings.clear()
+    run_study(old.model_copy(update={"seeds": [0, 1]}), out, tasks=tasks)
+    assert trainings == ["standard-none-n12-r2-a1-s1"] * len(TASKS)
+    assert first.manifest()["stages"] == before["stages"]
+    assert sorted(p.name for p in (out / "runs").iterdir()) == [variant_name(v) for v in variants(
+        old.model_copy(update={"seeds": [0, 1]}))]
+    planned = variant_config(old, variants(old)[0])
+    assert planned.model_dump() == first.config().model_dump() and planned.stats_key() == first.config().stats_key()
+
+
 def test_adding_lambdas_and_methods_recomputes_only_the_sweeps(tiny_model_dir, tmp_path, tasks, trainings) -> None:
     out = tmp_path / "study"
     run_study(small_study(tiny_model_dir), out, tasks=tasks)
@@ -149,6 +178,7 @@ def test_jobs_split_the_cores() -> None:
         threads_per_job(0, cores=2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("jobs", ["0", "100000"])
 def test_cli_bad_jobs_exits_2(tmp_path, jobs) -> None:
     proc = subprocess.run([sys.executable, "-m", "osrm_core.cli", "study", "--quick", "--jobs", jobs,

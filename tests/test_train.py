@@ -450,7 +450,8 @@ def test_drift_records_exact_energy_on_every_task(make_tiny_model, tokenizer, ea
 
 
 def test_cli_train_takes_the_sparse_b_settings() -> None:
-    from osrm_core.cli import _config_from_args, build_parser
+    from osrm_core.cli import build_parser
+    from osrm_core.cli_commands import _config_from_args
     from osrm_core.settings import ConfigError
 
     def parsed(*extra: str):

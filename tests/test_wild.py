@@ -111,12 +111,12 @@ def test_diagnosis_over_the_union_is_order_independent(wild, tiny_model, tokeniz
     stats = task_stats(tiny_model, tokenizer, tasks, samples=8, target_modules=union)
     first = diagnose_adapters(tiny_model, {"sentiment": qkv, "paraphrase": qv}, stats)
     second = diagnose_adapters(tiny_model, {"paraphrase": qv, "sentiment": qkv}, stats)
-    assert_close(torch.tensor(first["matrix"].sort_index().sort_index(axis=1).to_numpy()),
-                 torch.tensor(second["matrix"].sort_index().sort_index(axis=1).to_numpy()))
-    cov = first["coverage"].set_index("adapter")
+    assert_close(torch.tensor(first.matrix.sort_index().sort_index(axis=1).to_numpy()),
+                 torch.tensor(second.matrix.sort_index().sort_index(axis=1).to_numpy()))
+    cov = first.coverage.set_index("adapter")
     assert cov.loc["sentiment", "layers"] == 6 and cov.loc["paraphrase", "layers"] == 4
     assert cov.loc["paraphrase", "missing"] == "key x2" and cov.loc["sentiment", "missing"] == ""
-    uploaded = first["interference"].query("init == 'uploaded'")
+    uploaded = first.interference.query("init == 'uploaded'")
     assert uploaded.groupby("adapter")["layer"].nunique().to_dict() == {"paraphrase": 4, "sentiment": 6}
 
 

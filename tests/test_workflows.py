@@ -12,8 +12,8 @@ import zipfile
 import pandas as pd
 import pytest
 import torch
+from _helpers import ENV
 from conftest import TINY_TARGETS
-from test_cli import ENV
 
 from osrm_core.adapters import load_adapter
 from osrm_core.demo import demo_task
@@ -85,6 +85,7 @@ def test_the_apps_merged_adapter_loads_with_plain_peft(peft_adapters, tiny_model
     _check_merged(tiny_model_dir, tmp_path / "merged", expected)
 
 
+@pytest.mark.slow
 def test_osrm_merge_loads_with_plain_peft(peft_adapters, tiny_model_dir, tmp_path) -> None:
     folders, deltas = peft_adapters
     out = tmp_path / "merged"
@@ -97,6 +98,7 @@ def test_osrm_merge_loads_with_plain_peft(peft_adapters, tiny_model_dir, tmp_pat
     _check_merged(tiny_model_dir, out, {n: 0.5 * sum(deltas[t][n] for t in TASKS) for n in TINY_TARGETS})
 
 
+@pytest.mark.slow
 def test_osrm_merge_refuses_a_parameter_of_another_method(peft_adapters, tmp_path) -> None:
     folders, _ = peft_adapters
     result = subprocess.run(
@@ -110,6 +112,7 @@ def test_osrm_merge_refuses_a_parameter_of_another_method(peft_adapters, tmp_pat
     ]
 
 
+@pytest.mark.slow
 def test_osrm_diagnose_and_the_page_give_the_same_tables(peft_adapters, tiny_model_dir, tokenizer, tmp_path) -> None:
     from transformers import AutoModelForSequenceClassification
 
@@ -142,8 +145,8 @@ def test_osrm_diagnose_and_the_page_give_the_same_tables(peft_adapters, tiny_mod
     page = diagnose_adapters(model, adapters, stats)
     for name in ("interference", "angles", "own_energy", "posthoc"):
         cli = pd.read_csv(out / f"{name}.csv")
-        mine = page[name].reset_index(drop=True)
+        mine = getattr(page, name).reset_index(drop=True)
         assert list(cli.columns) == list(mine.columns), name
         pd.testing.assert_frame_equal(cli, mine, check_dtype=False, rtol=1e-6, atol=1e-9, obj=name)
-    pd.testing.assert_frame_equal(pd.read_csv(out / "matrix.csv"), page["matrix"].reset_index(),
+    pd.testing.assert_frame_equal(pd.read_csv(out / "matrix.csv"), page.matrix.reset_index(),
                                   check_dtype=False, rtol=1e-6, check_names=False)

@@ -155,24 +155,8 @@ def init_lora(
     targets = find_target_layers(model, target_modules)
     for t in targets:
         check_rank(rank, min(t.d_in, t.d_out), t.name)
-    if spec.needs_stats and subspaces is None:
-        if other_stats is None or (spec.needs_own_stats and own_stats is None):
-            raise OsrmInputError(
-                f"method {method!r} needs subspaces, or other_stats" + (" and own_stats" if spec.needs_own_stats else "")
-            )
-        # Decompose each layer's matrices on the device of that layer (GPUs of a large model).
-        subspace_options.setdefault("device", layer_devices(model, [t.name for t in targets]))
-        subspaces = spec.subspace(own_stats, other_stats, rank, **subspace_options)
     if spec.needs_stats:
-        missing = [t.name for t in targets if t.name not in subspaces]
-        if missing:
-            raise OsrmInputError(f"subspaces have no entry for layer {missing[0]!r}")
-        for t in targets:
-            if tuple(subspaces[t.name].shape) != (rank, t.d_in):
-                raise OsrmInputError(
-                    f"size mismatch for layer {t.name!r}: subspace {tuple(subspaces[t.name].shape)},"
-                    f" expected ({rank}, {t.d_in})"
-                )
+        subspaces = _subspaces(spec, model, targets, rank, subspaces, own_stats, other_stats, subspace_options)
     if spec.needs_data and eva_batches is None:
         raise OsrmInputError(f"method {method!r} needs eva_batches (input_ids and attention_mask)")
 
@@ -192,15 +176,46 @@ def init_lora(
         from peft import initialize_lora_eva_weights
 
         initialize_lora_eva_weights(peft_model, dataloader=eva_batches)
-    base = peft_model.get_base_model()
-    with torch.no_grad():
-        for t in targets:
-            layer = base.get_submodule(t.name)
-            if spec.needs_stats:
-                a = layer.lora_A["default"].weight
-                a.copy_(a_scale * subspaces[t.name].to(a))
-                layer.lora_B["default"].weight.zero_()
-            layer.lora_A["default"].weight.requires_grad_(not freeze_a)
-            layer.lora_B["default"].weight.requires_grad_(not freeze_b)
+    _set_lora_weights(peft_model, targets, subspaces if spec.needs_stats else None, a_scale, freeze_a, freeze_b)
     peft_model.osrm_init_ = {"method": method, "rank": rank, "alpha": alpha, "a_scale": a_scale}
     return peft_model
+
+
+def _subspaces(spec: InitMethod, model: nn.Module, targets: list, rank: int, subspaces: dict[str, torch.Tensor] | None,
+               own_stats: FeatureStats | None, other_stats: list[FeatureStats] | None,
+               options: dict) -> dict[str, torch.Tensor]:
+    """The given ``subspaces`` (checked: one of shape (rank, d_in) per target layer), or those
+    ``spec`` computes from the statistics."""
+    if subspaces is None:
+        if other_stats is None or (spec.needs_own_stats and own_stats is None):
+            raise OsrmInputError(
+                f"method {spec.name!r} needs subspaces, or other_stats" + (" and own_stats" if spec.needs_own_stats else "")
+            )
+        # Decompose each layer's matrices on the device of that layer (GPUs of a large model).
+        options.setdefault("device", layer_devices(model, [t.name for t in targets]))
+        subspaces = spec.subspace(own_stats, other_stats, rank, **options)
+    missing = [t.name for t in targets if t.name not in subspaces]
+    if missing:
+        raise OsrmInputError(f"subspaces have no entry for layer {missing[0]!r}")
+    for t in targets:
+        if tuple(subspaces[t.name].shape) != (rank, t.d_in):
+            raise OsrmInputError(
+                f"size mismatch for layer {t.name!r}: subspace {tuple(subspaces[t.name].shape)},"
+                f" expected ({rank}, {t.d_in})"
+            )
+    return subspaces
+
+
+@torch.no_grad()
+def _set_lora_weights(peft_model, targets: list, subspaces: dict[str, torch.Tensor] | None, a_scale: float,
+                      freeze_a: bool, freeze_b: bool) -> None:
+    """``A = a_scale * subspace`` and ``B = 0`` where ``subspaces`` are given; A and B frozen as asked."""
+    base = peft_model.get_base_model()
+    for t in targets:
+        layer = base.get_submodule(t.name)
+        if subspaces is not None:
+            a = layer.lora_A["default"].weight
+            a.copy_(a_scale * subspaces[t.name].to(a))
+            layer.lora_B["default"].weight.zero_()
+        layer.lora_A["default"].weight.requires_grad_(not freeze_a)
+        layer.lora_B["default"].weight.requires_grad_(not freeze_b)

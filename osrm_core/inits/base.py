@@ -11,6 +11,7 @@ from typing import Literal
 import torch
 
 from osrm_core.errors import InputTypeError, OsrmInputError
+from osrm_core.params import ParamSpec
 from osrm_core.spectra import Moment
 from osrm_core.stats import FeatureStats, check_same_layers
 
@@ -42,9 +43,10 @@ class InitMethod:
     moves_base : bool
         Whether the init changes the base weights (PiSSA): a saved adapter must then be
         expressed relative to the original base.
-    config_options : tuple of (keyword, field) pairs
-        Keyword arguments of ``subspace`` that a run config sets, each from its field of
-        :class:`~osrm_core.settings.RunConfig` (``("eps", "osrm_gen_eps")``).
+    params : tuple of ParamSpec
+        The init's options: keyword arguments of ``subspace`` with default, help and allowed
+        values. A run config sets them in ``init_params`` (``{"osrm_gen": {"eps": 0.01}}``),
+        the command line with ``--INIT-PARAM`` (``--osrm-gen-eps``), the app with a widget.
     """
 
     name: str
@@ -55,7 +57,7 @@ class InitMethod:
     peft_init: object = True
     needs_data: bool = False
     moves_base: bool = False
-    config_options: tuple[tuple[str, str], ...] = ()
+    params: tuple[ParamSpec, ...] = ()
 
     @property
     def needs_stats(self) -> bool:

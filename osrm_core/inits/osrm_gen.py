@@ -7,17 +7,21 @@ import scipy.linalg
 import torch
 
 from osrm_core.errors import OsrmInputError
+from osrm_core.params import Interval, ParamSpec
 from osrm_core.spectra import fix_signs, symmetric_eigh
 from osrm_core.stats import FeatureStats, check_same_layers
 
 from .base import InitMethod, Placement, Weighting, check_rank, device_for, per_group, rest_moment
+
+#: osrm_gen's default trade-off eps.
+DEFAULT_EPS = 1e-2
 
 
 def osrm_gen_subspace(
     own_stats: FeatureStats,
     other_stats: list[FeatureStats],
     rank: int,
-    eps: float = 1e-2,
+    eps: float = DEFAULT_EPS,
     weighting: Weighting = "equal",
     device: Placement = None,
 ) -> dict[str, torch.Tensor]:
@@ -62,5 +66,7 @@ OSRM_GEN = InitMethod(
     "#AB63FA",
     subspace=osrm_gen_subspace,
     needs_own_stats=True,
-    config_options=(("eps", "osrm_gen_eps"),),
+    params=(ParamSpec("eps", DEFAULT_EPS, "trade-off: the others' moment plus eps times its mean eigenvalue (small: "
+                      "fewer of the others' directions; large: more own-task energy)",
+                      range=(1e-6, 1e6), interval=Interval(0.0, low_open=True)),),
 )

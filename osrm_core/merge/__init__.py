@@ -32,8 +32,9 @@ import torch
 from torch import Tensor
 
 from osrm_core.errors import InputTypeError, OsrmInputError
+from osrm_core.params import ParamSpec, check_choice
 
-from .base import MergeMethod, MergeParams, ParamSpec, PreparedLayer, check_choice, check_real, check_weights
+from .base import MergeMethod, MergeParams, PreparedLayer, check_scale
 from .cart import Cart
 from .core import LoraFactors, check_factors, core_space
 from .dare import DareLinear, DareTies
@@ -116,16 +117,9 @@ def _resolve(method: MergeMethod | str, params: dict[str, Any]) -> MergeMethod:
     raise InputTypeError(f"method must be a name or a MergeMethod, got {type(method).__name__}")
 
 
-def merge_layer(
-    deltas: list[Tensor],
-    method: MergeMethod | str,
-    *,
-    lam: float = 1.0,
-    gram: list[Tensor] | None = None,
-    generator: torch.Generator | None = None,
-    weights: Sequence[float] | None = None,
-    **params: Any,
-) -> Tensor:
+def merge_layer(deltas: list[Tensor], method: MergeMethod | str, *, lam: float = 1.0,
+                gram: list[Tensor] | None = None, generator: torch.Generator | None = None,
+                weights: Sequence[float] | None = None, **params: Any) -> Tensor:
     """Merge the deltas of one layer.
 
     Parameters
@@ -191,11 +185,12 @@ class PreparedMerge:
         (B of shape (d_out, q), A of shape (q, d_in), ``lam`` folded into B) in core space;
         the inputs' dtype.
         """
-        check_real("lam", lam, low=0.0, high=float("inf"), high_open=True)
-        weights = check_weights(weights, self.n_tasks)
+        return self._merge(*check_scale(lam, weights, self.n_tasks))
+
+    def _merge(self, lam: float, weights: list[float]) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for name, layer in self.layers.items():
-            merged = self.method.merge(layer, lam=lam, weights=weights)
+            merged = self.method.merged(layer, lam, weights)
             if self.space == "core":
                 u_b, vh_a, dtype = self.bases[name]  # the core merged in float32 or float64
                 merged = LoraFactors((u_b @ merged).to(dtype), vh_a.to(dtype))
@@ -340,8 +335,5 @@ def merge_deltas(
         return deltas.merge(lam=lam, weights=weights)
     if method is None:
         raise OsrmInputError("method is required: a registered name or a MergeMethod")
-    check_real("lam", lam, low=0.0, high=float("inf"), high_open=True)
-    if weights is not None:
-        check_weights(weights, len(deltas) if isinstance(deltas, Sequence) else 0)
-    prepared = prepare_merge(deltas, method, grams=grams, seed=seed, space=space, **params)
-    return prepared.merge(lam=lam, weights=weights)
+    scale = check_scale(lam, weights, len(deltas) if isinstance(deltas, Sequence) else 0)
+    return prepare_merge(deltas, method, grams=grams, seed=seed, space=space, **params)._merge(*scale)

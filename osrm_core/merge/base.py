@@ -12,7 +12,6 @@ returns the inputs' dtype.
 from __future__ import annotations
 
 import math
-import numbers
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
@@ -22,69 +21,36 @@ import torch
 from torch import Tensor
 
 from osrm_core.errors import InputTypeError, OsrmInputError
+from osrm_core.params import ParamSpec, check_real
 
 #: Seed of the generator used when ``merge`` is called without one, so results stay reproducible.
 DEFAULT_SEED = 0
-
-
-def check_real(
-    name: str,
-    value: object,
-    *,
-    low: float,
-    high: float,
-    low_open: bool = False,
-    high_open: bool = False,
-) -> float:
-    """Return ``value`` as a float, or raise ValueError naming ``name``, the value and the range.
-
-    NaN and non-numbers (including bool and str) are refused.
-    """
-    # A value of the wrong type (a string from a form, a bool) is reported like one out of range:
-    # both are invalid parameter values for the user.
-    v = float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else None
-    inside = (
-        v is not None
-        and (low < v if low_open else low <= v)
-        and (v < high if high_open else v <= high)
-    )
-    if not inside:
-        allowed = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-        raise OsrmInputError(f"{name} must be a number in {allowed}, got {value!r}")
-    return v
-
-
-def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
-    """Return ``value`` if it is one of ``choices``, else raise ValueError listing them."""
-    if not isinstance(value, str) or value not in choices:
-        raise OsrmInputError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
-    return value
-
-
-@dataclass(frozen=True)
-class ParamSpec:
-    """One parameter of a merge method: ``choices`` for a string option, ``range`` (low, high)
-    for a number (from the field's ``metadata["range"]``)."""
-
-    name: str
-    default: Any
-    help: str
-    choices: tuple[str, ...] | None = None
-    range: tuple[float, float] | None = None
 
 
 @dataclass
 class MergeParams:
     """Parameters of a merge method (none here).
 
-    Subclasses add dataclass fields with a default and ``metadata={"help": ..., "range": (low,
-    high)}`` (a ``Literal`` type for string options) and check them in ``__post_init__``
-    (calling ``super().__post_init__()``); the command line, the config and the app's widgets
-    are built from them (:meth:`MergeMethod.param_specs`).
+    Subclasses add dataclass fields made by :func:`~osrm_core.params.number_param` (a number
+    in an interval) or :func:`~osrm_core.params.choice_param` (a ``Literal`` type); each value
+    is checked here against its spec, and the command line, the config and the app's widgets
+    are built from the same specs (:meth:`MergeMethod.param_specs`).
     """
 
     def __post_init__(self) -> None:
-        pass
+        for spec in param_specs_of(type(self)):
+            setattr(self, spec.name, spec.check(getattr(self, spec.name)))
+
+
+def param_specs_of(params_type: type[MergeParams]) -> list[ParamSpec]:
+    """The :class:`ParamSpec` of every field of a parameter dataclass."""
+    hints = typing.get_type_hints(params_type)
+    out = []
+    for f in fields(params_type):
+        choices = typing.get_args(hints[f.name]) if typing.get_origin(hints[f.name]) is Literal else None
+        out.append(ParamSpec(f.name, f.default, f.metadata.get("help", ""), choices, f.metadata.get("range"),
+                             f.metadata.get("interval")))
+    return out
 
 
 def check_weights(weights: Sequence[float] | None, n_tasks: int) -> list[float]:
@@ -94,6 +60,19 @@ def check_weights(weights: Sequence[float] | None, n_tasks: int) -> list[float]:
     if isinstance(weights, (str, Tensor)) or not isinstance(weights, Sequence) or len(weights) != n_tasks:
         raise OsrmInputError(f"weights must be {n_tasks} numbers >= 0 (one per task), got {weights!r}")
     return [check_real(f"weights[{i}]", w, low=0.0, high=math.inf, high_open=True) for i, w in enumerate(weights)]
+
+
+def weight_rows(stacked: Tensor, weights: list[float]) -> Tensor:
+    """``stacked`` (T, ...) with row i times ``weights[i]`` (itself when all weights are 1)."""
+    if all(w == 1.0 for w in weights):
+        return stacked
+    w = torch.tensor(weights, dtype=stacked.dtype, device=stacked.device)
+    return stacked * w.reshape(-1, *([1] * (stacked.ndim - 1)))
+
+
+def check_scale(lam: float, weights: Sequence[float] | None, n_tasks: int) -> tuple[float, list[float]]:
+    """The scale ``lam`` (>= 0) and the per-task weights (all 1 when None), checked once per merge."""
+    return check_real("lam", lam, low=0.0, high=math.inf, high_open=True), check_weights(weights, n_tasks)
 
 
 @dataclass(frozen=True)
@@ -182,24 +161,14 @@ class MergeMethod:
     def param_specs(cls) -> list[ParamSpec]:
         """The method's parameters with default, help, and choices or range: what the command
         line's flags, the config's sweep grid and the app's widgets are built from."""
-        hints = typing.get_type_hints(cls.params_type)
-        out = []
-        for f in fields(cls.params_type):
-            choices = typing.get_args(hints[f.name]) if typing.get_origin(hints[f.name]) is Literal else None
-            out.append(ParamSpec(f.name, f.default, f.metadata.get("help", ""), choices, f.metadata.get("range")))
-        return out
+        return param_specs_of(cls.params_type)
 
     def __repr__(self) -> str:
         args = ", ".join(f"{f.name}={getattr(self.params, f.name)!r}" for f in fields(self.params))
         return f"{type(self).__name__}({args})"
 
-    def prepare_layer(
-        self,
-        deltas: list[Tensor],
-        gram: list[Tensor] | None,
-        generator: torch.Generator,
-        shape: tuple[int, int],
-    ) -> Any:
+    def prepare_layer(self, deltas: list[Tensor], gram: list[Tensor] | None, generator: torch.Generator,
+                      shape: tuple[int, int]) -> Any:
         """The weight-independent work on one layer's deltas, done once for many weight vectors.
 
         The default keeps the deltas and Gram matrices; methods with per-task work (trimming,
@@ -380,16 +349,19 @@ class MergeMethod:
         -------
         tensor of shape (d_out, d_in), dtype and device of the inputs
         """
-        lam = check_real("lam", lam, low=0.0, high=math.inf, high_open=True)
         if isinstance(deltas, PreparedLayer):
             if deltas.method != self.name or deltas.params != self.params:
                 raise OsrmInputError(f"deltas prepared by {deltas.method!r} with {deltas.params}; this is {self!r}: "
-                                 "prepare them with this method")
+                                     "prepare them with this method")
             if gram is not None or generator is not None:
                 raise OsrmInputError("gram and generator go to prepare(), not to merge() of prepared deltas")
-            prepared = deltas
-        else:
-            prepared = self.prepare(deltas, gram=gram, generator=generator)
-        w = check_weights(weights, prepared.n_tasks)
-        merged = self.combine_prepared(prepared.data, w, prepared.full_shape)
-        return (lam * merged).to(prepared.dtype)
+            lam, w = check_scale(lam, weights, deltas.n_tasks)
+            return self.merged(deltas, lam, w)
+        self.check_inputs(deltas, gram)
+        lam, w = check_scale(lam, weights, len(deltas))
+        return self.merged(self.prepare(deltas, gram=gram, generator=generator, checked=True), lam, w)
+
+    def merged(self, prepared: PreparedLayer, lam: float, weights: list[float]) -> Tensor:
+        """``lam * combine_prepared`` in the inputs' dtype, for ``lam`` and ``weights`` already
+        checked (:func:`check_scale`): the one place where the scale and the weights enter."""
+        return (lam * self.combine_prepared(prepared.data, weights, prepared.full_shape)).to(prepared.dtype)

@@ -17,12 +17,14 @@ https://arxiv.org/abs/2412.12153 (reference code: JH-GEECS/CART).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from .base import MergeMethod, MergeParams, check_real
+from osrm_core.params import Interval, number_param, share_param
+
+from .base import MergeMethod, MergeParams
 from .spectral import count_above, rank_tolerance
 
 
@@ -30,27 +32,12 @@ from .spectral import count_above, rank_tolerance
 class CartParams(MergeParams):
     """Parameters of CART."""
 
-    rank_fraction: float = field(
-        default=0.08,
-        metadata={
-            "help": "share of each centred delta's numerical rank kept by its SVD, in (0, 1] "
-            "(the paper's best rank is about 8%); 1 keeps all, which gives the plain average",
-            "range": (0.01, 1.0),
-        },
-    )
-    centred_scale: float = field(
-        default=1.0,
-        metadata={
-            "help": "scale of the sum of the rank-reduced centred deltas added to the average, "
-            "in [0, 10] (the paper's lambda); lam scales the whole merge",
-            "range": (0.0, 10.0),
-        },
-    )
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self.rank_fraction = check_real("rank_fraction", self.rank_fraction, low=0.0, high=1.0, low_open=True)
-        self.centred_scale = check_real("centred_scale", self.centred_scale, low=0.0, high=10.0)
+    rank_fraction: float = share_param(
+        0.08, "share of each centred delta's numerical rank kept by its SVD, in (0, 1] (the paper's best "
+        "rank is about 8%); 1 keeps all, which gives the plain average")
+    centred_scale: float = number_param(
+        1.0, "scale of the sum of the rank-reduced centred deltas added to the average, in [0, 10] (the "
+        "paper's lambda); lam scales the whole merge", Interval(0.0, 10.0))
 
 
 class Cart(MergeMethod):

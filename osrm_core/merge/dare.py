@@ -14,46 +14,33 @@ Free Lunch", ICML 2024. https://arxiv.org/abs/2311.03099
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor
 
-from .base import MergeMethod, MergeParams, check_choice, check_real
-from .ties import SIGN_METHODS, SignMethod, elect_and_merge, weight_column
+from osrm_core.params import choice_param, share_param
+
+from .base import MergeMethod, MergeParams, weight_rows
+from .ties import SignMethod, elect_and_merge
 
 
 @dataclass
 class DareParams(MergeParams):
     """Parameters of DARE with task arithmetic."""
 
-    density: float = field(
-        default=0.5,
-        metadata={
-            "help": "probability of keeping each entry, in (0, 1]; kept entries are divided by "
-            "it (drop rate p = 1 - density)",
-            "range": (0.01, 1.0),
-        },
-    )
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self.density = check_real("density", self.density, low=0.0, high=1.0, low_open=True)
+    density: float = share_param(
+        0.5, "probability of keeping each entry, in (0, 1]; kept entries are divided by it (drop rate "
+        "p = 1 - density)")
 
 
 @dataclass
 class DareTiesParams(DareParams):
     """Parameters of DARE with TIES sign election."""
 
-    majority_sign_method: SignMethod = field(
-        default="total",
-        metadata={"help": "sign election per entry: 'total' or 'frequency' (see TIES)"},
-    )
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_choice("majority_sign_method", self.majority_sign_method, SIGN_METHODS)
+    majority_sign_method: SignMethod = choice_param(
+        "total", "sign election per entry: 'total' or 'frequency' (see TIES)")
 
 
 def random_pruning(
@@ -88,20 +75,15 @@ class _Dare(MergeMethod):
     uses_density = True
     consensus: ClassVar[Literal["sum", "ties"]]
 
-    def prepare_layer(
-        self,
-        deltas: list[Tensor],
-        gram: list[Tensor] | None,
-        generator: torch.Generator,
-        shape: tuple[int, int],
-    ) -> Tensor:
+    def prepare_layer(self, deltas: list[Tensor], gram: list[Tensor] | None, generator: torch.Generator,
+                      shape: tuple[int, int]) -> Tensor:
         """The dropped, rescaled deltas stacked, shape (T, d_out, d_in): the masks are drawn once,
         so every weight vector merged from one preparation sees the same drops."""
         density = self.params.density
         return torch.stack([random_pruning(d, density, generator) for d in deltas])
 
     def combine_prepared(self, prepared: Tensor, weights: list[float], shape: tuple[int, int]) -> Tensor:
-        dropped = prepared if all(w == 1.0 for w in weights) else prepared * weight_column(weights, prepared)
+        dropped = weight_rows(prepared, weights)
         if self.consensus == "ties":
             return elect_and_merge(dropped, self.params.majority_sign_method)
         return dropped.sum(dim=0)

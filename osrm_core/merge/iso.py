@@ -19,12 +19,14 @@ danielm1405/iso-merging).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from .base import MergeMethod, MergeParams, check_real
+from osrm_core.params import Interval, number_param
+
+from .base import MergeMethod, MergeParams
 from .spectral import count_above, polar, rank_tolerance, top_svd
 
 
@@ -62,20 +64,9 @@ class IsoC(MergeMethod):
 class IsoCtsParams(MergeParams):
     """Parameters of Iso-CTS."""
 
-    common_space_fraction: float = field(
-        default=0.8,
-        metadata={
-            "help": "share of the rank budget given to the common subspace (top singular vectors "
-            "of the sum), in [0, 1]; the rest is split evenly among the tasks' own directions",
-            "range": (0.0, 1.0),
-        },
-    )
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self.common_space_fraction = check_real(
-            "common_space_fraction", self.common_space_fraction, low=0.0, high=1.0
-        )
+    common_space_fraction: float = number_param(
+        0.8, "share of the rank budget given to the common subspace (top singular vectors of the sum), in "
+        "[0, 1]; the rest is split evenly among the tasks' own directions", Interval(0.0, 1.0))
 
 
 class IsoCts(MergeMethod):

@@ -17,9 +17,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import MergeMethod
+from .base import MergeMethod, weight_rows
 from .factor import fix_svd_signs, numerical_rank
-from .ties import TiesParams, elect_and_merge, trim_by_magnitude, weight_column
+from .ties import TiesParams, elect_and_merge, trim_by_magnitude
 
 
 def knots_basis(deltas: list[Tensor]) -> tuple[Tensor, Tensor, list[Tensor]]:
@@ -65,13 +65,8 @@ class _Knots(MergeMethod):
         """Merge the weighted blocks, shape (T, k, d_in), into one of shape (k, d_in)."""
         raise NotImplementedError
 
-    def prepare_layer(
-        self,
-        deltas: list[Tensor],
-        gram: list[Tensor] | None,
-        generator: torch.Generator,
-        shape: tuple[int, int],
-    ) -> tuple[Tensor, Tensor] | Tensor:
+    def prepare_layer(self, deltas: list[Tensor], gram: list[Tensor] | None, generator: torch.Generator,
+                      shape: tuple[int, int]) -> tuple[Tensor, Tensor] | Tensor:
         """``(U S, blocks)`` of :func:`knots_basis`, the blocks prepared (shape (T, k, d_in));
         a zero delta when all deltas are zero."""
         u, s, blocks = knots_basis(deltas)
@@ -85,9 +80,7 @@ class _Knots(MergeMethod):
         if isinstance(prepared, Tensor):  # all deltas are zero
             return prepared
         us, blocks = prepared
-        if any(w != 1.0 for w in weights):
-            blocks = blocks * weight_column(weights, blocks)
-        return us @ self.merge_blocks(blocks)
+        return us @ self.merge_blocks(weight_rows(blocks, weights))
 
 
 class KnotsTA(_Knots):

@@ -18,14 +18,15 @@ https://arxiv.org/abs/2212.09849
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from osrm_core.errors import OsrmInputError
+from osrm_core.params import Interval, number_param
 
-from .base import MergeMethod, MergeParams, check_real
+from .base import MergeMethod, MergeParams
 
 #: Ridge added to the diagonal of the summed Gram matrix, relative to each entry.
 RIDGE = 1e-8
@@ -35,18 +36,9 @@ RIDGE = 1e-8
 class RegMeanParams(MergeParams):
     """Parameters of RegMean."""
 
-    alpha: float = field(
-        default=0.9,
-        metadata={
-            "help": "scale of the off-diagonal Gram entries, in [0, 1]: 1 is exact RegMean, "
-            "0 keeps only the diagonal (a per-input-feature weighted mean)",
-            "range": (0.0, 1.0),
-        },
-    )
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self.alpha = check_real("alpha", self.alpha, low=0.0, high=1.0)
+    alpha: float = number_param(
+        0.9, "scale of the off-diagonal Gram entries, in [0, 1]: 1 is exact RegMean, 0 keeps only the "
+        "diagonal (a per-input-feature weighted mean)", Interval(0.0, 1.0))
 
 
 def regmean_merge(deltas: list[Tensor], grams: list[Tensor], alpha: float = 0.9) -> Tensor:

@@ -11,7 +11,7 @@ https://arxiv.org/abs/2306.01708
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -22,36 +22,23 @@ from peft.utils.merge_utils import (
 )
 from torch import Tensor
 
-from .base import MergeMethod, MergeParams, check_choice, check_real
+from osrm_core.params import choice_param, share_param
+
+from .base import MergeMethod, MergeParams, weight_rows
 
 SignMethod = Literal["total", "frequency"]
-SIGN_METHODS: tuple[str, ...] = ("total", "frequency")
 
 
 @dataclass
 class TiesParams(MergeParams):
     """Parameters of TIES (and KnOTS-TIES)."""
 
-    density: float = field(
-        default=0.5,
-        metadata={
-            "help": "fraction of each task's entries kept, the largest in magnitude, in (0, 1]; "
-            "0.5 by default because LoRA deltas are low-rank and dense",
-            "range": (0.01, 1.0),
-        },
-    )
-    majority_sign_method: SignMethod = field(
-        default="total",
-        metadata={
-            "help": "sign election per entry: 'total' (sign of the sum of values) or "
-            "'frequency' (sign held by more tasks)"
-        },
-    )
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self.density = check_real("density", self.density, low=0.0, high=1.0, low_open=True)
-        check_choice("majority_sign_method", self.majority_sign_method, SIGN_METHODS)
+    density: float = share_param(
+        0.5, "fraction of each task's entries kept, the largest in magnitude, in (0, 1]; 0.5 by default "
+        "because LoRA deltas are low-rank and dense")
+    majority_sign_method: SignMethod = choice_param(
+        "total", "sign election per entry: 'total' (sign of the sum of values) or 'frequency' (sign held by "
+        "more tasks)")
 
 
 def trim_by_magnitude(delta: Tensor, density: float) -> Tensor:
@@ -95,23 +82,12 @@ class Ties(MergeMethod):
     params_type = TiesParams
     uses_density = True
 
-    def prepare_layer(
-        self,
-        deltas: list[Tensor],
-        gram: list[Tensor] | None,
-        generator: torch.Generator,
-        shape: tuple[int, int],
-    ) -> Tensor:
+    def prepare_layer(self, deltas: list[Tensor], gram: list[Tensor] | None, generator: torch.Generator,
+                      shape: tuple[int, int]) -> Tensor:
         """The trimmed deltas stacked, shape (T, d_out, d_in): ``trim(w D) = w trim(D)`` for
         ``w >= 0``, so one trimming serves every weight vector."""
         return torch.stack([trim_by_magnitude(d, self.params.density) for d in deltas])
 
     def combine_prepared(self, prepared: Tensor, weights: list[float], shape: tuple[int, int]) -> Tensor:
-        stacked = prepared if all(w == 1.0 for w in weights) else prepared * weight_column(weights, prepared)
-        return elect_and_merge(stacked, self.params.majority_sign_method)
+        return elect_and_merge(weight_rows(prepared, weights), self.params.majority_sign_method)
 
-
-def weight_column(weights: list[float], like: Tensor) -> Tensor:
-    """``weights`` as a tensor of shape (T, 1, ..., 1) broadcasting over ``like`` (T, ...)."""
-    w = torch.tensor(weights, dtype=like.dtype, device=like.device)
-    return w.reshape(-1, *([1] * (like.ndim - 1)))

@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .base import MergeMethod, MergeParams, check_real
+from osrm_core.params import share_param
+
+from .base import MergeMethod, MergeParams
 from .spectral import count_above, polar, rank_tolerance, top_svd
 
 
@@ -29,19 +31,9 @@ from .spectral import count_above, polar, rank_tolerance, top_svd
 class TsvParams(MergeParams):
     """Parameters of TSV-M."""
 
-    sv_fraction: float = field(
-        default=1.0,
-        metadata={
-            "help": "share of min(d_out, d_in) singular triplets kept over all tasks, in (0, 1]: "
-            "each task keeps its top sv_fraction * min(d_out, d_in) / T (at most its numerical "
-            "rank); 1 is the reference's choice",
-            "range": (0.01, 1.0),
-        },
-    )
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self.sv_fraction = check_real("sv_fraction", self.sv_fraction, low=0.0, high=1.0, low_open=True)
+    sv_fraction: float = share_param(
+        1.0, "share of min(d_out, d_in) singular triplets kept over all tasks, in (0, 1]: each task keeps its "
+        "top sv_fraction * min(d_out, d_in) / T (at most its numerical rank); 1 is the reference's choice")
 
 
 @dataclass
@@ -86,13 +78,8 @@ class TsvMerge(MergeMethod):
     reference = "https://arxiv.org/abs/2412.00081"
     params_type = TsvParams
 
-    def prepare_layer(
-        self,
-        deltas: list[Tensor],
-        gram: list[Tensor] | None,
-        generator: torch.Generator,
-        shape: tuple[int, int],
-    ) -> TsvPrepared:
+    def prepare_layer(self, deltas: list[Tensor], gram: list[Tensor] | None, generator: torch.Generator,
+                      shape: tuple[int, int]) -> TsvPrepared:
         """One SVD per task, truncated to ``min(sv_fraction min(shape) / T, numerical rank)``."""
         budget = int(self.params.sv_fraction * min(shape) / len(deltas))
         us, ss, vhs = [], [], []

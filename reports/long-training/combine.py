@@ -15,7 +15,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from osrm_core.study import StudyConfig, study_seconds, write_report
+from osrm_core.study import StudyConfig, study_seconds
+from osrm_core.study_report import write_report
 
 HERE = Path(__file__).parent
 

@@ -7,7 +7,7 @@ swept like the study's arms.
 
 For each task of the run: its 1,000-step standard adapter is projected on the OSRM subspace of
 the other three tasks' statistics (rank 8, the adapter's), and a copy of the projection is
-re-fitted on the task (`osrm_core.workflows.posthoc_refit`: B and the head, ``--steps`` steps,
+re-fitted on the task (:func:`posthoc_refit` below: B and the head, ``--steps`` steps,
 the run's batch size and learning rates). Both sets are swept with the run's merge methods and
 lambdas on the run's test examples; the table gives each method's best plain merged average and
 best normalized average next to the run's own standard sweep.
@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
@@ -29,8 +30,71 @@ from osrm_core.diagnostics import posthoc_osrm_adapters  # noqa: E402
 from osrm_core.evaluate import SweepEngine  # noqa: E402
 from osrm_core.pipeline import Pipeline  # noqa: E402
 from osrm_core.rundir import RunDir  # noqa: E402
-from osrm_core.study import _md  # noqa: E402
-from osrm_core.workflows import posthoc_refit  # noqa: E402
+from osrm_core.errors import OsrmInputError  # noqa: E402
+from osrm_core.markdown import markdown_table  # noqa: E402
+from osrm_core.workflows import adapter_rank  # noqa: E402
+
+
+def posthoc_refit(
+    model,
+    tokenizer,
+    adapter,
+    task,
+    other_stats,
+    train,
+    *,
+    rank: int | None = None,
+    max_length: int = 128,
+    max_test: int | None = None,
+    seed: int = 0,
+):
+    """Post-hoc OSRM with B re-fitted: ``adapter`` (trained on ``task``) is projected on the OSRM
+    subspace of the other tasks (:func:`osrm_core.diagnostics.posthoc_osrm`: ``A = subspace``,
+    ``B = Delta_W A^+ / s``), then B and the head are fine-tuned on ``task`` for ``train.steps``
+    steps with A frozen, so the adapter wins back what the projection cut while its inputs stay
+    in the subspace the other tasks barely use.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A fresh base model with ``task``'s number of labels; wrapped in place.
+    train : osrm_core.settings.TrainSettings
+        The re-fit's settings; its ``constraint`` is replaced by ``freeze_A``.
+    rank : int, optional
+        Rank of the subspace (default: the adapter's largest rank).
+
+    Returns
+    -------
+    (Adapter, TrainResult)
+        The re-fitted adapter (scale of the original) and the fine-tuning's result (its test score).
+    """
+    from osrm_core.adapters import lora_from_model
+    from osrm_core.diagnostics import posthoc_osrm
+    from osrm_core.inits import init_lora, osrm_subspace
+    from osrm_core.train import finetune
+
+    if not other_stats:
+        raise OsrmInputError("posthoc_refit needs the statistics of at least one other task")
+    r = rank or adapter_rank(adapter)
+    subspaces = osrm_subspace(list(other_stats), r)
+    projected, _ = posthoc_osrm(adapter, {n: subspaces[n] for n in adapter.layers})
+    scales = {lw.scale for lw in projected.layers.values()}
+    if len(scales) != 1:
+        raise OsrmInputError(f"posthoc_refit needs one LoRA scale for every layer, got {sorted(scales)}")
+    unexpected = model.load_state_dict(projected.head, strict=False).unexpected_keys
+    if unexpected:
+        raise OsrmInputError(f"the adapter's head does not fit the model: {unexpected[0]!r}")
+    # The OSRM init sets A to the subspace (the projection's A) and B to zero; B starts from the projection.
+    peft_model = init_lora(model, "osrm", rank=r, alpha=scales.pop() * r, target_modules=list(adapter.layers),
+                           subspaces={n: subspaces[n].to(torch.float32) for n in adapter.layers}, freeze_a=True,
+                           seed=seed)
+    base = peft_model.get_base_model()
+    with torch.no_grad():
+        for name, lw in projected.layers.items():
+            base.get_submodule(name).lora_B["default"].weight.copy_(lw.B)
+    result = finetune(peft_model, tokenizer, task, train.model_copy(update={"constraint": "freeze_A"}),
+                      max_length=max_length, seed=seed, max_test=max_test)
+    return lora_from_model(peft_model), result
 
 
 def best(sweep: pd.DataFrame, arm: str) -> pd.DataFrame:
@@ -91,7 +155,7 @@ def main() -> None:
         "run": args.run.name, "steps": args.steps, "refit_seconds": round(refit_seconds, 1),
         "energy_kept_mean": float(kept["energy_kept"].mean()), "single": singles,
         "refit_test_scores": trained}, indent=2) + "\n")
-    print(_md(table))
+    print(markdown_table(table))
 
 
 if __name__ == "__main__":

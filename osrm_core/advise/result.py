@@ -1,0 +1,147 @@
+"""What the advisor found (:class:`Advice`) and the per-layer verdicts it reports."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import pandas as pd
+import torch
+
+from osrm_core.adapters import Adapter, union_layers
+from osrm_core.evaluate import LOWER_IS_BETTER
+
+
+@dataclass
+class Advice:
+    """What :func:`advise` found.
+
+    Attributes
+    ----------
+    candidates : DataFrame
+        One row per finalist and task: ``candidate, method, density, weights, origin,
+        validation, task, metric, n, score, low, high, single, normalized`` (held-out share; ``validation``
+        is the candidate's mean validation score, the search objective). The finalists are the
+        best grid point of each method and density (``origin`` ``grid``) and the weights the
+        search found from the best of them (``weights``).
+    summary : DataFrame
+        One row per finalist: mean held-out score with its 95% interval, mean normalized score,
+        validation score.
+    search : DataFrame
+        Every validation evaluation of the search in order: ``evaluation, stage`` (``grid`` or
+        ``weights``), ``method, density, weights, validation`` (minus the loss for causal LMs).
+    single : DataFrame
+        Single-task scores per task on each share (``task, share, score``).
+    recommended : dict
+        The chosen candidate (method, density, weights, held-out scores).
+    reason : str
+        One sentence with numbers saying why.
+    shares : dict of task to {"split": origin, "validation": indices, "heldout": indices}
+        Where each task's samples came from (``"test"``: the source's test split) and the
+        indices of each share into that pool (see :func:`split_samples`).
+    merged : dict of layer to tensor (d_out, d_in)
+        The recommended merge's ``Delta_W``.
+    layers : DataFrame
+        Per-layer verdicts (:func:`osrm_core.diagnostics.layer_verdicts`) from the statistics of
+        the validation share; :func:`layer_notes` says them in words.
+    """
+
+    names: list[str]
+    candidates: pd.DataFrame
+    summary: pd.DataFrame
+    single: pd.DataFrame
+    recommended: dict
+    reason: str
+    evaluations: int
+    seconds: float
+    shares: dict[str, dict[str, list[int]]] = field(repr=False)
+    settings: dict = field(default_factory=dict)
+    merged: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    layers: pd.DataFrame = field(default_factory=pd.DataFrame, repr=False)
+    search: pd.DataFrame = field(default_factory=pd.DataFrame, repr=False)
+
+    @property
+    def lower_is_better(self) -> bool:
+        """Whether the scores are losses (adapters of a causal LM): the best comes lowest."""
+        return bool(len(self.candidates)) and bool(self.candidates["metric"].isin(LOWER_IS_BETTER).all())
+
+    def to_dict(self) -> dict:
+        def records(df: pd.DataFrame) -> list[dict]:
+            return json.loads(df.to_json(orient="records"))
+
+        return {
+            "adapters": self.names,
+            "recommended": self.recommended,
+            "reason": self.reason,
+            "summary": records(self.summary),
+            "candidates": records(self.candidates),
+            "search": records(self.search),
+            "single": records(self.single),
+            "evaluations": self.evaluations,
+            "seconds": round(self.seconds, 2),
+            "shares": self.shares,
+            "samples": {n: {"split": s["split"], "validation": len(s["validation"]), "heldout": len(s["heldout"])}
+                        for n, s in self.shares.items()},
+            "layers": records(self.layers),
+            "layer_notes": layer_notes(self.layers) if len(self.layers) else [],
+            "settings": self.settings,
+        }
+
+
+def weights_label(weights: Sequence[float]) -> str:
+    return "/".join(f"{w:.2g}" for w in weights)
+
+
+def method_label(method: str, density: float | None) -> str:
+    return method + ("" if density is None or pd.isna(density) else f" (density {density:g})")
+
+
+def adapter_layer_verdicts(model, adapters: dict[str, Adapter], stats: dict) -> pd.DataFrame:
+    """:func:`osrm_core.diagnostics.layer_verdicts` of the adapters against their tasks' statistics
+    (over the union of their layers)."""
+    from osrm_core.diagnostics import interference_table, layer_verdicts, posthoc_osrm_adapters
+    from osrm_core.models import weight_as_linear
+
+    w0 = {n: weight_as_linear(model.get_submodule(n)).detach() for n in union_layers(adapters)}
+    projected, kept = posthoc_osrm_adapters(adapters, stats)
+    table = pd.concat(
+        [interference_table(adapters, stats, w0).assign(init="uploaded"),
+         interference_table(projected, stats, w0).assign(init="posthoc_osrm")],
+        ignore_index=True,
+    )
+    return layer_verdicts(table, kept)
+
+
+def layer_notes(verdicts: pd.DataFrame) -> list[str]:
+    """One plain sentence per layer group (the adapted layers of one block), ranked by the
+    interference they carry, from :func:`osrm_core.diagnostics.layer_verdicts`."""
+    from osrm_core.viz.common import short_layer
+
+    block = verdicts["layer"].map(lambda n: short_layer(n).split(".")[0])
+    notes = []
+    for name, part in verdicts.groupby(block, sort=False):
+        total, own = float(part["cross_shift"].sum()), float(part["own_shift"].sum())
+        removed = 1 - float(part["cross_shift_posthoc"].sum()) / total if total > 0 else 0.0
+        kept = float(part["kept_by_posthoc"].mean())
+        top = part.iloc[0]  # verdicts come most interference first
+        layers = ", ".join(short_layer(n).split(".")[-1] for n in part["layer"])
+        if own <= 0:
+            notes.append((total, f"{name} ({layers}): the adapters do not change this block."))
+            continue
+        if total / own < 0.05:
+            verdict = "little to fix here"
+        elif removed >= 0.5 and kept >= 0.5:
+            verdict = "projecting is worth it here"
+        elif removed >= 0.5:
+            verdict = "it would remove the interference but also most of what the adapters learned here"
+        else:
+            verdict = "projection would not help much here"
+        notes.append((total, (
+            f"{name} ({layers}): the other tasks' adapters shift each task's outputs by {total:.2%} of their "
+            f"energy in all ({total / own:.2f}x the wanted change), mostly {top['top_adapter']} on "
+            f"{top['top_data']} ({top['top_share']:.0%} at {short_layer(top['layer'])}); post-hoc OSRM would "
+            f"remove {removed:.0%} of it and keep {kept:.0%} of the adapters' ΔW: {verdict}."
+        )))
+    ranked = sorted(notes, key=lambda x: -x[0])
+    return [f"{k}. {text}" for k, (_, text) in enumerate(ranked, start=1)]
