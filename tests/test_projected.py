@@ -132,9 +132,10 @@ def test_diagnosis_from_projected_statistics(small_llama) -> None:
     tasks = [load_task("t0", paths["tasks"]["a"]), load_task("t1", paths["tasks"]["b"])]
     stats = {t.name: collect_projected_stats(model, tokenizer, t, adapters, max_samples=None) for t in tasks}
     result = diagnose_adapters(model, adapters, stats)
-    assert {"angles", "posthoc", "projected"}.isdisjoint(result)
-    assert set(result["interference"]["init"]) == {"uploaded"}
-    assert result["matrix"].shape == (2, 2) and bool((result["matrix"].to_numpy() > 0).all())
+    assert result.angles.empty and result.posthoc.empty and result.projected == {}
+    assert set(result.interference["init"]) == {"uploaded"}
+    assert result.matrix.shape == (2, 2) and bool((result.matrix.to_numpy() > 0).all())
+    assert "layers each adapter covers" in result.to_text()
     other = {n: Adapter({k: LoraWeights(lw.A * 2, lw.B, lw.scale) for k, lw in a.layers.items()}, {}, a.config)
              for n, a in adapters.items()}
     with pytest.raises(ValueError, match="not the one the projected statistics were taken with"):
