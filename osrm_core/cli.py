@@ -148,6 +148,12 @@ def _add_adapter_commands(sub) -> None:
     _common(p, adapters=True, lora_rank=False)
     p.add_argument("--posthoc-rank", type=int, default=None,
                    help="rank of the post-hoc OSRM subspaces (default: each adapter's own rank)")
+    p.add_argument("--stats", default="auto", choices=["auto", "projected", "dense"],
+                   help="projected: only the adapters' projections A_j h (r x r per layer; every table but "
+                        "post-hoc OSRM and the principal angles); dense: the d x d moments (refused when they "
+                        "do not fit); auto (default): dense when they fit, else projected")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="the base model's weights (bfloat16 halves its memory; statistics stay float64)")
     p.set_defaults(func=commands.cmd_diagnose)
 
     p = sub.add_parser("advise", help="search method, lambda, density and per-adapter weights; write the advised adapter")

@@ -364,13 +364,18 @@ def cmd_sweep(args) -> None:
 
 
 def cmd_diagnose(args) -> None:
+    import torch
+
     from osrm_core.adapters import union_layers
+    from osrm_core.memory import projected_or_dense
     from osrm_core.workflows import diagnose_adapters, load_base_for, task_stats
 
     adapters = _load_adapters(args)
-    model, tok = load_base_for(adapters, args.model)
+    projected = projected_or_dense(args.stats, adapters, len(args.task or []))  # before any work
+    model, tok = load_base_for(adapters, args.model, dtype=getattr(torch, args.dtype))
     stats = task_stats(model, tok, _load_tasks(args), samples=args.samples, max_length=args.max_length,
-                       target_modules=list(union_layers(adapters)), seed=args.seed)
+                       target_modules=list(union_layers(adapters)), seed=args.seed,
+                       adapters=adapters if projected else None)
     diagnosis = diagnose_adapters(model, adapters, stats, posthoc_rank=args.posthoc_rank)
     tables = diagnosis.tables()
     if args.out:

@@ -8,10 +8,7 @@ For task ``i``'s inputs ``h_i`` at a layer with second moment ``S_i = E[h_i h_i^
 
 No data is run again: these are exact expectations over the tokens the statistics saw.
 
-Two signals need no data at all, only the adapters' weights (:func:`sv_interference_table`,
-:func:`merged_spectrum`): how much of adapter ``j``'s ``Delta_W`` reads the input directions
-of adapter ``i``'s ``Delta_W`` (its right singular vectors stand in for task ``i``'s inputs),
-and how much the merge's spectrum loses against the spectra of its parts.
+The signals that need no data at all live in :mod:`osrm_core.datafree` (imported here too).
 """
 
 from __future__ import annotations
@@ -23,9 +20,10 @@ import pandas as pd
 import scipy.linalg
 import torch
 
-from osrm_core.adapters import Adapter, LoraWeights, union_layers
+from osrm_core.adapters import Adapter, LoraWeights
+from osrm_core.datafree import factored_svd, merged_spectrum, pair_signals, sv_interference_table  # noqa: F401
 from osrm_core.errors import OsrmInputError
-from osrm_core.stats import FeatureStats
+from osrm_core.stats import FeatureStats, LayerStats, ProjectedLayer, ProjectedStats
 
 
 def quadratic_trace(M: torch.Tensor, S: torch.Tensor) -> float:
@@ -46,14 +44,12 @@ def output_shift(lora: LoraWeights, S: torch.Tensor) -> float:
     The low-rank form costs ``r d^2`` instead of ``d^3``.
     """
     A = lora.A.to(torch.float64)
-    B = lora.B.to(torch.float64)
-    inner = (A @ S.to(A)) @ A.T
-    return float(lora.scale**2 * ((B.T @ B) * inner).sum())
+    return _shift_from_moment(lora, (A @ S.to(A)) @ A.T)
 
 
 def interference_table(
     adapters: dict[str, Adapter],
-    stats: dict[str, FeatureStats],
+    stats: dict[str, FeatureStats | ProjectedStats],
     base_weights: dict[str, torch.Tensor] | None = None,
 ) -> pd.DataFrame:
     """Interference of every adapter on every task's data, per layer.
@@ -61,51 +57,70 @@ def interference_table(
     Parameters
     ----------
     adapters : dict of task name to Adapter
-    stats : dict of task name to FeatureStats
-        Statistics of each task (at least those of the adapters' layers).
+    stats : dict of task name to FeatureStats or ProjectedStats
+        Statistics of each task (at least those of the adapters' layers): dense, or projected
+        on these very adapters (:func:`osrm_core.stats.collect_projected_stats`; the same
+        numbers to float64 rounding, ``tr(W0 S W0^T)`` then at the model's precision).
     base_weights : dict of layer name to tensor (d_out, d_in), optional
-        ``W0`` per layer, for the relative output shift.
+        ``W0`` per layer, for the relative output shift of dense statistics (projected ones
+        carry ``tr(W0 S W0^T)`` themselves).
 
     Returns
     -------
     DataFrame with columns ``layer, adapter, data, input_energy, output_shift,
     relative_shift, own`` (``own`` is True where adapter == data); ``input_energy`` is
     ``E||A_j h_i||^2`` and ``relative_shift`` is ``output_shift / tr(W0 S_i W0^T)`` (NaN without
-    ``base_weights``).
+    ``base_weights`` for dense statistics).
     """
     if not adapters or not stats:
         raise OsrmInputError("interference_table needs at least one adapter and one task's statistics")
     rows = []
     base_energy: dict[tuple[str, str], float] = {}
     for j, adapter in adapters.items():
+        gram: dict[str, torch.Tensor] = {}  # B_j^T B_j per layer, once for every task
         for layer, lw in adapter.layers.items():
             for i, st in stats.items():
                 if layer not in st.layers:
                     raise OsrmInputError(f"statistics of task {i!r} have no layer {layer!r}")
-                S = st.layers[layer].second_moment
-                if S.shape[0] != lw.A.shape[1]:
-                    raise OsrmInputError(
-                        f"size mismatch for layer {layer!r}: statistics {S.shape[0]}, adapter {lw.A.shape[1]}"
-                    )
-                shift = output_shift(lw, S)
-                rel = math.nan
-                if base_weights is not None:
-                    key = (i, layer)
-                    if key not in base_energy:
-                        base_energy[key] = quadratic_trace(base_weights[layer], S)
-                    rel = shift / base_energy[key] if base_energy[key] > 0 else math.nan
+                sl = st.layers[layer]
+                M = adapter_moment(sl, j, lw.A, layer)
+                if layer not in gram:
+                    gram[layer] = lw.B.detach().to(torch.float64).T @ lw.B.detach().to(torch.float64)
+                shift = float(lw.scale**2 * (gram[layer] * M.to(torch.float64)).sum())
+                if isinstance(sl, ProjectedLayer):
+                    base_energy[(i, layer)] = sl.base_energy
+                elif base_weights is not None and (i, layer) not in base_energy:
+                    base_energy[(i, layer)] = quadratic_trace(base_weights[layer], sl.second_moment)
+                base = base_energy.get((i, layer), math.nan)
                 rows.append(
                     {
                         "layer": layer,
                         "adapter": j,
                         "data": i,
-                        "input_energy": input_interference(lw.A, S),
+                        "input_energy": float(torch.trace(M)),
                         "output_shift": shift,
-                        "relative_shift": rel,
+                        "relative_shift": shift / base if base > 0 else math.nan,
                         "own": i == j,
                     }
                 )
     return pd.DataFrame(rows)
+
+
+def adapter_moment(sl: LayerStats | ProjectedLayer, name: str, A: torch.Tensor, layer: str = "") -> torch.Tensor:
+    """``A S A^T`` (r x r, float64) of adapter ``name`` at one layer of a task's statistics:
+    from the dense ``S``, or the block the projected statistics hold."""
+    if isinstance(sl, ProjectedLayer):
+        return sl.moment(name, A)
+    if sl.d != A.shape[1]:
+        raise OsrmInputError(f"size mismatch for layer {layer!r}: statistics {sl.d}, adapter {A.shape[1]}")
+    A = A.detach().to(torch.float64)
+    return (A @ sl.second_moment.to(A)) @ A.T
+
+
+def _shift_from_moment(lora: LoraWeights, M: torch.Tensor) -> float:
+    """``s^2 tr((B^T B) M)`` with ``M = A S A^T``."""
+    B = lora.B.to(torch.float64)
+    return float(lora.scale**2 * ((B.T @ B) * M.to(torch.float64)).sum())
 
 
 def interference_matrix(table: pd.DataFrame, value: str = "input_energy") -> pd.DataFrame:
@@ -134,13 +149,18 @@ def row_space(M: torch.Tensor, k: int | None = None, rtol: float | None = None) 
     ``Delta_W = s B A`` of rank r has rounding-level singular values far above 1e-10, which
     would otherwise count as a full-rank row space).
     """
+    _, s, vh = torch.linalg.svd(M.to(torch.float64), full_matrices=False)
+    if k is None:
+        k = _kept_rank(M, s, rtol)
+    return vh[: max(k, 0)].T
+
+
+def _kept_rank(M: torch.Tensor, s: torch.Tensor, rtol: float | None = None) -> int:
+    """How many singular values ``s`` of ``M`` :func:`row_space` keeps."""
     if rtol is None:
         eps = torch.finfo(M.dtype).eps if M.is_floating_point() else 0.0
         rtol = max(1e-10, max(M.shape) * eps)
-    _, s, vh = torch.linalg.svd(M.to(torch.float64), full_matrices=False)
-    if k is None:
-        k = int((s > rtol * s.max().clamp_min(1e-300)).sum()) if s.numel() else 0
-    return vh[: max(k, 0)].T
+    return int((s > rtol * s.max().clamp_min(1e-300)).sum()) if s.numel() else 0
 
 
 def lora_row_space(lora: LoraWeights) -> torch.Tensor:
@@ -239,18 +259,29 @@ def _angle_row(layer: str, kind: str, a: str, b: str, angles: np.ndarray) -> dic
 
 
 def own_energy(A: torch.Tensor, S: torch.Tensor) -> tuple[float, float]:
-    """Share of a task's own feature energy that A's row space sees, and a random subspace's.
+    """:func:`own_energy_of_moment` from the dense second moment ``S``."""
+    A64 = A.detach().to(torch.float64)
+    return own_energy_of_moment(A, (A64 @ S.to(A64)) @ A64.T, float(torch.trace(S.to(torch.float64))))
+
+
+def own_energy_of_moment(A: torch.Tensor, M: torch.Tensor, trace: float) -> tuple[float, float]:
+    """Share of a task's own feature energy that A's row space sees, and a random subspace's,
+    from ``M = A S A^T`` (:func:`adapter_moment`) and ``tr S``.
 
     Returns ``(tr(P S P^T) / tr(S), r / d)`` with ``P`` an orthonormal basis of A's row space:
-    the expected share of a random orthonormal subspace of the same rank is ``r / d``.
+    the expected share of a random orthonormal subspace of the same rank is ``r / d``. With
+    ``A = U Sigma V^T``, ``P = V_k^T = Sigma_k^{-1} U_k^T A`` (``k``: the singular values
+    :func:`row_space` keeps), so ``tr(P S P^T) = tr(Sigma_k^{-1} U_k^T M U_k Sigma_k^{-1})``.
     """
-    basis = row_space(A).T
-    share = quadratic_trace(basis, S) / float(torch.trace(S.to(torch.float64)))
-    return share, basis.shape[0] / S.shape[0]
+    u, s, _ = torch.linalg.svd(A.detach().to(torch.float64), full_matrices=False)
+    k = _kept_rank(A, s)
+    w = u[:, :k] / s[:k]
+    return float((w * (M.to(torch.float64) @ w)).sum()) / trace, k / A.shape[1]
 
 
-def own_energy_table(adapters: dict[str, Adapter], stats: dict[str, FeatureStats]) -> pd.DataFrame:
-    """Per task and layer, the own-task energy share of the adapter's A against random.
+def own_energy_table(adapters: dict[str, Adapter], stats: dict[str, FeatureStats | ProjectedStats]) -> pd.DataFrame:
+    """Per task and layer, the own-task energy share of the adapter's A against random, from
+    dense or projected statistics.
 
     Columns ``task, layer, share, random_share, ratio``.
     """
@@ -259,7 +290,9 @@ def own_energy_table(adapters: dict[str, Adapter], stats: dict[str, FeatureStats
         if t not in stats:
             raise OsrmInputError(f"no statistics for task {t!r}")
         for layer, lw in adapter.layers.items():
-            share, rnd = own_energy(lw.A, stats[t].layers[layer].second_moment)
+            sl = stats[t].layers[layer]
+            trace = sl.trace if isinstance(sl, ProjectedLayer) else float(torch.trace(sl.second_moment.double()))
+            share, rnd = own_energy_of_moment(lw.A, adapter_moment(sl, t, lw.A, layer), trace)
             rows.append(
                 {"task": t, "layer": layer, "share": share, "random_share": rnd, "ratio": share / rnd}
             )
@@ -364,129 +397,3 @@ def layer_verdicts(interference: pd.DataFrame, kept: pd.DataFrame) -> pd.DataFra
         })
     out = pd.DataFrame(rows).sort_values("cross_shift", ascending=False, kind="stable").reset_index(drop=True)
     return out.assign(rank=np.arange(1, len(out) + 1))
-
-
-# --------------------------------------------------------------------------- data-free signals
-
-
-def factored_svd(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Thin SVD of ``B @ A`` (B: d_out x r, A: r x d_in) from the factors, in float64, without
-    forming the d_out x d_in product: ``U (d_out, r), S (r,), V (d_in, r)`` with
-    ``B @ A = U diag(S) V^T``."""
-    qb, rb = torch.linalg.qr(B.double())
-    qa, ra = torch.linalg.qr(A.double().T)
-    u, sigma, vh = torch.linalg.svd(rb @ ra.T)
-    return qb @ u, sigma, qa @ vh.T
-
-
-def _numerical_rank(sigma: torch.Tensor) -> int:
-    if sigma.numel() == 0 or float(sigma[0]) == 0.0:
-        return 0
-    return int((sigma > sigma[0] * max(sigma.shape) * torch.finfo(torch.float64).eps).sum())
-
-
-def sv_interference_table(adapters: dict[str, Adapter]) -> pd.DataFrame:
-    """Data-free interference of every adapter on every other adapter's task, per layer.
-
-    Task ``i``'s inputs are stood in for by the right singular vectors ``V_i`` of its own
-    ``Delta_W_i`` (the input directions its adapter reads); adapter ``j``'s score is the share of
-    its energy on them, ``sv_overlap = ||Delta_W_j V_i||_F^2 / ||Delta_W_j||_F^2`` in [0, 1]
-    (0: it reads nothing task i's adapter reads; 1: all it reads). The data-aware counterpart
-    is :func:`interference_table`'s ``relative_shift``.
-
-    Returns
-    -------
-    DataFrame with columns ``layer, adapter, data, sv_overlap, energy`` (``energy`` =
-    ``||Delta_W_j||_F^2``, the weight when summing over layers), for pairs j != i where both
-    adapters have the layer.
-    """
-    svd = {(n, layer): factored_svd(lw.scale * lw.B, lw.A)
-           for n, a in adapters.items() for layer, lw in a.layers.items()}
-    rows = []
-    for layer in union_layers(adapters):
-        for j in adapters:
-            for i in adapters:
-                if i == j or (j, layer) not in svd or (i, layer) not in svd:
-                    continue
-                _, s_j, v_j = svd[(j, layer)]
-                _, s_i, v_i = svd[(i, layer)]
-                v_i = v_i[:, : _numerical_rank(s_i)]
-                energy = float((s_j**2).sum())
-                on_i = float(((s_j[:, None] * (v_j.T @ v_i)) ** 2).sum())
-                rows.append({"layer": layer, "adapter": j, "data": i,
-                             "sv_overlap": on_i / energy if energy > 0 else 0.0, "energy": energy})
-    return pd.DataFrame(rows, columns=["layer", "adapter", "data", "sv_overlap", "energy"])
-
-
-def _effective_rank(sigma: torch.Tensor) -> float:
-    """``exp`` of the entropy of the normalized squared singular values (Roy & Vetterli, 2007)."""
-    p = sigma**2 / (sigma**2).sum()
-    p = p[p > 0]
-    return float(torch.exp(-(p * p.log()).sum())) if p.numel() else 0.0
-
-
-def merged_spectrum(
-    adapters: dict[str, Adapter], weights: list[float] | None = None
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The spectrum of the task-arithmetic merge ``sum_i w_i Delta_W_i`` against the spectra of
-    its parts, per layer (data-free; exact, from the LoRA factors).
-
-    Returns
-    -------
-    spectra : DataFrame ``layer, kind, index, sigma``
-        ``kind`` is ``merged`` (singular values of the merge) or ``parts`` (every part's
-        singular values together, sorted: the spectrum the merge would have if the parts did
-        not touch).
-    summary : DataFrame, one row per layer
-        ``adapters`` (how many have the layer); ``nuclear_retention`` =
-        ``||sum_i w_i Delta_W_i||_* / sum_i ||w_i Delta_W_i||_*`` in [0, 1] (1: the parts sit in
-        orthogonal row and column spaces; lower: merging cancels or collapses directions);
-        ``energy_ratio`` = ``||sum||_F^2 / sum ||.||_F^2`` (above 1: the parts reinforce, below:
-        they cancel); ``effective_rank_merged`` and ``effective_rank_parts``.
-    """
-    names = list(adapters)
-    weights = [1.0] * len(names) if weights is None else list(weights)
-    if len(weights) != len(names):
-        raise OsrmInputError(f"weights has {len(weights)} entries for {len(names)} adapters")
-    spectra, summary = [], []
-    for layer in union_layers(adapters):
-        parts = [(w * adapters[n].layers[layer].scale, adapters[n].layers[layer])
-                 for n, w in zip(names, weights, strict=True) if layer in adapters[n].layers]
-        each = torch.cat([factored_svd(s * lw.B, lw.A)[1] for s, lw in parts]).sort(descending=True).values
-        merged = factored_svd(torch.cat([s * lw.B.double() for s, lw in parts], 1),
-                              torch.cat([lw.A.double() for _, lw in parts], 0))[1]
-        total, energy = float(each.sum()), float((each**2).sum())
-        summary.append({
-            "layer": layer,
-            "adapters": len(parts),
-            "nuclear_retention": float(merged.sum()) / total if total > 0 else 1.0,
-            "energy_ratio": float((merged**2).sum()) / energy if energy > 0 else 1.0,
-            "effective_rank_merged": _effective_rank(merged),
-            "effective_rank_parts": _effective_rank(each),
-        })
-        for kind, sigma in (("merged", merged), ("parts", each)):
-            spectra += [{"layer": layer, "kind": kind, "index": k, "sigma": float(x)} for k, x in enumerate(sigma)]
-    return pd.DataFrame(spectra), pd.DataFrame(summary)
-
-
-def pair_signals(adapters: dict[str, Adapter]) -> pd.DataFrame:
-    """Per ordered pair (task ``data`` i, adapter j != i), summed over layers, the data-free
-    signals to set against a measured merge loss: ``sv_overlap`` (:func:`sv_interference_table`,
-    energy-weighted over layers) and ``spectral_loss`` = ``1 - nuclear_retention`` of the merge
-    of the two adapters (:func:`merged_spectrum`, nuclear norms summed over layers)."""
-    table = sv_interference_table(adapters)
-    spectral_loss: dict[frozenset, float] = {}  # symmetric: once per unordered pair
-    rows = []
-    for (j, i), part in table.groupby(["adapter", "data"], sort=False):
-        pair = frozenset((i, j))
-        if pair not in spectral_loss:
-            nuclear = merged_spectrum({i: adapters[i], j: adapters[j]})[0].groupby("kind")["sigma"].sum()
-            spectral_loss[pair] = 1.0 - float(nuclear["merged"] / nuclear["parts"]) if nuclear["parts"] > 0 else 0.0
-        energy = part["energy"].sum()
-        rows.append({
-            "adapter": j,
-            "data": i,
-            "sv_overlap": float((part["sv_overlap"] * part["energy"]).sum() / energy) if energy > 0 else 0.0,
-            "spectral_loss": spectral_loss[pair],
-        })
-    return pd.DataFrame(rows, columns=["adapter", "data", "sv_overlap", "spectral_loss"])

@@ -9,6 +9,7 @@ to choose ``stats_dtype`` and ``layers_per_pass`` before a long run.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import pandas as pd
@@ -127,3 +128,142 @@ def memory_plan(
     df = pd.concat([df, pd.DataFrame([(s, i, b, "") for s, i, b in peaks], columns=df.columns)], ignore_index=True)
     df.insert(3, "GiB", (df["bytes"] / GiB).round(2))
     return df
+
+
+class MemoryPlanError(OsrmInputError):
+    """The plan does not fit in the memory available: raised before any work."""
+
+
+def available_bytes(device: str = "cpu") -> int | None:
+    """Memory a new allocation can take now: free CUDA memory on a CUDA device, else the
+    system's ``MemAvailable`` (Linux); None where it cannot be known."""
+    import torch
+
+    if str(device).startswith("cuda"):
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    meminfo = Path("/proc/meminfo")
+    if not meminfo.exists():
+        return None
+    for line in meminfo.read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
+def dense_stats_bytes(widths: dict[str, int], tasks: int, stats_dtype: str = "float64") -> int:
+    """Bytes of the dense statistics (``sum h h^T``, the sample means' outer products, ``sum h``)
+    of ``tasks`` tasks at the layers ``widths`` (name to ``d_in``); layers of one parent module
+    with the same width (query/key/value, gate/up) read one input and count once."""
+    sb = 8 if stats_dtype == "float64" else 4
+    inputs = {(name.rsplit(".", 1)[0], d) for name, d in widths.items()}
+    return tasks * sum((2 * d * d + d) * sb for _, d in inputs)
+
+
+def projected_stats_bytes(ranks: dict[str, int], tasks: int, stats_dtype: str = "float64") -> int:
+    """Bytes of the projected statistics: ``R x R`` per layer and task (``R``: the adapters'
+    ranks at the layer summed)."""
+    sb = 8 if stats_dtype == "float64" else 4
+    return tasks * sum((r * r + 2) * sb for r in ranks.values())
+
+
+def check_fits(need: int, what: str, hint: str, device: str = "cpu") -> None:
+    """Refuse, in one line, ``what`` needing ``need`` bytes when less is available."""
+    have = available_bytes(device)
+    if have is not None and need > have:
+        raise MemoryPlanError(f"{what} needs {need / GiB:.1f} GiB, {have / GiB:.1f} GiB available: {hint}")
+
+
+#: Published configs of the shapes in the README's table (hidden, layers, MLP width, heads, KV
+#: heads, head width, vocabulary, tied embeddings).
+SHAPES = {
+    "Llama-3.2-1B": (2048, 16, 8192, 32, 8, 64, 128256, True),
+    "Llama-3-8B": (4096, 32, 14336, 32, 8, 128, 128256, False),
+    "Qwen2.5-7B": (3584, 28, 18944, 28, 4, 128, 152064, False),
+}
+
+
+def seven_kinds(shape: tuple) -> tuple[dict[str, tuple[int, int]], int]:
+    """``{kind: (d_in, d_out)}`` of one block's seven linear layers, and all parameters."""
+    h, n, inter, heads, kv, hd, vocab, tied = shape
+    kinds = {"q_proj": (h, heads * hd), "k_proj": (h, kv * hd), "v_proj": (h, kv * hd),
+             "o_proj": (heads * hd, h), "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
+    params = n * (sum(a * b for a, b in kinds.values()) + 2 * h) + vocab * h * (1 if tied else 2) + h
+    return kinds, params
+
+
+def diagnose_plan(shape: tuple, *, adapters: int = 8, rank: int = 16, tasks: int = 2, weight_bytes: int = 2,
+                  tokens: int = 32 * 128) -> pd.DataFrame:
+    """Memory of ``osrm diagnose`` and ``osrm merge`` on one machine, projected against dense
+    statistics, for ``adapters`` LoRAs of ``rank`` on all seven linear kinds of every block.
+
+    Returns a DataFrame ``stage, item, projected, dense`` in bytes (for the merge row,
+    ``projected`` is core space and ``dense`` full space). Dense statistics hold
+    ``2 d^2 + d`` float64 numbers per distinct input (q/k/v read one, gate/up one) and task;
+    projected ones ``R^2`` per layer and task, ``R = adapters x rank``. The merge rows: the
+    largest layer's ``adapters`` deltas in float32 (full space) against its cores (core space).
+    """
+    from osrm_core.stats.projected import CHUNK_TOKENS
+
+    kinds, params = seven_kinds(shape)
+    R = adapters * rank
+    parent = {"q_proj": "attn", "k_proj": "attn", "v_proj": "attn", "gate_proj": "mlp", "up_proj": "mlp"}
+    widths = {f"{b}.{parent.get(k, k)}.{k}": d_in for b in range(shape[1]) for k, (d_in, _) in kinds.items()}
+    lora = adapters * shape[1] * sum(rank * (a + b) for a, b in kinds.values()) * 4
+    d_max = max(d for d, _ in kinds.values())
+    rows = [
+        ("all", "base weights", params * weight_bytes, params * weight_bytes),
+        ("all", "adapters (float32)", lora, lora),
+        ("diagnose", "statistics of the tasks", projected_stats_bytes({k: R for k in widths}, tasks),
+         dense_stats_bytes(widths, tasks)),
+        ("diagnose", "per-batch scratch", CHUNK_TOKENS * (d_max + R) * 8, 3 * tokens * d_max * 8),
+    ]
+    df = pd.DataFrame(rows, columns=["stage", "item", "projected", "dense"])
+    peak = df[["projected", "dense"]].sum()
+    merge = ("merge", "largest layer's work (core / full space)", 3 * R * R * 8,
+             adapters * max(a * b for a, b in kinds.values()) * 4)
+    return pd.concat([df, pd.DataFrame([("diagnose", "peak", peak["projected"], peak["dense"]), merge],
+                                       columns=df.columns)], ignore_index=True)
+
+
+def scale_table(**options) -> str:
+    """The README's table: :func:`diagnose_plan` of :data:`SHAPES` in GiB, as markdown."""
+    plans = {name: diagnose_plan(shape, **options) for name, shape in SHAPES.items()}
+    first = next(iter(plans.values()))
+    head = "| stage | " + " | ".join(f"{n} projected | {n} dense" for n in plans) + " |"
+    lines = [head, "|---|" + "---|" * (2 * len(plans))]
+    for k, row in first.iterrows():
+        label = f"{row.stage}: {row['item']}"
+        cells = [f"{p.loc[k, side] / GiB:.2f}" for p in plans.values() for side in ("projected", "dense")]
+        if row["item"] == "peak":
+            label, cells = f"**{label}**", [f"**{c}**" for c in cells]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+
+
+def projected_or_dense(choice: str, adapters, tasks: int) -> bool:
+    """Whether ``osrm diagnose`` collects projected statistics: ``projected``; ``dense`` (refused
+    in one line when the d x d moments do not fit on the CPU); ``auto``: dense when they fit,
+    else projected (with a note on stderr)."""
+    import sys
+
+    from osrm_core.adapters import union_layers
+
+    if choice == "projected":
+        return True
+    widths = {n: next(a.layers[n].A.shape[1] for a in adapters.values() if n in a.layers)
+              for n in union_layers(adapters)}
+    try:
+        check_fits(dense_stats_bytes(widths, max(tasks, 1)), f"dense statistics of {tasks} tasks",
+                   "use --stats projected (every table but post-hoc OSRM and the principal angles)")
+    except MemoryPlanError as err:
+        if choice == "dense":
+            raise
+        print(f"note: {err}; collecting projected statistics", file=sys.stderr)
+        return True
+    return False
+
+
+if __name__ == "__main__":
+    print(scale_table())

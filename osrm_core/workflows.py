@@ -16,6 +16,7 @@ the command line, the app and notebooks:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from osrm_core.adapters import Adapter, check_against_model, union_layers
 from osrm_core.data import TaskData
 from osrm_core.diagnosis import Diagnosis
 from osrm_core.errors import OsrmInputError
-from osrm_core.stats import FeatureStats, collect_feature_stats
+from osrm_core.stats import FeatureStats, ProjectedStats, collect_feature_stats, collect_projected_stats
 
 Progress = Callable[[int, int, str], None]
 
@@ -75,8 +76,23 @@ def coverage_table(adapters: dict[str, Adapter]) -> pd.DataFrame:
 
 
 def task_stats(model, tokenizer, tasks: Sequence[TaskData], *, samples: int | None = 100, max_length: int = 128,
-               target_modules: list[str] | None = None, seed: int = 0) -> dict[str, FeatureStats]:
-    """Feature statistics of each task at the given layers of ``model`` (``samples`` None: all)."""
+               target_modules: list[str] | None = None, seed: int = 0,
+               adapters: dict[str, Adapter] | None = None) -> dict[str, FeatureStats | ProjectedStats]:
+    """Feature statistics of each task at the given layers of ``model`` (``samples`` None: all);
+    with ``adapters``, projected on them (:func:`osrm_core.stats.collect_projected_stats`: what
+    the interference tables need, without the ``d x d`` moments; tasks with the same texts are
+    streamed once)."""
+    if adapters is not None:
+        # Tasks with the same texts (several adapters scored on one data set) stream them once.
+        done: dict[tuple, ProjectedStats] = {}
+        out = {}
+        for t in tasks:
+            key = (tuple(t.train.text), None if t.train.text_pair is None else tuple(t.train.text_pair))
+            if key not in done:
+                done[key] = collect_projected_stats(model, tokenizer, t, adapters, max_samples=samples,
+                                                    max_length=max_length, seed=seed)
+            out[t.name] = dataclasses.replace(done[key], task=t.name)
+        return out
     return {
         t.name: collect_feature_stats(
             model, tokenizer, t, max_samples=samples, max_length=max_length,
@@ -94,7 +110,7 @@ def adapter_rank(adapter: Adapter) -> int:
 def diagnose_adapters(
     model,
     adapters: dict[str, Adapter],
-    stats: dict[str, FeatureStats],
+    stats: dict[str, FeatureStats | ProjectedStats],
     *,
     posthoc_rank: int | None = None,
 ) -> Diagnosis:
@@ -109,7 +125,10 @@ def diagnose_adapters(
         adapter contributing where it has weights (whatever the order of ``adapters``).
     stats : dict of task name to FeatureStats
         Every adapter's task (same name), collected at the union of the adapters' layers
-        (:func:`task_stats`); tasks need no labels.
+        (:func:`task_stats`); tasks need no labels. Projected statistics (``task_stats(...,
+        adapters=adapters)``) give every table but the ones of the ``d x d`` moments:
+        ``angles``, ``posthoc`` and ``projected`` are then absent and ``interference`` holds the
+        uploaded adapters only.
     posthoc_rank : int, optional
         Rank of the OSRM subspace each adapter is projected on (default: its own rank).
 
@@ -118,16 +137,13 @@ def diagnose_adapters(
     Diagnosis
         Its tables (interference as uploaded and after post-hoc OSRM, angles, own-task energy,
         energy kept, coverage, data-free signals), the post-hoc OSRM adapters, and the verdicts
-        and summaries read from them (:class:`osrm_core.diagnosis.Diagnosis`).
+        and summaries read from them (:class:`osrm_core.diagnosis.Diagnosis`). From projected
+        statistics ``angles`` and ``posthoc`` are empty and ``projected`` is ``{}``.
     """
     from osrm_core.diagnostics import (
-        angle_rank,
-        angle_table,
-        data_subspaces,
         interference_table,
         merged_spectrum,
         own_energy_table,
-        posthoc_osrm_adapters,
         sv_interference_table,
     )
     from osrm_core.models import weight_as_linear
@@ -142,12 +158,45 @@ def diagnose_adapters(
     for name, adapter in adapters.items():
         check_against_model(adapter, model, where=name)
     stats = {n: stats[n] for n in adapters}
-    w0 = {n: weight_as_linear(model.get_submodule(n)).detach() for n in union_layers(adapters)}
+    if isinstance(next(iter(stats.values())), ProjectedStats):
+        # Projected statistics serve the tables of the adapters as they are; post-hoc OSRM and
+        # the angles of data subspaces need the d x d moments.
+        uploaded = interference_table(adapters, stats).assign(init="uploaded")
+        dense = {}
+    else:
+        w0 = {n: weight_as_linear(model.get_submodule(n)).detach() for n in union_layers(adapters)}
+        dense = _dense_views(adapters, stats, w0, posthoc_rank)
+        uploaded = dense.pop("uploaded")
+    spectra, spectrum = merged_spectrum(adapters)
+    return Diagnosis(
+        names=list(adapters),
+        coverage=coverage_table(adapters),
+        interference=pd.concat([uploaded, dense.get("posthoc_interference")], ignore_index=True),
+        angles=dense.get("angles", pd.DataFrame(columns=["layer", "kind", "a", "b", "min_angle", "mean_angle",
+                                                         "init"])),
+        own_energy=own_energy_table(adapters, stats),
+        posthoc=dense.get("posthoc", pd.DataFrame(columns=["adapter", "layer", "energy_kept"])),
+        projected=dense.get("projected", {}),
+        sv_interference=sv_interference_table(adapters),
+        spectra=spectra,
+        spectrum=spectrum,
+    )
+
+
+def _dense_views(adapters, stats, w0, posthoc_rank) -> dict:
+    """What :func:`diagnose_adapters` computes from the ``d x d`` moments: post-hoc OSRM and its
+    interference, the principal angles of data subspaces (and the uploaded interference table)."""
+    from osrm_core.diagnostics import (
+        angle_rank,
+        angle_table,
+        data_subspaces,
+        interference_table,
+        posthoc_osrm_adapters,
+    )
+
     projected, kept = posthoc_osrm_adapters(adapters, stats, posthoc_rank)
-    uploaded = interference_table(adapters, stats, w0)
     k = angle_rank(adapters)
     bases = data_subspaces(stats, k)
-    spectra, spectrum = merged_spectrum(adapters)
     angles = pd.concat(
         [
             angle_table(stats, k=k, adapters=adapters, bases=bases).assign(init="uploaded"),
@@ -156,21 +205,13 @@ def diagnose_adapters(
         ],
         ignore_index=True,
     )
-    return Diagnosis(
-        names=list(adapters),
-        coverage=coverage_table(adapters),
-        interference=pd.concat(
-            [uploaded.assign(init="uploaded"), interference_table(projected, stats, w0).assign(init="posthoc_osrm")],
-            ignore_index=True,
-        ),
-        angles=angles,
-        own_energy=own_energy_table(adapters, stats),
-        posthoc=kept[["adapter", "layer", "energy_kept"]],
-        projected=projected,
-        sv_interference=sv_interference_table(adapters),
-        spectra=spectra,
-        spectrum=spectrum,
-    )
+    return {
+        "uploaded": interference_table(adapters, stats, w0).assign(init="uploaded"),
+        "posthoc_interference": interference_table(projected, stats, w0).assign(init="posthoc_osrm"),
+        "angles": angles,
+        "posthoc": kept[["adapter", "layer", "energy_kept"]],
+        "projected": projected,
+    }
 
 
 def sweep_adapters(
@@ -235,6 +276,68 @@ def merge_scores(
     return sweep_adapters(model, tokenizer, adapters, tasks, methods=[method], lambdas=[lam], params=grid,
                           stats=stats, max_test=max_test, max_length=max_length, seed=seed, weights=weights,
                           space=space)
+
+
+def posthoc_refit(
+    model,
+    tokenizer,
+    adapter: Adapter,
+    task: TaskData,
+    other_stats: Sequence[FeatureStats],
+    train,
+    *,
+    rank: int | None = None,
+    max_length: int = 128,
+    max_test: int | None = None,
+    seed: int = 0,
+):
+    """Post-hoc OSRM with B re-fitted: ``adapter`` (trained on ``task``) is projected on the OSRM
+    subspace of the other tasks (:func:`osrm_core.diagnostics.posthoc_osrm`: ``A = subspace``,
+    ``B = Delta_W A^+ / s``), then B and the head are fine-tuned on ``task`` for ``train.steps``
+    steps with A frozen, so the adapter wins back what the projection cut while its inputs stay
+    in the subspace the other tasks barely use.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A fresh base model with ``task``'s number of labels; wrapped in place.
+    train : osrm_core.settings.TrainSettings
+        The re-fit's settings; its ``constraint`` is replaced by ``freeze_A``.
+    rank : int, optional
+        Rank of the subspace (default: the adapter's largest rank).
+
+    Returns
+    -------
+    (Adapter, TrainResult)
+        The re-fitted adapter (scale of the original) and the fine-tuning's result (its test score).
+    """
+    from osrm_core.adapters import lora_from_model
+    from osrm_core.diagnostics import posthoc_osrm
+    from osrm_core.inits import init_lora, osrm_subspace
+    from osrm_core.train import finetune
+
+    if not other_stats:
+        raise OsrmInputError("posthoc_refit needs the statistics of at least one other task")
+    r = rank or adapter_rank(adapter)
+    subspaces = osrm_subspace(list(other_stats), r)
+    projected, _ = posthoc_osrm(adapter, {n: subspaces[n] for n in adapter.layers})
+    scales = {lw.scale for lw in projected.layers.values()}
+    if len(scales) != 1:
+        raise OsrmInputError(f"posthoc_refit needs one LoRA scale for every layer, got {sorted(scales)}")
+    unexpected = model.load_state_dict(projected.head, strict=False).unexpected_keys
+    if unexpected:
+        raise OsrmInputError(f"the adapter's head does not fit the model: {unexpected[0]!r}")
+    # The OSRM init sets A to the subspace (the projection's A) and B to zero; B starts from the projection.
+    peft_model = init_lora(model, "osrm", rank=r, alpha=scales.pop() * r, target_modules=list(adapter.layers),
+                           subspaces={n: subspaces[n].to(torch.float32) for n in adapter.layers}, freeze_a=True,
+                           seed=seed)
+    base = peft_model.get_base_model()
+    with torch.no_grad():
+        for name, lw in projected.layers.items():
+            base.get_submodule(name).lora_B["default"].weight.copy_(lw.B)
+    result = finetune(peft_model, tokenizer, task, train.model_copy(update={"constraint": "freeze_A"}),
+                      max_length=max_length, seed=seed, max_test=max_test)
+    return lora_from_model(peft_model), result
 
 
 def build_merged_adapter(

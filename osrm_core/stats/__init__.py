@@ -1,6 +1,7 @@
 """Feature statistics: what they hold (:mod:`.moments`: :class:`LayerStats`, :class:`FeatureStats`,
 saving and loading, all-reduce) and how they are collected (:mod:`.collect`: hooks on the
-adapted layers' inputs, padding masked)."""
+adapted layers' inputs, padding masked) and, for given adapters, :mod:`.projected`: only the
+projections ``A_j h`` the interference tables need, never the ``d x d`` matrix."""
 
 from __future__ import annotations
 
@@ -11,13 +12,17 @@ from .collect import (
     write_feature_stats,
 )
 from .moments import FORMAT, FeatureStats, LayerStats, check_same_layers
+from .projected import ProjectedLayer, ProjectedStats, collect_projected_stats
 
 __all__ = [
     "FORMAT",
     "FeatureStats",
     "LayerStats",
+    "ProjectedLayer",
+    "ProjectedStats",
     "check_same_layers",
     "collect_feature_stats",
+    "collect_projected_stats",
     "iter_feature_stats",
     "select_samples",
     "write_feature_stats",
