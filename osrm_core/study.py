@@ -33,6 +33,7 @@ from osrm_core.errors import OsrmInputError
 from osrm_core.growth import check_growth, prepare_run
 from osrm_core.inits import OSRM_METHODS
 from osrm_core.lock import DirLock
+from osrm_core.markdown import markdown_table
 from osrm_core.parallel import RayCluster, check_backend, ray_connection, run_parallel
 from osrm_core.pipeline import Pipeline
 from osrm_core.rundir import RunDir, write_csv
@@ -373,13 +374,6 @@ def pairwise_loss(pipeline: Pipeline, lam: float) -> pd.DataFrame:
 
 
 def _md(df: pd.DataFrame, digits: int = 3) -> str:
-    if df.empty or len(df.columns) == 0:
-        return "_No runs in this study answer this question (its ablation lists hold only the main setting)._"
-    df = df.copy()
-    for c in df.columns:
-        if pd.api.types.is_float_dtype(df[c]):
-            df[c] = df[c].map(lambda x: "" if pd.isna(x) else f"{x:.{digits}f}")
-    header = "| " + " | ".join(str(c) for c in df.columns) + " |"
-    sep = "|" + "---|" * len(df.columns)
-    rows = ["| " + " | ".join(str(x) for x in r) + " |" for r in df.itertuples(index=False)]
-    return "\n".join([header, sep, *rows])
+    """A study table as Markdown (an empty one says no run answers its question)."""
+    return markdown_table(df, digits, empty="_No runs in this study answer this question (its ablation lists "
+                                            "hold only the main setting)._")
