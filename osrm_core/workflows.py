@@ -278,68 +278,6 @@ def merge_scores(
                           space=space)
 
 
-def posthoc_refit(
-    model,
-    tokenizer,
-    adapter: Adapter,
-    task: TaskData,
-    other_stats: Sequence[FeatureStats],
-    train,
-    *,
-    rank: int | None = None,
-    max_length: int = 128,
-    max_test: int | None = None,
-    seed: int = 0,
-):
-    """Post-hoc OSRM with B re-fitted: ``adapter`` (trained on ``task``) is projected on the OSRM
-    subspace of the other tasks (:func:`osrm_core.diagnostics.posthoc_osrm`: ``A = subspace``,
-    ``B = Delta_W A^+ / s``), then B and the head are fine-tuned on ``task`` for ``train.steps``
-    steps with A frozen, so the adapter wins back what the projection cut while its inputs stay
-    in the subspace the other tasks barely use.
-
-    Parameters
-    ----------
-    model : nn.Module
-        A fresh base model with ``task``'s number of labels; wrapped in place.
-    train : osrm_core.settings.TrainSettings
-        The re-fit's settings; its ``constraint`` is replaced by ``freeze_A``.
-    rank : int, optional
-        Rank of the subspace (default: the adapter's largest rank).
-
-    Returns
-    -------
-    (Adapter, TrainResult)
-        The re-fitted adapter (scale of the original) and the fine-tuning's result (its test score).
-    """
-    from osrm_core.adapters import lora_from_model
-    from osrm_core.diagnostics import posthoc_osrm
-    from osrm_core.inits import init_lora, osrm_subspace
-    from osrm_core.train import finetune
-
-    if not other_stats:
-        raise OsrmInputError("posthoc_refit needs the statistics of at least one other task")
-    r = rank or adapter_rank(adapter)
-    subspaces = osrm_subspace(list(other_stats), r)
-    projected, _ = posthoc_osrm(adapter, {n: subspaces[n] for n in adapter.layers})
-    scales = {lw.scale for lw in projected.layers.values()}
-    if len(scales) != 1:
-        raise OsrmInputError(f"posthoc_refit needs one LoRA scale for every layer, got {sorted(scales)}")
-    unexpected = model.load_state_dict(projected.head, strict=False).unexpected_keys
-    if unexpected:
-        raise OsrmInputError(f"the adapter's head does not fit the model: {unexpected[0]!r}")
-    # The OSRM init sets A to the subspace (the projection's A) and B to zero; B starts from the projection.
-    peft_model = init_lora(model, "osrm", rank=r, alpha=scales.pop() * r, target_modules=list(adapter.layers),
-                           subspaces={n: subspaces[n].to(torch.float32) for n in adapter.layers}, freeze_a=True,
-                           seed=seed)
-    base = peft_model.get_base_model()
-    with torch.no_grad():
-        for name, lw in projected.layers.items():
-            base.get_submodule(name).lora_B["default"].weight.copy_(lw.B)
-    result = finetune(peft_model, tokenizer, task, train.model_copy(update={"constraint": "freeze_A"}),
-                      max_length=max_length, seed=seed, max_test=max_test)
-    return lora_from_model(peft_model), result
-
-
 def build_merged_adapter(
     adapters: dict[str, Adapter],
     out: str | Path,
