@@ -221,32 +221,9 @@ def iter_feature_stats(
         only those layers' sums. None collects all in one pass.
     progress : callable (step, total, message), optional
     """
-    import torch.distributed as dist
-
     from osrm_core.distributed import dist_info
 
-    if not isinstance(task, TaskData):
-        raise InputTypeError(f"task must be a TaskData, got {type(task).__name__}")
-    if dtype not in (torch.float64, torch.float32):
-        raise OsrmInputError(f"dtype must be torch.float64 or torch.float32, got {dtype}")
-    data = getattr(task, split, None)
-    if split not in ("train", "test") or data is None:
-        raise OsrmInputError(f"split must be 'train' or 'test', got {split!r}")
-    if len(data) == 0:
-        raise OsrmInputError(f"task {task.name!r} has no examples in split {split!r}")
-    if layers_per_pass is not None and (not isinstance(layers_per_pass, int) or layers_per_pass < 1):
-        raise OsrmInputError(f"layers_per_pass must be a positive integer or None, got {layers_per_pass!r}")
-    if shard is not None:
-        if distributed:
-            raise OsrmInputError("give shard or distributed=True, not both (distributed shards by rank itself)")
-        rank, world = shard
-        if not (isinstance(world, int) and isinstance(rank, int) and 0 <= rank < world):
-            raise OsrmInputError(f"shard must be (rank, world) with 0 <= rank < world, got {shard!r}")
-    if distributed and not (dist.is_available() and dist.is_initialized()):
-        raise OsrmInputError(
-            "distributed=True needs an initialized torch.distributed process group: launch with "
-            "torchrun or accelerate launch and call osrm_core.distributed.init_distributed()"
-        )
+    data = _check_collect_args(task, split, dtype, layers_per_pass, shard, distributed)
     info = dist_info()
     reduce = shard is None and info.active and distributed is not False
     if reduce:
@@ -277,25 +254,15 @@ def iter_feature_stats(
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
-        if layers_per_pass is None:
-            passes = [names]
-        else:
-            groups = _shared_input_groups(model, names, next(batches(idx[:1])), device)
-            passes = [
-                [n for g in groups[k : k + layers_per_pass] for n in g]
-                for k in range(0, len(groups), layers_per_pass)
-            ]
+        passes = [names] if layers_per_pass is None else _passes(
+            _shared_input_groups(model, names, next(batches(idx[:1])), device), layers_per_pass)
         n_batches = -(-len(local) // batch_size)
         total = n_batches * len(passes)
         for p, pass_names in enumerate(passes):
             stop = pass_names[-1] if layers_per_pass is not None and p < len(passes) - 1 else None
-            collector = _Collector(model, pass_names, dtype)
-            collector.run(batches(local), device, progress, total, stop_after=stop, done=p * n_batches)
-            if stop is not None and len(local) and any(n not in collector.layers for n in pass_names):
-                # This model runs its layers in another order than it lists them: no early stop.
-                collector = _Collector(model, pass_names, dtype)
-                collector.run(batches(local), device, None, total)
-            layers = {name[len(prefix) :]: st for name, st in collector.layers.items()}
+            collected = _collect_pass(model, pass_names, dtype, lambda: batches(local), device, progress,
+                                      total, stop_after=stop, done=p * n_batches)
+            layers = {name[len(prefix) :]: st for name, st in collected.items()}
             part = FeatureStats(
                 {t.name: layers[t.name] for t in targets if t.name in layers and prefix + t.name in pass_names},
                 task=task.name,
@@ -308,6 +275,52 @@ def iter_feature_stats(
     finally:
         for m, mode in modes:
             m.training = mode
+
+
+def _collect_pass(model, names: list[str], dtype, batches, device, progress, total: int, *, stop_after, done: int):
+    """One pass over ``batches()`` collecting the inputs of ``names``, stopping after
+    ``stop_after`` (a model that runs its layers in another order than it lists them is run
+    again without the early stop)."""
+    collector = _Collector(model, names, dtype)
+    collector.run(batches(), device, progress, total, stop_after=stop_after, done=done)
+    if stop_after is not None and any(n not in collector.layers for n in names):
+        collector = _Collector(model, names, dtype)
+        collector.run(batches(), device, None, total)
+    return collector.layers
+
+
+def _check_collect_args(task, split: str, dtype: torch.dtype, layers_per_pass, shard, distributed):
+    """The arguments of :func:`iter_feature_stats` checked; returns the split's examples."""
+    import torch.distributed as dist
+
+    if not isinstance(task, TaskData):
+        raise InputTypeError(f"task must be a TaskData, got {type(task).__name__}")
+    if dtype not in (torch.float64, torch.float32):
+        raise OsrmInputError(f"dtype must be torch.float64 or torch.float32, got {dtype}")
+    data = getattr(task, split, None)
+    if split not in ("train", "test") or data is None:
+        raise OsrmInputError(f"split must be 'train' or 'test', got {split!r}")
+    if len(data) == 0:
+        raise OsrmInputError(f"task {task.name!r} has no examples in split {split!r}")
+    if layers_per_pass is not None and (not isinstance(layers_per_pass, int) or layers_per_pass < 1):
+        raise OsrmInputError(f"layers_per_pass must be a positive integer or None, got {layers_per_pass!r}")
+    if shard is not None:
+        if distributed:
+            raise OsrmInputError("give shard or distributed=True, not both (distributed shards by rank itself)")
+        rank, world = shard
+        if not (isinstance(world, int) and isinstance(rank, int) and 0 <= rank < world):
+            raise OsrmInputError(f"shard must be (rank, world) with 0 <= rank < world, got {shard!r}")
+    if distributed and not (dist.is_available() and dist.is_initialized()):
+        raise OsrmInputError(
+            "distributed=True needs an initialized torch.distributed process group: launch with "
+            "torchrun or accelerate launch and call osrm_core.distributed.init_distributed()"
+        )
+    return data
+
+
+def _passes(groups: list[list[str]], layers_per_pass: int) -> list[list[str]]:
+    """The layer names of each pass: ``layers_per_pass`` groups of layers reading one input."""
+    return [[n for g in groups[k : k + layers_per_pass] for n in g] for k in range(0, len(groups), layers_per_pass)]
 
 
 def _shared_input_groups(model: nn.Module, names: list[str], batch, device) -> list[list[str]]:
