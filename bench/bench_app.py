@@ -117,19 +117,13 @@ def app_row(ctx: Context) -> Row:
     medians = {p: median(samples[p]) for p in PAGES}
     slowest = max(medians, key=medians.get)
     return Row(
-        "5",
-        "app: slowest page to first chart (cold caches)",
-        medians[slowest],
-        "<=",
-        3.0,
+        "5", "app: slowest page to first chart (cold caches)",
+        medians[slowest], "<=", 3.0,
         unit="s",
-        ours=medians[slowest],
-        baseline=None,
-        repeats=ctx.repeats,
+        ours=medians[slowest], baseline=None, repeats=ctx.repeats,
         detail=f"run {run.name}; slowest {slowest}; medians s: "
         + ", ".join(f"{Path(p).stem}={v:.2f}" for p, v in medians.items()),
-        command=ctx.cmd("5"),
-        samples=samples,
+        command=ctx.cmd("5"), samples=samples,
     )
 
 

@@ -226,45 +226,20 @@ def memory_rows(ctx: Context, items: set[str]) -> list[Row]:
     one, four = results[(2048, base, "float64")], results[(2048, 4 * base, "float64")]
     wide = results[(4096, base, "float64")]
     samples = {f"{w}x{t}-{dt}": r for (w, t, dt), r in results.items()}
+    def row(item: str, title: str, ours: float, baseline: float, detail: str, extra: dict) -> Row:
+        return Row(item, title, ours / baseline, "<=", 1.10, ours=ours, baseline=baseline, repeats=reps,
+                   detail=detail, command=ctx.cmd(item), samples={**extra, **samples})
+
     rows = []
     if "4a" in items:
-        rows.append(
-            Row(
-                "4a",
-                "stats memory: 4x tokens / 1x tokens (d=2048)",
-                four["overhead_mib"] / one["overhead_mib"],
-                "<=",
-                1.10,
-                ours=four["overhead_mib"],
-                baseline=one["overhead_mib"],
-                repeats=reps,
-                detail=(
-                    f"peak RSS rise over the bare forward passes, MiB (medians), batch "
-                    f"{BATCH_SIZE}x{TOKENS_PER_EXAMPLE} tokens; {table}"
-                ),
-                command=ctx.cmd("4a"),
-                samples=samples,
-            )
-        )
+        rows.append(row("4a", "stats memory: 4x tokens / 1x tokens (d=2048)", four["overhead_mib"],
+                        one["overhead_mib"], f"peak RSS rise over the bare forward passes, MiB (medians), batch "
+                        f"{BATCH_SIZE}x{TOKENS_PER_EXAMPLE} tokens; {table}", {}))
     if "4b" in items:
-        rows.append(
-            Row(
-                "4b",
-                "stats memory: measured / (d^2 state + 1 batch), d=4096",
-                wide["overhead_mib"] / wide["predicted_mib"],
-                "<=",
-                1.10,
-                ours=wide["overhead_mib"],
-                baseline=wide["predicted_mib"],
-                repeats=reps,
-                detail=(
-                    f"model = (2d^2+d)*8 B + batch tokens*d*12 B; the d^2 state is "
-                    f"{wide['state_mib'] / wide['overhead_mib']:.0%} of the rise at d=4096; {table}; {plan_text}"
-                ),
-                command=ctx.cmd("4b"),
-                samples={"plan_7b": p7, **samples},
-            )
-        )
+        rows.append(row("4b", "stats memory: measured / (d^2 state + 1 batch), d=4096", wide["overhead_mib"],
+                        wide["predicted_mib"], f"model = (2d^2+d)*8 B + batch tokens*d*12 B; the d^2 state is "
+                        f"{wide['state_mib'] / wide['overhead_mib']:.0%} of the rise at d=4096; {table}; {plan_text}",
+                        {"plan_7b": p7}))
     return rows
 
 

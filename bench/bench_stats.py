@@ -121,22 +121,16 @@ def stats_overhead(ctx: Context) -> Row:
     floor = median([1 + gemm[i % len(tasks)] / n_bare[i] for i in range(len(n_bare))])
     samples["float64_products"] = gemm
     return Row(
-        "1a",
-        "statistics: forward + hooks / bare forward",
-        paired_ratio(samples["stats"], samples["bare"]),
-        "<=",
-        1.10,
-        ours=median(samples["stats"]),
-        baseline=median(samples["bare"]),
-        repeats=s["repeats"],
+        "1a", "statistics: forward + hooks / bare forward",
+        paired_ratio(samples["stats"], samples["bare"]), "<=", 1.10,
+        ours=median(samples["stats"]), baseline=median(samples["bare"]), repeats=s["repeats"],
         detail=(
             f"default MiniLM; each repeat one of {s['tasks']} demo tasks in turn, {s['samples']} samples "
             f"({tokens} real tokens over the 4 tasks), batch {BATCH_SIZE}, float64 sums at the 6 shared "
             f"query/value inputs; same batches both sides; {torch.get_num_threads()} torch thread(s); "
             f"floor of exact float64 sums (their products alone, at this CPU's rate): {floor:.3f}x"
         ),
-        command=ctx.cmd("1a"),
-        samples=rounded(samples),
+        command=ctx.cmd("1a"), samples=rounded(samples),
     )
 
 
@@ -189,21 +183,15 @@ def osrm_vs_eva(ctx: Context) -> Row:
 
     samples = interleave({"eva": eva, "osrm": osrm}, s["eva_repeats"])
     return Row(
-        "1b",
-        "OSRM init (stats+eigh+A) / peft EVA init",
-        paired_ratio(samples["osrm"], samples["eva"]),
-        "<=",
-        0.5,
-        ours=median(samples["osrm"]),
-        baseline=median(samples["eva"]),
-        repeats=s["eva_repeats"],
+        "1b", "OSRM init (stats+eigh+A) / peft EVA init",
+        paired_ratio(samples["osrm"], samples["eva"]), "<=", 0.5,
+        ours=median(samples["osrm"]), baseline=median(samples["eva"]), repeats=s["eva_repeats"],
         detail=(
             f"default MiniLM, rank 8, query/value of 6 layers, {n} samples per task, batch {BATCH_SIZE}; "
             f"{len(targets)} adapter(s) of {k} tasks (EVA: own task's samples, cycled until converged, "
             f"rho=1; OSRM: the other tasks' statistics, each task read once)"
         ),
-        command=ctx.cmd("1b"),
-        samples=rounded(samples),
+        command=ctx.cmd("1b"), samples=rounded(samples),
     )
 
 

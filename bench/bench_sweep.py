@@ -99,14 +99,9 @@ def sweep_rows(ctx: Context) -> list[Row]:
     )
     return [
         Row(
-            "2b",
-            "sweep: SweepEngine / its bare forward passes",
-            paired_ratio(samples["engine"], samples["forward"]),
-            "<=",
-            1.2,
-            ours=median(samples["engine"]),
-            baseline=median(samples["forward"]),
-            repeats=s["repeats"],
+            "2b", "sweep: SweepEngine / its bare forward passes",
+            paired_ratio(samples["engine"], samples["forward"]), "<=", 1.2,
+            ours=median(samples["engine"]), baseline=median(samples["forward"]), repeats=s["repeats"],
             detail=detail
             + "; floor = SweepEngine.forward_seconds of the same sweep (engine build included in ours)",
             command=ctx.cmd("2b"),
@@ -168,14 +163,9 @@ def search_row(ctx: Context) -> Row:
                      f"{found.examples}/{found.grid_examples} examples")
     engine.restore()
     return Row(
-        "2c",
-        "adaptive lambda search / full grid: forward passes",
-        found_examples / grid_examples,
-        "<=",
-        0.4,
-        ours=found_examples,
-        baseline=grid_examples,
-        repeats=1,
+        "2c", "adaptive lambda search / full grid: forward passes",
+        found_examples / grid_examples, "<=", 0.4,
+        ours=found_examples, baseline=grid_examples, repeats=1,
         detail=(f"default MiniLM, {data}, rank-{RANK} adapters trained {steps} steps, {max_test} test examples "
                 f"per task; lambdas {SEARCH_LAMBDAS[0]:g}..{SEARCH_LAMBDAS[-1]:g} x {len(SEARCH_LAMBDAS)}, "
                 f"task_arithmetic and ties@{SEARCH_GRID['ties']}; best point within 0.5 points: "

@@ -25,27 +25,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import Context, Row, setup_process  # noqa: E402
 
-ITEMS = {
-    "1": ["1a", "1b"],
-    "2": ["2b", "2c"],
-    "3": ["3", "3b"],
-    "4": ["4a", "4b"],
-    "5": ["5"],
-    "6": ["6"],
-    "7": ["7a", "7b"],
-    "8": ["8"],
-}
-ALL = [i for parts in ITEMS.values() for i in parts]
-#: The module that measures each item (item 6 runs on a GPU: bench/gpu.sh).
+#: The module that measures each item (item 6 runs on a GPU: bench/gpu.sh; here it is a pending row).
 MODULES = {
-    "bench_stats": ["1a", "1b"],
-    "bench_sweep": ["2b", "2c"],
-    "bench_train": ["3", "3b"],
-    "bench_memory": ["4a", "4b"],
-    "bench_app": ["5"],
-    "bench_advise": ["7a", "7b"],
+    "bench_stats": ["1a", "1b"], "bench_sweep": ["2b", "2c"], "bench_train": ["3", "3b"],
+    "bench_memory": ["4a", "4b"], "bench_app": ["5"], "bench_gpu": ["6"], "bench_advise": ["7a", "7b"],
     "bench_study": ["8"],
 }
+ALL = sorted((i for parts in MODULES.values() for i in parts), key=lambda i: (int(i.rstrip("abc")), i))
+#: Items by number: "1" is 1a and 1b.
+ITEMS = {n: [i for i in ALL if i.rstrip("abc") == n] for n in dict.fromkeys(i.rstrip("abc") for i in ALL)}
 
 
 def parse_items(text: str | None) -> list[str]:
@@ -132,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     wanted = set(items)
     for name, parts in MODULES.items():
-        if wanted & set(parts):
+        if name != "bench_gpu" and wanted & set(parts):
             rows += importlib.import_module(f"bench.{name}").run(ctx, wanted)
     if "6" in wanted:
         from bench import bench_gpu
