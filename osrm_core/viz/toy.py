@@ -22,84 +22,25 @@ def toy_figure(
     dim = next(iter(clouds.values())).shape[1]
     reach = max(float(np.abs(c).max()) for c in clouds.values()) * 1.05
     colors = _task_colors(list(clouds))
+    at = "(%{x:.2f}, %{y:.2f})" if dim == 2 else "(%{x:.2f}, %{y:.2f}, %{z:.2f})"
     fig = go.Figure()
     for name, pts in clouds.items():
-        if dim == 2:
-            fig.add_trace(
-                go.Scatter(
-                    x=pts[:, 0],
-                    y=pts[:, 1],
-                    mode="markers",
-                    name=name,
-                    opacity=0.45,
-                    marker=dict(size=5, color=colors[name]),
-                    hovertemplate=f"{name}<br>(%{{x:.2f}}, %{{y:.2f}})<extra></extra>",
-                )
-            )
-        else:
-            fig.add_trace(
-                go.Scatter3d(
-                    x=pts[:, 0],
-                    y=pts[:, 1],
-                    z=pts[:, 2],
-                    mode="markers",
-                    name=name,
-                    opacity=0.45,
-                    marker=dict(size=2.5, color=colors[name]),
-                    hovertemplate=f"{name}<br>(%{{x:.2f}}, %{{y:.2f}}, %{{z:.2f}})<extra></extra>",
-                )
-            )
+        fig.add_trace(_trace(pts, mode="markers", name=name, opacity=0.45,
+                             marker=dict(size=5 if dim == 2 else 2.5, color=colors[name]),
+                             hovertemplate=f"{name}<br>{at}<extra></extra>"))
     for i, (label, A) in enumerate(adapters.items()):
         color = color_of(label.split(" ")[0].lower(), i + 3)
         dash = "dash" if label.lower().startswith("standard") else "solid"
         A = np.atleast_2d(A)
         if dim == 3 and A.shape[0] >= 2:
-            u, v = A[0] * reach, A[1] * reach
-            corners = np.array([u + v, u - v, -u - v, -u + v])
-            fig.add_trace(
-                go.Mesh3d(
-                    x=corners[:, 0],
-                    y=corners[:, 1],
-                    z=corners[:, 2],
-                    i=[0, 0],
-                    j=[1, 2],
-                    k=[2, 3],
-                    color=color,
-                    opacity=0.25,
-                    name=f"{label} row space",
-                    showlegend=True,
-                    hovertemplate=f"{label} row space<extra></extra>",
-                )
-            )
+            fig.add_trace(_plane(A[0] * reach, A[1] * reach, f"{label} row space", color))
             continue
         for k, row in enumerate(A):
-            p = np.stack([-row * reach, row * reach])
             name = f"{label} row space" + (f" ({k + 1})" if A.shape[0] > 1 else "")
-            if dim == 2:
-                fig.add_trace(
-                    go.Scatter(
-                        x=p[:, 0],
-                        y=p[:, 1],
-                        mode="lines",
-                        name=name,
-                        legendgroup=label,
-                        line=dict(color=color, width=4, dash=dash),
-                        hovertemplate=f"{name}<br>direction ({row[0]:.2f}, {row[1]:.2f})<extra></extra>",
-                    )
-                )
-            else:
-                fig.add_trace(
-                    go.Scatter3d(
-                        x=p[:, 0],
-                        y=p[:, 1],
-                        z=p[:, 2],
-                        mode="lines",
-                        name=name,
-                        legendgroup=label,
-                        line=dict(color=color, width=6, dash=dash),
-                        hovertemplate=f"{name}<extra></extra>",
-                    )
-                )
+            hover = f"{name}<br>direction ({row[0]:.2f}, {row[1]:.2f})" if dim == 2 else name
+            fig.add_trace(_trace(np.stack([-row * reach, row * reach]), mode="lines", name=name, legendgroup=label,
+                                 line=dict(color=color, width=4 if dim == 2 else 6, dash=dash),
+                                 hovertemplate=f"{hover}<extra></extra>"))
     if dim == 2:
         fig.update_xaxes(range=[-reach, reach], title="h[0]")
         fig.update_yaxes(range=[-reach, reach], title="h[1]", scaleanchor="x", scaleratio=1)
@@ -108,3 +49,17 @@ def toy_figure(
             scene=dict(aspectmode="cube", xaxis_title="h[0]", yaxis_title="h[1]", zaxis_title="h[2]")
         )
     return _finish(fig, title, height=520)
+
+
+def _trace(pts: np.ndarray, **style) -> go.Scatter | go.Scatter3d:
+    """Points (rows of ``pts``, 2 or 3 columns) as a 2-D or 3-D scatter trace."""
+    if pts.shape[1] == 2:
+        return go.Scatter(x=pts[:, 0], y=pts[:, 1], **style)
+    return go.Scatter3d(x=pts[:, 0], y=pts[:, 1], z=pts[:, 2], **style)
+
+
+def _plane(u: np.ndarray, v: np.ndarray, name: str, color: str) -> go.Mesh3d:
+    """The square spanned by ``u`` and ``v`` (two triangles), for a rank-2 row space in 3-D."""
+    corners = np.array([u + v, u - v, -u - v, -u + v])
+    return go.Mesh3d(x=corners[:, 0], y=corners[:, 1], z=corners[:, 2], i=[0, 0], j=[1, 2], k=[2, 3], color=color,
+                     opacity=0.25, name=name, showlegend=True, hovertemplate=f"{name}<extra></extra>")
