@@ -145,28 +145,13 @@ def finetune(peft_model, tokenizer, task: TaskData, config: TrainSettings | None
     device = next(peft_model.parameters()).device
     steps = _Steps.build(peft_model, config, constraint.trains_a, active, device, info.world if parallel else None)
 
-    batches = training_batches(tokenizer, task.train, config, max_length=max_length, seed=seed)
     result = TrainResult(task.name, task.metric, float("nan"))
     start = time.perf_counter()
     if drift_stats:
         result.drift += _drift(peft_model, task.name, drift_stats, 0)
     peft_model.train()
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        # Every rank draws the same batches (same numpy seed); dropout differs per rank.
-        torch.manual_seed(seed + (info.rank if parallel else 0))
-        for step in range(config.steps):
-            idx = next(batches)
-            local = idx[info.rank :: info.world] if parallel else idx
-            batch = next(iter_batches(tokenizer, task.train, batch_size=len(local), max_length=max_length,
-                                      indices=local))
-            logged, tokens = steps.step(move_batch(decoder_position_ids(batch, peft_model), device),
-                                        len(local) / len(idx) if parallel else None, step)
-            result.losses.append(logged)
-            result.tokens += tokens
-            if drift_stats and ((step + 1) % every == 0 or step + 1 == config.steps):
-                result.drift += _drift(peft_model, task.name, drift_stats, step + 1)
-            if progress:
-                progress(step + 1, config.steps, f"fine-tuning {task.name}")
+    _run_steps(peft_model, tokenizer, task, config, steps, result, seed=seed, max_length=max_length, device=device,
+               shard=(info.rank, info.world) if parallel else None, drift=(drift_stats, every), progress=progress)
     steps.close()
     peft_model.eval()
     result.seconds = time.perf_counter() - start
@@ -176,6 +161,32 @@ def finetune(peft_model, tokenizer, task: TaskData, config: TrainSettings | None
         result.test_score = evaluate_model(peft_model, tokenizer, task, batch_size=config.eval_batch_size,
                                            max_length=max_length, max_test=max_test)
     return result
+
+
+def _run_steps(peft_model, tokenizer, task: TaskData, config: TrainSettings, steps: _Steps, result: TrainResult, *,
+               seed: int, max_length: int, device: torch.device, shard: tuple[int, int] | None,
+               drift: tuple[dict | None, int], progress: Progress | None) -> None:
+    """``config.steps`` optimizer steps on ``task``, each loss, the token count and the drift
+    records (``drift``: the statistics and every how many steps) logged into ``result``. In a
+    data-parallel job (``shard``: rank, world) every rank draws the same batches (same numpy
+    seed) and takes its share; dropout differs per rank."""
+    drift_stats, every = drift
+    batches = training_batches(tokenizer, task.train, config, max_length=max_length, seed=seed)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed + (shard[0] if shard else 0))
+        for step in range(config.steps):
+            idx = next(batches)
+            local = idx[shard[0] :: shard[1]] if shard else idx
+            batch = next(iter_batches(tokenizer, task.train, batch_size=len(local), max_length=max_length,
+                                      indices=local))
+            logged, tokens = steps.step(move_batch(decoder_position_ids(batch, peft_model), device),
+                                        len(local) / len(idx) if shard else None, step)
+            result.losses.append(logged)
+            result.tokens += tokens
+            if drift_stats and ((step + 1) % every == 0 or step + 1 == config.steps):
+                result.drift += _drift(peft_model, task.name, drift_stats, step + 1)
+            if progress:
+                progress(step + 1, config.steps, f"fine-tuning {task.name}")
 
 
 def _check_finetune(task: TaskData, config: TrainSettings, layers: dict, max_length: int, distributed: bool | None,
