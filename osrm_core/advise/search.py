@@ -149,10 +149,6 @@ def advise(model, tokenizer, adapters: dict[str, Adapter], tasks: Sequence[TaskD
     use_train : bool
         Also score on the training split of tasks that have a test split of their own (warns:
         adapters trained on those texts look better than they are).
-
-    Returns
-    -------
-    Advice
     """
     start_time = time.perf_counter()
     on_stage = on_stage or (lambda s: None)
@@ -182,9 +178,7 @@ def advise(model, tokenizer, adapters: dict[str, Adapter], tasks: Sequence[TaskD
         on_stage("held-out scores")
         table = pd.DataFrame(_heldout_rows(held_engine, search, candidates, held_tasks, single, lower, seed,
                                            counter.report))
-        summary = summarize(table)
-        margin = selection_margin([(t.metric, len(t.test)) for t in val_tasks])  # for methods and weights
-        chosen = choose(summary, margin)
+        summary, margin, chosen = _choice(table, val_tasks)
         best = candidates[int(chosen["candidate"])]
         merged = search.merged(best["method"], best["density"], best["weights"])
     finally:
@@ -202,6 +196,14 @@ def advise(model, tokenizer, adapters: dict[str, Adapter], tasks: Sequence[TaskD
                   "holdout": holdout, "max_samples": max_samples, "max_length": max_length, "seed": seed,
                   "use_train": use_train, "selection_margin": margin},
     )
+
+
+def _choice(table: pd.DataFrame, val_tasks: Sequence[TaskData]) -> tuple[pd.DataFrame, float, pd.Series]:
+    """The finalists' summary, the selection margin of the validation share (which another
+    method or searched weights must clear) and the chosen row."""
+    summary = summarize(table)
+    margin = selection_margin([(t.metric, len(t.test)) for t in val_tasks])
+    return summary, margin, choose(summary, margin)
 
 
 def _check_inputs(model, adapters: dict[str, Adapter], by_name: dict[str, TaskData], methods: Sequence[str],
