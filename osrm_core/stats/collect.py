@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -201,7 +202,6 @@ def iter_feature_stats(
     model : nn.Module
         The base model (a PEFT model works too; its LoRA layers are then the targets). It may
         be spread over devices (``device_map="auto"``): each layer's sums live where its input is.
-    task : TaskData
     target_modules : list of str, optional
         Layers to adapt (default: by architecture, see :func:`osrm_core.models.find_target_layers`).
     max_samples : int or None
@@ -226,34 +226,21 @@ def iter_feature_stats(
     data = _check_collect_args(task, split, dtype, layers_per_pass, shard, distributed)
     info = dist_info()
     reduce = shard is None and info.active and distributed is not False
-    if reduce:
-        shard = (info.rank, info.world)
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    shard = (info.rank, info.world) if reduce else shard
+    inner, prefix = _inner(model)
     targets = find_target_layers(inner, target_modules)
-    prefix = _prefix(model, inner)
     idx = select_samples(len(data), max_samples, seed)
     local = idx if shard is None else idx[shard[0] :: shard[1]]
     device = next(model.parameters()).device
     names = [prefix + t.name for t in targets]
-    meta = {
-        "max_samples": max_samples,
-        "max_length": max_length,
-        "split": split,
-        "seed": seed,
-        "shard": None if shard is None or reduce else list(shard),
-    }
+    meta = {"max_samples": max_samples, "max_length": max_length, "split": split, "seed": seed,
+            "shard": None if shard is None or reduce else list(shard)}
     model_name = getattr(model, "name_or_path_", "") or getattr(inner, "name_or_path_", "")
 
     def batches(indices):
-        return iter_batches(
-            tokenizer, data, batch_size=batch_size, max_length=max_length, indices=indices, with_labels=False
-        )
-
-    # Restore each module's own mode: a PeftModel reports training=True around an inner model in
-    # eval mode, and model.train(True) would switch the inner dropout on.
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
+        return iter_batches(tokenizer, data, batch_size=batch_size, max_length=max_length, indices=indices,
+                            with_labels=False)
+    with eval_mode(model):
         passes = [names] if layers_per_pass is None else _passes(
             _shared_input_groups(model, names, next(batches(idx[:1])), device), layers_per_pass)
         n_batches = -(-len(local) // batch_size)
@@ -263,18 +250,12 @@ def iter_feature_stats(
             collected = _collect_pass(model, pass_names, dtype, lambda: batches(local), device, progress,
                                       total, stop_after=stop, done=p * n_batches)
             layers = {name[len(prefix) :]: st for name, st in collected.items()}
-            part = FeatureStats(
-                {t.name: layers[t.name] for t in targets if t.name in layers and prefix + t.name in pass_names},
-                task=task.name,
-                model=model_name,
-                meta=dict(meta),
-            )
+            part = FeatureStats({t.name: layers[t.name] for t in targets
+                                 if t.name in layers and prefix + t.name in pass_names},
+                                task=task.name, model=model_name, meta=dict(meta))
             if reduce:
                 part = _reduce_across_ranks(part, model, prefix, dtype)
             yield part
-    finally:
-        for m, mode in modes:
-            m.training = mode
 
 
 def _collect_pass(model, names: list[str], dtype, batches, device, progress, total: int, *, stop_after, done: int):
@@ -287,6 +268,27 @@ def _collect_pass(model, names: list[str], dtype, batches, device, progress, tot
         collector = _Collector(model, names, dtype)
         collector.run(batches(), device, None, total)
     return collector.layers
+
+
+@contextmanager
+def eval_mode(model: nn.Module):
+    """``model`` in eval mode inside the block, each module's own mode restored after it (a
+    PeftModel reports training=True around an inner model in eval mode, and model.train(True)
+    would switch the inner dropout on)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def _inner(model: nn.Module) -> tuple[nn.Module, str]:
+    """The base model inside ``model`` (itself unless a PEFT model) and the prefix of its layer
+    names in ``model``."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inner, _prefix(model, inner)
 
 
 def _check_collect_args(task, split: str, dtype: torch.dtype, layers_per_pass, shard, distributed):

@@ -29,7 +29,7 @@ from osrm_core.data import TaskData
 from osrm_core.errors import InputTypeError, OsrmInputError
 from osrm_core.models import decoder_position_ids, get_module
 
-from .collect import select_samples
+from .collect import eval_mode, select_samples
 
 Progress = Callable[[int, int, str], None]
 #: Real tokens cast to the accumulation dtype at once (bounds the scratch of a wide layer).
@@ -209,10 +209,8 @@ def collect_projected_stats(
     total = -(-len(idx) // batch_size)
     device = next(model.parameters()).device
     handles = [m.register_forward_hook(projector.hook(n), with_kwargs=True) for n, m in modules.items()]
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             for i, batch in enumerate(batches):
                 projector.mask = move_batch(batch, device)["attention_mask"].bool()
                 projector.waiting = set(modules)
@@ -227,8 +225,6 @@ def collect_projected_stats(
     finally:
         for h in handles:
             h.remove()
-        for m, mode in modes:
-            m.training = mode
     meta = {"max_samples": max_samples, "max_length": max_length, "split": split, "seed": seed}
     model_name = getattr(model, "name_or_path_", "")
     return ProjectedStats(projector.layers, task=task.name, model=model_name, meta=meta)
