@@ -198,18 +198,12 @@ def finetune_rate(device, steps: int, base, tok) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cpu", action="store_true", help="no GPU: run on the CPU with tiny sizes")
     parser.add_argument("--width", type=int, help="statistics width (default 4096; --cpu: 256)")
-    parser.add_argument(
-        "--tokens", type=int, help="statistics tokens on the device (default 262144; --cpu: 4096)"
-    )
+    parser.add_argument("--tokens", type=int, help="statistics tokens on the device (default 262144; --cpu: 4096)")
     parser.add_argument("--steps", type=int, help="fine-tuning steps on the device (default 30; --cpu: 2)")
-    parser.add_argument(
-        "--cpu-threads", type=int, default=0, help="torch threads for the CPU side (0: all cores)"
-    )
+    parser.add_argument("--cpu-threads", type=int, default=0, help="torch threads for the CPU side (0: all cores)")
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args(argv)
 
@@ -243,11 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device: {out['device']}; CPU threads {torch.get_num_threads()}", flush=True)
     out["matrix_rate_tflops"] = {"device": matrix_rates(device, 256 if args.cpu else 8192)}
     out["matrix_rate_tflops"]["cpu"] = matrix_rates(torch.device("cpu"), 256 if args.cpu else 2048)
-    print(
-        "matrix rate TFLOP/s:",
-        json.dumps({k: {d: round(r, 3) for d, r in v.items()} for k, v in out["matrix_rate_tflops"].items()}),
-        flush=True,
-    )
+    print("matrix rate TFLOP/s:",
+          json.dumps({k: {d: round(r, 3) for d, r in v.items()} for k, v in out["matrix_rate_tflops"].items()}),
+          flush=True)
     out["stats"] = {"device": stats_and_eigh(device, width, tokens, tok)}
     out["stats"]["cpu"] = stats_and_eigh(torch.device("cpu"), width, cpu_tokens, tok)
     out["finetune"] = {"device": finetune_rate(device, steps, base, tok)}
@@ -257,24 +249,16 @@ def main(argv: list[str] | None = None) -> int:
     f_dev, f_cpu = out["finetune"]["device"], out["finetune"]["cpu"]
     r_dev = out["matrix_rate_tflops"]["device"]
     lines = [
-        (
-            f"statistics tokens/s, end to end (width {width})",
-            s_dev["stats_tokens_per_s"],
-            s_cpu["stats_tokens_per_s"],
-            "includes tokenization on the CPU",
-        ),
+        (f"statistics tokens/s, end to end (width {width})", s_dev["stats_tokens_per_s"],
+         s_cpu["stats_tokens_per_s"], "includes tokenization on the CPU"),
         (
             "statistics tokens/s, hooked forward only",
             s_dev["hooks_tokens_per_s"],
             s_cpu["hooks_tokens_per_s"],
             f"accumulation {s_dev['accumulate_tflops']:.2f} TFLOP/s = {s_dev['accumulate_tflops'] / r_dev['float64']:.0%} of float64 matmul",
         ),
-        (
-            f"eigh ({width} x {width}, float64) s",
-            s_dev["eigh_seconds"],
-            s_cpu["eigh_seconds"],
-            f"osrm_subspace {s_dev['osrm_subspace_seconds']:.2f} s",
-        ),
+        (f"eigh ({width} x {width}, float64) s", s_dev["eigh_seconds"], s_cpu["eigh_seconds"],
+         f"osrm_subspace {s_dev['osrm_subspace_seconds']:.2f} s"),
         (
             "fine-tuning tokens/s (MiniLM, LoRA r=8)",
             f_dev["tokens_per_s"],

@@ -46,13 +46,12 @@ def child(configs: list[tuple[int, int, str]], repeats: int) -> list[dict]:
     """
     import gc
 
-    import numpy as np
     import torch
     from torch import nn
     from transformers import AutoTokenizer
 
     from osrm_core.batching import iter_batches
-    from osrm_core.data import Split, TaskData
+    from osrm_core.data import TaskData
     from osrm_core.models import default_model_path
     from osrm_core.stats import collect_feature_stats
 
@@ -74,35 +73,20 @@ def child(configs: list[tuple[int, int, str]], repeats: int) -> list[dict]:
         def forward(self, input_ids, attention_mask=None, token_type_ids=None):
             return self.layer[0].query(self.embed(input_ids % 1000))
 
-    def make_task(tokens: int) -> TaskData:
-        n = max(1, tokens // TOKENS_PER_EXAMPLE)
-        words = "the model reads these words".split()
-        text = [
-            " ".join(words[(i + j) % len(words)] for j in range(TOKENS_PER_EXAMPLE - 2)) for i in range(n)
-        ]
-        split = Split(text, np.arange(n) % 2)
-        return TaskData("synthetic", split, split, ["a", "b"])
-
     def kw(dtype_name: str) -> dict:
-        return dict(
-            target_modules=["query"],
-            max_samples=None,
-            batch_size=BATCH_SIZE,
-            max_length=TOKENS_PER_EXAMPLE,
-            dtype=dtypes[dtype_name],
-        )
+        return dict(target_modules=["query"], max_samples=None, batch_size=BATCH_SIZE,
+                    max_length=TOKENS_PER_EXAMPLE, dtype=dtypes[dtype_name])
 
     def bare(m: nn.Module, task: TaskData) -> None:
         with torch.no_grad():
-            for b in iter_batches(
-                tok, task.train, batch_size=BATCH_SIZE, max_length=TOKENS_PER_EXAMPLE, with_labels=False
-            ):
+            for b in iter_batches(tok, task.train, batch_size=BATCH_SIZE, max_length=TOKENS_PER_EXAMPLE,
+                                  with_labels=False):
                 m(**b)
 
     torch.manual_seed(0)
     models = {w: Synthetic(w).eval() for w in sorted({w for w, _, _ in configs})}
-    tasks = {t: make_task(t) for t in sorted({t for _, t, _ in configs})}
-    one_batch = make_task(BATCH_SIZE * TOKENS_PER_EXAMPLE)
+    tasks = {t: _synthetic_task(t) for t in sorted({t for _, t, _ in configs})}
+    one_batch = _synthetic_task(BATCH_SIZE * TOKENS_PER_EXAMPLE)
     # Warm-up at every width and dtype: the imports and caches of a first call, the math
     # library's workspace for products of that size, the forward passes' steady state.
     for w, _, dt in configs:
@@ -123,23 +107,25 @@ def child(configs: list[tuple[int, int, str]], repeats: int) -> list[dict]:
             stats = collect_feature_stats(model, tok, task, **kw(dtype_name))
             stats_rise = status_kib("VmHWM") - rss1
             st = stats.layers["layer.0.query"]
-            state = sum(
-                t.numel() * t.element_size() for t in (st.sum_outer, st.sum, st.sum_sample_mean_outer)
-            )
-            out.append(
-                {
-                    "width": width,
-                    "tokens": st.count,
-                    "dtype": dtype_name,
-                    "reset_ok": ok,
-                    "bare_rise_mib": bare_rise / 1024,
-                    "stats_rise_mib": stats_rise / 1024,
-                    "overhead_mib": (stats_rise - bare_rise) / 1024,
-                    "state_mib": state / 2**20,
-                }
-            )
+            state = sum(t.numel() * t.element_size() for t in (st.sum_outer, st.sum, st.sum_sample_mean_outer))
+            out.append({"width": width, "tokens": st.count, "dtype": dtype_name, "reset_ok": ok,
+                        "bare_rise_mib": bare_rise / 1024, "stats_rise_mib": stats_rise / 1024,
+                        "overhead_mib": (stats_rise - bare_rise) / 1024, "state_mib": state / 2**20})
             del stats, st
     return out
+
+
+def _synthetic_task(tokens: int):
+    """A task of about ``tokens`` tokens: repeated words, ``TOKENS_PER_EXAMPLE`` tokens an example."""
+    import numpy as np
+
+    from osrm_core.data import Split, TaskData
+
+    n = max(1, tokens // TOKENS_PER_EXAMPLE)
+    words = "the model reads these words".split()
+    text = [" ".join(words[(i + j) % len(words)] for j in range(TOKENS_PER_EXAMPLE - 2)) for i in range(n)]
+    split = Split(text, np.arange(n) % 2)
+    return TaskData("synthetic", split, split, ["a", "b"])
 
 
 def measure(configs: list[tuple[int, int, str]], repeats: int = 1, threads: int = 1) -> list[dict]:

@@ -71,9 +71,8 @@ def stats_overhead(ctx: Context) -> Row:
         start = time.perf_counter()
         with torch.no_grad():
             idx = select_samples(len(task.train), s["samples"], 0)
-            for batch in iter_batches(
-                tok, task.train, batch_size=BATCH_SIZE, max_length=MAX_LENGTH, indices=idx, with_labels=False
-            ):
+            for batch in iter_batches(tok, task.train, batch_size=BATCH_SIZE, max_length=MAX_LENGTH, indices=idx,
+                                      with_labels=False):
                 model(**batch)
         return time.perf_counter() - start
 

@@ -76,11 +76,7 @@ def train_rows(ctx: Context) -> list[Row]:
     grouped = plain.model_copy(update={"length_group": GROUP})
 
     order = [int(i) for idx in training_batches(tok, task.train, plain, max_length=MAX_LENGTH, seed=0) for i in idx]
-    examples = []
-    for i in order:
-        pair = None if task.train.text_pair is None else task.train.text_pair[i]
-        enc = tok(task.train.text[i], pair, truncation=True, max_length=MAX_LENGTH)
-        examples.append({**enc, "labels": int(task.train.label[i])})
+    examples = _examples(tok, task.train, order)
     tokens = sum(len(e["input_ids"]) for e in examples)
     collator = DataCollatorWithPadding(tok)
 
@@ -107,26 +103,12 @@ def train_rows(ctx: Context) -> list[Row]:
         model = init_lora(copy.deepcopy(base), "standard", rank=8, alpha=16, seed=0)
         clock = Clock()
         with tempfile.TemporaryDirectory(prefix="osrm-bench-trainer-") as out:
-            args = TrainingArguments(
-                output_dir=out,
-                per_device_train_batch_size=BATCH_SIZE,
-                max_steps=steps,
-                learning_rate=LR,
-                warmup_steps=plain.warmup_ratio,  # < 1: a ratio of the steps
-                lr_scheduler_type="linear",
-                weight_decay=0.0,
-                max_grad_norm=plain.max_grad_norm,
-                logging_strategy="no",
-                save_strategy="no",
-                report_to="none",
-                disable_tqdm=True,
-                dataloader_num_workers=0,
-                use_cpu=not torch.cuda.is_available(),
-                seed=0,
-            )
-            hf = InOrder(
-                model=model, args=args, train_dataset=examples, data_collator=collator, callbacks=[clock]
-            )
+            args = TrainingArguments(  # warmup_steps < 1: a ratio of the steps
+                output_dir=out, per_device_train_batch_size=BATCH_SIZE, max_steps=steps, learning_rate=LR,
+                warmup_steps=plain.warmup_ratio, lr_scheduler_type="linear", weight_decay=0.0,
+                max_grad_norm=plain.max_grad_norm, logging_strategy="no", save_strategy="no", report_to="none",
+                disable_tqdm=True, dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(), seed=0)
+            hf = InOrder(model=model, args=args, train_dataset=examples, data_collator=collator, callbacks=[clock])
             hf.remove_callback(PrinterCallback)  # it prints the final metrics to stdout
             hf.train()
         return tokens / clock.seconds
@@ -151,6 +133,16 @@ def train_rows(ctx: Context) -> list[Row]:
                             "examples as drawn (its own group_by_length is not used)",
             command=ctx.cmd("3b"), samples=rounded(samples, 1)),
     ]
+
+
+def _examples(tok, split, order: list[int]) -> list[dict]:
+    """The examples of ``split`` in ``order``, tokenized as the Trainer's dataset."""
+    examples = []
+    for i in order:
+        pair = None if split.text_pair is None else split.text_pair[i]
+        enc = tok(split.text[i], pair, truncation=True, max_length=MAX_LENGTH)
+        examples.append({**enc, "labels": int(split.label[i])})
+    return examples
 
 
 def run(ctx: Context, items: set[str]) -> list[Row]:
