@@ -102,16 +102,19 @@ def drift_section(run) -> None:
     show_table(shown, f"drift_{drift_init}", "int_drift_table")
 
 
+INTRO = (
+    "After merging, task i's inputs `h_i` also pass through every other adapter: the unwanted "
+    "shift at a layer is `Σ_{j≠i} s_j B_j A_j h_i`. From the statistics, exactly: "
+    "`E‖A_j h_i‖² = tr(A_j Σ_i A_jᵀ)`. Rows are adapters, columns the data they act on; the "
+    "outlined diagonal is each adapter on its own task (wanted), everything else is interference."
+)
+
+
 def render() -> None:
     st.title("Interference")
     run = require_run()
     table = required_table(run, "interference.csv", "interference table")
-    st.markdown(
-        "After merging, task i's inputs `h_i` also pass through every other adapter: the unwanted "
-        "shift at a layer is `Σ_{j≠i} s_j B_j A_j h_i`. From the statistics, exactly: "
-        "`E‖A_j h_i‖² = tr(A_j Σ_i A_jᵀ)`. Rows are adapters, columns the data they act on; the "
-        "outlined diagonal is each adapter on its own task (wanted), everything else is interference."
-    )
+    st.markdown(INTRO)
     heatmaps_section(run, table)
     own_energy_section(run)
     drift_section(run)

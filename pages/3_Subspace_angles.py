@@ -51,16 +51,19 @@ def adapter_section(table: pd.DataFrame, stat: str, layer: str) -> None:
                     f"angles_adapter_{stat}_layers", "ang_ad_lines")
 
 
+INTRO = (
+    "Principal angles (`scipy.linalg.subspace_angles`) between **task data subspaces** (top-r "
+    "eigenvectors of each task's `Σ`) and between each **adapter's row space** (SVD of `ΔW`) "
+    "and each task's data subspace. An adapter whose row space is near 90° from another task's "
+    "data hardly responds to that task's inputs."
+)
+
+
 def render() -> None:
     st.title("Subspace angles")
     run = require_run()
     table = required_table(run, "angles.csv", "angle table")
-    st.markdown(
-        "Principal angles (`scipy.linalg.subspace_angles`) between **task data subspaces** (top-r "
-        "eigenvectors of each task's `Σ`) and between each **adapter's row space** (SVD of `ΔW`) "
-        "and each task's data subspace. An adapter whose row space is near 90° from another task's "
-        "data hardly responds to that task's inputs."
-    )
+    st.markdown(INTRO)
     c1, c2 = st.columns(2)
     stat = c1.radio("Statistic", list(STATS), format_func=STATS.get, horizontal=True, key="ang_stat")
     layer = layer_selector(list(dict.fromkeys(table["layer"])), "ang_layer", label="Layer (heatmaps)", first=MEAN,
