@@ -113,7 +113,7 @@ class _Collector:
                     self.mask = batch["attention_mask"].bool()
                     try:
                         self.model(**batch)
-                    except _StopForward:
+                    except StopForward:
                         pass
                     self._first = None
                     if progress:
@@ -124,12 +124,12 @@ class _Collector:
             self._first = None
 
 
-class _StopForward(Exception):
+class StopForward(Exception):
     """Raised by a hook to end a forward pass early: the remaining layers are not needed."""
 
 
 def _stop_forward(module, args):
-    raise _StopForward
+    raise StopForward
 
 
 def select_samples(n: int, max_samples: int | None, seed: int) -> np.ndarray:
@@ -223,7 +223,7 @@ def iter_feature_stats(
     """
     from osrm_core.distributed import dist_info
 
-    data = _check_collect_args(task, split, dtype, layers_per_pass, shard, distributed)
+    data = check_collect_args(task, split, dtype, layers_per_pass, shard, distributed)
     info = dist_info()
     reduce = shard is None and info.active and distributed is not False
     shard = (info.rank, info.world) if reduce else shard
@@ -291,7 +291,7 @@ def _inner(model: nn.Module) -> tuple[nn.Module, str]:
     return inner, _prefix(model, inner)
 
 
-def _check_collect_args(task, split: str, dtype: torch.dtype, layers_per_pass, shard, distributed):
+def check_collect_args(task, split: str, dtype: torch.dtype, layers_per_pass, shard, distributed):
     """The arguments of :func:`iter_feature_stats` checked; returns the split's examples."""
     import torch.distributed as dist
 

@@ -26,10 +26,10 @@ from torch import nn
 from osrm_core.adapters import Adapter, union_layers
 from osrm_core.batching import iter_batches, move_batch
 from osrm_core.data import TaskData
-from osrm_core.errors import InputTypeError, OsrmInputError
+from osrm_core.errors import OsrmInputError
 from osrm_core.models import decoder_position_ids, get_module
 
-from .collect import eval_mode, select_samples
+from .collect import StopForward, check_collect_args, eval_mode, select_samples
 
 Progress = Callable[[int, int, str], None]
 #: Real tokens cast to the accumulation dtype at once (bounds the scratch of a wide layer).
@@ -123,7 +123,7 @@ class _Projector:
             self._accumulate(name, module, x, output)
             self.waiting.discard(name)
             if not self.waiting:  # the rest of the model (its LM head too) is not needed
-                raise _StopForward
+                raise StopForward
 
         return run
 
@@ -150,10 +150,6 @@ class _Projector:
                 out = out - bias.to(self.dtype)
             st.base_sq += (out * out).sum()
         st.count += real_x.shape[0]
-
-
-class _StopForward(Exception):
-    """Raised after the last adapted layer: the rest of the model is not needed."""
 
 
 def collect_projected_stats(
@@ -187,15 +183,7 @@ def collect_projected_stats(
     -------
     ProjectedStats
     """
-    if not isinstance(task, TaskData):
-        raise InputTypeError(f"task must be a TaskData, got {type(task).__name__}")
-    if dtype not in (torch.float64, torch.float32):
-        raise OsrmInputError(f"dtype must be torch.float64 or torch.float32, got {dtype}")
-    data = getattr(task, split, None) if split in ("train", "test") else None
-    if data is None:
-        raise OsrmInputError(f"split must be 'train' or 'test', got {split!r}")
-    if len(data) == 0:
-        raise OsrmInputError(f"task {task.name!r} has no examples in split {split!r}")
+    data = check_collect_args(task, split, dtype, None, None, None)
     if not adapters:
         raise OsrmInputError("projected statistics need at least one adapter")
     modules = {}
@@ -212,11 +200,12 @@ def collect_projected_stats(
     try:
         with eval_mode(model), torch.no_grad():
             for i, batch in enumerate(batches):
-                projector.mask = move_batch(batch, device)["attention_mask"].bool()
+                batch = move_batch(decoder_position_ids(batch, model), device)
+                projector.mask = batch["attention_mask"].bool()
                 projector.waiting = set(modules)
                 try:
-                    model(**move_batch(decoder_position_ids(batch, model), device))
-                except _StopForward:
+                    model(**batch)
+                except StopForward:
                     pass
                 if projector.waiting:
                     raise OsrmInputError(f"layer {sorted(projector.waiting)[0]!r} never ran in the model's forward pass")
