@@ -72,6 +72,8 @@ def show_advice(advice) -> None:
     one named), the candidates' table, the validation grid and the shares."""
     summary = advice.summary.assign(recommended=advice.summary["candidate"] == advice.recommended["candidate"])
     st.success(f"Recommended: {advice.reason}")
+    for note in advice.notes:  # what the memory plan decided (projected statistics, RegMean left out)
+        st.info(note)
     lower = advice.lower_is_better
     c1, c2 = st.columns(2)
     with c1:

@@ -59,6 +59,20 @@ def _common(p, *, tasks=True, adapters=False, lora_rank=True) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable summary on stdout")
 
 
+def _stats_flags(p, *, choice: bool = True) -> None:
+    """``--stats`` (diagnose, advise: which statistics, by the memory plan) and ``--stats-dtype``
+    (also merge and sweep: the dtype of RegMean's Gram matrices)."""
+    if choice:
+        p.add_argument("--stats", default="auto", choices=["auto", "projected", "dense"],
+                       help="projected: only the adapters' projections A_j h (r x r per layer; every table but "
+                            "post-hoc OSRM and the principal angles; RegMean only where its Gram matrices fit); "
+                            "dense: the d x d moments (refused when they do not fit); auto (default): dense when "
+                            "they fit, else projected")
+    p.add_argument("--stats-dtype", default="float64", choices=["float64", "float32"],
+                   help="dtype of the d x d sums: dense statistics and RegMean's Gram matrices (float32 halves "
+                        "their memory; projected statistics stay float64)")
+
+
 def _out_and_json(p) -> None:
     p.add_argument("--out", default=None)
     p.add_argument("--json", action="store_true")
@@ -148,12 +162,10 @@ def _add_adapter_commands(sub) -> None:
     _common(p, adapters=True, lora_rank=False)
     p.add_argument("--posthoc-rank", type=int, default=None,
                    help="rank of the post-hoc OSRM subspaces (default: each adapter's own rank)")
-    p.add_argument("--stats", default="auto", choices=["auto", "projected", "dense"],
-                   help="projected: only the adapters' projections A_j h (r x r per layer; every table but "
-                        "post-hoc OSRM and the principal angles); dense: the d x d moments (refused when they "
-                        "do not fit); auto (default): dense when they fit, else projected")
+    _stats_flags(p)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="the base model's weights (bfloat16 halves its memory; statistics stay float64)")
+                   help="the base model's weights (bfloat16 halves its memory; the statistics' dtype is "
+                        "--stats-dtype)")
     p.set_defaults(func=commands.cmd_diagnose)
 
     p = sub.add_parser("advise", help="search method, lambda, density and per-adapter weights; write the advised adapter")
@@ -166,6 +178,7 @@ def _add_adapter_commands(sub) -> None:
     p.add_argument("--use-train-texts", action="store_true",
                    help="also score on the train split of a task folder (its adapter may have trained on those "
                         "texts: the scores then look better than they are); by default only its test split")
+    _stats_flags(p)
     # --samples: sample texts used per task (a seeded subset of the task's examples).
     p.set_defaults(func=commands.cmd_advise)
 

@@ -367,15 +367,17 @@ def cmd_diagnose(args) -> None:
     import torch
 
     from osrm_core.adapters import union_layers
-    from osrm_core.memory import projected_or_dense
+    from osrm_core.memory import stats_plan
     from osrm_core.workflows import diagnose_adapters, load_base_for, task_stats
 
     adapters = _load_adapters(args)
-    projected = projected_or_dense(args.stats, adapters, len(args.task or []))  # before any work
+    plan = stats_plan(args.stats, adapters, len(args.task or []), stats_dtype=args.stats_dtype)  # before any work
+    for note in plan.notes:
+        print(f"note: {note}", file=sys.stderr)
     model, tok = load_base_for(adapters, args.model, dtype=getattr(torch, args.dtype))
     stats = task_stats(model, tok, _load_tasks(args), samples=args.samples, max_length=args.max_length,
                        target_modules=list(union_layers(adapters)), seed=args.seed,
-                       adapters=adapters if projected else None)
+                       adapters=adapters if plan.projected else None, dtype=getattr(torch, args.stats_dtype))
     diagnosis = diagnose_adapters(model, adapters, stats, posthoc_rank=args.posthoc_rank)
     tables = diagnosis.tables()
     if args.out:
@@ -386,22 +388,25 @@ def cmd_diagnose(args) -> None:
 
 
 def cmd_advise(args) -> None:
-    from osrm_core.advise import advise, write_advice
+    from osrm_core.advise import advice_stats_plan, advise, write_advice
     from osrm_core.workflows import load_base_for
 
     if not args.out:
         raise UsageError("--out DIR is required (the advice and the recommended adapter go there)")
     _check_out_folder(args.out)
     adapters = _load_adapters(args)
+    advice_stats_plan(args.stats, adapters, args.methods, args.stats_dtype)  # refused here, before any work
     model, tok = load_base_for(adapters, args.model)
     advice = advise(model, tok, adapters, _load_tasks(args), methods=args.methods, lambdas=args.lambdas,
                     densities=args.densities, budget=args.budget, holdout=args.holdout,
                     max_samples=args.samples, max_length=args.max_length, seed=args.seed,
-                    use_train=args.use_train_texts, progress=_progress_bar(), on_stage=lambda s: print(s, file=sys.stderr))
+                    use_train=args.use_train_texts, stats=args.stats, stats_dtype=args.stats_dtype,
+                    progress=_progress_bar(), on_stage=lambda s: print(s, file=sys.stderr))
     out = write_advice(advice, adapters, args.out)
     cols = ["method", "density", "weights", "validation", "score", "low", "high", "normalized"]
     text = [advice.summary.sort_values("score", ascending=advice.lower_is_better)[cols].to_string(index=False, float_format="%.3f"),
-            "", f"recommended: {advice.reason}", f"advice and adapter: {out}"]
+            "", f"recommended: {advice.reason}", *[f"note: {note}" for note in advice.notes],
+            f"advice and adapter: {out}"]
     _emit(args, {"out": str(out), **advice.to_dict()}, "\n".join(text))
 
 

@@ -6,6 +6,7 @@ found, read one way by every front end.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -134,25 +135,28 @@ def layer_notes(verdicts: pd.DataFrame) -> list[str]:
         if own <= 0:
             notes.append((total, f"{name} ({layers}): the adapters do not change this block."))
             continue
+        top = part.iloc[0]  # verdicts come most interference first
+        said = (f"{name} ({layers}): the other tasks' adapters shift each task's outputs by {total:.2%} of their "
+                f"energy in all ({total / own:.2f}x the wanted change), mostly {top['top_adapter']} on "
+                f"{top['top_data']} ({top['top_share']:.0%} at {short_layer(top['layer'])})")
+        if part["cross_shift_posthoc"].isna().all():  # projected statistics: no post-hoc OSRM
+            notes.append((total, f"{said}: {_verdict(total / own, math.nan, math.nan)}."))
+            continue
         removed = 1 - float(part["cross_shift_posthoc"].sum()) / total if total > 0 else 0.0
         kept = float(part["kept_by_posthoc"].mean())
-        top = part.iloc[0]  # verdicts come most interference first
-        notes.append((total, (
-            f"{name} ({layers}): the other tasks' adapters shift each task's outputs by {total:.2%} of their "
-            f"energy in all ({total / own:.2f}x the wanted change), mostly {top['top_adapter']} on "
-            f"{top['top_data']} ({top['top_share']:.0%} at {short_layer(top['layer'])}); post-hoc OSRM would "
-            f"remove {removed:.0%} of it and keep {kept:.0%} of the adapters' ΔW: "
-            f"{_verdict(total / own, removed, kept)}."
-        )))
+        notes.append((total, f"{said}; post-hoc OSRM would remove {removed:.0%} of it and keep {kept:.0%} of the "
+                             f"adapters' ΔW: {_verdict(total / own, removed, kept)}."))
     ranked = sorted(notes, key=lambda x: -x[0])
     return [f"{k}. {text}" for k, (_, text) in enumerate(ranked, start=1)]
 
 
 def _verdict(cross_to_own: float, removed: float, kept: float) -> str:
     """What to do about a block: its cross shift relative to the wanted change, and what the
-    projection removes of it and keeps of the adapters."""
+    projection removes of it and keeps of the adapters (NaN: not computed)."""
     if cross_to_own < 0.05:
         return "little to fix here"
+    if math.isnan(removed):
+        return "worth fixing here (what post-hoc OSRM would remove needs the dense statistics)"
     if removed >= 0.5 and kept >= 0.5:
         return "projecting is worth it here"
     if removed >= 0.5:

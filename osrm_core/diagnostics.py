@@ -367,11 +367,14 @@ def layer_verdicts(interference: pd.DataFrame, kept: pd.DataFrame) -> pd.DataFra
     ``cross_shift``); ``top_input_norm`` (that pair's exact RMS ``||A_j h_i||``);
     ``cross_shift_posthoc`` and ``removed_by_posthoc`` (``1 - after / before``); ``kept_by_posthoc``
     (mean over adapters of ``||Delta_W A^+ A|| / ||Delta_W||``); ``rank`` (1 = most interference).
+    Without ``posthoc_osrm`` rows (projected statistics: post-hoc OSRM needs the ``d x d``
+    moments) the three post-hoc columns are NaN.
     """
     need = {"layer", "adapter", "data", "input_energy", "relative_shift", "init"}
     if not need <= set(interference.columns):
         raise OsrmInputError(f"interference needs columns {sorted(need)}, got {list(interference.columns)}")
     rows = []
+    posthoc_done = bool((interference["init"] == "posthoc_osrm").any())
     for layer, part in interference.groupby("layer", sort=False):
         before = part[part["init"] == "uploaded"]
         cross = before[before["adapter"] != before["data"]]
@@ -381,7 +384,7 @@ def layer_verdicts(interference: pd.DataFrame, kept: pd.DataFrame) -> pd.DataFra
         top = cross.loc[cross["relative_shift"].idxmax()]
         total = float(cross["relative_shift"].sum())
         own = float(before.loc[before["adapter"] == before["data"], "relative_shift"].sum())
-        posthoc = float(after["relative_shift"].sum())
+        posthoc = float(after["relative_shift"].sum()) if posthoc_done else math.nan
         rows.append({
             "layer": layer,
             "cross_shift": total,

@@ -93,11 +93,9 @@ def memory_plan(
     -------
     DataFrame with columns ``stage, item, bytes, GiB, note``.
     """
-    if stats_dtype not in ("float64", "float32"):
-        raise OsrmInputError(f"stats_dtype must be 'float64' or 'float32', got {stats_dtype!r}")
+    sb = stats_bytes_per_number(stats_dtype)
     if layers_per_pass is not None and layers_per_pass < 1:
         raise OsrmInputError(f"layers_per_pass must be >= 1 or None, got {layers_per_pass}")
-    sb = 8 if stats_dtype == "float64" else 4
     d = shape.hidden
     inputs = shape.inputs_per_layer * shape.layers
     held = inputs if layers_per_pass is None else min(inputs, layers_per_pass)
@@ -130,6 +128,13 @@ def memory_plan(
     return df
 
 
+def stats_bytes_per_number(stats_dtype: str) -> int:
+    """8 for ``float64`` sums, 4 for ``float32``; any other dtype is refused."""
+    if stats_dtype not in ("float64", "float32"):
+        raise OsrmInputError(f"stats_dtype must be 'float64' or 'float32', got {stats_dtype!r}")
+    return 8 if stats_dtype == "float64" else 4
+
+
 class MemoryPlanError(OsrmInputError):
     """The plan does not fit in the memory available: raised before any work."""
 
@@ -150,19 +155,37 @@ def available_bytes(device: str = "cpu") -> int | None:
     return None
 
 
-def dense_stats_bytes(widths: dict[str, int], tasks: int, stats_dtype: str = "float64") -> int:
+#: Linear layers of one module that read the same input (their statistics are one).
+SHARED_INPUTS = {"query": "qkv", "key": "qkv", "value": "qkv", "q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv",
+                 "gate_proj": "gate_up", "up_proj": "gate_up"}
+
+
+def dense_stats_bytes(widths: dict[str, int], tasks: int, stats_dtype: str = "float64", *,
+                      sample_means: bool = True) -> int:
     """Bytes of the dense statistics (``sum h h^T``, the sample means' outer products, ``sum h``)
-    of ``tasks`` tasks at the layers ``widths`` (name to ``d_in``); layers of one parent module
-    with the same width (query/key/value, gate/up) read one input and count once."""
-    sb = 8 if stats_dtype == "float64" else 4
-    inputs = {(name.rsplit(".", 1)[0], d) for name, d in widths.items()}
-    return tasks * sum((2 * d * d + d) * sb for _, d in inputs)
+    of ``tasks`` tasks at the layers ``widths`` (name to ``d_in``); the layers of one module that
+    read one input (query/key/value, q/k/v_proj, gate/up_proj: :data:`SHARED_INPUTS`) count once.
+    Without ``sample_means`` (what the interference tables, post-hoc OSRM and RegMean's Gram
+    matrices read): ``sum h h^T`` and ``sum h`` alone."""
+    sb = stats_bytes_per_number(stats_dtype)
+    inputs = set()
+    for name, d in widths.items():
+        parent, _, kind = name.rpartition(".")
+        inputs.add((parent, SHARED_INPUTS.get(kind, kind), d))
+    return tasks * sum(((2 if sample_means else 1) * d * d + d) * sb for *_, d in inputs)
+
+
+def regmean_solve_bytes(shapes: dict[str, tuple[int, int]]) -> int:
+    """Bytes of RegMean's float64 work at its largest layer (``shapes``: name to ``(d_out,
+    d_in)``): the summed Gram matrix, one task's scaled copy and the solver's factors
+    (``3 d_in^2``), the weighted deltas, one task's product and the result (``3 d_out d_in``)."""
+    return max(3 * d_in * d_in + 3 * d_out * d_in for d_out, d_in in shapes.values()) * 8
 
 
 def projected_stats_bytes(ranks: dict[str, int], tasks: int, stats_dtype: str = "float64") -> int:
     """Bytes of the projected statistics: ``R x R`` per layer and task (``R``: the adapters'
     ranks at the layer summed)."""
-    sb = 8 if stats_dtype == "float64" else 4
+    sb = stats_bytes_per_number(stats_dtype)
     return tasks * sum((r * r + 2) * sb for r in ranks.values())
 
 
@@ -206,8 +229,7 @@ def diagnose_plan(shape: tuple, *, adapters: int = 8, rank: int = 16, tasks: int
 
     kinds, params = seven_kinds(shape)
     R = adapters * rank
-    parent = {"q_proj": "attn", "k_proj": "attn", "v_proj": "attn", "gate_proj": "mlp", "up_proj": "mlp"}
-    widths = {f"{b}.{parent.get(k, k)}.{k}": d_in for b in range(shape[1]) for k, (d_in, _) in kinds.items()}
+    widths = {f"{b}.{k}": d_in for b in range(shape[1]) for k, (d_in, _) in kinds.items()}
     lora = adapters * shape[1] * sum(rank * (a + b) for a, b in kinds.values()) * 4
     d_max = max(d for d, _ in kinds.values())
     rows = [
@@ -240,29 +262,92 @@ def scale_table(**options) -> str:
     return "\n".join(lines)
 
 
-
-
-def projected_or_dense(choice: str, adapters, tasks: int) -> bool:
-    """Whether ``osrm diagnose`` collects projected statistics: ``projected``; ``dense`` (refused
-    in one line when the d x d moments do not fit on the CPU); ``auto``: dense when they fit,
-    else projected (with a note on stderr)."""
-    import sys
-
+def adapter_widths(adapters) -> dict[str, int]:
+    """``d_in`` of every layer some adapter covers."""
     from osrm_core.adapters import union_layers
 
-    if choice == "projected":
-        return True
-    widths = {n: next(a.layers[n].A.shape[1] for a in adapters.values() if n in a.layers)
-              for n in union_layers(adapters)}
-    try:
-        check_fits(dense_stats_bytes(widths, max(tasks, 1)), f"dense statistics of {tasks} tasks",
-                   "use --stats projected (every table but post-hoc OSRM and the principal angles)")
-    except MemoryPlanError as err:
-        if choice == "dense":
-            raise
-        print(f"note: {err}; collecting projected statistics", file=sys.stderr)
-        return True
-    return False
+    return {name: d_in for name, (_, d_in) in union_layers(adapters).items()}
+
+
+def gram_bytes(adapters, tasks: int, stats_dtype: str = "float64") -> int:
+    """Bytes of RegMean's inputs and work: each task's Gram matrix (``sum h h^T`` and ``sum h``,
+    in ``stats_dtype``) at every layer the merge covers, and the float64 solve of the largest."""
+    from osrm_core.adapters import union_layers
+
+    widths = adapter_widths(adapters)
+    return (dense_stats_bytes(widths, tasks, stats_dtype, sample_means=False)
+            + regmean_solve_bytes(union_layers(adapters)))
+
+
+def check_grams(adapters, tasks: int, stats_dtype: str = "float64") -> None:
+    """Refuse, in one line and before any work, RegMean's Gram matrices when they do not fit."""
+    hint = ("use --stats-dtype float32 (half the memory) or a method without Gram matrices"
+            if stats_dtype == "float64" else "use a merge method without Gram matrices")
+    check_fits(gram_bytes(adapters, tasks, stats_dtype), f"RegMean's Gram matrices of {tasks} tasks", hint)
+
+
+@dataclass(frozen=True)
+class StatsPlan:
+    """What statistics a workflow on given adapters collects (:func:`stats_plan`).
+
+    Attributes
+    ----------
+    projected : bool
+        The tables come from projected statistics (``r x r`` per adapter pair and layer, see
+        :func:`osrm_core.stats.collect_projected_stats`), else from the dense ``d x d`` moments.
+    grams : bool
+        RegMean's Gram matrices are collected (from dense statistics: the moments themselves).
+    notes : tuple of str
+        One line per choice the plan made for the user (auto's projected statistics, RegMean
+        left out), to print or write beside the results.
+    """
+
+    projected: bool
+    grams: bool = False
+    notes: tuple[str, ...] = ()
+
+    @property
+    def kind(self) -> str:
+        """``projected`` or ``dense``."""
+        return "projected" if self.projected else "dense"
+
+
+def stats_plan(choice: str, adapters, tasks: int, *, stats_dtype: str = "float64", sample_means: bool = True,
+               regmean: bool = False) -> StatsPlan:
+    """The statistics of ``osrm diagnose`` and ``osrm advise`` for ``tasks`` tasks.
+
+    ``choice`` ``projected``: projected statistics; ``dense``: the ``d x d`` moments in
+    ``stats_dtype`` (with ``sample_means`` or without, see :func:`dense_stats_bytes`), refused in
+    one line (:class:`MemoryPlanError`) when they do not fit on the CPU; ``auto``: dense when they
+    fit, else projected (with a note). With ``regmean`` (a RegMean merge will run), the dense
+    check counts RegMean's float64 solve too, and with projected statistics the Gram matrices
+    are collected when :func:`gram_bytes` fits, else RegMean is left out (with a note).
+    """
+    if choice not in ("auto", "projected", "dense"):
+        raise OsrmInputError(f"statistics must be 'auto', 'projected' or 'dense', got {choice!r}")
+    from osrm_core.adapters import union_layers
+
+    notes: list[str] = []
+    projected = choice == "projected"
+    if not projected:
+        need = dense_stats_bytes(adapter_widths(adapters), max(tasks, 1), stats_dtype, sample_means=sample_means)
+        try:
+            check_fits(need + (regmean_solve_bytes(union_layers(adapters)) if regmean else 0),
+                       f"dense statistics of {tasks} tasks",
+                       "use --stats projected (every table but post-hoc OSRM and the principal angles)")
+        except MemoryPlanError as err:
+            if choice == "dense":
+                raise
+            notes.append(f"{err}; collecting projected statistics")
+            projected = True
+    grams = regmean
+    if regmean and projected:
+        try:
+            check_grams(adapters, max(tasks, 1), stats_dtype)
+        except MemoryPlanError as err:
+            notes.append(f"regmean left out: {err}")
+            grams = False
+    return StatsPlan(projected, grams, tuple(notes))
 
 
 if __name__ == "__main__":

@@ -77,10 +77,13 @@ def coverage_table(adapters: dict[str, Adapter]) -> pd.DataFrame:
 
 def task_stats(model, tokenizer, tasks: Sequence[TaskData], *, samples: int | None = 100, max_length: int = 128,
                target_modules: list[str] | None = None, seed: int = 0,
-               adapters: dict[str, Adapter] | None = None) -> dict[str, FeatureStats | ProjectedStats]:
-    """Feature statistics of each task at the given layers of ``model`` (``samples`` None: all);
-    with ``adapters``, projected on them (:func:`osrm_core.stats.collect_projected_stats`: what
-    the interference tables need, without the ``d x d`` moments; tasks with the same texts are
+               adapters: dict[str, Adapter] | None = None, dtype: torch.dtype = torch.float64,
+               sample_means: bool = True) -> dict[str, FeatureStats | ProjectedStats]:
+    """Feature statistics of each task at the given layers of ``model`` (``samples`` None: all),
+    summed in ``dtype`` (``sample_means`` False: ``sum h h^T`` and ``sum h`` alone, e.g. RegMean's
+    Gram matrices, see :func:`osrm_core.stats.iter_feature_stats`); with ``adapters``, projected
+    on them instead, in float64 (:func:`osrm_core.stats.collect_projected_stats`: what the
+    interference tables need, without the ``d x d`` moments; tasks with the same texts are
     streamed once)."""
     if adapters is not None:
         # Tasks with the same texts (several adapters scored on one data set) stream them once.
@@ -96,7 +99,7 @@ def task_stats(model, tokenizer, tasks: Sequence[TaskData], *, samples: int | No
     return {
         t.name: collect_feature_stats(
             model, tokenizer, t, max_samples=samples, max_length=max_length,
-            target_modules=target_modules, seed=seed,
+            target_modules=target_modules, seed=seed, dtype=dtype, sample_means=sample_means,
         )
         for t in tasks
     }

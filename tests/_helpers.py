@@ -26,8 +26,9 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from osrm_core.adapters import PEFT_PREFIX
+from osrm_core.adapters import PEFT_PREFIX, Adapter, LoraWeights
 from osrm_core.demo import demo_task
+from osrm_core.models import weight_as_linear
 from osrm_core.stats import FeatureStats, LayerStats
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -231,3 +232,18 @@ def _flip(data: bytes, positions: list[int]) -> bytes:
 def _all_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*"))
 
+
+
+def random_adapters(model, names: list[str], layers: list[str], rank: int, seed: int = 0) -> dict[str, Adapter]:
+    """Float64 adapters with random A and B on ``model``'s ``layers``: the k-th of ``names`` covers
+    ``layers[k:]`` (different layers) at rank ``rank + k`` and scale ``0.5 + k``; no heads."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, name in enumerate(names):
+        lw = {}
+        for layer in layers[k:]:
+            w = weight_as_linear(model.get_submodule(layer))
+            lw[layer] = LoraWeights(torch.randn(rank + k, w.shape[1], generator=gen, dtype=torch.float64),
+                                    torch.randn(w.shape[0], rank + k, generator=gen, dtype=torch.float64), 0.5 + k)
+        out[name] = Adapter(lw, {}, {})
+    return out

@@ -4,6 +4,7 @@ plain peft scoring what advice.json says."""
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from osrm_core.advise import (
     advice_markdown,
     advise,
     grid_table,
+    layer_notes,
     score_interval,
     split_samples,
     wilson_interval,
@@ -33,20 +35,18 @@ REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
 TASKS = {"sentiment": 2, "topic": 4}
 
 
-@pytest.fixture(scope="module")
-def peft_files(tmp_path_factory, make_tiny_model):
-    """Per task: a CSV of 24 labelled texts and a LoRA adapter saved by plain peft (random B
-    and head, so each adapter changes the model)."""
+def _peft_files(root: Path, base_of) -> dict:
+    """Per task: a CSV of 24 labelled texts and a LoRA adapter saved by plain peft on
+    ``base_of(classes)`` (random B and head, so each adapter changes the model)."""
     from peft import LoraConfig, get_peft_model
 
-    root = tmp_path_factory.mktemp("advise")
     out = {}
     for seed, (key, classes) in enumerate(TASKS.items()):
         task = demo_task(key, n_train=24, n_test=10)
         pd.DataFrame({"text": task.train.text, "label": task.train.label}).to_csv(root / f"{key}.csv", index=False)
         out[f"csv_{key}"] = root / f"{key}.csv"
         config = LoraConfig(task_type="SEQ_CLS", r=2, lora_alpha=4, target_modules=["query", "value"])
-        model = get_peft_model(make_tiny_model(seed=0, num_labels=classes, dtype=torch.float32), config)
+        model = get_peft_model(base_of(classes), config)
         gen = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for name, p in model.named_parameters():
@@ -55,6 +55,12 @@ def peft_files(tmp_path_factory, make_tiny_model):
         model.save_pretrained(root / "adapters" / key)
         out[f"adapter_{key}"] = root / "adapters" / key
     return out
+
+
+@pytest.fixture(scope="module")
+def peft_files(tmp_path_factory, make_tiny_model):
+    return _peft_files(tmp_path_factory.mktemp("advise"),
+                       lambda classes: make_tiny_model(seed=0, num_labels=classes, dtype=torch.float32))
 
 
 @pytest.fixture(scope="module")
@@ -268,6 +274,48 @@ def test_advice_has_a_verdict_per_layer(advised) -> None:
     saved = json.loads((advised["out"] / "advice.json").read_text())
     assert len(saved["layer_notes"]) == 2 and saved["layer_notes"][0].startswith("1. L")
     assert "## Interference per layer" in (advised["out"] / "advice.md").read_text()
+
+
+def test_advise_verdicts_from_projected_statistics_equal_the_dense_ones(default_model, tmp_path) -> None:
+    from osrm_core.models import load_base_model
+    from osrm_core.task_spec import parse_task_spec
+
+    files = _peft_files(tmp_path, lambda classes: load_base_model(num_labels=classes)[0])
+    model, tokenizer = copy.deepcopy(default_model[0]).double(), default_model[1]  # W0 h in float64 too
+    adapters = {k: load_adapter(files[f"adapter_{k}"], model) for k in TASKS}
+    tasks = [parse_task_spec(str(files[f"csv_{k}"]), name=k) for k in TASKS]
+    runs = {stats: advise(model, tokenizer, adapters, tasks, methods=("task_arithmetic",), lambdas=(1.0,), budget=0,
+                          max_length=24, stats=stats) for stats in ("projected", "dense")}
+    got, ref = runs["projected"].layers, runs["dense"].layers
+    assert len(got) == 12 and list(got["layer"]) == list(ref["layer"])
+    assert (got[["top_adapter", "top_data", "rank"]] == ref[["top_adapter", "top_data", "rank"]]).all().all()
+    numbers = ["cross_shift", "own_shift", "cross_to_own", "top_share", "top_input_norm"]
+    np.testing.assert_allclose(got[numbers].to_numpy(float), ref[numbers].to_numpy(float), rtol=1e-10, atol=0)
+    assert got["removed_by_posthoc"].isna().all() and ref["removed_by_posthoc"].between(0, 1).all()
+    assert runs["projected"].settings["stats"] == "projected" and runs["dense"].settings["stats"] == "dense"
+    assert runs["projected"].notes == ["per-layer verdicts from projected statistics: post-hoc OSRM left out (it "
+                                       "needs the d x d moments; --stats dense)"] and runs["dense"].notes == []
+    assert all("; post-hoc OSRM would remove" not in note for note in layer_notes(got))
+    assert all("; post-hoc OSRM would remove" in note for note in layer_notes(ref))
+
+
+def test_advise_leaves_regmean_out_when_its_grams_do_not_fit(advised, make_tiny_model, tokenizer, monkeypatch,
+                                                            tmp_path) -> None:
+    import osrm_core.memory
+
+    monkeypatch.setattr(osrm_core.memory, "available_bytes", lambda device="cpu": 1000)
+    model = make_tiny_model(seed=0, dtype=torch.float32)
+    advice = advise(model, tokenizer, advised["adapters"], advised["tasks"], methods=("task_arithmetic", "regmean"),
+                    lambdas=(1.0,), budget=0, max_length=32)  # auto: dense does not fit either
+    assert advice.settings["stats"] == "projected" and advice.settings["methods"] == ["task_arithmetic"]
+    assert set(advice.search["method"]) == {"task_arithmetic"}
+    assert [n.split(":")[0] for n in advice.notes] == ["dense statistics of 2 tasks needs 0.0 GiB, 0.0 GiB available",
+                                                       "regmean left out", "per-layer verdicts from projected statistics"]
+    assert "use --stats-dtype float32" in advice.notes[1]
+    write_advice(advice, advised["adapters"], tmp_path)
+    assert "Note: regmean left out: RegMean's Gram matrices of 2 tasks needs" in (tmp_path / "advice.md").read_text()
+    with pytest.raises(ValueError, match=r"^dense statistics of 2 tasks needs .* use --stats projected"):
+        advise(model, tokenizer, advised["adapters"], advised["tasks"], stats="dense")
 
 
 def _texts(task) -> set:

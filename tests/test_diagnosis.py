@@ -115,3 +115,17 @@ def test_layer_notes_verdicts() -> None:
         "projection would not help much here.",
         "little to fix here.",
     ]
+
+
+def test_verdicts_without_posthoc_osrm_say_so(case) -> None:
+    """From projected statistics (no post-hoc OSRM rows) the post-hoc columns are NaN and each
+    note stops at the interference, naming what the rest needs."""
+    _, _, diagnosis = case
+    uploaded = diagnosis.interference[diagnosis.interference["init"] == "uploaded"]
+    verdicts = layer_verdicts(uploaded, diagnosis.posthoc.iloc[:0])
+    columns = ["cross_shift_posthoc", "removed_by_posthoc", "kept_by_posthoc"]
+    assert verdicts[columns].isna().all().all()
+    pd.testing.assert_frame_equal(verdicts.drop(columns=columns), diagnosis.verdicts.drop(columns=columns))
+    notes = layer_notes(verdicts)
+    assert len(notes) == 2 and all(n.endswith("worth fixing here (what post-hoc OSRM would remove needs the dense "
+                                              "statistics).") for n in notes)

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from _helpers import random_adapters
 
 from bench.scale_model import build_testbed
 from osrm_core.adapters import Adapter, LoraWeights, load_adapter, union_layers
@@ -57,19 +58,6 @@ def _naive(model, tokenizer, task, adapters, max_length) -> tuple[pd.DataFrame, 
     return pd.DataFrame(rows), pd.DataFrame(own)
 
 
-def _random_adapters(model, names, layers, rank, seed=0) -> dict[str, Adapter]:
-    gen = torch.Generator().manual_seed(seed)
-    out = {}
-    for k, name in enumerate(names):
-        lw = {}
-        for layer in layers[k:]:  # the adapters cover different layers
-            w = weight_as_linear(model.get_submodule(layer))
-            lw[layer] = LoraWeights(torch.randn(rank + k, w.shape[1], generator=gen, dtype=torch.float64),
-                                    torch.randn(w.shape[0], rank + k, generator=gen, dtype=torch.float64), 0.5 + k)
-        out[name] = Adapter(lw, {}, {})
-    return out
-
-
 def _compare(model, tokenizer, tasks, adapters, max_length) -> None:
     dense = {t.name: collect_feature_stats(model, tokenizer, t, max_samples=None, batch_size=3,
                                            max_length=max_length, target_modules=list(union_layers(adapters)))
@@ -102,7 +90,7 @@ def test_projected_equals_dense_and_naive_on_the_default_model(default_model) ->
     tasks = demo_tasks(seed=0, n_train=10, n_test=10)[:2]
     layers = [f"bert.encoder.layer.{k}.attention.self.{kind}" for k in (0, 5) for kind in ("query", "value")]
     layers.append("bert.encoder.layer.3.output.dense")  # a 1536-wide input
-    adapters = _random_adapters(model, [t.name for t in tasks], layers, rank=4)
+    adapters = random_adapters(model, [t.name for t in tasks], layers, rank=4)
     _compare(model, tokenizer, tasks, adapters, max_length=24)
 
 

@@ -1,7 +1,8 @@
 """The scale test bed (:mod:`bench.scale_model`) at test size: a LLaMA of Llama-3.2-1B's layout
 (GQA, seven linear kinds, tied embeddings) with random weights in sharded safetensors, plain-peft
 adapters of different ranks and targets, and ``osrm diagnose``, ``osrm merge`` (every method,
-both spaces) and ``osrm advise`` on it; merged adapters load back with plain peft."""
+both spaces) and ``osrm advise`` (projected statistics) on it; merged adapters load back with
+plain peft."""
 
 from __future__ import annotations
 
@@ -98,8 +99,13 @@ def test_cli_merge_and_advise_on_the_testbed(bed, tmp_path) -> None:
     _osrm("merge", *_adapter_args(bed), "--method", "ties", "--space", "core", "--out", tmp_path / "ties")
     assert (tmp_path / "ties" / "adapter_model.safetensors").is_file()
     out = json.loads(_osrm("advise", "--model", bed["model"], *_adapter_args(bed), *_task_args(bed),
-                           "--samples", "8", "--methods", "task_arithmetic", "ties", "--lambdas", "0.5", "1.0",
-                           "--budget", "2", "--out", tmp_path / "advice", "--json").stdout)
+                           "--samples", "8", "--methods", "task_arithmetic", "ties", "regmean", "--lambdas", "0.5",
+                           "1.0", "--budget", "2", "--stats", "projected", "--stats-dtype", "float32",
+                           "--out", tmp_path / "advice", "--json").stdout)
+    assert out["settings"]["stats"] == "projected" and "regmean" in out["settings"]["methods"]  # its Grams fit
+    assert out["notes"] == ["per-layer verdicts from projected statistics: post-hoc OSRM left out (it needs the "
+                            "d x d moments; --stats dense)"]
+    assert len(out["layers"]) == 14 and all(r["removed_by_posthoc"] is None for r in out["layers"])
     adapter = next(Path(out["out"]).rglob("adapter_config.json")).parent
     peft_model = _load_with_peft(bed["model"], adapter)
     with torch.no_grad():

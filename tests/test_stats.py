@@ -381,3 +381,20 @@ def test_damaged_statistics_files_are_named(tmp_path):
     (tmp_path / "cut.safetensors").write_bytes((tmp_path / "ok.safetensors").read_bytes()[:100])
     with pytest.raises(ValueError, match=r"^cut\.safetensors: damaged statistics file \(.+\)$"):
         FeatureStats.load(tmp_path / "cut.safetensors")
+
+
+def test_statistics_without_sample_means_hold_the_same_gram(tiny_model, tokenizer, tiny_tasks, tiny_stats) -> None:
+    """``sample_means=False`` (RegMean's Gram matrices): the same ``sum h h^T``, ``sum h`` and
+    counts to the bit, no per-sample means; the mean-feature OSRM variant refuses them."""
+    from osrm_core.inits.osrm import osrm_mean_subspace
+
+    grams = [collect_feature_stats(tiny_model, tokenizer, t, max_samples=None, batch_size=8, sample_means=False)
+             for t in tiny_tasks[:2]]
+    for got, ref in zip(grams, tiny_stats[:2], strict=False):
+        assert got.groups() == ref.groups()
+        for name, st in got.layers.items():
+            assert torch.equal(st.sum_outer, ref.layers[name].sum_outer) and torch.equal(st.sum, ref.layers[name].sum)
+            assert (st.count, st.n_samples) == (ref.layers[name].count, ref.layers[name].n_samples)
+            assert st.sum_sample_mean_outer.shape == (0, 0)
+    with pytest.raises(ValueError, match="hold no per-sample means"):
+        osrm_mean_subspace(grams[1:], rank=2)

@@ -18,6 +18,7 @@ from .search import (
     ADVISE_METHODS,
     ADVISE_REFINE,
     Search,
+    advice_stats_plan,
     advise,
 )
 
@@ -31,6 +32,7 @@ __all__ = [
     "Search",
     "adapter_layer_verdicts",
     "advice_markdown",
+    "advice_stats_plan",
     "advise",
     "choose",
     "grid_table",

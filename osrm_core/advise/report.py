@@ -36,6 +36,7 @@ def advice_markdown(advice: Advice) -> str:
         "# Merge advice", "",
         f"Adapters: {', '.join(advice.names)}. {advice.evaluations} evaluations in {advice.seconds:.1f} s.", "",
         f"**Recommended**: {advice.reason}", "",
+        *[f"Note: {note}\n" for note in advice.notes],
         "Where each task's samples came from (`test`: the test split of a task folder, never its train",
         "texts), and how many went to each share: "
         + "; ".join(f"{n} {s['split']} ({len(s['validation'])} validation, {len(s['heldout'])} held out)"

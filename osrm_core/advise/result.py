@@ -46,6 +46,9 @@ class Advice:
     layers : DataFrame
         Per-layer verdicts (:func:`osrm_core.diagnostics.layer_verdicts`) from the statistics of
         the validation share; :func:`layer_notes` says them in words.
+    notes : list of str
+        What the memory plan decided (:func:`osrm_core.memory.stats_plan`): projected statistics
+        (the verdicts then lack post-hoc OSRM), RegMean left out of the search; one line each.
     """
 
     names: list[str]
@@ -61,6 +64,7 @@ class Advice:
     merged: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     layers: pd.DataFrame = field(default_factory=pd.DataFrame, repr=False)
     search: pd.DataFrame = field(default_factory=pd.DataFrame, repr=False)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def lower_is_better(self) -> bool:
@@ -86,6 +90,7 @@ class Advice:
                         for n, s in self.shares.items()},
             "layers": records(self.layers),
             "layer_notes": layer_notes(self.layers) if len(self.layers) else [],
+            "notes": self.notes,
             "settings": self.settings,
         }
 
@@ -100,10 +105,16 @@ def method_label(method: str, density: float | None) -> str:
 
 def adapter_layer_verdicts(model, adapters: dict[str, Adapter], stats: dict) -> pd.DataFrame:
     """:func:`osrm_core.diagnostics.layer_verdicts` of the adapters against their tasks' statistics
-    (over the union of their layers)."""
+    (over the union of their layers). From projected statistics
+    (:class:`osrm_core.stats.ProjectedStats`) the same numbers but the post-hoc OSRM columns,
+    which need the ``d x d`` moments (NaN)."""
     from osrm_core.diagnostics import interference_table, layer_verdicts, posthoc_osrm_adapters
     from osrm_core.models import weight_as_linear
+    from osrm_core.stats import ProjectedStats
 
+    if isinstance(next(iter(stats.values())), ProjectedStats):
+        return layer_verdicts(interference_table(adapters, stats).assign(init="uploaded"),
+                              pd.DataFrame(columns=["adapter", "layer", "energy_kept"]))
     w0 = {n: weight_as_linear(model.get_submodule(n)).detach() for n in union_layers(adapters)}
     projected, kept = posthoc_osrm_adapters(adapters, stats)
     table = pd.concat(

@@ -23,6 +23,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -32,6 +33,7 @@ from osrm_core.adapters import Adapter, check_against_model, num_labels_of, unio
 from osrm_core.data import TaskData
 from osrm_core.errors import OsrmInputError
 from osrm_core.evaluate import SweepEngine, score
+from osrm_core.memory import StatsPlan, stats_plan
 from osrm_core.models import is_causal_lm
 
 from .choice import choose, reason, selection_margin, summarize
@@ -122,8 +124,8 @@ def advise(model, tokenizer, adapters: dict[str, Adapter], tasks: Sequence[TaskD
            methods: Sequence[str] = ADVISE_METHODS, lambdas: Sequence[float] = ADVISE_LAMBDAS,
            densities: Sequence[float] = ADVISE_DENSITIES, budget: int = ADVISE_BUDGET, refine: int = ADVISE_REFINE,
            holdout: float = 0.5, max_samples: int | None = None, max_length: int = 128, seed: int = 0,
-           use_train: bool = False, progress: Progress | None = None,
-           on_stage: Callable[[str], None] | None = None) -> Advice:
+           use_train: bool = False, stats: str = "auto", stats_dtype: str = "float64",
+           progress: Progress | None = None, on_stage: Callable[[str], None] | None = None) -> Advice:
     """Search merge method, density, lambda and per-adapter weights on a validation share of
     labelled sample texts and report the finalists on the held-out share.
 
@@ -137,7 +139,7 @@ def advise(model, tokenizer, adapters: dict[str, Adapter], tasks: Sequence[TaskD
         Labelled samples per adapter (same names). A task with a test split of its own (a folder,
         a dataset) is scored on that split alone; sample texts and a single file are pooled
         (:func:`sample_pool`).
-    methods : merge method names (registry names; RegMean uses statistics of the validation share)
+    methods : merge method names (registry names; RegMean uses the Gram matrices of the validation share)
     lambdas, densities : grids of the first stage
     budget : int
         Validation evaluations for the per-adapter weight search, shared by the ``refine`` best
@@ -149,19 +151,21 @@ def advise(model, tokenizer, adapters: dict[str, Adapter], tasks: Sequence[TaskD
     use_train : bool
         Also score on the training split of tasks that have a test split of their own (warns:
         adapters trained on those texts look better than they are).
+    stats, stats_dtype : {"auto", "projected", "dense"}, {"float64", "float32"}
+        The verdicts' statistics and RegMean's Gram matrices, as :func:`osrm_core.memory.stats_plan`
+        plans them (projected: no post-hoc OSRM); :attr:`Advice.notes` says what it decided.
     """
-    start_time = time.perf_counter()
-    on_stage = on_stage or (lambda s: None)
-    names = list(adapters)
-    by_name = {t.name: t for t in tasks}
+    start_time, on_stage = time.perf_counter(), on_stage or (lambda s: None)
+    names, by_name = list(adapters), {t.name: t for t in tasks}
     lower = _check_inputs(model, adapters, by_name, methods, lambdas, densities, budget)
+    planned, methods = advice_stats_plan(stats, adapters, methods, stats_dtype)  # refused here if it does not fit
 
     on_stage("splitting the samples")
     split = {n: split_samples(by_name[n], holdout, max_samples=max_samples, seed=seed, use_train=use_train)
              for n in names}
     val_tasks, held_tasks = [split[n][0] for n in names], [split[n][1] for n in names]
     on_stage("per-layer verdicts")
-    verdicts, deltas, grams = _layer_inputs(model, tokenizer, adapters, val_tasks, methods, max_length)
+    verdicts, deltas, grams = _layer_inputs(model, tokenizer, adapters, val_tasks, planned, max_length, stats_dtype)
     plan = _plan(methods, densities)
     counter = _Counter(2 * len(names) + len(plan) * len(lambdas) + budget + len(plan) + refine, progress)
     val_engine = SweepEngine(model, tokenizer, val_tasks, adapters, max_length=max_length)
@@ -184,17 +188,17 @@ def advise(model, tokenizer, adapters: dict[str, Adapter], tasks: Sequence[TaskD
     finally:
         val_engine.restore()
         held_engine.restore()
-    single_df = pd.DataFrame([{"task": n, "share": share, "score": s} for (n, share), s in single.items()])
     on_stage("done")
     return Advice(
-        names=names, candidates=table, summary=summary, single=single_df,
+        names=names, candidates=table, summary=summary,
+        single=pd.DataFrame([{"task": n, "share": share, "score": s} for (n, share), s in single.items()]),
         recommended=_recommended(chosen, best, table), reason=reason(summary, chosen, margin, lower),
-        evaluations=counter.done, seconds=time.perf_counter() - start_time,
+        evaluations=counter.done, seconds=time.perf_counter() - start_time, notes=list(planned.notes),
         shares={n: split[n][2] for n in names}, merged=merged, layers=verdicts, search=pd.DataFrame(search.log),
-        settings={"methods": list(methods), "lambdas": [float(x) for x in lambdas],
+        settings={"methods": list(methods), "lambdas": [float(x) for x in lambdas], "stats": planned.kind,
                   "densities": [float(x) for x in densities], "budget": budget, "refine": refine,
                   "holdout": holdout, "max_samples": max_samples, "max_length": max_length, "seed": seed,
-                  "use_train": use_train, "selection_margin": margin},
+                  "use_train": use_train, "selection_margin": margin, "stats_dtype": stats_dtype},
     )
 
 
@@ -241,19 +245,41 @@ def _check_inputs(model, adapters: dict[str, Adapter], by_name: dict[str, TaskDa
     return lower
 
 
-def _layer_inputs(model, tokenizer, adapters: dict[str, Adapter], val_tasks: list[TaskData], methods: Sequence[str],
-                  max_length: int):
-    """The per-layer verdicts from the validation share's statistics, and the merge inputs
-    (deltas, and Gram matrices when a method needs them)."""
-    from osrm_core.export import merge_inputs
+def advice_stats_plan(choice: str, adapters: dict[str, Adapter], methods: Sequence[str],
+                stats_dtype: str) -> tuple[StatsPlan, list[str]]:
+    """The statistics :func:`advise` collects (:func:`osrm_core.memory.stats_plan` for its
+    adapters' tasks: dense moments without the per-sample means serve the verdicts and RegMean;
+    refused in one line when ``dense`` does not fit) and the methods it searches: without those
+    that need Gram matrices when the plan leaves them out. The command line calls it before
+    loading the model."""
     from osrm_core.merge import get_merge_method
+
+    needs_gram = [m for m in methods if get_merge_method(m).needs_gram]
+    plan = stats_plan(choice, adapters, len(adapters), stats_dtype=stats_dtype, sample_means=False,
+                      regmean=bool(needs_gram))
+    if plan.projected:
+        plan = replace(plan, notes=(*plan.notes, "per-layer verdicts from projected statistics: post-hoc OSRM "
+                                    "left out (it needs the d x d moments; --stats dense)"))
+    return plan, [m for m in methods if plan.grams or m not in needs_gram]
+
+
+def _layer_inputs(model, tokenizer, adapters: dict[str, Adapter], val_tasks: list[TaskData], plan: StatsPlan,
+                  max_length: int, stats_dtype: str):
+    """The per-layer verdicts from the validation share's statistics (projected or dense, as
+    ``plan`` says), and the merge inputs (deltas, and Gram matrices when ``plan.grams``: the dense
+    moments, only ``sum h h^T`` and ``sum h`` at the adapters' layers, in ``stats_dtype``)."""
+    from osrm_core.export import merge_inputs
     from osrm_core.workflows import task_stats
 
+    dense = None
+    if not plan.projected or plan.grams:
+        dense = task_stats(model, tokenizer, val_tasks, samples=None, max_length=max_length,
+                           target_modules=list(union_layers(adapters)), dtype=getattr(torch, stats_dtype),
+                           sample_means=False)
     stats = task_stats(model, tokenizer, val_tasks, samples=None, max_length=max_length,
-                       target_modules=list(union_layers(adapters)))
+                       adapters=adapters) if plan.projected else dense
     verdicts = adapter_layer_verdicts(model, adapters, stats)
-    needs_gram = any(get_merge_method(m).needs_gram for m in methods)
-    deltas, grams = merge_inputs(adapters, stats if needs_gram else None)
+    deltas, grams = merge_inputs(adapters, dense if plan.grams else None)
     return verdicts, deltas, grams
 
 

@@ -92,6 +92,10 @@ def osrm_mean_subspace(
 
     def subspace(name: str) -> torch.Tensor:
         dev = device_for(device, name, other_stats[0].layers[name].sum.device)
+        without = [s.task for s in other_stats if s.layers[name].sum_sample_mean_outer.numel() == 0]
+        if without:
+            raise OsrmInputError(f"statistics of task {without[0]!r} hold no per-sample means (collected with "
+                                 "sample_means=False); the mean-feature variant needs them")
         mats = [
             s.layers[name].sum_sample_mean_outer.to(dev) / max(s.layers[name].n_samples, 1) for s in other_stats
         ]

@@ -30,8 +30,8 @@ class _Collector:
     input); afterwards only one layer per group accumulates.
     """
 
-    def __init__(self, model: nn.Module, names: list[str], dtype: torch.dtype) -> None:
-        self.model, self.names, self.dtype = model, names, dtype
+    def __init__(self, model: nn.Module, names: list[str], dtype: torch.dtype, sample_means: bool = True) -> None:
+        self.model, self.names, self.dtype, self.sample_means = model, names, dtype, sample_means
         self.mask: torch.Tensor | None = None
         self.layers: dict[str, LayerStats] = {}
         self.leaders: set[str] = set()
@@ -46,7 +46,7 @@ class _Collector:
                     self.layers[name] = self.layers[self._first[key][1]]
                     return
                 self._first[key] = (x, name)
-                self.layers[name] = LayerStats.zeros(x.shape[-1], x.device, self.dtype)
+                self.layers[name] = LayerStats.zeros(x.shape[-1], x.device, self.dtype, sample_means=self.sample_means)
                 self.leaders.add(name)
             elif name not in self.leaders:
                 return
@@ -75,6 +75,9 @@ class _Collector:
         st.sum += column_sums
         st.count += real.shape[0]
         lengths = mask.sum(1)
+        st.n_samples += int((lengths > 0).sum())
+        if not self.sample_means:
+            return
         if real.device.type == "cpu" and real.dtype == torch.float64:
             # Per-sample sums from the real tokens alone, without two float64 copies of the padded
             # (batch, tokens, d) block (fresh pages, slow to fault in). index_add_ on CPU adds the
@@ -86,7 +89,6 @@ class _Collector:
             sums = (x.to(self.dtype) * mask.unsqueeze(-1)).sum(1)
         sample_means = sums / lengths.clamp_min(1).unsqueeze(1).to(self.dtype)
         st.sum_sample_mean_outer.addmm_(sample_means.T, sample_means)
-        st.n_samples += int((lengths > 0).sum())
 
     def run(
         self,
@@ -158,7 +160,7 @@ def collect_feature_stats(
     **options
         Every keyword of :func:`iter_feature_stats` (``target_modules``, ``max_samples``,
         ``batch_size``, ``max_length``, ``split``, ``seed``, ``dtype``, ``shard``,
-        ``distributed``, ``layers_per_pass``, ``progress``).
+        ``distributed``, ``layers_per_pass``, ``sample_means``, ``progress``).
 
     Returns
     -------
@@ -181,17 +183,10 @@ def iter_feature_stats(
     tokenizer,
     task: TaskData,
     *,
-    target_modules: list[str] | None = None,
-    max_samples: int | None = 100,
-    batch_size: int = 32,
-    max_length: int = 128,
-    split: str = "train",
-    seed: int = 0,
-    dtype: torch.dtype = torch.float64,
-    shard: tuple[int, int] | None = None,
-    distributed: bool | None = None,
-    layers_per_pass: int | None = None,
-    progress: Progress | None = None,
+    target_modules: list[str] | None = None, max_samples: int | None = 100, batch_size: int = 32,
+    max_length: int = 128, split: str = "train", seed: int = 0, dtype: torch.dtype = torch.float64,
+    shard: tuple[int, int] | None = None, distributed: bool | None = None,
+    layers_per_pass: int | None = None, sample_means: bool = True, progress: Progress | None = None,
 ) -> Iterator[FeatureStats]:
     """The statistics of :func:`collect_feature_stats`, one pass (``layers_per_pass`` layer
     inputs) at a time, each yielded as soon as it is complete (and all-reduced), so that a
@@ -219,6 +214,10 @@ def iter_feature_stats(
         Collect this many layer inputs (a group of layers reading one input counts once) per
         pass over the data, each pass stopping after its last layer: device memory then holds
         only those layers' sums. None collects all in one pass.
+    sample_means : bool
+        Also sum the per-sample mean features' outer products (for the mean-feature OSRM
+        variant); False holds ``sum h h^T`` and ``sum h`` alone, half the memory (enough for
+        RegMean's Gram matrices, the interference tables and post-hoc OSRM).
     progress : callable (step, total, message), optional
     """
     from osrm_core.distributed import dist_info
@@ -247,25 +246,25 @@ def iter_feature_stats(
         total = n_batches * len(passes)
         for p, pass_names in enumerate(passes):
             stop = pass_names[-1] if layers_per_pass is not None and p < len(passes) - 1 else None
-            collected = _collect_pass(model, pass_names, dtype, lambda: batches(local), device, progress,
-                                      total, stop_after=stop, done=p * n_batches)
+            collected = _collect_pass(_Collector(model, pass_names, dtype, sample_means), lambda: batches(local),
+                                      device, progress, total, stop_after=stop, done=p * n_batches)
             layers = {name[len(prefix) :]: st for name, st in collected.items()}
             part = FeatureStats({t.name: layers[t.name] for t in targets
                                  if t.name in layers and prefix + t.name in pass_names},
                                 task=task.name, model=model_name, meta=dict(meta))
             if reduce:
-                part = _reduce_across_ranks(part, model, prefix, dtype)
+                part = _reduce_across_ranks(part, model, prefix, dtype, sample_means)
             yield part
 
 
-def _collect_pass(model, names: list[str], dtype, batches, device, progress, total: int, *, stop_after, done: int):
-    """One pass over ``batches()`` collecting the inputs of ``names``, stopping after
+def _collect_pass(collector: _Collector, batches, device, progress, total: int, *, stop_after, done: int):
+    """One pass over ``batches()`` collecting the inputs of the collector's layers, stopping after
     ``stop_after`` (a model that runs its layers in another order than it lists them is run
     again without the early stop)."""
-    collector = _Collector(model, names, dtype)
+    names = collector.names
     collector.run(batches(), device, progress, total, stop_after=stop_after, done=done)
     if stop_after is not None and any(n not in collector.layers for n in names):
-        collector = _Collector(model, names, dtype)
+        collector = _Collector(collector.model, names, collector.dtype, collector.sample_means)
         collector.run(batches(), device, None, total)
     return collector.layers
 
@@ -350,7 +349,8 @@ def _shared_input_groups(model: nn.Module, names: list[str], batch, device) -> l
     return out + [[n] for n in names if n not in seen]
 
 
-def _reduce_across_ranks(part: FeatureStats, model: nn.Module, prefix: str, dtype: torch.dtype) -> FeatureStats:
+def _reduce_across_ranks(part: FeatureStats, model: nn.Module, prefix: str, dtype: torch.dtype,
+                         sample_means: bool = True) -> FeatureStats:
     """All-reduce one pass's sums; a rank that had no samples joins with zeros laid out like
     rank 0's statistics (rank 0 always has the first sample)."""
     from osrm_core.distributed import DistributedError, all_gather_object, dist_info
@@ -361,7 +361,8 @@ def _reduce_across_ranks(part: FeatureStats, model: nn.Module, prefix: str, dtyp
         layers: dict[str, LayerStats] = {}
         for names, d in ref:
             module = get_module(model, prefix + names[0])
-            st = LayerStats.zeros(d, getattr(module, "base_layer", module).weight.device, dtype)
+            st = LayerStats.zeros(d, getattr(module, "base_layer", module).weight.device, dtype,
+                                  sample_means=sample_means)
             for name in names:
                 layers[name] = st
         part = FeatureStats(layers, part.task, part.model, part.meta)

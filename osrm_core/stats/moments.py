@@ -33,7 +33,9 @@ class LayerStats:
     sum_sample_mean_outer : tensor of shape (d, d), float64
         ``sum m m^T`` over samples, ``m`` the mean of a sample's tokens (the reference code's
         mean-feature variant uses the stacked ``m``; its right singular vectors are the
-        eigenvectors of this sum).
+        eigenvectors of this sum). Of shape (0, 0) when collected without it
+        (``collect_feature_stats(..., sample_means=False)``: RegMean's Gram matrices and the
+        interference tables need only ``sum h h^T``, at half the memory).
     n_samples : int
     """
 
@@ -44,9 +46,11 @@ class LayerStats:
     n_samples: int
 
     @classmethod
-    def zeros(cls, d: int, device: torch.device | str = "cpu", dtype=torch.float64) -> LayerStats:
+    def zeros(cls, d: int, device: torch.device | str = "cpu", dtype=torch.float64, *,
+              sample_means: bool = True) -> LayerStats:
         z = torch.zeros(d, d, dtype=dtype, device=device)
-        return cls(z, torch.zeros(d, dtype=dtype, device=device), 0, z.clone(), 0)
+        means = z.clone() if sample_means else torch.zeros(0, 0, dtype=dtype, device=device)
+        return cls(z, torch.zeros(d, dtype=dtype, device=device), 0, means, 0)
 
     @property
     def d(self) -> int:
