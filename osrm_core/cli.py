@@ -139,6 +139,7 @@ def _add_merge_command(sub) -> None:
     p.add_argument("--max-test", type=int, default=None,
                    help="test examples per --task when scoring the merge (all by default)")
     p.add_argument("--full", action="store_true", help="write full merged model weights")
+    _stats_flags(p, choice=False)
     p.set_defaults(func=commands.cmd_merge)
 
 
@@ -156,6 +157,7 @@ def _add_adapter_commands(sub) -> None:
                    help="values to sweep of another merge parameter: " + ", ".join(
                        f"{s.name} ({s.help})" for s in all_param_specs().values() if s.name != "density"))
     p.add_argument("--max-test", type=int, default=None)
+    _stats_flags(p, choice=False)
     p.set_defaults(func=commands.cmd_sweep)
 
     p = sub.add_parser("diagnose", help="interference, angles, own-energy and per-layer verdicts for given adapters")

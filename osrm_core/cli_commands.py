@@ -220,11 +220,12 @@ def cmd_merge(args) -> None:
                          "full input space); use --space full")
     adapters = _load_adapters(args)
     weights = _weights(args.weights, list(adapters))
+    grams = _plan_grams(args, adapters, [args.method])
     model = tok = None
     if args.full or args.task or needs_gram or args.model is not None:  # with --model, the adapters are checked
         model, tok = load_base_for(adapters, args.model)
     tasks = _load_tasks(args, required=needs_gram)
-    stats = _gram_stats(args, model, tok, adapters, [args.method], tasks)
+    stats = _gram_stats(args, model, tok, adapters, tasks) if grams else None
     if args.full and args.out_rank is not None:
         raise UsageError("--out-rank truncates a merged adapter; --full writes whole weights: give one of them")
     scores, cols = None, ["task", "metric", "score", "single", "normalized"]
@@ -328,16 +329,29 @@ def _grid(values: list[str] | None) -> dict[str, list]:
     return validate_settings(MergeSettings, {"params": grid}, "--param").params
 
 
-def _gram_stats(args, model, tok, adapters, methods, tasks):
-    """The tasks' statistics when one of ``methods`` needs Gram matrices (RegMean), else None."""
-    from osrm_core.adapters import union_layers
+def _plan_grams(args, adapters, methods) -> bool:
+    """Whether one of ``methods`` needs Gram matrices (RegMean); the memory plan then refuses
+    them in one line, before any work, when they do not fit."""
+    from osrm_core.memory import check_grams
     from osrm_core.merge import get_merge_method
+
+    needed = any(get_merge_method(m).needs_gram for m in methods)
+    if needed:
+        check_grams(adapters, len(args.task or []), args.stats_dtype)
+    return needed
+
+
+def _gram_stats(args, model, tok, adapters, tasks):
+    """The tasks' Gram matrices (``sum h h^T`` and ``sum h``, no more) at the layers the merge
+    covers, in ``--stats-dtype``."""
+    import torch
+
+    from osrm_core.adapters import union_layers
     from osrm_core.workflows import task_stats
 
-    if not any(get_merge_method(m).needs_gram for m in methods):
-        return None
     return task_stats(model, tok, tasks, samples=args.samples, max_length=args.max_length,
-                      target_modules=list(union_layers(adapters)), seed=args.seed)
+                      target_modules=list(union_layers(adapters)), seed=args.seed,
+                      dtype=getattr(torch, args.stats_dtype), sample_means=False)
 
 
 def cmd_sweep(args) -> None:
@@ -345,9 +359,10 @@ def cmd_sweep(args) -> None:
     from osrm_core.workflows import load_base_for, sweep_adapters
 
     adapters = _load_adapters(args)
+    grams = _plan_grams(args, adapters, args.methods)
     model, tok = load_base_for(adapters, args.model)
     tasks = _load_tasks(args)
-    stats = _gram_stats(args, model, tok, adapters, args.methods, tasks)
+    stats = _gram_stats(args, model, tok, adapters, tasks) if grams else None
     df = sweep_adapters(model, tok, adapters, tasks, methods=args.methods, lambdas=args.lambdas,
                         densities=args.densities, params=_grid(args.param), stats=stats, max_test=args.max_test,
                         max_length=args.max_length, seed=args.seed, progress=_progress_bar())

@@ -238,7 +238,11 @@ def sweep_adapters(
     """Merged scores of existing adapters over a grid (see :class:`osrm_core.evaluate.SweepEngine`;
     ``weights`` and ``space`` as in :meth:`~osrm_core.evaluate.SweepEngine.sweep`).
 
-    ``model`` is changed in place during the sweep and restored afterwards.
+    A sweep needs statistics only for the Gram matrices of the methods that weight by them
+    (RegMean): ``stats`` from :func:`task_stats` at the adapters' layers with
+    ``sample_means=False`` (``osrm sweep`` collects them so, in ``--stats-dtype``, after the memory
+    plan's :func:`osrm_core.memory.check_grams`). ``model`` is changed in place during the sweep
+    and restored afterwards.
     """
     from osrm_core.evaluate import SweepEngine
 

@@ -85,6 +85,10 @@ REFUSED = {
     "diagnose --stats dense": (["diagnose", "--stats", "dense"], "dense statistics of 2 tasks needs 0.0 GiB"),
     "advise --stats dense": (["advise", "--stats", "dense", "--methods", "ties", "--out", "OUT"],
                              "dense statistics of 2 tasks needs 0.0 GiB"),
+    "merge --method regmean": (["merge", "--method", "regmean", "--out", "OUT"],
+                               "RegMean's Gram matrices of 2 tasks needs 0.0 GiB"),
+    "sweep with regmean": (["sweep", "--methods", "task_arithmetic", "regmean", "--stats-dtype", "float32"],
+                           "RegMean's Gram matrices of 2 tasks needs 0.0 GiB"),
 }
 
 

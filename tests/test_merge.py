@@ -262,6 +262,37 @@ def test_regmean_singular_gram_keeps_outputs_on_task_inputs():
     assert_close(x @ got.T, x @ delta.T, rtol=1e-5, atol=1e-6)
 
 
+def test_regmean_from_gram_only_statistics_equals_the_full_statistics_merge(default_model):
+    """What ``osrm merge``/``sweep``/``advise`` collect for RegMean now (``sum h h^T`` and ``sum h`` at
+    the adapters' layers, in the chosen dtype) against the float64 statistics with per-sample means
+    they collected before, on the packaged MiniLM: the same merge to the bit in float64, within
+    1e-5 relative in float32 (measured: 2.3e-6)."""
+    from _helpers import random_adapters
+
+    from osrm_core.demo import demo_tasks
+    from osrm_core.export import merge_adapters
+    from osrm_core.stats import collect_feature_stats
+    from osrm_core.workflows import task_stats
+
+    model, tokenizer = default_model
+    tasks = demo_tasks(seed=0, n_train=24, n_test=10)[:2]
+    layers = [f"bert.encoder.layer.{k}.attention.self.{kind}" for k in (0, 4) for kind in ("query", "value")]
+    layers.append("bert.encoder.layer.2.output.dense")  # a 1536-wide input
+    adapters = random_adapters(model, [t.name for t in tasks], layers, rank=4)
+    full = {t.name: collect_feature_stats(model, tokenizer, t, max_samples=None, max_length=32, target_modules=layers)
+            for t in tasks}
+    ref = merge_adapters(adapters, "regmean", stats=full)
+    errors = {}
+    for dtype in (torch.float64, torch.float32):
+        grams = task_stats(model, tokenizer, tasks, samples=None, max_length=32, target_modules=layers, dtype=dtype,
+                           sample_means=False)
+        assert all(st.sum_sample_mean_outer.numel() == 0 and st.sum_outer.dtype == dtype
+                   for g in grams.values() for st in g.layers.values())
+        got = merge_adapters(adapters, "regmean", stats=grams)
+        errors[dtype] = max(float((got[n] - ref[n]).norm() / ref[n].norm()) for n in ref)
+    assert errors[torch.float64] == 0.0 and errors[torch.float32] < 1e-5, errors
+
+
 # ----------------------------------------------------------------------------------------- KnOTS
 
 

@@ -61,8 +61,12 @@ def regmean_merge(deltas: list[Tensor], grams: list[Tensor], alpha: float = 0.9)
     weighted = torch.zeros(d_out, d_in, **f64)
     total = torch.zeros(d_in, d_in, **f64)
     for delta, gram in zip(deltas, grams, strict=True):
+        # alpha G + (1 - alpha) diag(G) with one (d_in, d_in) temporary (Grams of wide layers are
+        # large), the diagonal summed as that formula sums it.
         g = gram.to(**f64)
-        g = alpha * g + (1.0 - alpha) * torch.diag_embed(torch.diagonal(g))
+        diagonal = alpha * torch.diagonal(g) + (1.0 - alpha) * torch.diagonal(g)
+        g = alpha * g
+        g.diagonal().copy_(diagonal)
         weighted += delta.to(**f64) @ g
         total += g
     # The ridge keeps the solve defined for singular Grams (alpha = 1 with fewer tokens than
@@ -72,7 +76,7 @@ def regmean_merge(deltas: list[Tensor], grams: list[Tensor], alpha: float = 0.9)
     # size; their columns of the result are 0.
     diag = torch.diagonal(total)
     ridge = RIDGE * torch.where(diag > 0, diag, diag.mean())
-    total += torch.diag_embed(ridge)
+    diag += ridge
     return torch.linalg.solve(total, weighted, left=False)  # X total = weighted
 
 
