@@ -17,6 +17,8 @@ from osrm_core.adapters import Adapter
 #: The tables of a diagnosis written as CSV / JSON by ``osrm diagnose`` (``projected`` are adapters).
 TABLES = ("coverage", "interference", "matrix", "angles", "own_energy", "posthoc", "verdicts", "sv_interference",
           "spectra", "spectrum")
+#: What a diagnosis from projected statistics says in place of post-hoc OSRM.
+POSTHOC_LEFT_OUT = "left out: projected statistics (post-hoc OSRM needs the d x d moments; --stats dense)"
 #: The columns of :attr:`Diagnosis.spectrum` averaged over layers in the summary.
 SPECTRUM_SUMMARY = ("nuclear_retention", "energy_ratio", "effective_rank_merged", "effective_rank_parts")
 
@@ -111,7 +113,8 @@ class Diagnosis:
             "layers each adapter covers", self.coverage.to_string(index=False),
             "", "input interference sum_l E||A_j h_i||^2 (rows: adapter j, columns: data i)",
             self.matrix.to_string(float_format=lambda x: f"{x:.4g}"),
-            "", "post-hoc OSRM energy kept (mean over layers)", self.kept_by_adapter().to_string(float_format=fmt(3)),
+            "", "post-hoc OSRM energy kept (mean over layers)",
+            self.kept_by_adapter().to_string(float_format=fmt(3)) if len(self.posthoc) else POSTHOC_LEFT_OUT,
             "", "per-layer verdicts, most interference first", *self.notes(),
             "", "own-task energy share vs random (mean over layers)",
             self.own_energy_by_task().to_string(float_format=fmt(4)),

@@ -124,6 +124,7 @@ def test_diagnosis_from_projected_statistics(small_llama) -> None:
     assert set(result.interference["init"]) == {"uploaded"}
     assert result.matrix.shape == (2, 2) and bool((result.matrix.to_numpy() > 0).all())
     assert "layers each adapter covers" in result.to_text()
+    assert "post-hoc OSRM energy kept (mean over layers)\nleft out: projected statistics" in result.to_text()
     other = {n: Adapter({k: LoraWeights(lw.A * 2, lw.B, lw.scale) for k, lw in a.layers.items()}, {}, a.config)
              for n, a in adapters.items()}
     with pytest.raises(ValueError, match="not the one the projected statistics were taken with"):
