@@ -29,7 +29,7 @@ from bench._common import Context, Row, setup_process  # noqa: E402
 MODULES = {
     "bench_stats": ["1a", "1b"], "bench_sweep": ["2b", "2c"], "bench_train": ["3", "3b"],
     "bench_memory": ["4a", "4b"], "bench_app": ["5"], "bench_gpu": ["6"], "bench_advise": ["7a", "7b"],
-    "bench_study": ["8"],
+    "bench_study": ["8"], "bench_startup": ["9"],
 }
 ALL = sorted((i for parts in MODULES.values() for i in parts), key=lambda i: (int(i.rstrip("abc")), i))
 #: Items by number: "1" is 1a and 1b.
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON to PATH")
     parser.add_argument(
-        "--items", help="comma-separated items: 1..8 or 1a,1b,2b,2c,3,3b,4a,4b,5,6,7a,7b,8 (default all)"
+        "--items", help="comma-separated items: 1..9 or 1a,1b,2b,2c,3,3b,4a,4b,5,6,7a,7b,8,9 (default all)"
     )
     parser.add_argument(
         "--repeats", type=int, default=3, help="repeats of each measurement (>= 3; default 3)"

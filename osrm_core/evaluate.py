@@ -18,7 +18,6 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 from torch import nn
 
 from osrm_core.adapters import Adapter, split_bias, union_layers
@@ -38,6 +37,8 @@ LOWER_IS_BETTER = frozenset({"loss"})
 
 def score(metric: str, y_true: np.ndarray, y_pred: np.ndarray) -> float:
     """Accuracy, Matthews correlation, or F1 (binary: of class 1; multi-class: macro)."""
+    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef  # a slow import, when scoring
+
     if metric == "accuracy":
         return float(accuracy_score(y_true, y_pred))
     if metric == "mcc":

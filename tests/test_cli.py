@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pandas as pd
@@ -13,6 +14,7 @@ import torch
 import yaml
 from _helpers import (
     B0,
+    ENV,
     PICKLE_MESSAGE,
     _nan_at,
     _pickled,
@@ -248,6 +250,23 @@ def test_bad_input_exits_2_with_one_error_line(case, jobs) -> None:
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, result.stderr
     assert expected in errors[0]
+
+
+#: Imported when a command uses them, not at the command line's start (each costs seconds).
+SLOW_IMPORTS = ("peft", "transformers", "sklearn", "scipy", "plotly", "streamlit")
+
+
+@pytest.mark.slow
+def test_the_command_line_starts_without_the_slow_imports(tmp_path) -> None:
+    """`osrm --help` and an argument error answer in about the time torch takes to import."""
+    code = (
+        "import sys\nfrom osrm_core.cli import main\n"
+        f"code = main(['run', {str(tmp_path / 'missing.yaml')!r}])\n"
+        f"print(code, sorted(m for m in {SLOW_IMPORTS!r} if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=120)
+    assert result.stdout.split() == ["2", "[]"], result.stderr
+    assert "missing.yaml' does not exist" in result.stderr
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from _helpers import random_adapters
+from _helpers import Q0, assert_message, random_adapters
 
 from bench.scale_model import build_testbed
 from osrm_core.adapters import Adapter, LoraWeights, load_adapter, union_layers
@@ -137,3 +137,17 @@ def test_dense_statistics_that_do_not_fit_are_refused_in_one_line() -> None:
     assert need == 2 * 32 * (2 * 14336**2 + 14336) * 8
     with pytest.raises(MemoryPlanError, match=r"^dense statistics needs \d+\.\d GiB, \d+\.\d GiB available: use"):
         check_fits(need * 10**6, "dense statistics", "use --stats projected")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_overflowing_features_are_named(make_tiny_model, tokenizer, dtype):
+    """A float16 model whose features overflow to Inf: refused with the layer named, in either
+    accumulation dtype (the check reads the chunk's sum of squares, then its entries)."""
+    model = make_tiny_model(dtype=torch.float16)
+    with torch.no_grad():
+        model.bert.embeddings.LayerNorm.weight.fill_(6e4)  # the next layer's input overflows to Inf
+    adapters = random_adapters(model, ["a"], [Q0], 2)
+    with pytest.raises(ValueError) as caught:
+        collect_projected_stats(model, tokenizer, demo_tasks(seed=0, n_train=10, n_test=10)[0], adapters,
+                                dtype=dtype)
+    assert_message(str(caught.value), f"layer '{Q0}': input features contain NaN or Inf")

@@ -3,7 +3,6 @@ other tasks' energy (top generalized eigenvectors), not the least energy of the 
 
 from __future__ import annotations
 
-import scipy.linalg
 import torch
 
 from osrm_core.errors import OsrmInputError
@@ -44,6 +43,8 @@ def osrm_gen_subspace(
     check_same_layers([own_stats, *other_stats])
 
     def subspace(name: str) -> torch.Tensor:
+        import scipy.linalg  # a slow import (the CLI's start-up), when solving
+
         s_own = own_stats.layers[name].second_moment
         d = s_own.shape[0]
         check_rank(rank, d, name)

@@ -15,11 +15,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from peft.utils.merge_utils import (
-    calculate_majority_sign_mask,
-    disjoint_merge,
-    magnitude_based_pruning,
-)
 from torch import Tensor
 
 from osrm_core.params import choice_param, share_param
@@ -45,6 +40,8 @@ def trim_by_magnitude(delta: Tensor, density: float) -> Tensor:
     """Zero all but the ``int(density * numel)`` largest-magnitude entries (any shape)."""
     if density >= 1.0:
         return delta
+    from peft.utils.merge_utils import magnitude_based_pruning  # peft's own, imported when used: a slow import
+
     return magnitude_based_pruning(delta, density)
 
 
@@ -61,6 +58,8 @@ def elect_and_merge(stacked: Tensor, majority_sign_method: SignMethod = "total")
     -------
     tensor of shape (...); entries where no task agrees are 0
     """
+    from peft.utils.merge_utils import calculate_majority_sign_mask, disjoint_merge
+
     mask = calculate_majority_sign_mask(stacked, method=majority_sign_method)
     return disjoint_merge(stacked, mask)
 

@@ -108,12 +108,10 @@ class _Projector:
         self.mask: torch.Tensor | None = None
         self.waiting: set[str] = set()
         self.layers: dict[str, ProjectedLayer] = {}
-        self.stacked: dict[str, torch.Tensor] = {}
         for name, module in modules.items():
             held = {n: a.layers[name].A for n, a in adapters.items() if name in a.layers}
             device = module.weight.device
-            self.stacked[name] = torch.cat([A.to(device, dtype) for A in held.values()], 0)
-            R = self.stacked[name].shape[0]
+            R = sum(A.shape[0] for A in held.values())
             zero = torch.zeros((), dtype=dtype, device=device)
             self.layers[name] = ProjectedLayer(held, torch.zeros(R, R, dtype=dtype, device=device), zero, zero.clone())
 
@@ -135,21 +133,35 @@ class _Projector:
                 f"layer {name!r}: input of shape {tuple(x.shape)} does not match the attention "
                 f"mask {tuple(mask.shape)}; only (batch, tokens, features) inputs are supported"
             )
-        st, A = self.layers[name], self.stacked[name]
+        st = self.layers[name]
         bias = getattr(module, "bias", None)
-        real_x, real_y = x[mask], y[mask]
+        real_x, real_y = _real(x, mask), _real(y, mask)
         for start in range(0, real_x.shape[0], CHUNK_TOKENS):
             h = real_x[start : start + CHUNK_TOKENS].to(self.dtype)
-            if not torch.isfinite(h.sum(0)).all() and not torch.isfinite(h).all():
+            sum_sq = _sum_of_squares(h)
+            # A NaN or Inf entry makes the sum of squares non-finite; so may a float32 overflow: check the entries.
+            if not torch.isfinite(sum_sq) and not torch.isfinite(h).all():
                 raise OsrmInputError(f"layer {name!r}: input features contain NaN or Inf")
-            p = h @ A.T
-            st.sum_outer.addmm_(p.T, p)
-            st.sum_sq += (h * h).sum()
+            # (R, tokens), A @ h.T: on the CPU several times faster than h @ A.T. Each A_j cast here, one
+            # layer at a time: a float64 copy of every layer's stacked A would outweigh the adapters.
+            p = torch.cat([A.to(h.device, self.dtype) @ h.T for A in st.adapters.values()])
+            st.sum_outer.addmm_(p, p.T)
+            st.sum_sq += sum_sq
             out = real_y[start : start + CHUNK_TOKENS].to(self.dtype)
             if bias is not None:
                 out = out - bias.to(self.dtype)
-            st.base_sq += (out * out).sum()
+            st.base_sq += _sum_of_squares(out)
         st.count += real_x.shape[0]
+
+
+def _real(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The rows of ``t`` (batch, tokens, width) at real tokens, as (n, width)."""
+    return t.reshape(-1, t.shape[-1]) if bool(mask.all()) else t[mask]
+
+
+def _sum_of_squares(t: torch.Tensor) -> torch.Tensor:
+    flat = t.reshape(-1)
+    return torch.dot(flat, flat)  # BLAS: an order of magnitude faster than (t * t).sum() on the CPU
 
 
 def collect_projected_stats(
