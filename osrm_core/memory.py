@@ -3,7 +3,10 @@
 The statistics are exact (they are dense ``d x d`` sums); the training activations are an
 estimate (Korthikanti et al., 2022: about ``34 * hidden`` bytes per token and layer for 16-bit
 activations with fused attention). Used for the table in the README's "Scaling up" section and
-to choose ``stats_dtype`` and ``layers_per_pass`` before a long run.
+to choose ``stats_dtype`` and ``layers_per_pass`` before a long run; on given adapters,
+:func:`stats_plan` chooses the statistics of ``osrm diagnose`` and ``osrm advise`` (projected or
+dense, RegMean's Gram matrices) and :func:`check_grams` those of ``osrm merge``/``sweep``, each
+refusing in one line, before any work, what does not fit.
 """
 
 from __future__ import annotations
