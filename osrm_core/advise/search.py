@@ -246,7 +246,7 @@ def _check_inputs(model, adapters: dict[str, Adapter], by_name: dict[str, TaskDa
 
 
 def advice_stats_plan(choice: str, adapters: dict[str, Adapter], methods: Sequence[str],
-                stats_dtype: str) -> tuple[StatsPlan, list[str]]:
+                      stats_dtype: str) -> tuple[StatsPlan, list[str]]:
     """The statistics :func:`advise` collects (:func:`osrm_core.memory.stats_plan` for its
     adapters' tasks: dense moments without the per-sample means serve the verdicts and RegMean;
     refused in one line when ``dense`` does not fit) and the methods it searches: without those
