@@ -10,6 +10,9 @@ baselines run side by side in the same run, each measurement in its own child pr
   (:func:`osrm_core.workflows.task_stats` with the adapters, then ``diagnose_adapters``), for
   each number of adapters; the dense path goes through ``osrm diagnose --stats dense``, whose
   memory plan may refuse it (the refusal is recorded);
+* ``stats``: the projected statistics pass alone against the same forward passes, interleaved in
+  one process (``--repeats`` pairs; the paired ratio is the figure), for each number of adapters;
+  ``--layers 2`` builds a shallower bed of the same widths (the per-layer costs are unchanged);
 * ``merge``: ``build_merged_adapter`` (what ``osrm merge`` runs) per method, full and core
   space, against peft's ``add_weighted_adapter`` (``cat``, ``svd``, ``ties_svd``) on the same
   adapters loaded into a ``PeftModel`` (peft needs the base model; its time is the call alone).
@@ -125,6 +128,38 @@ def child_forward(bed: dict, n: int, samples: int, tokens: int) -> dict:
     return {**info, **_measured(run)}
 
 
+def child_stats(bed: dict, n: int, samples: int, tokens: int, repeats: int) -> dict:
+    """The projected statistics pass of the two tasks against plain forward passes over the
+    same texts, interleaved in one process (the same model, load and caches for both)."""
+    import torch
+
+    from bench._common import interleave
+    from osrm_core.batching import iter_batches
+    from osrm_core.stats import collect_projected_stats, select_samples
+
+    model, tok, info = _model(bed)
+    adapters = _adapters(bed, n)
+    tasks = _tasks(bed, list(adapters)[:2])
+
+    def forward() -> float:
+        start = time.perf_counter()
+        with torch.no_grad():
+            for task in tasks:
+                idx = select_samples(len(task.train), samples, 0)
+                for batch in iter_batches(tok, task.train, batch_size=32, max_length=tokens, indices=idx,
+                                          with_labels=False):
+                    model.model(**{k: v.to(DEVICE) for k, v in batch.items()})
+        return time.perf_counter() - start
+
+    def projected() -> float:
+        start = time.perf_counter()
+        for task in tasks:
+            collect_projected_stats(model, tok, task, adapters, max_samples=samples, max_length=tokens)
+        return time.perf_counter() - start
+
+    return {**info, "samples": interleave({"forward": forward, "projected": projected}, repeats)}
+
+
 def child_diagnose(bed: dict, n: int, samples: int, tokens: int) -> dict:
     from osrm_core.workflows import diagnose_adapters, load_base_for, task_stats
 
@@ -169,7 +204,8 @@ def child_peft(bed: dict, n: int, combination: str) -> dict:
         names, [1.0] * n, "merged", combination_type=combination, **kwargs))}
 
 
-CHILDREN = {"forward": child_forward, "diagnose": child_diagnose, "merge": child_merge, "peft": child_peft}
+CHILDREN = {"forward": child_forward, "stats": child_stats, "diagnose": child_diagnose, "merge": child_merge,
+            "peft": child_peft}
 
 
 # --------------------------------------------------------------------------- parent
@@ -225,6 +261,15 @@ def summarize(res: dict) -> list[dict]:
                      "figure": _ratio(d.get("seconds"), fwd.get("seconds")),
                      "detail": f"{d.get('seconds', float('nan')):.1f} s (statistics {d.get('stats_seconds', float('nan')):.1f} s)"
                                f" vs {fwd.get('seconds', float('nan')):.1f} s; loading not counted"})
+    for st in res.get("stats", []):
+        if "samples" in st:
+            from bench._common import median, paired_ratio
+
+            sm = st["samples"]
+            rows.append({"name": f"projected statistics pass / plain forward passes, {st['args'][0]} adapters",
+                         "op": "<=", "target": 1.5, "figure": paired_ratio(sm["projected"], sm["forward"]),
+                         "detail": f"interleaved in one process, {len(sm['forward'])} pairs, medians "
+                                   f"{median(sm['projected']):.1f} s vs {median(sm['forward']):.1f} s"})
     peft = {p["args"][1]: p for p in res.get("peft", [])}
     ours = {(m["args"][1], m["args"][2]): m for m in res.get("merge", [])}
     base = peft.get("ties_svd", {})
@@ -291,8 +336,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--texts", type=int, default=64)
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--timeout", type=float, default=900, help="seconds a measurement may take")
-    p.add_argument("--part", choices=["diagnose", "merge", "all"], default="all",
-                   help="measure only the diagnosis or the merges (results in scale-<shape>-<part>.*)")
+    p.add_argument("--layers", type=int, default=None,
+                   help="build the bed with this many decoder layers (default: the shape's; per-layer costs unchanged)")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved repeats of the stats part")
+    p.add_argument("--part", choices=["diagnose", "merge", "stats", "all"], default="all",
+                   help="measure only the diagnosis, the merges, or the statistics pass against forward passes "
+                        "(interleaved in one process); results in scale-<shape>-<part>.*")
     p.add_argument("--child", choices=list(CHILDREN), help=argparse.SUPPRESS)
     p.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -305,12 +354,15 @@ def main(argv: list[str] | None = None) -> int:
     shape = {**{"1b": LLAMA_3_2_1B, "8b": LLAMA_3_8B, "small": SMALL}[args.shape]}
     if args.vocab:
         shape["vocab_size"] = args.vocab
+    if args.layers:
+        shape["num_hidden_layers"] = args.layers
     n_max = max([args.merge_adapters, *map(int, args.adapters.split(","))])
     if not (args.bed / "testbed.json").is_file():
         build_testbed(args.bed, shape, adapters=n_max, texts=args.texts, tokens=args.tokens,
                       shard_size="200KB" if args.shape == "small" else "2GB", device=args.device)
     bed = json.loads((args.bed / "testbed.json").read_text())
-    settings = {"shape": args.shape, "device": args.device, "vocab": shape["vocab_size"], "texts": args.texts, "tokens": args.tokens,
+    settings = {"shape": args.shape, "layers": shape["num_hidden_layers"], "device": args.device,
+                "vocab": shape["vocab_size"], "texts": args.texts, "tokens": args.tokens,
                 "threads": os.environ.get("OMP_NUM_THREADS"), "cpus": os.cpu_count()}
     t = args.timeout
     res: dict = {"settings": settings}
@@ -319,6 +371,9 @@ def main(argv: list[str] | None = None) -> int:
         res["forward"] = run_child(args.bed, "forward", 0, args.texts, args.tokens, timeout=t)
         res["diagnose"] = [run_child(args.bed, "diagnose", n, args.texts, args.tokens, timeout=t) for n in counts]
         res["dense"] = [dense_refusal(args.bed, bed, n, args.texts, args.tokens, t) for n in counts]
+    if args.part in ("stats", "all"):
+        res["stats"] = [run_child(args.bed, "stats", n, args.texts, args.tokens, args.repeats, timeout=t)
+                        for n in map(int, args.adapters.split(","))]
     if args.part in ("merge", "all"):
         n = args.merge_adapters
         res["merge"] = [run_child(args.bed, "merge", n, m, space, timeout=t)
