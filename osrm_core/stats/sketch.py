@@ -46,9 +46,9 @@ from osrm_core.models import weight_as_linear
 from .collect import check_collect_args
 from .stream import Progress, base_modules, stream_layers, token_chunks
 
-#: Default passes of subspace iteration: on the packaged model's layers (k = 8, a few hundred
-#: tokens, eigenvalue gaps of a few per cent) 2 often leaves the angle bound at 90 degrees, 4 gets it
-#: to 10-30, 8 to about 1.
+#: Default passes of subspace iteration. On three layers of the packaged model (k = 8, 756 tokens
+#: of a demo task, eigenvalue gaps after the 8th of 3 to 13 per cent) 2 left the angle bound at 90
+#: degrees (nothing stated) on all three, 4 at 90, 10 and 29, 8 at 6.4, 0.34 and 1.1.
 SKETCH_POWER = 4
 
 
