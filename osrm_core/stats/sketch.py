@@ -193,13 +193,11 @@ def collect_sketch(
     *,
     power: int = SKETCH_POWER,
     oversampling: int = 10,
-    max_samples: int | None = 100,
-    batch_size: int = 32,
-    max_length: int = 128,
     split: str = "train",
     seed: int = 0,
     dtype: torch.dtype = torch.float64,
     progress: Progress | None = None,
+    **options,
 ) -> Sketch:
     """Sketch ``task``'s top-``k`` data subspace at ``layers`` in ``2 + power`` passes over its
     texts (see the module's docstring).
@@ -219,11 +217,15 @@ def collect_sketch(
     oversampling : int
         Extra columns, ``>= 1`` (``m = min(k + oversampling, d)`` per layer; the ``(k+1)``-th
         gives the gap).
-    max_samples, batch_size, max_length, split, seed
+    split, seed
         As :func:`osrm_core.stats.collect_feature_stats` (the same seeded subset of samples);
         ``seed`` also draws ``Omega``.
     dtype : torch.dtype
         Accumulation dtype, float64 (default) or float32; the small eigenproblem is float64.
+    progress : callable (step, total, message), optional
+        Over all passes.
+    **options
+        ``max_samples``, ``batch_size``, ``max_length``: as :func:`osrm_core.stats.collect_feature_stats`.
 
     Returns
     -------
@@ -249,10 +251,9 @@ def collect_sketch(
             finder.next_pass()
         step = None if progress is None else (
             lambda i, total, what, p=p: progress(p * total + i, passes * total, what))
-        stream_layers(model, tokenizer, data, modules, finder.add, max_samples=max_samples, batch_size=batch_size,
-                      max_length=max_length, seed=seed, progress=step, what=f"sketch, pass {p + 1} of {passes}")
+        stream_layers(model, tokenizer, data, modules, finder.add, seed=seed, progress=step,
+                      what=f"sketch, pass {p + 1} of {passes}", **options)
     done = {name: finder.ritz(name, k) for name in finder.Mt}
-    meta = {"max_samples": max_samples, "max_length": max_length, "split": split, "seed": seed,
-            "oversampling": oversampling}
+    meta = {**options, "split": split, "seed": seed, "oversampling": oversampling}
     return Sketch({name: done[finder.first.get(name, name)] for name in layers}, k, power, task=task.name,
                   model=getattr(model, "name_or_path_", ""), meta=meta)
