@@ -150,3 +150,21 @@ def test_osrm_diagnose_and_the_page_give_the_same_tables(peft_adapters, tiny_mod
         pd.testing.assert_frame_equal(cli, mine, check_dtype=False, rtol=1e-6, atol=1e-9, obj=name)
     pd.testing.assert_frame_equal(pd.read_csv(out / "matrix.csv"), page.matrix.reset_index(),
                                   check_dtype=False, rtol=1e-6, check_names=False)
+
+
+def test_the_public_names_are_their_modules_own() -> None:
+    """``osrm_core`` imports each public name from its module on first use: the very object,
+    listed by ``dir``; an unknown name is an AttributeError naming it."""
+    import importlib
+
+    import osrm_core
+
+    for name in osrm_core.__all__:
+        home = importlib.import_module(f"osrm_core.{osrm_core._HOME[name]}")
+        assert getattr(osrm_core, name) is getattr(home, name), name
+    assert set(osrm_core.__all__) <= set(dir(osrm_core))
+    import osrm_core.advisor.search  # noqa: F401  (the advisor package does not shadow the workflow)
+
+    assert callable(osrm_core.advise)
+    with pytest.raises(AttributeError, match="module 'osrm_core' has no attribute 'nope'"):
+        osrm_core.nope  # noqa: B018
