@@ -12,7 +12,7 @@ import os
 import sys
 
 from osrm_core import cli_commands as commands
-from osrm_core.advise import ADVISE_BUDGET, ADVISE_DENSITIES, ADVISE_LAMBDAS, ADVISE_METHODS
+from osrm_core.advisor import ADVISE_BUDGET, ADVISE_DENSITIES, ADVISE_LAMBDAS, ADVISE_METHODS
 from osrm_core.cli_commands import DISTRIBUTED_COMMANDS, _launch_rank
 from osrm_core.constraints import CONSTRAINTS
 from osrm_core.data import METRICS

@@ -401,7 +401,7 @@ def cmd_diagnose(args) -> None:
 
 
 def cmd_advise(args) -> None:
-    from osrm_core.advise import advise, write_advice
+    from osrm_core.advisor import advise, write_advice
     from osrm_core.workflows import load_base_for
 
     if not args.out:

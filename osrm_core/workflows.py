@@ -7,7 +7,7 @@ the command line, the app and notebooks:
   statistics, the angles from :func:`task_sketches` (:func:`sketch_angles`);
 * :func:`sweep_adapters` — merged scores over a grid on labelled data (``osrm sweep``, the
   page's quick sweep);
-* :func:`osrm_core.advise.advise` — the merge advisor (``osrm advise``, the page's advice):
+* :func:`osrm_core.advisor.advise` — the merge advisor (``osrm advise``, the page's advice):
   method, lambda, density and per-adapter weights searched on sample texts;
 * :func:`build_merged_adapter` — one PEFT adapter with the merged ``Delta_W`` and every task's
   head under ``heads/`` (``osrm merge``, the page's download);

@@ -188,3 +188,21 @@ def test_angles_from_sketches_are_the_dense_ones_within_their_bound(default_mode
              for n, a in adapters.items()}
     with pytest.raises(ValueError, match="^the sketch of task 'sentiment' has k=4; the angles need k=3, the smallest"):
         sketch_angles(rank3, projected, sketches)
+
+
+def test_the_public_names_are_their_modules_own() -> None:
+    """``osrm_core`` imports each public name from its module on first use: the very object,
+    listed by ``dir``; an unknown name is an AttributeError naming it."""
+    import importlib
+
+    import osrm_core
+
+    for name in osrm_core.__all__:
+        home = importlib.import_module(f"osrm_core.{osrm_core._HOME[name]}")
+        assert getattr(osrm_core, name) is getattr(home, name), name
+    assert set(osrm_core.__all__) <= set(dir(osrm_core))
+    import osrm_core.advisor.search  # noqa: F401  (the advisor package does not shadow the workflow)
+
+    assert callable(osrm_core.advise)
+    with pytest.raises(AttributeError, match="module 'osrm_core' has no attribute 'nope'"):
+        osrm_core.nope  # noqa: B018
