@@ -162,11 +162,8 @@ def diagnose_adapters(
     posthoc_rank : int, optional
         Rank of the OSRM subspace each adapter is projected on (default: its own rank).
     sketches : dict of task name to Sketch, optional
-        With projected statistics: the principal angles of the uploaded adapters from these
-        sketches of every task's data subspace (:func:`task_sketches`), each row of ``angles``
-        with ``bound``, the most its angles can be off in degrees (the stated bounds of the
-        sketches it compares, added: an angle moves by at most the largest angle a subspace
-        turns, Knyazev & Argentati 2006).
+        With projected statistics: ``angles`` of the uploaded adapters from these sketches of
+        the tasks' data subspaces, each row with its stated ``bound`` (:func:`sketch_angles`).
 
     Returns
     -------
@@ -174,8 +171,7 @@ def diagnose_adapters(
         Its tables (interference as uploaded and after post-hoc OSRM, angles, own-task energy,
         energy kept, coverage, data-free signals), the post-hoc OSRM adapters, and the verdicts
         and summaries read from them (:class:`osrm_core.diagnosis.Diagnosis`). From projected
-        statistics ``posthoc`` is empty, ``projected`` is ``{}`` and ``angles`` is empty, or
-        from ``sketches`` the uploaded adapters' with a column ``bound``.
+        statistics ``posthoc`` is empty, ``projected`` is ``{}`` and ``angles`` empty without ``sketches``.
     """
     from osrm_core.diagnostics import (
         interference_table,
@@ -256,9 +252,11 @@ def _dense_views(adapters, stats, w0, posthoc_rank) -> dict:
 def sketch_angles(adapters: dict[str, Adapter], stats: dict[str, ProjectedStats],
                   sketches: dict[str, Sketch]) -> pd.DataFrame:
     """:func:`osrm_core.diagnostics.angle_table` of the uploaded adapters with each task's data
-    subspace from its sketch, and a column ``bound`` (degrees): the sketches' stated angle bounds
-    (:attr:`osrm_core.stats.SketchLayer.angle_bound`) added over the data subspaces a row compares,
-    at most 90."""
+    subspace from its sketch (:func:`task_sketches`), and a column ``bound`` (degrees): the most
+    the row's angles can be off, the sketches' stated angle bounds
+    (:attr:`osrm_core.stats.SketchLayer.angle_bound`) added over the data subspaces it compares, at
+    most 90 (each principal angle moves by at most the largest angle one of the subspaces turns:
+    Knyazev & Argentati 2006)."""
     from osrm_core.diagnostics import angle_rank, angle_table
 
     k = angle_rank(adapters)
