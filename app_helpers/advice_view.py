@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import pandas as pd
 import streamlit as st
 
-from osrm_core.advise import ADVISE_BUDGET, ADVISE_LAMBDAS, ADVISE_METHODS, advise, grid_table
+from osrm_core.advisor import ADVISE_BUDGET, ADVISE_LAMBDAS, ADVISE_METHODS, advise, grid_table
 from osrm_core.merge import MERGE_METHODS
 from osrm_core.settings import ConfigError
 from osrm_core.workflows import load_base_for

@@ -5,7 +5,7 @@
     the time of the run that follows the last CSV upload, which collects the texts' statistics
     and draws the interference heatmaps (the base model is already loaded by then: it was
     needed to read the adapters). Goal: <= 3 s.
-7b. The whole advice: :func:`osrm_core.advise.advise` with its defaults (task arithmetic and
+7b. The whole advice: :func:`osrm_core.advisor.advise` with its defaults (task arithmetic and
     TIES, five lambdas, three densities, ``ADVISE_BUDGET`` evaluations of per-adapter weights from
     the best grid point, the finalists on the held-out share) on the same adapters and texts.
     Goal: <= 20 s.
@@ -71,7 +71,7 @@ def first_chart_seconds(tasks, adapters) -> float:
 def advice_seconds(ctx: Context, tasks, adapters) -> tuple[float, int]:
     import copy
 
-    from osrm_core.advise import advise
+    from osrm_core.advisor import advise
 
     model, tokenizer = ctx.base_model()
     model = copy.deepcopy(model)  # the search writes merged weights in place

@@ -22,7 +22,7 @@ from bench._common import ROOT, Context, Row, interleave, median, paired_ratio, 
 SIDES = {
     "torch_import": ["-c", "import torch"],
     "osrm_bad_input": ["-m", "osrm_core.cli", "run", "{missing}"],
-    "everything_imported": ["-c", "import osrm_core.workflows, osrm_core.advise, osrm_core.study, peft, sklearn"],
+    "everything_imported": ["-c", "import osrm_core.workflows, osrm_core.advisor, osrm_core.study, peft, sklearn"],
 }
 
 

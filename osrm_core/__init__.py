@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 #: Public name -> the module (under ``osrm_core``) that defines it.
 _EXPORTS: dict[str, tuple[str, ...]] = {
     "adapters": ("Adapter", "LoraWeights", "load_adapter", "lora_from_model", "read_adapter_dir"),
-    "advise": ("advise", "write_advice"),
+    "advisor": ("advise", "write_advice"),
     "data": ("Split", "TaskData", "from_dataframes", "load_task"),
     "demo": ("DEMO_TASKS", "demo_task", "demo_tasks"),
     "diagnostics": (

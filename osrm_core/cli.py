@@ -12,7 +12,7 @@ import os
 import sys
 
 from osrm_core import cli_commands as commands
-from osrm_core.advise import ADVISE_BUDGET, ADVISE_DENSITIES, ADVISE_LAMBDAS, ADVISE_METHODS
+from osrm_core.advisor import ADVISE_BUDGET, ADVISE_DENSITIES, ADVISE_LAMBDAS, ADVISE_METHODS
 from osrm_core.cli_commands import DISTRIBUTED_COMMANDS, _launch_rank
 from osrm_core.constraints import CONSTRAINTS
 from osrm_core.data import METRICS
@@ -21,6 +21,7 @@ from osrm_core.inits import INITS
 from osrm_core.merge import all_param_specs
 from osrm_core.params import ParamSpec
 from osrm_core.settings import DEFAULT_LAMBDAS
+from osrm_core.stats.sketch import SKETCH_POWER
 
 EXAMPLES = """examples:
   osrm demo --quick --json
@@ -168,6 +169,13 @@ def _add_adapter_commands(sub) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="the base model's weights (bfloat16 halves its memory; the statistics' dtype is "
                         "--stats-dtype)")
+    p.add_argument("--angles", default="dense", choices=["dense", "sketch"],
+                   help="principal angles of data subspaces: dense (default) from the d x d moments, so only with "
+                        "dense statistics; sketch: with projected statistics too, each task's top-k subspace sketched "
+                        "in 2 + --sketch-power more passes over its texts, each angle with its stated bound (column "
+                        "bound, degrees; sketch.csv: residuals and gaps per layer)")
+    p.add_argument("--sketch-power", type=int, default=SKETCH_POWER,
+                   help=f"power passes of the sketches (default {SKETCH_POWER}; more: a smaller bound)")
     p.set_defaults(func=commands.cmd_diagnose)
 
     p = sub.add_parser("advise", help="search method, lambda, density and per-adapter weights; write the advised adapter")

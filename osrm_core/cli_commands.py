@@ -379,31 +379,46 @@ def cmd_sweep(args) -> None:
 
 
 def cmd_diagnose(args) -> None:
+    import pandas as pd
     import torch
 
     from osrm_core.adapters import union_layers
     from osrm_core.memory import stats_plan
-    from osrm_core.workflows import diagnose_adapters, load_base_for, task_stats
+    from osrm_core.workflows import diagnose_adapters, load_base_for, task_sketches, task_stats
 
+    if args.sketch_power < 0:
+        raise UsageError(f"--sketch-power must be >= 0, got {args.sketch_power}")
     adapters = _load_adapters(args)
     plan = stats_plan(args.stats, adapters, len(args.task or []), stats_dtype=args.stats_dtype)  # before any work
     for note in plan.notes:
         print(f"note: {note}", file=sys.stderr)
     model, tok = load_base_for(adapters, args.model, dtype=getattr(torch, args.dtype))
-    stats = task_stats(model, tok, _load_tasks(args), samples=args.samples, max_length=args.max_length,
+    tasks = _load_tasks(args)
+    stats = task_stats(model, tok, tasks, samples=args.samples, max_length=args.max_length,
                        target_modules=list(union_layers(adapters)), seed=args.seed,
                        adapters=adapters if plan.projected else None, dtype=getattr(torch, args.stats_dtype))
-    diagnosis = diagnose_adapters(model, adapters, stats, posthoc_rank=args.posthoc_rank)
+    sketches = None
+    if args.angles == "sketch" and plan.projected:
+        sketches = task_sketches(model, tok, tasks, adapters, power=args.sketch_power, samples=args.samples,
+                                 max_length=args.max_length, seed=args.seed)
+    diagnosis = diagnose_adapters(model, adapters, stats, posthoc_rank=args.posthoc_rank, sketches=sketches)
     tables = diagnosis.tables()
+    if sketches:
+        tables["sketch"] = pd.concat([s.table() for s in sketches.values()], ignore_index=True)
     if args.out:
         for name, df in tables.items():
             write_csv(Path(args.out) / f"{name}.csv", df)
     payload = {name: df.to_dict(orient="records") for name, df in tables.items()}
-    _emit(args, {**payload, "layer_notes": diagnosis.notes()}, diagnosis.to_text())
+    text = diagnosis.to_text()
+    if sketches:
+        text += (f"\n\nprincipal angles from sketches of the data subspaces ({args.sketch_power} power passes): "
+                 f"every angle within its row's bound, the largest {diagnosis.angles['bound'].max():.3g} degrees "
+                 "(angles and sketch tables)")
+    _emit(args, {**payload, "layer_notes": diagnosis.notes()}, text)
 
 
 def cmd_advise(args) -> None:
-    from osrm_core.advise import advice_stats_plan, advise, write_advice
+    from osrm_core.advisor import advice_stats_plan, advise, write_advice
     from osrm_core.workflows import load_base_for
 
     if not args.out:

@@ -3,10 +3,11 @@ the command line, the app and notebooks:
 
 * :func:`task_stats` — feature statistics of tasks (or sample texts) at the adapters' layers;
 * :func:`diagnose_adapters` — interference, principal angles, own-task energy and post-hoc
-  OSRM of uploaded adapters (``osrm diagnose``, the Adapter diagnosis page);
+  OSRM of uploaded adapters (``osrm diagnose``, the Adapter diagnosis page); with projected
+  statistics, the angles from :func:`task_sketches` (:func:`sketch_angles`);
 * :func:`sweep_adapters` — merged scores over a grid on labelled data (``osrm sweep``, the
   page's quick sweep);
-* :func:`osrm_core.advise.advise` — the merge advisor (``osrm advise``, the page's advice):
+* :func:`osrm_core.advisor.advise` — the merge advisor (``osrm advise``, the page's advice):
   method, lambda, density and per-adapter weights searched on sample texts;
 * :func:`build_merged_adapter` — one PEFT adapter with the merged ``Delta_W`` and every task's
   head under ``heads/`` (``osrm merge``, the page's download);
@@ -20,6 +21,7 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -27,7 +29,15 @@ from osrm_core.adapters import Adapter, check_against_model, union_layers
 from osrm_core.data import TaskData
 from osrm_core.diagnosis import Diagnosis
 from osrm_core.errors import OsrmInputError
-from osrm_core.stats import FeatureStats, ProjectedStats, collect_feature_stats, collect_projected_stats
+from osrm_core.stats import (
+    FeatureStats,
+    ProjectedStats,
+    Sketch,
+    collect_feature_stats,
+    collect_projected_stats,
+    collect_sketch,
+)
+from osrm_core.stats.sketch import SKETCH_POWER
 
 Progress = Callable[[int, int, str], None]
 
@@ -86,16 +96,8 @@ def task_stats(model, tokenizer, tasks: Sequence[TaskData], *, samples: int | No
     interference tables need, without the ``d x d`` moments; tasks with the same texts are
     streamed once)."""
     if adapters is not None:
-        # Tasks with the same texts (several adapters scored on one data set) stream them once.
-        done: dict[tuple, ProjectedStats] = {}
-        out = {}
-        for t in tasks:
-            key = (tuple(t.train.text), None if t.train.text_pair is None else tuple(t.train.text_pair))
-            if key not in done:
-                done[key] = collect_projected_stats(model, tokenizer, t, adapters, max_samples=samples,
-                                                    max_length=max_length, seed=seed)
-            out[t.name] = dataclasses.replace(done[key], task=t.name)
-        return out
+        return _once_per_texts(tasks, lambda t: collect_projected_stats(
+            model, tokenizer, t, adapters, max_samples=samples, max_length=max_length, seed=seed))
     return {
         t.name: collect_feature_stats(
             model, tokenizer, t, max_samples=samples, max_length=max_length,
@@ -103,6 +105,33 @@ def task_stats(model, tokenizer, tasks: Sequence[TaskData], *, samples: int | No
         )
         for t in tasks
     }
+
+
+def task_sketches(model, tokenizer, tasks: Sequence[TaskData], adapters: dict[str, Adapter], *,
+                  power: int = SKETCH_POWER, samples: int | None = 100, max_length: int = 128,
+                  seed: int = 0) -> dict[str, Sketch]:
+    """Each task's top-``k`` data subspace at the adapters' layers, sketched without the ``d x d``
+    moments (:func:`osrm_core.stats.collect_sketch`, ``2 + power`` passes over the texts; ``k``:
+    the smallest adapter rank, as the principal angles compare); tasks with the same texts are
+    streamed once."""
+    from osrm_core.diagnostics import angle_rank
+
+    layers, k = union_layers(adapters), angle_rank(adapters)
+    return _once_per_texts(tasks, lambda t: collect_sketch(
+        model, tokenizer, t, layers, k, power=power, max_samples=samples, max_length=max_length, seed=seed))
+
+
+def _once_per_texts(tasks: Sequence[TaskData], collect: Callable):
+    """``collect(task)`` per task, once per distinct texts (several adapters scored on one data
+    set stream it once), each result named after its task."""
+    done: dict[tuple, object] = {}
+    out = {}
+    for t in tasks:
+        key = (tuple(t.train.text), None if t.train.text_pair is None else tuple(t.train.text_pair))
+        if key not in done:
+            done[key] = collect(t)
+        out[t.name] = dataclasses.replace(done[key], task=t.name)
+    return out
 
 
 def adapter_rank(adapter: Adapter) -> int:
@@ -116,6 +145,7 @@ def diagnose_adapters(
     stats: dict[str, FeatureStats | ProjectedStats],
     *,
     posthoc_rank: int | None = None,
+    sketches: dict[str, Sketch] | None = None,
 ) -> Diagnosis:
     """Interference, principal angles, own-task energy and post-hoc OSRM for existing adapters.
 
@@ -134,6 +164,9 @@ def diagnose_adapters(
         uploaded adapters only.
     posthoc_rank : int, optional
         Rank of the OSRM subspace each adapter is projected on (default: its own rank).
+    sketches : dict of task name to Sketch, optional
+        With projected statistics: ``angles`` of the uploaded adapters from these sketches of
+        the tasks' data subspaces, each row with its stated ``bound`` (:func:`sketch_angles`).
 
     Returns
     -------
@@ -141,7 +174,7 @@ def diagnose_adapters(
         Its tables (interference as uploaded and after post-hoc OSRM, angles, own-task energy,
         energy kept, coverage, data-free signals), the post-hoc OSRM adapters, and the verdicts
         and summaries read from them (:class:`osrm_core.diagnosis.Diagnosis`). From projected
-        statistics ``angles`` and ``posthoc`` are empty and ``projected`` is ``{}``.
+        statistics ``posthoc`` is empty, ``projected`` is ``{}`` and ``angles`` empty without ``sketches``.
     """
     from osrm_core.diagnostics import (
         interference_table,
@@ -162,10 +195,12 @@ def diagnose_adapters(
         check_against_model(adapter, model, where=name)
     stats = {n: stats[n] for n in adapters}
     if isinstance(next(iter(stats.values())), ProjectedStats):
-        # Projected statistics serve the tables of the adapters as they are; post-hoc OSRM and
-        # the angles of data subspaces need the d x d moments.
+        # Projected statistics serve the tables of the adapters as they are; post-hoc OSRM needs
+        # the d x d moments, the angles of data subspaces them or sketches.
         uploaded = interference_table(adapters, stats).assign(init="uploaded")
-        dense = {}
+        dense = {} if sketches is None else {"angles": sketch_angles(adapters, stats, sketches)}
+    elif sketches is not None:
+        raise OsrmInputError("sketches serve projected statistics; dense statistics give the exact angles")
     else:
         w0 = {n: weight_as_linear(model.get_submodule(n)).detach() for n in union_layers(adapters)}
         dense = _dense_views(adapters, stats, w0, posthoc_rank)
@@ -215,6 +250,34 @@ def _dense_views(adapters, stats, w0, posthoc_rank) -> dict:
         "posthoc": kept[["adapter", "layer", "energy_kept"]],
         "projected": projected,
     }
+
+
+def sketch_angles(adapters: dict[str, Adapter], stats: dict[str, ProjectedStats],
+                  sketches: dict[str, Sketch]) -> pd.DataFrame:
+    """:func:`osrm_core.diagnostics.angle_table` of the uploaded adapters with each task's data
+    subspace from its sketch (:func:`task_sketches`), and a column ``bound`` (degrees): the most
+    the row's angles can be off, the sketches' stated angle bounds
+    (:attr:`osrm_core.stats.SketchLayer.angle_bound`) added over the data subspaces it compares, at
+    most 90 (each principal angle moves by at most the largest angle one of the subspaces turns:
+    Knyazev & Argentati 2006)."""
+    from osrm_core.diagnostics import angle_rank, angle_table
+
+    k = angle_rank(adapters)
+    for name in adapters:
+        if name not in sketches:
+            raise OsrmInputError(f"adapter {name!r} has no sketch of its task; sketches are {sorted(sketches)}")
+        if sketches[name].k != k:
+            raise OsrmInputError(f"the sketch of task {name!r} has k={sketches[name].k}; the angles need "
+                                 f"k={k}, the smallest adapter rank")
+        missing = [layer for layer in union_layers(adapters) if layer not in sketches[name].layers]
+        if missing:
+            raise OsrmInputError(f"the sketch of task {name!r} has no layer {missing[0]!r}")
+    bases = {(t, layer): sl.basis for t in adapters for layer, sl in sketches[t].layers.items()}
+    table = angle_table(stats, k=k, adapters=adapters, bases=bases)
+    bound = [sketches[row.b].layers[row.layer].angle_bound
+             + (sketches[row.a].layers[row.layer].angle_bound if row.kind == "data-data" else 0.0)
+             for row in table.itertuples()]
+    return table.assign(init="uploaded", bound=np.minimum(bound, 90.0))
 
 
 def sweep_adapters(

@@ -1,4 +1,4 @@
-"""Tests of the merge advisor (osrm_core.advise and ``osrm advise``) on adapters made by plain
+"""Tests of the merge advisor (osrm_core.advisor and ``osrm advise``) on adapters made by plain
 peft for the tiny model: splits, intervals, the search, and the written adapter loaded back by
 plain peft scoring what advice.json says."""
 
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from osrm_core.adapters import load_adapter
-from osrm_core.advise import (
+from osrm_core.advisor import (
     Search,
     advice_markdown,
     advise,
@@ -157,7 +157,7 @@ def test_advised_adapter_loads_in_plain_peft_and_scores_what_advice_json_says(ad
     from peft import PeftModel
     from safetensors.torch import load_file
 
-    from osrm_core.advise import sample_pool
+    from osrm_core.advisor import sample_pool
     from osrm_core.evaluate import predict, score
 
     out = advised["out"]
@@ -261,7 +261,7 @@ def test_layer_verdicts_sum_rank_and_name_the_dominant_pair() -> None:
     with pytest.raises(ValueError, match="interference needs columns"):
         layer_verdicts(pd.DataFrame(rows).drop(columns="init"), kept)
 
-    from osrm_core.advise import layer_notes
+    from osrm_core.advisor import layer_notes
 
     notes = layer_notes(v)
     assert notes[0].startswith("1. L1 (q):") and "mostly b on a (75% at L1.q)" in notes[0]
@@ -356,7 +356,7 @@ def test_held_out_texts_are_never_training_texts_nor_in_both_shares(tmp_path) ->
 
 
 def test_choice_keeps_task_arithmetic_unless_a_candidate_wins_by_the_margin() -> None:
-    from osrm_core.advise import choose, reason, selection_margin
+    from osrm_core.advisor import choose, reason, selection_margin
 
     assert selection_margin([("accuracy", 20)] * 3) == pytest.approx(1.96 * np.sqrt(3 * 0.25 / 20) / 3)
     assert selection_margin([("loss", 20)]) == 0.0
@@ -389,7 +389,7 @@ def test_advice_md_command_reproduces_the_adapter(advised, recommended, tmp_path
     import shlex
 
     from osrm_core.adapters import read_adapter_dir
-    from osrm_core.advise import merge_command
+    from osrm_core.advisor import merge_command
     from osrm_core.export import merge_adapters
 
     advice, adapters = advised["advice"], advised["adapters"]

@@ -178,7 +178,7 @@ def test_advise_scores_held_out_texts_by_their_token_loss(llama) -> None:
     text, recomputed here), lower is better, and the recommendation has the best validation loss."""
     from transformers import AutoModelForCausalLM
 
-    from osrm_core.advise import advise, split_samples
+    from osrm_core.advisor import advise, split_samples
     from osrm_core.export import merge_adapters
 
     adapters = {n: load_adapter(p) for n, p in llama["adapters"].items()}

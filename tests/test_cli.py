@@ -383,6 +383,13 @@ def test_diagnose_posthoc_rank_defaults_to_the_adapters_rank() -> None:
     assert parser.parse_args(["stats"]).rank == 8
 
 
+def test_diagnose_refuses_a_negative_sketch_power(capsys) -> None:
+    from osrm_core.cli import main
+
+    assert main(["diagnose", "--stats", "projected", "--angles", "sketch", "--sketch-power", "-1"]) == 2
+    assert capsys.readouterr().err == "error: --sketch-power must be >= 0, got -1\n"
+
+
 @pytest.mark.slow
 def test_run_and_show(jobs, files, tiny_model_dir) -> None:
     out = files["root"] / "run"

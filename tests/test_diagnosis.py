@@ -59,8 +59,8 @@ def test_diagnosis_tables_equal_the_old_computation(case, tiny_model) -> None:
 
 
 def test_the_advisor_gets_the_same_verdicts(case, tiny_model) -> None:
-    from osrm_core.advise import adapter_layer_verdicts
-    from osrm_core.advise import layer_notes as advise_notes
+    from osrm_core.advisor import adapter_layer_verdicts
+    from osrm_core.advisor import layer_notes as advise_notes
 
     adapters, stats, diagnosis = case
     old = adapter_layer_verdicts(tiny_model, adapters, stats)

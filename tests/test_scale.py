@@ -89,9 +89,15 @@ def test_cli_diagnose_projected_in_bfloat16_and_dense(bed) -> None:
     common = ["diagnose", "--model", bed["model"], *_adapter_args(bed), *_task_args(bed), "--samples", "6", "--json"]
     projected = json.loads(_osrm(*common, "--stats", "projected", "--dtype", "bfloat16").stdout)
     dense = json.loads(_osrm(*common, "--stats", "dense").stdout)
-    assert not projected["posthoc"] and dense["posthoc"] and dense["angles"]
+    assert not projected["posthoc"] and not projected["angles"] and dense["posthoc"] and dense["angles"]
     assert len(projected["interference"]) == sum(r["init"] == "uploaded" for r in dense["interference"])
     assert {r["adapter"] for r in projected["coverage"]} == set(bed["adapters"])
+    sketched = json.loads(_osrm(*common, "--stats", "projected", "--angles", "sketch", "--sketch-power", "1").stdout)
+    key = ("layer", "kind", "a", "b")
+    assert ({tuple(r[k] for k in key) for r in sketched["angles"]}
+            == {tuple(r[k] for k in key) for r in dense["angles"] if r["init"] == "uploaded"})
+    assert all(0 <= r["bound"] <= 90 for r in sketched["angles"])
+    assert {(r["task"], r["power"]) for r in sketched["sketch"]} == {(t, 1) for t in bed["adapters"]}
 
 
 @pytest.mark.slow

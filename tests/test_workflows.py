@@ -150,3 +150,59 @@ def test_osrm_diagnose_and_the_page_give_the_same_tables(peft_adapters, tiny_mod
         pd.testing.assert_frame_equal(cli, mine, check_dtype=False, rtol=1e-6, atol=1e-9, obj=name)
     pd.testing.assert_frame_equal(pd.read_csv(out / "matrix.csv"), page.matrix.reset_index(),
                                   check_dtype=False, rtol=1e-6, check_names=False)
+
+
+def test_angles_from_sketches_are_the_dense_ones_within_their_bound(default_model) -> None:
+    """With projected statistics and sketches (``osrm diagnose --stats projected --angles sketch``),
+    every principal angle is within its row's stated bound of the dense path's, on the packaged model."""
+    from osrm_core.adapters import Adapter, LoraWeights
+    from osrm_core.demo import demo_tasks
+    from osrm_core.workflows import sketch_angles, task_sketches, task_stats
+
+    model, tokenizer = default_model
+    tasks = demo_tasks(seed=0, n_train=40, n_test=10)[:2]
+    layers = [f"bert.encoder.layer.3.attention.self.{kind}" for kind in ("query", "value")]
+    layers.append("bert.encoder.layer.5.output.dense")
+    gen = torch.Generator().manual_seed(0)
+    shapes = {n: model.get_submodule(n).weight.shape for n in layers}
+    adapters = {t.name: Adapter({n: LoraWeights(torch.randn(4 + k, d_in, generator=gen), torch.randn(d_out, 4 + k,
+                                                generator=gen), 2.0) for n, (d_out, d_in) in shapes.items()}, {}, {})
+                for k, t in enumerate(tasks)}  # ranks 4 and 5: the angles compare k = 4
+    options = {"samples": None, "max_length": 32}
+    with pytest.warns(UserWarning, match="rank-deficient"):
+        dense_stats = task_stats(model, tokenizer, tasks, target_modules=layers, **options)
+    dense = diagnose_adapters(model, adapters, dense_stats)
+    projected = task_stats(model, tokenizer, tasks, adapters=adapters, **options)
+    sketches = task_sketches(model, tokenizer, tasks, adapters, power=8, **options)
+    angles = diagnose_adapters(model, adapters, projected, sketches=sketches).angles
+    keys = ["layer", "kind", "a", "b"]
+    exact = dense.angles[dense.angles["init"] == "uploaded"].drop(columns="init")
+    both = angles.merge(exact, on=keys, suffixes=("", "_dense"), validate="one_to_one")
+    assert len(both) == len(exact) == len(angles) == 3 * (1 + 2 * 2)  # per layer a data pair, 2 x 2 adapter-data
+    assert (both["bound"] < 1).all() and (both["init"] == "uploaded").all()
+    for col in ("min_angle", "mean_angle"):
+        assert ((both[col] - both[f"{col}_dense"]).abs() <= both["bound"] + 1e-9).all(), col
+    with pytest.raises(ValueError, match="^sketches serve projected statistics; dense statistics give the exact"):
+        diagnose_adapters(model, adapters, dense_stats, sketches=sketches)
+    rank3 = {n: Adapter({k: LoraWeights(lw.A[:3], lw.B[:, :3], lw.scale) for k, lw in a.layers.items()}, {}, {})
+             for n, a in adapters.items()}
+    with pytest.raises(ValueError, match="^the sketch of task 'sentiment' has k=4; the angles need k=3, the smallest"):
+        sketch_angles(rank3, projected, sketches)
+
+
+def test_the_public_names_are_their_modules_own() -> None:
+    """``osrm_core`` imports each public name from its module on first use: the very object,
+    listed by ``dir``; an unknown name is an AttributeError naming it."""
+    import importlib
+
+    import osrm_core
+
+    for name in osrm_core.__all__:
+        home = importlib.import_module(f"osrm_core.{osrm_core._HOME[name]}")
+        assert getattr(osrm_core, name) is getattr(home, name), name
+    assert set(osrm_core.__all__) <= set(dir(osrm_core))
+    import osrm_core.advisor.search  # noqa: F401  (the advisor package does not shadow the workflow)
+
+    assert callable(osrm_core.advise)
+    with pytest.raises(AttributeError, match="module 'osrm_core' has no attribute 'nope'"):
+        osrm_core.nope  # noqa: B018

@@ -40,7 +40,8 @@ def trim_by_magnitude(delta: Tensor, density: float) -> Tensor:
     """Zero all but the ``int(density * numel)`` largest-magnitude entries (any shape)."""
     if density >= 1.0:
         return delta
-    from peft.utils.merge_utils import magnitude_based_pruning  # peft's own, imported when used: a slow import
+    # peft's own functions, imported when used (peft is a slow import for the command line)
+    from peft.utils.merge_utils import magnitude_based_pruning
 
     return magnitude_based_pruning(delta, density)
 

@@ -17,23 +17,17 @@ numbers instead of ``2 d^2``; the work per token is ``R d`` on top of the forwar
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from osrm_core.adapters import Adapter, union_layers
-from osrm_core.batching import iter_batches, move_batch
 from osrm_core.data import TaskData
 from osrm_core.errors import OsrmInputError
-from osrm_core.models import decoder_position_ids, get_module
 
-from .collect import StopForward, check_collect_args, eval_mode, select_samples
-
-Progress = Callable[[int, int, str], None]
-#: Real tokens cast to the accumulation dtype at once (bounds the scratch of a wide layer).
-CHUNK_TOKENS = 2048
+from .collect import check_collect_args
+from .stream import CHUNK_TOKENS, Progress, base_modules, stream_layers, sum_of_squares, token_chunks
 
 
 @dataclass
@@ -101,12 +95,10 @@ class ProjectedStats:
 
 
 class _Projector:
-    """Forward hooks on the adapted layers that add each batch's real tokens to the sums."""
+    """The sums of every adapted layer, added to from each batch's real tokens."""
 
     def __init__(self, modules: dict[str, nn.Module], adapters: dict[str, Adapter], dtype: torch.dtype) -> None:
-        self.modules, self.dtype = modules, dtype
-        self.mask: torch.Tensor | None = None
-        self.waiting: set[str] = set()
+        self.dtype = dtype
         self.layers: dict[str, ProjectedLayer] = {}
         for name, module in modules.items():
             held = {n: a.layers[name].A for n, a in adapters.items() if name in a.layers}
@@ -115,33 +107,11 @@ class _Projector:
             zero = torch.zeros((), dtype=dtype, device=device)
             self.layers[name] = ProjectedLayer(held, torch.zeros(R, R, dtype=dtype, device=device), zero, zero.clone())
 
-    def hook(self, name: str):
-        def run(module, args, kwargs, output):
-            x = args[0] if args else next(iter(kwargs.values()))
-            self._accumulate(name, module, x, output)
-            self.waiting.discard(name)
-            if not self.waiting:  # the rest of the model (its LM head too) is not needed
-                raise StopForward
-
-        return run
-
     @torch.no_grad()
-    def _accumulate(self, name: str, module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
-        mask = self.mask.to(x.device)
-        if x.shape[:2] != mask.shape:
-            raise OsrmInputError(
-                f"layer {name!r}: input of shape {tuple(x.shape)} does not match the attention "
-                f"mask {tuple(mask.shape)}; only (batch, tokens, features) inputs are supported"
-            )
+    def add(self, name: str, module: nn.Module, real_x: torch.Tensor, real_y: torch.Tensor, first: str) -> None:
         st = self.layers[name]
         bias = getattr(module, "bias", None)
-        real_x, real_y = _real(x, mask), _real(y, mask)
-        for start in range(0, real_x.shape[0], CHUNK_TOKENS):
-            h = real_x[start : start + CHUNK_TOKENS].to(self.dtype)
-            sum_sq = _sum_of_squares(h)
-            # A NaN or Inf entry makes the sum of squares non-finite; so may a float32 overflow: check the entries.
-            if not torch.isfinite(sum_sq) and not torch.isfinite(h).all():
-                raise OsrmInputError(f"layer {name!r}: input features contain NaN or Inf")
+        for start, h, sum_sq in token_chunks(name, real_x, self.dtype):
             # (R, tokens), A @ h.T: on the CPU several times faster than h @ A.T. Each A_j cast here, one
             # layer at a time: a float64 copy of every layer's stacked A would outweigh the adapters.
             p = torch.cat([A.to(h.device, self.dtype) @ h.T for A in st.adapters.values()])
@@ -150,18 +120,8 @@ class _Projector:
             out = real_y[start : start + CHUNK_TOKENS].to(self.dtype)
             if bias is not None:
                 out = out - bias.to(self.dtype)
-            st.base_sq += _sum_of_squares(out)
+            st.base_sq += sum_of_squares(out)
         st.count += real_x.shape[0]
-
-
-def _real(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The rows of ``t`` (batch, tokens, width) at real tokens, as (n, width)."""
-    return t.reshape(-1, t.shape[-1]) if bool(mask.all()) else t[mask]
-
-
-def _sum_of_squares(t: torch.Tensor) -> torch.Tensor:
-    flat = t.reshape(-1)
-    return torch.dot(flat, flat)  # BLAS: an order of magnitude faster than (t * t).sum() on the CPU
 
 
 def collect_projected_stats(
@@ -198,34 +158,11 @@ def collect_projected_stats(
     data = check_collect_args(task, split, dtype, None, None, None)
     if not adapters:
         raise OsrmInputError("projected statistics need at least one adapter")
-    modules = {}
-    for name in union_layers(adapters):
-        module = get_module(model, name)
-        modules[name] = getattr(module, "base_layer", module)
+    modules = base_modules(model, union_layers(adapters))
     projector = _Projector(modules, adapters, dtype)
-    idx = select_samples(len(data), max_samples, seed)
-    batches = iter_batches(tokenizer, data, batch_size=batch_size, max_length=max_length, indices=idx,
-                           with_labels=False)
-    total = -(-len(idx) // batch_size)
-    device = next(model.parameters()).device
-    handles = [m.register_forward_hook(projector.hook(n), with_kwargs=True) for n, m in modules.items()]
-    try:
-        with eval_mode(model), torch.no_grad():
-            for i, batch in enumerate(batches):
-                batch = move_batch(decoder_position_ids(batch, model), device)
-                projector.mask = batch["attention_mask"].bool()
-                projector.waiting = set(modules)
-                try:
-                    model(**batch)
-                except StopForward:
-                    pass
-                if projector.waiting:
-                    raise OsrmInputError(f"layer {sorted(projector.waiting)[0]!r} never ran in the model's forward pass")
-                if progress:
-                    progress(i + 1, total, "projected statistics")
-    finally:
-        for h in handles:
-            h.remove()
+    stream_layers(model, tokenizer, data, modules, projector.add, outputs=True, max_samples=max_samples,
+                  batch_size=batch_size, max_length=max_length, seed=seed, progress=progress,
+                  what="projected statistics")
     meta = {"max_samples": max_samples, "max_length": max_length, "split": split, "seed": seed}
     model_name = getattr(model, "name_or_path_", "")
     return ProjectedStats(projector.layers, task=task.name, model=model_name, meta=meta)

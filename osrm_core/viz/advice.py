@@ -24,10 +24,10 @@ def advice_figure(summary: pd.DataFrame, *, y: str = "score", title: str = "",
                   lower_is_better: bool = False) -> go.Figure:
     """The merge advisor's candidates on held-out texts, best first: one marker per candidate
     (colour: method), labelled on the x axis (:func:`candidate_label`), the 95% interval as
-    error bars for absolute scores. The chosen candidate (see :func:`osrm_core.advise.advise`) is
+    error bars for absolute scores. The chosen candidate (see :func:`osrm_core.advisor.advise`) is
     a star with a note; the best on the held-out share gets a note too when it is another one.
 
-    ``summary`` is :attr:`osrm_core.advise.Advice.summary` (``candidate, method, density,
+    ``summary`` is :attr:`osrm_core.advisor.Advice.summary` (``candidate, method, density,
     weights, origin, validation, score, low, high, normalized``) with a boolean ``recommended``.
     """
     if y not in ("score", "normalized"):

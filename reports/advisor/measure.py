@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from osrm_core.adapters import load_adapter  # noqa: E402
-from osrm_core.advise import advise  # noqa: E402
+from osrm_core.advisor import advise  # noqa: E402
 from osrm_core.data import Split, TaskData, load_task_dir  # noqa: E402
 from osrm_core.evaluate import SweepEngine  # noqa: E402
 from osrm_core.models import load_base_model  # noqa: E402
