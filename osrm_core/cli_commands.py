@@ -220,12 +220,12 @@ def cmd_merge(args) -> None:
                          "full input space); use --space full")
     adapters = _load_adapters(args)
     weights = _weights(args.weights, list(adapters))
-    grams = _plan_grams(args, adapters, [args.method])
+    _check_grams(args, adapters, needs_gram)
     model = tok = None
     if args.full or args.task or needs_gram or args.model is not None:  # with --model, the adapters are checked
         model, tok = load_base_for(adapters, args.model)
     tasks = _load_tasks(args, required=needs_gram)
-    stats = _gram_stats(args, model, tok, adapters, tasks) if grams else None
+    stats = _gram_stats(args, model, tok, adapters, tasks) if needs_gram else None
     if args.full and args.out_rank is not None:
         raise UsageError("--out-rank truncates a merged adapter; --full writes whole weights: give one of them")
     scores, cols = None, ["task", "metric", "score", "single", "normalized"]
@@ -329,16 +329,13 @@ def _grid(values: list[str] | None) -> dict[str, list]:
     return validate_settings(MergeSettings, {"params": grid}, "--param").params
 
 
-def _plan_grams(args, adapters, methods) -> bool:
-    """Whether one of ``methods`` needs Gram matrices (RegMean); the memory plan then refuses
-    them in one line, before any work, when they do not fit."""
+def _check_grams(args, adapters, needed: bool) -> None:
+    """When a method needs Gram matrices (RegMean), the memory plan refuses them in one line,
+    before any work, if they do not fit."""
     from osrm_core.memory import check_grams
-    from osrm_core.merge import get_merge_method
 
-    needed = any(get_merge_method(m).needs_gram for m in methods)
     if needed:
         check_grams(adapters, len(args.task or []), args.stats_dtype)
-    return needed
 
 
 def _gram_stats(args, model, tok, adapters, tasks):
@@ -356,13 +353,15 @@ def _gram_stats(args, model, tok, adapters, tasks):
 
 def cmd_sweep(args) -> None:
     from osrm_core.evaluate import best_points
+    from osrm_core.merge import get_merge_method
     from osrm_core.workflows import load_base_for, sweep_adapters
 
     adapters = _load_adapters(args)
-    grams = _plan_grams(args, adapters, args.methods)
+    needs_gram = any(get_merge_method(m).needs_gram for m in args.methods)
+    _check_grams(args, adapters, needs_gram)
     model, tok = load_base_for(adapters, args.model)
     tasks = _load_tasks(args)
-    stats = _gram_stats(args, model, tok, adapters, tasks) if grams else None
+    stats = _gram_stats(args, model, tok, adapters, tasks) if needs_gram else None
     df = sweep_adapters(model, tok, adapters, tasks, methods=args.methods, lambdas=args.lambdas,
                         densities=args.densities, params=_grid(args.param), stats=stats, max_test=args.max_test,
                         max_length=args.max_length, seed=args.seed, progress=_progress_bar())
