@@ -108,56 +108,44 @@ def _model(bed: dict):
     return model, tok, {"load_seconds": time.perf_counter() - start, "model_bytes": size}
 
 
-def child_forward(bed: dict, n: int, samples: int, tokens: int) -> dict:
+def _forward_passes(model, tok, tasks, samples: int, tokens: int) -> None:
+    """Plain forward passes of the decoder (no LM head) over the texts the statistics see."""
     import torch
 
     from osrm_core.batching import iter_batches
     from osrm_core.stats import select_samples
 
+    with torch.no_grad():
+        for task in tasks:
+            idx = select_samples(len(task.train), samples, 0)
+            for batch in iter_batches(tok, task.train, batch_size=32, max_length=tokens, indices=idx,
+                                      with_labels=False):
+                model.model(**{k: v.to(DEVICE) for k, v in batch.items()})
+
+
+def child_forward(bed: dict, n: int, samples: int, tokens: int) -> dict:
     model, tok, info = _model(bed)
     tasks = _tasks(bed, ["a", "b"])
-
-    def run():
-        with torch.no_grad():
-            for task in tasks:
-                idx = select_samples(len(task.train), samples, 0)  # the texts the statistics see
-                for batch in iter_batches(tok, task.train, batch_size=32, max_length=tokens, indices=idx,
-                                          with_labels=False):
-                    model.model(**{k: v.to(DEVICE) for k, v in batch.items()})
-
-    return {**info, **_measured(run)}
+    return {**info, **_measured(lambda: _forward_passes(model, tok, tasks, samples, tokens))}
 
 
 def child_stats(bed: dict, n: int, samples: int, tokens: int, repeats: int) -> dict:
     """The projected statistics pass of the two tasks against plain forward passes over the
     same texts, interleaved in one process (the same model, load and caches for both)."""
-    import torch
-
-    from bench._common import interleave
-    from osrm_core.batching import iter_batches
-    from osrm_core.stats import collect_projected_stats, select_samples
+    from bench._common import interleave, timed
+    from osrm_core.stats import collect_projected_stats
 
     model, tok, info = _model(bed)
     adapters = _adapters(bed, n)
     tasks = _tasks(bed, list(adapters)[:2])
 
-    def forward() -> float:
-        start = time.perf_counter()
-        with torch.no_grad():
-            for task in tasks:
-                idx = select_samples(len(task.train), samples, 0)
-                for batch in iter_batches(tok, task.train, batch_size=32, max_length=tokens, indices=idx,
-                                          with_labels=False):
-                    model.model(**{k: v.to(DEVICE) for k, v in batch.items()})
-        return time.perf_counter() - start
-
-    def projected() -> float:
-        start = time.perf_counter()
+    def projected() -> None:
         for task in tasks:
             collect_projected_stats(model, tok, task, adapters, max_samples=samples, max_length=tokens)
-        return time.perf_counter() - start
 
-    return {**info, "samples": interleave({"forward": forward, "projected": projected}, repeats)}
+    sides = {"forward": lambda: timed(lambda: _forward_passes(model, tok, tasks, samples, tokens)),
+             "projected": lambda: timed(projected)}
+    return {**info, "samples": interleave(sides, repeats)}
 
 
 def child_diagnose(bed: dict, n: int, samples: int, tokens: int) -> dict:
@@ -175,7 +163,7 @@ def child_diagnose(bed: dict, n: int, samples: int, tokens: int) -> dict:
         stats = task_stats(model, tok, tasks, samples=samples, max_length=tokens, adapters=adapters)
         times["stats_seconds"] = time.perf_counter() - t0
         result = diagnose_adapters(model, adapters, stats)
-        return {"tables": sorted(result), "pairs": len(result["interference"])}
+        return {"tables": sorted(result.tables()), "pairs": len(result.interference)}
 
     return {**info, **_measured(run), **times}
 
