@@ -188,6 +188,10 @@ def _add_adapter_commands(sub) -> None:
     p.add_argument("--use-train-texts", action="store_true",
                    help="also score on the train split of a task folder (its adapter may have trained on those "
                         "texts: the scores then look better than they are); by default only its test split")
+    p.add_argument("--space", default="auto", choices=["auto", "full", "core"],
+                   help="where the search merges: the dense deltas (full) or the LoRA factors' cores (core: no "
+                        "dense delta held; TIES and DARE trim the cores, no RegMean); auto (default): full when "
+                        "its copies of the deltas fit in memory")
     _stats_flags(p)
     # --samples: sample texts used per task (a seeded subset of the task's examples).
     p.set_defaults(func=commands.cmd_advise)

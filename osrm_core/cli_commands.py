@@ -417,19 +417,19 @@ def cmd_diagnose(args) -> None:
 
 
 def cmd_advise(args) -> None:
-    from osrm_core.advisor import advice_stats_plan, advise, write_advice
+    from osrm_core.advisor import advice_plan, advise, write_advice
     from osrm_core.workflows import load_base_for
 
     if not args.out:
         raise UsageError("--out DIR is required (the advice and the recommended adapter go there)")
     _check_out_folder(args.out)
     adapters = _load_adapters(args)
-    advice_stats_plan(args.stats, adapters, args.methods, args.stats_dtype)  # refused here, before any work
+    advice_plan(args.stats, args.space, adapters, args.methods, args.stats_dtype)  # refused here, before any work
     model, tok = load_base_for(adapters, args.model)
     advice = advise(model, tok, adapters, _load_tasks(args), methods=args.methods, lambdas=args.lambdas,
                     densities=args.densities, budget=args.budget, holdout=args.holdout,
                     max_samples=args.samples, max_length=args.max_length, seed=args.seed,
-                    use_train=args.use_train_texts, stats=args.stats, stats_dtype=args.stats_dtype,
+                    use_train=args.use_train_texts, stats=args.stats, stats_dtype=args.stats_dtype, space=args.space,
                     progress=_progress_bar(), on_stage=lambda s: print(s, file=sys.stderr))
     out = write_advice(advice, adapters, args.out)
     cols = ["method", "density", "weights", "validation", "score", "low", "high", "normalized"]

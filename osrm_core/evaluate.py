@@ -188,6 +188,14 @@ class SweepEngine:
     cache_embeddings : bool
         Compute the embeddings' output of each test batch once per sweep when no adapter
         changes the embeddings (see :mod:`osrm_core.embed_cache`).
+    base_from : SweepEngine, optional
+        Another engine on the same model, whose saved base weights this one shares (one copy
+        of the adapted layers for both; the advisor scores two shares of the texts).
+
+    Memory: a copy of the adapted layers' base weights (in the model's dtype) and each
+    adapter's LoRA factors; a merge is applied one layer at a time, a (d_out, d_in) delta at a
+    time when it comes as :class:`osrm_core.merge.LoraFactors` (a core-space merge, or an adapter
+    alone), so no dense delta of the whole model is formed here.
     """
 
     def __init__(
@@ -201,8 +209,9 @@ class SweepEngine:
         batch_size: int = 64,
         max_length: int = 128,
         cache_embeddings: bool = True,
+        base_from: SweepEngine | None = None,
     ) -> None:
-        from osrm_core.export import merge_inputs
+        from osrm_core.export import aligned_factors
 
         missing = [t.name for t in tasks if t.name not in adapters]
         if missing:
@@ -211,9 +220,12 @@ class SweepEngine:
         self.device = next(model.parameters()).device
         self.adapters = adapters
         self.layers = {n: model.get_submodule(n) for n in union_layers(adapters)}
-        self.w0 = {n: weight_as_linear(m).detach().clone() for n, m in self.layers.items()}
-        self.b0 = {n: m.bias.detach().clone() for n, m in self.layers.items() if getattr(m, "bias", None) is not None}
-        self.single_deltas = dict(zip(adapters, merge_inputs(adapters)[0], strict=True))
+        if base_from is not None and (base_from.model is not model or base_from.layers.keys() != self.layers.keys()):
+            raise OsrmInputError("base_from must be an engine on the same model and adapted layers")
+        self.w0, self.b0 = (base_from.w0, base_from.b0) if base_from is not None else (
+            {n: weight_as_linear(m).detach().clone() for n, m in self.layers.items()},
+            {n: m.bias.detach().clone() for n, m in self.layers.items() if getattr(m, "bias", None) is not None})
+        self.single = dict(zip(adapters, aligned_factors(adapters), strict=True))
         self.original_params = {
             key: model.get_parameter(key) for ad in adapters.values() for key in ad.head
         }
@@ -239,9 +251,13 @@ class SweepEngine:
             setattr(owner, pname, params.get(key, original))
 
     @torch.no_grad()
-    def apply(self, deltas: dict[str, torch.Tensor] | None, lam: float = 1.0) -> None:
+    def apply(self, deltas: dict | None, lam: float = 1.0) -> None:
         """Set each adapted layer's weight to ``W0 + lam * delta`` (``W0`` without deltas); a
-        delta with a bias column (:func:`osrm_core.adapters.split_bias`) moves the bias too."""
+        delta is a (d_out, d_in) tensor or :class:`osrm_core.merge.LoraFactors` (formed here, one
+        layer at a time); one with a bias column (:func:`osrm_core.adapters.split_bias`) moves
+        the bias too."""
+        from osrm_core.merge import LoraFactors
+
         for name, module in self.layers.items():
             w = weight_as_linear(module)
             if deltas is None:
@@ -249,7 +265,8 @@ class SweepEngine:
                 if name in self.b0:
                     module.bias.copy_(self.b0[name])
                 continue
-            delta, shift = split_bias(deltas[name], w.shape[1])
+            delta = deltas[name].delta() if isinstance(deltas[name], LoraFactors) else deltas[name]
+            delta, shift = split_bias(delta, w.shape[1])
             w.copy_(self.w0[name] + lam * delta.to(w.device, w.dtype))
             if name in self.b0:
                 bias = self.b0[name] if shift is None else self.b0[name] + lam * shift.to(w.device, w.dtype)
@@ -303,7 +320,7 @@ class SweepEngine:
         """Each task with only its own adapter (the reference for normalized scores)."""
         out = {}
         for name in self.tasks:
-            self.apply(self.single_deltas[name])
+            self.apply(self.single[name])
             out.update(self.evaluate([name]))
         self.apply(None)
         return out
@@ -343,18 +360,19 @@ class SweepEngine:
         bad = [x for x in lambdas if not 0 < x <= 10]
         if bad:
             raise OsrmInputError(f"lambda {bad[0]} is not allowed: lambdas must be in (0, 10]")
-        from osrm_core.export import aligned_factors, merge_inputs
+        from osrm_core.export import merge_inputs
 
         single = single or self.single_task_scores()
         names = list(self.tasks)
-        deltas, grams = merge_inputs({n: self.adapters[n] for n in names}, stats)
-        if space == "core":
-            deltas = aligned_factors({n: self.adapters[n] for n in names})
+        if space == "core":  # the factors: no dense delta (core space refuses methods that need Gram matrices)
+            deltas, grams = [self.single[n] for n in names], None
+        else:
+            deltas, grams = merge_inputs({n: self.adapters[n] for n in names}, stats)
         grid = {"density": list(densities), **(params or {})}
         plan = []
         for method in methods:
             cls = get_merge_method(method)
-            if cls.needs_gram and grams is None:
+            if cls.needs_gram and grams is None and space != "core":
                 raise OsrmInputError(f"merge method {method!r} needs the tasks' feature statistics")
             own = [p.name for p in cls.param_specs() if p.name in grid]
             for values in itertools.product(*(grid[name] for name in own)):
@@ -364,8 +382,6 @@ class SweepEngine:
         for method, chosen in plan:
             merged = merge_deltas(deltas, method, lam=1.0, grams=grams, seed=seed, weights=weights, space=space,
                                   **chosen)
-            if space == "core":
-                merged = {k: f.delta() for k, f in merged.items()}
             for lam in lambdas:
                 self.apply(merged, lam)
                 scores = self.evaluate()

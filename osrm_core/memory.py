@@ -5,8 +5,9 @@ estimate (Korthikanti et al., 2022: about ``34 * hidden`` bytes per token and la
 activations with fused attention). Used for the table in the README's "Scaling up" section and
 to choose ``stats_dtype`` and ``layers_per_pass`` before a long run; on given adapters,
 :func:`stats_plan` chooses the statistics of ``osrm diagnose`` and ``osrm advise`` (projected or
-dense, RegMean's Gram matrices) and :func:`check_grams` those of ``osrm merge``/``sweep``, each
-refusing in one line, before any work, what does not fit.
+dense, RegMean's Gram matrices), :func:`space_plan` where the advisor's search merges (full
+or core space) and :func:`check_grams` the statistics of ``osrm merge``/``sweep``, each refusing
+in one line, before any work, what does not fit.
 """
 
 from __future__ import annotations
@@ -287,6 +288,34 @@ def check_grams(adapters, tasks: int, stats_dtype: str = "float64") -> None:
     hint = ("use --stats-dtype float32 (half the memory) or a method without Gram matrices"
             if stats_dtype == "float64" else "use a merge method without Gram matrices")
     check_fits(gram_bytes(adapters, tasks, stats_dtype), f"RegMean's Gram matrices of {tasks} tasks", hint)
+
+
+def dense_delta_bytes(adapters) -> int:
+    """Bytes of one adapter's dense ``Delta_W`` in float32 over the union of the adapters'
+    layers (what a full-space merge method reads per adapter; bias columns not counted)."""
+    from osrm_core.adapters import union_layers
+
+    return 4 * sum(d_out * d_in for d_out, d_in in union_layers(adapters).values())
+
+
+def space_plan(choice: str, adapters, copies: int) -> tuple[str, tuple[str, ...]]:
+    """Where a merge search runs: ``full`` (the dense deltas, ``copies`` adapter-sized float32
+    copies of them held at once) or ``core`` (the LoRA factors' cores, a few ``R x R`` per
+    layer); ``auto``: full when it fits, else core with a note. ``full`` that does not fit is
+    refused in one line (:class:`MemoryPlanError`). Returns the space and its notes."""
+    if choice not in ("auto", "full", "core"):
+        raise OsrmInputError(f"space must be 'auto', 'full' or 'core', got {choice!r}")
+    if choice == "core":
+        return "core", ()
+    try:
+        check_fits(copies * dense_delta_bytes(adapters), f"the full-space deltas of {len(adapters)} adapters",
+                   "use --space core (the merges on the LoRA factors' cores: the same merge for task arithmetic, "
+                   "TSV-M, Iso-C, Iso-CTS and CART, another one for TIES and DARE; no RegMean)")
+    except MemoryPlanError as err:
+        if choice == "full":
+            raise
+        return "core", (f"{err}; searching in core space",)
+    return "full", ()
 
 
 @dataclass(frozen=True)

@@ -153,17 +153,18 @@ def test_advice_reports_the_finalists_with_intervals(advised) -> None:
     assert advised["stages"][0] == "splitting the samples" and advised["stages"][-1] == "done"
 
 
-def test_advised_adapter_loads_in_plain_peft_and_scores_what_advice_json_says(advised, make_tiny_model, tokenizer):
+def _plain_peft_heldout_scores(out: Path, tasks, make_tiny_model, tokenizer) -> dict[str, float]:
+    """Each task's held-out score of the advised adapter in ``out``, loaded by plain peft with
+    the task's head, on the held-out share ``advice.json`` names."""
     from peft import PeftModel
     from safetensors.torch import load_file
 
     from osrm_core.advisor import sample_pool
     from osrm_core.evaluate import predict, score
 
-    out = advised["out"]
     saved = json.loads((out / "advice.json").read_text())
-    assert (out / "advice.md").read_text().startswith("# Merge advice")
-    for task in advised["tasks"]:
+    got = {}
+    for task in tasks:
         base = make_tiny_model(seed=0, num_labels=TASKS[task.name], dtype=torch.float32)
         head = load_file(str(out / "adapter" / "heads" / f"{task.name}.safetensors"))
         base.load_state_dict(head, strict=False)
@@ -172,8 +173,16 @@ def test_advised_adapter_loads_in_plain_peft_and_scores_what_advice_json_says(ad
         pooled, origin = sample_pool(task)
         assert saved["shares"][task.name]["split"] == origin == saved["samples"][task.name]["split"]
         split = Split([pooled.text[i] for i in held], pooled.label[held])
-        got = score(task.metric, split.label, predict(model, tokenizer, split, max_length=32))
-        assert got == pytest.approx(saved["recommended"]["heldout_per_task"][task.name])
+        got[task.name] = score(task.metric, split.label, predict(model, tokenizer, split, max_length=32))
+    return got
+
+
+def test_advised_adapter_loads_in_plain_peft_and_scores_what_advice_json_says(advised, make_tiny_model, tokenizer):
+    out = advised["out"]
+    assert (out / "advice.md").read_text().startswith("# Merge advice")
+    saved = json.loads((out / "advice.json").read_text())
+    assert _plain_peft_heldout_scores(out, advised["tasks"], make_tiny_model, tokenizer) == pytest.approx(
+        saved["recommended"]["heldout_per_task"])
 
 
 @pytest.mark.parametrize("method", ["ties", "dare_ties", "knots_ties", "tsv_m", "iso_c"])
@@ -304,6 +313,7 @@ def test_advise_leaves_regmean_out_when_its_grams_do_not_fit(advised, make_tiny_
     import osrm_core.memory
 
     monkeypatch.setattr(osrm_core.memory, "available_bytes", lambda device="cpu": 1000)
+    monkeypatch.setattr(osrm_core.memory, "dense_delta_bytes", lambda adapters: 0)  # the full-space search fits
     model = make_tiny_model(seed=0, dtype=torch.float32)
     advice = advise(model, tokenizer, advised["adapters"], advised["tasks"], methods=("task_arithmetic", "regmean"),
                     lambdas=(1.0,), budget=0, max_length=32)  # auto: dense does not fit either
@@ -316,6 +326,40 @@ def test_advise_leaves_regmean_out_when_its_grams_do_not_fit(advised, make_tiny_
     assert "Note: regmean left out: RegMean's Gram matrices of 2 tasks needs" in (tmp_path / "advice.md").read_text()
     with pytest.raises(ValueError, match=r"^dense statistics of 2 tasks needs .* use --stats projected"):
         advise(model, tokenizer, advised["adapters"], advised["tasks"], stats="dense")
+
+
+def test_advise_searches_in_core_space_when_the_full_space_deltas_do_not_fit(advised, make_tiny_model, tokenizer,
+                                                                            monkeypatch, tmp_path) -> None:
+    """Issue 26: where the dense deltas' copies do not fit, ``auto`` searches on the LoRA
+    factors' cores: the same candidates and scores as the full-space search for the
+    basis-invariant methods, RegMean left out, the advised adapter factored and loadable by
+    plain peft; ``space="full"`` is refused in one line."""
+    import osrm_core.memory
+    from osrm_core.advisor import merge_command
+    from osrm_core.merge import LoraFactors
+
+    model = make_tiny_model(seed=0, dtype=torch.float32)
+    kwargs = dict(methods=("task_arithmetic", "tsv_m", "regmean"), lambdas=(0.5, 1.0), budget=0, max_length=32)
+    full = advise(model, tokenizer, advised["adapters"], advised["tasks"], space="full", **kwargs)
+    monkeypatch.setattr(osrm_core.memory, "available_bytes", lambda device="cpu": 1000)
+    monkeypatch.setattr(osrm_core.memory, "dense_stats_bytes", lambda *a, **k: 0)  # the statistics still fit
+    monkeypatch.setattr(osrm_core.memory, "regmean_solve_bytes", lambda shapes: 0)
+    core = advise(model, tokenizer, advised["adapters"], advised["tasks"], **kwargs)
+    assert (full.settings["space"], core.settings["space"]) == ("full", "core")
+    assert core.settings["methods"] == ["task_arithmetic", "tsv_m"] and "regmean" in full.settings["methods"]
+    assert [n.split(":")[0] for n in core.notes] == ["the full-space deltas of 2 adapters needs 0.0 GiB, 0.0 GiB "
+                                                     "available", "regmean left out"]
+    assert "searching in core space" in core.notes[0] and "use --space core" in core.notes[0]
+    same = full.search[full.search["method"] != "regmean"].reset_index(drop=True)
+    pd.testing.assert_frame_equal(core.search.drop(columns="evaluation"), same.drop(columns="evaluation"),
+                                  check_exact=False, atol=1e-9)
+    assert all(isinstance(f, LoraFactors) for f in core.merged.values())
+    out = write_advice(core, advised["adapters"], tmp_path)
+    assert merge_command(core, advised["adapters"]).endswith("--space core --out merged/")
+    assert _plain_peft_heldout_scores(out, advised["tasks"], make_tiny_model, tokenizer) == pytest.approx(
+        core.recommended["heldout_per_task"])
+    with pytest.raises(ValueError, match=r"^the full-space deltas of 2 adapters needs .* use --space core"):
+        advise(model, tokenizer, advised["adapters"], advised["tasks"], space="full", **kwargs)
 
 
 def _texts(task) -> set:

@@ -17,8 +17,9 @@ from .search import (
     ADVISE_LAMBDAS,
     ADVISE_METHODS,
     ADVISE_REFINE,
+    AdvicePlan,
     Search,
-    advice_stats_plan,
+    advice_plan,
     advise,
 )
 
@@ -32,7 +33,8 @@ __all__ = [
     "Search",
     "adapter_layer_verdicts",
     "advice_markdown",
-    "advice_stats_plan",
+    "AdvicePlan",
+    "advice_plan",
     "advise",
     "choose",
     "grid_table",

@@ -75,6 +75,8 @@ def merge_command(advice: Advice, adapters: dict[str, Adapter], out: str = "merg
         parts += ["--lambda 1", "--weights " + ",".join(f"{n}={w:g}" for n, w in zip(advice.names, weights))]
     if rec["method"].startswith("dare"):
         parts.append(f"--seed {advice.settings.get('seed', 0)}")
+    if advice.settings.get("space") == "core":
+        parts.append("--space core")
     return " ".join([*parts, f"--out {out}"])
 
 

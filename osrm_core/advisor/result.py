@@ -41,14 +41,14 @@ class Advice:
     shares : dict of task to {"split": origin, "validation": indices, "heldout": indices}
         Where each task's samples came from (``"test"``: the source's test split) and the
         indices of each share into that pool (see :func:`split_samples`).
-    merged : dict of layer to tensor (d_out, d_in)
-        The recommended merge's ``Delta_W``.
+    merged : dict of layer to tensor (d_out, d_in), or to LoraFactors
+        The recommended merge's ``Delta_W`` (its LoRA factors where the search ran in core space).
     layers : DataFrame
         Per-layer verdicts (:func:`osrm_core.diagnostics.layer_verdicts`) from the statistics of
         the validation share; :func:`layer_notes` says them in words.
     notes : list of str
-        What the memory plan decided (:func:`osrm_core.memory.stats_plan`): projected statistics
-        (the verdicts then lack post-hoc OSRM), RegMean left out of the search; one line each.
+        What the memory plan decided (:func:`osrm_core.advisor.advice_plan`): projected statistics
+        (the verdicts then lack post-hoc OSRM), core space, RegMean left out; one line each.
     """
 
     names: list[str]

@@ -23,7 +23,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -33,7 +33,7 @@ from osrm_core.adapters import Adapter, check_against_model, num_labels_of, unio
 from osrm_core.data import TaskData
 from osrm_core.errors import OsrmInputError
 from osrm_core.evaluate import SweepEngine, score
-from osrm_core.memory import StatsPlan, stats_plan
+from osrm_core.memory import StatsPlan, space_plan, stats_plan
 from osrm_core.models import is_causal_lm
 
 from .choice import choose, reason, selection_margin, summarize
@@ -60,13 +60,15 @@ class Search:
     Each (method, density) is prepared once (:func:`osrm_core.merge.prepare_merge`: TIES-like
     trimming per density, DARE's drops, TSV-M's per-task SVDs) and merged for every weight vector
     the search tries, the weights going to the method as its per-task weights. The last
-    ``KEEP_PREPARED`` preparations are kept (each holds a copy of the deltas)."""
+    ``KEEP_PREPARED`` preparations are kept (each holds a copy of the deltas). In core space the
+    deltas are LoRA factors and the merges too (:mod:`osrm_core.merge.core`)."""
 
     KEEP_PREPARED = 3
 
     def __init__(self, engine: SweepEngine, names: list[str], deltas, grams, seed: int, report,
-                 lower_is_better: bool = False) -> None:
+                 lower_is_better: bool = False, space: str = "full") -> None:
         self.engine, self.names, self.deltas, self.grams, self.seed = engine, names, deltas, grams, seed
+        self.space = space
         self.sign = -1.0 if lower_is_better else 1.0  # the objective is maximized: minus a loss
         self.report = report
         self.evaluations = 0
@@ -80,17 +82,20 @@ class Search:
         key = (method, density)
         if key not in self.prepared:
             params = {} if density is None else {"density": density}
-            self.prepared[key] = prepare_merge(self.deltas, method, grams=self.grams, seed=self.seed, **params)
+            self.prepared[key] = prepare_merge(self.deltas, method, grams=self.grams, seed=self.seed, space=self.space,
+                                               **params)
             while len(self.prepared) > self.KEEP_PREPARED:
                 self.prepared.popitem(last=False)
         self.prepared.move_to_end(key)
-        return merge_deltas(self.prepared[key], weights=list(weights))
+        return merge_deltas(self.prepared[key], weights=list(weights), space=self.space)
 
     def validation(self, method: str, density: float | None, weights: Sequence[float], merged=None,
-                   stage: str = "weights") -> float:
+                   lam: float = 1.0, stage: str = "weights") -> float:
+        """The validation score of the merge with ``weights`` (``merged``, scaled by ``lam``, when
+        the caller has it already)."""
         key = (method, density, tuple(round(w, 6) for w in weights))
         if key not in self.cache:
-            self.engine.apply(merged if merged is not None else self.merged(method, density, weights))
+            self.engine.apply(merged if merged is not None else self.merged(method, density, weights), lam)
             self.cache[key] = self.sign * float(np.mean(list(self.engine.evaluate().values())))
             self.evaluations += 1
             self.log.append({"evaluation": self.evaluations, "stage": stage, "method": method, "density": density,
@@ -124,7 +129,7 @@ def advise(model, tokenizer, adapters: dict[str, Adapter], tasks: Sequence[TaskD
            methods: Sequence[str] = ADVISE_METHODS, lambdas: Sequence[float] = ADVISE_LAMBDAS,
            densities: Sequence[float] = ADVISE_DENSITIES, budget: int = ADVISE_BUDGET, refine: int = ADVISE_REFINE,
            holdout: float = 0.5, max_samples: int | None = None, max_length: int = 128, seed: int = 0,
-           use_train: bool = False, stats: str = "auto", stats_dtype: str = "float64",
+           use_train: bool = False, stats: str = "auto", stats_dtype: str = "float64", space: str = "auto",
            progress: Progress | None = None, on_stage: Callable[[str], None] | None = None) -> Advice:
     """Search merge method, density, lambda and per-adapter weights on a validation share of
     labelled sample texts and report the finalists on the held-out share.
@@ -154,11 +159,16 @@ def advise(model, tokenizer, adapters: dict[str, Adapter], tasks: Sequence[TaskD
     stats, stats_dtype : {"auto", "projected", "dense"}, {"float64", "float32"}
         The verdicts' statistics and RegMean's Gram matrices, as :func:`osrm_core.memory.stats_plan`
         plans them (projected: no post-hoc OSRM); :attr:`Advice.notes` says what it decided.
+    space : {"auto", "full", "core"}
+        Where the search merges (:func:`osrm_core.memory.space_plan`): the dense deltas, or the
+        LoRA factors' cores (no dense delta of the model is held; TIES and DARE act on the cores'
+        entries, RegMean is left out); auto: full when its copies of the deltas fit.
     """
     start_time, on_stage = time.perf_counter(), on_stage or (lambda s: None)
     names, by_name = list(adapters), {t.name: t for t in tasks}
     lower = _check_inputs(model, adapters, by_name, methods, lambdas, densities, budget)
-    planned, methods = advice_stats_plan(stats, adapters, methods, stats_dtype)  # refused here if it does not fit
+    planned = advice_plan(stats, space, adapters, methods, stats_dtype)  # refused here if it does not fit
+    methods = planned.methods
 
     on_stage("splitting the samples")
     split = {n: split_samples(by_name[n], holdout, max_samples=max_samples, seed=seed, use_train=use_train)
@@ -169,11 +179,12 @@ def advise(model, tokenizer, adapters: dict[str, Adapter], tasks: Sequence[TaskD
     plan = _plan(methods, densities)
     counter = _Counter(2 * len(names) + len(plan) * len(lambdas) + budget + len(plan) + refine, progress)
     val_engine = SweepEngine(model, tokenizer, val_tasks, adapters, max_length=max_length)
-    held_engine = SweepEngine(model, tokenizer, held_tasks, adapters, max_length=max_length)
+    held_engine = SweepEngine(model, tokenizer, held_tasks, adapters, max_length=max_length, base_from=val_engine)
     try:
         on_stage("single-task scores")
         single = _single_scores({"validation": val_engine, "heldout": held_engine}, names, counter.report)
-        search = Search(val_engine, names, deltas, grams, seed, counter.report, lower_is_better=lower)
+        search = Search(val_engine, names, deltas, grams, seed, counter.report, lower_is_better=lower,
+                        space=planned.space)
         on_stage("grid on the validation share")
         grid = _grid(search, plan, lambdas, len(names))
         on_stage("per-adapter weights on the validation share")
@@ -195,7 +206,8 @@ def advise(model, tokenizer, adapters: dict[str, Adapter], tasks: Sequence[TaskD
         recommended=_recommended(chosen, best, table), reason=reason(summary, chosen, margin, lower),
         evaluations=counter.done, seconds=time.perf_counter() - start_time, notes=list(planned.notes),
         shares={n: split[n][2] for n in names}, merged=merged, layers=verdicts, search=pd.DataFrame(search.log),
-        settings={"methods": list(methods), "lambdas": [float(x) for x in lambdas], "stats": planned.kind,
+        settings={"methods": list(methods), "lambdas": [float(x) for x in lambdas], "stats": planned.stats.kind,
+                  "space": planned.space,
                   "densities": [float(x) for x in densities], "budget": budget, "refine": refine,
                   "holdout": holdout, "max_samples": max_samples, "max_length": max_length, "seed": seed,
                   "use_train": use_train, "selection_margin": margin, "stats_dtype": stats_dtype},
@@ -245,41 +257,70 @@ def _check_inputs(model, adapters: dict[str, Adapter], by_name: dict[str, TaskDa
     return lower
 
 
-def advice_stats_plan(choice: str, adapters: dict[str, Adapter], methods: Sequence[str],
-                      stats_dtype: str) -> tuple[StatsPlan, list[str]]:
+@dataclass(frozen=True)
+class AdvicePlan:
+    """What :func:`advise` collects and where it merges (:func:`advice_plan`).
+
+    Attributes
+    ----------
+    stats : StatsPlan
+        The verdicts' statistics and whether RegMean's Gram matrices are collected.
+    space : {"full", "core"}
+        Where the search merges.
+    methods : list of str
+        The methods searched (those that need Gram matrices left out where the plan has none).
+    """
+
+    stats: StatsPlan
+    space: str
+    methods: list[str]
+    notes: tuple[str, ...] = ()
+
+
+def advice_plan(stats: str, space: str, adapters: dict[str, Adapter], methods: Sequence[str],
+                stats_dtype: str) -> AdvicePlan:
     """The statistics :func:`advise` collects (:func:`osrm_core.memory.stats_plan` for its
-    adapters' tasks: dense moments without the per-sample means serve the verdicts and RegMean;
-    refused in one line when ``dense`` does not fit) and the methods it searches: without those
-    that need Gram matrices when the plan leaves them out. The command line calls it before
-    loading the model."""
+    adapters' tasks: dense moments without the per-sample means serve the verdicts and RegMean)
+    and where it merges (:func:`osrm_core.memory.space_plan`: the full-space search holds the
+    deltas and ``Search.KEEP_PREPARED`` prepared copies of them, and the merge); methods that need
+    Gram matrices are left out, with a note, in core space or when the plan has no Grams. Each
+    refused in one line when the user's explicit choice does not fit. The command line calls it
+    before loading the model."""
     from osrm_core.merge import get_merge_method
 
     needs_gram = [m for m in methods if get_merge_method(m).needs_gram]
-    plan = stats_plan(choice, adapters, len(adapters), stats_dtype=stats_dtype, sample_means=False,
-                      regmean=bool(needs_gram))
-    if plan.projected:
-        plan = replace(plan, notes=(*plan.notes, "per-layer verdicts from projected statistics: post-hoc OSRM "
-                                    "left out (it needs the d x d moments; --stats dense)"))
-    return plan, [m for m in methods if plan.grams or m not in needs_gram]
+    where, notes = space_plan(space, adapters, len(adapters) * (1 + Search.KEEP_PREPARED) + 1)
+    if where == "core" and needs_gram:
+        notes = (*notes, f"{', '.join(needs_gram)} left out: core space has no Gram matrices of the full input space")
+    planned = stats_plan(stats, adapters, len(adapters), stats_dtype=stats_dtype, sample_means=False,
+                         regmean=bool(needs_gram) and where == "full")
+    notes = (*notes, *planned.notes)
+    if planned.projected:
+        notes = (*notes, "per-layer verdicts from projected statistics: post-hoc OSRM left out (it needs the "
+                 "d x d moments; --stats dense)")
+    return AdvicePlan(planned, where, [m for m in methods if planned.grams or m not in needs_gram], notes)
 
 
-def _layer_inputs(model, tokenizer, adapters: dict[str, Adapter], val_tasks: list[TaskData], plan: StatsPlan,
+def _layer_inputs(model, tokenizer, adapters: dict[str, Adapter], val_tasks: list[TaskData], plan: AdvicePlan,
                   max_length: int, stats_dtype: str):
     """The per-layer verdicts from the validation share's statistics (projected or dense, as
-    ``plan`` says), and the merge inputs (deltas, and Gram matrices when ``plan.grams``: the dense
-    moments, only ``sum h h^T`` and ``sum h`` at the adapters' layers, in ``stats_dtype``)."""
-    from osrm_core.export import merge_inputs
+    ``plan`` says), and the merge inputs: in full space the deltas, and Gram matrices when
+    ``plan.stats.grams`` (the dense moments, only ``sum h h^T`` and ``sum h`` at the adapters'
+    layers, in ``stats_dtype``); in core space the LoRA factors."""
+    from osrm_core.export import aligned_factors, merge_inputs
     from osrm_core.workflows import task_stats
 
     dense = None
-    if not plan.projected or plan.grams:
+    if not plan.stats.projected or plan.stats.grams:
         dense = task_stats(model, tokenizer, val_tasks, samples=None, max_length=max_length,
                            target_modules=list(union_layers(adapters)), dtype=getattr(torch, stats_dtype),
                            sample_means=False)
     stats = task_stats(model, tokenizer, val_tasks, samples=None, max_length=max_length,
-                       adapters=adapters) if plan.projected else dense
+                       adapters=adapters) if plan.stats.projected else dense
     verdicts = adapter_layer_verdicts(model, adapters, stats)
-    deltas, grams = merge_inputs(adapters, dense if plan.grams else None)
+    if plan.space == "core":
+        return verdicts, aligned_factors(adapters), None
+    deltas, grams = merge_inputs(adapters, dense if plan.stats.grams else None)
     return verdicts, deltas, grams
 
 
@@ -308,7 +349,7 @@ def _single_scores(engines: dict[str, SweepEngine], names: list[str], report) ->
     single = {}
     for share, engine in engines.items():
         for n in names:
-            engine.apply(engine.single_deltas[n])
+            engine.apply(engine.single[n])
             single[(n, share)] = engine.evaluate([n])[n]
             report(f"single-task {n} ({share})")
     return single
@@ -322,7 +363,7 @@ def _grid(search: Search, plan: list[tuple[str, float | None]], lambdas: Sequenc
         unit = search.merged(method, density, [1.0] * n)
         for lam in lambdas:
             weights = [float(lam)] * n
-            got = search.validation(method, density, weights, {k: lam * d for k, d in unit.items()}, stage="grid")
+            got = search.validation(method, density, weights, unit, lam, stage="grid")
             grid.append({"method": method, "density": density, "weights": weights, "origin": "grid",
                          "validation": got})
     return grid
