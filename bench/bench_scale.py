@@ -13,6 +13,9 @@ baselines run side by side in the same run, each measurement in its own child pr
 * ``stats``: the projected statistics pass alone against the same forward passes, interleaved in
   one process (``--repeats`` pairs; the paired ratio is the figure), for each number of adapters;
   ``--layers 2`` builds a shallower bed of the same widths (the per-layer costs are unchanged);
+* ``advise``: the merge advisor (a short search, projected statistics) in core and full space,
+  its peak RSS against the bf16 model (the full-space search holds every adapter's dense delta
+  and prepared copies of them; the core-space one their factors);
 * ``merge``: ``build_merged_adapter`` (what ``osrm merge`` runs) per method, full and core
   space, against peft's ``add_weighted_adapter`` (``cat``, ``svd``, ``ties_svd``) on the same
   adapters loaded into a ``PeftModel`` (peft needs the base model; its time is the call alone).
@@ -192,8 +195,25 @@ def child_peft(bed: dict, n: int, combination: str) -> dict:
         names, [1.0] * n, "merged", combination_type=combination, **kwargs))}
 
 
+def child_advise(bed: dict, n: int, space: str, samples: int, tokens: int) -> dict:
+    """``advise`` (what ``osrm advise`` runs) on ``n`` adapters, projected statistics, in one
+    merge space: a short search (task arithmetic and TSV-M, two lambdas, two weight steps)."""
+    from osrm_core.advisor import advise
+
+    adapters = _adapters(bed, n)
+    model, tok, info = _model(bed)
+    tasks = _tasks(bed, list(adapters))
+
+    def run():
+        advice = advise(model, tok, adapters, tasks, methods=("task_arithmetic", "tsv_m"), lambdas=(0.5, 1.0),
+                        budget=2, max_samples=samples, max_length=tokens, stats="projected", space=space)
+        return {"evaluations": advice.evaluations, "space": advice.settings["space"], "notes": advice.notes}
+
+    return {**info, **_measured(run)}
+
+
 CHILDREN = {"forward": child_forward, "stats": child_stats, "diagnose": child_diagnose, "merge": child_merge,
-            "peft": child_peft}
+            "peft": child_peft, "advise": child_advise}
 
 
 # --------------------------------------------------------------------------- parent
@@ -292,6 +312,14 @@ def report(res: dict, rows: list[dict]) -> str:
         fig = "n/a" if r["figure"] is None else f"{r['figure']:.3g}"
         verdict = {True: "met", False: "NOT met", None: "n/a"}[r["met"]]
         lines.append(f"{r['name']}: {fig} (goal {r['op']} {r['target']:g}; {verdict}) -- {r['detail']}")
+    for a in res.get("advise", []):
+        n, space = a["args"][0], a["args"][1]
+        if "seconds" not in a:
+            lines.append(f"advise, {n} adapters, {space} space: {a.get('error') or 'timed out'}")
+            continue
+        lines.append(f"advise, {n} adapters, {space} space: {a['seconds']:.0f} s, {a['evaluations']} evaluations, "
+                     f"peak RSS {a['peak_bytes'] / GiB:.2f} GiB = {a['peak_bytes'] / a['model_bytes']:.2f}x the bf16 "
+                     f"model ({a['model_bytes'] / GiB:.2f} GiB)")
     lines += ["", "dense path (osrm diagnose --stats dense):"]
     for d in res.get("dense", []):
         ran = f"ran in {d['wall']:.0f} s (the plan fits)" if d.get("exit") == 0 else d.get("message") or d
@@ -327,9 +355,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=None,
                    help="build the bed with this many decoder layers (default: the shape's; per-layer costs unchanged)")
     p.add_argument("--repeats", type=int, default=3, help="interleaved repeats of the stats part")
-    p.add_argument("--part", choices=["diagnose", "merge", "stats", "all"], default="all",
-                   help="measure only the diagnosis, the merges, or the statistics pass against forward passes "
-                        "(interleaved in one process); results in scale-<shape>-<part>.*")
+    p.add_argument("--part", choices=["diagnose", "merge", "stats", "advise", "all"], default="all",
+                   help="measure only the diagnosis, the merges, the statistics pass against forward passes "
+                        "(interleaved in one process) or the advisor (each of --advise-spaces, for each of "
+                        "--adapters; --texts sample texts per task); results in scale-<shape>-<part>.*")
+    p.add_argument("--advise-spaces", default="core,full", help="merge spaces of the advisor's search")
     p.add_argument("--child", choices=list(CHILDREN), help=argparse.SUPPRESS)
     p.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -362,6 +392,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.part in ("stats", "all"):
         res["stats"] = [run_child(args.bed, "stats", n, args.texts, args.tokens, args.repeats, timeout=t)
                         for n in map(int, args.adapters.split(","))]
+    if args.part in ("advise", "all"):
+        res["advise"] = [run_child(args.bed, "advise", n, space, args.texts, args.tokens, timeout=t)
+                         for n in map(int, args.adapters.split(",")) for space in args.advise_spaces.split(",")]
     if args.part in ("merge", "all"):
         n = args.merge_adapters
         res["merge"] = [run_child(args.bed, "merge", n, m, space, timeout=t)

@@ -388,14 +388,16 @@ def cmd_diagnose(args) -> None:
     if args.sketch_power < 0:
         raise UsageError(f"--sketch-power must be >= 0, got {args.sketch_power}")
     adapters = _load_adapters(args)
-    plan = stats_plan(args.stats, adapters, len(args.task or []), stats_dtype=args.stats_dtype)  # before any work
+    plan = stats_plan(args.stats, adapters, len(args.task or []), stats_dtype=args.stats_dtype,
+                      sample_means=False)  # before any work; no table reads the per-sample means
     for note in plan.notes:
         print(f"note: {note}", file=sys.stderr)
     model, tok = load_base_for(adapters, args.model, dtype=getattr(torch, args.dtype))
     tasks = _load_tasks(args)
     stats = task_stats(model, tok, tasks, samples=args.samples, max_length=args.max_length,
                        target_modules=list(union_layers(adapters)), seed=args.seed,
-                       adapters=adapters if plan.projected else None, dtype=getattr(torch, args.stats_dtype))
+                       adapters=adapters if plan.projected else None, dtype=getattr(torch, args.stats_dtype),
+                       sample_means=False)
     sketches = None
     if args.angles == "sketch" and plan.projected:
         sketches = task_sketches(model, tok, tasks, adapters, power=args.sketch_power, samples=args.samples,

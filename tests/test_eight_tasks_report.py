@@ -132,6 +132,38 @@ def test_a_best_lambda_at_the_grid_edge_is_flagged(analyze) -> None:
     assert analyze.summarize(best)["edge_subsets"].tolist() == [1]
 
 
+def test_the_lambda_is_chosen_on_the_selection_share_and_reported_on_the_other(analyze) -> None:
+    """Where a subset was also scored on the selection share, its best point is chosen there and
+    the report share's scores at that point are reported; the report share's own best (the
+    optimistic figure) is kept beside it. Older tables without shares are report rows."""
+    def rows(share, peak):
+        return [{"arm": "x", "share": share, "method": "ta", "density": None, "n_tasks": 2, "subset": "a+b",
+                 "lambda": lam, "task": t, "score": 1 - abs(lam - peak) / 10, "single": 1.0,
+                 "normalized": 1 - abs(lam - peak) / 10} for lam in (0.5, 1.0, 2.0, 3.0) for t in ("a", "b")]
+
+    best = analyze.best_per_subset(pd.DataFrame(rows("report", 1.0) + rows("select", 2.0)))
+    assert best[["best_lambda", "selected_on", "at_edge"]].values.tolist() == [[2.0, "select", False]]
+    assert best["merged_avg"].item() == pytest.approx(0.9) and best["report_best_avg"].item() == pytest.approx(1.0)
+    alone = analyze.best_per_subset(pd.DataFrame(rows("report", 1.0)).drop(columns="share"))
+    assert alone[["best_lambda", "selected_on"]].values.tolist() == [[1.0, "report"]]
+    assert analyze.summarize(best)["selected_on"].tolist() == ["select"]
+
+
+@pytest.mark.slow
+def test_the_selection_share_holds_other_test_texts(analyze, small_run) -> None:
+    """The report share is the first max_test texts of each test split, the selection share the
+    next ones: no text in both (checked on the texts)."""
+    from osrm_core.demo import demo_task
+
+    tasks = [demo_task(k, n_train=60, n_test=40) for k in SMALL_TASKS]
+    arm = analyze.finished_arms([small_run])[0]
+    report = analyze.ArmScorer(arm, tasks=tasks, max_test=15).tasks()
+    select = analyze.ArmScorer(arm, tasks=tasks, max_test=15, share="select").tasks()
+    for t in tasks:
+        assert report[t.name].test.text == t.test.text[:15] and select[t.name].test.text == t.test.text[15:30]
+        assert not set(report[t.name].test.text) & set(select[t.name].test.text)
+
+
 def test_unknown_method_is_refused_with_the_registered_names(analyze, tmp_path) -> None:
     with pytest.raises(ValueError, match="unknown merge method 'nope'; registered: task_arithmetic, ties"):
         analyze.score_all([], tmp_path, methods=["nope"])

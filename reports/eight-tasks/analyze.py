@@ -63,7 +63,10 @@ SUBSETS: dict[int, list[tuple[str, ...]]] = {
     8: [TASKS],
 }
 DEFAULT_METHODS = ("task_arithmetic", "ties", "regmean")
-MERGE_KEY = ["arm", "method", "density", "n_tasks", "subset", "lambda", "task"]
+MERGE_KEY = ["arm", "share", "method", "density", "n_tasks", "subset", "lambda", "task"]
+#: The test texts a row is scored on: ``report`` the first ``max_test`` of each task's test split,
+#: ``select`` the next ``max_test`` (fewer where the split is shorter), on which the lambda is chosen.
+SHARES = ("report", "select")
 ARM_COLUMNS = ["arm", "init", "constraint", "rank", "lr"]
 
 
@@ -122,18 +125,27 @@ class ArmScorer:
     """Scores one arm's merges with the library: a :class:`~osrm_core.evaluate.SweepEngine` on a
     fresh copy of the base model per subset (the sweep stage's engine), each task with its head."""
 
-    def __init__(self, arm: Arm, *, max_test: int | None = None, device: str | None = None, tasks=None) -> None:
+    def __init__(self, arm: Arm, *, max_test: int | None = None, device: str | None = None, tasks=None,
+                 share: str = "report") -> None:
         from osrm_core.pipeline import Pipeline
 
         update = {"max_test": max_test or arm.config.max_test, **({"device": device} if device else {})}
         self.config = arm.config.model_copy(update=update)
-        self.arm = arm
+        self.arm, self.share = arm, share
         self.pipeline = Pipeline(self.config, arm.run.path, tasks=tasks)  # reads only
         self.adapters = arm.run.load_adapters(arm.init)
         self._stats = None
 
     def tasks(self) -> dict:
-        return {t.name: t for t in self.pipeline.tasks()}
+        """Each task with its test split cut to this scorer's share of the test texts."""
+        import dataclasses
+
+        import numpy as np
+
+        n = self.config.max_test
+        cut = (lambda test: test.head(n)) if self.share == "report" else (
+            lambda test: test.take(np.arange(n, min(2 * n, len(test)))))
+        return {t.name: dataclasses.replace(t, test=cut(t.test)) for t in self.pipeline.tasks()}
 
     def _engine(self, names: Sequence[str]):
         from osrm_core.evaluate import SweepEngine
@@ -141,7 +153,7 @@ class ArmScorer:
         model, tok = self.pipeline.base_model()
         tasks = self.tasks()
         return SweepEngine(model, tok, [tasks[n] for n in names], {n: self.adapters[n] for n in names},
-                           max_test=self.config.max_test, max_length=self.config.max_length)
+                           max_length=self.config.max_length)
 
     def single(self, names: Sequence[str]) -> dict[str, float]:
         engine = self._engine(names)
@@ -170,7 +182,11 @@ class ArmScorer:
 
 
 def _read(path: Path) -> pd.DataFrame | None:
-    return pd.read_csv(path) if path.is_file() else None
+    """A table, its rows from before the shares were introduced marked ``report``."""
+    if not path.is_file():
+        return None
+    df = pd.read_csv(path)
+    return df if "share" in df else df.assign(share="report")
 
 
 def _has_density(method: str) -> bool:
@@ -182,10 +198,11 @@ def _has_density(method: str) -> bool:
 def score_all(arms: Sequence[Arm], out: str | Path, *, methods: Sequence[str] = DEFAULT_METHODS,
               lambdas: Sequence[float] | None = None, densities: Sequence[float] | None = None,
               subsets: dict[int, list[tuple[str, ...]]] | None = None,
-              scorer: Callable[[Arm], ArmScorer] = ArmScorer,
+              scorer: Callable[[Arm], ArmScorer] = ArmScorer, share: str = "report",
               log: Callable[[str], None] = print) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Score every arm's single tasks and merges into ``out/tables/single.csv`` and
-    ``merges.csv``, skipping rows they hold already; returns both tables.
+    """Score every arm's single tasks and merges on one share of the test texts (:data:`SHARES`;
+    ``scorer`` must score that share) into ``out/tables/single.csv`` and ``merges.csv``, skipping
+    rows they hold already; returns both tables.
 
     ``lambdas`` and ``densities`` default to each arm's run settings; ``subsets`` to
     :data:`SUBSETS` (a subset with a task an arm has no adapter for is skipped, said in ``log``).
@@ -204,18 +221,20 @@ def score_all(arms: Sequence[Arm], out: str | Path, *, methods: Sequence[str] = 
         engine: ArmScorer | None = None
         have = arm.tasks()
         wanted = [t for t in dict.fromkeys(t for sets in subsets.values() for s in sets for t in s) if t in have]
-        done_single = set() if single_df is None else set(single_df.loc[single_df["arm"] == arm.name, "task"])
+        mine = None if single_df is None else single_df[(single_df["arm"] == arm.name) & (single_df["share"] == share)]
+        done_single = set() if mine is None else set(mine["task"])
         if [t for t in wanted if t not in done_single]:
             engine = engine or scorer(arm)
             todo = [t for t in wanted if t not in done_single]
             log(f"{arm.name}: single-task scores of {', '.join(todo)}")
             scores = engine.single(todo)
-            rows = [{**arm.tags(), "task": t, "single": scores[t], "train_score": _train_score(arm, t)} for t in todo]
+            rows = [{**arm.tags(), "share": share, "task": t, "single": scores[t], "train_score": _train_score(arm, t)}
+                    for t in todo]
             single_df = pd.concat([single_df, pd.DataFrame(rows)], ignore_index=True) if single_df is not None \
                 else pd.DataFrame(rows)
             write_csv(single_path, single_df)
-        single = {} if single_df is None else \
-            single_df[single_df["arm"] == arm.name].set_index("task")["single"].to_dict()
+        single = {} if single_df is None else single_df[(single_df["arm"] == arm.name) & (single_df["share"] == share)
+                                                        ].set_index("task")["single"].to_dict()
         grid = list(lambdas or arm.config.merge.lambdas)
         for n_tasks, sets in sorted(subsets.items()):
             for names in sets:
@@ -228,7 +247,8 @@ def score_all(arms: Sequence[Arm], out: str | Path, *, methods: Sequence[str] = 
                     dens = grid_densities if _has_density(method) else [math.nan]
                     done = set() if merges is None else set(
                         merges.loc[(merges["arm"] == arm.name) & (merges["method"] == method)
-                                   & (merges["subset"] == subset_name(names)), ["density", "lambda"]]
+                                   & (merges["share"] == share) & (merges["subset"] == subset_name(names)),
+                                   ["density", "lambda"]]
                         .itertuples(index=False, name=None))
                     done = {(_key(d), float(x)) for d, x in done}
                     todo = [x for x in grid if any((_key(d), float(x)) not in done for d in dens)]
@@ -242,12 +262,12 @@ def score_all(arms: Sequence[Arm], out: str | Path, *, methods: Sequence[str] = 
                     df = df[[c for c in ("method", "density", "lambda", "task", "metric", "score", "single",
                                          "normalized") if c in df]]
                     df = df[[(_key(d), float(x)) not in done for d, x in zip(df["density"], df["lambda"])]]
-                    df = df.assign(**arm.tags(), n_tasks=n_tasks, subset=subset_name(names))
+                    df = df.assign(**arm.tags(), share=share, n_tasks=n_tasks, subset=subset_name(names))
                     merges = pd.concat([merges, df], ignore_index=True) if merges is not None else df
-                    first = [*ARM_COLUMNS, "method", "density", "n_tasks", "subset", "lambda", "task"]
+                    first = [*ARM_COLUMNS, "share", "method", "density", "n_tasks", "subset", "lambda", "task"]
                     merges = merges[[*first, *[c for c in merges if c not in first]]]
                     write_csv(merges_path, merges)
-                    log(f"{arm.name}: {method} on {subset_name(names)}, {len(todo)} lambdas "
+                    log(f"{arm.name}: {method} on {subset_name(names)} ({share} share), {len(todo)} lambdas "
                         f"({time.perf_counter() - start:.0f} s)")
     if merges is None:
         raise SystemExit("no finished arm with adapters for these subsets yet")
@@ -270,22 +290,43 @@ def _train_score(arm: Arm, task: str) -> float:
 
 def best_per_subset(merges: pd.DataFrame) -> pd.DataFrame:
     """Per (arm, method, n_tasks, subset): the (density, lambda) of the best normalized average
-    over the subset's tasks, the plain merged average and single-task average there, and whether
-    that lambda is at the edge of the lambdas scored for the subset."""
+    over the subset's tasks, the plain merged average and single-task average there on the
+    report share, and whether that lambda is at the edge of the lambdas scored.
+
+    Where the subset was also scored on the selection share (``share`` ``select``), the point is
+    chosen there, among the points scored on both shares, and reported on the report share
+    (``selected_on`` ``select``); ``report_best_avg`` is the report share's own best merged average
+    (the point chosen on the texts it is reported on: the optimistic figure)."""
+    if "share" not in merges:
+        merges = merges.assign(share="report")
     arm_cols = [c for c in ARM_COLUMNS if c in merges]
     keys = [*arm_cols, "method", "n_tasks", "subset"]
-    curve = (merges.groupby([*keys, "density", "lambda"], dropna=False)
+    curve = (merges.groupby([*keys, "share", "density", "lambda"], dropna=False)
              .agg(merged_avg=("score", "mean"), normalized_avg=("normalized", "mean"),
                   single_avg=("single", "mean"), tasks=("task", "nunique"))
              .reset_index())
+    select = {key: g for key, g in curve[curve["share"] == "select"].groupby(keys, dropna=False, sort=False)}
     rows = []
-    for key, g in curve.groupby(keys, dropna=False, sort=False):
-        best = g.loc[g["normalized_avg"].idxmax()] if g["normalized_avg"].notna().any() else g.iloc[0]
-        lo, hi = g["lambda"].min(), g["lambda"].max()
-        rows.append({**dict(zip(keys, key, strict=True)), "best_lambda": float(best["lambda"]),
-                     "best_density": best["density"], "merged_avg": best["merged_avg"],
+    for key, g in curve[curve["share"] == "report"].groupby(keys, dropna=False, sort=False):
+        g = g.set_index(["density", "lambda"])
+        chooser = select.get(key)
+        on = "report"
+        if chooser is not None:
+            chooser = chooser.set_index(["density", "lambda"])
+            chooser = chooser[chooser.index.isin(g.index)]
+            on = "select" if len(chooser) else "report"
+        chooser = chooser if on == "select" else g
+        point = chooser["normalized_avg"].idxmax() if chooser["normalized_avg"].notna().any() else chooser.index[0]
+        best = g.loc[point]
+        lams = chooser.index.get_level_values("lambda")
+        lo, hi = lams.min(), lams.max()
+        rows.append({**dict(zip(keys, key, strict=True)), "best_lambda": float(point[1]),
+                     "best_density": point[0], "merged_avg": best["merged_avg"],
                      "normalized_avg": best["normalized_avg"], "single_avg": best["single_avg"],
-                     "at_edge": bool(lo < hi and best["lambda"] in (lo, hi)), "lambdas": int(g["lambda"].nunique())})
+                     "at_edge": bool(lo < hi and point[1] in (lo, hi)), "lambdas": int(lams.nunique()),
+                     "selected_on": on,
+                     "report_best_avg": g.loc[g["normalized_avg"].idxmax(), "merged_avg"]
+                     if g["normalized_avg"].notna().any() else best["merged_avg"]})
     return pd.DataFrame(rows)
 
 
@@ -294,7 +335,8 @@ def summarize(best: pd.DataFrame) -> pd.DataFrame:
     arm_cols = [c for c in ARM_COLUMNS if c in best]
     return (best.groupby([*arm_cols, "method", "n_tasks"], dropna=False, sort=False)
             .agg(merged_avg=("merged_avg", "mean"), normalized_avg=("normalized_avg", "mean"),
-                 single_avg=("single_avg", "mean"), subsets=("subset", "nunique"),
+                 single_avg=("single_avg", "mean"), report_best_avg=("report_best_avg", "mean"),
+                 selected_on=("selected_on", lambda s: "+".join(sorted(set(s)))), subsets=("subset", "nunique"),
                  edge_subsets=("at_edge", "sum"),
                  best_lambdas=("best_lambda", lambda s: ";".join(f"{x:g}" for x in s)))
             .reset_index()
@@ -360,6 +402,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                    help="other subsets to merge than the fixed ones (SUBSETS), e.g. sst2+sst5 sst2+sst5+cr")
     p.add_argument("--partial", action="store_true",
                    help="also score runs still training, on the adapters they have finished (subsets they lack are skipped)")
+    p.add_argument("--share", choices=SHARES, default="report",
+                   help="score the report share of each task's test texts (the first --max-test) or the selection "
+                        "share (the next --max-test), on which the summaries then choose each lambda")
     p.add_argument("--out", default=str(HERE), help="where tables/ and figures/ go (default: this folder)")
     args = p.parse_args(argv)
     arms = finished_arms(args.folders, partial=args.partial)
@@ -377,8 +422,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             names = tuple(t for t in text.split("+") if t)
             subsets.setdefault(len(names), []).append(names)
     _, merges = score_all(arms, args.out, methods=args.methods, lambdas=args.lambdas, densities=args.densities,
-                          subsets=subsets,
-                          scorer=lambda arm: ArmScorer(arm, max_test=args.max_test, device=args.device), log=log)
+                          subsets=subsets, share=args.share, log=log,
+                          scorer=lambda arm: ArmScorer(arm, max_test=args.max_test, device=args.device,
+                                                       share=args.share))
     tables = write_outputs(args.out, merges)
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print(tables["summary"].drop(columns=["lr"], errors="ignore").to_string(index=False))
