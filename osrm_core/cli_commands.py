@@ -388,11 +388,15 @@ def cmd_diagnose(args) -> None:
     if args.sketch_power < 0:
         raise UsageError(f"--sketch-power must be >= 0, got {args.sketch_power}")
     adapters = _load_adapters(args)
-    plan = stats_plan(args.stats, adapters, len(args.task or []), stats_dtype=args.stats_dtype,
-                      sample_means=False)  # before any work; no table reads the per-sample means
+
+    def make_plan():  # no table reads the per-sample means
+        return stats_plan(args.stats, adapters, len(args.task or []), stats_dtype=args.stats_dtype, sample_means=False)
+
+    make_plan()  # refused here, before any work, when dense statistics do not fit
+    model, tok = load_base_for(adapters, args.model, dtype=getattr(torch, args.dtype))
+    plan = make_plan()  # again with the model's weights in memory: auto may now choose projected statistics
     for note in plan.notes:
         print(f"note: {note}", file=sys.stderr)
-    model, tok = load_base_for(adapters, args.model, dtype=getattr(torch, args.dtype))
     tasks = _load_tasks(args)
     stats = task_stats(model, tok, tasks, samples=args.samples, max_length=args.max_length,
                        target_modules=list(union_layers(adapters)), seed=args.seed,

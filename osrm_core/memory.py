@@ -224,9 +224,9 @@ def diagnose_plan(shape: tuple, *, adapters: int = 8, rank: int = 16, tasks: int
     statistics, for ``adapters`` LoRAs of ``rank`` on all seven linear kinds of every block.
 
     Returns a DataFrame ``stage, item, projected, dense`` in bytes (for the merge row,
-    ``projected`` is core space and ``dense`` full space). Dense statistics hold
-    ``2 d^2 + d`` float64 numbers per distinct input (q/k/v read one, gate/up one) and task;
-    projected ones ``R^2`` per layer and task, ``R = adapters x rank``. The merge rows: the
+    ``projected`` is core space and ``dense`` full space). Dense statistics hold ``d^2 + d``
+    float64 numbers (``sum h h^T``, ``sum h``: what diagnose collects) per distinct input (q/k/v
+    read one, gate/up one) and task; projected ones ``R^2`` per layer and task, ``R = adapters x rank``. The merge rows: the
     largest layer's ``adapters`` deltas in float32 (full space) against its cores (core space).
     """
     from osrm_core.stats.projected import CHUNK_TOKENS
@@ -240,7 +240,7 @@ def diagnose_plan(shape: tuple, *, adapters: int = 8, rank: int = 16, tasks: int
         ("all", "base weights", params * weight_bytes, params * weight_bytes),
         ("all", "adapters (float32)", lora, lora),
         ("diagnose", "statistics of the tasks", projected_stats_bytes({k: R for k in widths}, tasks),
-         dense_stats_bytes(widths, tasks)),
+         dense_stats_bytes(widths, tasks, sample_means=False)),
         ("diagnose", "per-batch scratch", CHUNK_TOKENS * (d_max + R) * 8, 3 * tokens * d_max * 8),
     ]
     df = pd.DataFrame(rows, columns=["stage", "item", "projected", "dense"])
