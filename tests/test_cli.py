@@ -390,6 +390,21 @@ def test_diagnose_refuses_a_negative_sketch_power(capsys) -> None:
     assert capsys.readouterr().err == "error: --sketch-power must be >= 0, got -1\n"
 
 
+def test_diagnose_plans_again_with_the_model_loaded(files, tiny_model_dir, monkeypatch, capsys) -> None:
+    """Issue 26: the statistics are planned before loading the model (refusing dense early) and
+    again after it, the model's weights then counted: auto turns to projected statistics."""
+    import osrm_core.memory
+    from osrm_core.cli import main
+
+    free = iter([10**12])  # room before loading the model, none once it is loaded
+    monkeypatch.setattr(osrm_core.memory, "available_bytes", lambda device="cpu": next(free, 1000))
+    argv = ["diagnose", "--model", str(tiny_model_dir), *_adapter_args(files), *_task_args(files), "--samples", "8"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "note: dense statistics of 2 tasks needs 0.0 GiB, 0.0 GiB available" in err
+    assert "collecting projected statistics" in err
+
+
 @pytest.mark.slow
 def test_run_and_show(jobs, files, tiny_model_dir) -> None:
     out = files["root"] / "run"
