@@ -205,6 +205,7 @@ def _load_tasks(args, required: bool = True):
 
 def cmd_merge(args) -> None:
     from osrm_core.export import merge_adapters, write_merged_model
+    from osrm_core.memory import space_plan
     from osrm_core.merge import get_merge_method
     from osrm_core.workflows import build_merged_adapter, evaluation_record, load_base_for, merge_scores
 
@@ -221,6 +222,8 @@ def cmd_merge(args) -> None:
     adapters = _load_adapters(args)
     weights = _weights(args.weights, list(adapters))
     _check_grams(args, adapters, needs_gram)
+    # full space: the deltas, the method's prepared copy of them and the merge (refused here, before any work)
+    space_plan(args.space, adapters, 2 * len(adapters) + 1)
     model = tok = None
     if args.full or args.task or needs_gram or args.model is not None:  # with --model, the adapters are checked
         model, tok = load_base_for(adapters, args.model)

@@ -405,6 +405,20 @@ def test_diagnose_plans_again_with_the_model_loaded(files, tiny_model_dir, monke
     assert "collecting projected statistics" in err
 
 
+def test_merge_in_full_space_that_does_not_fit_is_refused_before_any_work(files, monkeypatch, capsys,
+                                                                          tmp_path) -> None:
+    import osrm_core.memory
+    from osrm_core.cli import main
+
+    monkeypatch.setattr(osrm_core.memory, "available_bytes", lambda device="cpu": 1000)
+    assert main(["merge", *_adapter_args(files), "--out", str(tmp_path / "full")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the full-space deltas of 2 adapters needs ") and "use --space core" in err
+    assert err.count("\n") == 1 and not (tmp_path / "full").exists()
+    assert main(["merge", *_adapter_args(files), "--space", "core", "--out", str(tmp_path / "core")]) == 0
+    assert (tmp_path / "core" / "adapter_model.safetensors").is_file()
+
+
 @pytest.mark.slow
 def test_run_and_show(jobs, files, tiny_model_dir) -> None:
     out = files["root"] / "run"
