@@ -22,7 +22,7 @@ baselines run side by side in the same run, each measurement in its own child pr
 
 Each child reports its seconds and the rise of its resident-set high-water mark over the
 measured work (``VmHWM`` reset first); the parent adds the child's whole peak (``wait4``).
-Results go to ``bench/results/scale-<shape>.json`` and ``.txt``.
+Results go to ``bench/results/scale-<shape>[-l<layers>][-<device>][-<part>].json`` and ``.txt``.
 """
 
 from __future__ import annotations
@@ -401,7 +401,8 @@ def main(argv: list[str] | None = None) -> int:
                         for m in args.methods.split(",") for space in args.spaces.split(",")]
         res["peft"] = [run_child(args.bed, "peft", n, c, timeout=t) for c in PEFT_COMBINATIONS]
     rows = summarize(res)
-    suffix = ("" if args.device == "cpu" else "-" + args.device) + ("" if args.part == "all" else "-" + args.part)
+    suffix = (("" if args.layers is None else f"-l{args.layers}") + ("" if args.device == "cpu" else "-" + args.device)
+              + ("" if args.part == "all" else "-" + args.part))
     out = ROOT / "bench" / "results" / f"scale-{args.shape}{suffix}"
     out.with_suffix(".json").write_text(json.dumps({**res, "rows": rows}, indent=1, default=str))
     text = report(res, rows)
