@@ -269,6 +269,9 @@ class AdvicePlan:
         Where the search merges.
     methods : list of str
         The methods searched (those that need Gram matrices left out where the plan has none).
+    notes : tuple of str
+        One line per choice made for the user (core space, RegMean left out, projected
+        statistics), as :attr:`Advice.notes` reports them.
     """
 
     stats: StatsPlan
