@@ -179,6 +179,15 @@ def dense_stats_bytes(widths: dict[str, int], tasks: int, stats_dtype: str = "fl
     return tasks * sum(((2 if sample_means else 1) * d * d + d) * sb for *_, d in inputs)
 
 
+def eig_work_bytes(widths: dict[str, int], tasks: int) -> int:
+    """Bytes of the dense path's work at its widest layer input, beside the statistics: the other
+    tasks' moments combined, one layer's symmetric eigendecomposition and its workspace in
+    float64 (post-hoc OSRM, the principal angles, the spectra; as the OSRM init's row of
+    :func:`memory_plan`): ``(tasks + 3) d^2`` numbers."""
+    d = max(widths.values(), default=0)
+    return (tasks + 3) * d * d * 8
+
+
 def regmean_solve_bytes(shapes: dict[str, tuple[int, int]]) -> int:
     """Bytes of RegMean's float64 work at its largest layer (``shapes``: name to ``(d_out,
     d_in)``): the summed Gram matrix, one task's scaled copy and the solver's factors
@@ -242,6 +251,7 @@ def diagnose_plan(shape: tuple, *, adapters: int = 8, rank: int = 16, tasks: int
         ("diagnose", "statistics of the tasks", projected_stats_bytes({k: R for k in widths}, tasks),
          dense_stats_bytes(widths, tasks, sample_means=False)),
         ("diagnose", "per-batch scratch", CHUNK_TOKENS * (d_max + R) * 8, 3 * tokens * d_max * 8),
+        ("diagnose", "eigendecomposition of the widest layer (float64)", 0, eig_work_bytes(widths, tasks)),
     ]
     df = pd.DataFrame(rows, columns=["stage", "item", "projected", "dense"])
     peak = df[["projected", "dense"]].sum()
@@ -349,8 +359,8 @@ def stats_plan(choice: str, adapters, tasks: int, *, stats_dtype: str = "float64
     """The statistics of ``osrm diagnose`` and ``osrm advise`` for ``tasks`` tasks.
 
     ``choice`` ``projected``: projected statistics; ``dense``: the ``d x d`` moments in
-    ``stats_dtype`` (with ``sample_means`` or without, see :func:`dense_stats_bytes`), refused in
-    one line (:class:`MemoryPlanError`) when they do not fit on the CPU; ``auto``: dense when they
+    ``stats_dtype`` (with ``sample_means`` or without, see :func:`dense_stats_bytes`) and the
+    eigendecompositions' work of the widest layer (:func:`eig_work_bytes`), refused in one line (:class:`MemoryPlanError`) when they do not fit on the CPU; ``auto``: dense when they
     fit, else projected (with a note). With ``regmean`` (a RegMean merge will run), the dense
     check counts RegMean's float64 solve too, and with projected statistics the Gram matrices
     are collected when :func:`gram_bytes` fits, else RegMean is left out (with a note).
@@ -362,7 +372,9 @@ def stats_plan(choice: str, adapters, tasks: int, *, stats_dtype: str = "float64
     notes: list[str] = []
     projected = choice == "projected"
     if not projected:
-        need = dense_stats_bytes(adapter_widths(adapters), max(tasks, 1), stats_dtype, sample_means=sample_means)
+        widths = adapter_widths(adapters)
+        need = (dense_stats_bytes(widths, max(tasks, 1), stats_dtype, sample_means=sample_means)
+                + eig_work_bytes(widths, max(tasks, 1)))
         try:
             check_fits(need + (regmean_solve_bytes(union_layers(adapters)) if regmean else 0),
                        f"dense statistics of {tasks} tasks",

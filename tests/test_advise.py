@@ -344,6 +344,7 @@ def test_advise_searches_in_core_space_when_the_full_space_deltas_do_not_fit(adv
     monkeypatch.setattr(osrm_core.memory, "available_bytes", lambda device="cpu": 1000)
     monkeypatch.setattr(osrm_core.memory, "dense_stats_bytes", lambda *a, **k: 0)  # the statistics still fit
     monkeypatch.setattr(osrm_core.memory, "regmean_solve_bytes", lambda shapes: 0)
+    monkeypatch.setattr(osrm_core.memory, "eig_work_bytes", lambda widths, tasks: 0)
     core = advise(model, tokenizer, advised["adapters"], advised["tasks"], **kwargs)
     assert (full.settings["space"], core.settings["space"]) == ("full", "core")
     assert core.settings["methods"] == ["task_arithmetic", "tsv_m"] and "regmean" in full.settings["methods"]
