@@ -15,13 +15,18 @@ For each arm, merge method (any name registered in :data:`osrm_core.merge.MERGE_
 method's densities from the run's merge settings where it has one) and the FIXED subsets of
 :data:`SUBSETS`, every lambda of the grid (default: the run's) is scored. Written to ``--out``:
 
-* ``tables/merges.csv``: one row per (arm, method, density, n_tasks, subset, lambda, task), with
-  ``score`` (merged), ``single`` and ``normalized`` (= score / single);
+* ``tables/merges.csv``: one row per (arm, share, method, density, n_tasks, subset, lambda, task),
+  with ``score`` (merged), ``single`` and ``normalized`` (= score / single); ``share`` says which
+  test texts: ``report`` the first ``--max-test`` of each test split, ``select`` (``--share
+  select``) the next ``--max-test`` (fewer where the split is shorter: rte has 277), on which
+  the summaries choose each lambda when a subset has them;
 * ``tables/single.csv``: each arm's single-task score per task (the engine's, the reference of
   the normalized scores; ``train_score``: the one fine-tuning reported, for a check);
 * ``tables/best_per_subset.csv``: per (arm, method, n_tasks, subset) the best lambda (and
-  density) by normalized average over the subset's tasks, the plain merged average there, and
-  ``at_edge`` when that lambda is the grid's smallest or largest (the curve may peak beyond it);
+  density) by normalized average over the subset's tasks (on the selection share where it was
+  scored, ``selected_on``), the plain merged average on the report share there, the report
+  share's own best (``report_best_avg``), and ``at_edge`` when that lambda is the grid's smallest
+  or largest (the curve may peak beyond it);
 * ``tables/summary.csv``: per (arm, method, n_tasks) those averaged over the subsets
   (``edge_subsets``: how many subsets peaked at the grid's edge);
 * ``figures/scaling.html``: merged average and normalized score against the number of tasks,
