@@ -20,12 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from osrm_core.adapters import Adapter, split_bias, union_layers
+from osrm_core.adapters import Adapter, union_layers
 from osrm_core.batching import iter_batches, move_batch
 from osrm_core.data import Split, TaskData
 from osrm_core.embed_cache import EmbeddingCache
 from osrm_core.errors import OsrmInputError
-from osrm_core.models import decoder_position_ids, is_causal_lm, weight_as_linear
+from osrm_core.inplace import AppliedDeltas
+from osrm_core.models import decoder_position_ids, is_causal_lm
 from osrm_core.stats import FeatureStats
 
 Progress = Callable[[int, int, str], None]
@@ -189,13 +190,13 @@ class SweepEngine:
         Compute the embeddings' output of each test batch once per sweep when no adapter
         changes the embeddings (see :mod:`osrm_core.embed_cache`).
     base_from : SweepEngine, optional
-        Another engine on the same model, whose saved base weights this one shares (one copy
-        of the adapted layers for both; the advisor scores two shares of the texts).
+        Another engine on the same model, with which this one shares what is applied to the
+        model (the advisor scores two shares of the texts, alternating).
 
-    Memory: a copy of the adapted layers' base weights (in the model's dtype) and each
-    adapter's LoRA factors; a merge is applied one layer at a time, a (d_out, d_in) delta at a
-    time when it comes as :class:`osrm_core.merge.LoraFactors` (a core-space merge, or an adapter
-    alone), so no dense delta of the whole model is formed here.
+    Memory: each adapter's LoRA factors. A delta given as :class:`osrm_core.merge.LoraFactors`
+    (an adapter alone, a core-space merge) is applied as forward hooks, without a copy of the
+    base weights; a dense delta (a full-space merge) is written into the weights, the changed
+    layers' base weights saved meanwhile (:class:`osrm_core.inplace.AppliedDeltas`).
     """
 
     def __init__(
@@ -222,9 +223,7 @@ class SweepEngine:
         self.layers = {n: model.get_submodule(n) for n in union_layers(adapters)}
         if base_from is not None and (base_from.model is not model or base_from.layers.keys() != self.layers.keys()):
             raise OsrmInputError("base_from must be an engine on the same model and adapted layers")
-        self.w0, self.b0 = (base_from.w0, base_from.b0) if base_from is not None else (
-            {n: weight_as_linear(m).detach().clone() for n, m in self.layers.items()},
-            {n: m.bias.detach().clone() for n, m in self.layers.items() if getattr(m, "bias", None) is not None})
+        self.applied = base_from.applied if base_from is not None else AppliedDeltas(self.layers)
         self.single = dict(zip(adapters, aligned_factors(adapters), strict=True))
         self.original_params = {
             key: model.get_parameter(key) for ad in adapters.values() for key in ad.head
@@ -250,27 +249,11 @@ class SweepEngine:
             owner = self.model.get_submodule(owner_name) if owner_name else self.model
             setattr(owner, pname, params.get(key, original))
 
-    @torch.no_grad()
     def apply(self, deltas: dict | None, lam: float = 1.0) -> None:
-        """Set each adapted layer's weight to ``W0 + lam * delta`` (``W0`` without deltas); a
-        delta is a (d_out, d_in) tensor or :class:`osrm_core.merge.LoraFactors` (formed here, one
-        layer at a time); one with a bias column (:func:`osrm_core.adapters.split_bias`) moves
-        the bias too."""
-        from osrm_core.merge import LoraFactors
-
-        for name, module in self.layers.items():
-            w = weight_as_linear(module)
-            if deltas is None:
-                w.copy_(self.w0[name])
-                if name in self.b0:
-                    module.bias.copy_(self.b0[name])
-                continue
-            delta = deltas[name].delta() if isinstance(deltas[name], LoraFactors) else deltas[name]
-            delta, shift = split_bias(delta, w.shape[1])
-            w.copy_(self.w0[name] + lam * delta.to(w.device, w.dtype))
-            if name in self.b0:
-                bias = self.b0[name] if shift is None else self.b0[name] + lam * shift.to(w.device, w.dtype)
-                module.bias.copy_(bias)
+        """Apply ``lam * delta`` at each adapted layer (``None``: the base model); a delta is a
+        (d_out, d_in) tensor or :class:`osrm_core.merge.LoraFactors`, see
+        :meth:`osrm_core.inplace.AppliedDeltas.set`."""
+        self.applied.set(deltas, lam)
 
     def restore(self) -> None:
         """Put the base weights and heads back."""
