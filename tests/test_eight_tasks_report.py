@@ -147,6 +147,8 @@ def test_the_lambda_is_chosen_on_the_selection_share_and_reported_on_the_other(a
     alone = analyze.best_per_subset(pd.DataFrame(rows("report", 1.0)).drop(columns="share"))
     assert alone[["best_lambda", "selected_on"]].values.tolist() == [[1.0, "report"]]
     assert analyze.summarize(best)["selected_on"].tolist() == ["select"]
+    only_select = analyze.best_per_subset(pd.DataFrame(rows("select", 2.0)))
+    assert only_select.empty and analyze.summarize(only_select).empty  # nothing to report yet
 
 
 @pytest.mark.slow

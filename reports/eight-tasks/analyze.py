@@ -332,7 +332,9 @@ def best_per_subset(merges: pd.DataFrame) -> pd.DataFrame:
                      "selected_on": on,
                      "report_best_avg": g.loc[g["normalized_avg"].idxmax(), "merged_avg"]
                      if g["normalized_avg"].notna().any() else best["merged_avg"]})
-    return pd.DataFrame(rows)
+    columns = [*keys, "best_lambda", "best_density", "merged_avg", "normalized_avg", "single_avg", "at_edge",
+               "lambdas", "selected_on", "report_best_avg"]
+    return pd.DataFrame(rows, columns=columns)  # empty where only the selection share was scored
 
 
 def summarize(best: pd.DataFrame) -> pd.DataFrame:
