@@ -349,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--merge-adapters", type=int, default=8)
     p.add_argument("--methods", default=",".join(MERGE_METHODS))
     p.add_argument("--spaces", default="core,full", help="merge spaces of our methods")
+    p.add_argument("--peft", default=",".join(PEFT_COMBINATIONS), help="peft's combination types to run beside them")
     p.add_argument("--texts", type=int, default=64)
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--timeout", type=float, default=900, help="seconds a measurement may take")
@@ -399,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         n = args.merge_adapters
         res["merge"] = [run_child(args.bed, "merge", n, m, space, timeout=t)
                         for m in args.methods.split(",") for space in args.spaces.split(",")]
-        res["peft"] = [run_child(args.bed, "peft", n, c, timeout=t) for c in PEFT_COMBINATIONS]
+        res["peft"] = [run_child(args.bed, "peft", n, c, timeout=t) for c in args.peft.split(",") if c]
     rows = summarize(res)
     suffix = (("" if args.layers is None else f"-l{args.layers}") + ("" if args.device == "cpu" else "-" + args.device)
               + ("" if args.part == "all" else "-" + args.part))
