@@ -119,6 +119,14 @@ def _add_run_commands(sub) -> None:
         p.set_defaults(func=func)
 
 
+def _space_flag(p) -> None:
+    """``--space`` of merge and sweep."""
+    p.add_argument("--space", default="full", choices=["full", "core"],
+                   help="merge the (d_out, d_in) deltas (full) or the LoRA factors' small core matrices (core: "
+                        "the same merge for task arithmetic, TSV-M, Iso-C, Iso-CTS and CART, another one for "
+                        "TIES and DARE; no dense delta held)")
+
+
 def _add_merge_command(sub) -> None:
     from osrm_core.merge import MERGE_METHODS
 
@@ -131,10 +139,7 @@ def _add_merge_command(sub) -> None:
         _param_flag(p, spec.name, f"param_{spec.name}", spec)
     p.add_argument("--weights", default=None, metavar="NAME=W,...",
                    help="per-adapter weights >= 0, e.g. a=0.8,b=1.2 (1 for an adapter not named)")
-    p.add_argument("--space", default="full", choices=["full", "core"],
-                   help="merge the (d_out, d_in) deltas (full) or the LoRA factors' small core matrices (core: "
-                        "the same merge for task arithmetic, TSV-M, Iso-C, Iso-CTS and CART, another one for "
-                        "TIES and DARE)")
+    _space_flag(p)
     p.add_argument("--out-rank", type=int, default=None,
                    help="truncate the merged adapter to this rank (default: the merge's numerical rank, exact)")
     p.add_argument("--max-test", type=int, default=None,
@@ -158,6 +163,7 @@ def _add_adapter_commands(sub) -> None:
                    help="values to sweep of another merge parameter: " + ", ".join(
                        f"{s.name} ({s.help})" for s in all_param_specs().values() if s.name != "density"))
     p.add_argument("--max-test", type=int, default=None)
+    _space_flag(p)
     _stats_flags(p, choice=False)
     p.set_defaults(func=commands.cmd_sweep)
 

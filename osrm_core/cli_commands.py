@@ -205,7 +205,6 @@ def _load_tasks(args, required: bool = True):
 
 def cmd_merge(args) -> None:
     from osrm_core.export import merge_adapters, write_merged_model
-    from osrm_core.memory import space_plan
     from osrm_core.merge import get_merge_method
     from osrm_core.workflows import build_merged_adapter, evaluation_record, load_base_for, merge_scores
 
@@ -216,14 +215,10 @@ def cmd_merge(args) -> None:
         raise UsageError(f"--lambda must be a number >= 0, got {args.lam:g}")
     params = _merge_params(args)
     needs_gram = get_merge_method(args.method).needs_gram
-    if needs_gram and args.space == "core":
-        raise UsageError(f"--space core does not support --method {args.method} (it needs Gram matrices of the "
-                         "full input space); use --space full")
     adapters = _load_adapters(args)
     weights = _weights(args.weights, list(adapters))
+    _check_space(args, adapters, [args.method])
     _check_grams(args, adapters, needs_gram)
-    # full space: the deltas, the method's prepared copy of them and the merge (refused here, before any work)
-    space_plan(args.space, adapters, 2 * len(adapters) + 1)
     model = tok = None
     if args.full or args.task or needs_gram or args.model is not None:  # with --model, the adapters are checked
         model, tok = load_base_for(adapters, args.model)
@@ -332,6 +327,20 @@ def _grid(values: list[str] | None) -> dict[str, list]:
     return validate_settings(MergeSettings, {"params": grid}, "--param").params
 
 
+def _check_space(args, adapters, methods: list[str]) -> None:
+    """``--space``: core space refuses methods that need Gram matrices; full space is refused in
+    one line, before any work, when the deltas, a method's prepared copy of them and the merge do
+    not fit."""
+    from osrm_core.memory import space_plan
+    from osrm_core.merge import get_merge_method
+
+    gram = [m for m in methods if get_merge_method(m).needs_gram]
+    if gram and args.space == "core":
+        raise UsageError(f"--space core does not support {gram[0]} (it needs Gram matrices of the full input "
+                         "space); use --space full")
+    space_plan(args.space, adapters, 2 * len(adapters) + 1)
+
+
 def _check_grams(args, adapters, needed: bool) -> None:
     """When a method needs Gram matrices (RegMean), the memory plan refuses them in one line,
     before any work, if they do not fit."""
@@ -361,13 +370,14 @@ def cmd_sweep(args) -> None:
 
     adapters = _load_adapters(args)
     needs_gram = any(get_merge_method(m).needs_gram for m in args.methods)
+    _check_space(args, adapters, args.methods)
     _check_grams(args, adapters, needs_gram)
     model, tok = load_base_for(adapters, args.model)
     tasks = _load_tasks(args)
     stats = _gram_stats(args, model, tok, adapters, tasks) if needs_gram else None
     df = sweep_adapters(model, tok, adapters, tasks, methods=args.methods, lambdas=args.lambdas,
                         densities=args.densities, params=_grid(args.param), stats=stats, max_test=args.max_test,
-                        max_length=args.max_length, seed=args.seed, progress=_progress_bar())
+                        max_length=args.max_length, seed=args.seed, space=args.space, progress=_progress_bar())
     if args.out:
         write_csv(Path(args.out) / "sweep.csv", df)
     best = best_points(df)

@@ -417,6 +417,24 @@ def test_merge_in_full_space_that_does_not_fit_is_refused_before_any_work(files,
     assert err.count("\n") == 1 and not (tmp_path / "full").exists()
     assert main(["merge", *_adapter_args(files), "--space", "core", "--out", str(tmp_path / "core")]) == 0
     assert (tmp_path / "core" / "adapter_model.safetensors").is_file()
+    assert main(["sweep", *_adapter_args(files), *_task_args(files), "--lambdas", "1"]) == 2
+    assert "the full-space deltas of 2 adapters needs " in capsys.readouterr().err
+
+
+def test_sweep_in_core_space_scores_task_arithmetic_as_the_full_space_sweep(files, tiny_model_dir, capsys) -> None:
+    """``osrm sweep --space core`` holds no dense delta; task arithmetic and TSV-M are the same
+    merges in both spaces, so their scores agree; RegMean is refused in core space."""
+    from osrm_core.cli import main
+
+    argv = ["sweep", "--model", str(tiny_model_dir), *_adapter_args(files), *_task_args(files), "--lambdas", "0.5",
+            "1", "--json"]
+    scores = {}
+    for space in ("full", "core"):
+        assert main([*argv, "--methods", "task_arithmetic", "tsv_m", "--space", space]) == 0
+        scores[space] = pd.DataFrame(json.loads(capsys.readouterr().out)["sweep"])
+    pd.testing.assert_frame_equal(scores["core"], scores["full"])
+    assert main([*argv, "--methods", "regmean", "--space", "core"]) == 2
+    assert "--space core does not support regmean" in capsys.readouterr().err
 
 
 @pytest.mark.slow
