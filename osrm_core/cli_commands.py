@@ -217,8 +217,8 @@ def cmd_merge(args) -> None:
     needs_gram = get_merge_method(args.method).needs_gram
     adapters = _load_adapters(args)
     weights = _weights(args.weights, list(adapters))
-    _check_space(args, adapters, [args.method])
     _check_grams(args, adapters, needs_gram)
+    _check_space(args, adapters, [args.method])
     model = tok = None
     if args.full or args.task or needs_gram or args.model is not None:  # with --model, the adapters are checked
         model, tok = load_base_for(adapters, args.model)
@@ -370,8 +370,8 @@ def cmd_sweep(args) -> None:
 
     adapters = _load_adapters(args)
     needs_gram = any(get_merge_method(m).needs_gram for m in args.methods)
-    _check_space(args, adapters, args.methods)
     _check_grams(args, adapters, needs_gram)
+    _check_space(args, adapters, args.methods)
     model, tok = load_base_for(adapters, args.model)
     tasks = _load_tasks(args)
     stats = _gram_stats(args, model, tok, adapters, tasks) if needs_gram else None
