@@ -190,8 +190,9 @@ class SweepEngine:
         Compute the embeddings' output of each test batch once per sweep when no adapter
         changes the embeddings (see :mod:`osrm_core.embed_cache`).
     base_from : SweepEngine, optional
-        Another engine on the same model, with which this one shares what is applied to the
-        model (the advisor scores two shares of the texts, alternating).
+        Another engine on the same model and adapters, with which this one shares what is
+        applied to the model and the adapters' factors (the advisor scores two shares of the
+        texts, alternating).
 
     Memory: each adapter's LoRA factors. A delta given as :class:`osrm_core.merge.LoraFactors`
     (an adapter alone, a core-space merge) is applied as forward hooks, without a copy of the
@@ -221,10 +222,13 @@ class SweepEngine:
         self.device = next(model.parameters()).device
         self.adapters = adapters
         self.layers = {n: model.get_submodule(n) for n in union_layers(adapters)}
-        if base_from is not None and (base_from.model is not model or base_from.layers.keys() != self.layers.keys()):
-            raise OsrmInputError("base_from must be an engine on the same model and adapted layers")
-        self.applied = base_from.applied if base_from is not None else AppliedDeltas(self.layers)
-        self.single = dict(zip(adapters, aligned_factors(adapters), strict=True))
+        if base_from is None:
+            self.applied = AppliedDeltas(self.layers)
+            self.single = dict(zip(adapters, aligned_factors(adapters), strict=True))
+        elif base_from.model is model and base_from.adapters is adapters:
+            self.applied, self.single = base_from.applied, base_from.single
+        else:
+            raise OsrmInputError("base_from must be an engine on the same model and adapters")
         self.original_params = {
             key: model.get_parameter(key) for ad in adapters.values() for key in ad.head
         }

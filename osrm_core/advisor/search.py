@@ -174,12 +174,13 @@ def advise(model, tokenizer, adapters: dict[str, Adapter], tasks: Sequence[TaskD
     split = {n: split_samples(by_name[n], holdout, max_samples=max_samples, seed=seed, use_train=use_train)
              for n in names}
     val_tasks, held_tasks = [split[n][0] for n in names], [split[n][1] for n in names]
-    on_stage("per-layer verdicts")
-    verdicts, deltas, grams = _layer_inputs(model, tokenizer, adapters, val_tasks, planned, max_length, stats_dtype)
-    plan = _plan(methods, densities)
-    counter = _Counter(2 * len(names) + len(plan) * len(lambdas) + budget + len(plan) + refine, progress)
     val_engine = SweepEngine(model, tokenizer, val_tasks, adapters, max_length=max_length)
     held_engine = SweepEngine(model, tokenizer, held_tasks, adapters, max_length=max_length, base_from=val_engine)
+    on_stage("per-layer verdicts")
+    verdicts, deltas, grams = _layer_inputs(model, tokenizer, adapters, val_tasks, planned, max_length, stats_dtype,
+                                            val_engine)
+    plan = _plan(methods, densities)
+    counter = _Counter(2 * len(names) + len(plan) * len(lambdas) + budget + len(plan) + refine, progress)
     try:
         on_stage("single-task scores")
         single = _single_scores({"validation": val_engine, "heldout": held_engine}, names, counter.report)
@@ -305,12 +306,12 @@ def advice_plan(stats: str, space: str, adapters: dict[str, Adapter], methods: S
 
 
 def _layer_inputs(model, tokenizer, adapters: dict[str, Adapter], val_tasks: list[TaskData], plan: AdvicePlan,
-                  max_length: int, stats_dtype: str):
+                  max_length: int, stats_dtype: str, engine: SweepEngine):
     """The per-layer verdicts from the validation share's statistics (projected or dense, as
     ``plan`` says), and the merge inputs: in full space the deltas, and Gram matrices when
     ``plan.stats.grams`` (the dense moments, only ``sum h h^T`` and ``sum h`` at the adapters'
-    layers, in ``stats_dtype``); in core space the LoRA factors."""
-    from osrm_core.export import aligned_factors, merge_inputs
+    layers, in ``stats_dtype``); in core space the LoRA factors ``engine`` holds."""
+    from osrm_core.export import merge_inputs
     from osrm_core.workflows import task_stats
 
     dense = None
@@ -322,7 +323,7 @@ def _layer_inputs(model, tokenizer, adapters: dict[str, Adapter], val_tasks: lis
                        adapters=adapters) if plan.stats.projected else dense
     verdicts = adapter_layer_verdicts(model, adapters, stats)
     if plan.space == "core":
-        return verdicts, aligned_factors(adapters), None
+        return verdicts, [engine.single[n] for n in adapters], None
     deltas, grams = merge_inputs(adapters, dense if plan.stats.grams else None)
     return verdicts, deltas, grams
 
