@@ -235,8 +235,9 @@ def diagnose_plan(shape: tuple, *, adapters: int = 8, rank: int = 16, tasks: int
     Returns a DataFrame ``stage, item, projected, dense`` in bytes (for the merge row,
     ``projected`` is core space and ``dense`` full space). Dense statistics hold ``d^2 + d``
     float64 numbers (``sum h h^T``, ``sum h``: what diagnose collects) per distinct input (q/k/v
-    read one, gate/up one) and task; projected ones ``R^2`` per layer and task, ``R = adapters x rank``. The merge rows: the
-    largest layer's ``adapters`` deltas in float32 (full space) against its cores (core space).
+    read one, gate/up one) and task; projected ones ``R^2`` per layer and task, ``R = adapters x
+    rank``. The merge rows: the largest layer's ``adapters`` deltas in float32 (full space)
+    against its cores (core space).
     """
     from osrm_core.stats.projected import CHUNK_TOKENS
 
@@ -360,8 +361,9 @@ def stats_plan(choice: str, adapters, tasks: int, *, stats_dtype: str = "float64
 
     ``choice`` ``projected``: projected statistics; ``dense``: the ``d x d`` moments in
     ``stats_dtype`` (with ``sample_means`` or without, see :func:`dense_stats_bytes`) and the
-    eigendecompositions' work of the widest layer (:func:`eig_work_bytes`), refused in one line (:class:`MemoryPlanError`) when they do not fit on the CPU; ``auto``: dense when they
-    fit, else projected (with a note). With ``regmean`` (a RegMean merge will run), the dense
+    eigendecompositions' work of the widest layer (:func:`eig_work_bytes`), refused in one line
+    (:class:`MemoryPlanError`) when they do not fit on the CPU; ``auto``: dense when they fit,
+    else projected (with a note). With ``regmean`` (a RegMean merge will run), the dense
     check counts RegMean's float64 solve too, and with projected statistics the Gram matrices
     are collected when :func:`gram_bytes` fits, else RegMean is left out (with a note).
     """
