@@ -23,6 +23,13 @@ def factored_svd(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.
     return qb @ u, sigma, qa @ vh.T
 
 
+def factored_svdvals(B: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """The singular values of ``B @ A`` alone (as :func:`factored_svd`, no orthonormal factor formed)."""
+    rb = torch.linalg.qr(B.double(), mode="r")[1]
+    ra = torch.linalg.qr(A.double().T, mode="r")[1]
+    return torch.linalg.svdvals(rb @ ra.T)
+
+
 def _numerical_rank(sigma: torch.Tensor) -> int:
     if sigma.numel() == 0 or float(sigma[0]) == 0.0:
         return 0
@@ -44,19 +51,16 @@ def sv_interference_table(adapters: dict[str, Adapter]) -> pd.DataFrame:
     ``||Delta_W_j||_F^2``, the weight when summing over layers), for pairs j != i where both
     adapters have the layer.
     """
-    svd = {(n, layer): factored_svd(lw.scale * lw.B, lw.A)
-           for n, a in adapters.items() for layer, lw in a.layers.items()}
     rows = []
-    for layer in union_layers(adapters):
-        for j in adapters:
-            for i in adapters:
-                if i == j or (j, layer) not in svd or (i, layer) not in svd:
+    for layer in union_layers(adapters):  # one layer's singular vectors held at a time
+        svd = {n: factored_svd(a.layers[layer].scale * a.layers[layer].B, a.layers[layer].A)[1:]
+               for n, a in adapters.items() if layer in a.layers}
+        for j, (s_j, v_j) in svd.items():
+            energy = float((s_j**2).sum())
+            for i, (s_i, v_i) in svd.items():
+                if i == j:
                     continue
-                _, s_j, v_j = svd[(j, layer)]
-                _, s_i, v_i = svd[(i, layer)]
-                v_i = v_i[:, : _numerical_rank(s_i)]
-                energy = float((s_j**2).sum())
-                on_i = float(((s_j[:, None] * (v_j.T @ v_i)) ** 2).sum())
+                on_i = float(((s_j[:, None] * (v_j.T @ v_i[:, : _numerical_rank(s_i)])) ** 2).sum())
                 rows.append({"layer": layer, "adapter": j, "data": i,
                              "sv_overlap": on_i / energy if energy > 0 else 0.0, "energy": energy})
     return pd.DataFrame(rows, columns=["layer", "adapter", "data", "sv_overlap", "energy"])
@@ -96,9 +100,9 @@ def merged_spectrum(
     for layer in union_layers(adapters):
         parts = [(w * adapters[n].layers[layer].scale, adapters[n].layers[layer])
                  for n, w in zip(names, weights, strict=True) if layer in adapters[n].layers]
-        each = torch.cat([factored_svd(s * lw.B, lw.A)[1] for s, lw in parts]).sort(descending=True).values
-        merged = factored_svd(torch.cat([s * lw.B.double() for s, lw in parts], 1),
-                              torch.cat([lw.A.double() for _, lw in parts], 0))[1]
+        each = torch.cat([factored_svdvals(s * lw.B, lw.A) for s, lw in parts]).sort(descending=True).values
+        merged = factored_svdvals(torch.cat([s * lw.B.double() for s, lw in parts], 1),
+                                  torch.cat([lw.A.double() for _, lw in parts], 0))
         total, energy = float(each.sum()), float((each**2).sum())
         summary.append({
             "layer": layer,

@@ -239,19 +239,23 @@ def diagnose_plan(shape: tuple, *, adapters: int = 8, rank: int = 16, tasks: int
     rank``. The merge rows: the largest layer's ``adapters`` deltas in float32 (full space)
     against its cores (core space).
     """
-    from osrm_core.stats.projected import CHUNK_TOKENS
+    from osrm_core.stats.stream import CHUNK_TOKENS
 
     kinds, params = seven_kinds(shape)
     R = adapters * rank
     widths = {f"{b}.{k}": d_in for b in range(shape[1]) for k, (d_in, _) in kinds.items()}
     lora = adapters * shape[1] * sum(rank * (a + b) for a, b in kinds.values()) * 4
     d_max = max(d for d, _ in kinds.values())
+    out_max = max(d for _, d in kinds.values())
+    # a chunk of real tokens at the widest input and output, cast to float64 and gathered at the
+    # model's precision; the stacked A in float64 and its product with the chunk
+    scratch = CHUNK_TOKENS * (d_max + out_max) * (8 + weight_bytes) + R * (d_max + CHUNK_TOKENS) * 8
     rows = [
         ("all", "base weights", params * weight_bytes, params * weight_bytes),
         ("all", "adapters (float32)", lora, lora),
         ("diagnose", "statistics of the tasks", projected_stats_bytes({k: R for k in widths}, tasks),
          dense_stats_bytes(widths, tasks, sample_means=False)),
-        ("diagnose", "per-batch scratch", CHUNK_TOKENS * (d_max + R) * 8, 3 * tokens * d_max * 8),
+        ("diagnose", "per-batch scratch", scratch, 3 * tokens * d_max * 8),
         ("diagnose", "eigendecomposition of the widest layer (float64)", 0, eig_work_bytes(widths, tasks)),
     ]
     df = pd.DataFrame(rows, columns=["stage", "item", "projected", "dense"])

@@ -131,6 +131,27 @@ def test_diagnosis_from_projected_statistics(small_llama) -> None:
         interference_table(other, stats)
 
 
+@pytest.mark.parametrize("batch_size", [1, 4])  # 1: no padding (every row real); 4: padded rows gathered
+def test_chunks_of_real_tokens_change_no_sum(default_model, monkeypatch, batch_size) -> None:
+    """The real tokens are gathered and cast a chunk at a time into buffers held from batch to
+    batch: chunks of 7 tokens (a short last one each batch) give the sums of one chunk a batch."""
+    from osrm_core.stats import stream
+
+    model, tokenizer = default_model
+    task = demo_tasks(seed=0, n_train=10, n_test=10)[0]
+    adapters = random_adapters(model, [task.name, "other"], [Q0, "bert.encoder.layer.3.output.dense"], rank=3)
+    kwargs = {"max_samples": None, "batch_size": batch_size, "max_length": 24}
+    whole = collect_projected_stats(model, tokenizer, task, adapters, **kwargs)
+    monkeypatch.setattr(stream, "CHUNK_TOKENS", 7)
+    chunked = collect_projected_stats(model, tokenizer, task, adapters, **kwargs)
+    for name, layer in whole.layers.items():
+        other = chunked.layers[name]
+        assert other.count == layer.count > 7 * 3
+        torch.testing.assert_close(other.sum_outer, layer.sum_outer, rtol=1e-12, atol=1e-12)
+        for field in ("sum_sq", "base_sq"):
+            torch.testing.assert_close(getattr(other, field), getattr(layer, field), rtol=1e-12, atol=0)
+
+
 def test_dense_statistics_that_do_not_fit_are_refused_in_one_line() -> None:
     widths = {f"model.layers.{k}.mlp.down_proj": 14336 for k in range(32)}
     need = dense_stats_bytes(widths, tasks=2)

@@ -27,7 +27,7 @@ from osrm_core.data import TaskData
 from osrm_core.errors import OsrmInputError
 
 from .collect import check_collect_args
-from .stream import CHUNK_TOKENS, Progress, base_modules, stream_layers, sum_of_squares, token_chunks
+from .stream import Progress, Scratch, Tokens, base_modules, stream_layers, sum_of_squares, token_chunks
 
 
 @dataclass
@@ -99,6 +99,7 @@ class _Projector:
 
     def __init__(self, modules: dict[str, nn.Module], adapters: dict[str, Adapter], dtype: torch.dtype) -> None:
         self.dtype = dtype
+        self.scratch = Scratch()
         self.layers: dict[str, ProjectedLayer] = {}
         for name, module in modules.items():
             held = {n: a.layers[name].A for n, a in adapters.items() if name in a.layers}
@@ -108,20 +109,22 @@ class _Projector:
             self.layers[name] = ProjectedLayer(held, torch.zeros(R, R, dtype=dtype, device=device), zero, zero.clone())
 
     @torch.no_grad()
-    def add(self, name: str, module: nn.Module, real_x: torch.Tensor, real_y: torch.Tensor, first: str) -> None:
+    def add(self, name: str, module: nn.Module, x: Tokens, y: Tokens, first: str) -> None:
         st = self.layers[name]
+        # The stacked A in the accumulation dtype, in a held buffer (a float64 copy of every layer's A
+        # would outweigh the adapters); one product per chunk, not one per adapter.
+        A = self.scratch.take("stacked A", st.sum_outer.shape[:1] + (x.width,), self.dtype, st.sum_outer.device)
+        torch.cat([a.to(A.device, self.dtype) for a in st.adapters.values()], out=A)
         bias = getattr(module, "bias", None)
-        for start, h, sum_sq in token_chunks(name, real_x, self.dtype):
-            # (R, tokens), A @ h.T: on the CPU several times faster than h @ A.T. Each A_j cast here, one
-            # layer at a time: a float64 copy of every layer's stacked A would outweigh the adapters.
-            p = torch.cat([A.to(h.device, self.dtype) @ h.T for A in st.adapters.values()])
+        for start, h, sum_sq in token_chunks(name, x, self.dtype):
+            p = A @ h.T  # (R, tokens): on the CPU several times faster than h @ A.T
             st.sum_outer.addmm_(p, p.T)
             st.sum_sq += sum_sq
-            out = real_y[start : start + CHUNK_TOKENS].to(self.dtype)
+            out = y.chunk(start, self.dtype)
             if bias is not None:
-                out = out - bias.to(self.dtype)
+                out -= bias.to(self.dtype)
             st.base_sq += sum_of_squares(out)
-        st.count += real_x.shape[0]
+        st.count += x.count
 
 
 def collect_projected_stats(

@@ -44,7 +44,7 @@ from osrm_core.errors import InputTypeError, OsrmInputError
 from osrm_core.models import weight_as_linear
 
 from .collect import check_collect_args
-from .stream import Progress, base_modules, stream_layers, token_chunks
+from .stream import Progress, Tokens, base_modules, stream_layers, token_chunks
 
 #: Default passes of subspace iteration. On three layers of the packaged model (k = 8, 756 tokens
 #: of a demo task, eigenvalue gaps after the 8th of 3 to 13 per cent) 2 left the angle bound at 90
@@ -141,24 +141,24 @@ class _RangeFinder:
         self.counting = True
 
     @torch.no_grad()
-    def add(self, name: str, module: nn.Module, real_x: torch.Tensor, real_y, first: str) -> None:
+    def add(self, name: str, module: nn.Module, x: Tokens, y, first: str) -> None:
         if first != name:
             self.first[name] = first
             return
         if name not in self.Mt:  # the first batch: a Gaussian test matrix Omega
-            d = real_x.shape[1]
+            d, device = x.width, x.flat.device
             omega = torch.randn(min(self.m, d), d, generator=self.generator, dtype=torch.float64)
-            self.Mt[name] = omega.to(real_x.device, self.dtype)
+            self.Mt[name] = omega.to(device, self.dtype)
             self.Yt[name] = torch.zeros_like(self.Mt[name])
-            self.sum_sq[name] = torch.zeros((), dtype=self.dtype, device=real_x.device)
+            self.sum_sq[name] = torch.zeros((), dtype=self.dtype, device=device)
             self.count[name] = 0
         Mt, Yt = self.Mt[name], self.Yt[name]
-        for _, h, sum_sq in token_chunks(name, real_x, self.dtype):
+        for _, h, sum_sq in token_chunks(name, x, self.dtype):
             Yt.addmm_(Mt @ h.T, h)
             if self.counting:
                 self.sum_sq[name] += sum_sq
         if self.counting:
-            self.count[name] += real_x.shape[0]
+            self.count[name] += x.count
 
     def next_pass(self) -> None:
         """``M = orth(Y)`` for the next pass, the sums zeroed."""

@@ -7,6 +7,7 @@ projected statistics (:mod:`.projected`) and the sketches of the top-k subspace 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -18,12 +19,62 @@ from osrm_core.models import decoder_position_ids, get_module
 from .collect import StopForward, eval_mode, select_samples
 
 Progress = Callable[[int, int, str], None]
-#: ``add(name, module, x, y, first)``: ``x`` the layer's input at the batch's real tokens, shape
-#: (tokens, d_in); ``y`` its output there (None unless asked for); ``first`` the first layer of
+#: ``add(name, module, x, y, first)``: ``x`` the layer's input at the batch's real tokens
+#: (:class:`Tokens`); ``y`` its output there (None unless asked for); ``first`` the first layer of
 #: this batch that read the very same input tensor (``name`` itself when none did before).
-Add = Callable[[str, nn.Module, torch.Tensor, "torch.Tensor | None", str], None]
-#: Real tokens cast to the accumulation dtype at once (bounds the scratch of a wide layer).
-CHUNK_TOKENS = 2048
+Add = Callable[[str, nn.Module, "Tokens", "Tokens | None", str], None]
+#: Real tokens gathered and cast at once (bounds the scratch of a wide layer).
+CHUNK_TOKENS = 512
+
+
+class Scratch:
+    """Buffers reused from batch to batch for the chunks handed to the accumulators: a chunk
+    gathered or cast into fresh memory costs several times the copy itself (the pages are
+    faulted in anew: a (2048, 2048) bfloat16 to float64 cast took 18 ms fresh and 2 ms into a
+    held buffer on one CPU core)."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def take(self, role: str, shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """An uninitialized ``shape`` tensor, the one buffer of ``role`` (grown when too small)."""
+        numel = shape[0] * shape[1]
+        buf = self.buffers.get(role)
+        if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != device:
+            buf = self.buffers[role] = torch.empty(numel, dtype=dtype, device=device)
+        return buf[:numel].view(shape)
+
+
+@dataclass
+class Tokens:
+    """A layer input's or output's real tokens: the rows of ``flat`` (batch x tokens, width) at
+    ``index`` (None: every row is real), gathered and cast a chunk at a time by
+    :func:`token_chunks` into ``scratch``'s buffers of ``role``."""
+
+    flat: torch.Tensor
+    index: torch.Tensor | None
+    scratch: Scratch
+    role: str
+
+    @property
+    def count(self) -> int:
+        return self.flat.shape[0] if self.index is None else self.index.numel()
+
+    @property
+    def width(self) -> int:
+        return self.flat.shape[1]
+
+    def chunk(self, start: int, dtype: torch.dtype) -> torch.Tensor:
+        """Rows ``start`` to ``start + CHUNK_TOKENS`` in ``dtype`` (a scratch buffer: valid until
+        the next chunk of this role)."""
+        stop = min(start + CHUNK_TOKENS, self.count)
+        shape = (stop - start, self.width)
+        if self.index is None:
+            rows = self.flat[start:stop]
+        else:
+            rows = self.scratch.take(self.role + " gathered", shape, self.flat.dtype, self.flat.device)
+            torch.index_select(self.flat, 0, self.index[start:stop], out=rows)
+        return self.scratch.take(self.role, shape, dtype, self.flat.device).copy_(rows)
 
 
 def base_modules(model: nn.Module, names: Sequence[str]) -> dict[str, nn.Module]:
@@ -41,17 +92,25 @@ class _Stream:
     def __init__(self, modules: dict[str, nn.Module], add: Add, outputs: bool) -> None:
         self.modules, self.add, self.outputs = modules, add, outputs
         self.mask: torch.Tensor | None = None
+        self.index: torch.Tensor | None = None  # the batch's real rows; None when all are real
+        self.scratch = Scratch()
         self.waiting: set[str] = set()
-        # The last input seen and its real tokens: layers that read one tensor in a row (query,
-        # key and value; gate and up) share one masked copy. Only that one input is held.
-        self.last: tuple[torch.Tensor, torch.Tensor, str] | None = None
+        # The last input seen: layers that read one tensor in a row (query, key and value; gate
+        # and up) are told the first of them. Only that one input is held.
+        self.last: tuple[torch.Tensor, Tokens, str] | None = None
+
+    def start(self, mask: torch.Tensor) -> None:
+        """A new batch of attention mask ``mask`` (batch, tokens)."""
+        self.mask = mask
+        self.index = None if bool(mask.all()) else mask.reshape(-1).nonzero().squeeze(1)
+        self.waiting = set(self.modules)
 
     def hook(self, name: str):
         def run(module, args, kwargs, output):
             x = args[0] if args else next(iter(kwargs.values()))
             if self.last is None or self.last[0] is not x:
-                self.last = (x, self._real(name, x), name)
-            y = real_tokens(output, self.mask.to(output.device)) if self.outputs else None
+                self.last = (x, self._tokens(name, x, "input"), name)
+            y = self._tokens(name, output, "output") if self.outputs else None
             self.add(name, module, self.last[1], y, self.last[2])
             self.waiting.discard(name)
             if not self.waiting:  # the rest of the model (its LM head too) is not needed
@@ -59,14 +118,14 @@ class _Stream:
 
         return run
 
-    def _real(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        mask = self.mask.to(x.device)
-        if x.shape[:2] != mask.shape:
+    def _tokens(self, name: str, t: torch.Tensor, role: str) -> Tokens:
+        if t.shape[:2] != self.mask.shape:
             raise OsrmInputError(
-                f"layer {name!r}: input of shape {tuple(x.shape)} does not match the attention "
-                f"mask {tuple(mask.shape)}; only (batch, tokens, features) inputs are supported"
+                f"layer {name!r}: {role} of shape {tuple(t.shape)} does not match the attention "
+                f"mask {tuple(self.mask.shape)}; only (batch, tokens, features) inputs are supported"
             )
-        return real_tokens(x, mask)
+        index = None if self.index is None else self.index.to(t.device)
+        return Tokens(t.reshape(-1, t.shape[-1]), index, self.scratch, role)
 
 
 def stream_layers(model: nn.Module, tokenizer, data, modules: dict[str, nn.Module], add: Add, *,
@@ -90,8 +149,7 @@ def stream_layers(model: nn.Module, tokenizer, data, modules: dict[str, nn.Modul
         with eval_mode(model), torch.no_grad():
             for i, batch in enumerate(batches):
                 batch = move_batch(decoder_position_ids(batch, model), device)
-                stream.mask = batch["attention_mask"].bool()
-                stream.waiting = set(modules)
+                stream.start(batch["attention_mask"].bool())
                 try:
                     model(**batch)
                 except StopForward:
@@ -107,21 +165,16 @@ def stream_layers(model: nn.Module, tokenizer, data, modules: dict[str, nn.Modul
             h.remove()
 
 
-def token_chunks(name: str, real: torch.Tensor, dtype: torch.dtype) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-    """``real`` (tokens, d) in chunks of :data:`CHUNK_TOKENS` rows cast to ``dtype``: ``(start,
-    chunk, its sum of squares)``; NaN or Inf entries refused, naming the layer."""
-    for start in range(0, real.shape[0], CHUNK_TOKENS):
-        h = real[start : start + CHUNK_TOKENS].to(dtype)
+def token_chunks(name: str, tokens: Tokens, dtype: torch.dtype) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """``tokens`` in chunks of :data:`CHUNK_TOKENS` rows cast to ``dtype``: ``(start, chunk, its
+    sum of squares)``, each chunk valid until the next; NaN or Inf entries refused, naming the layer."""
+    for start in range(0, tokens.count, CHUNK_TOKENS):
+        h = tokens.chunk(start, dtype)
         sum_sq = sum_of_squares(h)
         # A NaN or Inf entry makes the sum of squares non-finite; so may a float32 overflow: check the entries.
         if not torch.isfinite(sum_sq) and not torch.isfinite(h).all():
             raise OsrmInputError(f"layer {name!r}: input features contain NaN or Inf")
         yield start, h, sum_sq
-
-
-def real_tokens(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The rows of ``t`` (batch, tokens, width) at real tokens, as (n, width)."""
-    return t.reshape(-1, t.shape[-1]) if bool(mask.all()) else t[mask]
 
 
 def sum_of_squares(t: torch.Tensor) -> torch.Tensor:
