@@ -22,7 +22,8 @@ baselines run side by side in the same run, each measurement in its own child pr
 
 Each child reports its seconds and the rise of its resident-set high-water mark over the
 measured work (``VmHWM`` reset first); the parent adds the child's whole peak (``wait4``).
-Results go to ``bench/results/scale-<shape>[-l<layers>][-<device>][-<part>].json`` and ``.txt``.
+Results go to ``bench/results/scale-<shape>[-l<layers>][-<device>][-t<texts>][-<part>].json`` and
+``.txt`` (``-t`` when not the issue's 64 texts a task).
 """
 
 from __future__ import annotations
@@ -403,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
         res["peft"] = [run_child(args.bed, "peft", n, c, timeout=t) for c in args.peft.split(",") if c]
     rows = summarize(res)
     suffix = (("" if args.layers is None else f"-l{args.layers}") + ("" if args.device == "cpu" else "-" + args.device)
-              + ("" if args.part == "all" else "-" + args.part))
+              + ("" if args.texts == 64 else f"-t{args.texts}") + ("" if args.part == "all" else "-" + args.part))
     out = ROOT / "bench" / "results" / f"scale-{args.shape}{suffix}"
     out.with_suffix(".json").write_text(json.dumps({**res, "rows": rows}, indent=1, default=str))
     text = report(res, rows)

@@ -151,6 +151,21 @@ def test_the_lambda_is_chosen_on_the_selection_share_and_reported_on_the_other(a
     assert only_select.empty and analyze.summarize(only_select).empty  # nothing to report yet
 
 
+def test_seeds_of_a_variant_are_summarized_together(analyze) -> None:
+    summary = pd.DataFrame([
+        {"arm": f"std-r8-s{seed}", "method": "ta", "n_tasks": 8, "merged_avg": m, "normalized_avg": m / 0.8,
+         "single_avg": 0.8, "selected_on": on} for seed, m, on in ((0, 0.56, "select"), (1, 0.60, "report"),
+                                                                   (2, 0.52, "report"))
+    ] + [{"arm": "recipe-s0", "method": "ta", "n_tasks": 8, "merged_avg": 0.75, "normalized_avg": 0.97,
+          "single_avg": 0.77, "selected_on": "report"}])
+    seeds = analyze.over_seeds(summary).set_index("variant")
+    assert seeds.loc["std-r8", "seeds"] == 3 and seeds.loc["std-r8", "seed_list"] == "0;1;2"
+    assert seeds.loc["std-r8", ["merged_avg_mean", "merged_avg_min", "merged_avg_max"]].tolist() == \
+        pytest.approx([0.56, 0.52, 0.60])
+    assert seeds.loc["recipe", "seeds"] == 1 and seeds.loc["recipe", "merged_avg_min"] == 0.75
+    assert seeds["selected_on"].tolist() == ["report+select", "report"]
+
+
 @pytest.mark.slow
 def test_the_selection_share_holds_other_test_texts(analyze, small_run) -> None:
     """The report share is the first max_test texts of each test split, the selection share the
@@ -190,3 +205,12 @@ def test_merges_of_a_finished_run_match_its_sweep(analyze, small_run, tmp_path) 
     pd.testing.assert_series_equal(ours["score"].sort_index(), ref["score"].sort_index(), check_names=False)
     assert dict(zip(single["task"], single["single"])) == ref.xs(1.0)["single"].to_dict()
     assert len(merges.query("method == 'regmean'")) == 2 * 2 + 2 * 3
+
+
+def test_the_reports_tables_are_what_the_script_prints(analyze) -> None:
+    """report.md's tables are generated from the committed merge rows (copy refreshed by hand)."""
+    folder = SCRIPT.parent
+    text = (folder / "report.md").read_text(encoding="utf-8")
+    tables = text.split("<!-- report-tables -->\n", 1)[1].split("\n<!-- /report-tables -->", 1)[0]
+    merges = analyze._read(folder / "partial" / "tables" / "merges.csv")
+    assert tables == analyze.report_tables(merges)

@@ -134,7 +134,7 @@ def collect_projected_stats(
     adapters: dict[str, Adapter],
     *,
     max_samples: int | None = 100,
-    batch_size: int = 32,
+    batch_size: int = 16,
     max_length: int = 128,
     split: str = "train",
     seed: int = 0,
@@ -150,7 +150,9 @@ def collect_projected_stats(
         The base model the adapters belong on (without them: its layers' outputs give ``W0 h``).
     adapters : dict of name to Adapter
     max_samples, batch_size, max_length, split, seed
-        As :func:`osrm_core.stats.collect_feature_stats` (the same seeded subset of samples).
+        As :func:`osrm_core.stats.collect_feature_stats` (the same seeded subset of samples); the
+        smaller default batch bounds the pass's activations (on the Llama-3.2-1B shape a batch of
+        32 x 128 tokens peaked 0.19 GiB above one of 16, at the same speed).
     dtype : torch.dtype
         Accumulation dtype, float64 (default) or float32.
 

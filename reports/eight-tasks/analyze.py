@@ -29,6 +29,8 @@ method's densities from the run's merge settings where it has one) and the FIXED
   or largest (the curve may peak beyond it);
 * ``tables/summary.csv``: per (arm, method, n_tasks) those averaged over the subsets
   (``edge_subsets``: how many subsets peaked at the grid's edge);
+* ``tables/seeds.csv``: per (variant, method, n_tasks) the mean, smallest and largest of those
+  over the variant's seeds (its runs ``<variant>-s<seed>``);
 * ``figures/scaling.html``: merged average and normalized score against the number of tasks,
   per arm, one pair of figures per method.
 
@@ -351,6 +353,81 @@ def summarize(best: pd.DataFrame) -> pd.DataFrame:
             .reset_index(drop=True))
 
 
+def over_seeds(summary: pd.DataFrame) -> pd.DataFrame:
+    """Per (arm without its seed, method, n_tasks): how many seeds, and the mean, smallest and
+    largest plain merged average, normalized score and single-task score over them. A run named
+    ``<variant>-s<seed>`` is seed ``<seed>`` of ``<variant>``."""
+    frame = summary.assign(variant=summary["arm"].str.replace(r"-s\d+$", "", regex=True),
+                           seed=summary["arm"].str.extract(r"-s(\d+)$", expand=False).astype(float))
+    keys = ["variant", "method", "n_tasks"]
+    stats = {f"{col}_{how}": (col, how) for col in ("merged_avg", "normalized_avg", "single_avg")
+             for how in ("mean", "min", "max")}
+    return (frame.groupby(keys, sort=False)
+            .agg(seeds=("seed", "nunique"), seed_list=("seed", lambda s: ";".join(f"{x:g}" for x in sorted(s))),
+                 selected_on=("selected_on", lambda s: "+".join(sorted(set("+".join(s).split("+"))))), **stats)
+            .reset_index())
+
+
+#: How the report names each variant (a run directory's name without its seed).
+LABELS = {
+    "standard-none-n100-r8-a1": "standard r8",
+    "standard-none-n100-r32-a1": "standard r32 (rank control)",
+    "standard-freeze_A-n100-r32-a1": "frozen random A r32",
+    "standard-sparse_B-n100-r32-a1": "LoRI-style: frozen random A, sparse B, r32",
+    "osrm_gen-freeze_A-n100-r32-a1": "**recipe**: osrm_gen A frozen, r32",
+    "osrm_gen-sparse_B-n100-r32-a1": "recipe's A with a sparse B, r32",
+}
+METHOD_LABELS = {"task_arithmetic": "task arithmetic", "ties": "TIES", "regmean": "RegMean", "tsv_m": "TSV-M",
+                 "iso_c": "Iso-C", "iso_cts": "Iso-CTS", "cart": "CART"}
+
+
+def _cell(row) -> str:
+    """``mean [min-max over n seeds]`` of the plain merged average (one seed: the value); ``*``
+    where a lambda was chosen on the selection share."""
+    text = f"{row['merged_avg_mean']:.3f}" + ("*" if "select" in row["selected_on"] else "")
+    if row["seeds"] > 1:
+        text += f" [{row['merged_avg_min']:.3f}-{row['merged_avg_max']:.3f}, {row['seeds']} seeds]"
+    return text
+
+
+def report_tables(merges: pd.DataFrame, n_tasks: int = 8) -> str:
+    """The report's tables, in markdown, from the merge rows: (1) per variant and merger the plain
+    merged average of ``n_tasks`` tasks at the best lambda (mean and range over seeds), the
+    single-task mean and the best merger; (2) per variant, its best merger's score per task."""
+    best = best_per_subset(merges)
+    seeds = over_seeds(summarize(best))
+    at_n = seeds[seeds["n_tasks"] == n_tasks]
+    variants = [v for v in LABELS if v in set(at_n["variant"])] + sorted(set(at_n["variant"]) - set(LABELS))
+    methods = [m for m in METHOD_LABELS if m in set(at_n["method"])]
+    lines = [f"| arm | single-task | {' | '.join(METHOD_LABELS[m] for m in methods)} | best merger |",
+             "|---|---|" + "---|" * len(methods) + "---|"]
+    best_method = {}
+    for v in variants:
+        rows = at_n[at_n["variant"] == v].set_index("method")
+        single = rows["single_avg_mean"].mean()
+        best_method[v] = rows["merged_avg_mean"].idxmax()
+        cells = [_cell(rows.loc[m]) if m in rows.index else "" for m in methods]
+        lines.append(f"| {LABELS.get(v, v)} | {single:.3f} | {' | '.join(cells)} | {METHOD_LABELS[best_method[v]]} |")
+    # (2) per task, each variant's best merger at its best lambda per seed, mean over seeds
+    chosen = best[best["n_tasks"] == n_tasks].assign(variant=lambda f: f["arm"].str.replace(r"-s\d+$", "", regex=True))
+    report = merges[(merges.get("share", "report") == "report") & (merges["n_tasks"] == n_tasks)]
+    tasks = [t for t in TASKS if t in set(report["task"])]
+    lines += ["", f"| arm (best merger) | {' | '.join(tasks)} |", "|---|" + "---|" * len(tasks)]
+    for v in variants:
+        picks = chosen[(chosen["variant"] == v) & (chosen["method"] == best_method[v])]
+        per_task = []
+        for _, b in picks.iterrows():
+            rows = report[(report["arm"] == b["arm"]) & (report["method"] == b["method"])
+                          & (report["lambda"] == b["best_lambda"]) & (report["subset"] == b["subset"])]
+            if pd.notna(b["best_density"]):
+                rows = rows[rows["density"] == b["best_density"]]
+            per_task.append(rows.set_index("task")["score"])
+        mean = pd.concat(per_task, axis=1).mean(axis=1)
+        lines.append(f"| {LABELS.get(v, v)} ({METHOD_LABELS[best_method[v]]}) | "
+                     + " | ".join(f"{mean.get(t, float('nan')):.3f}" for t in tasks) + " |")
+    return "\n".join(lines)
+
+
 def scaling_page(summary: pd.DataFrame, title: str = "Eight tasks: merging more tasks") -> str:
     """Merged average and normalized score against the number of tasks, per arm, per method."""
     import plotly.graph_objects as go
@@ -392,6 +469,7 @@ def write_outputs(out: str | Path, merges: pd.DataFrame) -> dict[str, pd.DataFra
     summary = summarize(best)
     write_csv(out / "tables" / "best_per_subset.csv", best)
     write_csv(out / "tables" / "summary.csv", summary)
+    write_csv(out / "tables" / "seeds.csv", over_seeds(summary))
     write_text(out / "figures" / "scaling.html", scaling_page(summary))
     return {"best_per_subset": best, "summary": summary}
 
