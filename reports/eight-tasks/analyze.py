@@ -395,8 +395,11 @@ def report_tables(merges: pd.DataFrame, n_tasks: int = 8) -> str:
     merged average of ``n_tasks`` tasks at the best lambda (mean and range over seeds), the
     single-task mean and the best merger; (2) per variant, its best merger's score per task."""
     best = best_per_subset(merges)
-    seeds = over_seeds(summarize(best))
+    summary = summarize(best)
+    seeds = over_seeds(summary)
     at_n = seeds[seeds["n_tasks"] == n_tasks]
+    per_seed = summary[summary["n_tasks"] == n_tasks].drop_duplicates("arm")  # an arm's single-task mean
+    singles = per_seed.groupby(per_seed["arm"].str.replace(r"-s\d+$", "", regex=True))["single_avg"].mean()
     variants = [v for v in LABELS if v in set(at_n["variant"])] + sorted(set(at_n["variant"]) - set(LABELS))
     methods = [m for m in METHOD_LABELS if m in set(at_n["method"])]
     lines = [f"| arm | single-task | {' | '.join(METHOD_LABELS[m] for m in methods)} | best merger |",
@@ -404,7 +407,7 @@ def report_tables(merges: pd.DataFrame, n_tasks: int = 8) -> str:
     best_method = {}
     for v in variants:
         rows = at_n[at_n["variant"] == v].set_index("method")
-        single = rows["single_avg_mean"].mean()
+        single = singles[v]  # mean over the variant's seeds
         best_method[v] = rows["merged_avg_mean"].idxmax()
         cells = [_cell(rows.loc[m]) if m in rows.index else "" for m in methods]
         lines.append(f"| {LABELS.get(v, v)} | {single:.3f} | {' | '.join(cells)} | {METHOD_LABELS[best_method[v]]} |")
