@@ -55,12 +55,13 @@ def sv_interference_table(adapters: dict[str, Adapter]) -> pd.DataFrame:
     for layer in union_layers(adapters):  # one layer's singular vectors held at a time
         svd = {n: factored_svd(a.layers[layer].scale * a.layers[layer].B, a.layers[layer].A)[1:]
                for n, a in adapters.items() if layer in a.layers}
+        reads = {i: v_i[:, : _numerical_rank(s_i)] for i, (s_i, v_i) in svd.items()}  # V_i at its rank
         for j, (s_j, v_j) in svd.items():
             energy = float((s_j**2).sum())
-            for i, (s_i, v_i) in svd.items():
+            for i, v_i in reads.items():
                 if i == j:
                     continue
-                on_i = float(((s_j[:, None] * (v_j.T @ v_i[:, : _numerical_rank(s_i)])) ** 2).sum())
+                on_i = float(((s_j[:, None] * (v_j.T @ v_i)) ** 2).sum())
                 rows.append({"layer": layer, "adapter": j, "data": i,
                              "sv_overlap": on_i / energy if energy > 0 else 0.0, "energy": energy})
     return pd.DataFrame(rows, columns=["layer", "adapter", "data", "sv_overlap", "energy"])
