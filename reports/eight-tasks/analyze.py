@@ -30,7 +30,7 @@ method's densities from the run's merge settings where it has one) and the FIXED
 * ``tables/summary.csv``: per (arm, method, n_tasks) those averaged over the subsets
   (``edge_subsets``: how many subsets peaked at the grid's edge);
 * ``tables/seeds.csv``: per (variant, method, n_tasks) the mean, smallest and largest of those
-  over the variant's seeds (its runs ``<variant>-s<seed>``);
+  over the variant's seeds (its runs ``<variant>-s<seed>``), and on which shares the lambdas were chosen;
 * ``figures/scaling.html``: merged average and normalized score against the number of tasks,
   per arm, one pair of figures per method.
 
@@ -353,11 +353,16 @@ def summarize(best: pd.DataFrame) -> pd.DataFrame:
             .reset_index(drop=True))
 
 
+def variant_of(arms: pd.Series) -> pd.Series:
+    """Each run's variant: its name without the seed (``<variant>-s<seed>``)."""
+    return arms.str.replace(r"-s\d+$", "", regex=True)
+
+
 def over_seeds(summary: pd.DataFrame) -> pd.DataFrame:
     """Per (arm without its seed, method, n_tasks): how many seeds, and the mean, smallest and
     largest plain merged average, normalized score and single-task score over them. A run named
     ``<variant>-s<seed>`` is seed ``<seed>`` of ``<variant>``."""
-    frame = summary.assign(variant=summary["arm"].str.replace(r"-s\d+$", "", regex=True),
+    frame = summary.assign(variant=variant_of(summary["arm"]),
                            seed=summary["arm"].str.extract(r"-s(\d+)$", expand=False).astype(float))
     keys = ["variant", "method", "n_tasks"]
     stats = {f"{col}_{how}": (col, how) for col in ("merged_avg", "normalized_avg", "single_avg")
@@ -399,7 +404,7 @@ def report_tables(merges: pd.DataFrame, n_tasks: int = 8) -> str:
     seeds = over_seeds(summary)
     at_n = seeds[seeds["n_tasks"] == n_tasks]
     per_seed = summary[summary["n_tasks"] == n_tasks].drop_duplicates("arm")  # an arm's single-task mean
-    singles = per_seed.groupby(per_seed["arm"].str.replace(r"-s\d+$", "", regex=True))["single_avg"].mean()
+    singles = per_seed.groupby(variant_of(per_seed["arm"]))["single_avg"].mean()
     variants = [v for v in LABELS if v in set(at_n["variant"])] + sorted(set(at_n["variant"]) - set(LABELS))
     methods = [m for m in METHOD_LABELS if m in set(at_n["method"])]
     lines = [f"| arm | single-task | {' | '.join(METHOD_LABELS[m] for m in methods)} | best merger |",
@@ -412,7 +417,7 @@ def report_tables(merges: pd.DataFrame, n_tasks: int = 8) -> str:
         cells = [_cell(rows.loc[m]) if m in rows.index else "" for m in methods]
         lines.append(f"| {LABELS.get(v, v)} | {single:.3f} | {' | '.join(cells)} | {METHOD_LABELS[best_method[v]]} |")
     # (2) per task, each variant's best merger at its best lambda per seed, mean over seeds
-    chosen = best[best["n_tasks"] == n_tasks].assign(variant=lambda f: f["arm"].str.replace(r"-s\d+$", "", regex=True))
+    chosen = best[best["n_tasks"] == n_tasks].assign(variant=lambda f: variant_of(f["arm"]))
     report = merges[(merges.get("share", "report") == "report") & (merges["n_tasks"] == n_tasks)]
     tasks = [t for t in TASKS if t in set(report["task"])]
     lines += ["", f"| arm (best merger) | {' | '.join(tasks)} |", "|---|" + "---|" * len(tasks)]
