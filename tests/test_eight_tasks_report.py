@@ -214,3 +214,44 @@ def test_the_reports_tables_are_what_the_script_prints(analyze) -> None:
     tables = text.split("<!-- report-tables -->\n", 1)[1].split("\n<!-- /report-tables -->", 1)[0]
     merges = analyze._read(folder / "partial" / "tables" / "merges.csv")
     assert tables == analyze.report_tables(merges)
+
+
+@pytest.mark.slow
+def test_the_advisor_searches_the_selection_share_and_is_scored_on_the_report_share(
+        analyze, small_run, tmp_path, monkeypatch) -> None:
+    """The advisor's texts are the selection share (checked on the texts: none of the report
+    share's), its recommended merge is what is scored on the report share, and it is not searched
+    again when the script resumes."""
+    import osrm_core.advisor as advisor
+    from osrm_core.demo import demo_task
+
+    tasks = [demo_task(k, n_train=60, n_test=40) for k in SMALL_TASKS]
+    calls = []
+    real = advisor.advise
+
+    def spy(model, tokenizer, adapters, given, **kwargs):
+        calls.append((given, real(model, tokenizer, adapters, given, **kwargs)))
+        return calls[-1][1]
+
+    monkeypatch.setattr(advisor, "advise", spy)
+    arm = analyze.finished_arms([small_run])[0]
+    pair = tuple(SMALL_TASKS[:2])
+
+    def run():
+        return analyze.score_all([arm], tmp_path, methods=["advisor"], subsets={2: [pair]}, log=lambda m: None,
+                                 scorer=lambda a: analyze.ArmScorer(a, tasks=tasks, max_test=15))[1]
+
+    merges = run()
+    (given, advice), = calls
+    full = {t.name: t.test.text for t in tasks}
+    for t in given:
+        assert t.test.text == full[t.name][15:30] and not set(t.test.text) & set(full[t.name][:15])
+    rows = merges[merges["method"] == "advisor"].set_index("task")
+    assert sorted(rows.index) == sorted(pair) and rows["advised"].str.contains("weights").all()
+    engine = analyze.ArmScorer(arm, tasks=tasks, max_test=15)._engine(pair)
+    engine.apply(advice.merged)
+    assert rows["score"].to_dict() == pytest.approx(engine.evaluate())
+    engine.restore()
+    run()
+    assert len(calls) == 1
+    assert analyze.best_per_subset(merges)["selected_on"].tolist() == ["select"]

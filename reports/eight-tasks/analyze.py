@@ -70,6 +70,12 @@ SUBSETS: dict[int, list[tuple[str, ...]]] = {
     8: [TASKS],
 }
 DEFAULT_METHODS = ("task_arithmetic", "ties", "regmean")
+#: Not a merge method: ``osrm advise`` (method, density, lambda and per-adapter weights searched on
+#: the selection share, split there into its validation and held-out halves), its recommended
+#: merge scored on the report share. Its defaults but a budget of 32 weight evaluations (four per
+#: adapter at eight tasks; the default 8 is sized for two to four adapters).
+ADVISOR = "advisor"
+ADVISOR_BUDGET = 32
 MERGE_KEY = ["arm", "share", "method", "density", "n_tasks", "subset", "lambda", "task"]
 #: The test texts a row is scored on: ``report`` the first ``max_test`` of each task's test split,
 #: ``select`` the next ``max_test`` (fewer where the split is shorter), on which the lambda is chosen.
@@ -143,14 +149,14 @@ class ArmScorer:
         self.adapters = arm.run.load_adapters(arm.init)
         self._stats = None
 
-    def tasks(self) -> dict:
-        """Each task with its test split cut to this scorer's share of the test texts."""
+    def tasks(self, share: str | None = None) -> dict:
+        """Each task with its test split cut to a share of the test texts (default: this scorer's)."""
         import dataclasses
 
         import numpy as np
 
         n = self.config.max_test
-        cut = (lambda test: test.head(n)) if self.share == "report" else (
+        cut = (lambda test: test.head(n)) if (share or self.share) == "report" else (
             lambda test: test.take(np.arange(n, min(2 * n, len(test)))))
         return {t.name: dataclasses.replace(t, test=cut(t.test)) for t in self.pipeline.tasks()}
 
@@ -161,6 +167,30 @@ class ArmScorer:
         tasks = self.tasks()
         return SweepEngine(model, tok, [tasks[n] for n in names], {n: self.adapters[n] for n in names},
                            max_length=self.config.max_length)
+
+    def advised(self, names: Sequence[str], single: dict[str, float]) -> pd.DataFrame:
+        """The advisor's recommended merge (:data:`ADVISOR`), searched on the selection share and
+        scored on the report share: the rows of :meth:`merged` at lambda 1 (the weights are the
+        merge's), ``advised`` naming the method, density and per-adapter weights."""
+        from osrm_core.advisor import advise, weights_label
+        from osrm_core.advisor.result import method_label
+        from osrm_core.evaluate import score_columns
+
+        if self.share != "report":
+            raise ValueError("the advisor is scored on the report share (it searches the selection share itself)")
+        model, tok = self.pipeline.base_model()
+        select = self.tasks("select")
+        advice = advise(model, tok, {n: self.adapters[n] for n in names}, [select[n] for n in names],
+                        budget=ADVISOR_BUDGET, max_length=self.config.max_length, seed=self.config.seed)
+        rec = advice.recommended
+        engine = self._engine(names)
+        engine.apply(advice.merged)
+        scores = engine.evaluate()
+        engine.restore()
+        label = f"{method_label(rec['method'], rec['density'])}, weights {weights_label(rec['weights'])}"
+        return pd.DataFrame([{"method": ADVISOR, "density": math.nan, "lambda": 1.0, "task": n,
+                              **score_columns(engine.tasks[n].metric, scores[n], single[n]), "advised": label}
+                             for n in names])
 
     def single(self, names: Sequence[str]) -> dict[str, float]:
         engine = self._engine(names)
@@ -216,9 +246,10 @@ def score_all(arms: Sequence[Arm], out: str | Path, *, methods: Sequence[str] = 
     """
     from osrm_core.merge import MERGE_METHODS
 
-    unknown = [m for m in methods if m not in MERGE_METHODS]
+    unknown = [m for m in methods if m not in MERGE_METHODS and m != ADVISOR]
     if unknown:
-        raise ValueError(f"unknown merge method {unknown[0]!r}; registered: {', '.join(MERGE_METHODS)}")
+        raise ValueError(f"unknown merge method {unknown[0]!r}; registered: {', '.join(MERGE_METHODS)} "
+                         f"(and {ADVISOR!r})")
     subsets = subsets or SUBSETS
     tables = Path(out) / "tables"
     single_path, merges_path = tables / "single.csv", tables / "merges.csv"
@@ -228,11 +259,11 @@ def score_all(arms: Sequence[Arm], out: str | Path, *, methods: Sequence[str] = 
         engine: ArmScorer | None = None
         have = arm.tasks()
         wanted = [t for t in dict.fromkeys(t for sets in subsets.values() for s in sets for t in s) if t in have]
-        mine = None if single_df is None else single_df[(single_df["arm"] == arm.name) & (single_df["share"] == share)]
-        done_single = set() if mine is None else set(mine["task"])
-        if [t for t in wanted if t not in done_single]:
+        single = {} if single_df is None else single_df[(single_df["arm"] == arm.name) & (single_df["share"] == share)
+                                                        ].set_index("task")["single"].to_dict()
+        todo = [t for t in wanted if t not in single]
+        if todo:
             engine = engine or scorer(arm)
-            todo = [t for t in wanted if t not in done_single]
             log(f"{arm.name}: single-task scores of {', '.join(todo)}")
             scores = engine.single(todo)
             rows = [{**arm.tags(), "share": share, "task": t, "single": scores[t], "train_score": _train_score(arm, t)}
@@ -240,8 +271,7 @@ def score_all(arms: Sequence[Arm], out: str | Path, *, methods: Sequence[str] = 
             single_df = pd.concat([single_df, pd.DataFrame(rows)], ignore_index=True) if single_df is not None \
                 else pd.DataFrame(rows)
             write_csv(single_path, single_df)
-        single = {} if single_df is None else single_df[(single_df["arm"] == arm.name) & (single_df["share"] == share)
-                                                        ].set_index("task")["single"].to_dict()
+            single.update(scores)
         grid = list(lambdas or arm.config.merge.lambdas)
         for n_tasks, sets in sorted(subsets.items()):
             for names in sets:
@@ -250,25 +280,34 @@ def score_all(arms: Sequence[Arm], out: str | Path, *, methods: Sequence[str] = 
                     log(f"{arm.name}: skipping {subset_name(names)} (no adapter for {', '.join(missing)})")
                     continue
                 for method in methods:
+                    if method == ADVISOR and share != "report":
+                        log(f"{arm.name}: the advisor is scored on the report share only (it searches the selection share)")
+                        continue
                     grid_densities = list(densities or arm.config.merge.densities)
-                    dens = grid_densities if _has_density(method) else [math.nan]
+                    dens = grid_densities if method != ADVISOR and _has_density(method) else [math.nan]
                     done = set() if merges is None else set(
                         merges.loc[(merges["arm"] == arm.name) & (merges["method"] == method)
                                    & (merges["share"] == share) & (merges["subset"] == subset_name(names)),
                                    ["density", "lambda"]]
                         .itertuples(index=False, name=None))
                     done = {(_key(d), float(x)) for d, x in done}
-                    todo = [x for x in grid if any((_key(d), float(x)) not in done for d in dens)]
+                    if method == ADVISOR:  # one merge, its weights searched
+                        todo = [] if done else [1.0]
+                    else:
+                        todo = [x for x in grid if any((_key(d), float(x)) not in done for d in dens)]
                     if not todo:
                         continue
                     engine = engine or scorer(arm)
                     start = time.perf_counter()
-                    df = engine.merged(names, method, todo, grid_densities, single)
-                    if "density" not in df:
-                        df["density"] = math.nan
-                    df = df[[c for c in ("method", "density", "lambda", "task", "metric", "score", "single",
-                                         "normalized") if c in df]]
-                    df = df[[(_key(d), float(x)) not in done for d, x in zip(df["density"], df["lambda"])]]
+                    if method == ADVISOR:
+                        df = engine.advised(names, single)
+                    else:
+                        df = engine.merged(names, method, todo, grid_densities, single)
+                        if "density" not in df:
+                            df["density"] = math.nan
+                        df = df[[c for c in ("method", "density", "lambda", "task", "metric", "score", "single",
+                                             "normalized") if c in df]]
+                        df = df[[(_key(d), float(x)) not in done for d, x in zip(df["density"], df["lambda"])]]
                     df = df.assign(**arm.tags(), share=share, n_tasks=n_tasks, subset=subset_name(names))
                     merges = pd.concat([merges, df], ignore_index=True) if merges is not None else df
                     first = [*ARM_COLUMNS, "share", "method", "density", "n_tasks", "subset", "lambda", "task"]
@@ -323,6 +362,8 @@ def best_per_subset(merges: pd.DataFrame) -> pd.DataFrame:
             chooser = chooser[chooser.index.isin(g.index)]
             on = "select" if len(chooser) else "report"
         chooser = chooser if on == "select" else g
+        if key[keys.index("method")] == ADVISOR:
+            on = "select"  # the advisor searched the selection share itself
         point = chooser["normalized_avg"].idxmax() if chooser["normalized_avg"].notna().any() else chooser.index[0]
         best = g.loc[point]
         lams = chooser.index.get_level_values("lambda")
@@ -383,7 +424,7 @@ LABELS = {
     "osrm_gen-sparse_B-n100-r32-a1": "recipe's A with a sparse B, r32",
 }
 METHOD_LABELS = {"task_arithmetic": "task arithmetic", "ties": "TIES", "regmean": "RegMean", "tsv_m": "TSV-M",
-                 "iso_c": "Iso-C", "iso_cts": "Iso-CTS", "cart": "CART"}
+                 "iso_c": "Iso-C", "iso_cts": "Iso-CTS", "cart": "CART", ADVISOR: "advisor"}
 
 
 def _cell(row) -> str:
