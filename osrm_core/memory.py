@@ -228,7 +228,7 @@ def seven_kinds(shape: tuple) -> tuple[dict[str, tuple[int, int]], int]:
 
 
 def diagnose_plan(shape: tuple, *, adapters: int = 8, rank: int = 16, tasks: int = 2, weight_bytes: int = 2,
-                  tokens: int = 32 * 128) -> pd.DataFrame:
+                  seq: int = 128, batches: tuple[int, int] = (16, 32)) -> pd.DataFrame:
     """Memory of ``osrm diagnose`` and ``osrm merge`` on one machine, projected against dense
     statistics, for ``adapters`` LoRAs of ``rank`` on all seven linear kinds of every block.
 
@@ -236,8 +236,11 @@ def diagnose_plan(shape: tuple, *, adapters: int = 8, rank: int = 16, tasks: int
     ``projected`` is core space and ``dense`` full space). Dense statistics hold ``d^2 + d``
     float64 numbers (``sum h h^T``, ``sum h``: what diagnose collects) per distinct input (q/k/v
     read one, gate/up one) and task; projected ones ``R^2`` per layer and task, ``R = adapters x
-    rank``. The merge rows: the largest layer's ``adapters`` deltas in float32 (full space)
-    against its cores (core space).
+    rank``. Each pass reads batches of ``batches`` texts (projected, dense: the collectors'
+    defaults) of ``seq`` tokens; a batch's forward activations are an estimate: one block's
+    live outputs at the model's precision (four hidden-wide tensors, q/k/v/o, and the MLP's gate,
+    up and their product), attention fused. The merge rows: the largest layer's ``adapters``
+    deltas in float32 (full space) against its cores (core space).
     """
     from osrm_core.stats.stream import CHUNK_TOKENS
 
@@ -247,6 +250,9 @@ def diagnose_plan(shape: tuple, *, adapters: int = 8, rank: int = 16, tasks: int
     lora = adapters * shape[1] * sum(rank * (a + b) for a, b in kinds.values()) * 4
     d_max = max(d for d, _ in kinds.values())
     out_max = max(d for _, d in kinds.values())
+    tokens = [b * seq for b in batches]
+    per_token = 4 * shape[0] + sum(kinds[k][1] for k in ("q_proj", "k_proj", "v_proj", "o_proj")) \
+        + 3 * kinds["up_proj"][1]
     # a chunk of real tokens at the widest input and output, cast to float64 and gathered at the
     # model's precision; the stacked A in float64 and its product with the chunk
     scratch = CHUNK_TOKENS * (d_max + out_max) * (8 + weight_bytes) + R * (d_max + CHUNK_TOKENS) * 8
@@ -255,7 +261,8 @@ def diagnose_plan(shape: tuple, *, adapters: int = 8, rank: int = 16, tasks: int
         ("all", "adapters (float32)", lora, lora),
         ("diagnose", "statistics of the tasks", projected_stats_bytes({k: R for k in widths}, tasks),
          dense_stats_bytes(widths, tasks, sample_means=False)),
-        ("diagnose", "per-batch scratch", scratch, 3 * tokens * d_max * 8),
+        ("diagnose", "forward activations of a batch (estimate)", *(t * per_token * weight_bytes for t in tokens)),
+        ("diagnose", "per-batch scratch", scratch, 3 * tokens[1] * d_max * 8),
         ("diagnose", "eigendecomposition of the widest layer (float64)", 0, eig_work_bytes(widths, tasks)),
     ]
     df = pd.DataFrame(rows, columns=["stage", "item", "projected", "dense"])
