@@ -202,11 +202,17 @@ def projected_stats_bytes(ranks: dict[str, int], tasks: int, stats_dtype: str = 
     return tasks * sum((r * r + 2) * sb for r in ranks.values())
 
 
-def check_fits(need: int, what: str, hint: str, device: str = "cpu") -> None:
-    """Refuse, in one line, ``what`` needing ``need`` bytes when less is available."""
+def check_fits(need: int, what: str, hint: str, *, strict: bool = True, device: str = "cpu") -> str | None:
+    """``None`` when ``need`` bytes fit; else the one-line refusal naming ``what``, the bytes
+    needed and available and ``hint``: raised (:class:`MemoryPlanError`) when ``strict`` (the
+    user asked for what does not fit), returned otherwise (a plan that falls back notes it)."""
     have = available_bytes(device)
-    if have is not None and need > have:
-        raise MemoryPlanError(f"{what} needs {need / GiB:.1f} GiB, {have / GiB:.1f} GiB available: {hint}")
+    if have is None or need <= have:
+        return None
+    refusal = f"{what} needs {need / GiB:.1f} GiB, {have / GiB:.1f} GiB available: {hint}"
+    if strict:
+        raise MemoryPlanError(refusal)
+    return refusal
 
 
 #: Published configs of the shapes in the README's table (hidden, layers, MLP width, heads, KV
@@ -305,11 +311,13 @@ def gram_bytes(adapters, tasks: int, stats_dtype: str = "float64") -> int:
             + regmean_solve_bytes(union_layers(adapters)))
 
 
-def check_grams(adapters, tasks: int, stats_dtype: str = "float64") -> None:
-    """Refuse, in one line and before any work, RegMean's Gram matrices when they do not fit."""
+def check_grams(adapters, tasks: int, stats_dtype: str = "float64", *, strict: bool = True) -> str | None:
+    """Refuse, in one line and before any work, RegMean's Gram matrices when they do not fit
+    (``strict``; else return the refusal, ``None`` when they fit)."""
     hint = ("use --stats-dtype float32 (half the memory) or a method without Gram matrices"
             if stats_dtype == "float64" else "use a merge method without Gram matrices")
-    check_fits(gram_bytes(adapters, tasks, stats_dtype), f"RegMean's Gram matrices of {tasks} tasks", hint)
+    return check_fits(gram_bytes(adapters, tasks, stats_dtype), f"RegMean's Gram matrices of {tasks} tasks", hint,
+                      strict=strict)
 
 
 def dense_delta_bytes(adapters) -> int:
@@ -329,15 +337,11 @@ def space_plan(choice: str, adapters, copies: int) -> tuple[str, tuple[str, ...]
         raise OsrmInputError(f"space must be 'auto', 'full' or 'core', got {choice!r}")
     if choice == "core":
         return "core", ()
-    try:
-        check_fits(copies * dense_delta_bytes(adapters), f"the full-space deltas of {len(adapters)} adapters",
-                   "use --space core (the merges on the LoRA factors' cores: the same merge for task arithmetic, "
-                   "TSV-M, Iso-C, Iso-CTS and CART, another one for TIES and DARE; no RegMean)")
-    except MemoryPlanError as err:
-        if choice == "full":
-            raise
-        return "core", (f"{err}; searching in core space",)
-    return "full", ()
+    refused = check_fits(copies * dense_delta_bytes(adapters), f"the full-space deltas of {len(adapters)} adapters",
+                         "use --space core (the merges on the LoRA factors' cores: the same merge for task arithmetic, "
+                         "TSV-M, Iso-C, Iso-CTS and CART, another one for TIES and DARE; no RegMean)",
+                         strict=choice == "full")
+    return ("core", (f"{refused}; searching in core space",)) if refused else ("full", ())
 
 
 @dataclass(frozen=True)
@@ -388,21 +392,18 @@ def stats_plan(choice: str, adapters, tasks: int, *, stats_dtype: str = "float64
         widths = adapter_widths(adapters)
         need = (dense_stats_bytes(widths, max(tasks, 1), stats_dtype, sample_means=sample_means)
                 + eig_work_bytes(widths, max(tasks, 1)))
-        try:
-            check_fits(need + (regmean_solve_bytes(union_layers(adapters)) if regmean else 0),
-                       f"dense statistics of {tasks} tasks",
-                       "use --stats projected (every table but post-hoc OSRM and the principal angles)")
-        except MemoryPlanError as err:
-            if choice == "dense":
-                raise
-            notes.append(f"{err}; collecting projected statistics")
+        refused = check_fits(need + (regmean_solve_bytes(union_layers(adapters)) if regmean else 0),
+                             f"dense statistics of {tasks} tasks",
+                             "use --stats projected (every table but post-hoc OSRM and the principal angles)",
+                             strict=choice == "dense")
+        if refused:
+            notes.append(f"{refused}; collecting projected statistics")
             projected = True
     grams = regmean
     if regmean and projected:
-        try:
-            check_grams(adapters, max(tasks, 1), stats_dtype)
-        except MemoryPlanError as err:
-            notes.append(f"regmean left out: {err}")
+        refused = check_grams(adapters, max(tasks, 1), stats_dtype, strict=False)
+        if refused:
+            notes.append(f"regmean left out: {refused}")
             grams = False
     return StatsPlan(projected, grams, tuple(notes))
 
