@@ -427,25 +427,27 @@ METHOD_LABELS = {"task_arithmetic": "task arithmetic", "ties": "TIES", "regmean"
                  "iso_c": "Iso-C", "iso_cts": "Iso-CTS", "cart": "CART", ADVISOR: "advisor"}
 
 
-def _cell(row) -> str:
-    """``mean [min-max over n seeds]`` of the plain merged average (one seed: the value); ``*``
-    where a lambda was chosen on the selection share."""
-    text = f"{row['merged_avg_mean']:.3f}" + ("*" if "select" in row["selected_on"] else "")
+def _cell(row, value: str = "merged_avg") -> str:
+    """``mean [min-max over n seeds]`` of ``value`` (one seed: the value); ``*`` where a lambda
+    was chosen on the selection share."""
+    text = f"{row[f'{value}_mean']:.3f}" + ("*" if "select" in row["selected_on"] else "")
     if row["seeds"] > 1:
-        text += f" [{row['merged_avg_min']:.3f}-{row['merged_avg_max']:.3f}, {row['seeds']} seeds]"
+        text += f" [{row[f'{value}_min']:.3f}-{row[f'{value}_max']:.3f}, {row['seeds']} seeds]"
     return text
 
 
 def report_tables(merges: pd.DataFrame, n_tasks: int = 8) -> str:
     """The report's tables, in markdown, from the merge rows: (1) per variant and merger the plain
     merged average of ``n_tasks`` tasks at the best lambda (mean and range over seeds), the
-    single-task mean and the best merger; (2) per variant, its best merger's score per task."""
+    single-task mean (and range) and the best merger (among those run on all the variant's
+    seeds); (2) the normalized score there (merged / single-task, averaged over the tasks);
+    (3) per variant, its best merger's score per task."""
     best = best_per_subset(merges)
     summary = summarize(best)
     seeds = over_seeds(summary)
     at_n = seeds[seeds["n_tasks"] == n_tasks]
     per_seed = summary[summary["n_tasks"] == n_tasks].drop_duplicates("arm")  # an arm's single-task mean
-    singles = per_seed.groupby(variant_of(per_seed["arm"]))["single_avg"].mean()
+    singles = per_seed.groupby(variant_of(per_seed["arm"]))["single_avg"].agg(["mean", "min", "max", "count"])
     variants = [v for v in LABELS if v in set(at_n["variant"])] + sorted(set(at_n["variant"]) - set(LABELS))
     methods = [m for m in METHOD_LABELS if m in set(at_n["method"])]
     lines = [f"| arm | single-task | {' | '.join(METHOD_LABELS[m] for m in methods)} | best merger |",
@@ -453,11 +455,20 @@ def report_tables(merges: pd.DataFrame, n_tasks: int = 8) -> str:
     best_method = {}
     for v in variants:
         rows = at_n[at_n["variant"] == v].set_index("method")
-        single = singles[v]  # mean over the variant's seeds
-        best_method[v] = rows["merged_avg_mean"].idxmax()
+        single = singles.loc[v]  # over the variant's seeds
+        single_cell = f"{single['mean']:.3f}" + (
+            f" [{single['min']:.3f}-{single['max']:.3f}]" if single["count"] > 1 else "")
+        every_seed = rows[rows["seeds"] == rows["seeds"].max()]  # means over the same seeds
+        best_method[v] = every_seed["merged_avg_mean"].idxmax()
         cells = [_cell(rows.loc[m]) if m in rows.index else "" for m in methods]
-        lines.append(f"| {LABELS.get(v, v)} | {single:.3f} | {' | '.join(cells)} | {METHOD_LABELS[best_method[v]]} |")
-    # (2) per task, each variant's best merger at its best lambda per seed, mean over seeds
+        lines.append(f"| {LABELS.get(v, v)} | {single_cell} | {' | '.join(cells)} | {METHOD_LABELS[best_method[v]]} |")
+    lines += ["", f"| arm: normalized score | {' | '.join(METHOD_LABELS[m] for m in methods)} |",
+              "|---|" + "---|" * len(methods)]
+    for v in variants:
+        rows = at_n[at_n["variant"] == v].set_index("method")
+        cells = [_cell(rows.loc[m], "normalized_avg") if m in rows.index else "" for m in methods]
+        lines.append(f"| {LABELS.get(v, v)} | {' | '.join(cells)} |")
+    # (3) per task, each variant's best merger at its best lambda per seed, mean over seeds
     chosen = best[best["n_tasks"] == n_tasks].assign(variant=lambda f: variant_of(f["arm"]))
     report = merges[(merges.get("share", "report") == "report") & (merges["n_tasks"] == n_tasks)]
     tasks = [t for t in TASKS if t in set(report["task"])]
