@@ -441,7 +441,8 @@ def report_tables(merges: pd.DataFrame, n_tasks: int = 8) -> str:
     merged average of ``n_tasks`` tasks at the best lambda (mean and range over seeds), the
     single-task mean (and range) and the best merger (among those run on all the variant's
     seeds); (2) the normalized score there (merged / single-task, averaged over the tasks);
-    (3) per variant, its best merger's score per task."""
+    (3) per variant, its best merger's score per task; (4) per seed of the variants with several,
+    each merger's score and lambda."""
     best = best_per_subset(merges)
     summary = summarize(best)
     seeds = over_seeds(summary)
@@ -485,6 +486,20 @@ def report_tables(merges: pd.DataFrame, n_tasks: int = 8) -> str:
         mean = pd.concat(per_task, axis=1).mean(axis=1)
         lines.append(f"| {LABELS.get(v, v)} ({METHOD_LABELS[best_method[v]]}) | "
                      + " | ".join(f"{mean.get(t, float('nan')):.3f}" for t in tasks) + " |")
+    # (4) per seed of the variants with more than one: each merger's score at its best lambda
+    several = [v for v in variants if singles.loc[v, "count"] > 1]
+    if several:
+        runs = summary[summary["n_tasks"] == n_tasks]
+        runs = runs.assign(variant=variant_of(runs["arm"]),
+                           seed=runs["arm"].str.extract(r"-s(\d+)$", expand=False).astype(int))
+        lines += ["", f"| arm | seed | single-task | {' | '.join(METHOD_LABELS[m] for m in methods)} |",
+                  "|---|---|---|" + "---|" * len(methods)]
+        for v in several:
+            for seed, g in runs[runs["variant"] == v].groupby("seed"):
+                g = g.set_index("method")
+                cells = [("" if m not in g.index else f"{g.loc[m, 'merged_avg']:.3f}"
+                          + ("" if m == ADVISOR else f" (λ {g.loc[m, 'best_lambdas']})")) for m in methods]
+                lines.append(f"| {LABELS.get(v, v)} | {seed} | {g['single_avg'].iloc[0]:.3f} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
 
