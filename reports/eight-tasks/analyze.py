@@ -427,12 +427,14 @@ METHOD_LABELS = {"task_arithmetic": "task arithmetic", "ties": "TIES", "regmean"
                  "iso_c": "Iso-C", "iso_cts": "Iso-CTS", "cart": "CART", ADVISOR: "advisor"}
 
 
-def _cell(row, value: str = "merged_avg") -> str:
+def _cell(row, value: str = "merged_avg", of: int = 1) -> str:
     """``mean [min-max over n seeds]`` of ``value`` (one seed: the value); ``*`` where a lambda
-    was chosen on the selection share."""
+    was chosen on the selection share; which seeds, where fewer than the variant's ``of``."""
     text = f"{row[f'{value}_mean']:.3f}" + ("*" if "select" in row["selected_on"] else "")
     if row["seeds"] > 1:
         text += f" [{row[f'{value}_min']:.3f}-{row[f'{value}_max']:.3f}, {row['seeds']} seeds]"
+    if row["seeds"] < of:
+        text += f" (seed {row['seed_list'].replace(';', ', ')} only)"
     return text
 
 
@@ -461,13 +463,14 @@ def report_tables(merges: pd.DataFrame, n_tasks: int = 8) -> str:
             f" [{single['min']:.3f}-{single['max']:.3f}]" if single["count"] > 1 else "")
         every_seed = rows[rows["seeds"] == rows["seeds"].max()]  # means over the same seeds
         best_method[v] = every_seed["merged_avg_mean"].idxmax()
-        cells = [_cell(rows.loc[m]) if m in rows.index else "" for m in methods]
+        cells = [_cell(rows.loc[m], of=rows["seeds"].max()) if m in rows.index else "" for m in methods]
         lines.append(f"| {LABELS.get(v, v)} | {single_cell} | {' | '.join(cells)} | {METHOD_LABELS[best_method[v]]} |")
     lines += ["", f"| arm: normalized score | {' | '.join(METHOD_LABELS[m] for m in methods)} |",
               "|---|" + "---|" * len(methods)]
     for v in variants:
         rows = at_n[at_n["variant"] == v].set_index("method")
-        cells = [_cell(rows.loc[m], "normalized_avg") if m in rows.index else "" for m in methods]
+        cells = [_cell(rows.loc[m], "normalized_avg", rows["seeds"].max()) if m in rows.index else ""
+                 for m in methods]
         lines.append(f"| {LABELS.get(v, v)} | {' | '.join(cells)} |")
     # (3) per task, each variant's best merger at its best lambda per seed, mean over seeds
     chosen = best[best["n_tasks"] == n_tasks].assign(variant=lambda f: variant_of(f["arm"]))
