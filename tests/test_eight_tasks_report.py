@@ -184,6 +184,9 @@ def test_the_selection_share_holds_other_test_texts(analyze, small_run) -> None:
 def test_unknown_method_is_refused_with_the_registered_names(analyze, tmp_path) -> None:
     with pytest.raises(ValueError, match="unknown merge method 'nope'; registered: task_arithmetic, ties"):
         analyze.score_all([], tmp_path, methods=["nope"])
+    with pytest.raises(ValueError, match="unknown merge method 'ties:dense'"):
+        analyze.score_all([], tmp_path, methods=["ties:dense"])
+    assert analyze.method_space("ties:core") == ("ties", "core") and analyze.method_space("ties") == ("ties", "full")
 
 
 @pytest.mark.slow
@@ -197,14 +200,17 @@ def test_merges_of_a_finished_run_match_its_sweep(analyze, small_run, tmp_path) 
     assert [a.name for a in arms] == [f"{small_run.name}/standard", f"{small_run.name}/osrm"]
     subsets = {2: [tuple(SMALL_TASKS[:2])], 3: [tuple(SMALL_TASKS)]}
     single, merges = analyze.score_all(
-        arms[:1], tmp_path, methods=["task_arithmetic", "regmean"], lambdas=[0.5, 1.0], subsets=subsets,
-        scorer=lambda arm: analyze.ArmScorer(arm, tasks=tasks), log=lambda m: None)
+        arms[:1], tmp_path, methods=["task_arithmetic", "regmean", "task_arithmetic:core"], lambdas=[0.5, 1.0],
+        subsets=subsets, scorer=lambda arm: analyze.ArmScorer(arm, tasks=tasks), log=lambda m: None)
     sweep = RunDir(small_run).read_csv("sweep_standard.csv")
     ref = sweep[sweep["method"] == "task_arithmetic"].set_index(["lambda", "task"])
     ours = merges.query("n_tasks == 3 and method == 'task_arithmetic'").set_index(["lambda", "task"])
     pd.testing.assert_series_equal(ours["score"].sort_index(), ref["score"].sort_index(), check_names=False)
     assert dict(zip(single["task"], single["single"])) == ref.xs(1.0)["single"].to_dict()
     assert len(merges.query("method == 'regmean'")) == 2 * 2 + 2 * 3
+    core = merges[merges["method"] == "task_arithmetic:core"].set_index(["subset", "lambda", "task"])["score"]
+    full = merges[merges["method"] == "task_arithmetic"].set_index(["subset", "lambda", "task"])["score"]
+    pd.testing.assert_series_equal(core.sort_index(), full.sort_index(), atol=0.01)  # the same merge, rounding apart
 
 
 def test_the_reports_tables_are_what_the_script_prints(analyze) -> None:

@@ -200,19 +200,21 @@ class ArmScorer:
 
     def merged(self, names: Sequence[str], method: str, lambdas: Sequence[float], densities: Sequence[float],
                single: dict[str, float]) -> pd.DataFrame:
-        """Columns ``method, density, lambda, task, metric, score, single, normalized``."""
+        """Columns ``method, density, lambda, task, metric, score, single, normalized``; ``method``
+        as given (``ties:core``: TIES in core space, see :func:`method_space`)."""
         from osrm_core.merge import get_merge_method
 
+        base, space = method_space(method)
         stats = None
-        if get_merge_method(method).needs_gram:
+        if get_merge_method(base).needs_gram:
             if self._stats is None:
                 self._stats = self.arm.run.load_stats()
             stats = self._stats
         engine = self._engine(names)
-        df = engine.sweep([method], list(lambdas), densities=list(densities), stats=stats, single=single,
-                          seed=self.config.seed)
+        df = engine.sweep([base], list(lambdas), densities=list(densities), stats=stats, single=single,
+                          seed=self.config.seed, space=space)
         engine.restore()
-        return df
+        return df.assign(method=method)
 
 
 # --------------------------------------------------------------------------- scoring (resumable)
@@ -226,10 +228,18 @@ def _read(path: Path) -> pd.DataFrame | None:
     return df if "share" in df else df.assign(share="report")
 
 
+def method_space(method: str) -> tuple[str, str]:
+    """A method of ``--methods``: a registered name merges the deltas (full space); ``<name>:core``
+    merges the LoRA factors' cores (:mod:`osrm_core.merge.core`; another merge than the full
+    space's for TIES and DARE, the same for the rest)."""
+    base, _, space = method.partition(":")
+    return base, space or "full"
+
+
 def _has_density(method: str) -> bool:
     from osrm_core.merge import get_merge_method
 
-    return "density" in [p.name for p in get_merge_method(method).param_specs()]
+    return "density" in [p.name for p in get_merge_method(method_space(method)[0]).param_specs()]
 
 
 def score_all(arms: Sequence[Arm], out: str | Path, *, methods: Sequence[str] = DEFAULT_METHODS,
@@ -246,10 +256,11 @@ def score_all(arms: Sequence[Arm], out: str | Path, *, methods: Sequence[str] = 
     """
     from osrm_core.merge import MERGE_METHODS
 
-    unknown = [m for m in methods if m not in MERGE_METHODS and m != ADVISOR]
+    unknown = [m for m in methods if m != ADVISOR and (method_space(m)[0] not in MERGE_METHODS
+                                                       or method_space(m)[1] not in ("full", "core"))]
     if unknown:
         raise ValueError(f"unknown merge method {unknown[0]!r}; registered: {', '.join(MERGE_METHODS)} "
-                         f"(and {ADVISOR!r})")
+                         f"(each also as <name>:core, and {ADVISOR!r})")
     subsets = subsets or SUBSETS
     tables = Path(out) / "tables"
     single_path, merges_path = tables / "single.csv", tables / "merges.csv"
@@ -424,7 +435,8 @@ LABELS = {
     "osrm_gen-sparse_B-n100-r32-a1": "recipe's A with a sparse B, r32",
 }
 METHOD_LABELS = {"task_arithmetic": "task arithmetic", "ties": "TIES", "regmean": "RegMean", "tsv_m": "TSV-M",
-                 "iso_c": "Iso-C", "iso_cts": "Iso-CTS", "cart": "CART", ADVISOR: "advisor"}
+                 "iso_c": "Iso-C", "iso_cts": "Iso-CTS", "cart": "CART", "ties:core": "TIES (core space)",
+                 ADVISOR: "advisor"}
 
 
 def _cell(row, value: str = "merged_avg", of: int = 1) -> str:
@@ -556,7 +568,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("folders", nargs="+", help="the study folder, and any more study folders or run directories")
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS),
-                   help="registered merge methods (osrm_core.merge.MERGE_METHODS)")
+                   help="registered merge methods (osrm_core.merge.MERGE_METHODS), <name>:core to merge in core "
+                        f"space, or {ADVISOR!r} (osrm advise's recommended merge, searched on the selection share)")
     p.add_argument("--lambdas", nargs="+", type=float, help="lambda grid (default: each run's)")
     p.add_argument("--densities", nargs="+", type=float, help="densities of the methods with one (default: each run's)")
     p.add_argument("--max-test", type=int, help="test examples per task (default: each run's max_test)")
