@@ -410,12 +410,17 @@ def variant_of(arms: pd.Series) -> pd.Series:
     return arms.str.replace(r"-s\d+$", "", regex=True)
 
 
+def seed_of(arms: pd.Series) -> pd.Series:
+    """Each run's seed (``<variant>-s<seed>``; NaN for a name without one)."""
+    return arms.str.extract(r"-s(\d+)$", expand=False).astype(float)
+
+
 def over_seeds(summary: pd.DataFrame) -> pd.DataFrame:
     """Per (arm without its seed, method, n_tasks): how many seeds, and the mean, smallest and
     largest plain merged average, normalized score and single-task score over them. A run named
     ``<variant>-s<seed>`` is seed ``<seed>`` of ``<variant>``."""
     frame = summary.assign(variant=variant_of(summary["arm"]),
-                           seed=summary["arm"].str.extract(r"-s(\d+)$", expand=False).astype(float))
+                           seed=seed_of(summary["arm"]))
     keys = ["variant", "method", "n_tasks"]
     stats = {f"{col}_{how}": (col, how) for col in ("merged_avg", "normalized_avg", "single_avg")
              for how in ("mean", "min", "max")}
@@ -461,29 +466,28 @@ def report_tables(merges: pd.DataFrame, n_tasks: int = 8) -> str:
     summary = summarize(best)
     seeds = over_seeds(summary)
     at_n = seeds[seeds["n_tasks"] == n_tasks]
-    per_seed = summary[summary["n_tasks"] == n_tasks].drop_duplicates("arm")  # an arm's single-task mean
-    singles = per_seed.groupby(variant_of(per_seed["arm"]))["single_avg"].agg(["mean", "min", "max", "count"])
+    runs = summary[summary["n_tasks"] == n_tasks]
+    runs = runs.assign(variant=variant_of(runs["arm"]), seed=seed_of(runs["arm"]))
+    singles = runs.drop_duplicates("arm").groupby("variant")["single_avg"].agg(["mean", "min", "max", "count"])
     variants = [v for v in LABELS if v in set(at_n["variant"])] + sorted(set(at_n["variant"]) - set(LABELS))
     methods = [m for m in METHOD_LABELS if m in set(at_n["method"])]
     lines = [f"| arm | single-task | {' | '.join(METHOD_LABELS[m] for m in methods)} | best merger |",
              "|---|---|" + "---|" * len(methods) + "---|"]
+    normalized = ["", f"| arm: normalized score | {' | '.join(METHOD_LABELS[m] for m in methods)} |",
+                  "|---|" + "---|" * len(methods)]
     best_method = {}
     for v in variants:
         rows = at_n[at_n["variant"] == v].set_index("method")
+        n_seeds = rows["seeds"].max()
         single = singles.loc[v]  # over the variant's seeds
         single_cell = f"{single['mean']:.3f}" + (
             f" [{single['min']:.3f}-{single['max']:.3f}]" if single["count"] > 1 else "")
-        every_seed = rows[rows["seeds"] == rows["seeds"].max()]  # means over the same seeds
-        best_method[v] = every_seed["merged_avg_mean"].idxmax()
-        cells = [_cell(rows.loc[m], of=rows["seeds"].max()) if m in rows.index else "" for m in methods]
+        best_method[v] = rows.loc[rows["seeds"] == n_seeds, "merged_avg_mean"].idxmax()  # means over the same seeds
+        cells = [_cell(rows.loc[m], of=n_seeds) if m in rows.index else "" for m in methods]
         lines.append(f"| {LABELS.get(v, v)} | {single_cell} | {' | '.join(cells)} | {METHOD_LABELS[best_method[v]]} |")
-    lines += ["", f"| arm: normalized score | {' | '.join(METHOD_LABELS[m] for m in methods)} |",
-              "|---|" + "---|" * len(methods)]
-    for v in variants:
-        rows = at_n[at_n["variant"] == v].set_index("method")
-        cells = [_cell(rows.loc[m], "normalized_avg", rows["seeds"].max()) if m in rows.index else ""
-                 for m in methods]
-        lines.append(f"| {LABELS.get(v, v)} | {' | '.join(cells)} |")
+        cells = [_cell(rows.loc[m], "normalized_avg", n_seeds) if m in rows.index else "" for m in methods]
+        normalized.append(f"| {LABELS.get(v, v)} | {' | '.join(cells)} |")
+    lines += normalized
     # (3) per task, each variant's best merger at its best lambda per seed, mean over seeds
     chosen = best[best["n_tasks"] == n_tasks].assign(variant=lambda f: variant_of(f["arm"]))
     report = merges[(merges.get("share", "report") == "report") & (merges["n_tasks"] == n_tasks)]
@@ -504,13 +508,11 @@ def report_tables(merges: pd.DataFrame, n_tasks: int = 8) -> str:
     # (4) per seed of the variants with more than one: each merger's score at its best lambda
     several = [v for v in variants if singles.loc[v, "count"] > 1]
     if several:
-        runs = summary[summary["n_tasks"] == n_tasks]
-        runs = runs.assign(variant=variant_of(runs["arm"]),
-                           seed=runs["arm"].str.extract(r"-s(\d+)$", expand=False).astype(int))
         lines += ["", f"| arm | seed | single-task | {' | '.join(METHOD_LABELS[m] for m in methods)} |",
                   "|---|---|---|" + "---|" * len(methods)]
         for v in several:
             for seed, g in runs[runs["variant"] == v].groupby("seed"):
+                seed = int(seed)
                 g = g.set_index("method")
                 cells = [("" if m not in g.index else f"{g.loc[m, 'merged_avg']:.3f}"
                           + ("" if m == ADVISOR else f" (λ {g.loc[m, 'best_lambdas']})")) for m in methods]
