@@ -190,10 +190,21 @@ def test_unknown_method_is_refused_with_the_registered_names(analyze, tmp_path) 
 
 
 @pytest.mark.slow
-def test_merges_of_a_finished_run_match_its_sweep(analyze, small_run, tmp_path) -> None:
+def test_merges_of_a_finished_run_match_its_sweep(analyze, small_run, tmp_path, monkeypatch) -> None:
     """On the small finished run the library's engine gives the sweep stage's scores for the
-    merge of all its tasks, and regmean (which needs the statistics) runs on a pair."""
+    merge of all its tasks, regmean (which needs the statistics) runs on a pair, and
+    ``<method>:core`` merges in core space (the same merge for task arithmetic)."""
     from osrm_core.demo import demo_task
+    from osrm_core.evaluate import SweepEngine
+
+    spaces = []
+    real_sweep = SweepEngine.sweep
+
+    def sweep(self, methods, lambdas, **kwargs):
+        spaces.append((tuple(methods), kwargs.get("space", "full")))
+        return real_sweep(self, methods, lambdas, **kwargs)
+
+    monkeypatch.setattr(SweepEngine, "sweep", sweep)
 
     tasks = [demo_task(k, n_train=60, n_test=40) for k in SMALL_TASKS]
     arms = analyze.finished_arms([small_run])
@@ -211,6 +222,7 @@ def test_merges_of_a_finished_run_match_its_sweep(analyze, small_run, tmp_path) 
     core = merges[merges["method"] == "task_arithmetic:core"].set_index(["subset", "lambda", "task"])["score"]
     full = merges[merges["method"] == "task_arithmetic"].set_index(["subset", "lambda", "task"])["score"]
     pd.testing.assert_series_equal(core.sort_index(), full.sort_index(), atol=0.01)  # the same merge, rounding apart
+    assert set(spaces) == {(("task_arithmetic",), "full"), (("regmean",), "full"), (("task_arithmetic",), "core")}
 
 
 def test_the_reports_tables_are_what_the_script_prints(analyze) -> None:
